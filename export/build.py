@@ -1,0 +1,227 @@
+"""`ldm-export build`: load -> export each component -> verify against torch -> fp16 -> bundle (atomic)."""
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ldm_export import __version__
+from ldm_export.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from ldm_export.runtime.errors import LdmExportError
+from ldm_export.zoo import DEFAULT_MODEL, ModelSpec, get_model
+
+from .bundle_writer import check_out_dir, staging
+from .precision import FP16_POLICY, PRECISIONS
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("cpu", "cuda")
+# Optimum's model_index entries for ONNX Runtime pipelines, so its loader recognises the bundle.
+_ORT_CLASSES = {"text_encoder": "ORTModelTextEncoder", "unet": "ORTModelUnet", "vae_decoder": "ORTModelVaeDecoder"}
+
+
+@dataclass
+class BuildConfig:
+    model: str = DEFAULT_MODEL
+    precision: str = "fp32"
+    weights: Path | None = None
+    random_weights: bool = False
+    seed: int = 0
+    out: Path | None = None
+    force: bool = False
+    static_shape: bool = False
+    trust_pickle: bool = False
+    target: str = "cpu"
+    threads: int | None = None
+
+    def resolved_out(self) -> Path:
+        return Path(self.out) if self.out else Path(f"{self.model}-{self.precision}")
+
+
+# (component, stage, detail) -> None; the CLI turns these into its progress display
+Progress = Callable[[str, str, str], None]
+
+
+def _noop(component: str, stage: str, detail: str = "") -> None:
+    pass
+
+
+def static_dims(spec: ModelSpec, component: str) -> dict[str, int]:
+    side = spec.latent_side
+    batch = 1 if component == "vae_decoder" else 2  # CFG runs uncond+cond as one batch of 2
+    return {"batch": batch, "height": side, "width": side, "sequence": spec.max_length,
+            "image_height": side * spec.vae_scale_factor, "image_width": side * spec.vae_scale_factor}
+
+
+def validate(cfg: BuildConfig) -> ModelSpec:
+    """Check everything that can be checked before loading weights; return the model spec."""
+    spec = get_model(cfg.model)
+    if cfg.precision not in PRECISIONS:
+        raise LdmExportError(f"unknown precision '{cfg.precision}'; choose one of: {', '.join(PRECISIONS)} (int8 is not built yet)")
+    if cfg.target not in TARGETS:
+        raise LdmExportError(f"unknown target '{cfg.target}'; choose one of: {', '.join(TARGETS)}")
+    if cfg.weights is not None and cfg.random_weights:
+        raise LdmExportError("give either --weights PATH or --random-weights, not both")
+    if cfg.weights is None and not cfg.random_weights and spec.embedded_weights is None:
+        raise LdmExportError(f"model '{spec.name}' needs weights: pass --weights PATH (a diffusers folder or a .safetensors "
+                             "checkpoint) or --random-weights for the real architecture with random weights")
+    check_out_dir(cfg.resolved_out(), cfg.force)
+    return spec
+
+
+def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
+    """Build the bundle described by ``cfg``; return its manifest. Leaves no bundle if anything fails."""
+    import onnx
+    import torch
+
+    from ldm_export import kernels
+
+    from . import models as M
+    from . import onnx_export as X
+    from .precision import convert_fp16
+    from .weights import load_weights
+
+    spec = validate(cfg)
+    out = cfg.resolved_out()
+    progress("weights", "loading", str(cfg.weights or ("random" if cfg.random_weights else "embedded")))
+    weights_path = cfg.weights
+    if weights_path is None and not cfg.random_weights:
+        weights_path = Path(__file__).resolve().parent.parent / "ldm_export" / spec.embedded_weights
+    loaded = load_weights(spec, weights_path, random_weights=cfg.random_weights, seed=cfg.seed,
+                          trust_pickle=cfg.trust_pickle)
+    modules = loaded.modules
+    torch.set_grad_enabled(False)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    specs = spec.component_specs()
+    manifest: dict = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": spec.name, "family": spec.family, "description": spec.description,
+            "resolution": spec.resolution, "vae_scale_factor": spec.vae_scale_factor,
+            "latent_scale": float(modules["vae"].config.scaling_factor),
+            "latent_channels": spec.vae["latent_channels"], "max_length": spec.max_length,
+            "pad_token": _pad_token(spec),
+        },
+        "weights": {"source": loaded.source, "sha256": loaded.sha256, "seed": loaded.seed,
+                    "path": str(weights_path) if weights_path and loaded.source != "random" else None},
+        "target": cfg.target, "static_shape": cfg.static_shape,
+        "components": {}, "files": {},
+        "tools": _tool_versions(),
+    }
+    with staging(out, cfg.force) as stage:
+        for component in spec.components:
+            cspec = specs[component]
+            dims = static_dims(spec, component)
+            if cfg.static_shape:
+                cspec = cspec.static(dims)
+            folder = stage / component
+            folder.mkdir()
+            wrapper = M.wrap(component, modules)
+            feeds = X.sample_inputs(cspec, dims, seed=cfg.seed, latent_scale=spec.latent_scale)
+            progress(component, "torch reference", "")
+            reference = X.torch_outputs(wrapper, cspec, feeds)
+            progress(component, "export", "")
+            with kernels.export_patches(wrapper, component, cfg.target):
+                model = X.export_onnx(wrapper, cspec, stage, feeds, static=cfg.static_shape)
+            model = kernels.rewrite(model, component, cfg.target)
+            path = folder / "model.onnx"
+            files = X.save_onnx(model, path)
+            del model
+            gc.collect()
+            progress(component, "verify fp32", "")
+            report = {"fp32": X.verify(path, cspec, feeds, reference, "fp32", cfg.threads).to_json()}
+            _check(report["fp32"], component, "fp32")
+            if cfg.precision == "fp16":
+                progress(component, "fp16", "")
+                model16 = convert_fp16(str(path), component)
+                for f in files:
+                    f.unlink()
+                files = X.save_onnx(model16, path)
+                del model16
+                gc.collect()
+                cspec = cspec.with_dtype("float16", [t.name for t in (*cspec.inputs, *cspec.outputs)
+                                                     if t.dtype == "float32" and t.name not in FP16_POLICY[component].keep_fp32_io])
+                progress(component, "verify fp16", "")
+                report["fp16"] = X.verify(path, cspec, feeds, reference, "fp16", cfg.threads).to_json()
+                _check(report["fp16"], component, "fp16")
+            _write_json(folder / "config.json", _component_config(component, modules))
+            manifest["components"][component] = {
+                "precision": cfg.precision, "spec": cspec.to_json(),
+                "files": [str(f.relative_to(stage)) for f in files],
+                "fp16_policy": FP16_POLICY[component].to_json() if cfg.precision == "fp16" else None,
+                "kernels": kernels.describe(component, cfg.target),
+                "verification": report,
+            }
+            del wrapper, reference
+            if component == "vae_decoder":
+                modules.pop("vae", None)
+            else:
+                modules.pop(component, None)
+            gc.collect()
+            progress(component, "done", "")
+        progress("bundle", "writing", "")
+        _write_side_files(stage, spec)
+        manifest["files"] = {str(p.relative_to(stage)): {"sha256": sha256_file(p), "size": p.stat().st_size}
+                             for p in sorted(stage.rglob("*")) if p.is_file()}
+        _write_json(stage / MANIFEST, manifest)
+    progress("bundle", "done", str(out))
+    return manifest
+
+
+def _check(report: dict, component: str, precision: str) -> None:
+    if report["passed"]:
+        return
+    worst = min(report["outputs"].items(), key=lambda kv: kv[1]["cosine"] if kv[1]["cosine"] == kv[1]["cosine"] else -2)
+    name, r = worst
+    raise LdmExportError(
+        f"verification failed: {component} {precision} output '{name}' has cosine {r['cosine']:.6f} against torch "
+        f"(threshold {report['cosine_threshold']}), max abs error {r['max_abs']:.3g}; the export is wrong, no bundle was written"
+    )
+
+
+def _pad_token(spec: ModelSpec) -> str:
+    return "!" if spec.family == "sd2" else "<|endoftext|>"  # SD 2.x's tokenizer pads with '!' (id 0)
+
+
+def _component_config(component: str, modules) -> dict:
+    if component == "text_encoder":
+        return modules["text_encoder"].config.to_dict()
+    mod = modules["unet"] if component == "unet" else modules["vae"]
+    return {"_class_name": type(mod).__name__, **{k: v for k, v in dict(mod.config).items() if not k.startswith("_")}}
+
+
+def _write_side_files(stage: Path, spec: ModelSpec) -> None:
+    from ldm_export.runtime.tokenizer import write_tokenizer_files
+
+    index = {k: v for k, v in spec.model_index().items() if k not in ("text_encoder", "unet", "vae")}
+    for comp in spec.components:
+        index[comp] = ["optimum", _ORT_CLASSES[comp]]
+    _write_json(stage / "model_index.json", index)
+    (stage / "scheduler").mkdir()
+    import diffusers
+    _write_json(stage / "scheduler" / "scheduler_config.json", {**spec.scheduler, "_diffusers_version": diffusers.__version__})
+    write_tokenizer_files(stage / "tokenizer", pad_token=_pad_token(spec))
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _tool_versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"ldm_export": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}

@@ -1,0 +1,73 @@
+"""The fp16 policy: which ops stay fp32, and why. One explicit, listed policy per component.
+
+fp16 conversion runs on the verified fp32 graph with ONNX Runtime's own converter
+(``onnxruntime.transformers.float16``); the lists below are its block lists.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import onnx
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class Fp16Policy:
+    """Ops (by type) and node-name scopes kept in fp32 for one component, with the reason."""
+
+    keep_op_types: tuple[str, ...]
+    keep_name_prefixes: tuple[str, ...]  # module scopes, matched anywhere in the exported node name
+    reason: str
+    keep_fp32_io: tuple[str, ...] = ()  # inputs/outputs that stay float32 at the graph boundary
+
+    def to_json(self) -> dict:
+        return {"keep_fp32_op_types": list(self.keep_op_types),
+                "keep_fp32_node_prefixes": list(self.keep_name_prefixes), "keep_fp32_io": list(self.keep_fp32_io),
+                "reason": self.reason}
+
+
+# Normalisation statistics (mean/variance over many elements) overflow or lose precision in fp16;
+# GroupNorm exports as InstanceNormalization (TorchScript exporter) or GroupNormalization.
+_NORMS = ("InstanceNormalization", "GroupNormalization", "LayerNormalization")
+
+FP16_POLICY: dict[str, Fp16Policy] = {
+    "text_encoder": Fp16Policy(
+        _NORMS, (),
+        "LayerNorm statistics in fp32; the causal mask's -inf is clamped to fp16 range by the converter",
+    ),
+    "unet": Fp16Policy(
+        _NORMS, ("/model/time_proj/",),
+        "GroupNorm/LayerNorm statistics in fp32; the timestep and its sinusoidal projection in fp32 (fp16 cannot "
+        "hold fractional timesteps near 1000, which Karras-style samplers use); everything else fp16",
+        keep_fp32_io=("timestep",),
+    ),
+    "vae_decoder": Fp16Policy(
+        _NORMS + ("Softmax",),
+        ("decoder/up_blocks.2/", "decoder/up_blocks.3/", "decoder/conv_norm_out/", "decoder/conv_out/"),
+        "the SD VAE decoder's last two up-blocks reach activations beyond fp16's 65504 at 512 px and above "
+        "(the known fp16 NaN case), so they run in fp32 with the norms and the mid-block attention softmax",
+    ),
+}
+
+
+def convert_fp16(model_path: str, component: str) -> onnx.ModelProto:
+    """fp32 graph on disk -> fp16 graph with fp16 inputs/outputs, keeping the component's policy ops in fp32.
+
+    Takes a path so the converter can run shape inference on models over 2 GB (it needs value types to
+    put Cast nodes around the fp32 islands)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    policy = FP16_POLICY[component]
+    names = [n.name for n in onnx.load(model_path, load_external_data=False).graph.node]
+    block_nodes = [n for n in names if any(p in n for p in policy.keep_name_prefixes)]
+    unmatched = [p for p in policy.keep_name_prefixes if not any(p in n for n in names)]
+    if unmatched:  # a policy that silently matches nothing would ship overflowing fp16 graphs
+        raise RuntimeError(f"{component}: fp16 policy scopes {unmatched} match no node of the exported graph")
+    log.info("%s: fp16 with op types %s and %d named nodes kept in fp32", component, policy.keep_op_types, len(block_nodes))
+    return convert_float_to_float16(
+        model_path, keep_io_types=list(policy.keep_fp32_io) or False, op_block_list=list(policy.keep_op_types), node_block_list=block_nodes,
+    )

@@ -1,0 +1,164 @@
+"""The `ldm-export` command line. The only place that prints; errors become one line and an exit code."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from ldm_export.runtime.errors import LdmExportError
+
+console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _guard(fn):
+    """Turn user errors into one line and an exit code; tracebacks only with --debug / LDM_EXPORT_DEBUG=1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = os.environ.get("LDM_EXPORT_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except LdmExportError as e:
+            if debug:
+                raise
+            console.print(f"[red]error:[/red] {e}", soft_wrap=True)
+            sys.exit(e.exit_code)
+        except NotImplementedError as e:
+            if debug:
+                raise
+            console.print(f"[red]error:[/red] not built yet: {e}", soft_wrap=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/yellow]: stopped; nothing was written", soft_wrap=True)
+            sys.exit(130)
+        except MemoryError:
+            console.print("[red]error:[/red] out of memory; close other programs or build a smaller model", soft_wrap=True)
+            sys.exit(3)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="ldm-export")
+def cli(verbose: bool, debug: bool) -> None:
+    """Export latent diffusion models to verified ONNX bundles, and run them."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if debug:
+        os.environ["LDM_EXPORT_DEBUG"] = "1"
+
+
+@cli.command()
+@click.option("--model", "model", default=None, help="Model name from the zoo (default: the embedded demo model).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="A local diffusers folder or a single-file .safetensors checkpoint.")
+@click.option("--random-weights", is_flag=True, help="The real architecture with random weights (exports, benchmarks).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-weights and verification inputs.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder (default: MODEL-PRECISION).")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option("--static-shape", is_flag=True, help="Fix batch and size to the model's defaults (faster on GPUs).")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Which backend the graphs are for (cuda puts fused GPU kernels in).")
+@click.option("--trust-pickle", is_flag=True, help="Allow .ckpt/.bin/.pt weights (loading them runs code).")
+@click.option("--threads", type=int, default=None, help="CPU threads for export and verification.")
+@_guard
+def build(model, precision, weights, random_weights, seed, out, force, static_shape, target, trust_pickle, threads):
+    """Export a model's components to ONNX, verify each against PyTorch, and write a bundle."""
+    from ldm_export.export.build import BuildConfig, build as run_build, validate
+    from ldm_export.zoo import DEFAULT_MODEL
+
+    cfg = BuildConfig(model=model or DEFAULT_MODEL, precision=precision, weights=weights, random_weights=random_weights,
+                      seed=seed, out=out, force=force, static_shape=static_shape, target=target,
+                      trust_pickle=trust_pickle, threads=threads)
+    validate(cfg)  # fail fast, before torch is imported
+    t0 = time.perf_counter()
+    last = [t0, None]
+
+    def progress(component: str, stage: str, detail: str) -> None:
+        now = time.perf_counter()
+        if last[1] is not None:
+            console.print(f"  [green]✓[/green] {last[1]} [dim]({now - last[0]:.1f} s)[/dim]")
+        last[0], last[1] = now, f"{component}: {stage}" + (f" {detail}" if detail else "")
+        if stage == "done" and component == "bundle":
+            last[1] = None
+
+    with console.status("building...", spinner="dots") as status:
+        def shown(component, stage, detail=""):
+            progress(component, stage, detail)
+            status.update(f"{component}: {stage} {detail}")
+        manifest = run_build(cfg, shown)
+    _print_summary(cfg.resolved_out(), manifest, time.perf_counter() - t0)
+
+
+def _print_summary(out: Path, manifest: dict, seconds: float) -> None:
+    t = Table(title=f"bundle {out}  ({manifest['model']['name']}, {seconds:.1f} s)")
+    for col in ("component", "precision", "files", "size", "verification (vs torch fp32)"):
+        t.add_column(col)
+    for comp, info in manifest["components"].items():
+        size = sum(manifest["files"][f]["size"] for f in info["files"])
+        ver = []
+        for prec, rep in info["verification"].items():
+            worst = min(v["cosine"] for v in rep["outputs"].values())
+            mx = max(v["max_abs"] for v in rep["outputs"].values())
+            ver.append(f"{prec}: cos {worst:.6f}, max|err| {mx:.2g} {'ok' if rep['passed'] else 'FAIL'}")
+        t.add_row(comp, info["precision"], ", ".join(Path(f).name for f in info["files"]), _human(size), "; ".join(ver))
+    total = sum(f["size"] for f in manifest["files"].values())
+    t.caption = f"{len(manifest['files'])} files, {_human(total)} in all"
+    out_console.print(t)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--no-hashes", is_flag=True, help="Skip the sha256 check of every file.")
+@_guard
+def inspect(bundle: Path, no_hashes: bool) -> None:
+    """Print a bundle's manifest as tables and check every file's sha256."""
+    from ldm_export.runtime.bundle import Bundle
+
+    b = Bundle.open(bundle)
+    m = b.manifest
+    head = Table(show_header=False, title=f"{bundle}")
+    for k, v in (("model", f"{m['model']['name']} ({m['model']['description']})"), ("format", f"{m['format']} v{m['format_version']}"),
+                 ("target", m.get("target")), ("static shape", str(m.get("static_shape"))), ("weights", str(m.get("weights"))),
+                 ("created", m.get("created")), ("tools", ", ".join(f"{k} {v}" for k, v in m["tools"].items()))):
+        head.add_row(k, str(v))
+    out_console.print(head)
+    t = Table(title="components")
+    for col in ("component", "precision", "inputs", "outputs", "kernels", "verification"):
+        t.add_column(col)
+    for comp, info in m["components"].items():
+        spec = b.spec(comp)
+        io = lambda ts: "\n".join(f"{x.name} {x.dtype} {list(x.shape)}" for x in ts)  # noqa: E731
+        ver = "\n".join(f"{p}: cos {min(v['cosine'] for v in r['outputs'].values()):.6f}" for p, r in info["verification"].items())
+        t.add_row(comp, info["precision"], io(spec.inputs), io(spec.outputs), ", ".join(info.get("kernels") or []) or "-", ver)
+    out_console.print(t)
+    if no_hashes:
+        return
+    bad = b.check_hashes()
+    if bad:
+        raise LdmExportError(f"sha256 mismatch in {', '.join(bad)}; the bundle was changed or damaged, rebuild it", exit_code=1)
+    out_console.print(f"[green]all {len(m['files'])} files match their sha256[/green]")
+
+
+def main() -> None:
+    cli(prog_name="ldm-export")
+
+
+if __name__ == "__main__":
+    main()

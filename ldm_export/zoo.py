@@ -1,0 +1,164 @@
+"""Named model specs with the real configurations (diffusers config dicts), torch-free.
+
+Each spec lists its components and their configs; the export side instantiates diffusers /
+transformers classes from these dicts, so ``--random-weights`` gives the real architecture.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ldm_export.runtime.errors import LdmExportError
+from ldm_export.runtime.spec import ComponentSpec, text_encoder_spec, unet_spec, vae_decoder_spec
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str  # "sd1", "sd2", ...
+    description: str
+    text_encoder: dict[str, Any]  # transformers CLIPTextConfig kwargs
+    unet: dict[str, Any]  # diffusers UNet2DConditionModel config
+    vae: dict[str, Any]  # diffusers AutoencoderKL config
+    scheduler: dict[str, Any]  # diffusers scheduler_config.json, with _class_name
+    resolution: int  # default image side in pixels
+    components: tuple[str, ...] = COMPONENTS
+    # published parameter counts (millions) this spec must reproduce; None where not applicable
+    params_m: dict[str, float] = field(default_factory=dict)
+    max_length: int = 77
+    # a diffusers folder shipped inside the package (the embedded demo model); None: weights come from the user
+    embedded_weights: str | None = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.get("scaling_factor", 0.18215))
+
+    @property
+    def latent_side(self) -> int:
+        return self.resolution // self.vae_scale_factor
+
+    def component_specs(self) -> dict[str, ComponentSpec]:
+        side = self.latent_side
+        hw = (max(1, side // 4), side, side * 2)
+        return {
+            "text_encoder": text_encoder_spec(self.text_encoder["hidden_size"], self.max_length),
+            "unet": unet_spec(self.unet["in_channels"], self.unet["out_channels"],
+                              self.unet["cross_attention_dim"], hw, self.max_length),
+            "vae_decoder": vae_decoder_spec(self.vae["latent_channels"], hw, self.vae_scale_factor),
+        }
+
+    def model_index(self) -> dict[str, Any]:
+        """diffusers' model_index.json for the bundle (what Optimum's loader reads)."""
+        return {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.35.2",
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", self.scheduler["_class_name"]],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+
+
+_SD_SCHEDULER_COMMON = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+
+_CLIP_VIT_L14 = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "projection_dim": 768, "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407,
+    "pad_token_id": 1,
+}
+
+# OpenCLIP ViT-H/14 text tower; SD 2.x uses its penultimate layer, which diffusers expresses as
+# 23 of its 24 layers (the last is dropped from the checkpoint).
+_OPENCLIP_VIT_H14_PENULTIMATE = {
+    "vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+    "num_attention_heads": 16, "max_position_embeddings": 77, "hidden_act": "gelu",
+    "projection_dim": 512, "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407,
+    "pad_token_id": 1,
+}
+
+_SD_UNET_COMMON = {
+    "act_fn": "silu", "center_input_sample": False, "downsample_padding": 1, "flip_sin_to_cos": True,
+    "freq_shift": 0, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "norm_eps": 1e-5, "norm_num_groups": 32, "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+_SD_VAE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "scaling_factor": 0.18215,
+}
+
+SD15 = ModelSpec(
+    name="sd15",
+    family="sd1",
+    description="Stable Diffusion 1.5 (CLIP ViT-L/14 text, 512 px, epsilon prediction)",
+    text_encoder=dict(_CLIP_VIT_L14),
+    unet=_SD_UNET_COMMON | {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8},
+    vae=_SD_VAE | {"sample_size": 512},
+    scheduler={"_class_name": "PNDMScheduler", **_SD_SCHEDULER_COMMON, "skip_prk_steps": True},
+    resolution=512,
+    params_m={"text_encoder": 123.1, "unet": 859.5, "vae": 83.7},
+)
+
+SD21 = ModelSpec(
+    name="sd21",
+    family="sd2",
+    description="Stable Diffusion 2.1 (OpenCLIP ViT-H/14 text, penultimate layer, 768 px, v-prediction)",
+    text_encoder=dict(_OPENCLIP_VIT_H14_PENULTIMATE),
+    unet=_SD_UNET_COMMON | {"sample_size": 96, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
+                            "use_linear_projection": True, "upcast_attention": True},
+    vae=_SD_VAE | {"sample_size": 768},
+    scheduler={"_class_name": "DDIMScheduler", **_SD_SCHEDULER_COMMON, "prediction_type": "v_prediction",
+               "skip_prk_steps": True},
+    resolution=768,
+    params_m={"text_encoder": 340.4, "unet": 865.9, "vae": 83.7},
+)
+
+TINY = ModelSpec(
+    name="tiny",
+    family="sd1",
+    description="Tiny model of the SD 1.x classes for tests (a few MB, random weights)",
+    text_encoder=_CLIP_VIT_L14 | {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                  "num_attention_heads": 4, "projection_dim": 32},
+    unet=_SD_UNET_COMMON | {"sample_size": 8, "cross_attention_dim": 32, "attention_head_dim": 4,
+                            "layers_per_block": 1, "norm_num_groups": 8, "block_out_channels": [16, 32],
+                            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]},
+    vae=_SD_VAE | {"sample_size": 64, "layers_per_block": 1, "norm_num_groups": 8,
+                   "block_out_channels": [8, 16, 16, 16]},
+    scheduler={"_class_name": "PNDMScheduler", **_SD_SCHEDULER_COMMON, "skip_prk_steps": True},
+    resolution=64,
+)
+
+MODELS: dict[str, ModelSpec] = {m.name: m for m in (SD15, SD21, TINY)}
+DEFAULT_MODEL = "tiny"  # the embedded demo model replaces this once it ships
+
+
+def get_model(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise LdmExportError(f"unknown model '{name}'; known models: {', '.join(sorted(MODELS))}") from None

@@ -1,0 +1,103 @@
+"""Read a bundle: its manifest ``ldm_export.json``, component specs, and sha256 checks of every file."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import LdmExportError
+from .spec import ComponentSpec
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "ldm_export.json"
+FORMAT = "ldm-export-bundle"
+FORMAT_VERSION = 1  # the newest bundle format this runtime reads
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = False) -> "Bundle":
+        """Open a bundle folder; with ``verify`` check every file's sha256 against the manifest."""
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not path.is_dir():
+            raise LdmExportError(f"no bundle at {path}: build one with `ldm-export build --out {path}`")
+        if not mpath.is_file():
+            raise LdmExportError(f"{path} has no {MANIFEST}; it is not an ldm-export bundle (rebuild it with `ldm-export build`)")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, ValueError) as e:
+            raise LdmExportError(f"cannot read {mpath}: {e}; rebuild the bundle") from None
+        if manifest.get("format") != FORMAT:
+            raise LdmExportError(f"{mpath} is not an ldm-export manifest (format {manifest.get('format')!r})")
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise LdmExportError(
+                f"bundle format version {version} is newer than this ldm-export reads ({FORMAT_VERSION}); upgrade ldm-export"
+            )
+        bundle = cls(path, manifest)
+        missing = [f for f in manifest.get("files", {}) if not (path / f).is_file()]
+        if missing:
+            raise LdmExportError(f"bundle {path} is missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                                 + "; rebuild it")
+        if verify:
+            bad = bundle.check_hashes()
+            if bad:
+                raise LdmExportError(f"bundle {path}: sha256 mismatch in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                                     + "; the file was changed or damaged, rebuild the bundle")
+        return bundle
+
+    def check_hashes(self) -> list[str]:
+        """Relative paths whose sha256 differs from the manifest (empty when all match)."""
+        bad = []
+        for rel, info in self.manifest["files"].items():
+            p = self.path / rel
+            if not p.is_file() or p.stat().st_size != info["size"] or sha256_file(p) != info["sha256"]:
+                bad.append(rel)
+        return bad
+
+    @property
+    def components(self) -> list[str]:
+        return list(self.manifest["components"])
+
+    def spec(self, component: str) -> ComponentSpec:
+        try:
+            return ComponentSpec.from_json(self.manifest["components"][component]["spec"])
+        except KeyError:
+            raise LdmExportError(f"bundle {self.path} has no component '{component}'") from None
+
+    def model_path(self, component: str) -> Path:
+        return self.path / self.manifest["components"][component]["files"][0]
+
+    def precision(self, component: str) -> str:
+        return self.manifest["components"][component]["precision"]
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.manifest["model"]
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return json.loads((self.path / "scheduler" / "scheduler_config.json").read_text())
+
+    @property
+    def model_hash(self) -> str:
+        """A1111-style short hash: first 10 hex digits of the UNet graph's sha256."""
+        rel = self.manifest["components"]["unet"]["files"][0]
+        return self.manifest["files"][rel]["sha256"][:10]

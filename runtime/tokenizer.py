@@ -1,0 +1,235 @@
+"""CLIP's BPE tokenizer through HF ``tokenizers``, giving the ids of OpenAI's ``clip/simple_tokenizer.py``.
+
+OpenAI's clean-up is ``ftfy.fix_text`` -> ``html.unescape`` twice -> whitespace clean -> ``str.lower``;
+then its split regex, byte-level mapping and BPE with ``</w>`` word ends. The clean-up runs here in
+Python, in that order, because tokenizers' normalisers cannot express it: HF's ``CLIPTokenizerFast``
+(NFC, ``\\s+`` -> space, char-wise lowercase) does no HTML unescaping, no ftfy fixes (curly quotes,
+ligatures, full-width forms, mojibake) and lowercases without Python's final-sigma rule, so its ids
+differ from CLIP's on such prompts. Split, byte-level mapping and BPE run in ``tokenizers``.
+
+ftfy is optional: without it a port of ftfy's character-level fixes runs instead (curly quotes,
+Latin ligatures, full-width forms, control characters, NFC); only ftfy's mojibake repair is missing.
+"""
+from __future__ import annotations
+
+import html
+import json
+import logging
+import re
+import shutil
+import unicodedata
+from importlib import resources
+from itertools import chain
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import LdmExportError
+
+logger = logging.getLogger(__name__)
+
+try:  # optional: pure Python, small; without it the fallback below covers all but mojibake repair
+    from ftfy import fix_text as _ftfy_fix_text
+except ImportError:  # pragma: no cover - depends on the install
+    _ftfy_fix_text = None
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+MODEL_MAX_LENGTH = 77
+# OpenAI's pattern less its special-token alternatives (tokenizers matches those as added tokens).
+# It is compiled with IGNORECASE there; the text is lower-cased before it, so the flag is moot.
+CLIP_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+# Port of the character-level fixes of ftfy 6.3 (ftfy/chardata.py, ftfy/fixes.py; MIT licence),
+# applied when ftfy is not installed.
+_SINGLE_QUOTE_RE = re.compile("[\u02bc\u2018-\u201b]")
+_DOUBLE_QUOTE_RE = re.compile("[\u201c-\u201f]")
+_LIGATURES = {
+    ord("Ĳ"): "IJ", ord("ĳ"): "ij", ord("ŉ"): "ʼn", ord("Ǳ"): "DZ", ord("ǲ"): "Dz", ord("ǳ"): "dz",
+    ord("Ǆ"): "DŽ", ord("ǅ"): "Dž", ord("ǆ"): "dž", ord("Ǉ"): "LJ", ord("ǈ"): "Lj", ord("ǉ"): "lj",
+    ord("Ǌ"): "NJ", ord("ǋ"): "Nj", ord("ǌ"): "nj", ord("ﬀ"): "ff", ord("ﬁ"): "fi", ord("ﬂ"): "fl",
+    ord("ﬃ"): "ffi", ord("ﬄ"): "ffl", ord("ﬅ"): "ſt", ord("ﬆ"): "st",
+}
+_WIDTH_MAP = {0x3000: " "}
+_WIDTH_MAP.update({i: unicodedata.normalize("NFKC", chr(i)) for i in range(0xFF01, 0xFFF0)
+                   if unicodedata.normalize("NFKC", chr(i)) != chr(i)})
+_CONTROL_CHARS = dict.fromkeys(chain(range(0x00, 0x09), [0x0B], range(0x0E, 0x20), [0x7F],
+                                     range(0x206A, 0x2070), [0xFEFF], range(0xFFF9, 0xFFFD)))
+_warned_no_ftfy = False
+
+
+def _fix_text_without_ftfy(text: str) -> str:
+    """ftfy.fix_text's character-level steps (ligatures, width, quotes, control chars, NFC), no mojibake repair."""
+    text = text.translate(_LIGATURES).translate(_WIDTH_MAP)
+    text = _SINGLE_QUOTE_RE.sub("'", _DOUBLE_QUOTE_RE.sub('"', text))
+    text = text.translate(_CONTROL_CHARS)
+    return unicodedata.normalize("NFC", text)
+
+
+def fix_text(text: str) -> str:
+    """``ftfy.fix_text`` when ftfy is installed, else its character-level fixes (see module docstring)."""
+    global _warned_no_ftfy
+    if _ftfy_fix_text is not None:
+        return _ftfy_fix_text(text)
+    if not _warned_no_ftfy and not text.isascii():
+        _warned_no_ftfy = True
+        logger.warning("ftfy is not installed: non-ASCII prompts get ftfy's character fixes but no mojibake "
+                       "repair, so ids may differ from CLIP's on garbled text; `pip install ftfy` to close the gap")
+    return _fix_text_without_ftfy(text)
+
+
+def clean_prompt(text: str) -> str:
+    """OpenAI CLIP's clean-up: ``whitespace_clean(basic_clean(text)).lower()`` (clip/simple_tokenizer.py)."""
+    text = html.unescape(html.unescape(fix_text(text))).strip()
+    return " ".join(text.split()).lower()
+
+
+def default_tokenizer_dir() -> Path:
+    """The packaged vocab.json and merges.txt (derived from OpenAI's bpe_simple_vocab_16e6 by tools/)."""
+    return Path(str(resources.files("ldm_export.runtime") / "data"))
+
+
+def _token_content(value) -> str | None:
+    """A special token as HF stores it: a plain string or an AddedToken dict with ``content``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_pad_token(folder: Path) -> str | None:
+    """pad_token from special_tokens_map.json (which transformers lets win) or else tokenizer_config.json."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise LdmExportError(f"cannot read {path}: {e}; fix or delete the file") from e
+        token = _token_content(data.get("pad_token")) if isinstance(data, dict) else None
+        if token is not None:
+            return token
+    return None
+
+
+class ClipTokenizer:
+    """CLIP BPE tokenizer (OpenAI's ids) padded and truncated to 77 the way SD 1.x/2.x pipelines do.
+
+    ``folder`` holds vocab.json and merges.txt (a bundle's ``tokenizer/``); it defaults to the packaged
+    CLIP vocabulary. The pad id is ``pad_id`` if given, else the folder's ``pad_token`` (SD 1.5:
+    ``<|endoftext|>`` 49407; SD 2: ``!`` 0), else 49407.
+    """
+
+    def __init__(self, folder: str | Path | None = None, pad_id: int | None = None,
+                 max_length: int = MODEL_MAX_LENGTH):
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+        self.folder = Path(folder) if folder is not None else default_tokenizer_dir()
+        vocab_path, merges_path = self.folder / "vocab.json", self.folder / "merges.txt"
+        for p in (vocab_path, merges_path):
+            if not p.is_file():
+                raise LdmExportError(f"tokenizer file {p} is missing; a tokenizer folder needs vocab.json and merges.txt")
+        try:
+            bpe = models.BPE.from_file(str(vocab_path), str(merges_path), continuing_subword_prefix="",
+                                       end_of_word_suffix="</w>", unk_token=EOS_TOKEN, fuse_unk=False)
+        except Exception as e:  # tokenizers raises plain Exception on malformed files
+            raise LdmExportError(f"cannot load the BPE vocabulary in {self.folder}: {e}; "
+                                 "write it again with write_tokenizer_files()") from e
+        tok = Tokenizer(bpe)
+        # The clean-up (clean_prompt) runs in Python before encoding, so no normaliser here.
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_SPLIT_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        # Literal "<|endoftext|>" in a prompt maps to the special id, as OpenAI's regex does.
+        tok.add_special_tokens([BOS_TOKEN, EOS_TOKEN])
+        self._tokenizer = tok
+
+        self.bos_id = self._required_id(BOS_TOKEN)
+        self.eos_id = self._required_id(EOS_TOKEN)
+        if pad_id is None:
+            pad_token = _read_pad_token(self.folder)
+            pad_id = self.eos_id if pad_token is None else self._required_id(pad_token)
+        if not 0 <= int(pad_id) < tok.get_vocab_size():
+            raise LdmExportError(f"pad_id {pad_id} is outside the vocabulary of {tok.get_vocab_size()} tokens")
+        self.pad_id = int(pad_id)
+        if max_length < 2:
+            raise LdmExportError(f"max_length must be at least 2 (bos + eos), got {max_length}")
+        self.max_length = int(max_length)
+
+    def _required_id(self, token: str) -> int:
+        i = self._tokenizer.token_to_id(token)
+        if i is None:
+            raise LdmExportError(f"token {token!r} is not in {self.folder / 'vocab.json'}; use a CLIP vocabulary")
+        return i
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    def encode(self, prompt: str) -> list[int]:
+        """Ids of ``prompt`` without bos/eos, untruncated (OpenAI's ``SimpleTokenizer.encode``)."""
+        if not isinstance(prompt, str):
+            raise LdmExportError(f"prompt must be a string, got {type(prompt).__name__}")
+        return self._tokenizer.encode(clean_prompt(prompt), add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` with ``</w>`` read as a space (OpenAI's ``SimpleTokenizer.decode``, stripped)."""
+        tokens = [self._tokenizer.id_to_token(int(i)) for i in ids]
+        if any(t is None for t in tokens):
+            raise LdmExportError(f"ids outside the vocabulary of {self.vocab_size} tokens; decode ids this tokenizer made")
+        return self._tokenizer.decoder.decode(tokens).replace("</w>", " ").strip()
+
+    def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
+        """``input_ids`` (B, max_length) int32: bos, tokens, eos, then pad; cut to max_length keeping eos."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise LdmExportError(f"prompts must be a non-empty list of strings, got {type(prompts).__name__}")
+        input_ids = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int32)  # (B, 77)
+        n_body = self.max_length - 2
+        for b, prompt in enumerate(prompts):
+            ids = self.encode(prompt)
+            if len(ids) > n_body:
+                # As diffusers' pipelines do: say how much was cut and show the cut text.
+                logger.warning("prompt %d was truncated by %d tokens because CLIP can only handle sequences up to "
+                               "%d tokens; the cut text: %r", b, len(ids) - n_body, self.max_length,
+                               self.decode(ids[n_body:]))
+                ids = ids[:n_body]
+            row = [self.bos_id, *ids, self.eos_id]
+            input_ids[b, : len(row)] = row
+        return input_ids
+
+
+def write_tokenizer_files(dest_dir: str | Path, pad_token: str = EOS_TOKEN, source_dir: str | Path | None = None) -> Path:
+    """Write vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json for transformers' CLIPTokenizer."""
+    source = Path(source_dir) if source_dir is not None else default_tokenizer_dir()
+    dest = Path(dest_dir)
+    vocab_path = source / "vocab.json"
+    try:
+        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LdmExportError(f"cannot read {vocab_path}: {e}; pass a folder with a CLIP vocab.json") from e
+    for token in (BOS_TOKEN, EOS_TOKEN, pad_token):
+        if token not in vocab:
+            raise LdmExportError(f"token {token!r} is not in {vocab_path}; SD uses '<|endoftext|>' (1.x) or '!' (2.x)")
+    if not (source / "merges.txt").is_file():
+        raise LdmExportError(f"{source / 'merges.txt'} is missing; a tokenizer folder needs vocab.json and merges.txt")
+    dest.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != dest.resolve():
+        shutil.copyfile(vocab_path, dest / "vocab.json")
+        shutil.copyfile(source / "merges.txt", dest / "merges.txt")
+    special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": pad_token}
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": MODEL_MAX_LENGTH,
+        "do_lower_case": True,
+        "errors": "replace",
+        "add_prefix_space": False,
+        **special,
+    }
+    (dest / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+    (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return dest
