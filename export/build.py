@@ -38,6 +38,10 @@ class BuildConfig:
     trust_pickle: bool = False
     target: str = "cpu"
     threads: int | None = None
+    verify_provider: str | None = None  # ONNX Runtime provider for verification; default: the target's
+
+    def resolved_verify_provider(self) -> str:
+        return self.verify_provider or self.target
 
     def resolved_out(self) -> Path:
         return Path(self.out) if self.out else Path(f"{self.model}-{self.precision}")
@@ -112,7 +116,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
         },
         "weights": {"source": loaded.source, "sha256": loaded.sha256, "seed": loaded.seed,
                     "path": str(weights_path) if weights_path and loaded.source != "random" else None},
-        "target": cfg.target, "static_shape": cfg.static_shape,
+        "target": cfg.target, "static_shape": cfg.static_shape, "verify_provider": cfg.resolved_verify_provider(),
         "components": {}, "files": {},
         "tools": _tool_versions(),
     }
@@ -137,7 +141,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             del model
             gc.collect()
             progress(component, "verify fp32", "")
-            report = {"fp32": X.verify(path, cspec, feeds, reference, "fp32", cfg.threads).to_json()}
+            report = {"fp32": X.verify(path, cspec, feeds, reference, "fp32", cfg.threads, cfg.resolved_verify_provider()).to_json()}
             _check(report["fp32"], component, "fp32")
             if cfg.precision == "fp16":
                 progress(component, "fp16", "")
@@ -150,7 +154,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                 cspec = cspec.with_dtype("float16", [t.name for t in (*cspec.inputs, *cspec.outputs)
                                                      if t.dtype == "float32" and t.name not in FP16_POLICY[component].keep_fp32_io])
                 progress(component, "verify fp16", "")
-                report["fp16"] = X.verify(path, cspec, feeds, reference, "fp16", cfg.threads).to_json()
+                report["fp16"] = X.verify(path, cspec, feeds, reference, "fp16", cfg.threads, cfg.resolved_verify_provider()).to_json()
                 _check(report["fp16"], component, "fp16")
             _write_json(folder / "config.json", _component_config(component, modules))
             manifest["components"][component] = {

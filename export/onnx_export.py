@@ -126,15 +126,22 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
 
 def verify(onnx_path: Path, spec: ComponentSpec, feeds: Mapping[str, np.ndarray], reference: list[np.ndarray],
-           precision: str, threads: int | None = None) -> Verification:
-    """Run the exported graph in ONNX Runtime (CPU) on ``feeds`` and compare each output with torch fp32."""
+           precision: str, threads: int | None = None, provider: str = "cpu") -> Verification:
+    """Run the exported graph in ONNX Runtime (``provider``: cpu or cuda) on ``feeds``; compare outputs with torch fp32."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise LdmExportError("verifying a cuda-target graph needs onnxruntime-gpu (its fused GroupNorm and "
+                                 "BiasSplitGelu kernels have no CPU version): build on a CUDA machine, or use --target cpu")
+        providers = [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]  # true fp32, not TF32
+    else:
+        providers = ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=providers)
     typed = {}
     for t in spec.inputs:
         typed[t.name] = feeds[t.name].astype(t.dtype)
@@ -142,4 +149,4 @@ def verify(onnx_path: Path, spec: ComponentSpec, feeds: Mapping[str, np.ndarray]
     results = {n: compare(n, o, r) for n, o, r in zip(spec.output_names, outs, reference)}
     thr = COSINE_THRESHOLD[precision]
     passed = all(np.isfinite(v["cosine"]) and v["cosine"] >= thr for v in results.values())
-    return Verification(spec.name, precision, "CPUExecutionProvider", results, thr, passed)
+    return Verification(spec.name, precision, sess.get_providers()[0], results, thr, passed)

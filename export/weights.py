@@ -94,7 +94,7 @@ def load_weights(spec: ModelSpec, weights: str | Path | None, random_weights: bo
 
 def _finish(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
     for module in modules.values():
-        module.float().eval().requires_grad_(False)
+        module.float().eval()
     return modules
 
 
@@ -124,7 +124,11 @@ def _load_diffusers_folder(spec: ModelSpec, folder: Path, trust_pickle: bool) ->
         if not (sub / "config.json").is_file():
             raise LdmExportError(f"{sub} has no config.json; re-save the component with save_pretrained")
         configs[name] = _read_json(sub / "config.json")
-    text_config = CLIPTextConfig.from_dict(configs["text_encoder"])
+    try:
+        text_config = CLIPTextConfig.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
+    except Exception as exc:
+        raise LdmExportError(f"{folder}/text_encoder/config.json is not a CLIP text config ({_one_line(exc)}); "
+                             "re-save the component with save_pretrained") from exc
     _check_config(folder, "text_encoder", {k: getattr(text_config, k) for k in _TEXT_ENCODER_ARCHITECTURE_KEYS},
                   {k: spec.text_encoder[k] for k in _TEXT_ENCODER_ARCHITECTURE_KEYS if k in spec.text_encoder},
                   spec.name)

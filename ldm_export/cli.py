@@ -14,6 +14,9 @@ from rich.table import Table
 
 from ldm_export.runtime.errors import LdmExportError
 
+# diffusers warns at import about the optimum / optimum-onnx split distributions; users can't act on it
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
 console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
 
@@ -154,6 +157,79 @@ def inspect(bundle: Path, no_hashes: bool) -> None:
     if bad:
         raise LdmExportError(f"sha256 mismatch in {', '.join(bad)}; the bundle was changed or damaged, rebuild it", exit_code=1)
     out_console.print(f"[green]all {len(m['files'])} files match their sha256[/green]")
+
+
+def _parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size is None:
+        return None, None
+    try:
+        w, h = (int(x) for x in size.lower().split("x"))
+    except ValueError:
+        raise LdmExportError(f"--size must look like 512x512 (WIDTHxHEIGHT), got '{size}'") from None
+    return w, h
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("prompt", type=str)
+@click.option("--negative", "negative", default=None, help="Negative prompt.")
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--cfg", "cfg", type=float, default=7.5, show_default=True, help="Guidance scale (<= 1 skips the unconditional pass).")
+@click.option("--sampler", default=None, help="Sampler (A1111 or diffusers name; `ldm-export samplers` lists them). Default: the bundle's.")
+@click.option("--seed", type=int, default=None, help="Seed (default: random, printed and stored in the PNG).")
+@click.option("--size", default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's resolution).")
+@click.option("--num-images", type=int, default=1, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("image.png"), show_default=True,
+              help="PNG path; with several images, -1, -2, ... are added before .png.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
+@click.option("--cfg-mode", type=click.Choice(["batch2", "sequential"]), default="batch2", show_default=True,
+              help="CFG as one batch-2 UNet run, or two batch-1 runs where memory is tight.")
+@click.option("--guidance-rescale", type=float, default=0.0, show_default=True)
+@click.option("--verify", is_flag=True, help="Check every file's sha256 before loading.")
+@_guard
+def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_images, out, provider, threads, cfg_mode,
+             guidance_rescale, verify):
+    """Generate images from a bundle with the numpy runtime; PNGs carry A1111 "parameters" metadata."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ldm_export.runtime.image import save_png
+    from ldm_export.runtime.pipeline import Pipeline
+
+    width, height = _parse_size(size)
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_bundle(bundle, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode)
+    t_load = time.perf_counter() - t0
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("sampling", total=steps)
+        t1 = time.perf_counter()
+        images = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, seed=seed,
+                      width=width, height=height, scheduler=sampler, num_images=num_images,
+                      guidance_rescale=guidance_rescale, callback=lambda i, n, x: bar.update(task, completed=i + 1))
+        t_gen = time.perf_counter() - t1
+    out.parent.mkdir(parents=True, exist_ok=True) if str(out.parent) else None
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{k + 1}{out.suffix or '.png'}") for k in range(len(images))]
+    for img, p in zip(images, paths):
+        try:
+            save_png(img, p, img.info["parameters"])
+        except OSError as e:
+            raise LdmExportError(f"cannot write {p}: {e.strerror}; choose another --out") from None
+        out_console.print(f"wrote {p}")
+    out_console.print(images[0].info["parameters"].splitlines()[-1], soft_wrap=True)
+    console.print(f"[dim]load {t_load:.2f} s, generate {t_gen:.2f} s ({t_gen / len(images):.2f} s per image)[/dim]")
+
+
+@cli.command()
+def samplers() -> None:
+    """List the sampler names `generate --sampler` takes."""
+    from ldm_export.runtime.schedulers import sampler_names
+
+    for name in sampler_names():
+        out_console.print(name)
+
+
+from ldm_export.cli_bench import bench as _bench; cli.add_command(_bench)  # noqa: E402,E702
 
 
 def main() -> None:

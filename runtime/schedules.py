@@ -47,7 +47,7 @@ def make_betas(num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta
 
 def rescale_betas_zero_snr(betas: np.ndarray) -> np.ndarray:
     """Rescale betas to zero terminal SNR, Algorithm 1 of Lin et al. (2023) "Common Diffusion Noise Schedules..."."""
-    alphas_bar_sqrt = np.sqrt(np.cumprod(1.0 - betas, dtype=np.float32))
+    alphas_bar_sqrt = np.sqrt(make_alphas_cumprod(betas))
     first, last = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
     alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
     alphas_bar = alphas_bar_sqrt ** 2
@@ -56,8 +56,8 @@ def rescale_betas_zero_snr(betas: np.ndarray) -> np.ndarray:
 
 
 def make_alphas_cumprod(betas: np.ndarray) -> np.ndarray:
-    """alphas_cumprod (T,) float32, accumulated in float32 as torch.cumprod does."""
-    return np.cumprod((1.0 - betas).astype(np.float32), dtype=np.float32)
+    """alphas_cumprod (T,) float32 as torch.cumprod gives it: float32 factors, float64 accumulator, float32 out."""
+    return np.cumprod((1.0 - betas).astype(np.float32).astype(np.float64)).astype(np.float32)
 
 
 def alphas_cumprod_from_config(config: dict, zero_snr_clamp: bool = False) -> np.ndarray:

@@ -182,7 +182,8 @@ def to_ldm_checkpoint(modules: dict[str, torch.nn.Module], unet_config: dict[str
     elif text_layout == "open_clip":
         hidden = text["text_model.final_layer_norm.weight"].shape[0]
         state.update(open_clip_to_ldm(text, extra_layer=_extra_open_clip_layer(text, hidden),
-                                      text_projection=torch.randn(hidden, hidden)))
+                                      text_projection=torch.randn(hidden, hidden, device=text[
+                                          "text_model.final_layer_norm.weight"].device)))
     else:
         raise ValueError(text_layout)
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
@@ -191,16 +192,17 @@ def to_ldm_checkpoint(modules: dict[str, torch.nn.Module], unet_config: dict[str
 def _extra_open_clip_layer(text: dict[str, torch.Tensor], hidden: int) -> dict[str, torch.Tensor]:
     """A random layer past the last one, as SD 2.x checkpoints carry (resblocks.23 of ViT-H)."""
     n = 1 + max(int(k.split(".")[3]) for k in text if k.startswith("text_model.encoder.layers."))
-    ffn = text["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
-    p = f"resblocks.{n}."
-    return {
-        p + "ln_1.weight": torch.ones(hidden), p + "ln_1.bias": torch.zeros(hidden),
-        p + "attn.in_proj_weight": torch.randn(3 * hidden, hidden), p + "attn.in_proj_bias": torch.randn(3 * hidden),
-        p + "attn.out_proj.weight": torch.randn(hidden, hidden), p + "attn.out_proj.bias": torch.randn(hidden),
-        p + "ln_2.weight": torch.ones(hidden), p + "ln_2.bias": torch.zeros(hidden),
-        p + "mlp.c_fc.weight": torch.randn(ffn, hidden), p + "mlp.c_fc.bias": torch.randn(ffn),
-        p + "mlp.c_proj.weight": torch.randn(hidden, ffn), p + "mlp.c_proj.bias": torch.randn(hidden),
+    fc1 = text["text_model.encoder.layers.0.mlp.fc1.weight"]
+    ffn, device = fc1.shape[0], fc1.device  # meta tensors stay meta, for shape checks at full size
+    shapes = {
+        "ln_1.weight": (hidden,), "ln_1.bias": (hidden,),
+        "attn.in_proj_weight": (3 * hidden, hidden), "attn.in_proj_bias": (3 * hidden,),
+        "attn.out_proj.weight": (hidden, hidden), "attn.out_proj.bias": (hidden,),
+        "ln_2.weight": (hidden,), "ln_2.bias": (hidden,),
+        "mlp.c_fc.weight": (ffn, hidden), "mlp.c_fc.bias": (ffn,),
+        "mlp.c_proj.weight": (hidden, ffn), "mlp.c_proj.bias": (hidden,),
     }
+    return {f"resblocks.{n}.{name}": torch.randn(shape, device=device) for name, shape in shapes.items()}
 
 
 def _replace_prefix(key: str, pairs: list[tuple[str, str]]) -> str:

@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import logging
 import sys
 import zipfile
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
 
 GZ_NAME = "bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = 49152 - 256 - 2  # OpenAI: merges[1:49152-256-2+1]

@@ -1,0 +1,530 @@
+"""`ldm-export bench`: the same work on each backend, per component and end to end, with output fidelity.
+
+Work: text encoder (batch 2: negative + prompt), one UNet step (batch 2: CFG), VAE decode (batch 1), and end to
+end = text encoding + N UNet steps through the numpy sampler (``ldm_export.runtime.sample``) with CFG
+(``guided_denoiser``) on the host + VAE decode. Backends: PyTorch eager (diffusers modules, SDPA),
+torch.compile (default mode), this project's ONNX Runtime bundle (CUDA engine with IOBinding and CUDA graphs,
+or the CPU engine), TensorRT where it is installed. Latencies are host-observed (a call returns with its
+outputs ready); median and p90 over repeats after warm-up. Fidelity: the decoded image of each backend against
+PyTorch fp32 on the same text ids and initial latents (cosine, PSNR with [-1, 1] mapped to [0, 1]).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ldm_export.runtime.errors import LdmExportError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch-eager", "torch-compile", "ort", "ort-nhwc", "tensorrt")
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BenchConfig:
+    model: str = "sd15"
+    bundle: Path | None = None  # ONNX Runtime bundle (ldm-export build); its weights are the baselines' weights
+    device: str = "cuda"  # cuda or cpu
+    backends: tuple[str, ...] = ("torch-eager", "torch-compile", "ort", "tensorrt")
+    steps: int = 50
+    repeats: int = 20  # per component
+    e2e_repeats: int = 3
+    warmup: int = 3
+    guidance_scale: float = 7.5
+    seed: int = 0
+    threads: int | None = None
+    profile: bool = False  # ONNX Runtime per-op profile of the UNet (cuda, without CUDA graphs)
+    out: Path = Path("bench-out")
+    notes: list[str] = field(default_factory=list)
+
+
+def stats(times_s: list[float]) -> dict[str, float]:
+    a = np.asarray(times_s, dtype=np.float64) * 1e3
+    return {"median_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90)), "min_ms": float(a.min()),
+            "n": int(a.size)}
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return stats(ts)
+
+
+def image_fidelity(image: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Cosine and PSNR (dB) of a decoded image (B, 3, H, W) in [-1, 1] against the reference."""
+    a = np.clip(image.astype(np.float64), -1, 1)
+    r = np.clip(reference.astype(np.float64), -1, 1)
+    cos = float((a.ravel() @ r.ravel()) / (np.linalg.norm(a) * np.linalg.norm(r) + 1e-30))
+    mse = float(np.mean(((a - r) / 2.0) ** 2))
+    psnr = float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+    return {"cosine": cos, "psnr_db": psnr, "finite": bool(np.isfinite(image).all())}
+
+
+# ---------------------------------------------------------------- backends: text(ids), unet(x, t), vae(z)
+
+class _Backend:
+    name = ""
+    precision = ""
+
+    def text(self, ids: np.ndarray) -> np.ndarray: ...
+    def unet(self, sample: np.ndarray, timestep: float, ehs: np.ndarray) -> np.ndarray: ...
+    def vae(self, latent_sample: np.ndarray) -> np.ndarray: ...
+    def time_components(self, ids, sample, timestep, ehs, latent_sample, repeats, warmup) -> dict: ...
+    def memory_mb(self) -> float | None: return None
+    def reset_memory(self) -> None: pass
+    def close(self) -> None: pass
+
+
+class TorchBackend(_Backend):
+    """diffusers/transformers modules on ``device``; ``compile`` wraps each component in torch.compile (default mode)."""
+
+    def __init__(self, modules: dict, device: str, dtype: str, compile: bool = False):
+        import torch
+
+        from . import models as M
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
+        self.precision = dtype
+        self.name = "torch-compile" if compile else "torch-eager"
+        if dtype == "fp32" and self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        self.w = {c: M.wrap(c, modules).to(self.device, self.dtype).eval() for c in ("text_encoder", "unet", "vae_decoder")}
+        self.compile_s = None
+        if compile:
+            self.w = {c: torch.compile(m) for c, m in self.w.items()}
+        self._ehs_key = None
+        self._ehs = None
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _t(self, a, dtype=None):
+        return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype or self.dtype)
+
+    def text(self, ids):
+        with self.torch.inference_mode():
+            out = self.w["text_encoder"](self.torch.from_numpy(ids).to(self.device))
+        return out[0].float().cpu().numpy()
+
+    def unet(self, sample, timestep, ehs):
+        if self._ehs_key is not ehs:  # the embeddings stay on the device for one image
+            self._ehs_key, self._ehs = ehs, self._t(ehs)
+        with self.torch.inference_mode():
+            t = self.torch.tensor(float(timestep), device=self.device, dtype=self.torch.float32)
+            out = self.w["unet"](self._t(sample), t, self._ehs)
+        return out.float().cpu().numpy()
+
+    def vae(self, latent_sample):
+        with self.torch.inference_mode():
+            out = self.w["vae_decoder"](self._t(latent_sample))
+        return out.float().cpu().numpy()
+
+    def time_components(self, ids, sample, timestep, ehs, latent_sample, repeats, warmup):
+        torch = self.torch
+        ids_d = torch.from_numpy(ids).to(self.device)
+        x, e, z = self._t(sample), self._t(ehs), self._t(latent_sample)
+        t = torch.tensor(float(timestep), device=self.device, dtype=torch.float32)
+
+        def run(fn):
+            def call():
+                with torch.inference_mode():
+                    fn()
+                self._sync()
+            return call
+
+        t0 = time.perf_counter()
+        run(lambda: self.w["unet"](x, t, e))()  # first call: compiles under torch.compile
+        run(lambda: self.w["vae_decoder"](z))()
+        run(lambda: self.w["text_encoder"](ids_d))()
+        first = time.perf_counter() - t0
+        if self.name == "torch-compile":
+            self.compile_s = first
+        return {"text_encoder": timed(run(lambda: self.w["text_encoder"](ids_d)), repeats, warmup),
+                "unet_step": timed(run(lambda: self.w["unet"](x, t, e)), repeats, warmup),
+                "vae_decode": timed(run(lambda: self.w["vae_decoder"](z)), repeats, warmup)}
+
+    def memory_mb(self):
+        if self.device.type != "cuda":
+            return None
+        return self.torch.cuda.max_memory_allocated() / 2**20
+
+    def reset_memory(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def close(self):
+        self.w = {}
+        if self.device.type == "cuda":
+            import gc
+
+            gc.collect()
+            self.torch.cuda.empty_cache()
+
+
+class OrtBackend(_Backend):
+    """The bundle's graphs on ONNX Runtime: CudaEngine (IOBinding, CUDA graphs when static) or the CPU OrtEngine."""
+
+    def __init__(self, bundle_path: Path, device: str, threads: int | None = None, prefer_nhwc: bool = False):
+        from ldm_export.runtime.bundle import Bundle
+
+        self.bundle = Bundle.open(bundle_path)
+        self.device = device
+        self.name = "ort-nhwc" if prefer_nhwc else "ort"
+        self.precision = self.bundle.precision("unet")
+        self.engines = {}
+        t0 = time.perf_counter()
+        for c in ("text_encoder", "unet", "vae_decoder"):
+            spec = self.bundle.spec(c)
+            if device == "cuda":
+                from ldm_export.runtime.engine_cuda import CudaEngine
+
+                # the text encoder runs once per image: no CUDA graph, so any batch works
+                static = all(isinstance(d, int) for t in spec.inputs for d in t.shape)
+                self.engines[c] = CudaEngine(self.bundle.model_path(c), spec, prefer_nhwc=prefer_nhwc,
+                                             cuda_graph=static and c != "text_encoder")
+            else:
+                from ldm_export.runtime.engine import OrtEngine
+
+                self.engines[c] = OrtEngine(self.bundle.model_path(c), spec, "cpu", threads=threads)
+        self.load_s = time.perf_counter() - t0
+        self._ehs_key = None
+        self._base_mb = _gpu_used_mb() if device == "cuda" else None
+        self._peak_mb = None
+
+    def _dtype(self, c, name):
+        return np.dtype(next(t.dtype for t in self.engines[c].spec.inputs if t.name == name))
+
+    def text(self, ids):
+        return self.engines["text_encoder"].run({"input_ids": ids})["last_hidden_state"].astype(np.float32)
+
+    def unet(self, sample, timestep, ehs):
+        e = self.engines["unet"]
+        feeds = {"sample": sample.astype(self._dtype("unet", "sample")),
+                 "timestep": np.asarray(timestep, dtype=self._dtype("unet", "timestep"))}
+        if hasattr(e, "run_partial") and e.static:
+            if self._ehs_key is not ehs:  # bound once per image, then only the 64 KB of latents travel
+                self._ehs_key = ehs
+                feeds["encoder_hidden_states"] = ehs
+            out = e.run_partial(feeds)
+        else:
+            feeds["encoder_hidden_states"] = ehs.astype(self._dtype("unet", "encoder_hidden_states"))
+            out = e.run(feeds)
+        self._track()
+        return out["out_sample"].astype(np.float32)
+
+    def vae(self, latent_sample):
+        out = self.engines["vae_decoder"].run({"latent_sample": latent_sample.astype(self._dtype("vae_decoder", "latent_sample"))})
+        self._track()
+        return out["sample"].astype(np.float32)
+
+    def _track(self):
+        if self._base_mb is not None:
+            used = _gpu_used_mb()
+            if used is not None:
+                self._peak_mb = max(self._peak_mb or 0.0, used - self._base_mb)
+
+    def time_components(self, ids, sample, timestep, ehs, latent_sample, repeats, warmup):
+        self._ehs_key = None
+        return {"text_encoder": timed(lambda: self.text(ids), repeats, warmup),
+                "unet_step": timed(lambda: self.unet(sample, timestep, ehs), repeats, warmup),
+                "vae_decode": timed(lambda: self.vae(latent_sample), repeats, warmup)}
+
+    def memory_mb(self):
+        return self._peak_mb
+
+    def close(self):
+        self.engines = {}
+
+
+def _gpu_used_mb() -> float | None:
+    """Device memory in use (all processes), from NVML; None where NVML is missing."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**20
+    except Exception:  # NVML absent or no NVIDIA driver: memory is then not reported
+        return None
+
+
+# ---------------------------------------------------------------- the end-to-end loop
+
+def end_to_end(backend: _Backend, ids: np.ndarray, latents: np.ndarray, scheduler_config: dict, steps: int,
+               guidance_scale: float, latent_scale: float) -> tuple[np.ndarray, dict[str, float]]:
+    """Text encoding + ``steps`` UNet steps (numpy sampler, CFG batch 2) + VAE decode; returns the image and times."""
+    from ldm_export.runtime import guided_denoiser, sample
+
+    t0 = time.perf_counter()
+    emb = backend.text(ids)  # (2, 77, D): [negative, prompt]
+    t1 = time.perf_counter()
+    model = guided_denoiser(lambda x, t, e: backend.unet(x, float(t[0]), e), emb[1:], emb[:1], guidance_scale)
+    final = sample(model, latents, scheduler_config, steps)
+    t2 = time.perf_counter()
+    image = backend.vae((final / latent_scale).astype(np.float32))  # (1, 3, H, W)
+    t3 = time.perf_counter()
+    return image, {"total_s": t3 - t0, "text_s": t1 - t0, "loop_s": t2 - t1, "decode_s": t3 - t2}
+
+
+def host_step_overhead(scheduler_config: dict, steps: int, latents: np.ndarray, emb: np.ndarray,
+                       guidance_scale: float) -> float:
+    """Milliseconds a step spends on the host (sampler math + CFG + casts) with a UNet that costs nothing."""
+    from ldm_export.runtime import guided_denoiser, sample
+
+    out = np.zeros((2,) + latents.shape[1:], np.float32)
+    model = guided_denoiser(lambda x, t, e: out, emb[1:], emb[:1], guidance_scale, dtype=np.float16)
+    t0 = time.perf_counter()
+    sample(model, latents, scheduler_config, steps)
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+# ---------------------------------------------------------------- the run
+
+def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
+    """Run every backend of ``cfg`` on the same work; write bench.json, bench.md and a PNG chart to ``cfg.out``."""
+    import torch
+
+    from ldm_export.runtime.bundle import Bundle
+    from ldm_export.zoo import get_model
+
+    from .weights import load_weights
+
+    if cfg.device not in ("cuda", "cpu"):
+        raise LdmExportError(f"--device must be cuda or cpu, got {cfg.device!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise LdmExportError("no CUDA device visible to PyTorch: run on a GPU machine, or pass --device cpu")
+    wanted_ort = [b for b in cfg.backends if b.startswith("ort")]
+    if wanted_ort and cfg.bundle is None:
+        raise LdmExportError("the ort backends need a bundle: build one with `ldm-export build ... --out DIR` and pass --bundle DIR")
+    bundle = Bundle.open(cfg.bundle) if cfg.bundle else None
+    spec = get_model(bundle.model["name"] if bundle else cfg.model)
+    weights_info = bundle.manifest["weights"] if bundle else {"source": "random", "seed": cfg.seed}
+    source = weights_info["source"]
+    if source == "random":
+        loaded = load_weights(spec, None, random_weights=True, seed=weights_info.get("seed", cfg.seed))
+    elif source == "embedded" or weights_info.get("path") is None:
+        loaded = load_weights(spec, Path(__file__).resolve().parent.parent / "ldm_export" / spec.embedded_weights)
+    else:
+        loaded = load_weights(spec, Path(weights_info["path"]))
+    modules = loaded.modules
+    torch.set_grad_enabled(False)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    rng = np.random.default_rng(cfg.seed)
+    side = spec.latent_side
+    ids = np.full((2, spec.max_length), 49407, np.int32)  # [negative "", prompt]
+    ids[:, 0] = 49406
+    ids[1, 1:9] = rng.integers(256, 49406, 8)
+    ids[0, 1] = 49407
+    latents = rng.standard_normal((1, spec.vae["latent_channels"], side, side)).astype(np.float32)
+    sample_x = rng.standard_normal((2, spec.vae["latent_channels"], side, side)).astype(np.float32)
+    latent_sample = (rng.standard_normal((1, spec.vae["latent_channels"], side, side)) / spec.latent_scale).astype(np.float32)
+    scheduler_config = bundle.scheduler_config if bundle else dict(spec.scheduler)
+    gpu = torch.cuda.get_device_name(0) if cfg.device == "cuda" else None
+    result: dict = {"model": spec.name, "weights": source, "device": cfg.device, "gpu": gpu,
+                    "resolution": spec.resolution, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
+                    "repeats": cfg.repeats, "e2e_repeats": cfg.e2e_repeats, "warmup": cfg.warmup,
+                    "scheduler": scheduler_config.get("_class_name"), "bundle": str(cfg.bundle) if cfg.bundle else None,
+                    "bundle_target": bundle.manifest.get("target") if bundle else None,
+                    "bundle_kernels": {c: bundle.manifest["components"][c].get("kernels") for c in bundle.components} if bundle else None,
+                    "torch": torch.__version__, "backends": {}, "notes": list(cfg.notes)}
+    try:
+        import onnxruntime
+
+        result["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+
+    # reference: PyTorch fp32, same ids and latents
+    progress("reference: PyTorch fp32 end to end")
+    ref = TorchBackend(modules, cfg.device, "fp32")
+    ref_image, ref_t = end_to_end(ref, ids, latents, scheduler_config, cfg.steps, cfg.guidance_scale, spec.latent_scale)
+    emb_ref = ref.text(ids)
+    ref.close()
+    del ref
+    result["reference"] = {"backend": "torch fp32", "end_to_end_s": ref_t["total_s"]}
+    result["host_step_overhead_ms"] = host_step_overhead(scheduler_config, cfg.steps, latents, emb_ref, cfg.guidance_scale)
+
+    half = "fp16" if cfg.device == "cuda" else "fp32"
+    for name in cfg.backends:
+        progress(f"{name}: loading")
+        entry: dict = {}
+        try:
+            if name in ("torch-eager", "torch-compile"):
+                b = TorchBackend(modules, cfg.device, half, compile=name == "torch-compile")
+            elif name in ("ort", "ort-nhwc"):
+                if name == "ort-nhwc" and cfg.device != "cuda":
+                    raise _Skip("channels-last convolutions are a CUDA provider option")
+                b = OrtBackend(cfg.bundle, cfg.device, cfg.threads, prefer_nhwc=name == "ort-nhwc")
+                entry["load_s"] = b.load_s
+            elif name == "tensorrt":
+                raise _Skip(_tensorrt_missing() or "the TensorRT backend of bench is not built yet")
+            else:
+                raise LdmExportError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+            b.reset_memory()
+            progress(f"{name}: components")
+            entry["precision"] = b.precision
+            entry["components"] = b.time_components(ids, sample_x, 500.0, emb_ref.astype(np.float32), latent_sample,
+                                                    cfg.repeats, cfg.warmup)
+            if getattr(b, "compile_s", None) is not None:
+                entry["compile_s"] = b.compile_s
+            progress(f"{name}: end to end")
+            image, _ = end_to_end(b, ids, latents, scheduler_config, cfg.steps, cfg.guidance_scale, spec.latent_scale)
+            runs = []
+            for _ in range(cfg.e2e_repeats):
+                image, t = end_to_end(b, ids, latents, scheduler_config, cfg.steps, cfg.guidance_scale, spec.latent_scale)
+                runs.append(t)
+            entry["end_to_end"] = stats([r["total_s"] for r in runs])
+            entry["end_to_end_loop_per_step_ms"] = float(np.median([r["loop_s"] for r in runs])) / cfg.steps * 1e3
+            entry["fidelity"] = image_fidelity(image, ref_image)
+            entry["gpu_memory_peak_mb"] = b.memory_mb()
+            if name.startswith("ort") and cfg.profile and cfg.device == "cuda":
+                b.close()
+                progress(f"{name}: profile")
+                entry["profile"] = profile_unet(Path(cfg.bundle), ids, sample_x, emb_ref, cfg.out)
+            b.close()
+            del b
+        except _Skip as e:
+            entry = {"skipped": str(e)}
+        except LdmExportError:
+            raise
+        except Exception as e:  # one backend failing must not lose the others' numbers; the error is reported
+            log.exception("backend %s failed", name)
+            entry = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        result["backends"][name] = entry
+        progress(f"{name}: done")
+    write_reports(result, cfg.out)
+    return result
+
+
+class _Skip(Exception):
+    pass
+
+
+def _tensorrt_missing() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "TensorRT is not installed on this machine (PyPI's tensorrt packages download from NVIDIA)"
+    return None
+
+
+def profile_unet(bundle_path: Path, ids, sample_x, emb, out: Path, runs: int = 5, warmup: int = 2) -> dict:
+    """ONNX Runtime's profiler on the UNet (CUDA provider, no CUDA graph so nodes are timed): ms per op type a step."""
+    from ldm_export.runtime.bundle import Bundle
+    from ldm_export.runtime.engine_cuda import CudaEngine, profile_summary
+
+    b = Bundle.open(bundle_path)
+    out.mkdir(parents=True, exist_ok=True)
+    e = CudaEngine(b.model_path("unet"), b.spec("unet"), cuda_graph=False, profile_prefix=str(out / "ort_unet_profile"))
+    feeds = {"sample": sample_x, "timestep": np.asarray(500.0, np.float32), "encoder_hidden_states": emb}
+    for _ in range(warmup + runs):
+        e.run(feeds)
+    total, rows = profile_summary(e.end_profiling(), top=15, skip_runs=warmup)
+    return {"per_step_ms_kernel_total": total,
+            "by_op": [{"op": op, "ms_per_step": ms, "calls_per_step": n, "share": share} for op, ms, n, share in rows]}
+
+
+# ---------------------------------------------------------------- reports
+
+def markdown(result: dict) -> str:
+    eager = result["backends"].get("torch-eager", {}).get("end_to_end", {}).get("median_ms")
+    where = result["gpu"] or "CPU"
+    lines = [f"**{result['model']}** ({result['weights']} weights), {result['resolution']}², {result['steps']} steps, "
+             f"CFG {result['guidance_scale']} (UNet batch 2), on {where}; median (p90) over {result['repeats']} runs "
+             f"per component, {result['e2e_repeats']} end to end, after warm-up.", "",
+             "| backend | precision | text encoder ms | UNet step ms | VAE decode ms | end to end s | vs eager | "
+             "GPU mem peak MB | image cosine | image PSNR dB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, e in result["backends"].items():
+        if "skipped" in e or "error" in e:
+            lines.append(f"| {name} | — | {'skipped: ' + e['skipped'] if 'skipped' in e else 'error: ' + e['error']} |"
+                         " | | | | | | |")
+            continue
+        c = e["components"]
+        f = lambda s: f"{s['median_ms']:.2f} ({s['p90_ms']:.2f})"  # noqa: E731
+        e2e = e["end_to_end"]
+        speed = f"{eager / e2e['median_ms']:.2f}×" if eager else "—"
+        mem = f"{e['gpu_memory_peak_mb']:.0f}" if e.get("gpu_memory_peak_mb") else "—"
+        lines.append(f"| {name} | {e['precision']} | {f(c['text_encoder'])} | {f(c['unet_step'])} | {f(c['vae_decode'])} | "
+                     f"{e2e['median_ms'] / 1e3:.3f} ({e2e['p90_ms'] / 1e3:.3f}) | {speed} | {mem} | "
+                     f"{e['fidelity']['cosine']:.6f} | {e['fidelity']['psnr_db']:.1f} |")
+    lines += ["", f"Host work per step (numpy sampler + CFG + casts, UNet excluded): {result['host_step_overhead_ms']:.3f} ms."]
+    for name, e in result["backends"].items():
+        if "compile_s" in e:
+            lines.append(f"{name}: first call (compilation) {e['compile_s']:.1f} s.")
+        if "end_to_end_loop_per_step_ms" in e:
+            lines.append(f"{name}: sampler loop {e['end_to_end_loop_per_step_ms']:.2f} ms a step end to end.")
+        if "profile" in e:
+            p = e["profile"]
+            lines += ["", f"ONNX Runtime profile of the UNet ({name}, CUDA provider without CUDA graphs, kernel time "
+                      f"{p['per_step_ms_kernel_total']:.2f} ms a step):", "", "| op | ms a step | calls | share |", "|---|---|---|---|"]
+            lines += [f"| {r['op']} | {r['ms_per_step']:.3f} | {r['calls_per_step']:.0f} | {100 * r['share']:.1f}% |" for r in p["by_op"]]
+    for n in result.get("notes", []):
+        lines.append(f"Note: {n}")
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = {n: e for n, e in result["backends"].items() if "components" in e}
+    if not ok:
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.6))
+    keys = [("text_encoder", "text encoder (ms)"), ("unet_step", "UNet step, batch 2 (ms)"), ("vae_decode", "VAE decode (ms)")]
+    names = list(ok)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (k, title) in zip(axes, keys):
+        vals = [ok[n]["components"][k]["median_ms"] for n in names]
+        ax.bar(names, vals, color=colors[: len(names)])
+        ax.set_title(title, fontsize=9)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    vals = [ok[n]["end_to_end"]["median_ms"] / 1e3 for n in names]
+    axes[3].bar(names, vals, color=colors[: len(names)])
+    axes[3].set_title(f"end to end, {result['steps']} steps (s)", fontsize=9)
+    for i, v in enumerate(vals):
+        axes[3].text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.suptitle(f"{result['model']} {result['resolution']}², {result['gpu'] or 'CPU'}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_{result['model']}_{result['device']}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
+    chart(result, out / f"{stem}.png")
+
+
+def config_dict(cfg: BenchConfig) -> dict:
+    d = asdict(cfg)
+    d["out"] = str(cfg.out)
+    d["bundle"] = str(cfg.bundle) if cfg.bundle else None
+    return d

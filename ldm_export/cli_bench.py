@@ -1,0 +1,57 @@
+"""`ldm-export bench`: the click command over ``ldm_export.export.bench``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import functools
+
+import click
+
+
+def _guard(fn):
+    """The CLI's error handling (one line and an exit code), imported when called: cli.py imports this module."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ldm_export.cli import _guard as guard
+
+        return guard(fn)(*args, **kwargs)
+    return wrapper
+
+
+@click.command()
+@click.option("--model", default="sd15", show_default=True, help="Zoo model for the PyTorch baselines when no --bundle is given.")
+@click.option("--bundle", type=click.Path(path_type=Path), default=None,
+              help="A bundle from `ldm-export build` (its model and weights are used by every backend).")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
+@click.option("--backends", default="torch-eager,torch-compile,ort,tensorrt", show_default=True,
+              help="Comma-separated: torch-eager, torch-compile, ort, ort-nhwc, tensorrt.")
+@click.option("--steps", type=int, default=50, show_default=True, help="Sampler steps end to end.")
+@click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per component after warm-up.")
+@click.option("--e2e-repeats", type=int, default=3, show_default=True, help="Timed end-to-end runs after one warm-up.")
+@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--guidance-scale", type=float, default=7.5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads (cpu device).")
+@click.option("--profile", is_flag=True, help="Add ONNX Runtime's per-op profile of the UNet (cuda).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True,
+              help="Folder for bench_<model>_<device>.json/.md/.png.")
+@_guard
+def bench(model, bundle, device, backends, steps, repeats, e2e_repeats, warmup, guidance_scale, seed, threads, profile, out):
+    """Time text encoder, UNet step, VAE decode and end to end on each backend; write JSON, markdown and a chart."""
+    from ldm_export.cli import console, out_console
+    from ldm_export.export.bench import BACKENDS, BenchConfig, markdown, run_bench
+    from ldm_export.runtime.errors import LdmExportError
+
+    names = tuple(b.strip() for b in backends.split(",") if b.strip())
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        raise LdmExportError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
+    if steps < 1 or repeats < 1 or e2e_repeats < 1:
+        raise LdmExportError("--steps, --repeats and --e2e-repeats must be at least 1")
+    cfg = BenchConfig(model=model, bundle=bundle, device=device, backends=names, steps=steps, repeats=repeats,
+                      e2e_repeats=e2e_repeats, warmup=warmup, guidance_scale=guidance_scale, seed=seed, threads=threads,
+                      profile=profile, out=out)
+    with console.status("benchmarking...", spinner="dots") as status:
+        result = run_bench(cfg, lambda s: (status.update(s), console.print(f"  {s}")))
+    out_console.print(markdown(result), soft_wrap=True)
+    console.print(f"wrote {out}/bench_{result['model']}_{result['device']}.json, .md, .png")

@@ -1,0 +1,262 @@
+"""Automatic prompt-adherence check for the demo model: read colour, shape and position back from an image.
+
+The checker segments the object from the background (the dominant border colour), then reads:
+colour = nearest palette colour of the object's core pixels; position = nearest anchor of the
+object's centroid; shape = fill ratio of the object in the box spanned by its widest row and tallest
+column (circle pi/4 = 0.785, square 1.0, triangle 0.5), helped by where its mass sits vertically
+(a triangle is bottom-heavy). The evaluation runs through any
+``generate(prompts, guidance_scale, steps, seed) -> list[PIL.Image]`` callable, image ``i`` drawn from
+``seed + i``, so the torch model and an exported bundle are measured the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ldm_export.demo.data import COLOURS, PALETTE, POSITION_ANCHORS, make_example, prompt_cases
+
+log = logging.getLogger(__name__)
+
+Generate = Callable[[Sequence[str], float, int, int], list]
+GUIDANCE_SCALES = (1.0, 3.0, 5.0, 7.5, 10.0)
+
+_PALETTE_RGB = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)
+_ANCHORS = list(POSITION_ANCHORS.items())
+_OBJECT_THRESHOLD = 40.0  # RGB distance from the background that counts as object (palette pairs are >= 80 apart)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the checker sees in one image; colour/shape/position are None when no object was found."""
+
+    colour: str | None
+    shape: str | None
+    position: str | None
+    fill: float = 0.0
+    bottom_heaviness: float = 0.0
+    area_frac: float = 0.0
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of a boolean mask (BFS; images are small)."""
+    h, w = mask.shape
+    labels = np.zeros((h, w), dtype=np.int32)
+    best, best_size, current = 0, 0, 0
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        current += 1
+        labels[y0, x0] = current
+        queue, size = deque([(y0, x0)]), 0
+        while queue:
+            y, x = queue.popleft()
+            size += 1
+            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= yy < h and 0 <= xx < w and mask[yy, xx] and not labels[yy, xx]:
+                    labels[yy, xx] = current
+                    queue.append((yy, xx))
+        if size > best_size:
+            best, best_size = current, size
+    return labels == best if best else np.zeros_like(mask)
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    return out
+
+
+def read_image(image) -> Reading:
+    """Read colour, shape and position of the single object in ``image`` (PIL image or (H, W, 3) uint8)."""
+    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    h, w, _ = rgb.shape
+    border = np.concatenate([rgb[:2].reshape(-1, 3), rgb[-2:].reshape(-1, 3),
+                             rgb[:, :2].reshape(-1, 3), rgb[:, -2:].reshape(-1, 3)])
+    background = np.median(border, axis=0)
+    dist = np.linalg.norm(rgb - background, axis=-1)  # (H, W)
+    hard = _largest_component(dist > _OBJECT_THRESHOLD)
+    if hard.sum() < 4:
+        return Reading(None, None, None)
+    # core pixels (far from the background) give the object's colour; edge pixels are blends
+    core = hard & (dist >= 0.8 * np.percentile(dist[hard], 90))
+    obj_rgb = np.median(rgb[core], axis=0)
+    colour = COLOURS[int(np.argmin(np.linalg.norm(_PALETTE_RGB - obj_rgb, axis=-1)))]
+    # soft coverage: a pixel blended between background and object colour lies on the line between them
+    full = max(float(np.linalg.norm(obj_rgb - background)), 1e-3)
+    soft = np.clip(dist / full, 0.0, 1.0) * _dilate(_dilate(hard))
+    area = float(soft.sum())
+    ys, xs = np.mgrid[0:h, 0:w]
+    cy, cx = float((soft * ys).sum() / area), float((soft * xs).sum() / area)
+    position = min(_ANCHORS, key=lambda a: (a[1][0] * w - (cx + 0.5)) ** 2 + (a[1][1] * h - (cy + 0.5)) ** 2)[0]
+    width, height = float(soft.sum(axis=1).max()), float(soft.sum(axis=0).max())
+    fill = area / max(width * height, 1e-6)
+    # vertical centre of mass relative to the rows the object spans: 0 for symmetric shapes, 1/6 for a triangle
+    rows = np.nonzero(soft.sum(axis=1) > 0.5)[0]
+    top, bottom = float(rows.min()), float(rows.max() + 1)
+    bottom_heaviness = ((cy + 0.5) - 0.5 * (top + bottom)) / max(bottom - top, 1.0)
+    if fill < 0.6 or (fill < 0.7 and bottom_heaviness > 0.08):
+        shape = "triangle"
+    elif fill < 0.89:
+        shape = "circle"
+    else:
+        shape = "square"
+    return Reading(colour, shape, position, fill, bottom_heaviness, area / (h * w))
+
+
+def score(readings: Sequence[Reading], cases: Sequence[tuple[str, str, str, str]]) -> dict[str, float]:
+    """Percentages of images whose colour, shape, position, and all three, match the prompt."""
+    n = len(cases)
+    c = [r.colour == case[1] for r, case in zip(readings, cases)]
+    s = [r.shape == case[2] for r, case in zip(readings, cases)]
+    p = [r.position == case[3] for r, case in zip(readings, cases)]
+    return {"colour": 100.0 * sum(c) / n, "shape": 100.0 * sum(s) / n, "position": 100.0 * sum(p) / n,
+            "all": 100.0 * sum(a and b and d for a, b, d in zip(c, s, p)) / n}
+
+
+def ground_truth_accuracy(n: int = 2000, seed: int = 1234, resolution: int = 64) -> dict[str, float]:
+    """The checker's accuracy on generated training images, whose attributes are known."""
+    readings, cases = [], []
+    for i in range(n):
+        image, _, scene = make_example(seed, i, resolution)
+        readings.append(read_image(image))
+        cases.append(("", scene.colour, scene.shape, scene.position))
+    return score(readings, cases)
+
+
+def evaluate(generate: Generate, guidance_scales: Sequence[float] = GUIDANCE_SCALES, steps: int = 20,
+             seed: int = 0, cases: Sequence[tuple[str, str, str, str]] | None = None,
+             batch_size: int = 40) -> dict:
+    """Adherence table over the fixed prompt set: one row per guidance scale; image i uses seed + i."""
+    cases = list(cases or prompt_cases())
+    rows = []
+    for g in guidance_scales:
+        images = []
+        for start in range(0, len(cases), batch_size):
+            prompts = [c[0] for c in cases[start:start + batch_size]]
+            images += generate(prompts, float(g), steps, seed + start)
+        readings = [read_image(im) for im in images]
+        row = {"guidance_scale": float(g), **score(readings, cases)}
+        log.info("guidance %.1f: %s", g, row)
+        rows.append(row)
+    return {"steps": steps, "seed": seed, "n_prompts": len(cases), "rows": rows}
+
+
+def table_markdown(result: dict) -> str:
+    lines = ["| guidance | colour | shape | position | all three |", "|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['guidance_scale']:g} | {r['colour']:.1f} % | {r['shape']:.1f} % | "
+                     f"{r['position']:.1f} % | {r['all']:.1f} % |")
+    return "\n".join(lines)
+
+
+def plot_adherence(result: dict, path: str | Path, title: str = "Demo model: prompt adherence vs guidance") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = [r["guidance_scale"] for r in result["rows"]]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for key, label in (("colour", "colour"), ("shape", "shape"), ("position", "position"), ("all", "all three")):
+        ax.plot(g, [r[key] for r in result["rows"]], marker="o", label=label)
+    ax.set_xlabel("guidance scale (CFG)")
+    ax.set_ylabel("adherence (%)")
+    ax.set_ylim(0, 101)
+    ax.set_xticks(g)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(f"{title}\n{result['n_prompts']} prompts, {result['steps']} steps", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+GRID_PROMPTS = (
+    "a red circle on the left", "a blue square at the top", "a yellow triangle in the center",
+    "a green circle at the bottom", "a purple square on the right", "an orange triangle on the left",
+    "a white circle in the middle, black background", "a black square on the right, yellow background",
+    "a small red triangle at the top", "a large blue circle in the center", "green square, left",
+    "a purple triangle at the bottom", "an orange circle at the top", "a yellow square at the bottom",
+    "a white triangle on the right", "a black circle on the left, white background",
+)
+
+
+def sample_grid(generate: Generate, path: str | Path, guidance_scale: float = 7.5, steps: int = 20, seed: int = 0,
+                prompts: Sequence[str] = GRID_PROMPTS, columns: int = 4) -> None:
+    """A grid of samples with their prompts as titles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = generate(list(prompts), guidance_scale, steps, seed)
+    rows = (len(images) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.45 * rows), dpi=110)
+    for ax, im, p in zip(np.ravel(axes), images, prompts):
+        ax.imshow(im, interpolation="nearest")
+        ax.set_title(p, fontsize=6.5, wrap=True)
+    for ax in np.ravel(axes):
+        ax.axis("off")
+    fig.suptitle(f"guidance {guidance_scale:g}, {steps} steps, seeds {seed}..{seed + len(images) - 1}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def diffusers_generate(folder: str | Path, device: str = "cpu") -> Generate:
+    """A ``generate`` callable over diffusers' StableDiffusionPipeline loaded from a diffusers folder."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False).to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate(prompts: Sequence[str], guidance_scale: float, steps: int, seed: int) -> list[Image.Image]:
+        generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(prompts))]
+        with torch.no_grad():
+            return pipe(list(prompts), guidance_scale=guidance_scale, num_inference_steps=steps,
+                        generator=generators).images
+
+    return generate
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Prompt adherence of the demo model (diffusers pipeline).")
+    parser.add_argument("--model", help="diffusers folder (default: the embedded demo weights)")
+    parser.add_argument("--out", default="docs/img", help="folder for adherence.json, the plot and the grid")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, nargs="+", default=list(GUIDANCE_SCALES))
+    parser.add_argument("--ground-truth", type=int, default=2000, help="images to validate the checker on (0: skip)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {}
+    if args.ground_truth:
+        result["checker_on_ground_truth"] = {"n": args.ground_truth, **ground_truth_accuracy(args.ground_truth)}
+        print("checker on ground truth:", result["checker_on_ground_truth"])
+    folder = args.model or str(Path(__file__).resolve().parent.parent / "assets" / "demo")
+    generate = diffusers_generate(folder, args.device)
+    result |= evaluate(generate, args.guidance, args.steps, args.seed)
+    print(table_markdown(result))
+    (out / "demo_adherence.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_adherence(result, out / "demo_cfg_adherence.png")
+    sample_grid(generate, out / "demo_grid.png", steps=args.steps, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

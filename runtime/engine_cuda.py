@@ -1,0 +1,188 @@
+"""ONNX Runtime CUDA engine: IOBinding on device-resident buffers, CUDA graphs for static shapes. numpy only.
+
+Same protocol as :class:`~ldm_export.runtime.engine.OrtEngine` (``run(feeds) -> dict``), plus
+:meth:`CudaEngine.run_partial`, the sampler loop's path: inputs that do not change between steps (the text
+embeddings) stay on the device, and only the ones given (latents, timestep: 64 KB) are copied in place.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from .errors import LdmExportError
+from .spec import ComponentSpec
+
+log = logging.getLogger(__name__)
+
+CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+
+
+def cuda_available() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _is_static(spec: ComponentSpec) -> bool:
+    return all(isinstance(d, int) for t in (*spec.inputs, *spec.outputs) for d in t.shape)
+
+
+class CudaEngine:
+    """One component on ONNX Runtime's CUDA provider, inputs and outputs bound to preallocated device buffers.
+
+    ``cuda_graph`` (static-shape bundles only) captures the whole graph on the first run and replays it after;
+    ``conv_algo_search`` is cuDNN's convolution algorithm search (EXHAUSTIVE: slower first run, fastest kernels);
+    ``prefer_nhwc`` lets ONNX Runtime run convolutions channels-last (fewer layout transposes around the NHWC
+    GroupNorm kernels); ``check_finite`` raises, naming the component, when an output holds NaN or Inf.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, spec: ComponentSpec, device_id: int = 0,
+                 cuda_graph: bool | None = None, conv_algo_search: str = "EXHAUSTIVE", prefer_nhwc: bool = False,
+                 check_finite: bool | None = None, session_options=None, profile_prefix: str | None = None):
+        import onnxruntime as ort
+
+        if not cuda_available():
+            raise LdmExportError("onnxruntime has no CUDA provider: install onnxruntime-gpu (in place of onnxruntime), "
+                                 "or run on the CPU with --provider cpu")
+        if conv_algo_search not in CONV_ALGO_SEARCH:
+            raise LdmExportError(f"conv_algo_search must be one of {', '.join(CONV_ALGO_SEARCH)}, got {conv_algo_search!r}")
+        self.spec = spec
+        self.path = Path(model_path)
+        self.device_id = device_id
+        self.static = _is_static(spec)
+        if cuda_graph and not self.static:
+            raise LdmExportError(f"{spec.name}: CUDA graphs need a static-shape bundle; rebuild with --static-shape "
+                                 "or pass cuda_graph=False")
+        self.cuda_graph = self.static if cuda_graph is None else bool(cuda_graph)
+        self.check_finite = (spec.name == "vae_decoder") if check_finite is None else check_finite
+        options = {"device_id": str(device_id), "cudnn_conv_algo_search": conv_algo_search,
+                   "cudnn_conv_use_max_workspace": "1", "do_copy_in_default_stream": "1",
+                   "enable_cuda_graph": "1" if self.cuda_graph else "0", "prefer_nhwc": "1" if prefer_nhwc else "0"}
+        so = session_options or ort.SessionOptions()
+        so.log_severity_level = 3
+        if profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_prefix
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=so,
+                                                providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
+            raise LdmExportError(f"cannot load {self.path} on CUDA: {str(e).splitlines()[0]}") from e
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
+        self._binding = self.session.io_binding()
+        self._inputs: dict[str, object] = {}
+        self._outputs: dict[str, object] = {}
+        self._run_options = ort.RunOptions()
+        if self.static:
+            self._allocate({t.name: spec.concrete_shape(t) for t in spec.inputs},
+                           {t.name: (spec.concrete_shape(t), np.dtype(t.dtype)) for t in spec.outputs})
+
+    def _allocate(self, in_shapes: Mapping[str, tuple], out_shapes: Mapping[str, tuple]) -> None:
+        import onnxruntime as ort
+
+        self._binding.clear_binding_inputs()
+        self._binding.clear_binding_outputs()
+        for name, shape in in_shapes.items():
+            v = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self._dtypes[name], "cuda", self.device_id)
+            self._inputs[name] = v
+            self._binding.bind_ortvalue_input(name, v)
+        for name, (shape, dtype) in out_shapes.items():
+            v = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", self.device_id)
+            self._outputs[name] = v
+            self._binding.bind_ortvalue_output(name, v)
+
+    def _cast(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # float32 feeds are accepted for float16 inputs (the sampler works in float32); other dtypes must match
+        out = {}
+        for k, a in feeds.items():
+            want = self._dtypes.get(k)
+            a = np.asarray(a)
+            if want is not None and a.dtype != want and a.dtype.kind == "f" and want.kind == "f":
+                a = a.astype(want)
+            out[k] = np.ascontiguousarray(a)
+        return out
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = self._cast(feeds)
+        self.spec.check_feeds(feeds)
+        if not self.static:
+            return self._run_dynamic(feeds)
+        return self.run_partial(feeds, _checked=True)
+
+    def run_partial(self, feeds: Mapping[str, np.ndarray], _checked: bool = False) -> dict[str, np.ndarray]:
+        """Copy only ``feeds`` into their device buffers (others keep their last value), run, return host outputs."""
+        if not self.static:
+            raise LdmExportError(f"{self.spec.name}: run_partial needs a static-shape bundle; use run()")
+        if not _checked:
+            feeds = self._cast(feeds)
+            unknown = set(feeds) - set(self._inputs)
+            if unknown:
+                raise LdmExportError(f"{self.spec.name}: unknown inputs {sorted(unknown)}; expected {self.spec.input_names}")
+        for name, a in feeds.items():
+            buf = self._inputs[name]
+            if tuple(a.shape) != tuple(buf.shape()):
+                raise LdmExportError(f"{self.spec.name}.{name}: expected shape {tuple(buf.shape())}, got {tuple(a.shape)}")
+            buf.update_inplace(a)
+        self.session.run_with_iobinding(self._binding, self._run_options)
+        out = {n: self._outputs[n].numpy() for n in self.output_names}
+        self._guard(out)
+        return out
+
+    def _run_dynamic(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        b = self._binding
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        for name, a in feeds.items():
+            b.bind_cpu_input(name, a)
+        for name in self.output_names:
+            b.bind_output(name, "cuda", self.device_id)
+        b.synchronize_inputs()
+        self.session.run_with_iobinding(b, self._run_options)
+        b.synchronize_outputs()
+        out = dict(zip(self.output_names, b.copy_outputs_to_cpu()))
+        self._guard(out)
+        return out
+
+    def _guard(self, out: Mapping[str, np.ndarray]) -> None:
+        if not self.check_finite:
+            return
+        for name, a in out.items():
+            if not np.isfinite(a).all():
+                bad = int(a.size - np.isfinite(a).sum())
+                raise LdmExportError(f"{self.spec.name} produced {bad} NaN/Inf values in '{name}' (fp16 overflow?): rebuild "
+                                     "with --precision fp32, or keep more of this component in fp32")
+
+    def end_profiling(self) -> str:
+        """Stop ONNX Runtime's profiler (``profile_prefix``) and return the JSON trace's path."""
+        return self.session.end_profiling()
+
+
+def profile_summary(trace_path: str | os.PathLike, top: int = 15,
+                    skip_runs: int = 0) -> tuple[float, list[tuple[str, float, float, float]]]:
+    """From an ONNX Runtime profile trace: (kernel ms a run, [(op type, ms a run, calls a run, share)]), largest first.
+
+    The first ``skip_runs`` runs (warm-up, cuDNN algorithm search) are left out."""
+    import json
+
+    events = json.loads(Path(trace_path).read_text())
+    run_events = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    if len(run_events) <= skip_runs:
+        raise LdmExportError(f"the profile holds {len(run_events)} runs, not more than the {skip_runs} to skip")
+    start = run_events[skip_runs]["ts"] if skip_runs else 0
+    n_runs = len(run_events) - skip_runs
+    per: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
+            op = e.get("args", {}).get("op_name", "?")
+            per.setdefault(op, []).append(e.get("dur", 0) / 1000.0)
+    total = sum(sum(v) for v in per.values()) / n_runs
+    rows = sorted(((op, sum(v) / n_runs, len(v) / n_runs, sum(v) / n_runs / (total or 1.0)) for op, v in per.items()),
+                  key=lambda r: -r[1])
+    return total, rows[:top]

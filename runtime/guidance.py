@@ -1,0 +1,112 @@
+"""Classifier-free guidance around a UNet engine, in numpy.
+
+Implements classifier-free guidance from Ho & Salimans (2022), "Classifier-Free Diffusion Guidance",
+as diffusers' Stable Diffusion pipelines apply it (unconditional half first, guidance only when
+``guidance_scale > 1``), with the guidance rescale of Lin et al. (2023), "Common Diffusion Noise
+Schedules and Sample Steps are Flawed", section 3.4 (diffusers' ``rescale_noise_cfg``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .errors import LdmExportError
+
+# unet_fn(sample (N, C, h, w), timestep (N,) float32, encoder_hidden_states (N, L, D)) -> (N, C', h, w)
+UnetFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+Denoiser = Callable[[np.ndarray, float], np.ndarray]
+BATCH_MODES = ("batch2", "sequential")
+
+
+def rescale_noise_cfg(noise_cfg: np.ndarray, noise_pred_text: np.ndarray, guidance_rescale: float = 0.0) -> np.ndarray:
+    """Rescale the guided prediction toward the conditional one's std (Lin et al. 2023, section 3.4, eq. 15-16)."""
+    axes = tuple(range(1, noise_pred_text.ndim))
+    # torch.std is the unbiased estimate, as diffusers uses it
+    std_text = noise_pred_text.std(axis=axes, ddof=1, keepdims=True)
+    std_cfg = noise_cfg.std(axis=axes, ddof=1, keepdims=True)
+    noise_pred_rescaled = noise_cfg * (std_text / std_cfg)
+    return guidance_rescale * noise_pred_rescaled + (1 - guidance_rescale) * noise_cfg
+
+
+def _check_embeddings(name: str, e) -> np.ndarray:
+    if not isinstance(e, np.ndarray) or e.ndim != 3:
+        got = f"shape {e.shape}" if isinstance(e, np.ndarray) else type(e).__name__
+        raise LdmExportError(f"{name} must be a (batch, sequence, hidden) array from the text encoder, got {got}")
+    return e
+
+
+def guided_denoiser(unet_fn: UnetFn, cond_embeddings: np.ndarray, uncond_embeddings: np.ndarray | None = None,
+                    guidance_scale: float = 7.5, guidance_rescale: float = 0.0, batch_mode: str = "batch2",
+                    dtype=np.float32) -> Denoiser:
+    """``model(x_in, t)`` for a sampler: the UNet output with classifier-free guidance applied.
+
+    ``batch_mode="batch2"`` runs [uncond, cond] as one batch of 2B (diffusers' order);
+    ``"sequential"`` runs one batch-1 call per prompt and half, for memory-tight devices or static
+    batch-1 engines. ``guidance_scale <= 1`` runs the conditional half only (as diffusers does), and
+    then ``uncond_embeddings`` may be None. Feeds are cast to ``dtype`` (float16 for fp16 engines);
+    the result is float64 when ``x_in`` is float64, else float32, and guidance is computed in it.
+    Embeddings of batch 1 are broadcast over the latents' batch.
+    """
+    if batch_mode not in BATCH_MODES:
+        raise LdmExportError(f"batch_mode must be one of {', '.join(BATCH_MODES)}, got {batch_mode!r}")
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise LdmExportError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
+    feed_dtype = np.dtype(dtype)
+    if feed_dtype.kind != "f":
+        raise LdmExportError(f"dtype must be a floating type for the UNet feeds, got {feed_dtype}")
+    do_cfg = guidance_scale > 1.0
+    cond = _check_embeddings("cond_embeddings", cond_embeddings).astype(feed_dtype, copy=False)
+    if do_cfg:
+        if uncond_embeddings is None:
+            raise LdmExportError(f"guidance_scale {guidance_scale} > 1 needs uncond_embeddings (the negative or "
+                                 "empty prompt's); pass them or use guidance_scale 1")
+        uncond = _check_embeddings("uncond_embeddings", uncond_embeddings).astype(feed_dtype, copy=False)
+        if uncond.shape != cond.shape:
+            raise LdmExportError(f"uncond_embeddings shape {uncond.shape} differs from cond_embeddings shape "
+                                 f"{cond.shape}; encode both prompts padded to the same length")
+        halves = (uncond, cond)
+    else:
+        halves = (cond,)
+    by_batch: dict[int, tuple[np.ndarray, ...]] = {}  # latents batch -> embeddings fitted to it
+
+    def fitted(batch: int) -> tuple[np.ndarray, ...]:
+        if batch not in by_batch:
+            if cond.shape[0] not in (1, batch):
+                raise LdmExportError(f"latents batch {batch} does not match the {cond.shape[0]} prompt embeddings; "
+                                     "give one embedding per latent, or one for all")
+            by_batch[batch] = tuple(np.repeat(e, batch // e.shape[0], axis=0) for e in halves)
+        return by_batch[batch]
+
+    def run(sample: np.ndarray, t: float, states: np.ndarray, out_dtype) -> np.ndarray:
+        n = sample.shape[0]
+        out = unet_fn(sample, np.full((n,), t, dtype=np.float32), states)
+        out = np.asarray(out)
+        if out.ndim < 1 or out.shape[0] != n:
+            raise LdmExportError(f"the UNet returned shape {out.shape} for a batch of {n}; check the engine's outputs")
+        return out.astype(out_dtype, copy=False)
+
+    def model(x_in: np.ndarray, t: float) -> np.ndarray:
+        if not isinstance(x_in, np.ndarray) or x_in.ndim != 4:
+            got = f"shape {x_in.shape}" if isinstance(x_in, np.ndarray) else type(x_in).__name__
+            raise LdmExportError(f"latents must be a (batch, channels, height, width) array, got {got}")
+        out_dtype = np.float64 if x_in.dtype == np.float64 else np.float32
+        batch = x_in.shape[0]
+        embeds = fitted(batch)
+        sample = x_in.astype(feed_dtype, copy=False)  # (B, 4, h, w)
+        t = float(t)
+        if batch_mode == "batch2" or not do_cfg and batch == 1:
+            both = run(np.concatenate([sample] * len(embeds)), t, np.concatenate(embeds), out_dtype)  # (2B, C, h, w)
+            preds = np.split(both, len(embeds))
+        else:
+            preds = [np.concatenate([run(sample[i : i + 1], t, e[i : i + 1], out_dtype) for i in range(batch)])
+                     for e in embeds]
+        if not do_cfg:
+            return preds[0]
+        noise_pred_uncond, noise_pred_text = preds
+        noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+        if guidance_rescale > 0.0:
+            noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale)
+        return noise_pred
+
+    return model

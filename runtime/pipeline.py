@@ -1,0 +1,216 @@
+"""Text-to-image from a bundle: tokenizer -> text encoder -> sampler loop with CFG -> VAE decoder -> PIL images."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from .bundle import Bundle
+from .engine import Engine, OrtEngine
+from .errors import LdmExportError
+from .spec import ComponentSpec
+
+log = logging.getLogger(__name__)
+
+MAX_STEPS = 1000  # no scheduler here has more training timesteps than this
+CFG_MODES = ("batch2", "sequential")
+
+
+def run_batched(engine: Engine, feeds: Mapping[str, np.ndarray], batched: Sequence[str]) -> dict[str, np.ndarray]:
+    """Run ``engine`` on ``feeds``, splitting/padding the inputs named in ``batched`` along axis 0 when the
+    engine's spec fixes the batch size (static-shape builds); cast float feeds to the spec's dtypes."""
+    spec = engine.spec
+    typed = {t.name: np.asarray(feeds[t.name]).astype(t.dtype, copy=False) for t in spec.inputs}
+    fixed = next((t.shape[0] for t in spec.inputs if t.name in batched and t.shape and isinstance(t.shape[0], int)), None)
+    n = next(typed[b].shape[0] for b in batched)
+    if fixed is None or fixed == n:
+        return engine.run(typed)
+    chunks = []
+    for start in range(0, n, fixed):
+        part = {}
+        for k, v in typed.items():
+            if k in batched:
+                piece = v[start:start + fixed]
+                if piece.shape[0] < fixed:  # pad the last chunk by repeating its last row
+                    piece = np.concatenate([piece, np.repeat(piece[-1:], fixed - piece.shape[0], axis=0)])
+                part[k] = piece
+            else:
+                part[k] = v
+        chunks.append((min(fixed, n - start), engine.run(part)))
+    return {k: np.concatenate([out[k][:m] for m, out in chunks]) for k in chunks[0][1]}
+
+
+def check_finite(component: str, outputs: Mapping[str, np.ndarray], where: str = "") -> None:
+    for name, a in outputs.items():
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            bad = "NaN" if np.isnan(a).any() else "Inf"
+            raise LdmExportError(f"{component} produced {bad} in '{name}'{where}; the graph overflows at this precision: "
+                                 "rebuild with --precision fp32 or report the model")
+
+
+class Pipeline:
+    """Stable Diffusion text-to-image over a bundle's engines, numpy only."""
+
+    def __init__(self, bundle: Bundle, engines: Mapping[str, Engine], tokenizer=None, cfg_mode: str = "batch2"):
+        from .tokenizer import ClipTokenizer
+
+        if cfg_mode not in CFG_MODES:
+            raise LdmExportError(f"unknown cfg mode '{cfg_mode}'; choose one of: {', '.join(CFG_MODES)}")
+        self.bundle = bundle
+        self.engines = dict(engines)
+        self.tokenizer = tokenizer or ClipTokenizer(bundle.path / "tokenizer")
+        self.cfg_mode = cfg_mode
+        model = bundle.model
+        self.latent_scale = float(model["latent_scale"])
+        self.vae_scale_factor = int(model["vae_scale_factor"])
+        self.latent_channels = int(model["latent_channels"])
+        self.resolution = int(model["resolution"])
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, provider: str = "cpu", verify: bool = False, threads: int | None = None,
+                    cfg_mode: str = "batch2") -> "Pipeline":
+        """Open a bundle and create one engine per component (``provider``: cpu, cuda or tensorrt)."""
+        bundle = Bundle.open(path, verify=verify)
+        engines = {c: make_engine(bundle, c, provider, threads) for c in bundle.components}
+        return cls(bundle, engines, cfg_mode=cfg_mode)
+
+    # -- stages ---------------------------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """CLIP token ids, (B, 77) int32."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise LdmExportError("tokenize takes a list of strings")
+        return self.tokenizer(list(prompts))
+
+    def encode_prompt(self, prompts: Sequence[str]) -> np.ndarray:
+        """Text embeddings (B, 77, D) float32."""
+        ids = self.tokenize(prompts)
+        out = run_batched(self.engines["text_encoder"], {"input_ids": ids}, ["input_ids"])
+        check_finite("text_encoder", out)
+        return out["last_hidden_state"].astype(np.float32)
+
+    def unet(self, sample: np.ndarray, timestep, encoder_hidden_states: np.ndarray) -> np.ndarray:
+        """One UNet evaluation: (N, 4, h, w) latents at ``timestep`` -> (N, 4, h, w) prediction (float32)."""
+        engine = self.engines["unet"]
+        tspec = next(t for t in engine.spec.inputs if t.name == "timestep")
+        t = np.asarray(timestep, dtype=np.float64).reshape(-1)[0]
+        t = np.full((sample.shape[0],), t) if len(tspec.shape) == 1 else np.asarray(t)
+        batched = ["sample", "encoder_hidden_states"] + (["timestep"] if len(tspec.shape) == 1 else [])
+        out = run_batched(engine, {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states}, batched)
+        return out["out_sample"].astype(np.float32)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents (B, 4, h, w) as the sampler returns them -> images (B, 3, H, W) in [-1, 1]."""
+        out = run_batched(self.engines["vae_decoder"], {"latent_sample": latents / self.latent_scale}, ["latent_sample"])
+        check_finite("vae_decoder", out)
+        return out["sample"].astype(np.float32)
+
+    # -- text to image --------------------------------------------------------------------------------
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                 num_inference_steps: int = 20, guidance_scale: float = 7.5, seed: int | None = None,
+                 latents: np.ndarray | None = None, width: int | None = None, height: int | None = None,
+                 scheduler: str | Mapping | None = None, num_images: int = 1,
+                 callback: Callable[[int, int, np.ndarray], None] | None = None, guidance_rescale: float = 0.0,
+                 noise: Callable[[tuple], np.ndarray] | None = None, return_latents: bool = False):
+        """Generate ``num_images`` images per prompt; returns a list of PIL images with A1111 metadata in
+        ``image.info["parameters"]`` (or the final latents with ``return_latents``)."""
+        from . import sample
+        from .guidance import guided_denoiser
+        from .image import format_parameters, latents_to_images
+        from .schedulers import resolve_scheduler
+
+        prompts = _as_prompts(prompt, "prompt")
+        negatives = _as_prompts("" if negative_prompt is None else negative_prompt, "negative_prompt")
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise LdmExportError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts; give one or as many")
+        if not isinstance(num_images, int) or num_images < 1:
+            raise LdmExportError(f"num_images must be a positive integer, got {num_images!r}")
+        if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= MAX_STEPS:
+            raise LdmExportError(f"steps must be an integer from 1 to {MAX_STEPS}, got {num_inference_steps!r}")
+        if not np.isfinite(guidance_scale):
+            raise LdmExportError(f"guidance scale must be a finite number, got {guidance_scale!r}")
+        width, height = self._size(width, height)
+
+        base = self.bundle.scheduler_config
+        if scheduler is None:
+            sched_cfg, sampler_name = base, base.get("_class_name", "?")
+        elif isinstance(scheduler, str):
+            sched_cfg, sampler_name = resolve_scheduler(scheduler, base), scheduler
+        else:
+            sched_cfg, sampler_name = dict(scheduler), scheduler.get("_class_name", "?")
+
+        prompts = [p for p in prompts for _ in range(num_images)]
+        negatives = [p for p in negatives for _ in range(num_images)]
+        batch = len(prompts)
+        shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if seed is None:
+            seed = int(np.random.default_rng().integers(0, 2**32 - 1))
+        rng = np.random.default_rng(seed)
+        if latents is None:
+            latents = rng.standard_normal(shape)
+        else:
+            latents = np.asarray(latents, dtype=np.float64)
+            if latents.shape != shape:
+                raise LdmExportError(f"latents must have shape {shape}, got {latents.shape}")
+        if noise is None:
+            noise = lambda s: rng.standard_normal(s)  # noqa: E731  the stochastic samplers' draws
+
+        do_cfg = guidance_scale > 1.0
+        cond = self.encode_prompt(prompts)
+        uncond = self.encode_prompt(negatives) if do_cfg else None
+        step = {"i": 0}
+
+        def unet_fn(sample_, timestep, ehs):
+            out = self.unet(sample_, timestep, ehs)
+            check_finite("unet", {"out_sample": out}, f" at step {step['i'] + 1} of {num_inference_steps}")
+            return out
+
+        model = guided_denoiser(unet_fn, cond, uncond, guidance_scale, guidance_rescale=guidance_rescale,
+                                batch_mode=self.cfg_mode)
+
+        def on_step(i, n, x):
+            step["i"] = i + 1
+            if callback is not None:
+                callback(i, n, x)
+
+        final = sample(model, latents, sched_cfg, num_inference_steps, noise=noise, callback=on_step)
+        if return_latents:
+            return final
+        images = latents_to_images(self.decode(np.asarray(final, dtype=np.float32)))
+        for k, img in enumerate(images):
+            img.info["parameters"] = format_parameters(
+                prompts[k], negatives[k] or None, num_inference_steps, sampler_name, guidance_scale, seed, width, height,
+                self.bundle.model_hash, model_name=self.bundle.model.get("name"),
+                extra={"Batch pos": k % num_images} if num_images > 1 else None)
+        return images
+
+    def _size(self, width, height) -> tuple[int, int]:
+        width = self.resolution if width is None else width
+        height = self.resolution if height is None else height
+        f = self.vae_scale_factor
+        for name, v in (("width", width), ("height", height)):
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
+                raise LdmExportError(f"{name} must be a positive multiple of {f}, got {v!r}")
+        uspec: ComponentSpec = self.engines["unet"].spec
+        sample_shape = uspec.inputs[0].shape
+        for dim, v in ((sample_shape[2], height // f), (sample_shape[3], width // f)):
+            if isinstance(dim, int) and dim != v:
+                raise LdmExportError(f"this bundle was built with static shapes for {sample_shape[3] * f}x{sample_shape[2] * f}; "
+                                     f"use that size or rebuild without --static-shape")
+        return int(width), int(height)
+
+
+def _as_prompts(p, what: str) -> list[str]:
+    if isinstance(p, str):
+        return [p]
+    if isinstance(p, (list, tuple)) and p and all(isinstance(x, str) for x in p):
+        return list(p)
+    raise LdmExportError(f"{what} must be a string or a list of strings, got {type(p).__name__}")
+
+
+def make_engine(bundle: Bundle, component: str, provider: str = "cpu", threads: int | None = None) -> Engine:
+    """The engine for one component: ONNX Runtime on ``provider``."""
+    return OrtEngine(bundle.model_path(component), bundle.spec(component), provider=provider, threads=threads)

@@ -1,0 +1,237 @@
+"""The build: bundle layout, manifest, verification, fp16 policy, atomicity and every bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import run_cli
+
+torch = pytest.importorskip("torch")
+
+from ldm_export.export import onnx_export  # noqa: E402
+from ldm_export.export.build import BuildConfig, build  # noqa: E402
+from ldm_export.runtime.bundle import Bundle  # noqa: E402
+from ldm_export.runtime.errors import LdmExportError  # noqa: E402
+from ldm_export.zoo import MODELS, SD15, SD21  # noqa: E402
+
+OPTIMUM_FILES = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/model.onnx", "text_encoder/config.json",
+                 "unet/model.onnx", "unet/config.json", "vae_decoder/model.onnx", "vae_decoder/config.json",
+                 "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
+                 "tokenizer/special_tokens_map.json", "ldm_export.json"]
+
+
+def no_leftovers(parent: Path, name: str) -> bool:
+    return not (parent / name).exists() and not list(parent.glob(f".{name}.*"))
+
+
+@pytest.mark.parametrize("spec", [SD15, SD21], ids=lambda s: s.name)
+def test_zoo_reproduces_published_parameter_counts(spec):
+    from ldm_export.export import models as M
+
+    with torch.device("meta"):
+        counts = {"text_encoder": M.build_text_encoder(spec), "unet": M.build_unet(spec), "vae": M.build_vae(spec)}
+    got = {k: round(M.count_params(v) / 1e6, 1) for k, v in counts.items()}
+    assert got == spec.params_m
+
+
+def test_bundle_layout_and_manifest(tiny_bundle):
+    for rel in OPTIMUM_FILES:
+        assert (tiny_bundle / rel).is_file(), rel
+    m = json.loads((tiny_bundle / "ldm_export.json").read_text())
+    assert m["format_version"] == 1 and m["model"]["name"] == "tiny" and m["weights"]["source"] == "random"
+    assert set(m["components"]) == {"text_encoder", "unet", "vae_decoder"}
+    for comp, info in m["components"].items():
+        ver = info["verification"]["fp32"]
+        assert ver["passed"] and ver["cosine_threshold"] == 0.99999
+        for out in ver["outputs"].values():
+            assert out["cosine"] >= 0.99999 and out["max_abs"] < 1e-3
+    assert {"torch", "onnx", "onnxruntime", "diffusers", "transformers", "ldm_export"} <= set(m["tools"])
+    # every file is listed with its hash, and the manifest hashes match
+    listed = set(m["files"])
+    on_disk = {str(p.relative_to(tiny_bundle)) for p in tiny_bundle.rglob("*") if p.is_file()} - {"ldm_export.json"}
+    assert listed == on_disk
+    assert Bundle.open(tiny_bundle, verify=True).check_hashes() == []
+
+
+def test_exported_graph_matches_spec(tiny_bundle):
+    b = Bundle.open(tiny_bundle)
+    for comp in b.components:
+        g = onnx.load(str(b.model_path(comp)), load_external_data=False).graph
+        spec = b.spec(comp)
+        assert [i.name for i in g.input] == spec.input_names
+        assert [o.name for o in g.output] == spec.output_names
+        for i, t in zip(g.input, spec.inputs):
+            dims = [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            assert dims == list(t.shape), (comp, i.name)
+
+
+def test_fp16_build_keeps_policy_ops_fp32(tmp_path):
+    out = tmp_path / "b16"
+    m = build(BuildConfig(model="tiny", precision="fp16", random_weights=True, out=out))
+    for comp, info in m["components"].items():
+        assert info["precision"] == "fp16" and info["verification"]["fp16"]["passed"]
+        assert info["verification"]["fp16"]["cosine_threshold"] == 0.999
+    g = onnx.load(str(out / "vae_decoder" / "model.onnx"))
+    dtypes = {i.name: i.data_type for i in g.graph.initializer}
+    assert dtypes["vae.decoder.conv_out.weight"] == onnx.TensorProto.FLOAT  # last up-blocks stay fp32
+    assert onnx.TensorProto.FLOAT16 in set(dtypes.values())
+    unet = onnx.load(str(out / "unet" / "model.onnx"))
+    types = {i.name: i.type.tensor_type.elem_type for i in unet.graph.input}
+    assert types == {"sample": onnx.TensorProto.FLOAT16, "timestep": onnx.TensorProto.FLOAT,
+                     "encoder_hidden_states": onnx.TensorProto.FLOAT16}
+    norms = [n for n in unet.graph.node if n.op_type == "InstanceNormalization"]
+    assert norms  # GroupNorm exports as InstanceNormalization; the policy keeps it fp32
+    init16 = {i.name for i in unet.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    for n in norms:
+        assert not set(n.input) & init16
+
+
+def test_static_shape_build(tmp_path):
+    out = tmp_path / "static"
+    build(BuildConfig(model="tiny", precision="fp32", random_weights=True, out=out, static_shape=True))
+    b = Bundle.open(out)
+    assert b.spec("unet").inputs[0].shape == (2, 4, 8, 8)
+    g = onnx.load(str(b.model_path("unet")), load_external_data=False).graph
+    assert all(d.dim_value for i in g.input for d in i.type.tensor_type.shape.dim)
+
+
+def test_tampered_export_fails_verification_and_leaves_nothing(tmp_path, monkeypatch):
+    real = onnx_export.export_onnx
+
+    def tampered(*args, **kwargs):
+        model = real(*args, **kwargs)
+        if args[1].name == "unet":  # scale the first large weight, as a broken export would
+            init = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+            arr = onnx.numpy_helper.to_array(init) * 1.5 + 0.1
+            init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), init.name))
+        return model
+
+    monkeypatch.setattr(onnx_export, "export_onnx", tampered)
+    with pytest.raises(LdmExportError, match="verification failed: unet fp32"):
+        build(BuildConfig(model="tiny", random_weights=True, out=tmp_path / "bad"))
+    assert no_leftovers(tmp_path, "bad")
+
+
+def test_disk_full_during_write_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    real = onnx_export.save_onnx
+
+    def full(model, path):
+        if path.parent.name == "unet":
+            path.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(model, path)
+
+    monkeypatch.setattr(onnx_export, "save_onnx", full)
+    with pytest.raises(LdmExportError, match="disk full"):
+        build(BuildConfig(model="tiny", random_weights=True, out=tmp_path / "full"))
+    assert no_leftovers(tmp_path, "full")
+
+
+def test_force_replaces_and_existing_out_is_refused(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(LdmExportError, match="already exists; pass --force"):
+        build(BuildConfig(model="tiny", random_weights=True, out=out))
+    assert (out / "keep.txt").read_text() == "mine"  # refused before touching anything
+    build(BuildConfig(model="tiny", random_weights=True, out=out, force=True))
+    assert not (out / "keep.txt").exists() and (out / "ldm_export.json").is_file()
+    assert not list(tmp_path.glob(".o.*"))
+
+
+def test_killed_build_leftover_is_removed_by_next_build(tmp_path):
+    stale = tmp_path / ".k.partial-999999"  # a pid that does not exist
+    stale.mkdir()
+    (stale / "junk").write_text("x")
+    build(BuildConfig(model="tiny", random_weights=True, out=tmp_path / "k"))
+    assert not stale.exists() and (tmp_path / "k" / "ldm_export.json").is_file()
+
+
+def test_ctrl_c_during_build_leaves_nothing(tmp_path):
+    out = tmp_path / "int"
+    proc = subprocess.Popen([sys.executable, "-m", "ldm_export.cli", "build", "--model", "tiny", "--random-weights",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".int.partial-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert no_leftovers(tmp_path, "int")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders; the next test simulates it instead")
+def test_read_only_out_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--out", str(ro / "b"))
+    assert r.returncode == 2 and "permission denied" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unwritable_out_dir_simulated(tmp_path, monkeypatch):
+    import ldm_export.export.bundle_writer as bw
+
+    monkeypatch.setattr(bw.os, "access", lambda p, mode: False)
+    with pytest.raises(LdmExportError, match="permission denied"):
+        build(BuildConfig(model="tiny", random_weights=True, out=tmp_path / "b"))
+    assert no_leftovers(tmp_path, "b")
+
+
+def _pickle_file(tmp_path):
+    p = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}}, p)
+    return p
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "sd99", "--random-weights"], "unknown model 'sd99'; known models: "),
+    (["--model", "sd15"], "pass --weights PATH"),
+    (["--model", "tiny", "--weights", "/nonexistent/w.safetensors"], "/nonexistent/w.safetensors"),
+    (["--model", "tiny", "--random-weights", "--precision", "int4"], "Invalid value for '--precision'"),
+])
+def test_bad_input_one_line_error(tmp_path, args, message):
+    r = run_cli("build", *args, "--out", str(tmp_path / "x"))
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert no_leftovers(tmp_path, "x")
+
+
+def test_bad_input_pickle_and_existing_out(tmp_path):
+    r = run_cli("build", "--model", "tiny", "--weights", str(_pickle_file(tmp_path)), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--trust-pickle" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "y").mkdir()
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--out", str(tmp_path / "y"))
+    assert r.returncode == 2 and "already exists; pass --force" in r.stderr
+
+
+def test_cli_build_summary_and_inspect(tmp_path, tiny_bundle):
+    r = run_cli("inspect", str(tiny_bundle))
+    assert r.returncode == 0, r.stderr
+    assert "all" in r.stdout and "match their sha256" in r.stdout and "unet" in r.stdout
+    # a damaged file is reported with exit code 1
+    copy = tmp_path / "copy"
+    import shutil
+    shutil.copytree(tiny_bundle, copy)
+    with open(copy / "unet" / "config.json", "a") as f:
+        f.write(" ")
+    r = run_cli("inspect", str(copy))
+    assert r.returncode == 1 and "sha256 mismatch in unet/config.json" in r.stderr
+
+
+def test_all_zoo_models_have_consistent_specs():
+    for spec in MODELS.values():
+        specs = spec.component_specs()
+        assert specs["unet"].inputs[2].shape[-1] == spec.unet["cross_attention_dim"] == spec.text_encoder["hidden_size"] \
+            or spec.name == "sd21" and spec.unet["cross_attention_dim"] == 1024 == spec.text_encoder["hidden_size"]

@@ -1,0 +1,197 @@
+"""The runtime pipeline: parity with diffusers' StableDiffusionPipeline, CFG modes, bad input, the generate CLI."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from ldm_export.runtime.bundle import Bundle
+from ldm_export.runtime.errors import LdmExportError
+from ldm_export.runtime.pipeline import Pipeline
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_bundle):
+    return Pipeline.from_bundle(tiny_bundle)
+
+
+class CountingEngine:
+    """Wraps an engine and records the batch size of every call."""
+
+    def __init__(self, engine):
+        self.engine, self.spec, self.calls = engine, engine.spec, []
+
+    def run(self, feeds):
+        self.calls.append(next(iter(feeds.values())).shape[0] if next(iter(feeds.values())).ndim else 1)
+        return self.engine.run(feeds)
+
+
+@pytest.mark.parametrize("scheduler", [None, "Euler a", "DPM++ 2M Karras", "DDIM"])
+def test_parity_with_diffusers_pipeline(tiny_bundle, tmp_path, scheduler):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from transformers import CLIPTokenizer
+
+    from ldm_export.export.weights import load_weights
+    from ldm_export.runtime.schedulers import resolve_scheduler
+    from ldm_export.zoo import TINY
+
+    mods = load_weights(TINY, None, random_weights=True, seed=0).modules  # the weights the bundle was built from
+    bundle = Bundle.open(tiny_bundle)
+    cfg = bundle.scheduler_config if scheduler is None else resolve_scheduler(scheduler, bundle.scheduler_config)
+    sched_cls = getattr(diffusers, cfg["_class_name"])
+    ref = diffusers.StableDiffusionPipeline(
+        vae=mods["vae"], text_encoder=mods["text_encoder"], tokenizer=CLIPTokenizer.from_pretrained(tiny_bundle / "tokenizer"),
+        unet=mods["unet"], scheduler=sched_cls.from_config({k: v for k, v in cfg.items() if k != "_class_name"}),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    latents = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    # the stochastic samplers draw the same noise on both sides
+    draws = np.random.default_rng(2).standard_normal((64, 1, 4, 8, 8)).astype(np.float32)
+    k = {"i": 0}
+
+    def noise(shape):
+        k["i"] += 1
+        return draws[k["i"] - 1].reshape(shape).astype(np.float64)
+
+    j = {"i": 0}
+
+    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
+        j["i"] += 1
+        return torch.from_numpy(draws[j["i"] - 1].reshape(shape)).to(dtype or torch.float32)
+
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
+    import diffusers.schedulers.scheduling_ddim as dd
+    orig = (ea.randn_tensor, dd.randn_tensor)
+    ea.randn_tensor = dd.randn_tensor = fake_randn
+    try:
+        with torch.no_grad():
+            expected = ref("a red circle on the left", negative_prompt="blurry", num_inference_steps=8, guidance_scale=7.5,
+                           latents=torch.from_numpy(latents), output_type="np").images[0]
+    finally:
+        ea.randn_tensor, dd.randn_tensor = orig
+    ours = Pipeline.from_bundle(tiny_bundle)
+    img = ours("a red circle on the left", negative_prompt="blurry", num_inference_steps=8, guidance_scale=7.5,
+               latents=latents, scheduler=scheduler, noise=noise)[0]
+    got = np.asarray(img, dtype=np.float64) / 255.0
+    assert got.shape == expected.shape
+    # diffusers' image is not rounded to 8 bits; compare at 8-bit precision on both sides
+    assert psnr(got, np.round(expected * 255) / 255) >= 40.0
+
+
+def test_cfg_batch2_and_sequential_agree_and_scale_one_skips_uncond(tiny_bundle):
+    a = Pipeline.from_bundle(tiny_bundle, cfg_mode="batch2")
+    b = Pipeline.from_bundle(tiny_bundle, cfg_mode="sequential")
+    a.engines["unet"] = ca = CountingEngine(a.engines["unet"])
+    b.engines["unet"] = cb = CountingEngine(b.engines["unet"])
+    la = a("a blue square", num_inference_steps=3, guidance_scale=5.0, seed=3, return_latents=True)
+    lb = b("a blue square", num_inference_steps=3, guidance_scale=5.0, seed=3, return_latents=True)
+    np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-5)
+    assert set(ca.calls) == {2} and set(cb.calls) == {1} and len(cb.calls) == 2 * len(ca.calls)
+    ca.calls.clear()
+    a("a blue square", num_inference_steps=3, guidance_scale=1.0, seed=3, return_latents=True)
+    assert set(ca.calls) == {1}  # no unconditional pass
+
+
+def test_same_seed_same_image_and_metadata(pipe, tiny_bundle):
+    x = pipe("a red circle", num_inference_steps=2, seed=7, scheduler="Euler a")[0]
+    y = pipe("a red circle", num_inference_steps=2, seed=7, scheduler="Euler a")[0]
+    z = pipe("a red circle", num_inference_steps=2, seed=8, scheduler="Euler a")[0]
+    assert np.array_equal(np.asarray(x), np.asarray(y)) and not np.array_equal(np.asarray(x), np.asarray(z))
+    params = x.info["parameters"]
+    assert params.startswith("a red circle\nSteps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 7, Size: 64x64, ")
+    assert f"Model hash: {Bundle.open(tiny_bundle).model_hash}" in params
+
+
+def test_num_images_and_empty_prompt(pipe):
+    images = pipe("", num_inference_steps=2, seed=1, num_images=3)
+    assert len(images) == 3 and all(i.size == (64, 64) for i in images)
+    assert len({np.asarray(i).tobytes() for i in images}) == 3
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"prompt": 42}, "prompt must be a string"),
+    ({"prompt": "x", "num_inference_steps": 0}, "steps must be an integer from 1 to 1000"),
+    ({"prompt": "x", "num_inference_steps": 100000}, "steps must be an integer from 1 to 1000"),
+    ({"prompt": "x", "width": 60}, "width must be a positive multiple of 8"),
+    ({"prompt": "x", "scheduler": "Warp drive"}, "Warp drive"),
+    ({"prompt": "x", "latents": np.zeros((1, 4, 4, 4))}, "latents must have shape (1, 4, 8, 8)"),
+])
+def test_bad_input(pipe, kwargs, message):
+    with pytest.raises(LdmExportError) as e:
+        pipe(**kwargs)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_nan_from_engine_names_component_and_step(tiny_bundle):
+    p = Pipeline.from_bundle(tiny_bundle)
+    real = p.engines["unet"]
+
+    class NanAfterTwo:
+        spec, n = real.spec, 0
+
+        def run(self, feeds):
+            self.n += 1
+            out = real.run(feeds)
+            if self.n > 2:
+                out["out_sample"][:] = np.nan
+            return out
+
+    p.engines["unet"] = NanAfterTwo()
+    with pytest.raises(LdmExportError, match=r"unet produced NaN in 'out_sample' at step 3 of 5"):
+        p("x", num_inference_steps=5, seed=0, scheduler="Euler")
+
+
+def test_bundle_damage_is_refused(tiny_bundle, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bundle, bad)
+    (bad / "vae_decoder" / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(LdmExportError, match="sha256 mismatch in vae_decoder/model.onnx"):
+        Pipeline.from_bundle(bad, verify=True)
+    (bad / "vae_decoder" / "model.onnx").unlink()
+    with pytest.raises(LdmExportError, match="missing vae_decoder/model.onnx"):
+        Pipeline.from_bundle(bad)
+    newer = tmp_path / "newer"
+    shutil.copytree(tiny_bundle, newer)
+    m = json.loads((newer / "ldm_export.json").read_text())
+    m["format_version"] = 99
+    (newer / "ldm_export.json").write_text(json.dumps(m))
+    with pytest.raises(LdmExportError, match="format version 99 is newer"):
+        Pipeline.from_bundle(newer)
+
+
+def test_engine_checks_inputs_against_spec(pipe):
+    eng = pipe.engines["unet"]
+    with pytest.raises(LdmExportError, match=r"unet.sample: expected dtype float32, got float64"):
+        eng.run({"sample": np.zeros((1, 4, 8, 8)), "timestep": np.float32(1), "encoder_hidden_states": np.zeros((1, 77, 32), np.float32)})
+    with pytest.raises(LdmExportError, match=r"expected inputs"):
+        eng.run({"sample": np.zeros((1, 4, 8, 8), np.float32)})
+
+
+def test_generate_cli_writes_png_with_a1111_parameters(tiny_bundle, tmp_path):
+    out = tmp_path / "img.png"
+    r = run_cli("generate", str(tiny_bundle), "a green triangle, top", "--negative", "blurry", "--steps", "3",
+                "--cfg", "5", "--sampler", "DPM++ 2M Karras", "--seed", "11", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    text = Image.open(out).text["parameters"]
+    assert text.splitlines()[0] == "a green triangle, top" and text.splitlines()[1] == "Negative prompt: blurry"
+    assert "Steps: 3, Sampler: DPM++ 2M Karras, CFG scale: 5, Seed: 11, Size: 64x64" in text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--size", "63x64"], "width must be a positive multiple of 8"),
+    (["--size", "big"], "--size must look like 512x512"),
+    (["--steps", "0"], "steps must be an integer"),
+    (["--sampler", "nope"], "unknown sampler"),
+])
+def test_generate_cli_bad_input(tiny_bundle, tmp_path, args, message):
+    r = run_cli("generate", str(tiny_bundle), "x", "--out", str(tmp_path / "o.png"), *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o.png").exists()
