@@ -48,7 +48,9 @@ def resolve_providers(provider: str) -> list[str]:
     chain = [wanted]
     if provider == "tensorrt" and "CUDAExecutionProvider" in available:
         chain.append("CUDAExecutionProvider")
-    return chain + ["CPUExecutionProvider"]
+    if wanted != "CPUExecutionProvider":
+        chain.append("CPUExecutionProvider")  # ops the GPU providers lack
+    return chain
 
 
 class OrtEngine:

@@ -33,7 +33,7 @@ class Prediction(NamedTuple):
 
 
 class Denoiser:
-    """Wraps ``model(x_in, t)`` (eps / v / x0 by prediction_type) as a k-diffusion denoiser (Karras et al. 2022, §B)."""
+    """Wraps ``model(x_in, t)`` (eps / v / x0 by prediction_type) as a denoiser, Karras et al. (2022) App. B."""
 
     def __init__(self, model, prediction_type: str = "epsilon", clip_sample_range: float | None = None,
                  log_sigmas: np.ndarray | None = None):
@@ -378,18 +378,24 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, timesteps, *, noise=None, cal
 
 
 def _unipc_terms(hh: float, rks: list[float], order: int, solver_type: str):
-    """phi_1 = expm1(hh), B(h), and the Vandermonde system R rho = b of UniPC (Zhao et al. 2023, Alg. 1-2)."""
-    h_phi_1 = math.expm1(hh)
-    h_phi_k = h_phi_1 / hh - 1
-    B_h = hh if solver_type == "bh1" else math.expm1(hh)
-    rks = np.asarray(rks + [1.0])
-    R, b, factorial_i = [], [], 1
-    for k in range(1, order + 1):
-        R.append(rks ** (k - 1))
-        b.append(h_phi_k * factorial_i / B_h)
-        factorial_i *= k + 1
-        h_phi_k = h_phi_k / hh - 1 / factorial_i
-    return h_phi_1, B_h, np.stack(R), np.asarray(b)
+    """phi_1 = expm1(hh), B(h), and the Vandermonde system R rho = b of UniPC (Zhao et al. 2023, Alg. 1-2).
+
+    IEEE semantics as in diffusers' torch code: a zero step (UniPC + Karras + final_sigmas_type sigma_min repeats
+    the last sigma) gives nan in b, which a first-order step never reads.
+    """
+    hh = np.float64(hh)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h_phi_1 = np.expm1(hh)
+        h_phi_k = h_phi_1 / hh - 1
+        B_h = hh if solver_type == "bh1" else np.expm1(hh)
+        rks = np.asarray(rks + [1.0])
+        R, b, factorial_i = [], [], 1
+        for k in range(1, order + 1):
+            R.append(rks ** (k - 1))
+            b.append(h_phi_k * factorial_i / B_h)
+            factorial_i *= k + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial_i
+    return float(h_phi_1), float(B_h), np.stack(R), np.asarray(b)
 
 
 def _unipc_base(x, sigma_s, sigma_t, m0, h_phi_1, predict_x0):

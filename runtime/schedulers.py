@@ -225,8 +225,6 @@ def _solver_schedule(class_name: str, c: dict, n: int):
     spacing = c.get("timestep_spacing", "linspace")
     timesteps = sch.spaced_timesteps(spacing, T, n, c.get("steps_offset", 0), plus_one=True,
                                      last_timestep=last_timestep)
-    if class_name == "DPMSolverSinglestepScheduler" or spacing == "trailing":
-        timesteps = timesteps.astype(np.int64)
     if c.get("use_karras_sigmas") or c.get("use_exponential_sigmas"):
         in_sigmas = table[::-1]
         if c.get("use_karras_sigmas"):

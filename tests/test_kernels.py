@@ -177,7 +177,8 @@ def _gn_graph(extra_consumer: bool):
         nodes.append(helper.make_node("Neg", ["y"], ["n"]))
         outs.append(helper.make_tensor_value_info("n", TensorProto.FLOAT, [1, 8, 2, 2]))
     inits = [helper.make_tensor("g", TensorProto.FLOAT, [8], np.ones(8)), helper.make_tensor("b", TensorProto.FLOAT, [8], np.zeros(8))]
-    return helper.make_model(helper.make_graph(nodes, "gn", [x], outs, inits))
+    return helper.make_model(helper.make_graph(nodes, "gn", [x], outs, inits),
+                             opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
 def test_fuse_silu_folds_sigmoid_mul():

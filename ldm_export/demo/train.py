@@ -34,8 +34,11 @@ def load_tokenizer(folder: str | Path):
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
-                        model_max_length=config.MAX_LENGTH)
+    kwargs = dict(pad_token="<|endoftext|>", model_max_length=config.MAX_LENGTH)
+    try:
+        tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), **kwargs)
+    except TypeError:  # transformers 5 takes the files by keyword only
+        tok = CLIPTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"), **kwargs)
     got = tok("a photograph of an astronaut riding a horse").input_ids
     if list(got) != _REFERENCE_IDS:
         raise RuntimeError(f"tokenizer gives {got}, CLIP gives {_REFERENCE_IDS}")
@@ -255,11 +258,11 @@ def parse_args(argv=None):
                    help="folder with CLIP's vocab.json and merges.txt")
     p.add_argument("--images", type=int, default=60000)
     p.add_argument("--captions-per-image", type=int, default=4)
-    p.add_argument("--vae-steps", type=int, default=4000)
+    p.add_argument("--vae-steps", type=int, default=5000)
     p.add_argument("--vae-batch", type=int, default=128)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-6)
-    p.add_argument("--unet-steps", type=int, default=8000)
+    p.add_argument("--unet-steps", type=int, default=15000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.999)
@@ -311,9 +314,9 @@ def main(argv=None) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    text_encoder = CLIPTextModel.from_pretrained(out / "model" / "text_encoder", torch_dtype=torch.float32).to(device)
-    unet = UNet2DConditionModel.from_pretrained(out / "model" / "unet", torch_dtype=torch.float32).to(device)
-    vae = AutoencoderKL.from_pretrained(out / "model" / "vae", torch_dtype=torch.float32).to(device)
+    text_encoder = CLIPTextModel.from_pretrained(out / "model" / "text_encoder").float().to(device)
+    unet = UNet2DConditionModel.from_pretrained(out / "model" / "unet").float().to(device)
+    vae = AutoencoderKL.from_pretrained(out / "model" / "vae").float().to(device)
     generate = euler_generate(text_encoder.eval(), unet.eval(), vae.eval(), tok, device)
     from ldm_export.demo import adherence
 

@@ -1,0 +1,90 @@
+"""CudaEngine: IOBinding, CUDA graphs, the partial-update path and the NaN/Inf guard; profile summaries.
+
+The engine tests need onnxruntime-gpu and a GPU and are skipped elsewhere with that reason."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper  # noqa: E402
+
+from ldm_export.runtime.engine_cuda import CudaEngine, cuda_available, profile_summary  # noqa: E402
+from ldm_export.runtime.errors import LdmExportError  # noqa: E402
+from ldm_export.runtime.spec import ComponentSpec, TensorSpec  # noqa: E402
+
+needs_cuda = pytest.mark.skipif(not cuda_available(), reason="needs onnxruntime-gpu with the CUDA provider and a GPU")
+
+
+def _model(path, name="unet", dtype=TensorProto.FLOAT16):
+    """out_sample = sample * timestep + encoder_hidden_states (broadcast): a static graph with the UNet's names."""
+    nodes = [helper.make_node("Cast", ["timestep"], ["t16"], to=dtype),
+             helper.make_node("Mul", ["sample", "t16"], ["m"]),
+             helper.make_node("Add", ["m", "encoder_hidden_states"], ["out_sample"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("sample", dtype, [2, 4, 8, 8]),
+                                       helper.make_tensor_value_info("timestep", TensorProto.FLOAT, []),
+                                       helper.make_tensor_value_info("encoder_hidden_states", dtype, [2, 4, 8, 8])],
+                          [helper.make_tensor_value_info("out_sample", dtype, [2, 4, 8, 8])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    path.write_bytes(m.SerializeToString())
+    spec = ComponentSpec(name, (TensorSpec("sample", "float16", (2, 4, 8, 8)), TensorSpec("timestep", "float32", ()),
+                                TensorSpec("encoder_hidden_states", "float16", (2, 4, 8, 8))),
+                         (TensorSpec("out_sample", "float16", (2, 4, 8, 8)),))
+    return spec
+
+
+def test_runtime_module_does_not_import_torch():
+    code = "import sys, ldm_export.runtime.engine_cuda; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_profile_summary_skips_warmup_runs(tmp_path):
+    ev = [{"name": "model_run", "cat": "Session", "ts": 0, "dur": 10},
+          {"name": "model_run", "cat": "Session", "ts": 100, "dur": 10},
+          {"name": "model_run", "cat": "Session", "ts": 200, "dur": 10}]
+    for ts, op, dur in [(1, "Conv", 5000), (101, "Conv", 2000), (102, "GroupNorm", 1000), (201, "Conv", 4000), (202, "GroupNorm", 2000)]:
+        ev.append({"name": f"n{ts}_kernel_time", "cat": "Node", "ts": ts, "dur": dur, "args": {"op_name": op}})
+    p = tmp_path / "trace.json"
+    p.write_text(json.dumps(ev))
+    total, rows = profile_summary(p, skip_runs=1)
+    assert total == pytest.approx(4.5)  # (2 + 1 + 4 + 2) ms over 2 runs
+    assert rows[0][:3] == ("Conv", pytest.approx(3.0), 1.0) and rows[1][0] == "GroupNorm"
+    with pytest.raises(LdmExportError):
+        profile_summary(p, skip_runs=3)
+
+
+@pytest.mark.skipif(cuda_available(), reason="checks the message given without onnxruntime-gpu")
+def test_engine_without_cuda_says_what_to_install(tmp_path):
+    spec = _model(tmp_path / "m.onnx")
+    with pytest.raises(LdmExportError, match="onnxruntime-gpu"):
+        CudaEngine(tmp_path / "m.onnx", spec)
+
+
+@needs_cuda
+@pytest.mark.parametrize("graph", [True, False])
+def test_engine_runs_and_partial_updates(tmp_path, graph):
+    spec = _model(tmp_path / "m.onnx")
+    e = CudaEngine(tmp_path / "m.onnx", spec, cuda_graph=graph)
+    rng = np.random.default_rng(0)
+    x, ehs = rng.standard_normal((2, 4, 8, 8)).astype(np.float32), rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    for t in (1.0, 3.0, 0.5):  # graph replays must see the new values copied in place
+        out = e.run({"sample": x, "timestep": np.asarray(t, np.float32), "encoder_hidden_states": ehs})["out_sample"]
+        np.testing.assert_allclose(out, (x.astype(np.float16) * np.float16(t) + ehs.astype(np.float16)), rtol=2e-3, atol=2e-3)
+    x2 = x + 1
+    out = e.run_partial({"sample": x2, "timestep": np.asarray(2.0, np.float32)})["out_sample"]
+    np.testing.assert_allclose(out, x2.astype(np.float16) * np.float16(2) + ehs.astype(np.float16), rtol=2e-3, atol=2e-3)
+    with pytest.raises(LdmExportError, match="expected shape"):
+        e.run_partial({"sample": x[:1]})
+
+
+@needs_cuda
+def test_engine_guards_vae_output_against_nan(tmp_path):
+    spec = _model(tmp_path / "m.onnx", name="vae_decoder")
+    e = CudaEngine(tmp_path / "m.onnx", spec)
+    x = np.full((2, 4, 8, 8), 6e4, np.float32)
+    with pytest.raises(LdmExportError, match="vae_decoder produced .* NaN/Inf"):
+        e.run({"sample": x, "timestep": np.asarray(10.0, np.float32), "encoder_hidden_states": x})
