@@ -146,6 +146,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             if cfg.precision == "fp16":
                 progress(component, "fp16", "")
                 model16 = convert_fp16(str(path), component)
+                kernels.dedupe_nodes(model16)  # the converter can emit one Cast twice (static sd15 UNet)
                 for f in files:
                     f.unlink()
                 files = X.save_onnx(model16, path)

@@ -30,7 +30,7 @@ def check_out_dir(out: Path, force: bool) -> None:
         except OSError as e:
             raise LdmExportError(f"cannot create {parent}: {e.strerror}; choose another --out") from None
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise LdmExportError(f"cannot write to {parent} (permission denied); choose another --out")
+        raise LdmExportError(f"cannot write to {parent} (read-only or permission denied); choose another --out")
 
 
 def _remove_stale(out: Path) -> None:

@@ -96,3 +96,30 @@ def needs_gpu_verification(model_or_counts) -> bool:
     """True when the graph holds fused ops with no ONNX Runtime CPU kernel."""
     counts = model_or_counts if isinstance(model_or_counts, dict) else count_fused(model_or_counts)
     return any(counts.get(op) for op in GPU_ONLY_OPS)
+
+
+def dedupe_nodes(model) -> int:
+    """Drop exact duplicate nodes (same name, op, inputs, outputs, attributes); rename other same-named ones.
+
+    ONNX Runtime's fp16 converter inserts the same fp16->fp32 Cast twice when a tensor feeds both an op with
+    always-float inputs (GroupNorm's gamma/beta, Resize) and a blocked op; ORT then refuses the model
+    ("two nodes with same node name"). Returns how many nodes were dropped or renamed."""
+    seen: dict[str, bytes] = {}
+    keep, changed = [], 0
+    for n in model.graph.node:
+        key = n.SerializeToString(deterministic=True)
+        if n.name and n.name in seen:
+            changed += 1
+            if seen[n.name] == key:
+                continue  # the very same node again
+            k = 1
+            while f"{n.name}_{k}" in seen:
+                k += 1
+            n.name = f"{n.name}_{k}"
+        seen[n.name] = key
+        keep.append(n)
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+        log.info("fp16 graph: %d duplicate nodes dropped or renamed", changed)
+    return changed

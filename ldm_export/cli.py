@@ -230,6 +230,7 @@ def samplers() -> None:
 
 
 from ldm_export.cli_bench import bench as _bench; cli.add_command(_bench)  # noqa: E402,E702
+from ldm_export.cli_tensorrt import engines as _engines; cli.add_command(_engines)  # noqa: E402,E702
 
 
 def main() -> None:

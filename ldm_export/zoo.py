@@ -162,3 +162,25 @@ def get_model(name: str) -> ModelSpec:
         return MODELS[name]
     except KeyError:
         raise LdmExportError(f"unknown model '{name}'; known models: {', '.join(sorted(MODELS))}") from None
+
+
+def _demo_spec() -> ModelSpec:
+    from ldm_export.demo import config as demo
+
+    return ModelSpec(
+        name="demo",
+        family="sd1",
+        description="Embedded demo model: SD 1.x classes trained by this project on generated coloured shapes "
+                    "(64 px, 8x8 latents, ships in the package, no download)",
+        text_encoder=dict(demo.TEXT_ENCODER),
+        unet=dict(demo.UNET),
+        vae=dict(demo.VAE),
+        scheduler=dict(demo.SCHEDULER),
+        resolution=demo.RESOLUTION,
+        max_length=demo.MAX_LENGTH,
+        embedded_weights=demo.EMBEDDED_WEIGHTS,
+    )
+
+
+DEMO = _demo_spec()
+MODELS[DEMO.name] = DEMO

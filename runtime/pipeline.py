@@ -212,5 +212,10 @@ def _as_prompts(p, what: str) -> list[str]:
 
 
 def make_engine(bundle: Bundle, component: str, provider: str = "cpu", threads: int | None = None) -> Engine:
-    """The engine for one component: ONNX Runtime on ``provider``."""
+    """The engine for one component: ONNX Runtime on ``provider``, or the bundle's native TensorRT plan for this
+    GPU with ``provider="tensorrt-native"`` (``"tensorrt"`` stays ONNX Runtime's TensorRT provider)."""
+    if provider == "tensorrt-native":
+        from .engine_tensorrt import load_tensorrt_engine
+
+        return load_tensorrt_engine(bundle, component)
     return OrtEngine(bundle.model_path(component), bundle.spec(component), provider=provider, threads=threads)

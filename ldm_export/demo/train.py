@@ -201,7 +201,7 @@ def save_folder(out: Path, text_encoder, unet, vae, tokenizer_dir: Path, dtype=t
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for name, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
-        module.to("cpu", dtype).save_pretrained(out / name, safe_serialization=True)
+        module.to("cpu", dtype).save_pretrained(out / name)  # safetensors by default
         module.float()
     EulerDiscreteScheduler.from_config({k: v for k, v in config.SCHEDULER.items() if k != "_class_name"}) \
         .save_pretrained(out / "scheduler")
@@ -285,11 +285,11 @@ def main(argv=None) -> None:
     torch.backends.cudnn.allow_tf32 = True
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    t0 = time.time()
+    # worker processes fork before CUDA is initialised
+    data = make_dataset(args.images, args.seed, config.RESOLUTION, workers=min(16, os.cpu_count() or 1))
     log_line(log_path, {"stage": "start", "args": vars(args), "torch": torch.__version__,
                         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
-
-    t0 = time.time()
-    data = make_dataset(args.images, args.seed, config.RESOLUTION, workers=min(16, os.cpu_count() or 1))
     tok = load_tokenizer(args.tokenizer)
     texts = [data.captions[i] if k == 0 else caption(data.scenes[i], np.random.default_rng([args.seed, i, k]))
              for i in range(args.images) for k in range(args.captions_per_image)]

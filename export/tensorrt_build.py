@@ -1,0 +1,268 @@
+"""Build TensorRT engines from a bundle's ONNX graphs with Polygraphy's loaders, into ``engines/<target>/``.
+
+One optimisation profile per component, read from its :class:`ComponentSpec` (every input's min/opt/max shape;
+a static bundle gives min = opt = max). Precision follows the bundle: the network is created strongly typed
+(``NetworkFromOnnxPath(path, strongly_typed=True)``, i.e. ``trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED``),
+so TensorRT keeps the graph's own types: an fp32 bundle builds an fp32 engine, an fp16 bundle an fp16 engine with
+the fp16 policy's fp32 islands (norm statistics, the VAE's last up-blocks) kept in fp32. TensorRT 10 deprecated
+weak typing in 10.12 and TensorRT 11 removed the precision builder flags; ``precision="fp16"`` still offers
+TensorRT 10's weakly typed ``BuilderFlag.FP16`` (``CreateConfig(fp16=True)``), where TensorRT picks fp16 kernels
+wherever they are faster, ignoring the fp32 policy, and refuses it on TensorRT 11 and later.
+
+Each plan is written to a temporary file and renamed into place; ``engines.json`` (rewritten the same way after
+each component) records the target, the profile, the flags, the plan's sha256 and the sha256 of the
+``model.onnx`` it was built from. The bundle's ``ldm_export.json`` is never touched (see docs/tensorrt.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from ldm_export.runtime.bundle import Bundle, sha256_file
+from ldm_export.runtime.engine_tensorrt import (
+    ENGINES_FORMAT, ENGINES_FORMAT_VERSION, ENGINES_JSON, EngineTarget, _first_line, current_target, engines_root,
+    polygraphy_logging, read_engines_json, require_tensorrt,
+)
+from ldm_export.runtime.errors import LdmExportError
+from ldm_export.runtime.spec import ComponentSpec
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp16")
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to build: ``precision`` "auto" (strongly typed, the graph's types) or "fp16" (TensorRT 10's FP16 flag);
+    ``optimization_level`` is TensorRT's builder optimisation level (0-5, 3 is TensorRT's default);
+    ``workspace_gb`` caps the builder's workspace pool (None: TensorRT's default, the GPU's memory);
+    ``timing_cache`` is the tactic timing cache to read and extend (None: ``timing.cache`` in the engines folder)."""
+
+    precision: str = "auto"
+    optimization_level: int = 3
+    workspace_gb: float | None = None
+    timing_cache: Path | None = None
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise LdmExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not 0 <= self.optimization_level <= 5:
+            raise LdmExportError(f"the builder optimisation level must be 0 to 5, got {self.optimization_level}")
+        if self.workspace_gb is not None and not self.workspace_gb > 0:
+            raise LdmExportError(f"--workspace must be a positive number of GB, got {self.workspace_gb}")
+
+
+@dataclass(frozen=True)
+class EngineRecipe:
+    """Everything one engine build reads, decided before TensorRT is touched (and recorded in engines.json)."""
+
+    component: str
+    onnx_path: Path
+    bundle_precision: str
+    profile: dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max) shape
+    strongly_typed: bool
+    fp16: bool
+    optimization_level: int
+    workspace_bytes: int | None
+    timing_cache: Path
+    notes: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bundle_precision": self.bundle_precision,
+                "network": "strongly-typed" if self.strongly_typed else "weakly-typed",
+                "builder_flags": ["FP16"] if self.fp16 else [],
+                "builder_optimization_level": self.optimization_level, "workspace_bytes": self.workspace_bytes,
+                "profile": {k: {"min": list(a), "opt": list(b), "max": list(c)} for k, (a, b, c) in self.profile.items()}}
+
+
+def profile_shapes(spec: ComponentSpec) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """Every input's (min, opt, max) shape from the spec's profile; fixed dims (and static bundles) give min=opt=max."""
+    return {t.name: tuple(spec.concrete_shape(t, which=w) for w in ("min", "opt", "max")) for t in spec.inputs}
+
+
+def engine_recipe(bundle: Bundle, component: str, options: EngineOptions, timing_cache: Path) -> EngineRecipe:
+    """The build of one component from its spec and the manifest's precision."""
+    spec = bundle.spec(component)
+    precision = bundle.precision(component)
+    if precision not in ("fp32", "fp16"):
+        raise NotImplementedError(f"TensorRT engines for {precision} components are not built yet "
+                                  f"({component}): only fp32 and fp16 bundles are handled")
+    missing = [d for t in spec.inputs for d in t.shape if isinstance(d, str) and d not in spec.profile]
+    if missing:
+        raise LdmExportError(f"{component}: the bundle's spec has no min/opt/max for {sorted(set(missing))}; rebuild the bundle")
+    notes = []
+    if options.precision == "fp16" and precision == "fp16":
+        notes.append("the FP16 flag lets TensorRT run the fp16 policy's fp32 islands in fp16")
+    workspace = None if options.workspace_gb is None else int(options.workspace_gb * (1 << 30))
+    return EngineRecipe(component, bundle.model_path(component), precision, profile_shapes(spec),
+                        strongly_typed=options.precision == "auto", fp16=options.precision == "fp16",
+                        optimization_level=options.optimization_level, workspace_bytes=workspace,
+                        timing_cache=Path(timing_cache), notes=tuple(notes))
+
+
+def engine_loader(recipe: EngineRecipe, trt=None):
+    """Polygraphy's lazy loader chain for one engine: calling it parses, builds, extends the timing cache and
+    returns the serialized plan. Constructing it needs no TensorRT unless a workspace limit names its pool enum."""
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    profile = Profile()
+    for name, (lo, opt, hi) in recipe.profile.items():
+        profile.add(name, min=lo, opt=opt, max=hi)
+    pools = None
+    if recipe.workspace_bytes is not None:
+        trt = trt or require_tensorrt()
+        pools = {trt.MemoryPoolType.WORKSPACE: recipe.workspace_bytes}
+    with polygraphy_logging():  # CreateConfig logs a TF32 note at construction
+        config = CreateConfig(fp16=recipe.fp16, profiles=[profile], builder_optimization_level=recipe.optimization_level,
+                              memory_pool_limits=pools, load_timing_cache=str(recipe.timing_cache))
+    network = NetworkFromOnnxPath(str(recipe.onnx_path), strongly_typed=recipe.strongly_typed)
+    return EngineBytesFromNetwork(network, config=config, save_timing_cache=str(recipe.timing_cache))
+
+
+def atomic_write_bytes(path: Path, data) -> None:
+    """Write ``data`` (bytes or any buffer, e.g. TensorRT's IHostMemory) to a temp file beside ``path``, fsync,
+    and rename it over ``path``: readers see the old file or the new one, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """One builder per engines folder at a time (two would race on engines.json); POSIX only, no-op elsewhere."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(folder / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LdmExportError(f"another `ldm-export engines` is building into {folder}; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _serialize(loader) -> Any:
+    with polygraphy_logging():
+        return loader()
+
+
+def build_engines(bundle_path: str | os.PathLike, components: Sequence[str] | None = None,
+                  options: EngineOptions = EngineOptions(),
+                  progress: Callable[[str, str, str], None] | None = None,
+                  target: EngineTarget | None = None,
+                  serialize: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """Build one plan per component into ``BUNDLE/engines/<target.dirname>/`` and return that folder's engines.json.
+
+    ``target`` defaults to this machine (its GPU and TensorRT); ``serialize`` runs a loader chain and returns the
+    plan (default: Polygraphy, with TensorRT). Both are parameters so that the folder, index and atomicity logic is
+    testable on machines without TensorRT."""
+    bundle = Bundle.open(bundle_path)
+    comps = list(components) if components else bundle.components
+    unknown = [c for c in comps if c not in bundle.components]
+    if unknown:
+        raise LdmExportError(f"bundle {bundle.path} has no component {unknown[0]!r}; it has: {', '.join(bundle.components)}")
+    trt = None
+    if target is None or serialize is None:
+        trt = require_tensorrt()
+        target = target or current_target(trt)
+    serialize = serialize or _serialize
+    if options.precision == "fp16" and int(target.tensorrt_version.split(".")[0]) >= 11:
+        raise LdmExportError(f"TensorRT {target.tensorrt_version} has no FP16 builder flag (weak typing was removed in 11); "
+                             "build an fp16 bundle with `ldm-export build --precision fp16` and use --precision auto")
+    progress = progress or (lambda component, stage, detail: None)
+
+    folder = engines_root(bundle.path) / target.dirname
+    timing_cache = Path(options.timing_cache) if options.timing_cache else folder / "timing.cache"
+    recipes = [engine_recipe(bundle, c, options, timing_cache) for c in comps]  # fail before any build
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LdmExportError(f"cannot create {folder}: {e.strerror}; is the bundle writable?") from None
+
+    from polygraphy.exception import PolygraphyException
+
+    with _folder_lock(folder):
+        index = read_engines_json(folder) or {"format": ENGINES_FORMAT, "format_version": ENGINES_FORMAT_VERSION,
+                                              "target": target.to_json(), "engines": {}}
+        for r in recipes:
+            for note in r.notes:
+                log.warning("%s: %s", r.component, note)
+            progress(r.component, "building", f"({'strongly typed' if r.strongly_typed else 'FP16 flag'}, "
+                                              f"{r.bundle_precision} graph)")
+            t0 = time.perf_counter()
+            try:
+                plan = serialize(engine_loader(r, trt))
+            except PolygraphyException as e:
+                raise LdmExportError(f"{r.component}: TensorRT could not build the engine: {_first_line(e)}; "
+                                     "run with -v to see TensorRT's log") from None
+            seconds = time.perf_counter() - t0
+            plan_path = folder / f"{r.component}.plan"
+            try:
+                atomic_write_bytes(plan_path, plan)
+                onnx_rel = bundle.manifest["components"][r.component]["files"][0]
+                index["engines"][r.component] = {
+                    "file": plan_path.name, "size": plan_path.stat().st_size, "sha256": sha256_file(plan_path),
+                    "onnx": onnx_rel, "onnx_sha256": bundle.manifest["files"][onnx_rel]["sha256"],
+                    **r.to_json(), "timing_cache": str(timing_cache), "build_seconds": round(seconds, 2),
+                    "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "tools": _tool_versions(),
+                }
+                atomic_write_json(folder / ENGINES_JSON, index)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise LdmExportError(f"disk full while writing {plan_path}; free space and rerun "
+                                         "(engines already written are kept)") from None
+                raise LdmExportError(f"cannot write {plan_path}: {e.strerror}") from None
+            progress(r.component, "done", f"{plan_path.stat().st_size / 2**20:.1f} MB in {seconds:.1f} s")
+    return index
+
+
+def _tool_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("ldm-export", "polygraphy", "tensorrt"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
+
+
+def engines_summary(index: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rows for the CLI's summary table, one per component."""
+    rows = []
+    for comp, e in index.get("engines", {}).items():
+        prof = ", ".join(f"{k} {'x'.join(map(str, v['min']))}..{'x'.join(map(str, v['max']))}"
+                         for k, v in e["profile"].items() if v["min"] != v["max"])
+        rows.append({"component": comp, "file": e["file"], "size": e["size"], "network": e["network"],
+                     "flags": ",".join(e["builder_flags"]) or "-", "dynamic": prof or "static",
+                     "seconds": e["build_seconds"]})
+    return rows

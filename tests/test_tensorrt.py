@@ -1,0 +1,457 @@
+"""Native TensorRT backend: profiles from specs, engines folders, atomic writes, the missing-TensorRT path, and
+(where TensorRT and a GPU exist) a real build-and-run compared with ONNX Runtime on the CPU."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ldm_export.runtime.bundle import Bundle, sha256_file
+from ldm_export.runtime.engine_tensorrt import (
+    ENGINES_JSON, EngineTarget, available_targets, check_profile_bounds, engines_root, locate_plan,
+)
+from ldm_export.runtime.errors import LdmExportError
+from ldm_export.runtime.spec import text_encoder_spec, unet_spec, vae_decoder_spec
+
+H100 = EngineTarget("NVIDIA H100 80GB HBM3", (9, 0), "10.13.3.9")
+L4 = EngineTarget("NVIDIA L4", (8, 9), "10.13.3.9")
+
+
+def _tensorrt_missing() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+        import polygraphy  # noqa: F401
+    except Exception as e:  # noqa: BLE001  a broken install skips too, with its reason
+        return f"TensorRT is not installed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    try:
+        from ldm_export.runtime.engine_tensorrt import current_gpu
+        current_gpu()
+    except LdmExportError as e:
+        return f"no GPU for TensorRT: {e}"
+    return None
+
+
+def _polygraphy_missing() -> str | None:
+    try:
+        import polygraphy  # noqa: F401
+    except ImportError:
+        return "polygraphy is not installed (pip install polygraphy)"
+    return None
+
+
+needs_tensorrt = pytest.mark.skipif(bool(_tensorrt_missing()), reason=_tensorrt_missing() or "")
+needs_polygraphy = pytest.mark.skipif(bool(_polygraphy_missing()), reason=_polygraphy_missing() or "")
+
+
+# ---------------------------------------------------------------- profiles from specs
+
+def test_profile_dynamic_unet_takes_min_opt_max_of_every_symbolic_dim():
+    from ldm_export.export.tensorrt_build import profile_shapes
+
+    spec = unet_spec(4, 4, 768, latent_hw=(32, 64, 128), batch=(1, 2, 8))
+    prof = profile_shapes(spec)
+    assert list(prof) == ["sample", "timestep", "encoder_hidden_states"]
+    assert prof["sample"] == ((1, 4, 32, 32), (2, 4, 64, 64), (8, 4, 128, 128))
+    assert prof["timestep"] == ((), (), ())  # the scalar: fixed, min = opt = max
+    assert prof["encoder_hidden_states"] == ((1, 77, 768), (2, 77, 768), (8, 77, 768))
+
+
+def test_profile_vae_and_text_encoder_use_their_own_batch_ranges():
+    from ldm_export.export.tensorrt_build import profile_shapes
+
+    vae = profile_shapes(vae_decoder_spec(4, (16, 64, 96), batch=(1, 1, 4)))
+    assert vae == {"latent_sample": ((1, 4, 16, 16), (1, 4, 64, 64), (4, 4, 96, 96))}
+    te = profile_shapes(text_encoder_spec(768, max_length=77, batch=(1, 2, 8)))
+    assert te == {"input_ids": ((1, 77), (2, 77), (8, 77))}
+
+
+def test_profile_static_spec_gives_min_equal_opt_equal_max():
+    from ldm_export.export.tensorrt_build import profile_shapes
+
+    spec = unet_spec(4, 4, 768, latent_hw=(32, 64, 128)).static({"batch": 2, "height": 64, "width": 48, "sequence": 77})
+    prof = profile_shapes(spec)
+    assert prof["sample"] == ((2, 4, 64, 48),) * 3
+    assert prof["encoder_hidden_states"] == ((2, 77, 768),) * 3
+    assert all(lo == opt == hi for lo, opt, hi in prof.values())
+
+
+def test_profile_from_a_real_bundle_manifest(tiny_bundle):
+    from ldm_export.export.tensorrt_build import EngineOptions, engine_recipe
+
+    b = Bundle.open(tiny_bundle)
+    for comp in b.components:
+        spec = b.spec(comp)
+        r = engine_recipe(b, comp, EngineOptions(), tiny_bundle / "tc")
+        assert set(r.profile) == set(spec.input_names)
+        for t in spec.inputs:
+            lo, opt, hi = r.profile[t.name]
+            for k, d in enumerate(t.shape):
+                if isinstance(d, str):
+                    assert (lo[k], opt[k], hi[k]) == tuple(spec.profile[d])
+                else:
+                    assert lo[k] == opt[k] == hi[k] == d
+        assert r.strongly_typed and not r.fp16 and r.bundle_precision == "fp32"
+
+
+def _fake_bundle(manifest_from: Path, precision: str) -> Bundle:
+    b = Bundle.open(manifest_from)
+    m = json.loads(json.dumps(b.manifest))
+    for c in m["components"].values():
+        c["precision"] = precision
+    return Bundle(b.path, m)
+
+
+@pytest.mark.parametrize("bundle_precision, option, typed, fp16", [
+    ("fp32", "auto", True, False), ("fp16", "auto", True, False),
+    ("fp32", "fp16", False, True), ("fp16", "fp16", False, True),
+])
+def test_precision_from_manifest_and_option(tiny_bundle, bundle_precision, option, typed, fp16):
+    from ldm_export.export.tensorrt_build import EngineOptions, engine_recipe
+
+    r = engine_recipe(_fake_bundle(tiny_bundle, bundle_precision), "unet", EngineOptions(precision=option), Path("tc"))
+    assert (r.strongly_typed, r.fp16, r.bundle_precision) == (typed, fp16, bundle_precision)
+    assert r.to_json()["network"] == ("strongly-typed" if typed else "weakly-typed")
+    assert bool(r.notes) == (bundle_precision == "fp16" and option == "fp16")
+
+
+def test_unknown_bundle_precision_is_not_built_yet(tiny_bundle):
+    from ldm_export.export.tensorrt_build import EngineOptions, engine_recipe
+
+    with pytest.raises(NotImplementedError, match="int8"):
+        engine_recipe(_fake_bundle(tiny_bundle, "int8"), "unet", EngineOptions(), Path("tc"))
+
+
+@pytest.mark.parametrize("kwargs, match", [({"precision": "bf16"}, "precision"), ({"optimization_level": 6}, "0 to 5"),
+                                           ({"workspace_gb": 0}, "workspace")])
+def test_bad_options_are_one_line_errors(kwargs, match):
+    from ldm_export.export.tensorrt_build import EngineOptions
+
+    with pytest.raises(LdmExportError, match=match) as e:
+        EngineOptions(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- Polygraphy loader chain (constructed, not run)
+
+@needs_polygraphy
+@pytest.mark.parametrize("precision", ["auto", "fp16"])
+def test_polygraphy_chain_carries_profile_flags_and_timing_cache(tiny_bundle, tmp_path, precision):
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
+
+    from ldm_export.export.tensorrt_build import EngineOptions, engine_loader, engine_recipe
+
+    b = Bundle.open(tiny_bundle)
+    cache = tmp_path / "timing.cache"
+    r = engine_recipe(b, "unet", EngineOptions(precision=precision, optimization_level=4), cache)
+    loader = engine_loader(r)
+    assert isinstance(loader, EngineBytesFromNetwork)
+    assert loader.timing_cache_path == str(cache)
+    net, cfg = loader._network, loader._config
+    assert isinstance(net, NetworkFromOnnxPath) and isinstance(cfg, CreateConfig)
+    assert net.path == str(b.model_path("unet"))
+    assert net.strongly_typed is (precision == "auto")
+    assert cfg.fp16 is (precision == "fp16") and cfg.tf32 is False and cfg.int8 is False
+    assert cfg.builder_optimization_level == 4
+    assert cfg.timing_cache_path == str(cache)
+    assert cfg.memory_pool_limits is None
+    (profile,) = cfg.profiles
+    spec = b.spec("unet")
+    assert list(profile) == spec.input_names
+    lo, hi = spec.profile["height"][0], spec.profile["height"][2]
+    assert tuple(profile["sample"].min) == (spec.profile["batch"][0], 4, lo, lo)
+    assert tuple(profile["sample"].max) == (spec.profile["batch"][2], 4, hi, hi)
+    assert tuple(profile["encoder_hidden_states"].opt)[0] == spec.profile["batch"][1]
+    assert tuple(profile["timestep"].min) == ()
+
+
+@needs_polygraphy
+def test_workspace_limit_goes_to_the_workspace_pool(tiny_bundle, tmp_path):
+    from types import SimpleNamespace
+
+    from ldm_export.export.tensorrt_build import EngineOptions, engine_loader, engine_recipe
+
+    fake_trt = SimpleNamespace(MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"))  # the enum is TensorRT's
+    r = engine_recipe(Bundle.open(tiny_bundle), "vae_decoder", EngineOptions(workspace_gb=1.5), tmp_path / "tc")
+    assert engine_loader(r, trt=fake_trt)._config.memory_pool_limits == {"WORKSPACE": int(1.5 * 2**30)}
+
+
+# ---------------------------------------------------------------- engines folder naming and selection
+
+@pytest.mark.parametrize("target, name", [
+    (H100, "NVIDIA_H100_80GB_HBM3_sm90_trt10.13.3.9"),
+    (EngineTarget("NVIDIA GeForce RTX 4090", (8, 9), "10.8.0.43"), "NVIDIA_GeForce_RTX_4090_sm89_trt10.8.0.43"),
+    (EngineTarget("Orin (nvgpu)", (8, 7), "10.3.0"), "Orin_nvgpu_sm87_trt10.3.0"),
+    (EngineTarget("A/B:C  D", (12, 0), "11.0.0+cuda13"), "A_B_C_D_sm120_trt11.0.0_cuda13"),
+])
+def test_engines_folder_name_is_sanitised(target, name):
+    assert target.dirname == name
+    assert "/" not in target.dirname and " " not in target.dirname
+    assert EngineTarget.from_json(target.to_json()) == target
+
+
+@pytest.fixture()
+def bundle_copy(tiny_bundle, tmp_path) -> Path:
+    """A private copy of the tiny bundle (tests here write engines into it)."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+def _fake_plans(loader) -> bytes:
+    """Stands in for TensorRT here: a 'plan' naming the ONNX file and profile the chain was built with."""
+    net, cfg = loader._network, loader._config
+    return json.dumps({"onnx": net.path, "profile": repr(cfg.profiles[0]), "typed": net.strongly_typed}).encode()
+
+
+@needs_polygraphy
+def test_build_engines_layout_index_and_manifest_untouched(bundle_copy):
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    manifest_before = (bundle_copy / "ldm_export.json").read_bytes()
+    seen = []
+    index = build_engines(bundle_copy, None, EngineOptions(), progress=lambda c, s, d: seen.append((c, s)),
+                          target=H100, serialize=_fake_plans)
+    folder = bundle_copy / "engines" / H100.dirname
+    assert sorted(p.name for p in folder.glob("*.plan")) == ["text_encoder.plan", "unet.plan", "vae_decoder.plan"]
+    assert json.loads((folder / ENGINES_JSON).read_text()) == index
+    assert index["target"] == H100.to_json()
+    b = Bundle.open(bundle_copy, verify=True)  # the manifest's sha256 list is still valid
+    assert (bundle_copy / "ldm_export.json").read_bytes() == manifest_before
+    for comp in b.components:
+        e = index["engines"][comp]
+        plan = folder / e["file"]
+        assert e["sha256"] == sha256_file(plan) and e["size"] == plan.stat().st_size
+        assert e["onnx_sha256"] == b.manifest["files"][e["onnx"]]["sha256"]
+        assert json.loads(plan.read_text())["onnx"] == str(b.model_path(comp))
+        assert e["network"] == "strongly-typed" and e["builder_flags"] == []
+        assert e["timing_cache"] == str(folder / "timing.cache")
+        assert (comp, "done") in seen
+    assert e["profile"]["latent_sample"]["max"][2] == b.spec("vae_decoder").profile["height"][2]
+    assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp"))
+
+
+@needs_polygraphy
+def test_rebuilding_one_component_keeps_the_others(bundle_copy):
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    build_engines(bundle_copy, None, EngineOptions(), target=H100, serialize=_fake_plans)
+    first = json.loads((engines_root(bundle_copy) / H100.dirname / ENGINES_JSON).read_text())
+    index = build_engines(bundle_copy, ["unet"], EngineOptions(precision="fp16", optimization_level=1), target=H100,
+                          serialize=_fake_plans)
+    assert index["engines"]["text_encoder"] == first["engines"]["text_encoder"]
+    assert index["engines"]["unet"]["builder_flags"] == ["FP16"]
+    assert index["engines"]["unet"]["builder_optimization_level"] == 1
+
+
+@needs_polygraphy
+def test_fp16_flag_refused_on_tensorrt_11(bundle_copy):
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    trt11 = EngineTarget("NVIDIA H100 80GB HBM3", (9, 0), "11.0.0.1")
+    with pytest.raises(LdmExportError, match="no FP16 builder flag"):
+        build_engines(bundle_copy, ["unet"], EngineOptions(precision="fp16"), target=trt11, serialize=_fake_plans)
+    assert not (engines_root(bundle_copy) / trt11.dirname).exists()
+
+
+def test_unknown_component_is_refused_before_any_build(bundle_copy):
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    with pytest.raises(LdmExportError, match="no component 'refiner'"):
+        build_engines(bundle_copy, ["refiner"], EngineOptions(), target=H100, serialize=_fake_plans)
+    assert not engines_root(bundle_copy).exists()
+
+
+@needs_polygraphy
+def test_selection_picks_the_matching_folder_and_lists_others(bundle_copy):
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    b = Bundle.open(bundle_copy)
+    with pytest.raises(LdmExportError, match="found: none") as e:
+        locate_plan(b, "unet", H100)
+    assert "ldm-export engines" in str(e.value) and "\n" not in str(e.value)
+
+    build_engines(bundle_copy, None, EngineOptions(), target=H100, serialize=_fake_plans)
+    build_engines(bundle_copy, ["unet"], EngineOptions(), target=L4, serialize=_fake_plans)
+    assert available_targets(bundle_copy) == sorted([H100.dirname, L4.dirname])
+    plan, entry = locate_plan(b, "unet", H100)
+    assert plan == engines_root(bundle_copy) / H100.dirname / "unet.plan" and entry["file"] == "unet.plan"
+    assert locate_plan(b, "unet", L4)[0].parent.name == L4.dirname
+
+    other_trt = EngineTarget(H100.gpu_name, H100.compute_capability, "10.14.1.48")
+    with pytest.raises(LdmExportError) as e:
+        locate_plan(b, "unet", other_trt)
+    msg = str(e.value)
+    assert other_trt.dirname in msg and H100.dirname in msg and L4.dirname in msg
+    assert f"ldm-export engines {bundle_copy}" in msg
+    with pytest.raises(LdmExportError, match="has no engine for vae_decoder"):
+        locate_plan(b, "vae_decoder", L4)
+
+
+@needs_polygraphy
+def test_selection_refuses_changed_plans_and_stale_onnx(bundle_copy):
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    build_engines(bundle_copy, None, EngineOptions(), target=H100, serialize=_fake_plans)
+    b = Bundle.open(bundle_copy)
+    plan = engines_root(bundle_copy) / H100.dirname / "unet.plan"
+    plan.write_bytes(plan.read_bytes()[:-1] + b"!")
+    with pytest.raises(LdmExportError, match="sha256 mismatch"):
+        locate_plan(b, "unet", H100)
+
+    m = json.loads(json.dumps(b.manifest))  # a rebuilt bundle: same names, a different text_encoder graph
+    m["files"]["text_encoder/model.onnx"]["sha256"] = "0" * 64
+    with pytest.raises(LdmExportError, match="built from a different text_encoder/model.onnx"):
+        locate_plan(Bundle(b.path, m), "text_encoder", H100)
+    plan.unlink()
+    with pytest.raises(LdmExportError, match="unet.plan is missing"):
+        locate_plan(b, "unet", H100)
+
+
+def test_profile_bounds_are_checked_at_the_boundary():
+    spec = unet_spec(4, 4, 32, latent_hw=(2, 8, 16), batch=(1, 2, 8))
+    ok = {"sample": np.zeros((2, 4, 16, 2), np.float32), "timestep": np.float32(1.0),
+          "encoder_hidden_states": np.zeros((2, 77, 32), np.float32)}
+    check_profile_bounds(spec, ok)
+    too_big = dict(ok, sample=np.zeros((2, 4, 17, 8), np.float32))
+    with pytest.raises(LdmExportError, match=r"dimension 'height' is 17, outside the range 2\.\.16"):
+        check_profile_bounds(spec, too_big)
+    with pytest.raises(LdmExportError, match="'batch' is 9"):
+        check_profile_bounds(spec, dict(ok, sample=np.zeros((9, 4, 8, 8), np.float32),
+                                        encoder_hidden_states=np.zeros((9, 77, 32), np.float32)))
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
+    from ldm_export.export.tensorrt_build import atomic_write_bytes, atomic_write_json
+
+    p = tmp_path / "unet.plan"
+    atomic_write_bytes(p, b"old plan")
+    atomic_write_bytes(p, memoryview(b"new plan, longer"))
+    assert p.read_bytes() == b"new plan, longer"
+    atomic_write_json(tmp_path / "engines.json", {"a": [1, 2]})
+    assert json.loads((tmp_path / "engines.json").read_text()) == {"a": [1, 2]}
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["engines.json", "unet.plan"]
+
+
+def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    from ldm_export.export import tensorrt_build
+
+    p = tmp_path / "unet.plan"
+    p.write_bytes(b"good plan")
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tensorrt_build.os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        tensorrt_build.atomic_write_bytes(p, b"x" * 1000)
+    assert p.read_bytes() == b"good plan"
+    assert [x.name for x in tmp_path.iterdir()] == ["unet.plan"]
+
+
+@needs_polygraphy
+def test_failed_build_leaves_earlier_engines_and_a_valid_index(bundle_copy):
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+    from polygraphy.exception import PolygraphyException
+
+    def fails_on_vae(loader):
+        if "vae_decoder" in loader._network.path:
+            raise PolygraphyException("Failed to parse ONNX model.\nIn node 12 (Conv): bad")
+        return _fake_plans(loader)
+
+    with pytest.raises(LdmExportError) as e:
+        build_engines(bundle_copy, None, EngineOptions(), target=H100, serialize=fails_on_vae)
+    assert str(e.value).startswith("vae_decoder: TensorRT could not build the engine: Failed to parse ONNX model.")
+    assert "\n" not in str(e.value)
+    index = json.loads((engines_root(bundle_copy) / H100.dirname / ENGINES_JSON).read_text())
+    assert sorted(index["engines"]) == ["text_encoder", "unet"]
+    assert not (engines_root(bundle_copy) / H100.dirname / "vae_decoder.plan").exists()
+
+
+# ---------------------------------------------------------------- missing TensorRT, through the CLI
+
+def _cli_without_tensorrt(*args: str) -> subprocess.CompletedProcess:
+    """`ldm-export ARGS` in a fresh interpreter where `import tensorrt` fails, as on a machine without it."""
+    code = ("import sys; sys.modules['tensorrt'] = None; sys.argv = ['ldm-export', *sys.argv[1:]]; "
+            "from ldm_export.cli import main; main()")
+    env = {k: v for k, v in os.environ.items() if k != "LDM_EXPORT_DEBUG"}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_engines_without_tensorrt_is_one_line_naming_the_install(tiny_bundle):
+    r = _cli_without_tensorrt("engines", str(tiny_bundle))
+    assert r.returncode == 2, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert lines[0].startswith("error: TensorRT is not installed")
+    assert "pip install 'ldm-export[tensorrt]'" in lines[0] and "pypi.nvidia.com" in lines[0]
+    assert not engines_root(tiny_bundle).exists()
+
+
+def test_tensorrt_native_provider_without_tensorrt_is_one_error(tiny_bundle):
+    code = ("import sys; sys.modules['tensorrt'] = None\n"
+            "from ldm_export.runtime.errors import LdmExportError\n"
+            "from ldm_export.runtime.pipeline import Pipeline\n"
+            "try:\n    Pipeline.from_bundle(sys.argv[1], provider='tensorrt-native')\n"
+            "except LdmExportError as e:\n    print('ERR', e); sys.exit(0)\n"
+            "sys.exit(1)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_bundle)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("ERR TensorRT is not installed") and r.stdout.count("\n") == 1
+
+
+def test_runtime_module_never_imports_torch():
+    code = ("import sys, ldm_export.runtime.engine_tensorrt, ldm_export.runtime.pipeline; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'tensorrt', 'polygraphy')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"  # torch never; tensorrt and polygraphy only when an engine is made
+
+
+# ---------------------------------------------------------------- the real thing (TensorRT + GPU)
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+@pytest.mark.tensorrt
+@needs_tensorrt
+def test_end_to_end_engines_match_onnxruntime_cpu(bundle_copy):
+    from ldm_export.cli import cli  # noqa: F401  the CLI must import with TensorRT present
+    from ldm_export.runtime.engine import OrtEngine
+    from ldm_export.runtime.engine_tensorrt import current_target, load_tensorrt_engine
+
+    r = subprocess.run([sys.executable, "-m", "ldm_export.cli", "engines", str(bundle_copy), "--opt-level", "1"],
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr
+    b = Bundle.open(bundle_copy, verify=True)
+    target = current_target()
+    assert available_targets(bundle_copy) == [target.dirname]
+    rng = np.random.default_rng(0)
+    for comp in b.components:
+        spec = b.spec(comp)
+        for which in ("min", "opt", "max"):
+            feeds = {}
+            dims = {d: spec.profile[d][{"min": 0, "opt": 1, "max": 2}[which]] for d in spec.profile}
+            for t in spec.inputs:
+                shape = spec.concrete_shape(t, dims)
+                if t.dtype.startswith("int"):
+                    feeds[t.name] = rng.integers(0, 1000, shape).astype(t.dtype)
+                else:
+                    feeds[t.name] = np.asarray(rng.standard_normal(shape) * (500 if t.name == "timestep" else 1),
+                                               dtype=t.dtype)
+            ref = OrtEngine(b.model_path(comp), spec, provider="cpu").run(feeds)
+            with load_tensorrt_engine(b, comp, target) as eng:
+                got = eng.run(feeds)
+            for name in spec.output_names:
+                assert got[name].shape == ref[name].shape, (comp, name, which)
+                cos = _cosine(got[name], ref[name])
+                assert cos >= 0.999, f"{comp}.{name} at {which}: cosine {cos:.6f}"
