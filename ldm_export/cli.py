@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ldm_export.runtime.errors import LdmExportError
@@ -39,12 +40,12 @@ def _guard(fn):
         except LdmExportError as e:
             if debug:
                 raise
-            console.print(f"[red]error:[/red] {e}", soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
             sys.exit(e.exit_code)
         except NotImplementedError as e:
             if debug:
                 raise
-            console.print(f"[red]error:[/red] not built yet: {e}", soft_wrap=True)
+            console.print(f"[red]error:[/red] not built yet: {escape(str(e))}", soft_wrap=True)
             sys.exit(2)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]: stopped; nothing was written", soft_wrap=True)
@@ -181,7 +182,9 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("image.png"), show_default=True,
               help="PNG path; with several images, -1, -2, ... are added before .png.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt", "tensorrt-native"]), default="cpu", show_default=True,
+              help="ONNX Runtime on the CPU, CUDA or its TensorRT provider; tensorrt-native runs the bundle's TensorRT engines "
+                   "(`ldm-export engines BUNDLE`).")
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @click.option("--cfg-mode", type=click.Choice(["batch2", "sequential"]), default="batch2", show_default=True,
               help="CFG as one batch-2 UNet run, or two batch-1 runs where memory is tight.")
