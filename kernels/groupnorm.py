@@ -7,7 +7,7 @@ Emitted at export time: every ``nn.GroupNorm`` forward calls :class:`GroupNormFn
 ``F.group_norm`` and whose ``symbolic`` emits Transpose(NCHW->NHWC) -> GroupNorm(channels_last=1) -> Transpose
 back; :func:`fuse_silu` then folds a following Sigmoid + Mul into the node (``activation=1``).
 ONNX Runtime's GroupNorm kernel exists on the CUDA provider only (NHWC only, gamma/beta float32: ORT's fp16
-converter keeps them float32), so it is emitted for target cuda; target cpu keeps the standard ops.
+converter keeps them float32; it reads channels in pairs, so norms with an odd channel count per group stay unfused), so it is emitted for target cuda; target cpu keeps the standard ops.
 """
 from __future__ import annotations
 
@@ -90,7 +90,8 @@ def install(module) -> list:
 
     saved = []
     for m in module.modules():
-        if isinstance(m, torch.nn.GroupNorm):
+        # the CUDA kernel works on channel pairs: a group of an odd channel count stays unfused (SD's are all even)
+        if isinstance(m, torch.nn.GroupNorm) and (m.num_channels // m.num_groups) % 2 == 0:
             saved.append(m)
             m.forward = types.MethodType(_fused_forward, m)
     log.debug("fused GroupNorm on %d modules", len(saved))

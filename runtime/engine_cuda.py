@@ -106,7 +106,7 @@ class CudaEngine:
             a = np.asarray(a)
             if want is not None and a.dtype != want and a.dtype.kind == "f" and want.kind == "f":
                 a = a.astype(want)
-            out[k] = np.ascontiguousarray(a)
+            out[k] = a if a.flags.c_contiguous else np.array(a, order="C")  # ascontiguousarray makes 0-d arrays 1-d
         return out
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -29,7 +29,7 @@ def _model(path, name="unet", dtype=TensorProto.FLOAT16):
                                        helper.make_tensor_value_info("timestep", TensorProto.FLOAT, []),
                                        helper.make_tensor_value_info("encoder_hidden_states", dtype, [2, 4, 8, 8])],
                           [helper.make_tensor_value_info("out_sample", dtype, [2, 4, 8, 8])])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m = helper.make_model(g, ir_version=9, opset_imports=[helper.make_opsetid("", 17)])
     path.write_bytes(m.SerializeToString())
     spec = ComponentSpec(name, (TensorSpec("sample", "float16", (2, 4, 8, 8)), TensorSpec("timestep", "float32", ()),
                                 TensorSpec("encoder_hidden_states", "float16", (2, 4, 8, 8))),
@@ -40,6 +40,16 @@ def _model(path, name="unet", dtype=TensorProto.FLOAT16):
 def test_runtime_module_does_not_import_torch():
     code = "import sys, ldm_export.runtime.engine_cuda; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_zero_d_feeds_stay_zero_d():
+    from ldm_export.runtime.engine_cuda import CudaEngine as E
+
+    e = E.__new__(E)
+    e._dtypes = {"timestep": np.dtype("float32"), "sample": np.dtype("float16")}
+    out = e._cast({"timestep": np.asarray(3.0, np.float64), "sample": np.ones((2, 3), np.float32)[:, ::2]})
+    assert out["timestep"].shape == () and out["timestep"].dtype == np.float32
+    assert out["sample"].dtype == np.float16 and out["sample"].flags.c_contiguous
 
 
 def test_profile_summary_skips_warmup_runs(tmp_path):

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root: `bash tools/gpu/sd15.sh build` then `bash tools/gpu/sd15.sh bench`.
-# Needs onnxruntime-gpu and diffusers installed under /tmp/site; writes logs and reports to $OUT.
+# Needs onnxruntime-gpu and diffusers installed under /tmp/site; writes logs and reports to $BENCH_OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${BENCH_OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e . failed"; exit 1; }
 python3 -c "import torch, onnxruntime as o, diffusers; print('torch', torch.__version__, 'ort', o.__version__, o.get_available_providers(), 'diffusers', diffusers.__version__)"
 B=/tmp/sd15-cuda-fp16

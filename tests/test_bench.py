@@ -1,0 +1,61 @@
+"""`ldm-export bench`: statistics, fidelity metrics, reports, the CLI's checks, and one tiny CPU run end to end."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from ldm_export.export.bench import image_fidelity, markdown, stats, write_reports
+
+from conftest import run_cli, torch_available
+
+
+def test_stats_median_and_p90():
+    s = stats([0.001 * k for k in range(1, 11)])  # 1..10 ms
+    assert s["median_ms"] == pytest.approx(5.5) and s["p90_ms"] == pytest.approx(9.1) and s["n"] == 10
+
+
+def test_image_fidelity_analytic():
+    ref = np.zeros((1, 3, 4, 4))
+    assert image_fidelity(ref + 0.5, ref + 0.5) == {"cosine": pytest.approx(1.0), "psnr_db": math.inf, "finite": True}
+    # a uniform error of 0.2 in [-1, 1] is 0.1 in [0, 1]: MSE 0.01, PSNR 20 dB
+    assert image_fidelity(ref + 0.7, ref + 0.5)["psnr_db"] == pytest.approx(20.0)
+    assert image_fidelity(ref + np.nan, ref + 0.5)["finite"] is False
+
+
+def _result():
+    comp = {k: {"median_ms": v, "p90_ms": v * 1.1, "min_ms": v, "n": 3} for k, v in
+            (("text_encoder", 2.0), ("unet_step", 10.0), ("vae_decode", 5.0))}
+    entry = lambda e2e: {"precision": "fp16", "components": comp, "end_to_end": {"median_ms": e2e, "p90_ms": e2e, "min_ms": e2e, "n": 2},  # noqa: E731
+                         "fidelity": {"cosine": 0.99999, "psnr_db": 50.0, "finite": True}, "gpu_memory_peak_mb": 1000.0}
+    return {"model": "sd15", "weights": "random", "device": "cuda", "gpu": "H100", "resolution": 512, "steps": 50,
+            "guidance_scale": 7.5, "repeats": 3, "e2e_repeats": 2, "host_step_overhead_ms": 0.4,
+            "backends": {"torch-eager": entry(2000.0), "ort": entry(500.0), "tensorrt": {"skipped": "not installed"}}}
+
+
+def test_reports_table_and_files(tmp_path):
+    md = markdown(_result())
+    assert "| ort | fp16 | 2.00 (2.20) | 10.00 (11.00) | 5.00 (5.50) | 0.500 (0.500) | 4.00× |" in md
+    assert "skipped: not installed" in md
+    write_reports(_result(), tmp_path)
+    assert json.loads((tmp_path / "bench_sd15_cuda.json").read_text())["backends"]["ort"]["end_to_end"]["median_ms"] == 500.0
+    assert (tmp_path / "bench_sd15_cuda.png").stat().st_size > 1000
+
+
+def test_cli_refuses_unknown_backend():
+    r = run_cli("bench", "--backends", "torch-eager,onnx")
+    assert r.returncode == 2 and "unknown backend 'onnx'" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch_available(), reason="needs torch and diffusers")
+def test_tiny_cpu_bench_end_to_end(tiny_bundle, tmp_path):
+    r = run_cli("bench", "--bundle", str(tiny_bundle), "--device", "cpu", "--backends", "torch-eager,ort,tensorrt",
+                "--steps", "2", "--repeats", "2", "--e2e-repeats", "1", "--warmup", "1", "--threads", "1", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "bench_tiny_cpu.json").read_text())
+    assert "skipped" in res["backends"]["tensorrt"]
+    for name in ("torch-eager", "ort"):  # same weights, latents and sampler: the images agree with PyTorch fp32
+        assert res["backends"][name]["fidelity"]["cosine"] > 0.9999, res["backends"][name]
