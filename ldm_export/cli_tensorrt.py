@@ -9,26 +9,12 @@ import click
 
 
 def _guard(fn):
-    """The CLI's error handling (one line and an exit code), imported when called: cli.py imports this module.
-
-    Messages are markup-escaped first: cli's guard prints them as rich markup, which would swallow the
-    ``[tensorrt]`` of ``pip install 'ldm-export[tensorrt]'``."""
-    @functools.wraps(fn)
-    def escaped(*args, **kwargs):
-        from rich.markup import escape
-
-        from ldm_export.runtime.errors import LdmExportError
-
-        try:
-            return fn(*args, **kwargs)
-        except LdmExportError as e:
-            raise LdmExportError(escape(str(e)), exit_code=e.exit_code) from None
-
+    """The CLI's error handling (one line and an exit code), imported when called: cli.py imports this module."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from ldm_export.cli import _guard as guard
 
-        return guard(escaped)(*args, **kwargs)
+        return guard(fn)(*args, **kwargs)
     return wrapper
 
 
