@@ -16,7 +16,7 @@ from ldm_export.runtime.errors import LdmExportError
 from ldm_export.zoo import DEFAULT_MODEL, ModelSpec, get_model
 
 from .bundle_writer import check_out_dir, staging
-from .precision import FP16_POLICY, PRECISIONS
+from .precision import PRECISIONS, fp16_policy
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             _check(report["fp32"], component, "fp32")
             if cfg.precision == "fp16":
                 progress(component, "fp16", "")
-                model16 = convert_fp16(str(path), component)
+                model16 = convert_fp16(str(path), component, cfg.target)
                 kernels.dedupe_nodes(model16)  # the converter can emit one Cast twice (static sd15 UNet)
                 for f in files:
                     f.unlink()
@@ -153,7 +153,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                 del model16
                 gc.collect()
                 cspec = cspec.with_dtype("float16", [t.name for t in (*cspec.inputs, *cspec.outputs)
-                                                     if t.dtype == "float32" and t.name not in FP16_POLICY[component].keep_fp32_io])
+                                                     if t.dtype == "float32" and t.name not in fp16_policy(component, cfg.target).keep_fp32_io])
                 progress(component, "verify fp16", "")
                 report["fp16"] = X.verify(path, cspec, feeds, reference, "fp16", cfg.threads, cfg.resolved_verify_provider()).to_json()
                 _check(report["fp16"], component, "fp16")
@@ -161,7 +161,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             manifest["components"][component] = {
                 "precision": cfg.precision, "spec": cspec.to_json(),
                 "files": [str(f.relative_to(stage)) for f in files],
-                "fp16_policy": FP16_POLICY[component].to_json() if cfg.precision == "fp16" else None,
+                "fp16_policy": fp16_policy(component, cfg.target).to_json() if cfg.precision == "fp16" else None,
                 "kernels": kernels.describe(component, cfg.target),
                 "verification": report,
             }

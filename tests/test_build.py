@@ -235,3 +235,13 @@ def test_all_zoo_models_have_consistent_specs():
         specs = spec.component_specs()
         assert specs["unet"].inputs[2].shape[-1] == spec.unet["cross_attention_dim"] == spec.text_encoder["hidden_size"] \
             or spec.name == "sd21" and spec.unet["cross_attention_dim"] == 1024 == spec.text_encoder["hidden_size"]
+
+
+def test_fp16_policy_per_target():
+    from ldm_export.export.precision import fp16_policy
+
+    assert "LayerNormalization" in fp16_policy("unet", "cpu").keep_op_types
+    cuda = fp16_policy("unet", "cuda")
+    assert "LayerNormalization" not in cuda.keep_op_types and "InstanceNormalization" in cuda.keep_op_types
+    assert cuda.keep_fp32_io == ("timestep",) and "on cuda" in cuda.reason
+    assert fp16_policy("vae_decoder", "cuda").keep_name_prefixes == fp16_policy("vae_decoder", "cpu").keep_name_prefixes
