@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import time
@@ -59,8 +58,20 @@ def log_line(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def lr_at(step: int, lr: float, warmup: int) -> float:
-    return lr * min(1.0, (step + 1) / warmup)
+def lr_at(step: int, lr: float, warmup: int, progress: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 10 % over ``progress`` in [0, 1] (steps or seconds done / budget)."""
+    decay = 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))
+    return lr * min(1.0, (step + 1) / warmup) * decay
+
+
+def _progress(step: int, steps: int, t0: float, seconds: float) -> float:
+    done = step / max(1, steps)
+    return max(done, (time.time() - t0) / seconds) if seconds else done
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA (the GPU run); plain fp32 on the CPU."""
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def train_vae(images_u8: torch.Tensor, args, log_path: Path, device: torch.device):
@@ -79,13 +90,15 @@ def train_vae(images_u8: torch.Tensor, args, log_path: Path, device: torch.devic
             break
         idx = torch.randint(0, n, (args.vae_batch,), generator=gen).to(device)
         x = images_u8[idx].permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, 64, 64) in [-1, 1]
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        with _autocast(device):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample.float()
         l1 = (rec - x).abs().mean()
-        kl = post.kl().mean() / x[0].numel()
-        loss = l1 + args.vae_kl * kl
+        kl = post.kl().float().mean() / x[0].numel()
+        # L1 keeps edges sharp; the squared term punishes the colour shifts the adherence check reads
+        loss = l1 + (rec - x).pow(2).mean() + args.vae_kl * kl
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.vae_lr, 200)
+            g["lr"] = lr_at(step, args.vae_lr, 200, _progress(step, args.vae_steps, t0, args.vae_seconds))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -157,11 +170,12 @@ def train_diffusion(lat_mean, lat_std, ids, empty_ids, scale, args, log_path: Pa
         input_ids = torch.where(drop[:, None], empty_ids[None, :], ids[idx, cap]).to(device)  # (B, 77)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        encoder_hidden_states = text_encoder(input_ids)[0]  # (B, 77, D)
-        pred = unet(noisy, t, encoder_hidden_states).sample
-        loss = F.mse_loss(pred, noise)
+        with _autocast(device):
+            encoder_hidden_states = text_encoder(input_ids)[0]  # (B, 77, D)
+            pred = unet(noisy, t, encoder_hidden_states).sample
+        loss = F.mse_loss(pred.float(), noise)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.lr, 500)
+            g["lr"] = lr_at(step, args.lr, 500, _progress(step, args.unet_steps, t0, args.unet_seconds))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -219,6 +233,38 @@ def save_folder(out: Path, text_encoder, unet, vae, tokenizer_dir: Path, dtype=t
     (out / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
 
 
+def load_text_encoder(folder: str | Path):
+    """CLIPTextModel in fp32 from a folder written by transformers 4.x or 5.x.
+
+    transformers 5 saves CLIPTextModel's weights without the ``text_model.`` prefix that 4.x expects;
+    re-keying them lets a folder written on the GPU machine (transformers 5) load here (4.57).
+    """
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    state = {k: v.float() for k, v in load_file(folder / "model.safetensors").items()}
+    model = CLIPTextModel(CLIPTextConfig(**config.TEXT_ENCODER))
+    expected = set(model.state_dict())
+    if not set(state) <= expected:
+        state = {k if k in expected else f"text_model.{k}": v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"text encoder weights do not match: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+def repackage(src: str | Path, dst: str | Path) -> None:
+    """Re-save a trained folder with this machine's libraries (fp16 weights, fp32 modules on load)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    src = Path(src)
+    save_folder(Path(dst), load_text_encoder(src / "text_encoder"),
+                UNet2DConditionModel.from_pretrained(src / "unet").float(),
+                AutoencoderKL.from_pretrained(src / "vae").float(), src / "tokenizer")
+
+
 def euler_generate(text_encoder, unet, vae, tok, device: torch.device):
     """SD's sampling loop with diffusers' EulerDiscreteScheduler and CFG, without the pipeline class."""
     from diffusers import EulerDiscreteScheduler
@@ -271,11 +317,16 @@ def parse_args(argv=None):
     p.add_argument("--unet-seconds", type=float, default=0, help="stop the diffusion stage after this long (0: no limit)")
     p.add_argument("--log-every", type=int, default=200)
     p.add_argument("--eval", action="store_true", help="after training, measure adherence with the Euler loop")
+    p.add_argument("--repackage", metavar="SRC", help="only re-save the trained folder SRC into --out with this "
+                   "machine's libraries (e.g. one written by transformers 5 on the GPU machine)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.repackage:
+        repackage(args.repackage, args.out)
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
@@ -283,6 +334,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions once
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -312,9 +364,7 @@ def main(argv=None) -> None:
     save_folder(out / "model", text_encoder, unet, vae, Path(args.tokenizer))
     # sample from the weights as saved (fp16-rounded), in fp32
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    text_encoder = CLIPTextModel.from_pretrained(out / "model" / "text_encoder").float().to(device)
+    text_encoder = load_text_encoder(out / "model" / "text_encoder").to(device)
     unet = UNet2DConditionModel.from_pretrained(out / "model" / "unet").float().to(device)
     vae = AutoencoderKL.from_pretrained(out / "model" / "vae").float().to(device)
     generate = euler_generate(text_encoder.eval(), unet.eval(), vae.eval(), tok, device)
