@@ -320,7 +320,9 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
     if source == "random":
         loaded = load_weights(spec, None, random_weights=True, seed=weights_info.get("seed", cfg.seed))
     elif source == "embedded" or weights_info.get("path") is None:
-        loaded = load_weights(spec, Path(__file__).resolve().parent.parent / "ldm_export" / spec.embedded_weights)
+        from .build import embedded_weights_path
+
+        loaded = load_weights(spec, embedded_weights_path(spec))
     else:
         loaded = load_weights(spec, Path(weights_info["path"]))
     modules = loaded.modules

@@ -94,8 +94,9 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
     out = cfg.resolved_out()
     progress("weights", "loading", str(cfg.weights or ("random" if cfg.random_weights else "embedded")))
     weights_path = cfg.weights
-    if weights_path is None and not cfg.random_weights:
-        weights_path = Path(__file__).resolve().parent.parent / "ldm_export" / spec.embedded_weights
+    embedded = weights_path is None and not cfg.random_weights
+    if embedded:
+        weights_path = embedded_weights_path(spec)
     loaded = load_weights(spec, weights_path, random_weights=cfg.random_weights, seed=cfg.seed,
                           trust_pickle=cfg.trust_pickle)
     modules = loaded.modules
@@ -114,7 +115,8 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             "latent_channels": spec.vae["latent_channels"], "max_length": spec.max_length,
             "pad_token": _pad_token(spec),
         },
-        "weights": {"source": loaded.source, "sha256": loaded.sha256, "seed": loaded.seed,
+        "weights": embedded_weights_info(spec, loaded) if embedded else
+                   {"source": loaded.source, "sha256": loaded.sha256, "seed": loaded.seed,
                     "path": str(weights_path) if weights_path and loaded.source != "random" else None},
         "target": cfg.target, "static_shape": cfg.static_shape, "verify_provider": cfg.resolved_verify_provider(),
         "components": {}, "files": {},
@@ -179,6 +181,19 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
         _write_json(stage / MANIFEST, manifest)
     progress("bundle", "done", str(out))
     return manifest
+
+
+def embedded_weights_path(spec: ModelSpec) -> Path:
+    """The diffusers folder shipped inside the package for ``spec`` (the embedded demo model)."""
+    import ldm_export
+
+    return Path(ldm_export.__file__).resolve().parent / spec.embedded_weights
+
+
+def embedded_weights_info(spec: ModelSpec, loaded) -> dict:
+    # no path: it would name this machine's site-packages; the model name finds the weights anywhere
+    return {"source": "embedded", "model": spec.name, "sha256": None, "seed": None, "path": None,
+            "files": dict(loaded.files)}
 
 
 def _check(report: dict, component: str, precision: str) -> None:

@@ -154,7 +154,7 @@ TINY = ModelSpec(
 )
 
 MODELS: dict[str, ModelSpec] = {m.name: m for m in (SD15, SD21, TINY)}
-DEFAULT_MODEL = "tiny"  # the embedded demo model replaces this once it ships
+DEFAULT_MODEL = "demo"  # the embedded demo model: real images on a CPU with no download
 
 
 def get_model(name: str) -> ModelSpec:

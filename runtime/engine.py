@@ -29,6 +29,9 @@ class Engine(Protocol):
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+_WARNED: set[str] = set()  # warn once per missing provider, not once per component
+
+
 def resolve_providers(provider: str) -> list[str]:
     """ONNX Runtime provider list for ``provider``, falling back to the CPU with a warning when missing."""
     import onnxruntime as ort
@@ -42,8 +45,10 @@ def resolve_providers(provider: str) -> list[str]:
             raise LdmExportError("onnxruntime has no CPU provider; reinstall onnxruntime")
         hint = "install onnxruntime-gpu (in place of onnxruntime)" if provider == "cuda" else \
             "install onnxruntime-gpu built with TensorRT, and TensorRT"
-        log.warning("provider '%s' is not available in this onnxruntime (%s); falling back to the CPU: %s",
-                    provider, ", ".join(available), hint)
+        if provider not in _WARNED:
+            _WARNED.add(provider)
+            log.warning("provider '%s' is not available in this onnxruntime (%s); falling back to the CPU: %s",
+                        provider, ", ".join(available), hint)
         return ["CPUExecutionProvider"]
     chain = [wanted]
     if provider == "tensorrt" and "CUDAExecutionProvider" in available:

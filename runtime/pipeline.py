@@ -218,4 +218,9 @@ def make_engine(bundle: Bundle, component: str, provider: str = "cpu", threads: 
         from .engine_tensorrt import load_tensorrt_engine
 
         return load_tensorrt_engine(bundle, component)
+    if provider == "cuda":
+        from .engine_cuda import CudaEngine, cuda_available
+
+        if cuda_available():  # IOBinding on device buffers, CUDA graphs for static-shape bundles
+            return CudaEngine(bundle.model_path(component), bundle.spec(component))
     return OrtEngine(bundle.model_path(component), bundle.spec(component), provider=provider, threads=threads)

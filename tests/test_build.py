@@ -245,3 +245,15 @@ def test_fp16_policy_per_target():
     assert "LayerNormalization" not in cuda.keep_op_types and "InstanceNormalization" in cuda.keep_op_types
     assert cuda.keep_fp32_io == ("timestep",) and "on cuda" in cuda.reason
     assert fp16_policy("vae_decoder", "cuda").keep_name_prefixes == fp16_policy("vae_decoder", "cpu").keep_name_prefixes
+
+
+def test_default_build_is_the_embedded_demo_model(tmp_path):
+    r = run_cli("build", "--out", str(tmp_path / "demo"))
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "demo" / "ldm_export.json").read_text())
+    assert m["model"]["name"] == "demo" and m["weights"]["source"] == "embedded" and m["weights"]["path"] is None
+    assert set(m["weights"]["files"]) >= {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"}
+    assert all(c["verification"]["fp32"]["passed"] for c in m["components"].values())
+    from ldm_export.demo import config
+
+    assert m["model"]["latent_scale"] == pytest.approx(config.VAE["scaling_factor"])

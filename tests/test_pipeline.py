@@ -195,3 +195,21 @@ def test_generate_cli_bad_input(tiny_bundle, tmp_path, args, message):
     r = run_cli("generate", str(tiny_bundle), "x", "--out", str(tmp_path / "o.png"), *args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+def test_missing_gpu_provider_falls_back_to_cpu_with_one_warning(tiny_bundle, caplog):
+    import onnxruntime as ort
+
+    from ldm_export.runtime import engine
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: nothing to fall back from")
+    engine._WARNED.discard("cuda")
+    with caplog.at_level("WARNING", logger="ldm_export.runtime.engine"):
+        p = Pipeline.from_bundle(tiny_bundle, provider="cuda")
+    warnings = [r for r in caplog.records if "falling back to the CPU" in r.getMessage()]
+    assert len(warnings) == 1 and "install onnxruntime-gpu" in warnings[0].getMessage()
+    assert all(e.providers == ["CPUExecutionProvider"] for e in p.engines.values())
+    assert len(p("x", num_inference_steps=2, seed=0)) == 1
+    with pytest.raises(LdmExportError, match="unknown provider 'tpu'"):
+        Pipeline.from_bundle(tiny_bundle, provider="tpu")

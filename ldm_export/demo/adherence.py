@@ -168,14 +168,18 @@ def plot_adherence(result: dict, path: str | Path, title: str = "Demo model: pro
 
     g = [r["guidance_scale"] for r in result["rows"]]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for key, label in (("colour", "colour"), ("shape", "shape"), ("position", "position"), ("all", "all three")):
-        ax.plot(g, [r[key] for r in result["rows"]], marker="o", label=label)
+    for i, (key, label) in enumerate((("colour", "colour"), ("shape", "shape"), ("position", "position"),
+                                      ("all", "all three"))):
+        ax.plot(g, [r[key] for r in result["rows"]], marker="o", color=f"C{i}", label=f"{label} (torch)")
+        if "bundle" in result:
+            ax.plot(g, [r[key] for r in result["bundle"]["rows"]], marker="x", linestyle="--", color=f"C{i}",
+                    label=f"{label} (ONNX bundle)")
     ax.set_xlabel("guidance scale (CFG)")
     ax.set_ylabel("adherence (%)")
     ax.set_ylim(0, 101)
     ax.set_xticks(g)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=7)
     ax.set_title(f"{title}\n{result['n_prompts']} prompts, {result['steps']} steps", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
@@ -214,6 +218,13 @@ def sample_grid(generate: Generate, path: str | Path, guidance_scale: float = 7.
     plt.close(fig)
 
 
+def initial_latents(n: int, seed: int, side: int = 8, channels: int = 4) -> np.ndarray:
+    """(n, 4, side, side) float32 standard-normal latents, image i from ``seed + i``; numpy, so the torch
+    model and an exported bundle start every image from the same noise."""
+    return np.stack([np.random.default_rng(seed + i).standard_normal((channels, side, side)) for i in range(n)]
+                    ).astype(np.float32)
+
+
 def diffusers_generate(folder: str | Path, device: str = "cpu") -> Generate:
     """A ``generate`` callable over diffusers' StableDiffusionPipeline loaded from a diffusers folder."""
     import torch
@@ -222,19 +233,36 @@ def diffusers_generate(folder: str | Path, device: str = "cpu") -> Generate:
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False).to(device)
     pipe.set_progress_bar_config(disable=True)
+    side = pipe.unet.config.sample_size
 
     def generate(prompts: Sequence[str], guidance_scale: float, steps: int, seed: int) -> list[Image.Image]:
-        generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(prompts))]
+        latents = torch.from_numpy(initial_latents(len(prompts), seed, side)).to(device)
         with torch.no_grad():
-            return pipe(list(prompts), guidance_scale=guidance_scale, num_inference_steps=steps,
-                        generator=generators).images
+            return pipe(list(prompts), guidance_scale=guidance_scale, num_inference_steps=steps, latents=latents).images
+
+    return generate
+
+
+def runtime_generate(bundle: str | Path, provider: str = "cpu") -> Generate:
+    """A ``generate`` callable over an exported bundle, through the numpy runtime (no torch)."""
+    from ldm_export.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(bundle, provider=provider)
+    side = pipe.resolution // pipe.vae_scale_factor
+
+    def generate(prompts: Sequence[str], guidance_scale: float, steps: int, seed: int) -> list[Image.Image]:
+        return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
+                    latents=initial_latents(len(prompts), seed, side))
 
     return generate
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Prompt adherence of the demo model (diffusers pipeline).")
+    parser = argparse.ArgumentParser(description="Prompt adherence of the demo model: the torch model (diffusers "
+                                     "pipeline) and, with --bundle, the exported bundle through the numpy runtime.")
     parser.add_argument("--model", help="diffusers folder (default: the embedded demo weights)")
+    parser.add_argument("--bundle", help="an exported bundle of the same weights (`ldm-export build --out B`) to "
+                        "measure the same way, from the same initial latents")
     parser.add_argument("--out", default="docs/img", help="folder for adherence.json, the plot and the grid")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=20)
@@ -252,7 +280,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     folder = args.model or str(Path(__file__).resolve().parent.parent / "assets" / "demo")
     generate = diffusers_generate(folder, args.device)
     result |= evaluate(generate, args.guidance, args.steps, args.seed)
+    print("torch (diffusers StableDiffusionPipeline):")
     print(table_markdown(result))
+    if args.bundle:
+        result["bundle"] = evaluate(runtime_generate(args.bundle), args.guidance, args.steps, args.seed)
+        print("bundle (ldm_export.runtime, ONNX Runtime CPU):")
+        print(table_markdown(result["bundle"]))
     (out / "demo_adherence.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_adherence(result, out / "demo_cfg_adherence.png")
     sample_grid(generate, out / "demo_grid.png", steps=args.steps, seed=args.seed)

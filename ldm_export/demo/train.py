@@ -143,8 +143,12 @@ def train_diffusion(lat_mean, lat_std, ids, empty_ids, scale, args, log_path: Pa
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(args.seed + 2)
-    unet = UNet2DConditionModel(**config.UNET).to(device).train()
-    text_encoder = CLIPTextModel(CLIPTextConfig(**config.TEXT_ENCODER)).to(device).train()
+    if args.resume:  # continue a run: its UNet and text encoder (and, in main, its VAE and latent scale)
+        unet = UNet2DConditionModel.from_pretrained(Path(args.resume) / "unet").float().to(device).train()
+        text_encoder = load_text_encoder(Path(args.resume) / "text_encoder").to(device).train()
+    else:
+        unet = UNet2DConditionModel(**config.UNET).to(device).train()
+        text_encoder = CLIPTextModel(CLIPTextConfig(**config.TEXT_ENCODER)).to(device).train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -175,7 +179,7 @@ def train_diffusion(lat_mean, lat_std, ids, empty_ids, scale, args, log_path: Pa
             pred = unet(noisy, t, encoder_hidden_states).sample
         loss = F.mse_loss(pred.float(), noise)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.lr, 500, _progress(step, args.unet_steps, t0, args.unet_seconds))
+            g["lr"] = lr_at(step, args.lr, args.warmup, _progress(step, args.unet_steps, t0, args.unet_seconds))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -279,8 +283,9 @@ def euler_generate(text_encoder, unet, vae, tok, device: torch.device):
         n = len(prompts)
         cond = text_encoder(tokenize(tok, list(prompts)).to(device))[0]
         uncond = text_encoder(tokenize(tok, [""] * n).to(device))[0]
-        latents = torch.stack([torch.randn((4, side, side), generator=torch.Generator().manual_seed(seed + i))
-                               for i in range(n)]).to(device)
+        from ldm_export.demo.adherence import initial_latents
+
+        latents = torch.from_numpy(initial_latents(n, seed, side)).to(device)
         scheduler.set_timesteps(steps, device=device)
         latents = latents * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
@@ -311,6 +316,9 @@ def parse_args(argv=None):
     p.add_argument("--unet-steps", type=int, default=15000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=500, help="linear warm-up steps of the diffusion stage")
+    p.add_argument("--resume", metavar="DIR", help="continue the diffusion stage from a trained folder DIR "
+                   "(its VAE and latent scale are kept; no VAE training)")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--cond-dropout", type=float, default=0.1)
     p.add_argument("--vae-seconds", type=float, default=0, help="stop the VAE stage after this long (0: no limit)")
@@ -351,9 +359,15 @@ def main(argv=None) -> None:
     log_line(log_path, {"stage": "data", "images": args.images, "distinct_captions": len(set(texts)),
                         "seconds": round(time.time() - t0, 1)})
 
-    vae, vae_steps, vae_s = train_vae(images_u8, args, log_path, device)
-    scale = measure_scale(vae, images_u8)
-    vae.register_to_config(scaling_factor=scale)
+    if args.resume:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(Path(args.resume) / "vae").float().to(device).eval()
+        vae_steps, vae_s, scale = 0, 0.0, float(vae.config.scaling_factor)
+    else:
+        vae, vae_steps, vae_s = train_vae(images_u8, args, log_path, device)
+        scale = measure_scale(vae, images_u8)
+        vae.register_to_config(scaling_factor=scale)
     lat_mean, lat_std = encode_all(vae, images_u8)
     log_line(log_path, {"stage": "vae_done", "steps": vae_steps, "seconds": round(vae_s, 1), "scaling_factor": scale})
 
