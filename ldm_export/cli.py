@@ -1,59 +1,21 @@
 """The `ldm-export` command line. The only place that prints; errors become one line and an exit code."""
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from ldm_export.cli_bench import bench
+from ldm_export.cli_common import _guard, _human, console, out_console
+from ldm_export.cli_tensorrt import engines
 from ldm_export.runtime.errors import LdmExportError
 
 # diffusers warns at import about the optimum / optimum-onnx split distributions; users can't act on it
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-
-console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
-def _guard(fn):
-    """Turn user errors into one line and an exit code; tracebacks only with --debug / LDM_EXPORT_DEBUG=1."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        debug = os.environ.get("LDM_EXPORT_DEBUG") == "1"
-        try:
-            return fn(*args, **kwargs)
-        except LdmExportError as e:
-            if debug:
-                raise
-            console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
-            sys.exit(e.exit_code)
-        except NotImplementedError as e:
-            if debug:
-                raise
-            console.print(f"[red]error:[/red] not built yet: {escape(str(e))}", soft_wrap=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/yellow]: stopped; nothing was written", soft_wrap=True)
-            sys.exit(130)
-        except MemoryError:
-            console.print("[red]error:[/red] out of memory; close other programs or build a smaller model", soft_wrap=True)
-            sys.exit(3)
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -232,8 +194,8 @@ def samplers() -> None:
         out_console.print(name)
 
 
-from ldm_export.cli_bench import bench as _bench; cli.add_command(_bench)  # noqa: E402,E702
-from ldm_export.cli_tensorrt import engines as _engines; cli.add_command(_engines)  # noqa: E402,E702
+cli.add_command(bench)
+cli.add_command(engines)
 
 
 def main() -> None:

@@ -3,19 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import functools
-
 import click
 
-
-def _guard(fn):
-    """The CLI's error handling (one line and an exit code), imported when called: cli.py imports this module."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from ldm_export.cli import _guard as guard
-
-        return guard(fn)(*args, **kwargs)
-    return wrapper
+from ldm_export.cli_common import _guard
 
 
 @click.command()
@@ -38,7 +28,7 @@ def _guard(fn):
 @_guard
 def bench(model, bundle, device, backends, steps, repeats, e2e_repeats, warmup, guidance_scale, seed, threads, profile, out):
     """Time text encoder, UNet step, VAE decode and end to end on each backend; write JSON, markdown and a chart."""
-    from ldm_export.cli import console, out_console
+    from ldm_export.cli_common import console, out_console
     from ldm_export.export.bench import BACKENDS, BenchConfig, markdown, run_bench
     from ldm_export.runtime.errors import LdmExportError
 

@@ -1,21 +1,12 @@
 """`ldm-export engines`: build TensorRT engines into a bundle (the click command over ``export.tensorrt_build``)."""
 from __future__ import annotations
 
-import functools
 import time
 from pathlib import Path
 
 import click
 
-
-def _guard(fn):
-    """The CLI's error handling (one line and an exit code), imported when called: cli.py imports this module."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from ldm_export.cli import _guard as guard
-
-        return guard(fn)(*args, **kwargs)
-    return wrapper
+from ldm_export.cli_common import _guard
 
 
 @click.command()
@@ -35,7 +26,7 @@ def engines(bundle: Path, components: str | None, precision: str, workspace: flo
     """Build TensorRT engines for this GPU into BUNDLE/engines/<gpu>_sm<cc>_trt<version>/."""
     from rich.table import Table
 
-    from ldm_export.cli import _human, console, out_console
+    from ldm_export.cli_common import _human, console, out_console
     from ldm_export.export.tensorrt_build import EngineOptions, build_engines, engines_summary
     from ldm_export.runtime.engine_tensorrt import current_target, engines_root
 
