@@ -141,13 +141,12 @@ def demo_generate():
     return diffusers_generate(DEMO_DIR)
 
 
-# Prompts the shipped model gets right for seeds 0, 1 and 2 (checked when the weights were shipped); colours
-# other than black are not yet reliable (see docs/demo_model.md), so they are not asserted here.
-@pytest.mark.parametrize("prompt,colour,position", [("a black circle in the center, white background", "black", "center"),
-                                                    ("a black square on the right, white background", "black", "right"),
-                                                    ("a black circle at the top, white background", "black", "top")])
-def test_shipped_model_draws_the_asked_colour_and_position(demo_generate, prompt, colour, position):
-    image = demo_generate([prompt], 7.5, 10, 0)[0]
-    assert image.size == (config.RESOLUTION, config.RESOLUTION)
-    reading = read_image(image)
-    assert (reading.colour, reading.position) == (colour, position), reading
+def test_shipped_model_follows_colour_and_position(demo_generate):
+    """Every fifth prompt of the fixed set (24: all colours, shapes and positions), 20 steps, CFG 7.5, from the
+    same initial latents the adherence table uses: deterministic, so the thresholds cannot flake."""
+    from ldm_export.demo.adherence import evaluate, prompt_cases
+
+    result = evaluate(demo_generate, guidance_scales=(7.5,), steps=20, cases=prompt_cases()[::5], batch_size=24)
+    row = result["rows"][0]
+    assert row["colour"] >= 90 and row["position"] >= 90, row
+    assert row["shape"] >= 50, row  # well above the 33 % of guessing
