@@ -12,6 +12,7 @@ emitted (ONNX Runtime's CPU kernel is fp32 only, and fp16 CPU bundles exist).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -40,6 +41,7 @@ def attention_ref(query: np.ndarray, key: np.ndarray, value: np.ndarray, num_hea
     return (p @ v).transpose(0, 2, 1, 3).reshape(b, s, dv)
 
 
+@functools.cache  # the torch.autograd.Function class, built once torch is imported
 def _function():
     import torch
     import torch.nn.functional as F
@@ -66,14 +68,8 @@ def _function():
     return MultiHeadAttentionFn
 
 
-_FN = None
-
-
 def multi_head_attention(query, key, value, num_heads: int, scale: float):
-    global _FN
-    if _FN is None:
-        _FN = _function()
-    return _FN.apply(query, key, value, num_heads, scale)
+    return _function().apply(query, key, value, num_heads, scale)
 
 
 class FusedAttnProcessor:

@@ -8,6 +8,7 @@ projection widths 2560, 5120 and 10240 (SD's 320/640/1280-channel blocks); other
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import types
@@ -31,6 +32,7 @@ def bias_split_gelu_ref(x: np.ndarray, bias: np.ndarray) -> np.ndarray:
     return left * gelu
 
 
+@functools.cache  # the torch.autograd.Function class, built once torch is imported
 def _function():
     import torch
     import torch.nn.functional as F
@@ -54,14 +56,8 @@ def _function():
     return BiasSplitGeluFn
 
 
-_FN = None
-
-
 def bias_split_gelu(x, bias):
-    global _FN
-    if _FN is None:
-        _FN = _function()
-    return _FN.apply(x, bias)
+    return _function().apply(x, bias)
 
 
 def _fused_forward(self, hidden_states, *args, **kwargs):

@@ -11,6 +11,7 @@ converter keeps them float32; it reads channels in pairs, so norms with an odd c
 """
 from __future__ import annotations
 
+import functools
 import logging
 import types
 
@@ -40,6 +41,7 @@ def group_norm_ref(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, groups: i
     return y.transpose(0, 2, 3, 1) if channels_last else y
 
 
+@functools.cache  # the torch.autograd.Function class, built once torch is imported
 def _function():
     import torch
     import torch.nn.functional as F
@@ -64,18 +66,12 @@ def _function():
     return GroupNormFn
 
 
-_FN = None
-
-
 def group_norm(x, weight, bias, groups: int, epsilon: float):
-    global _FN
-    if _FN is None:
-        _FN = _function()
     if x.ndim == 3:  # (N, C, L), e.g. the VAE attention's norm: a 1 x L image
-        return _FN.apply(x.unsqueeze(2), weight, bias, groups, epsilon).squeeze(2)
+        return _function().apply(x.unsqueeze(2), weight, bias, groups, epsilon).squeeze(2)
     if x.ndim != 4:
         raise NotImplementedError(f"fused GroupNorm on {x.ndim}-d input is not built (UNet and VAE use 3-d and 4-d)")
-    return _FN.apply(x, weight, bias, groups, epsilon)
+    return _function().apply(x, weight, bias, groups, epsilon)
 
 
 def _fused_forward(self, x):
