@@ -114,6 +114,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             "latent_scale": float(modules["vae"].config.scaling_factor),
             "latent_channels": spec.vae["latent_channels"], "max_length": spec.max_length,
             "pad_token": _pad_token(spec),
+            "configs": {c: _component_config(c, modules) for c in spec.components},
         },
         "weights": embedded_weights_info(spec, loaded) if embedded else
                    {"source": loaded.source, "sha256": loaded.sha256, "seed": loaded.seed,
