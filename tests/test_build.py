@@ -161,7 +161,10 @@ def test_killed_build_leftover_is_removed_by_next_build(tmp_path):
 def test_ctrl_c_during_build_leaves_nothing(tmp_path):
     out = tmp_path / "int"
     proc = subprocess.Popen([sys.executable, "-m", "ldm_export.cli", "build", "--model", "tiny", "--random-weights",
-                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a terminal delivers Ctrl-C; a parent started in the background ignores SIGINT, and
+                            # children inherit that, so give the build the default disposition a terminal has
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not list(tmp_path.glob(".int.partial-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
