@@ -118,7 +118,7 @@ class Pipeline:
         from . import sample
         from .guidance import guided_denoiser
         from .image import format_parameters, latents_to_images
-        from .schedulers import resolve_scheduler
+        from .schedulers import a1111_name, resolve_scheduler
 
         prompts = _as_prompts(prompt, "prompt")
         negatives = _as_prompts("" if negative_prompt is None else negative_prompt, "negative_prompt")
@@ -136,11 +136,12 @@ class Pipeline:
 
         base = self.bundle.scheduler_config
         if scheduler is None:
-            sched_cfg, sampler_name = base, base.get("_class_name", "?")
+            sched_cfg, sampler_name = base, a1111_name(base)
         elif isinstance(scheduler, str):
             sched_cfg, sampler_name = resolve_scheduler(scheduler, base), scheduler
         else:
-            sched_cfg, sampler_name = dict(scheduler), scheduler.get("_class_name", "?")
+            sched_cfg = dict(scheduler)
+            sampler_name = a1111_name(sched_cfg)
 
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [p for p in negatives for _ in range(num_images)]

@@ -411,6 +411,18 @@ _A1111 = {
     "LCM": ("LCMScheduler", {}),
     "Euler (flow)": ("FlowMatchEulerDiscreteScheduler", {}),
 }
+
+
+def a1111_name(config: dict) -> str:
+    """The A1111 sampler name of a scheduler_config (for PNG metadata), or its class name when none fits."""
+    cls = config.get("_class_name", "?")
+    defaults = DEFAULTS.get(cls, {})
+    fits = [(len(over), name) for name, (c, over) in _A1111.items()
+            if c == cls and all(config.get(k, defaults.get(k)) == v for k, v in over.items())
+            and not (config.get("use_karras_sigmas") and "use_karras_sigmas" not in over)]
+    return max(fits)[1] if fits else cls
+
+
 # Keys of the bundle's config that describe the model (its training schedule and output), not the sampler.
 _CARRIED_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                  "prediction_type", "timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "clip_sample",

@@ -411,3 +411,19 @@ def test_resolve_flow_models():
         resolve_scheduler("DDIM", FLOW_BASE)
     with pytest.raises(LdmExportError, match="noise-prediction"):
         resolve_scheduler("Euler (flow)", SD15_BASE)
+
+
+@pytest.mark.parametrize("name", ["Euler", "Euler a", "DPM++ 2M Karras", "DPM++ 2M SDE", "PLMS", "DDIM", "LMS Karras",
+                                  "UniPC", "DPM++ 2S a"])
+def test_a1111_name_inverts_resolve_scheduler(name):
+    from ldm_export.runtime.schedulers import a1111_name, resolve_scheduler
+
+    base = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "num_train_timesteps": 1000, "steps_offset": 1, "skip_prk_steps": True}
+    assert a1111_name(resolve_scheduler(name, base)) == name
+
+
+def test_a1111_name_falls_back_to_the_class_name():
+    from ldm_export.runtime.schedulers import a1111_name
+
+    assert a1111_name({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}) == "DPMSolverMultistepScheduler"
