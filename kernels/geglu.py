@@ -9,13 +9,11 @@ projection widths 2560, 5120 and 10240 (SD's 320/640/1280-channel blocks); other
 from __future__ import annotations
 
 import functools
-import logging
 import math
-import types
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from ._patch import patch_forward, restore_forward
 
 OP = "BiasSplitGelu"
 DOMAIN = "com.microsoft"
@@ -70,15 +68,8 @@ def install(module, widths: tuple[int, ...] = CUDA_WIDTHS) -> list:
     """Route every diffusers ``GEGLU`` (with a bias, of a supported width) under ``module`` through the fused op."""
     from diffusers.models.activations import GEGLU
 
-    saved = []
-    for m in module.modules():
-        if isinstance(m, GEGLU) and m.proj.bias is not None and m.proj.out_features in widths:
-            saved.append(m)
-            m.forward = types.MethodType(_fused_forward, m)
-    log.debug("fused GEGLU on %d modules", len(saved))
-    return saved
+    return patch_forward(module, lambda m: isinstance(m, GEGLU) and m.proj.bias is not None and m.proj.out_features in widths,
+                         _fused_forward, "GEGLU")
 
 
-def uninstall(saved) -> None:
-    for m in saved:
-        del m.forward
+uninstall = restore_forward

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import types
 
 import numpy as np
+
+from ._patch import patch_forward, restore_forward
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +85,12 @@ def install(module) -> list:
     """Route every ``nn.GroupNorm`` under ``module`` through the fused op; return what :func:`uninstall` needs."""
     import torch
 
-    saved = []
-    for m in module.modules():
-        # the CUDA kernel works on channel pairs: a group of an odd channel count stays unfused (SD's are all even)
-        if isinstance(m, torch.nn.GroupNorm) and (m.num_channels // m.num_groups) % 2 == 0:
-            saved.append(m)
-            m.forward = types.MethodType(_fused_forward, m)
-    log.debug("fused GroupNorm on %d modules", len(saved))
-    return saved
+    # the CUDA kernel works on channel pairs: a group of an odd channel count stays unfused (SD's are all even)
+    return patch_forward(module, lambda m: isinstance(m, torch.nn.GroupNorm) and (m.num_channels // m.num_groups) % 2 == 0,
+                         _fused_forward, "GroupNorm")
 
 
-def uninstall(saved) -> None:
-    for m in saved:
-        del m.forward  # back to the class's forward
+uninstall = restore_forward
 
 
 def fuse_silu(model) -> int:
