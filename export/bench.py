@@ -272,15 +272,24 @@ def end_to_end(backend: _Backend, ids: np.ndarray, latents: np.ndarray, schedule
     """Text encoding + ``steps`` UNet steps (numpy sampler, CFG batch 2) + VAE decode; returns the image and times."""
     from ldm_export.runtime import guided_denoiser, sample
 
+    calls = [0, 0.0]  # UNet calls in the loop and the time spent inside them
+
+    def unet(x, t, e):
+        s = time.perf_counter()
+        out = backend.unet(x, float(t[0]), e)
+        calls[0] += 1
+        calls[1] += time.perf_counter() - s
+        return out
+
     t0 = time.perf_counter()
     emb = backend.text(ids)  # (2, 77, D): [negative, prompt]
     t1 = time.perf_counter()
-    model = guided_denoiser(lambda x, t, e: backend.unet(x, float(t[0]), e), emb[1:], emb[:1], guidance_scale)
-    final = sample(model, latents, scheduler_config, steps)
+    final = sample(guided_denoiser(unet, emb[1:], emb[:1], guidance_scale), latents, scheduler_config, steps)
     t2 = time.perf_counter()
     image = backend.vae((final / latent_scale).astype(np.float32))  # (1, 3, H, W)
     t3 = time.perf_counter()
-    return image, {"total_s": t3 - t0, "text_s": t1 - t0, "loop_s": t2 - t1, "decode_s": t3 - t2}
+    return image, {"total_s": t3 - t0, "text_s": t1 - t0, "loop_s": t2 - t1, "decode_s": t3 - t2,
+                   "unet_calls": calls[0], "unet_s": calls[1]}
 
 
 def host_step_overhead(scheduler_config: dict, steps: int, latents: np.ndarray, emb: np.ndarray,
@@ -396,12 +405,17 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
                 runs.append(t)
             entry["end_to_end"] = stats([r["total_s"] for r in runs])
             entry["end_to_end_loop_per_step_ms"] = float(np.median([r["loop_s"] for r in runs])) / cfg.steps * 1e3
+            # where the loop's time goes: inside the UNet calls (device work + copies) and on the host around them
+            entry["end_to_end_unet_calls"] = runs[-1]["unet_calls"]
+            entry["end_to_end_unet_call_ms"] = float(np.median([r["unet_s"] / r["unet_calls"] for r in runs])) * 1e3
+            entry["end_to_end_host_per_step_ms"] = float(np.median([(r["loop_s"] - r["unet_s"]) for r in runs])) / cfg.steps * 1e3
             entry["fidelity"] = image_fidelity(image, ref_image)
             entry["gpu_memory_peak_mb"] = b.memory_mb()
             if name.startswith("ort") and cfg.profile and cfg.device == "cuda":
                 b.close()
                 progress(f"{name}: profile")
-                entry["profile"] = profile_unet(Path(cfg.bundle), ids, sample_x, emb_ref, cfg.out)
+                entry["profile"] = profile_unet(Path(cfg.bundle), ids, sample_x, emb_ref, cfg.out,
+                                                prefer_nhwc=name == "ort-nhwc")
             b.close()
             del b
         except _Skip as e:
@@ -410,6 +424,7 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
             log.exception("backend %s failed", name)
             entry = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
         result["backends"][name] = entry
+        write_reports(result, cfg.out)  # after every backend: a run cut short keeps what it measured
         progress(f"{name}: done")
     write_reports(result, cfg.out)
     return result
@@ -427,14 +442,16 @@ def _tensorrt_missing() -> str | None:
     return None
 
 
-def profile_unet(bundle_path: Path, ids, sample_x, emb, out: Path, runs: int = 5, warmup: int = 2) -> dict:
+def profile_unet(bundle_path: Path, ids, sample_x, emb, out: Path, runs: int = 5, warmup: int = 2,
+                 prefer_nhwc: bool = False) -> dict:
     """ONNX Runtime's profiler on the UNet (CUDA provider, no CUDA graph so nodes are timed): ms per op type a step."""
     from ldm_export.runtime.bundle import Bundle
     from ldm_export.runtime.engine_cuda import CudaEngine, profile_summary
 
     b = Bundle.open(bundle_path)
     out.mkdir(parents=True, exist_ok=True)
-    e = CudaEngine(b.model_path("unet"), b.spec("unet"), cuda_graph=False, profile_prefix=str(out / "ort_unet_profile"))
+    e = CudaEngine(b.model_path("unet"), b.spec("unet"), cuda_graph=False, prefer_nhwc=prefer_nhwc,
+                   profile_prefix=str(out / ("ort_nhwc_unet_profile" if prefer_nhwc else "ort_unet_profile")))
     feeds = {"sample": sample_x, "timestep": np.asarray(500.0, np.float32), "encoder_hidden_states": emb}
     for _ in range(warmup + runs):
         e.run(feeds)
@@ -472,7 +489,10 @@ def markdown(result: dict) -> str:
         if "compile_s" in e:
             lines.append(f"{name}: first call (compilation) {e['compile_s']:.1f} s.")
         if "end_to_end_loop_per_step_ms" in e:
-            lines.append(f"{name}: sampler loop {e['end_to_end_loop_per_step_ms']:.2f} ms a step end to end.")
+            lines.append(f"{name}: sampler loop {e['end_to_end_loop_per_step_ms']:.2f} ms a step end to end"
+                         + (f" ({e['end_to_end_unet_calls']} UNet calls of {e['end_to_end_unet_call_ms']:.2f} ms, "
+                            f"{e['end_to_end_host_per_step_ms']:.2f} ms a step on the host around them)."
+                            if "end_to_end_unet_calls" in e else "."))
         if "profile" in e:
             p = e["profile"]
             lines += ["", f"ONNX Runtime profile of the UNet ({name}, CUDA provider without CUDA graphs, kernel time "

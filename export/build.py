@@ -39,6 +39,10 @@ class BuildConfig:
     target: str = "cpu"
     threads: int | None = None
     verify_provider: str | None = None  # ONNX Runtime provider for verification; default: the target's
+    no_half_vae: bool = False  # fp16 builds: keep the VAE decoder in fp32 (A1111's --no-half-vae)
+
+    def component_precision(self, component: str) -> str:
+        return "fp32" if component == "vae_decoder" and self.no_half_vae else self.precision
 
     def resolved_verify_provider(self) -> str:
         return self.verify_provider or self.target
@@ -67,6 +71,8 @@ def validate(cfg: BuildConfig) -> ModelSpec:
     spec = get_model(cfg.model)
     if cfg.precision not in PRECISIONS:
         raise LdmExportError(f"unknown precision '{cfg.precision}'; choose one of: {', '.join(PRECISIONS)} (int8 is not built yet)")
+    if cfg.no_half_vae and cfg.precision != "fp16":
+        raise LdmExportError("--no-half-vae keeps the VAE decoder in fp32 in an fp16 build; it needs --precision fp16")
     if cfg.target not in TARGETS:
         raise LdmExportError(f"unknown target '{cfg.target}'; choose one of: {', '.join(TARGETS)}")
     if cfg.weights is not None and cfg.random_weights:
@@ -146,7 +152,8 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             progress(component, "verify fp32", "")
             report = {"fp32": X.verify(path, cspec, feeds, reference, "fp32", cfg.threads, cfg.resolved_verify_provider()).to_json()}
             _check(report["fp32"], component, "fp32")
-            if cfg.precision == "fp16":
+            precision = cfg.component_precision(component)
+            if precision == "fp16":
                 progress(component, "fp16", "")
                 model16 = convert_fp16(str(path), component, cfg.target)
                 kernels.dedupe_nodes(model16)  # the converter can emit one Cast twice (static sd15 UNet)
@@ -162,9 +169,9 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                 _check(report["fp16"], component, "fp16")
             _write_json(folder / "config.json", _component_config(component, modules))
             manifest["components"][component] = {
-                "precision": cfg.precision, "spec": cspec.to_json(),
+                "precision": precision, "spec": cspec.to_json(),
                 "files": [str(f.relative_to(stage)) for f in files],
-                "fp16_policy": fp16_policy(component, cfg.target).to_json() if cfg.precision == "fp16" else None,
+                "fp16_policy": fp16_policy(component, cfg.target).to_json() if precision == "fp16" else None,
                 "kernels": kernels.describe(component, cfg.target),
                 "verification": report,
             }

@@ -46,10 +46,10 @@ FP16_POLICY: dict[str, Fp16Policy] = {
         keep_fp32_io=("timestep",),
     ),
     "vae_decoder": Fp16Policy(
-        _NORMS + ("Softmax",),
-        ("decoder/up_blocks.2/", "decoder/up_blocks.3/", "decoder/conv_norm_out/", "decoder/conv_out/"),
-        "the SD VAE decoder's last two up-blocks reach activations beyond fp16's 65504 at 512 px and above "
-        "(the known fp16 NaN case), so they run in fp32 with the norms and the mid-block attention softmax",
+        _NORMS + ("Softmax",), (),
+        "GroupNorm statistics and the mid-block attention softmax in fp32; everything else fp16, as diffusers runs "
+        "SD 1.x/2.x decoders in fp16 (a decoder that overflows fp16, like SDXL's original VAE, needs --no-half-vae, "
+        "which keeps the whole decoder in fp32; the runtime's NaN/Inf guard says so)",
     ),
 }
 

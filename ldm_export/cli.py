@@ -43,15 +43,18 @@ def cli(verbose: bool, debug: bool) -> None:
               help="Which backend the graphs are for (cuda puts fused GPU kernels in).")
 @click.option("--trust-pickle", is_flag=True, help="Allow .ckpt/.bin/.pt weights (loading them runs code).")
 @click.option("--threads", type=int, default=None, help="CPU threads for export and verification.")
+@click.option("--no-half-vae", is_flag=True, help="With --precision fp16: keep the VAE decoder in fp32 "
+              "(for VAEs that overflow fp16 into NaN/black images, like SDXL's original one).")
 @_guard
-def build(model, precision, weights, random_weights, seed, out, force, static_shape, target, trust_pickle, threads):
+def build(model, precision, weights, random_weights, seed, out, force, static_shape, target, trust_pickle, threads,
+          no_half_vae):
     """Export a model's components to ONNX, verify each against PyTorch, and write a bundle."""
     from ldm_export.export.build import BuildConfig, build as run_build, validate
     from ldm_export.zoo import DEFAULT_MODEL
 
     cfg = BuildConfig(model=model or DEFAULT_MODEL, precision=precision, weights=weights, random_weights=random_weights,
                       seed=seed, out=out, force=force, static_shape=static_shape, target=target,
-                      trust_pickle=trust_pickle, threads=threads)
+                      trust_pickle=trust_pickle, threads=threads, no_half_vae=no_half_vae)
     validate(cfg)  # fail fast, before torch is imported
     t0 = time.perf_counter()
     last = [t0, None]

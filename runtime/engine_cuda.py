@@ -157,7 +157,8 @@ class CudaEngine:
             if not np.isfinite(a).all():
                 bad = int(a.size - np.isfinite(a).sum())
                 raise LdmExportError(f"{self.spec.name} produced {bad} NaN/Inf values in '{name}' (fp16 overflow?): rebuild "
-                                     "with --precision fp32, or keep more of this component in fp32")
+                                     + ("with --no-half-vae (the decoder in fp32)" if self.spec.name == "vae_decoder"
+                                        else "with --precision fp32"))
 
     def end_profiling(self) -> str:
         """Stop ONNX Runtime's profiler (``profile_prefix``) and return the JSON trace's path."""

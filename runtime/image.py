@@ -37,7 +37,7 @@ def latents_to_images(decoded: np.ndarray) -> list:
         raise LdmExportError(f"decoded images must be a (batch, 3, height, width) array, got {got}")
     images = decoded.astype(np.float32, copy=False)
     if not np.isfinite(images).all():
-        raise LdmExportError("the decoded images hold NaN or Inf; the VAE decoder overflowed, run it in float32")
+        raise LdmExportError("the decoded images hold NaN or Inf; the VAE decoder overflowed: rebuild the bundle with --no-half-vae")
     images = np.clip(images * 0.5 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)  # (B, H, W, 3)
     pixels = (images * 255).round().astype(np.uint8)
     return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]

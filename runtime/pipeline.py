@@ -47,7 +47,8 @@ def check_finite(component: str, outputs: Mapping[str, np.ndarray], where: str =
         if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
             bad = "NaN" if np.isnan(a).any() else "Inf"
             raise LdmExportError(f"{component} produced {bad} in '{name}'{where}; the graph overflows at this precision: "
-                                 "rebuild with --precision fp32 or report the model")
+                                 + ("rebuild with --no-half-vae (the decoder in fp32)" if component == "vae_decoder"
+                                    else "rebuild with --precision fp32"))
 
 
 class Pipeline:

@@ -58,4 +58,8 @@ def test_tiny_cpu_bench_end_to_end(tiny_bundle, tmp_path):
     res = json.loads((tmp_path / "bench_tiny_cpu.json").read_text())
     assert "skipped" in res["backends"]["tensorrt"]
     for name in ("torch-eager", "ort"):  # same weights, latents and sampler: the images agree with PyTorch fp32
-        assert res["backends"][name]["fidelity"]["cosine"] > 0.9999, res["backends"][name]
+        e = res["backends"][name]
+        assert e["fidelity"]["cosine"] > 0.9999, e
+        # PNDM's first PLMS step evaluates the UNet twice: steps + 1 calls, each timed inside the loop
+        assert e["end_to_end_unet_calls"] == 3 and 0 < e["end_to_end_unet_call_ms"] * 3 / 2 < e["end_to_end_loop_per_step_ms"]
+        assert e["end_to_end_host_per_step_ms"] > 0

@@ -19,6 +19,7 @@ from ldm_export.export import onnx_export  # noqa: E402
 from ldm_export.export.build import BuildConfig, build  # noqa: E402
 from ldm_export.runtime.bundle import Bundle  # noqa: E402
 from ldm_export.runtime.errors import LdmExportError  # noqa: E402
+from ldm_export.runtime.pipeline import Pipeline  # noqa: E402
 from ldm_export.zoo import MODELS, SD15, SD21  # noqa: E402
 
 OPTIMUM_FILES = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/model.onnx", "text_encoder/config.json",
@@ -82,8 +83,11 @@ def test_fp16_build_keeps_policy_ops_fp32(tmp_path):
         assert info["verification"]["fp16"]["cosine_threshold"] == 0.999
     g = onnx.load(str(out / "vae_decoder" / "model.onnx"))
     dtypes = {i.name: i.data_type for i in g.graph.initializer}
-    assert dtypes["vae.decoder.conv_out.weight"] == onnx.TensorProto.FLOAT  # last up-blocks stay fp32
-    assert onnx.TensorProto.FLOAT16 in set(dtypes.values())
+    assert dtypes["vae.decoder.conv_out.weight"] == onnx.TensorProto.FLOAT16  # the whole decoder runs fp16 ...
+    # ... but the mid-block attention's softmax, which reads a Cast to fp32
+    casts = {n.output[0]: n.attribute[0].i for n in g.graph.node if n.op_type == "Cast"}
+    softmax = [n for n in g.graph.node if n.op_type == "Softmax"]
+    assert softmax and all(casts.get(n.input[0]) == onnx.TensorProto.FLOAT for n in softmax)
     unet = onnx.load(str(out / "unet" / "model.onnx"))
     types = {i.name: i.type.tensor_type.elem_type for i in unet.graph.input}
     assert types == {"sample": onnx.TensorProto.FLOAT16, "timestep": onnx.TensorProto.FLOAT,
@@ -93,6 +97,26 @@ def test_fp16_build_keeps_policy_ops_fp32(tmp_path):
     init16 = {i.name for i in unet.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
     for n in norms:
         assert not set(n.input) & init16
+
+
+def test_no_half_vae_keeps_the_decoder_fp32(tmp_path):
+    out = tmp_path / "b16"
+    m = build(BuildConfig(model="tiny", precision="fp16", random_weights=True, out=out, no_half_vae=True))
+    assert m["components"]["vae_decoder"]["precision"] == "fp32" and m["components"]["vae_decoder"]["fp16_policy"] is None
+    assert m["components"]["unet"]["precision"] == "fp16"
+    g = onnx.load(str(out / "vae_decoder" / "model.onnx"))
+    assert {i.data_type for i in g.graph.initializer} == {onnx.TensorProto.FLOAT}
+    b = Bundle.open(out)
+    assert b.spec("vae_decoder").inputs[0].dtype == "float32" and b.spec("unet").inputs[0].dtype == "float16"
+    images = Pipeline.from_bundle(out)("a red circle", num_inference_steps=2, seed=0)
+    assert images[0].size == (64, 64)
+
+
+def test_no_half_vae_needs_fp16(tmp_path):
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--no-half-vae", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
+        "error: --no-half-vae keeps the VAE decoder in fp32 in an fp16 build; it needs --precision fp16"
+    assert not (tmp_path / "x").exists()
 
 
 def test_static_shape_build(tmp_path):
@@ -249,7 +273,8 @@ def test_fp16_policy_per_target():
     cuda = fp16_policy("unet", "cuda")
     assert "LayerNormalization" not in cuda.keep_op_types and "InstanceNormalization" in cuda.keep_op_types
     assert cuda.keep_fp32_io == ("timestep",) and "on cuda" in cuda.reason
-    assert fp16_policy("vae_decoder", "cuda").keep_name_prefixes == fp16_policy("vae_decoder", "cpu").keep_name_prefixes
+    assert fp16_policy("vae_decoder", "cuda").keep_name_prefixes == fp16_policy("vae_decoder", "cpu").keep_name_prefixes == ()
+    assert "Softmax" in fp16_policy("vae_decoder", "cuda").keep_op_types
 
 
 def test_default_build_is_the_embedded_demo_model(tmp_path):

@@ -127,6 +127,20 @@ def measure_scale(vae, images_u8: torch.Tensor, n: int = 4096) -> float:
 
 
 @torch.no_grad()
+def vae_ceiling(vae, device: torch.device, n: int = 600, seed: int = 4321) -> dict[str, float]:
+    """Adherence of the VAE's own reconstructions of ``n`` unseen images: the most a diffusion model on its latents can reach."""
+    from ldm_export.demo import adherence
+    from ldm_export.demo.data import make_dataset
+
+    data = make_dataset(n, seed, config.RESOLUTION)
+    x = torch.from_numpy(data.images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    rec = torch.cat([vae.decode(vae.encode(x[i:i + 200]).latent_dist.mean).sample for i in range(0, n, 200)])
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    readings = [adherence.read_image(im) for im in rec]
+    return adherence.score(readings, [("", s.colour, s.shape, s.position) for s in data.scenes])
+
+
+@torch.no_grad()
 def encode_all(vae, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     for start in range(0, images_u8.shape[0], 1024):
@@ -369,7 +383,8 @@ def main(argv=None) -> None:
         scale = measure_scale(vae, images_u8)
         vae.register_to_config(scaling_factor=scale)
     lat_mean, lat_std = encode_all(vae, images_u8)
-    log_line(log_path, {"stage": "vae_done", "steps": vae_steps, "seconds": round(vae_s, 1), "scaling_factor": scale})
+    log_line(log_path, {"stage": "vae_done", "steps": vae_steps, "seconds": round(vae_s, 1), "scaling_factor": scale,
+                        "reconstruction_adherence": vae_ceiling(vae, device)})
 
     unet, text_encoder, unet_steps, unet_s = train_diffusion(lat_mean, lat_std, ids, empty_ids, scale, args,
                                                              log_path, device)

@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root: `bash tools/gpu/sd15.sh build` then `bash tools/gpu/sd15.sh bench`.
+# build: the static fp16 cuda bundle, the GPU-only tests, and the optimised-graph checks (Memcpy/Shape/Transpose).
+# bench: `ldm-export bench` on every backend, alone on the machine (timings).
 # Needs onnxruntime-gpu and diffusers installed under /tmp/site; writes logs and reports to $BENCH_OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
 OUT=${BENCH_OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e . failed"; exit 1; }
 python3 -c "import torch, onnxruntime as o, diffusers; print('torch', torch.__version__, 'ort', o.__version__, o.get_available_providers(), 'diffusers', diffusers.__version__)"
-B=/tmp/sd15-cuda-fp16
+B=${BUNDLE:-/tmp/sd15-cuda-fp16}
 case "$1" in
   build)
-    python3 -m ldm_export.cli -v build --model sd15 --random-weights --precision fp16 --target cuda --static-shape \
-      --out $B --force 2>&1 | grep -v Warning | tee "$OUT/build.log"
-    python3 -c "import json; m=json.load(open('$B/ldm_export.json')); print(json.dumps({c: (v['kernels'], {p: min(o['cosine'] for o in r['outputs'].values()) for p, r in v['verification'].items()}) for c, v in m['components'].items()}))" | tee -a "$OUT/build.log"
+    /usr/bin/time -v python3 -m ldm_export.cli -v build --model sd15 --random-weights --precision fp16 --target cuda \
+      --static-shape --out $B --force 2>&1 | grep -v Warning | tee "$OUT/build.log"
+    python3 -c "import json; m=json.load(open('$B/ldm_export.json')); print(json.dumps({c: (v['precision'], v['kernels'], {p: min(o['cosine'] for o in r['outputs'].values()) for p, r in v['verification'].items()}) for c, v in m['components'].items()}))" | tee -a "$OUT/build.log"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine_cuda.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+    [ -d $B ] && timeout 240 python3 tools/gpu/check_graphs.py $B --nhwc 2>&1 | tee "$OUT/graphs.log"
     ;;
   bench)
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine_cuda.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
-    [ -d $B ] && timeout 120 python3 tools/gpu/check_graphs.py $B 2>&1 | tee "$OUT/graphs.log"
-    BK=torch-eager,torch-compile,tensorrt; BA=""; [ -d $B ] && { BK=torch-eager,torch-compile,ort,tensorrt; BA="--bundle $B"; }
+    BK=torch-eager,torch-compile,tensorrt; BA=""
+    [ -d $B ] && { BK=${BACKENDS:-torch-eager,torch-compile,ort,ort-nhwc,tensorrt}; BA="--bundle $B"; }
     python3 -m ldm_export.cli bench $BA --device cuda --backends $BK --steps 50 --repeats ${REPEATS:-10} \
       --e2e-repeats 2 --warmup 3 --profile --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
     ;;
