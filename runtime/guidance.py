@@ -69,6 +69,7 @@ def guided_denoiser(unet_fn: UnetFn, cond_embeddings: np.ndarray, uncond_embeddi
     else:
         halves = (cond,)
     by_batch: dict[int, tuple[np.ndarray, ...]] = {}  # latents batch -> embeddings fitted to it
+    stacked: dict[int, np.ndarray] = {}  # latents batch -> [uncond; cond] for the batch-2 call
 
     def fitted(batch: int) -> tuple[np.ndarray, ...]:
         if batch not in by_batch:
@@ -76,6 +77,9 @@ def guided_denoiser(unet_fn: UnetFn, cond_embeddings: np.ndarray, uncond_embeddi
                 raise LdmExportError(f"latents batch {batch} does not match the {cond.shape[0]} prompt embeddings; "
                                      "give one embedding per latent, or one for all")
             by_batch[batch] = tuple(np.repeat(e, batch // e.shape[0], axis=0) for e in halves)
+            # one array for every step: an engine that keeps its inputs on the device sees the same embeddings
+            # object each call and need not copy them again (see Pipeline and the CUDA engine's run_partial)
+            stacked[batch] = np.concatenate(by_batch[batch])
         return by_batch[batch]
 
     def run(sample: np.ndarray, t: float, states: np.ndarray, out_dtype) -> np.ndarray:
@@ -96,7 +100,7 @@ def guided_denoiser(unet_fn: UnetFn, cond_embeddings: np.ndarray, uncond_embeddi
         sample = x_in.astype(feed_dtype, copy=False)  # (B, 4, h, w)
         t = float(t)
         if batch_mode == "batch2" or not do_cfg and batch == 1:
-            both = run(np.concatenate([sample] * len(embeds)), t, np.concatenate(embeds), out_dtype)  # (2B, C, h, w)
+            both = run(np.concatenate([sample] * len(embeds)), t, stacked[batch], out_dtype)  # (2B, C, h, w)
             preds = np.split(both, len(embeds))
         else:
             preds = [np.concatenate([run(sample[i : i + 1], t, e[i : i + 1], out_dtype) for i in range(batch)])
