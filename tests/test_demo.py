@@ -178,7 +178,7 @@ def demo_generate():
     return diffusers_generate(DEMO_DIR)
 
 
-def test_shipped_model_follows_colour_and_position(demo_generate):
+def test_shipped_model_follows_colour_shape_and_position(demo_generate):
     """Every fifth prompt of the fixed set (24: all colours, shapes and positions), 20 steps, CFG 7.5, from the
     same initial latents the adherence table uses: deterministic, so the thresholds cannot flake."""
     from ldm_export.demo.adherence import evaluate, prompt_cases
@@ -186,4 +186,22 @@ def test_shipped_model_follows_colour_and_position(demo_generate):
     result = evaluate(demo_generate, guidance_scales=(7.5,), steps=20, cases=prompt_cases()[::5], batch_size=24)
     row = result["rows"][0]
     assert row["colour"] >= 90 and row["position"] >= 90, row
-    assert row["shape"] >= 50, row  # well above the 33 % of guessing
+    assert row["shape"] >= 80, row  # the issue's target (95.8 % on this subset with the shipped weights)
+
+
+def test_readings_sheet_labels_every_evaluation_image(tmp_path):
+    from PIL import Image
+
+    from ldm_export.demo.adherence import readings_sheet
+
+    by_prompt = {c[0]: c for c in prompt_cases()}
+    rng = np.random.default_rng(0)
+
+    def generate(prompts, guidance_scale, steps, seed):  # draws exactly what each prompt asks
+        return [Image.fromarray(render(sample_scene(rng, colour=by_prompt[p][1], shape=by_prompt[p][2],
+                                                    position=by_prompt[p][3]))) for p in prompts]
+
+    readings_sheet(generate, tmp_path / "sheet.png")
+    sheet = np.asarray(Image.open(tmp_path / "sheet.png").convert("RGB"))
+    assert sheet.shape == (10 * 112, 12 * 98, 3)
+    assert not ((sheet[..., 0] > 200) & (sheet[..., 1] < 50) & (sheet[..., 2] < 50) & (np.arange(sheet.shape[0])[:, None] % 112 >= 97)).any()

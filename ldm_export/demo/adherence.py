@@ -247,6 +247,29 @@ def plot_adherence(result: dict, path: str | Path, title: str = "Demo model: pro
     plt.close(fig)
 
 
+def readings_sheet(generate: Generate, path: str | Path, guidance_scale: float = 7.5, steps: int = 20,
+                   seed: int = 0, batch_size: int = 40) -> None:
+    """Every image of the evaluation at one guidance scale, labelled with the asked shape and what the checker
+    read (red when wrong), so anyone can judge the checker's calls by eye."""
+    from PIL import ImageDraw
+
+    cases = prompt_cases()
+    images = []
+    for start in range(0, len(cases), batch_size):
+        images += generate([c[0] for c in cases[start:start + batch_size]], float(guidance_scale), steps, seed + start)
+    tile, label, cols = 96, 14, 12
+    rows = (len(cases) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * (tile + 2), rows * (tile + label + 2)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (case, image) in enumerate(zip(cases, images)):
+        r = read_image(image)
+        x, y = (i % cols) * (tile + 2), (i // cols) * (tile + label + 2)
+        sheet.paste(image.convert("RGB").resize((tile, tile), Image.Resampling.NEAREST), (x, y))
+        ok = (r.colour, r.shape, r.position) == case[1:]
+        draw.text((x + 2, y + tile + 1), f"{case[2][:3]}->{(r.shape or 'none')[:4]}", fill="black" if ok else "red")
+    sheet.save(path)
+
+
 GRID_PROMPTS = (
     "a red circle on the left", "a blue square at the top", "a yellow triangle in the center",
     "a green circle at the bottom", "a purple square on the right", "an orange triangle on the left",
@@ -350,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     (out / "demo_adherence.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_adherence(result, out / "demo_cfg_adherence.png")
     sample_grid(generate, out / "demo_grid.png", steps=args.steps, seed=args.seed)
+    readings_sheet(generate, out / "demo_readings_g7.5.png", steps=args.steps, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ VAE = {
     "layers_per_block": 1, "norm_num_groups": 16, "act_fn": "silu",
     "block_out_channels": [32, 64, 64, 64],
     "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "scaling_factor": 0.43001657724380493,  # measured by train.py: 1 / std of the latents over 4096 images
+    "scaling_factor": 0.5212063193321228,  # measured by train.py: 1 / std of the latents over 4096 images
 }
 
 # diffusers scheduler_config.json: SD's training schedule, sampled with Euler by default
