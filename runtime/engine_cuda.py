@@ -13,7 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import LdmExportError
+from .errors import LdmExportError, overflow_fix
 from .spec import ComponentSpec
 
 log = logging.getLogger(__name__)
@@ -156,9 +156,8 @@ class CudaEngine:
         for name, a in out.items():
             if not np.isfinite(a).all():
                 bad = int(a.size - np.isfinite(a).sum())
-                raise LdmExportError(f"{self.spec.name} produced {bad} NaN/Inf values in '{name}' (fp16 overflow?): rebuild "
-                                     + ("with --no-half-vae (the decoder in fp32)" if self.spec.name == "vae_decoder"
-                                        else "with --precision fp32"))
+                raise LdmExportError(f"{self.spec.name} produced {bad} NaN/Inf values in '{name}' (fp16 overflow?): "
+                                     + overflow_fix(self.spec.name))
 
     def end_profiling(self) -> str:
         """Stop ONNX Runtime's profiler (``profile_prefix``) and return the JSON trace's path."""

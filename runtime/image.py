@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import LdmExportError
+from .errors import LdmExportError, overflow_fix
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def latents_to_images(decoded: np.ndarray) -> list:
         raise LdmExportError(f"decoded images must be a (batch, 3, height, width) array, got {got}")
     images = decoded.astype(np.float32, copy=False)
     if not np.isfinite(images).all():
-        raise LdmExportError("the decoded images hold NaN or Inf; the VAE decoder overflowed: rebuild the bundle with --no-half-vae")
+        raise LdmExportError("the decoded images hold NaN or Inf; the VAE decoder overflowed: " + overflow_fix("vae_decoder"))
     images = np.clip(images * 0.5 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)  # (B, H, W, 3)
     pixels = (images * 255).round().astype(np.uint8)
     return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels]

@@ -9,7 +9,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .engine import Engine, OrtEngine
-from .errors import LdmExportError
+from .errors import LdmExportError, overflow_fix
 from .spec import ComponentSpec
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,7 @@ def check_finite(component: str, outputs: Mapping[str, np.ndarray], where: str =
         if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
             bad = "NaN" if np.isnan(a).any() else "Inf"
             raise LdmExportError(f"{component} produced {bad} in '{name}'{where}; the graph overflows at this precision: "
-                                 + ("rebuild with --no-half-vae (the decoder in fp32)" if component == "vae_decoder"
-                                    else "rebuild with --precision fp32"))
+                                 + overflow_fix(component))
 
 
 class Pipeline:
@@ -103,12 +102,12 @@ class Pipeline:
         tspec = next(t for t in engine.spec.inputs if t.name == "timestep")
         t = np.asarray(timestep, dtype=np.float64).reshape(-1)[0]
         t = np.full((sample.shape[0],), t) if len(tspec.shape) == 1 else np.asarray(t)
-        dtypes = {x.name: np.dtype(x.dtype) for x in engine.spec.inputs}
-        static_batch = next(x for x in engine.spec.inputs if x.name == "sample").shape[0]
-        if embeddings_bound and getattr(engine, "static", False) and hasattr(engine, "run_partial") \
-                and sample.shape[0] == static_batch:
-            feeds = {"sample": sample.astype(dtypes["sample"], copy=False), "timestep": np.asarray(t, dtypes["timestep"])}
-            return engine.run_partial(feeds)["out_sample"].astype(np.float32)
+        if embeddings_bound and getattr(engine, "static", False) and hasattr(engine, "run_partial"):
+            inputs = {x.name: x for x in engine.spec.inputs}
+            if sample.shape[0] == inputs["sample"].shape[0]:  # the static batch
+                feeds = {"sample": sample.astype(inputs["sample"].dtype, copy=False),
+                         "timestep": np.asarray(t, inputs["timestep"].dtype)}
+                return engine.run_partial(feeds)["out_sample"].astype(np.float32)
         batched = ["sample", "encoder_hidden_states"] + (["timestep"] if len(tspec.shape) == 1 else [])
         out = run_batched(engine, {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states}, batched)
         return out["out_sample"].astype(np.float32)
