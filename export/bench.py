@@ -41,9 +41,10 @@ class BenchConfig:
     guidance_scale: float = 7.5
     seed: int = 0
     threads: int | None = None
-    profile: bool = False  # ONNX Runtime per-op profile of the UNet (cuda, without CUDA graphs)
+    profile: bool = False  # GPU kernel profile of the UNet and VAE decoder (cuda: CUPTI via PyTorch's profiler)
     out: Path = Path("bench-out")
     notes: list[str] = field(default_factory=list)
+    cuda_options: dict[str, str] = field(default_factory=dict)  # extra CUDA provider options for the ort backends
 
 
 def stats(times_s: list[float]) -> dict[str, float]:
@@ -181,7 +182,8 @@ class TorchBackend(_Backend):
 class OrtBackend(_Backend):
     """The bundle's graphs on ONNX Runtime: CudaEngine (IOBinding, CUDA graphs when static) or the CPU OrtEngine."""
 
-    def __init__(self, bundle_path: Path, device: str, threads: int | None = None, prefer_nhwc: bool = False):
+    def __init__(self, bundle_path: Path, device: str, threads: int | None = None, prefer_nhwc: bool = False,
+                 cuda_options: dict[str, str] | None = None):
         from ldm_export.runtime.bundle import Bundle
 
         self.bundle = Bundle.open(bundle_path)
@@ -198,7 +200,7 @@ class OrtBackend(_Backend):
                 # the text encoder runs once per image: no CUDA graph, so any batch works
                 static = all(isinstance(d, int) for t in spec.inputs for d in t.shape)
                 self.engines[c] = CudaEngine(self.bundle.model_path(c), spec, prefer_nhwc=prefer_nhwc,
-                                             cuda_graph=static and c != "text_encoder")
+                                             cuda_graph=static and c != "text_encoder", provider_options=cuda_options)
             else:
                 from ldm_export.runtime.engine import OrtEngine
 
@@ -248,6 +250,17 @@ class OrtBackend(_Backend):
 
     def memory_mb(self):
         return self._peak_mb
+
+    def profile(self, runs: int = 5) -> dict:
+        """Device time by kind of kernel for one UNet step and one VAE decode, as they run here (CUDA graphs
+        included), from CUPTI; where it sees no kernels, ONNX Runtime's own per-op profile of the UNet instead."""
+        from .kernel_profile import profile_kernels
+
+        out = {c: profile_kernels(self.engines[c].replay, runs) for c in ("unet", "vae_decoder")}
+        if not out["unet"]["kernels_per_run"]:
+            log.warning("the profiler saw no GPU kernels (CUPTI unavailable?); falling back to ONNX Runtime's profiler")
+            out = {"ort_unet_ops": profile_unet(self.bundle.path, runs=runs, prefer_nhwc=self.name == "ort-nhwc")}
+        return out
 
     def close(self):
         self.engines = {}
@@ -356,7 +369,8 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
                     "scheduler": scheduler_config.get("_class_name"), "bundle": str(cfg.bundle) if cfg.bundle else None,
                     "bundle_target": bundle.manifest.get("target") if bundle else None,
                     "bundle_kernels": {c: bundle.manifest["components"][c].get("kernels") for c in bundle.components} if bundle else None,
-                    "torch": torch.__version__, "backends": {}, "notes": list(cfg.notes)}
+                    "torch": torch.__version__, "backends": {}, "notes": list(cfg.notes),
+                    "cuda_options": dict(cfg.cuda_options)}
     try:
         import onnxruntime
 
@@ -384,7 +398,8 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
             elif name in ("ort", "ort-nhwc"):
                 if name == "ort-nhwc" and cfg.device != "cuda":
                     raise _Skip("channels-last convolutions are a CUDA provider option")
-                b = OrtBackend(cfg.bundle, cfg.device, cfg.threads, prefer_nhwc=name == "ort-nhwc")
+                b = OrtBackend(cfg.bundle, cfg.device, cfg.threads, prefer_nhwc=name == "ort-nhwc",
+                               cuda_options=cfg.cuda_options)
                 entry["load_s"] = b.load_s
             elif name == "tensorrt":
                 raise _Skip(_tensorrt_missing() or "the TensorRT backend of bench is not built yet")
@@ -412,10 +427,8 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
             entry["fidelity"] = image_fidelity(image, ref_image)
             entry["gpu_memory_peak_mb"] = b.memory_mb()
             if name.startswith("ort") and cfg.profile and cfg.device == "cuda":
-                b.close()
                 progress(f"{name}: profile")
-                entry["profile"] = profile_unet(Path(cfg.bundle), ids, sample_x, emb_ref, cfg.out,
-                                                prefer_nhwc=name == "ort-nhwc")
+                entry["profile"] = b.profile()
             b.close()
             del b
         except _Skip as e:
@@ -442,20 +455,24 @@ def _tensorrt_missing() -> str | None:
     return None
 
 
-def profile_unet(bundle_path: Path, ids, sample_x, emb, out: Path, runs: int = 5, warmup: int = 2,
-                 prefer_nhwc: bool = False) -> dict:
-    """ONNX Runtime's profiler on the UNet (CUDA provider, no CUDA graph so nodes are timed): ms per op type a step."""
+def profile_unet(bundle_path: Path, runs: int = 5, warmup: int = 2, prefer_nhwc: bool = False) -> dict:
+    """ONNX Runtime's profiler on the UNet (CUDA provider, no CUDA graph so nodes are timed, on the host): ms per
+    op type a step. The fallback of :meth:`OrtBackend.profile`."""
+    import tempfile
+
     from ldm_export.runtime.bundle import Bundle
     from ldm_export.runtime.engine_cuda import CudaEngine, profile_summary
 
+    from .onnx_export import sample_inputs
+
     b = Bundle.open(bundle_path)
-    out.mkdir(parents=True, exist_ok=True)
-    e = CudaEngine(b.model_path("unet"), b.spec("unet"), cuda_graph=False, prefer_nhwc=prefer_nhwc,
-                   profile_prefix=str(out / ("ort_nhwc_unet_profile" if prefer_nhwc else "ort_unet_profile")))
-    feeds = {"sample": sample_x, "timestep": np.asarray(500.0, np.float32), "encoder_hidden_states": emb}
-    for _ in range(warmup + runs):
-        e.run(feeds)
-    total, rows = profile_summary(e.end_profiling(), top=15, skip_runs=warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        e = CudaEngine(b.model_path("unet"), b.spec("unet"), cuda_graph=False, prefer_nhwc=prefer_nhwc,
+                       profile_prefix=str(Path(tmp) / "unet_profile"))
+        feeds = sample_inputs(b.spec("unet"))
+        for _ in range(warmup + runs):
+            e.run(feeds)
+        total, rows = profile_summary(e.end_profiling(), top=15, skip_runs=warmup)
     return {"per_step_ms_kernel_total": total,
             "by_op": [{"op": op, "ms_per_step": ms, "calls_per_step": n, "share": share} for op, ms, n, share in rows]}
 
@@ -463,6 +480,8 @@ def profile_unet(bundle_path: Path, ids, sample_x, emb, out: Path, runs: int = 5
 # ---------------------------------------------------------------- reports
 
 def markdown(result: dict) -> str:
+    from .kernel_profile import format_profile
+
     eager = result["backends"].get("torch-eager", {}).get("end_to_end", {}).get("median_ms")
     where = result["gpu"] or "CPU"
     lines = [f"**{result['model']}** ({result['weights']} weights), {result['resolution']}², {result['steps']} steps, "
@@ -485,6 +504,9 @@ def markdown(result: dict) -> str:
                      f"{e2e['median_ms'] / 1e3:.3f} ({e2e['p90_ms'] / 1e3:.3f}) | {speed} | {mem} | "
                      f"{e['fidelity']['cosine']:.6f} | {e['fidelity']['psnr_db']:.1f} |")
     lines += ["", f"Host work per step (numpy sampler + CFG + casts, UNet excluded): {result['host_step_overhead_ms']:.3f} ms."]
+    if result.get("cuda_options"):
+        lines.append("CUDA provider options for the ort backends: "
+                     + ", ".join(f"{k}={v}" for k, v in result["cuda_options"].items()) + ".")
     for name, e in result["backends"].items():
         if "compile_s" in e:
             lines.append(f"{name}: first call (compilation) {e['compile_s']:.1f} s.")
@@ -494,10 +516,15 @@ def markdown(result: dict) -> str:
                             f"{e['end_to_end_host_per_step_ms']:.2f} ms a step on the host around them)."
                             if "end_to_end_unet_calls" in e else "."))
         if "profile" in e:
-            p = e["profile"]
-            lines += ["", f"ONNX Runtime profile of the UNet ({name}, CUDA provider without CUDA graphs, kernel time "
-                      f"{p['per_step_ms_kernel_total']:.2f} ms a step):", "", "| op | ms a step | calls | share |", "|---|---|---|---|"]
-            lines += [f"| {r['op']} | {r['ms_per_step']:.3f} | {r['calls_per_step']:.0f} | {100 * r['share']:.1f}% |" for r in p["by_op"]]
+            for comp, p in e["profile"].items():
+                if comp == "ort_unet_ops":
+                    lines += ["", f"ONNX Runtime profile of the UNet ({name}, CUDA provider without CUDA graphs, host-timed "
+                              f"nodes {p['per_step_ms_kernel_total']:.2f} ms a step):", "", "| op | ms a step | calls | share |",
+                              "|---|---|---|---|"]
+                    lines += [f"| {r['op']} | {r['ms_per_step']:.3f} | {r['calls_per_step']:.0f} | {100 * r['share']:.1f}% |"
+                              for r in p["by_op"]]
+                else:
+                    lines += ["", format_profile(p, f"GPU kernels of one {comp} run ({name}, as benchmarked)")]
     for n in result.get("notes", []):
         lines.append(f"Note: {n}")
     return "\n".join(lines) + "\n"

@@ -75,6 +75,9 @@ def validate(cfg: BuildConfig) -> ModelSpec:
         raise LdmExportError("--no-half-vae keeps the VAE decoder in fp32 in an fp16 build; it needs --precision fp16")
     if cfg.target not in TARGETS:
         raise LdmExportError(f"unknown target '{cfg.target}'; choose one of: {', '.join(TARGETS)}")
+    from ldm_export.kernels import disabled_kinds
+
+    disabled_kinds()  # a misspelt LDM_EXPORT_DISABLE_KERNELS fails here, before any work
     if cfg.weights is not None and cfg.random_weights:
         raise LdmExportError("give either --weights PATH or --random-weights, not both")
     if cfg.weights is None and not cfg.random_weights and spec.embedded_weights is None:

@@ -22,11 +22,14 @@ from ldm_export.cli_common import _guard
 @click.option("--guidance-scale", type=float, default=7.5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads (cpu device).")
-@click.option("--profile", is_flag=True, help="Add ONNX Runtime's per-op profile of the UNet (cuda).")
+@click.option("--profile", is_flag=True, help="Add a GPU kernel profile (device time by kind of kernel) of the UNet and VAE decoder (cuda).")
+@click.option("--cuda-option", "cuda_options", multiple=True, metavar="KEY=VALUE",
+              help="An ONNX Runtime CUDA provider option for the ort backends (repeatable), e.g. fuse_conv_bias=1.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True,
               help="Folder for bench_<model>_<device>.json/.md/.png.")
 @_guard
-def bench(model, bundle, device, backends, steps, repeats, e2e_repeats, warmup, guidance_scale, seed, threads, profile, out):
+def bench(model, bundle, device, backends, steps, repeats, e2e_repeats, warmup, guidance_scale, seed, threads, profile,
+          cuda_options, out):
     """Time text encoder, UNet step, VAE decode and end to end on each backend; write JSON, markdown and a chart."""
     from ldm_export.cli_common import console, out_console
     from ldm_export.export.bench import BACKENDS, BenchConfig, markdown, run_bench
@@ -38,9 +41,13 @@ def bench(model, bundle, device, backends, steps, repeats, e2e_repeats, warmup, 
         raise LdmExportError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
     if steps < 1 or repeats < 1 or e2e_repeats < 1:
         raise LdmExportError("--steps, --repeats and --e2e-repeats must be at least 1")
+    bad = [o for o in cuda_options if "=" not in o or not o.split("=", 1)[0].strip()]
+    if bad:
+        raise LdmExportError(f"--cuda-option takes KEY=VALUE (an ONNX Runtime CUDA provider option), got {bad[0]!r}")
     cfg = BenchConfig(model=model, bundle=bundle, device=device, backends=names, steps=steps, repeats=repeats,
                       e2e_repeats=e2e_repeats, warmup=warmup, guidance_scale=guidance_scale, seed=seed, threads=threads,
-                      profile=profile, out=out)
+                      profile=profile, out=out,
+                      cuda_options={k.strip(): v.strip() for k, v in (o.split("=", 1) for o in cuda_options)})
     with console.status("benchmarking...", spinner="dots") as status:
         result = run_bench(cfg, lambda s: (status.update(s), console.print(f"  {s}")))
     out_console.print(markdown(result), soft_wrap=True)

@@ -29,6 +29,12 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def _all_finite(a: np.ndarray) -> bool:
+    if a.dtype == np.float16:  # numpy's float16 isfinite is slow; an exponent of all ones is Inf or NaN
+        return not bool(((a.view(np.uint16) & 0x7C00) == 0x7C00).any())
+    return bool(np.isfinite(a).all())
+
+
 def _is_static(spec: ComponentSpec) -> bool:
     return all(isinstance(d, int) for t in (*spec.inputs, *spec.outputs) for d in t.shape)
 
@@ -39,12 +45,14 @@ class CudaEngine:
     ``cuda_graph`` (static-shape bundles only) captures the whole graph on the first run and replays it after;
     ``conv_algo_search`` is cuDNN's convolution algorithm search (EXHAUSTIVE: slower first run, fastest kernels);
     ``prefer_nhwc`` lets ONNX Runtime run convolutions channels-last (fewer layout transposes around the NHWC
-    GroupNorm kernels); ``check_finite`` raises, naming the component, when an output holds NaN or Inf.
+    GroupNorm kernels); ``check_finite`` raises, naming the component, when an output holds NaN or Inf;
+    ``provider_options`` adds or overrides CUDA provider options (e.g. ``{"sdpa_kernel": "8"}``: cuDNN attention).
     """
 
     def __init__(self, model_path: str | os.PathLike, spec: ComponentSpec, device_id: int = 0,
                  cuda_graph: bool | None = None, conv_algo_search: str = "EXHAUSTIVE", prefer_nhwc: bool = False,
-                 check_finite: bool | None = None, session_options=None, profile_prefix: str | None = None):
+                 check_finite: bool | None = None, session_options=None, profile_prefix: str | None = None,
+                 provider_options: Mapping[str, str] | None = None):
         import onnxruntime as ort
 
         if not cuda_available():
@@ -63,7 +71,8 @@ class CudaEngine:
         self.check_finite = (spec.name == "vae_decoder") if check_finite is None else check_finite
         options = {"device_id": str(device_id), "cudnn_conv_algo_search": conv_algo_search,
                    "cudnn_conv_use_max_workspace": "1", "do_copy_in_default_stream": "1",
-                   "enable_cuda_graph": "1" if self.cuda_graph else "0", "prefer_nhwc": "1" if prefer_nhwc else "0"}
+                   "enable_cuda_graph": "1" if self.cuda_graph else "0", "prefer_nhwc": "1" if prefer_nhwc else "0",
+                   **{k: str(v) for k, v in (provider_options or {}).items()}}
         so = session_options or ort.SessionOptions()
         so.log_severity_level = 3
         if profile_prefix:
@@ -80,6 +89,7 @@ class CudaEngine:
         self._inputs: dict[str, object] = {}
         self._outputs: dict[str, object] = {}
         self._run_options = ort.RunOptions()
+        self._ran = False
         if self.static:
             self._allocate({t.name: spec.concrete_shape(t) for t in spec.inputs},
                            {t.name: (spec.concrete_shape(t), np.dtype(t.dtype)) for t in spec.outputs})
@@ -131,9 +141,16 @@ class CudaEngine:
                 raise LdmExportError(f"{self.spec.name}.{name}: expected shape {tuple(buf.shape())}, got {tuple(a.shape)}")
             buf.update_inplace(a)
         self.session.run_with_iobinding(self._binding, self._run_options)
+        self._ran = True
         out = {n: self._outputs[n].numpy() for n in self.output_names}
         self._guard(out)
         return out
+
+    def replay(self) -> None:
+        """Run again on the inputs already bound, leaving the outputs on the device (timing and profiling)."""
+        if not self.static or not self._ran:
+            raise LdmExportError(f"{self.spec.name}: replay needs a static-shape engine that has run once")
+        self.session.run_with_iobinding(self._binding, self._run_options)
 
     def _run_dynamic(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         b = self._binding
@@ -154,7 +171,7 @@ class CudaEngine:
         if not self.check_finite:
             return
         for name, a in out.items():
-            if not np.isfinite(a).all():
+            if not _all_finite(a):
                 bad = int(a.size - np.isfinite(a).sum())
                 raise LdmExportError(f"{self.spec.name} produced {bad} NaN/Inf values in '{name}' (fp16 overflow?): "
                                      + overflow_fix(self.spec.name))

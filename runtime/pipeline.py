@@ -242,6 +242,9 @@ def make_engine(bundle: Bundle, component: str, provider: str = "cpu", threads: 
         if cuda_available():  # IOBinding on device buffers, CUDA graphs for static-shape bundles
             # channels-last convolutions for the convolutional components: on an H100 the SD 1.5 UNet step went
             # from 12.3 to 8.8 ms and the VAE decode from 16.8 to 13.1 ms (docs/gpu.md)
-            return CudaEngine(bundle.model_path(component), bundle.spec(component),
-                              prefer_nhwc=component in CONVOLUTIONAL)
+            conv = component in CONVOLUTIONAL
+            # the text encoder runs once an image and keeps a few nodes on the CPU: no CUDA graph for it
+            return CudaEngine(bundle.model_path(component), bundle.spec(component), prefer_nhwc=conv,
+                              cuda_graph=None if conv else False,
+                              provider_options={"fuse_conv_bias": "1"} if conv else None)
     return OrtEngine(bundle.model_path(component), bundle.spec(component), provider=provider, threads=threads)

@@ -63,3 +63,32 @@ def test_tiny_cpu_bench_end_to_end(tiny_bundle, tmp_path):
         # PNDM's first PLMS step evaluates the UNet twice: steps + 1 calls, each timed inside the loop
         assert e["end_to_end_unet_calls"] == 3 and 0 < e["end_to_end_unet_call_ms"] * 3 / 2 < e["end_to_end_loop_per_step_ms"]
         assert e["end_to_end_host_per_step_ms"] > 0
+
+
+def test_kernel_kinds_of_real_kernel_names():
+    from ldm_export.export.kernel_profile import kind_of
+
+    assert kind_of("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64") == "conv"
+    assert kind_of("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1") == "gemm"
+    assert kind_of("void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4>>") == "attention"
+    assert kind_of("void onnxruntime::contrib::cuda::GroupNormNHWCSumKernel<half>") == "groupnorm"
+    assert kind_of("void onnxruntime::cuda::Transpose3DKernel<unsigned short>") == "transpose"
+    assert kind_of("Memcpy HtoD (Pageable -> Device)") == "copy"
+    assert kind_of("void onnxruntime::cuda::_BinaryElementWiseSimple<half, half, half, OP_Add<half>>") == "elementwise"
+    assert kind_of("void op_generic_tensor_kernel<4, __half, float, __half, 256, (cudnnGenericOp_t)0>") == "conv bias"
+    assert kind_of("nvjet_sm90_hsh_320x128_64x3_1x2_h_bz_coopB_NNT") == "gemm"
+    assert kind_of("some_unknown_kernel") == "other"
+
+
+def test_reports_show_the_kernel_profile():
+    from ldm_export.export.kernel_profile import format_profile
+
+    r = _result()
+    prof = {"runs": 5, "kernels_per_run": 700, "device_ms_per_run": 7.5,
+            "by_kind": [{"kind": "conv", "ms_per_run": 3.0, "calls_per_run": 98, "share": 0.4},
+                        {"kind": "gemm", "ms_per_run": 4.5, "calls_per_run": 180, "share": 0.6}], "top_kernels": []}
+    r["backends"]["ort"]["profile"] = {"unet": prof, "vae_decoder": prof}
+    md = markdown(r)
+    assert "GPU kernels of one unet run (ort, as benchmarked): 7.500 ms of kernels a run, 700 kernels" in md
+    assert "| conv | 3.000 | 98 | 40.0% |" in md
+    assert format_profile(prof, "x").count("\n") == 5

@@ -90,8 +90,12 @@ def test_fp16_build_keeps_policy_ops_fp32(tmp_path):
     assert softmax and all(casts.get(n.input[0]) == onnx.TensorProto.FLOAT for n in softmax)
     unet = onnx.load(str(out / "unet" / "model.onnx"))
     types = {i.name: i.type.tensor_type.elem_type for i in unet.graph.input}
-    assert types == {"sample": onnx.TensorProto.FLOAT16, "timestep": onnx.TensorProto.FLOAT,
+    # latents in and out stay float32 at the boundary (cast on the device); the text embeddings go in fp16
+    assert types == {"sample": onnx.TensorProto.FLOAT, "timestep": onnx.TensorProto.FLOAT,
                      "encoder_hidden_states": onnx.TensorProto.FLOAT16}
+    assert {o.name: o.type.tensor_type.elem_type for o in unet.graph.output} == {"out_sample": onnx.TensorProto.FLOAT}
+    assert {t.name: t.type.tensor_type.elem_type for t in (*g.graph.input, *g.graph.output)} == {
+        "latent_sample": onnx.TensorProto.FLOAT, "sample": onnx.TensorProto.FLOAT}
     norms = [n for n in unet.graph.node if n.op_type == "InstanceNormalization"]
     assert norms  # GroupNorm exports as InstanceNormalization; the policy keeps it fp32
     init16 = {i.name for i in unet.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
@@ -107,7 +111,7 @@ def test_no_half_vae_keeps_the_decoder_fp32(tmp_path):
     g = onnx.load(str(out / "vae_decoder" / "model.onnx"))
     assert {i.data_type for i in g.graph.initializer} == {onnx.TensorProto.FLOAT}
     b = Bundle.open(out)
-    assert b.spec("vae_decoder").inputs[0].dtype == "float32" and b.spec("unet").inputs[0].dtype == "float16"
+    assert b.spec("vae_decoder").inputs[0].dtype == "float32" and b.spec("unet").inputs[2].dtype == "float16"
     images = Pipeline.from_bundle(out)("a red circle", num_inference_steps=2, seed=0)
     assert images[0].size == (64, 64)
 
@@ -272,7 +276,8 @@ def test_fp16_policy_per_target():
     assert "LayerNormalization" in fp16_policy("unet", "cpu").keep_op_types
     cuda = fp16_policy("unet", "cuda")
     assert "LayerNormalization" not in cuda.keep_op_types and "InstanceNormalization" in cuda.keep_op_types
-    assert cuda.keep_fp32_io == ("timestep",) and "on cuda" in cuda.reason
+    assert cuda.keep_fp32_io == ("timestep", "sample", "out_sample") and "on cuda" in cuda.reason
+    assert fp16_policy("vae_decoder", "cuda").keep_fp32_io == ("latent_sample", "sample")
     assert fp16_policy("vae_decoder", "cuda").keep_name_prefixes == fp16_policy("vae_decoder", "cpu").keep_name_prefixes == ()
     assert "Softmax" in fp16_policy("vae_decoder", "cuda").keep_op_types
 

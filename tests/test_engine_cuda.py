@@ -98,3 +98,21 @@ def test_engine_guards_vae_output_against_nan(tmp_path):
     x = np.full((2, 4, 8, 8), 6e4, np.float32)
     with pytest.raises(LdmExportError, match="vae_decoder produced .* NaN/Inf"):
         e.run({"sample": x, "timestep": np.asarray(10.0, np.float32), "encoder_hidden_states": x})
+
+
+@needs_cuda
+def test_replay_and_kernel_profile_see_the_graph_kernels(tmp_path):
+    """CUPTI (through PyTorch's profiler) sees ONNX Runtime's kernels, CUDA graph replays included."""
+    torch = pytest.importorskip("torch")
+    assert torch.cuda.is_available()
+    from ldm_export.export.kernel_profile import profile_kernels
+
+    spec = _model(tmp_path / "m.onnx")
+    e = CudaEngine(tmp_path / "m.onnx", spec, cuda_graph=True)
+    with pytest.raises(LdmExportError, match="has run once"):
+        e.replay()
+    x = np.ones((2, 4, 8, 8), np.float32)
+    e.run({"sample": x, "timestep": np.asarray(2.0, np.float32), "encoder_hidden_states": x})
+    p = profile_kernels(e.replay, runs=4)
+    assert p["kernels_per_run"] >= 2 and p["device_ms_per_run"] > 0  # Cast, Mul, Add (maybe fused by ORT)
+    assert {r["kind"] for r in p["by_kind"]} <= {"elementwise", "other", "copy"}

@@ -1,7 +1,9 @@
 """Fused kernels: numpy references against torch, export patches, graph rewrites, and fused vs unfused graphs.
 
-CPU tests run ONNX Runtime's CPU kernels (MultiHeadAttention fp32); GroupNorm and BiasSplitGelu have CUDA kernels
-only, so their graph tests run where onnxruntime-gpu sees a GPU and are skipped elsewhere with that reason.
+CPU tests run ONNX Runtime's CPU kernels (MultiHeadAttention fp32), and whole cuda-target graphs on onnx's
+reference evaluator with the CUDA-only ops backed by the numpy references (``tests/contrib_ref.py``). The CUDA
+kernels themselves (GroupNorm, SkipGroupNorm, SkipLayerNormalization, BiasSplitGelu, fp16 attention) are checked
+against the references where onnxruntime-gpu sees a GPU, and skipped elsewhere with that reason.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
 
 from ldm_export import kernels  # noqa: E402
-from ldm_export.kernels import attention, geglu, groupnorm  # noqa: E402
+from ldm_export.kernels import attention, geglu, groupnorm, residual  # noqa: E402
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="GroupNorm/BiasSplitGelu/fp16 MultiHeadAttention have ONNX Runtime "
@@ -150,11 +152,17 @@ def test_tiny_unet_rewrite_counts(tiny_cuda_graphs):
     ops = [n.op_type for n in g["fused"].graph.node]
     # tiny UNet: 4 transformer blocks x (self + cross); 21 GroupNorms, 17 followed by SiLU; no GEGLU of a CUDA width
     assert ops.count("MultiHeadAttention") == 8
-    assert ops.count("GroupNorm") == 21
+    # 21 norms: 15 take the Add before them (8 time-embedding adds, 7 residual streams), 6 do not
+    assert ops.count("GroupNorm") == 6 and ops.count("SkipGroupNorm") == 15
+    # 4 blocks x 2 residual adds before a LayerNorm (after self- and cross-attention); the first norm has none
+    assert ops.count("SkipLayerNormalization") == 8 and ops.count("LayerNormalization") == 4
     assert "InstanceNormalization" not in ops and "Softmax" not in ops
     plain_ops = [n.op_type for n in g["plain"].graph.node]
     assert plain_ops.count("Sigmoid") - ops.count("Sigmoid") == 17  # the SiLUs after norms; the time embedding's stays
-    assert g["describe"] == ["GroupNorm x21", "MultiHeadAttention x8", "GroupNorm+SiLU x17"]
+    # the adds above, the to_out biases, and the 21 GroupNorm beta adds of the plain export
+    assert plain_ops.count("Add") - ops.count("Add") == 8 + 7 + 8 + 8 + 21
+    assert g["describe"] == ["GroupNorm x6", "MultiHeadAttention x8", "SkipGroupNorm x15", "SkipLayerNormalization x8",
+                             "GroupNorm+SiLU x17"]
     assert kernels.needs_gpu_verification(g["fused"]) and not kernels.needs_gpu_verification(g["plain"])
     np.testing.assert_array_equal(g["patched_ref"], g["ref"])  # the patched torch forward computes the same
 
@@ -169,6 +177,82 @@ def test_tiny_vae_keeps_attention_and_odd_groups_unfused(tiny_cuda_graphs):
     ops = [n.op_type for n in tiny_cuda_graphs["vae_decoder"]["fused"].graph.node]
     assert "MultiHeadAttention" not in ops and "Softmax" in ops
     assert ops.count("GroupNorm") == even and ops.count("InstanceNormalization") == len(norms) - even
+    assert "SkipGroupNorm" not in ops  # no residual folds in the decoder: slower there on an H100
+
+
+@pytest.mark.parametrize("comp", ["unet", "vae_decoder"])
+def test_cuda_target_graph_matches_plain_on_the_reference_evaluator(tiny_cuda_graphs, comp):
+    """The whole rewritten graph (every fused op, the residual folds included) computes what the plain one does:
+    the fused ops run on their numpy references, the plain graph on ONNX Runtime's CPU provider."""
+    from contrib_ref import run_reference
+
+    g = tiny_cuda_graphs[comp]
+    want = ort.InferenceSession(g["plain"].SerializeToString(), providers=["CPUExecutionProvider"]).run(None, g["feeds"])[0]
+    got = run_reference(g["fused"], g["feeds"])[0]
+    assert got.shape == want.shape
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_reference_evaluator_sees_a_broken_fused_graph(tiny_cuda_graphs):
+    """The check above can fail: the same graph with one SkipGroupNorm's SiLU switched off differs."""
+    from contrib_ref import run_reference
+
+    g = tiny_cuda_graphs["unet"]
+    broken = onnx.ModelProto()
+    broken.CopyFrom(g["fused"])
+    node = next(n for n in broken.graph.node if n.op_type == "SkipGroupNorm"
+                and any(a.name == "activation" and a.i == 1 for a in n.attribute))
+    next(a for a in node.attribute if a.name == "activation").i = 0
+    want = run_reference(g["fused"], g["feeds"])[0]
+    got = run_reference(broken, g["feeds"])[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) > 1e-3
+
+
+def test_residual_refs_match_torch():
+    rng = np.random.default_rng(0)
+    x, skip = rng.standard_normal((2, 4, 4, 16)), rng.standard_normal((2, 16))
+    gamma, beta, bias = rng.standard_normal(16), rng.standard_normal(16), rng.standard_normal(16)
+    y, s = residual.skip_group_norm_ref(x, gamma, beta, skip, 4, silu=True, bias=bias)
+    ts = torch.tensor(x) + torch.tensor(skip)[:, None, None, :] + torch.tensor(bias)
+    ty = torch.nn.functional.silu(torch.nn.functional.group_norm(ts.permute(0, 3, 1, 2), 4, torch.tensor(gamma),
+                                                                 torch.tensor(beta), 1e-5)).permute(0, 2, 3, 1)
+    np.testing.assert_allclose(s, ts.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(y, ty.numpy(), rtol=1e-9, atol=1e-12)
+    x3, skip3 = rng.standard_normal((2, 5, 16)), rng.standard_normal((2, 5, 16))
+    y, s = residual.skip_layer_norm_ref(x3, skip3, gamma, beta, bias)
+    ts = torch.tensor(x3) + torch.tensor(skip3) + torch.tensor(bias)
+    ty = torch.nn.functional.layer_norm(ts, (16,), torch.tensor(gamma), torch.tensor(beta), 1e-5)
+    np.testing.assert_allclose(y, ty.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_residual_fusion_on_a_dynamic_shape_export(tmp_path):
+    """Dynamic batch and size (a build without --static-shape): the folds still find which input is the skip."""
+    from ldm_export.export import models as M
+    from ldm_export.export import onnx_export as X
+    from ldm_export.export.build import static_dims
+    from ldm_export.zoo import get_model
+
+    spec = get_model("tiny")
+    modules = M.build_random(spec, 0)
+    cs = spec.component_specs()["unet"]
+    w = M.wrap("unet", modules)
+    feeds = X.sample_inputs(cs, static_dims(spec, "unet"), latent_scale=spec.latent_scale)
+    with torch.inference_mode(), kernels.export_patches(w, "unet", "cuda"):
+        m = X.export_onnx(w, cs, tmp_path, feeds, static=False)
+    m = kernels.rewrite(m, "unet", "cuda")
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("SkipGroupNorm") == 15 and ops.count("SkipLayerNormalization") == 8
+
+
+def test_disabled_kernels_env(monkeypatch):
+    from ldm_export.runtime.errors import LdmExportError
+
+    monkeypatch.setenv("LDM_EXPORT_DISABLE_KERNELS", "residual, geglu")
+    assert kernels.plan("unet", "cuda") == ("attention", "groupnorm")
+    assert kernels.plan("vae_decoder", "cuda") == ("groupnorm",)
+    monkeypatch.setenv("LDM_EXPORT_DISABLE_KERNELS", "residuals")
+    with pytest.raises(LdmExportError, match="unknown kernel kinds.*residuals"):
+        kernels.plan("unet", "cuda")
 
 
 def _gn_graph(extra_consumer: bool):
@@ -259,6 +343,59 @@ def test_cuda_bias_split_gelu_matches_reference():
     got = ort.InferenceSession(m.SerializeToString(), providers=CUDA).run(None, {"x": x})[0]
     want = geglu.bias_split_gelu_ref(x, bias)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3
+
+
+def _model(nodes, inputs, outputs, inits=()):
+    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return helper.make_model(g, ir_version=9, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _init(name, a):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(a, name)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("skip_shape,silu", [("nc", True), ("nhwc", False)])
+def test_cuda_skip_group_norm_matches_reference(dtype, skip_shape, silu):
+    rng = np.random.default_rng(7)
+    c = 320
+    x = (rng.standard_normal((2, 8, 8, c)) * 2 + 0.5).astype(dtype)
+    skip = rng.standard_normal((2, c) if skip_shape == "nc" else (2, 8, 8, c)).astype(dtype)
+    gamma, beta = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    t = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
+    node = helper.make_node("SkipGroupNorm", ["x", "g", "b", "skip"], ["y", "s"], domain="com.microsoft", groups=32,
+                            epsilon=1e-5, activation=int(silu), channels_last=1)
+    m = _model([node], [helper.make_tensor_value_info("x", t, list(x.shape)), helper.make_tensor_value_info("skip", t, list(skip.shape))],
+               [helper.make_tensor_value_info("y", t, list(x.shape)), helper.make_tensor_value_info("s", t, list(x.shape))],
+               [_init("g", gamma), _init("b", beta)])
+    y, s = ort.InferenceSession(m.SerializeToString(), providers=CUDA).run(None, {"x": x, "skip": skip})
+    want_y, want_s = residual.skip_group_norm_ref(x, gamma, beta, skip, 32, silu=silu)
+    tol = 1e-5 if dtype == np.float32 else 2e-3
+    assert np.linalg.norm(y - want_y) / np.linalg.norm(want_y) < tol
+    assert np.linalg.norm(s - want_s) / np.linalg.norm(want_s) < tol
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_cuda_skip_layer_norm_matches_reference(dtype):
+    rng = np.random.default_rng(8)
+    d = 320
+    x, skip = rng.standard_normal((2, 64, d)).astype(dtype), rng.standard_normal((2, 64, d)).astype(dtype)
+    gamma, beta, bias = (rng.standard_normal(d).astype(dtype) for _ in range(3))
+    t = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
+    node = helper.make_node("SkipLayerNormalization", ["x", "skip", "g", "b", "bias"], ["y", "", "", "s"],
+                            domain="com.microsoft", epsilon=1e-5)
+    m = _model([node], [helper.make_tensor_value_info("x", t, list(x.shape)), helper.make_tensor_value_info("skip", t, list(x.shape))],
+               [helper.make_tensor_value_info("y", t, list(x.shape)), helper.make_tensor_value_info("s", t, list(x.shape))],
+               [_init("g", gamma), _init("b", beta), _init("bias", bias)])
+    y, s = ort.InferenceSession(m.SerializeToString(), providers=CUDA).run(None, {"x": x, "skip": skip})
+    want_y, want_s = residual.skip_layer_norm_ref(x, skip, gamma, beta, bias)
+    tol = 1e-5 if dtype == np.float32 else 2e-3
+    assert np.linalg.norm(y - want_y) / np.linalg.norm(want_y) < tol
+    assert np.linalg.norm(s - want_s) / np.linalg.norm(want_s) < tol
 
 
 @needs_cuda
