@@ -189,18 +189,17 @@ class OrtBackend(_Backend):
         self.bundle = Bundle.open(bundle_path)
         self.device = device
         self.name = "ort-nhwc" if prefer_nhwc else "ort"
+        self.cuda_options = dict(cuda_options or {})
         self.precision = self.bundle.precision("unet")
         self.engines = {}
         t0 = time.perf_counter()
         for c in ("text_encoder", "unet", "vae_decoder"):
             spec = self.bundle.spec(c)
             if device == "cuda":
-                from ldm_export.runtime.engine_cuda import CudaEngine
+                from ldm_export.runtime.pipeline import cuda_engine
 
-                # the text encoder runs once per image: no CUDA graph, so any batch works
-                static = all(isinstance(d, int) for t in spec.inputs for d in t.shape)
-                self.engines[c] = CudaEngine(self.bundle.model_path(c), spec, prefer_nhwc=prefer_nhwc,
-                                             cuda_graph=static and c != "text_encoder", provider_options=cuda_options)
+                # ort-nhwc: the runtime's own engine (channels-last, conv+bias fusion); ort: plain NCHW
+                self.engines[c] = cuda_engine(self.bundle, c, tuned=prefer_nhwc, extra_options=cuda_options)
             else:
                 from ldm_export.runtime.engine import OrtEngine
 
@@ -253,13 +252,17 @@ class OrtBackend(_Backend):
 
     def profile(self, runs: int = 5) -> dict:
         """Device time by kind of kernel for one UNet step and one VAE decode, as they run here (CUDA graphs
-        included), from CUPTI; where it sees no kernels, ONNX Runtime's own per-op profile of the UNet instead."""
+        included), from CUPTI; where it sees no kernels, ONNX Runtime's own per-op profile of the UNet instead.
+        Needs a static-shape bundle (the engines replay their bound inputs)."""
         from .kernel_profile import profile_kernels
 
+        if not all(getattr(self.engines[c], "static", False) for c in ("unet", "vae_decoder")):
+            raise _Skip("the kernel profile replays bound inputs: it needs a static-shape bundle (--static-shape)")
         out = {c: profile_kernels(self.engines[c].replay, runs) for c in ("unet", "vae_decoder")}
         if not out["unet"]["kernels_per_run"]:
             log.warning("the profiler saw no GPU kernels (CUPTI unavailable?); falling back to ONNX Runtime's profiler")
-            out = {"ort_unet_ops": profile_unet(self.bundle.path, runs=runs, prefer_nhwc=self.name == "ort-nhwc")}
+            out = {"ort_unet_ops": profile_unet(self.bundle.path, runs=runs, prefer_nhwc=self.name == "ort-nhwc",
+                                                cuda_options=self.cuda_options)}
         return out
 
     def close(self):
@@ -330,6 +333,8 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
 
     if cfg.device not in ("cuda", "cpu"):
         raise LdmExportError(f"--device must be cuda or cpu, got {cfg.device!r}")
+    if cfg.cuda_options and cfg.device != "cuda":
+        raise LdmExportError("--cuda-option sets ONNX Runtime CUDA provider options; it needs --device cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise LdmExportError("no CUDA device visible to PyTorch: run on a GPU machine, or pass --device cpu")
     wanted_ort = [b for b in cfg.backends if b.startswith("ort")]
@@ -392,6 +397,7 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
     for name in cfg.backends:
         progress(f"{name}: loading")
         entry: dict = {}
+        b = None
         try:
             if name in ("torch-eager", "torch-compile"):
                 b = TorchBackend(modules, cfg.device, half, compile=name == "torch-compile")
@@ -428,14 +434,19 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
             entry["gpu_memory_peak_mb"] = b.memory_mb()
             if name.startswith("ort") and cfg.profile and cfg.device == "cuda":
                 progress(f"{name}: profile")
-                entry["profile"] = b.profile()
-            b.close()
-            del b
+                try:
+                    entry["profile"] = b.profile()
+                except _Skip as e:  # the timings stand; only the profile is missing
+                    entry["profile_skipped"] = str(e)
         except _Skip as e:
             entry = {"skipped": str(e)}
         except Exception as e:  # one backend failing must not lose the others' numbers; the error is reported
             log.exception("backend %s failed", name)
             entry = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        finally:  # a failed backend must not keep its device memory (the next backend's reading would be off)
+            if b is not None:
+                b.close()
+            del b
         result["backends"][name] = entry
         write_reports(result, cfg.out)  # after every backend: a run cut short keeps what it measured
         progress(f"{name}: done")
@@ -455,7 +466,8 @@ def _tensorrt_missing() -> str | None:
     return None
 
 
-def profile_unet(bundle_path: Path, runs: int = 5, warmup: int = 2, prefer_nhwc: bool = False) -> dict:
+def profile_unet(bundle_path: Path, runs: int = 5, warmup: int = 2, prefer_nhwc: bool = False,
+                 cuda_options: dict[str, str] | None = None) -> dict:
     """ONNX Runtime's profiler on the UNet (CUDA provider, no CUDA graph so nodes are timed, on the host): ms per
     op type a step. The fallback of :meth:`OrtBackend.profile`."""
     import tempfile
@@ -468,7 +480,7 @@ def profile_unet(bundle_path: Path, runs: int = 5, warmup: int = 2, prefer_nhwc:
     b = Bundle.open(bundle_path)
     with tempfile.TemporaryDirectory() as tmp:
         e = CudaEngine(b.model_path("unet"), b.spec("unet"), cuda_graph=False, prefer_nhwc=prefer_nhwc,
-                       profile_prefix=str(Path(tmp) / "unet_profile"))
+                       profile_prefix=str(Path(tmp) / "unet_profile"), provider_options=cuda_options)
         feeds = sample_inputs(b.spec("unet"))
         for _ in range(warmup + runs):
             e.run(feeds)
@@ -492,7 +504,8 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in result["backends"].items():
         if "skipped" in e or "error" in e:
-            lines.append(f"| {name} | — | {'skipped: ' + e['skipped'] if 'skipped' in e else 'error: ' + e['error']} |"
+            why = "skipped: " + e["skipped"] if "skipped" in e else "error: " + e["error"]
+            lines.append(f"| {name} | — | {why if len(why) <= 240 else why[:237] + '...'} |"
                          " | | | | | | |")
             continue
         c = e["components"]

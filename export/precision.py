@@ -77,7 +77,8 @@ def fp16_policy(component: str, target: str = "cpu") -> Fp16Policy:
 
 
 def convert_fp16(model_path: str, component: str, target: str = "cpu") -> onnx.ModelProto:
-    """fp32 graph on disk -> fp16 graph with fp16 inputs/outputs, keeping the component's policy ops in fp32.
+    """fp32 graph on disk -> fp16 graph, keeping the component's policy ops, and its ``keep_fp32_io`` inputs and
+    outputs, in fp32 (the other inputs and outputs become fp16).
 
     Takes a path so the converter can run shape inference on models over 2 GB (it needs value types to
     put Cast nodes around the fp32 islands)."""

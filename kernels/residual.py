@@ -77,8 +77,11 @@ def fuse_residual_adds(model) -> dict[str, int]:
         m.fuse_skip_layer_norm()
         fusion = FusionSkipGroupNorm(m)
         if fusion.shape_infer_helper is None:
-            raise RuntimeError("SkipGroupNorm fusion needs shapes, and ONNX Runtime's symbolic shape inference failed "
-                               f"on this graph: {sink.getvalue().strip()[-300:]}")
+            from ldm_export.runtime.errors import LdmExportError
+
+            raise LdmExportError("the residual folds need shapes, and ONNX Runtime's symbolic shape inference failed on "
+                                 f"this graph ({' '.join(sink.getvalue().split())[-200:] or 'no detail'}); build without "
+                                 "them with LDM_EXPORT_DISABLE_KERNELS=residual")
         fusion.apply()
         m.fuse_add_bias_skip_layer_norm()
         m.prune_graph()

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import LdmExportError, overflow_fix
+from .errors import LdmExportError, all_finite, overflow_fix
 from .spec import ComponentSpec
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,8 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def _all_finite(a: np.ndarray) -> bool:
-    if a.dtype == np.float16:  # numpy's float16 isfinite is slow; an exponent of all ones is Inf or NaN
-        return not bool(((a.view(np.uint16) & 0x7C00) == 0x7C00).any())
-    return bool(np.isfinite(a).all())
+# set by the engine's own arguments; provider_options may not change them behind its back
+_OWN_OPTIONS = ("device_id", "enable_cuda_graph", "prefer_nhwc", "cudnn_conv_algo_search")
 
 
 def _is_static(spec: ComponentSpec) -> bool:
@@ -55,6 +53,10 @@ class CudaEngine:
                  provider_options: Mapping[str, str] | None = None):
         import onnxruntime as ort
 
+        own = sorted(set(provider_options or {}) & set(_OWN_OPTIONS))
+        if own:
+            raise LdmExportError(f"provider option(s) {own} are set by CudaEngine's own arguments (device_id, cuda_graph, "
+                                 "prefer_nhwc, conv_algo_search); pass those instead")
         if not cuda_available():
             raise LdmExportError("onnxruntime has no CUDA provider: install onnxruntime-gpu (in place of onnxruntime), "
                                  "or run on the CPU with --provider cpu")
@@ -140,7 +142,7 @@ class CudaEngine:
             if tuple(a.shape) != tuple(buf.shape()):
                 raise LdmExportError(f"{self.spec.name}.{name}: expected shape {tuple(buf.shape())}, got {tuple(a.shape)}")
             buf.update_inplace(a)
-        self.session.run_with_iobinding(self._binding, self._run_options)
+        self._run()
         self._ran = True
         out = {n: self._outputs[n].numpy() for n in self.output_names}
         self._guard(out)
@@ -150,7 +152,14 @@ class CudaEngine:
         """Run again on the inputs already bound, leaving the outputs on the device (timing and profiling)."""
         if not self.static or not self._ran:
             raise LdmExportError(f"{self.spec.name}: replay needs a static-shape engine that has run once")
-        self.session.run_with_iobinding(self._binding, self._run_options)
+        self._run()
+
+    def _run(self) -> None:
+        try:
+            self.session.run_with_iobinding(self._binding, self._run_options)
+        except Exception as e:  # onnxruntime's own error types (cuDNN failures, out of memory, ...)
+            msg = " ".join(str(e).split())
+            raise LdmExportError(f"{self.spec.name}: ONNX Runtime failed on CUDA: {msg[:300]}") from e
 
     def _run_dynamic(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         b = self._binding
@@ -161,7 +170,7 @@ class CudaEngine:
         for name in self.output_names:
             b.bind_output(name, "cuda", self.device_id)
         b.synchronize_inputs()
-        self.session.run_with_iobinding(b, self._run_options)
+        self._run()
         b.synchronize_outputs()
         out = dict(zip(self.output_names, b.copy_outputs_to_cpu()))
         self._guard(out)
@@ -171,7 +180,7 @@ class CudaEngine:
         if not self.check_finite:
             return
         for name, a in out.items():
-            if not _all_finite(a):
+            if not all_finite(a):
                 bad = int(a.size - np.isfinite(a).sum())
                 raise LdmExportError(f"{self.spec.name} produced {bad} NaN/Inf values in '{name}' (fp16 overflow?): "
                                      + overflow_fix(self.spec.name))

@@ -1,9 +1,19 @@
 """The one error class users see: a one-line message that says what was wrong and what to do."""
+import numpy as np
 
 
 def overflow_fix(component: str) -> str:
     """What to do when ``component`` of an fp16 bundle produced NaN/Inf: the build flag that keeps it in fp32."""
     return "rebuild with --no-half-vae (the decoder in fp32)" if component == "vae_decoder" else "rebuild with --precision fp32"
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """No NaN or Inf in ``a`` (non-float arrays are finite)."""
+    if a.dtype == np.float16:  # numpy's float16 isfinite is slow; an exponent of all ones is Inf or NaN
+        return not bool(((a.view(np.uint16) & 0x7C00) == 0x7C00).any())
+    if not np.issubdtype(a.dtype, np.floating):
+        return True
+    return bool(np.isfinite(a).all())
 
 
 class LdmExportError(Exception):

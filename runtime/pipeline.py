@@ -9,7 +9,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .engine import Engine, OrtEngine
-from .errors import LdmExportError, overflow_fix
+from .errors import LdmExportError, all_finite, overflow_fix
 from .spec import ComponentSpec
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def run_batched(engine: Engine, feeds: Mapping[str, np.ndarray], batched: Sequen
 
 def check_finite(component: str, outputs: Mapping[str, np.ndarray], where: str = "") -> None:
     for name, a in outputs.items():
-        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        if not all_finite(a):
             bad = "NaN" if np.isnan(a).any() else "Inf"
             raise LdmExportError(f"{component} produced {bad} in '{name}'{where}; the graph overflows at this precision: "
                                  + overflow_fix(component))
@@ -229,6 +229,26 @@ def _as_prompts(p, what: str) -> list[str]:
 CONVOLUTIONAL = ("unet", "vae_decoder")  # components that run NHWC on the CUDA engine
 
 
+def cuda_engine(bundle: Bundle, component: str, tuned: bool = True, extra_options: Mapping[str, str] | None = None):
+    """The CUDA engine for one component. ``tuned`` (the runtime's choice) runs the UNet and VAE decoder of a
+    static-shape bundle channels-last with cuDNN's conv+bias fusion: on an H100 channels-last took the SD 1.5 UNet
+    step from 12.3 to 8.8 ms, and the fusion the fp16 VAE decode from 10.1 to 8.7 ms of device time (docs/gpu.md).
+    The fusion is set only where it was measured (fp16, static, channels-last): cuDNN could not plan it for an NCHW
+    input convolution. The text encoder runs once an image and keeps a few nodes on the CPU, so it gets no CUDA
+    graph. ``extra_options`` adds CUDA provider options."""
+    from .engine_cuda import CudaEngine
+
+    conv = component in CONVOLUTIONAL
+    spec = bundle.spec(component)
+    static = all(isinstance(d, int) for t in (*spec.inputs, *spec.outputs) for d in t.shape)
+    options = {}
+    if tuned and conv and static and bundle.precision(component) == "fp16":
+        options["fuse_conv_bias"] = "1"
+    options.update(extra_options or {})
+    return CudaEngine(bundle.model_path(component), spec, prefer_nhwc=tuned and conv,
+                      cuda_graph=None if conv else False, provider_options=options)
+
+
 def make_engine(bundle: Bundle, component: str, provider: str = "cpu", threads: int | None = None) -> Engine:
     """The engine for one component: ONNX Runtime on ``provider``, or the bundle's native TensorRT plan for this
     GPU with ``provider="tensorrt-native"`` (``"tensorrt"`` stays ONNX Runtime's TensorRT provider)."""
@@ -237,14 +257,8 @@ def make_engine(bundle: Bundle, component: str, provider: str = "cpu", threads: 
 
         return load_tensorrt_engine(bundle, component)
     if provider == "cuda":
-        from .engine_cuda import CudaEngine, cuda_available
+        from .engine_cuda import cuda_available
 
         if cuda_available():  # IOBinding on device buffers, CUDA graphs for static-shape bundles
-            # channels-last convolutions for the convolutional components: on an H100 the SD 1.5 UNet step went
-            # from 12.3 to 8.8 ms and the VAE decode from 16.8 to 13.1 ms (docs/gpu.md)
-            conv = component in CONVOLUTIONAL
-            # the text encoder runs once an image and keeps a few nodes on the CPU: no CUDA graph for it
-            return CudaEngine(bundle.model_path(component), bundle.spec(component), prefer_nhwc=conv,
-                              cuda_graph=None if conv else False,
-                              provider_options={"fuse_conv_bias": "1"} if conv else None)
+            return cuda_engine(bundle, component)
     return OrtEngine(bundle.model_path(component), bundle.spec(component), provider=provider, threads=threads)

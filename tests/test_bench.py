@@ -92,3 +92,22 @@ def test_reports_show_the_kernel_profile():
     assert "GPU kernels of one unet run (ort, as benchmarked): 7.500 ms of kernels a run, 700 kernels" in md
     assert "| conv | 3.000 | 98 | 40.0% |" in md
     assert format_profile(prof, "x").count("\n") == 5
+
+
+def test_cli_cuda_option_needs_key_value_and_a_cuda_device(tiny_bundle):
+    r = run_cli("bench", "--bundle", str(tiny_bundle), "--device", "cpu", "--cuda-option", "fuse_conv_bias")
+    assert r.returncode == 2 and "--cuda-option takes KEY=VALUE" in r.stderr
+    r = run_cli("bench", "--bundle", str(tiny_bundle), "--device", "cpu", "--cuda-option", "fuse_conv_bias=1")
+    assert r.returncode == 2 and "it needs --device cuda" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_reports_show_the_host_side_fallback_profile_and_cuda_options():
+    r = _result()
+    r["cuda_options"] = {"fuse_conv_bias": "1"}
+    r["backends"]["ort"]["profile"] = {"ort_unet_ops": {"per_step_ms_kernel_total": 20.8, "by_op": [
+        {"op": "Conv", "ms_per_step": 4.6, "calls_per_step": 98, "share": 0.222}]}}
+    r["backends"]["torch-eager"] = {"error": "RuntimeError: " + "x" * 500}
+    md = markdown(r)
+    assert "host-timed nodes 20.80 ms a step" in md and "| Conv | 4.600 | 98 | 22.2% |" in md
+    assert "CUDA provider options for the ort backends: fuse_conv_bias=1." in md
+    assert "x" * 300 not in md and "xxx... |" in md  # long errors are cut in the table

@@ -104,7 +104,8 @@ def test_engine_guards_vae_output_against_nan(tmp_path):
 def test_replay_and_kernel_profile_see_the_graph_kernels(tmp_path):
     """CUPTI (through PyTorch's profiler) sees ONNX Runtime's kernels, CUDA graph replays included."""
     torch = pytest.importorskip("torch")
-    assert torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        pytest.skip("the kernel profile reads CUPTI through a CUDA build of PyTorch")
     from ldm_export.export.kernel_profile import profile_kernels
 
     spec = _model(tmp_path / "m.onnx")

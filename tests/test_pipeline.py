@@ -244,3 +244,41 @@ def test_missing_gpu_provider_falls_back_to_cpu_with_one_warning(tiny_bundle, ca
     assert len(p("x", num_inference_steps=2, seed=0)) == 1
     with pytest.raises(LdmExportError, match="unknown provider 'tpu'"):
         Pipeline.from_bundle(tiny_bundle, provider="tpu")
+
+
+def test_cuda_engine_choices_per_component(tiny_bundle, tmp_path, monkeypatch):
+    """What the runtime asks of the CUDA engine: channels-last (and, for static fp16 bundles, cuDNN's conv+bias
+    fusion) for the UNet and VAE decoder; no CUDA graph for the text encoder; extra options on top."""
+    import ldm_export.runtime.engine_cuda as ec
+    from ldm_export.export.build import BuildConfig, build
+    from ldm_export.runtime.bundle import Bundle
+    from ldm_export.runtime.pipeline import cuda_engine
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, path, spec, **kw):
+            seen[spec.name] = kw
+
+    monkeypatch.setattr(ec, "CudaEngine", Recorder)
+    b16 = tmp_path / "b16"
+    build(BuildConfig(model="tiny", precision="fp16", random_weights=True, static_shape=True, out=b16))
+    for comp in ("text_encoder", "unet", "vae_decoder"):
+        cuda_engine(Bundle.open(b16), comp, extra_options={"sdpa_kernel": "8"})
+    assert seen["unet"] == seen["vae_decoder"] == {"prefer_nhwc": True, "cuda_graph": None,
+                                                   "provider_options": {"fuse_conv_bias": "1", "sdpa_kernel": "8"}}
+    assert seen["text_encoder"] == {"prefer_nhwc": False, "cuda_graph": False, "provider_options": {"sdpa_kernel": "8"}}
+    # fp32 and dynamic-shape bundles: channels-last, but no conv+bias fusion (measured only on static fp16 graphs)
+    cuda_engine(Bundle.open(tiny_bundle), "unet")
+    assert seen["unet"] == {"prefer_nhwc": True, "cuda_graph": None, "provider_options": {}}
+    cuda_engine(Bundle.open(b16), "unet", tuned=False)  # the bench's plain `ort` backend
+    assert seen["unet"] == {"prefer_nhwc": False, "cuda_graph": None, "provider_options": {}}
+
+
+def test_cuda_engine_refuses_options_it_sets_itself(tiny_bundle):
+    from ldm_export.runtime.bundle import Bundle
+    from ldm_export.runtime.engine_cuda import CudaEngine
+
+    b = Bundle.open(tiny_bundle)
+    with pytest.raises(LdmExportError, match=r"\['enable_cuda_graph'\] are set by CudaEngine's own arguments"):
+        CudaEngine(b.model_path("unet"), b.spec("unet"), provider_options={"enable_cuda_graph": "1"})

@@ -1,12 +1,14 @@
 """On the GPU machine: bundles' UNet and VAE decoder under graph and provider variants, side by side.
 
-    python tools/gpu/probe.py OUT NAME=BUNDLE [NAME=BUNDLE ...] [--runs 30] [--pad-channels] [--cudnn-attention]
+    python tools/gpu/probe.py OUT NAME=BUNDLE [NAME=BUNDLE ...] [--runs 30] [--components unet,vae_decoder]
+                              [--pad-channels] [--cudnn-attention] [--option-variant KEY=VALUE ...]
 
 Per component, each bundle's graph as built; with ``--pad-channels`` also the first bundle's graph with every
 convolution whose output channels are not a multiple of 8 padded to one (zero filters, then a Slice: channels-last
 tensor-core convolutions want multiples of 8; SD's last convolutions have 3 or 4); with ``--cudnn-attention`` the
-UNets also with cuDNN's attention in place of ONNX Runtime's flash attention (``sdpa_kernel=8``). Every variant
-runs on the runtime's CUDA engine (IOBinding, CUDA graph, channels-last convolutions, cuDNN exhaustive search). For
+UNets also with cuDNN's attention in place of ONNX Runtime's flash attention (``sdpa_kernel=8``); with
+``--option-variant`` each bundle also with that CUDA provider option. Every variant runs on the CUDA engine
+(IOBinding, CUDA graph, channels-last convolutions, cuDNN exhaustive search; no other provider option). For
 each: the median time of a run with the inputs already on the device, the output's cosine against the first
 variant, and a kernel profile (CUPTI through PyTorch's profiler): device time by kind of kernel and the top
 kernels. Writes OUT/probe.json and prints a summary.
@@ -34,10 +36,16 @@ def pad_conv_channels(m: onnx.ModelProto, multiple: int = 8) -> int:
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in m.graph.initializer}
+    uses: dict[str, int] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
     new_nodes, padded = [], 0
     for n in m.graph.node:
         new_nodes.append(n)
         if n.op_type != "Conv" or n.input[1] not in inits or any(a.name == "group" and a.i != 1 for a in n.attribute):
+            continue
+        if any(uses.get(i, 0) > 1 for i in n.input[1:]):  # a shared weight: padding it would change the others
             continue
         w = numpy_helper.to_array(inits[n.input[1]])
         cout = w.shape[0]
@@ -127,7 +135,7 @@ def main() -> None:
         variants = {name: (b.model_path(comp), None) for name, b in bundles.items()}
         if a.pad_channels:
             t = time.perf_counter()
-            path, n = variant_graph(first.model_path(comp), Path("/tmp/probe") / comp, pad_conv_channels)
+            path, n = variant_graph(first.model_path(comp), out / "graphs" / comp, pad_conv_channels)
             print(f"{comp}: padded {n} convolutions in {time.perf_counter() - t:.1f} s", flush=True)
             variants[f"{next(iter(bundles))}+pad-channels"] = (path, None)
         for kv in a.option_variant:

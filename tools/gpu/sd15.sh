@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root: `bash tools/gpu/sd15.sh build` then `bash tools/gpu/sd15.sh bench`.
 # build: the static fp16 cuda bundle, the GPU-only tests, and the optimised-graph checks (Memcpy/Shape/Transpose).
-# bench: `ldm-export bench` on every backend, alone on the machine (timings), with the GPU kernel profile.
+# bench: `ldm-export bench` on every backend, alone on the machine (timings), with the GPU kernel profile;
+#        ort-nhwc is the runtime's own CUDA engine (channels-last, cuDNN conv+bias fusion), ort the plain NCHW one.
 # probe: a second bundle without the residual folds (LDM_EXPORT_DISABLE_KERNELS=residual), then tools/gpu/probe.py
 #        on both, with padded convolution channels and cuDNN attention as further variants.
 # Needs onnxruntime-gpu and diffusers installed under /tmp/site; writes logs and reports to $BENCH_OUT.
@@ -18,31 +19,21 @@ case "$1" in
     python3 -c "import json; m=json.load(open('$B/ldm_export.json')); print(json.dumps({c: (v['precision'], v['kernels'], {p: min(o['cosine'] for o in r['outputs'].values()) for p, r in v['verification'].items()}) for c, v in m['components'].items()}))" | tee -a "$OUT/build.log"
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine_cuda.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
     [ -d $B ] && timeout 240 python3 tools/gpu/check_graphs.py $B --nhwc 2>&1 | tee "$OUT/graphs.log"
-    # the bundle as built against the CUDA provider's conv+bias fusion (cuDNN runtime fusion); bench reads the result
-    [ -d $B ] && timeout 200 python3 tools/gpu/probe.py /tmp/probe-out bundle=$B --option-variant fuse_conv_bias=1 2>&1 \
-      | grep -v Warning | tee "$OUT/probe.log"; cp /tmp/probe-out/probe.json "$OUT/" 2>/dev/null
+    # the bundle as built against the CUDA provider's conv+bias fusion (cuDNN runtime fusion, which the runtime uses)
+    [ -d $B ] && timeout 200 python3 tools/gpu/probe.py "$OUT/probe" bundle=$B --option-variant fuse_conv_bias=1 2>&1 \
+      | grep -v Warning | tee "$OUT/probe.log"; rm -rf "$OUT/probe/graphs"
     ;;
   bench)
     BK=torch-eager,torch-compile,tensorrt; BA=""
-    # take the CUDA provider's conv+bias fusion where the probe of `build` saw it faster for UNet + VAE together
-    CO=$(python3 -c "
-import json
-try:
-    r = json.load(open('/tmp/probe-out/probe.json'))
-    t = lambda v: sum(r[f'{c}/{v}']['median_ms'] for c in ('unet', 'vae_decoder'))
-    print('--cuda-option fuse_conv_bias=1' if t('bundle+fuse_conv_bias=1') < t('bundle') else '')
-except Exception:
-    print('')")
-    echo "bench options: ${CO:-none}"
     [ -d $B ] && { BK=${BACKENDS:-torch-eager,torch-compile,ort,ort-nhwc,tensorrt}; BA="--bundle $B"; }
     python3 -m ldm_export.cli bench $BA --device cuda --backends $BK --steps 50 --repeats ${REPEATS:-10} \
-      --e2e-repeats 2 --warmup 3 --profile $CO --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
+      --e2e-repeats 2 --warmup 3 --profile --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
     ;;
   probe)
     B0=/tmp/sd15-cuda-fp16-nores
     LDM_EXPORT_DISABLE_KERNELS=residual python3 -m ldm_export.cli build --model sd15 --random-weights --precision fp16 \
       --target cuda --static-shape --out $B0 --force 2>&1 | grep -v Warning | tail -3 | tee "$OUT/build_nores.log"
     timeout 330 python3 tools/gpu/probe.py "$OUT/probe" residual=$B no-residual=$B0 --pad-channels --cudnn-attention \
-      2>&1 | grep -v Warning | tee "$OUT/probe.log"
+      2>&1 | grep -v Warning | tee "$OUT/probe.log"; rm -rf "$OUT/probe/graphs"
     ;;
 esac
