@@ -282,3 +282,27 @@ def test_cuda_engine_refuses_options_it_sets_itself(tiny_bundle):
     b = Bundle.open(tiny_bundle)
     with pytest.raises(LdmExportError, match=r"\['enable_cuda_graph'\] are set by CudaEngine's own arguments"):
         CudaEngine(b.model_path("unet"), b.spec("unet"), provider_options={"enable_cuda_graph": "1"})
+
+
+def _has_cuda_provider() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not _has_cuda_provider(), reason="needs onnxruntime-gpu with the CUDA provider and a GPU")
+def test_cuda_pipeline_on_a_cuda_bundle_matches_the_cpu_image(tiny_bundle, tmp_path):
+    """The runtime's CUDA path end to end (fused kernels, channels-last, conv+bias fusion, CUDA graphs, the text
+    encoder without one) draws the image the CPU draws from an fp32 bundle of the same weights."""
+    from ldm_export.export.build import BuildConfig, build
+
+    out = tmp_path / "tiny-cuda-fp16"
+    build(BuildConfig(model="tiny", precision="fp16", random_weights=True, seed=0, static_shape=True, target="cuda", out=out))
+    gpu = Pipeline.from_bundle(out, provider="cuda")
+    opts = gpu.engines["unet"].session.get_provider_options()["CUDAExecutionProvider"]
+    assert opts["fuse_conv_bias"] == "1" and opts["prefer_nhwc"] == "1" and opts["enable_cuda_graph"] == "1"
+    assert gpu.engines["text_encoder"].session.get_provider_options()["CUDAExecutionProvider"]["enable_cuda_graph"] == "0"
+    a = np.asarray(gpu("a red circle", num_inference_steps=4, seed=1)[0], np.float64)
+    b = np.asarray(Pipeline.from_bundle(tiny_bundle)("a red circle", num_inference_steps=4, seed=1)[0], np.float64)
+    psnr = 10 * np.log10(255.0 ** 2 / max(np.mean((a - b) ** 2), 1e-12))
+    assert psnr >= 25, psnr

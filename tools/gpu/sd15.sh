@@ -3,6 +3,7 @@
 # build: the static fp16 cuda bundle, the GPU-only tests, and the optimised-graph checks (Memcpy/Shape/Transpose).
 # bench: `ldm-export bench` on every backend, alone on the machine (timings), with the GPU kernel profile;
 #        ort-nhwc is the runtime's own CUDA engine (channels-last, cuDNN conv+bias fusion), ort the plain NCHW one.
+# check: the GPU tests only.
 # probe: a second bundle without the residual folds (LDM_EXPORT_DISABLE_KERNELS=residual), then tools/gpu/probe.py
 #        on both, with padded convolution channels and cuDNN attention as further variants.
 # Needs onnxruntime-gpu and diffusers installed under /tmp/site; writes logs and reports to $BENCH_OUT.
@@ -28,6 +29,10 @@ case "$1" in
     [ -d $B ] && { BK=${BACKENDS:-torch-eager,torch-compile,ort,ort-nhwc,tensorrt}; BA="--bundle $B"; }
     python3 -m ldm_export.cli bench $BA --device cuda --backends $BK --steps 50 --repeats ${REPEATS:-10} \
       --e2e-repeats 2 --warmup 3 --profile --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
+    ;;
+  check)  # the GPU tests alone (kernels, engine, the runtime's CUDA path on tiny bundles): no sd15 build
+    timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine_cuda.py \
+      tests/test_pipeline.py -k "cuda or kernel or fused or skip or reference or residual" 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
     ;;
   probe)
     B0=/tmp/sd15-cuda-fp16-nores
