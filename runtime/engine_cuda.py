@@ -33,10 +33,6 @@ def cuda_available() -> bool:
 _OWN_OPTIONS = ("device_id", "enable_cuda_graph", "prefer_nhwc", "cudnn_conv_algo_search")
 
 
-def _is_static(spec: ComponentSpec) -> bool:
-    return all(isinstance(d, int) for t in (*spec.inputs, *spec.outputs) for d in t.shape)
-
-
 class CudaEngine:
     """One component on ONNX Runtime's CUDA provider, inputs and outputs bound to preallocated device buffers.
 
@@ -65,7 +61,7 @@ class CudaEngine:
         self.spec = spec
         self.path = Path(model_path)
         self.device_id = device_id
-        self.static = _is_static(spec)
+        self.static = spec.is_static
         if cuda_graph and not self.static:
             raise LdmExportError(f"{spec.name}: CUDA graphs need a static-shape bundle; rebuild with --static-shape "
                                  "or pass cuda_graph=False")

@@ -240,9 +240,8 @@ def cuda_engine(bundle: Bundle, component: str, tuned: bool = True, extra_option
 
     conv = component in CONVOLUTIONAL
     spec = bundle.spec(component)
-    static = all(isinstance(d, int) for t in (*spec.inputs, *spec.outputs) for d in t.shape)
     options = {}
-    if tuned and conv and static and bundle.precision(component) == "fp16":
+    if tuned and conv and spec.is_static and bundle.precision(component) == "fp16":
         options["fuse_conv_bias"] = "1"
     options.update(extra_options or {})
     return CudaEngine(bundle.model_path(component), spec, prefer_nhwc=tuned and conv,

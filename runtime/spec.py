@@ -37,6 +37,11 @@ class ComponentSpec:
     profile: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
+    def is_static(self) -> bool:
+        """Every input and output dimension is a number (a ``--static-shape`` bundle)."""
+        return all(isinstance(d, int) for t in (*self.inputs, *self.outputs) for d in t.shape)
+
+    @property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
 

@@ -108,11 +108,6 @@ def measure(path: Path, spec, feeds, runs: int, provider_options=None) -> dict:
             "load_s": load_s, "output": first, "profile": prof}
 
 
-def cosine(a, b):
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -155,7 +150,7 @@ def main() -> None:
                 continue
             o = r.pop("output")
             base = o if base is None else base
-            r["cosine_vs_first"] = cosine(o, base)
+            r["cosine_vs_first"] = X.compare(comp, o, base)["cosine"]
             r["finite"] = bool(np.isfinite(o).all())
             result[f"{comp}/{name}"] = r
             print(f"{comp} {name}: median {r['median_ms']:.3f} ms (p90 {r['p90_ms']:.3f}), with host copies "
