@@ -1,4 +1,4 @@
-"""`ldm-export bench`: the click command over ``ldm_export.export.bench``."""
+"""`ldm-export bench`: the click command over ``ldm_export.bench.run``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,7 +32,7 @@ def bench(model, bundle, device, backends, steps, repeats, e2e_repeats, warmup, 
           cuda_options, out):
     """Time text encoder, UNet step, VAE decode and end to end on each backend; write JSON, markdown and a chart."""
     from ldm_export.cli_common import console, out_console
-    from ldm_export.export.bench import BACKENDS, BenchConfig, markdown, run_bench
+    from ldm_export.bench.run import BACKENDS, BenchConfig, markdown, run_bench
     from ldm_export.runtime.errors import LdmExportError
 
     names = tuple(b.strip() for b in backends.split(",") if b.strip())

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ldm_export.export.bench import image_fidelity, markdown, stats, write_reports
+from ldm_export.bench.run import image_fidelity, markdown, stats, write_reports
 
 from conftest import run_cli, torch_available
 
@@ -66,7 +66,7 @@ def test_tiny_cpu_bench_end_to_end(tiny_bundle, tmp_path):
 
 
 def test_kernel_kinds_of_real_kernel_names():
-    from ldm_export.export.kernel_profile import kind_of
+    from ldm_export.bench.kernel_profile import kind_of
 
     assert kind_of("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64") == "conv"
     assert kind_of("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1") == "gemm"
@@ -81,7 +81,7 @@ def test_kernel_kinds_of_real_kernel_names():
 
 
 def test_reports_show_the_kernel_profile():
-    from ldm_export.export.kernel_profile import format_profile
+    from ldm_export.bench.kernel_profile import format_profile
 
     r = _result()
     prof = {"runs": 5, "kernels_per_run": 700, "device_ms_per_run": 7.5,

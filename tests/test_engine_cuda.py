@@ -106,7 +106,7 @@ def test_replay_and_kernel_profile_see_the_graph_kernels(tmp_path):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("the kernel profile reads CUPTI through a CUDA build of PyTorch")
-    from ldm_export.export.kernel_profile import profile_kernels
+    from ldm_export.bench.kernel_profile import profile_kernels
 
     spec = _model(tmp_path / "m.onnx")
     e = CudaEngine(tmp_path / "m.onnx", spec, cuda_graph=True)

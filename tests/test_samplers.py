@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from ldm_export.export.sampler_parity import (FLOW_BASE, SD15_BASE, NoiseSequence, compare,  # noqa: E402
+from ldm_export.parity.samplers import (FLOW_BASE, SD15_BASE, NoiseSequence, compare,  # noqa: E402
                                               diffusers_reference, max_relative_error, reference, stand_in_model)
 from ldm_export.runtime import LdmExportError, resolve_scheduler, sample, sampler_names  # noqa: E402
 from ldm_export.runtime import schedules as sch  # noqa: E402

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from ldm_export.export import onnx_export as X
-from ldm_export.export.kernel_profile import format_profile, profile_kernels
+from ldm_export.bench.kernel_profile import format_profile, profile_kernels
 from ldm_export.runtime.bundle import Bundle
 from ldm_export.runtime.engine_cuda import CudaEngine
 

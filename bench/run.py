@@ -95,7 +95,7 @@ class TorchBackend(_Backend):
     def __init__(self, modules: dict, device: str, dtype: str, compile: bool = False):
         import torch
 
-        from . import models as M
+        from ldm_export.export import models as M
 
         self.torch = torch
         self.device = torch.device(device)
@@ -329,7 +329,7 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
     from ldm_export.runtime.bundle import Bundle
     from ldm_export.zoo import get_model
 
-    from .weights import load_weights
+    from ldm_export.export.weights import load_weights
 
     if cfg.device not in ("cuda", "cpu"):
         raise LdmExportError(f"--device must be cuda or cpu, got {cfg.device!r}")
@@ -347,7 +347,7 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
     if source == "random":
         loaded = load_weights(spec, None, random_weights=True, seed=weights_info.get("seed", cfg.seed))
     elif source == "embedded" or weights_info.get("path") is None:
-        from .build import embedded_weights_path
+        from ldm_export.export.build import embedded_weights_path
 
         loaded = load_weights(spec, embedded_weights_path(spec))
     else:
@@ -475,7 +475,7 @@ def profile_unet(bundle_path: Path, runs: int = 5, warmup: int = 2, prefer_nhwc:
     from ldm_export.runtime.bundle import Bundle
     from ldm_export.runtime.engine_cuda import CudaEngine, profile_summary
 
-    from .onnx_export import sample_inputs
+    from ldm_export.export.onnx_export import sample_inputs
 
     b = Bundle.open(bundle_path)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""Sampler parity against diffusers 0.35.2: ``python -m ldm_export.export.sampler_parity``.
+"""Sampler parity against diffusers 0.35.2: ``python -m ldm_export.parity.samplers``.
 
 Runs every runtime sampler and diffusers' own scheduler loop (set_timesteps, scale_model_input, step) on the
 same deterministic stand-in model and the same noise, prints a table of max relative errors and per-step
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     lines = [
         "# Sampler parity with diffusers",
         "",
-        f"Command: `python -m ldm_export.export.sampler_parity --steps {args.steps}`  ",
+        f"Command: `python -m ldm_export.parity.samplers --steps {args.steps}`  ",
         f"Machine: a 2-core CPU ({platform.machine()}, Python {platform.python_version()}, numpy {np.__version__}, "
         f"torch {torch.__version__}, diffusers {diffusers.__version__}).",
         "",

@@ -1,0 +1,1 @@
+"""Parity tables against the reference implementations (diffusers): ``python -m ldm_export.parity.samplers``."""
