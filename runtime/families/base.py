@@ -162,6 +162,24 @@ class Family:
         """The denoiser's feeds for latents ``sample`` (N, C, h, w) at ``timestep`` (N,) under ``cond`` (N rows)."""
         raise NotImplementedError(f"family {self.name} does not say what its denoiser is fed")
 
+    def prediction(self, outputs: Mapping[str, np.ndarray], sample: np.ndarray) -> np.ndarray:
+        """The denoiser's prediction in the latents' layout (N, C, h, w) (FLUX unpacks its 2x2 tokens here)."""
+        return outputs[self.denoiser_output]
+
+    def prepare(self, cond: Conditioning, *, width: int, height: int, guidance_scale: float) -> Conditioning:
+        """Per-request conditioning that is not text: SDXL's size/crop time ids, FLUX's position ids and distilled
+        guidance. Called once per request on the cond and uncond records."""
+        return cond
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """Whether ``guidance_scale`` means classifier-free guidance (two passes); guidance-distilled models
+        (FLUX) take it as an input instead."""
+        return guidance_scale > 1.0
+
+    def scheduler_config(self, config: Mapping[str, Any], *, width: int, height: int) -> dict[str, Any]:
+        """The scheduler config for one request (FLUX's resolution-dependent shift is resolved here)."""
+        return dict(config)
+
 
 _FAMILIES: dict[str, Family] = {}
 
