@@ -67,11 +67,15 @@ def build(model, precision, weights, random_weights, seed, out, force, static_sh
         if stage == "done" and component == "bundle":
             last[1] = None
 
-    with console.status("building...", spinner="dots") as status:
-        def shown(component, stage, detail=""):
-            progress(component, stage, detail)
-            status.update(f"{component}: {stage} {detail}")
-        manifest = run_build(cfg, shown)
+    try:
+        with console.status("building...", spinner="dots") as status:
+            def shown(component, stage, detail=""):
+                progress(component, stage, detail)
+                status.update(f"{component}: {stage} {detail}")
+            manifest = run_build(cfg, shown)
+    except KeyboardInterrupt:  # the staging folder is gone by now (bundle_writer.staging)
+        raise LdmExportError(f"interrupted: the build stopped; nothing was written to {cfg.resolved_out()}",
+                             exit_code=130) from None
     _print_summary(cfg.resolved_out(), manifest, time.perf_counter() - t0)
 
 
@@ -104,10 +108,11 @@ def inspect(bundle: Path, no_hashes: bool) -> None:
     m = b.manifest
     head = Table(show_header=False, title=f"{bundle}")
     for k, v in (("model", f"{m['model']['name']} ({m['model']['description']})"), ("format", f"{m['format']} v{m['format_version']}"),
-                 ("target", m.get("target")), ("static shape", str(m.get("static_shape"))), ("weights", str(m.get("weights"))),
+                 ("target", m.get("target")), ("static shape", str(m.get("static_shape"))),
                  ("created", m.get("created")), ("tools", ", ".join(f"{k} {v}" for k, v in m["tools"].items()))):
         head.add_row(k, str(v))
     out_console.print(head)
+    out_console.print(_weights_table(m.get("weights") or {}))
     t = Table(title="components")
     for col in ("component", "precision", "inputs", "outputs", "kernels", "verification"):
         t.add_column(col)
@@ -123,6 +128,20 @@ def inspect(bundle: Path, no_hashes: bool) -> None:
     if bad:
         raise LdmExportError(f"sha256 mismatch in {', '.join(bad)}; the bundle was changed or damaged, rebuild it", exit_code=1)
     out_console.print(f"[green]all {len(m['files'])} files match their sha256[/green]")
+
+
+def _weights_table(weights: dict) -> Table:
+    """The manifest's weights record as rows: source, model, path, seed, sha256, then one row per source file."""
+    t = Table(title="weights", show_header=False)
+    for key, value in weights.items():
+        if key == "files" or value is None:
+            continue
+        t.add_row(key, str(value))
+    for name, sha in (weights.get("files") or {}).items():
+        t.add_row(f"  {name}", f"sha256 {sha[:16]}…")
+    if not t.row_count:
+        t.add_row("source", "not recorded")
+    return t
 
 
 def _parse_size(size: str | None) -> tuple[int | None, int | None]:
