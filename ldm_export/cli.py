@@ -39,8 +39,9 @@ def cli(verbose: bool, debug: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder (default: MODEL-PRECISION).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--static-shape", is_flag=True, help="Fix batch and size to the model's defaults (faster on GPUs).")
-@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Which backend the graphs are for (cuda puts fused GPU kernels in).")
+@click.option("--target", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="Which backend the graphs are for (cuda puts ONNX Runtime's fused GPU kernels in; tensorrt keeps "
+                   "standard ops in the patterns TensorRT fuses, for `ldm-export engines`).")
 @click.option("--trust-pickle", is_flag=True, help="Allow .ckpt/.bin/.pt weights (loading them runs code).")
 @click.option("--threads", type=int, default=None, help="CPU threads for export and verification.")
 @click.option("--no-half-vae", is_flag=True, help="With --precision fp16: keep the VAE decoder in fp32 "
