@@ -190,13 +190,41 @@ class RtxEngineBytes:
             errs = [parser.get_error(i).desc() for i in range(parser.num_errors)] or logger.errors
             raise LdmExportError(f"{r.component}: TensorRT-RTX's ONNX parser rejected {r.onnx_path.name}: "
                                  f"{_first_line(errs[0]) if errs else 'no reason given'}; run with -v for TensorRT's log")
-        plan = builder.build_serialized_network(network, self.config(trt, builder, network))
+        config = self.config(trt, builder, network)
+        with _native_stderr_to_log():
+            plan = builder.build_serialized_network(network, config)
         if plan is None:
             why = _first_line(logger.errors[-1]) if logger.errors else "no reason given"
             hint = ("; TensorRT-RTX compiles refittable engines on the GPU: build with --refit on a machine with the GPU, "
                     "or without --refit") if r.refit and self.target.gpu_name == ANY_GPU else "; run with -v for TensorRT's log"
             raise LdmExportError(f"{r.component}: TensorRT-RTX could not build the engine: {why}{hint}")
         return plan
+
+
+@contextlib.contextmanager
+def _native_stderr_to_log() -> Iterator[None]:
+    """TensorRT-RTX's compiler prints some failures straight to the process's stderr (file descriptor 2), past its
+    logger: catch them in a temporary file and log them (debug), so the CLI's error stays one line."""
+    import sys
+
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (e.g. captured): nothing to redirect
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace").strip()
+            if text:
+                log.debug("TensorRT-RTX (stderr): %s", text)
 
 
 def engine_loader(recipe: EngineRecipe, trt=None, target: EngineTarget | None = None):
