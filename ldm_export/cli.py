@@ -156,9 +156,11 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
               help="CFG as one batch-2 UNet run, or two batch-1 runs where memory is tight.")
 @click.option("--guidance-rescale", type=float, default=0.0, show_default=True)
 @click.option("--verify", is_flag=True, help="Check every file's sha256 before loading.")
+@click.option("--low-memory", is_flag=True, help="One component in memory at a time, sequential CFG, tiled VAE decode "
+              "above 512 px (Jetson-class devices).")
 @_guard
 def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_images, out, provider, threads, cfg_mode,
-             guidance_rescale, verify):
+             guidance_rescale, verify, low_memory):
     """Generate images from a bundle with the numpy runtime; PNGs carry A1111 "parameters" metadata."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -167,7 +169,8 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
 
     width, height = _parse_size(size)
     t0 = time.perf_counter()
-    pipe = Pipeline.from_bundle(bundle, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode)
+    pipe = Pipeline.from_bundle(bundle, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode,
+                                low_memory=low_memory)
     t_load = time.perf_counter() - t0
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:

@@ -70,9 +70,14 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path: str | Path, provider: str = "cpu", verify: bool = False, threads: int | None = None,
-                    cfg_mode: str = "batch2") -> "Pipeline":
-        """Open a bundle and create one engine per component (``provider``: cpu, cuda or tensorrt)."""
+                    cfg_mode: str = "batch2", low_memory: bool = False) -> "Pipeline":
+        """Open a bundle and create one engine per component (``provider``: cpu, cuda or tensorrt). ``low_memory``:
+        one component in memory at a time, sequential CFG, tiled VAE decode (runtime/lowmem.py)."""
         bundle = Bundle.open(path, verify=verify)
+        if low_memory:
+            from .lowmem import low_memory_engines
+
+            return cls(bundle, low_memory_engines(bundle, provider, threads), cfg_mode="sequential")
         engines = {c: make_engine(bundle, c, provider, threads) for c in bundle.components}
         return cls(bundle, engines, cfg_mode=cfg_mode)
 
