@@ -148,9 +148,10 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("image.png"), show_default=True,
               help="PNG path; with several images, -1, -2, ... are added before .png.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt", "tensorrt-native"]), default="cpu", show_default=True,
-              help="ONNX Runtime on the CPU, CUDA or its TensorRT provider; tensorrt-native runs the bundle's TensorRT engines "
-                   "(`ldm-export engines BUNDLE`).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt", "nv-tensorrt-rtx", "tensorrt-native"]), default="cpu",
+              show_default=True,
+              help="ONNX Runtime on the CPU, CUDA, or its TensorRT / NvTensorRTRTX provider (caches in the bundle); "
+                   "tensorrt-native runs the bundle's TensorRT engines (`ldm-export engines BUNDLE`).")
 @click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
 @click.option("--cfg-mode", type=click.Choice(["batch2", "sequential"]), default="batch2", show_default=True,
               help="CFG as one batch-2 UNet run, or two batch-1 runs where memory is tight.")

@@ -260,6 +260,10 @@ def make_engine(bundle: Bundle, component: str, provider: str = "cpu", threads: 
         from .engine_tensorrt import load_tensorrt_engine
 
         return load_tensorrt_engine(bundle, component)
+    if provider in ("tensorrt", "nv-tensorrt-rtx"):  # ONNX Runtime's TensorRT providers, caches in the bundle
+        from .engine_ort_trt import ort_tensorrt_engine
+
+        return ort_tensorrt_engine(bundle, component, provider, threads)
     if provider == "cuda":
         from .engine_cuda import cuda_available
 
