@@ -106,9 +106,13 @@ def profile_shapes(spec: ComponentSpec) -> dict[str, tuple[Shape, Shape, Shape]]
 
 def graph_facts(onnx_path: Path) -> dict[str, Any]:
     """What the builder needs to know of a graph before TensorRT sees it: ops outside the ONNX domain (ONNX Runtime
-    contrib ops, which TensorRT's parser cannot read) and Q/DQ nodes with their integer types (explicit quantisation)."""
-    import onnx
-
+    contrib ops, which TensorRT's parser cannot read) and Q/DQ nodes (explicit quantisation). Without the ``onnx``
+    package (a device's runtime install plus TensorRT) nothing is known ahead: TensorRT's parser then names a contrib
+    op itself, and the quantisation is taken from the manifest."""
+    try:
+        import onnx
+    except ImportError:
+        return {"contrib_ops": [], "qdq_nodes": None}
     model = onnx.load(str(onnx_path), load_external_data=False)
     contrib = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
@@ -142,7 +146,9 @@ def engine_recipe(bundle: Bundle, component: str, options: EngineOptions, timing
                         strongly_typed=options.precision == "auto", fp16=options.precision == "fp16",
                         optimization_level=options.optimization_level, workspace_bytes=workspace,
                         timing_cache=None if timing_cache is None else Path(timing_cache), notes=tuple(notes),
-                        quantization=f"int8 QDQ ({facts['qdq_nodes']} Q/DQ nodes)" if facts["qdq_nodes"] else None,
+                        quantization=(f"int8 QDQ ({facts['qdq_nodes']} Q/DQ nodes)" if facts["qdq_nodes"] else
+                                      "int8 QDQ (per the manifest)" if facts["qdq_nodes"] is None and precision == "int8"
+                                      else None),
                         refit=options.refit, builder=builder)
 
 
