@@ -70,5 +70,11 @@ def ort_tensorrt_engine(bundle: Bundle, component: str, provider: str, threads: 
         except OSError as e:
             raise LdmExportError(f"cannot create the {provider} cache in {cache_dir(bundle, component, provider)}: "
                                  f"{e.strerror}; make the bundle writable") from None
-    return OrtEngine(bundle.model_path(component), bundle.spec(component), provider=provider, threads=threads,
-                     provider_options=opts)
+    engine = OrtEngine(bundle.model_path(component), bundle.spec(component), provider=provider, threads=threads,
+                       provider_options=opts)
+    running = engine.session.get_providers()
+    if PROVIDERS[provider] in ort.get_available_providers() and running[0] != PROVIDERS[provider]:
+        # onnxruntime lists a provider whose libraries (TensorRT's) it then fails to load, and retries without it
+        log.warning("%s: ONNX Runtime could not start %s (are TensorRT's libraries installed?); running on %s",
+                    component, PROVIDERS[provider], running[0])
+    return engine
