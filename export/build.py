@@ -21,7 +21,7 @@ from .precision import PRECISIONS, fp16_policy
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("cpu", "cuda")
+TARGETS = ("cpu", "cuda", "tensorrt")
 # Optimum's model_index entries for ONNX Runtime pipelines by component kind, so its loader recognises the bundle.
 _ORT_CLASSES = {"clip_text": "ORTModelTextEncoder", "unet": "ORTModelUnet", "vae_decoder": "ORTModelVaeDecoder",
                 "vae_encoder": "ORTModelVaeEncoder"}
@@ -47,7 +47,8 @@ class BuildConfig:
         return "fp32" if component == "vae_decoder" and self.no_half_vae else self.precision
 
     def resolved_verify_provider(self) -> str:
-        return self.verify_provider or self.target
+        # tensorrt-target graphs are standard ONNX ops: ONNX Runtime's CPU provider verifies them anywhere
+        return self.verify_provider or ("cuda" if self.target == "cuda" else "cpu")
 
     def resolved_out(self) -> Path:
         return Path(self.out) if self.out else Path(f"{self.model}-{self.precision}")

@@ -84,14 +84,19 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path: str | Path, provider: str = "cpu", verify: bool = False, threads: int | None = None,
-                    cfg_mode: str = "batch2", cudnn_search: str | None = None) -> "Pipeline":
+                    cfg_mode: str = "batch2", cudnn_search: str | None = None, low_memory: bool = False) -> "Pipeline":
         """Open a bundle and create one engine per component (``provider``: cpu, cuda or tensorrt); ``cudnn_search``
-        picks cuDNN's convolution algorithm search on cuda (see ``cudnn_search``)."""
+        picks cuDNN's convolution algorithm search on cuda (see ``cudnn_search``). ``low_memory``: one component in
+        memory at a time, sequential CFG, tiled VAE decode (runtime/lowmem.py)."""
         if cfg_mode not in CFG_MODES:  # before the engines load
             raise LdmExportError(f"unknown cfg mode '{cfg_mode}'; choose one of: {', '.join(CFG_MODES)}")
         search = resolve_cudnn_search(cudnn_search)
         threads = checks.cap_threads(threads)
         bundle = Bundle.open(path, verify=verify)
+        if low_memory:
+            from .lowmem import low_memory_engines
+
+            return cls(bundle, low_memory_engines(bundle, provider, threads), cfg_mode="sequential")
         engines = {c: make_engine(bundle, c, provider, threads, cudnn_search=search) for c in bundle.components}
         return cls(bundle, engines, cfg_mode=cfg_mode)
 
@@ -403,6 +408,10 @@ def make_engine(bundle: Bundle, component: str, provider: str = "cpu", threads: 
         from .engine_tensorrt import load_tensorrt_engine
 
         return load_tensorrt_engine(bundle, component)
+    if provider in ("tensorrt", "nv-tensorrt-rtx"):  # ONNX Runtime's TensorRT providers, caches in the bundle
+        from .engine_ort_trt import ort_tensorrt_engine
+
+        return ort_tensorrt_engine(bundle, component, provider, threads)
     if provider == "cuda":
         from .engine_cuda import cuda_available
 
