@@ -25,7 +25,7 @@ from ray import serve
 from ldm_export.runtime.errors import LdmExportError
 
 from . import a1111
-from .config import APP_NAME, ServeConfig
+from .config import ServeConfig
 
 logger = logging.getLogger(__name__)
 

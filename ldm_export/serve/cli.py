@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict
@@ -75,32 +75,39 @@ def serve(bundle, replicas, host, port, provider, max_batch, batch_wait_ms, max_
     _require_serve_extra()
     _check_auth(api_auth)
     from ldm_export.serve.config import ServeConfig
-    from ldm_export.serve.service import Service, check_bundle, check_port, write_config
+    from ldm_export.serve.service import Service, check_bundle, check_port, make_temp_dir, write_config
 
     bundle = bundle.resolve()
     cfg = ServeConfig(bundle=str(bundle), provider=provider, replicas=replicas, max_batch=max_batch,
                       batch_wait_s=batch_wait_ms / 1000, max_queued=max_queued, max_images=max_images,
                       max_size=_size(max_size), threads=threads, api_auth=api_auth, request_timeout_s=request_timeout,
                       grace_s=grace, gpus_per_replica=1.0 if provider == "cuda" else 0.0)
-    check_bundle(bundle, provider)
+    temp = make_temp_dir(temp_dir)  # before anything imports ONNX Runtime or Ray
     try:
-        config_path = write_config(cfg, host, port, serve_config or bundle / "serve.yaml")
-        console.print(f"[dim]serve deploy config: {config_path}[/dim]", soft_wrap=True)
-    except LdmExportError as e:
-        if serve_config is not None or dry_run:
-            raise
-        console.print(f"[yellow]warning:[/yellow] {e}", soft_wrap=True)  # a read-only bundle still serves
-    if dry_run:
-        return
-    if address is None:
-        check_port(host, port)
-    if log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning:[/yellow] listening on {host}: reachable from the network"
-                      + ("" if api_auth else " with no --api-auth"), soft_wrap=True)
-    service = Service(cfg, host=host, port=port, address=address, log_dir=log_dir, temp_root=temp_dir,
-                      start_timeout_s=start_timeout)
+        check_bundle(bundle, provider)
+        try:
+            config_path = write_config(cfg, host, port, serve_config or bundle / "serve.yaml")
+            console.print(f"[dim]serve deploy config: {config_path}[/dim]", soft_wrap=True)
+        except LdmExportError as e:
+            if serve_config is not None or dry_run:
+                raise
+            console.print(f"[yellow]warning:[/yellow] {e}", soft_wrap=True)  # a read-only bundle still serves
+        if dry_run:
+            return
+        if address is None:
+            check_port(host, port)
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            console.print(f"[yellow]warning:[/yellow] listening on {host}: reachable from the network"
+                          + ("" if api_auth else " with no --api-auth"), soft_wrap=True)
+        _run(Service(cfg, host=host, port=port, address=address, log_dir=log_dir, temp_dir=temp,
+                     start_timeout_s=start_timeout), bundle, host, port, replicas, provider)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _run(service, bundle: Path, host: str, port: int, replicas: int, provider: str) -> None:
     t0 = time.perf_counter()
     try:
         with console.status("starting Ray Serve...", spinner="dots"):
@@ -135,8 +142,6 @@ def serve(bundle, replicas, host, port, provider, max_batch, batch_wait_ms, max_
 def loadtest(bundle, url, clients, n_requests, steps, sampler, size, prompt, replicas, max_batch, max_queued, provider,
              api_auth, out):
     """Load-test the service: p50/p99 latency, throughput, errors, replica memory before/after."""
-    from rich.table import Table
-
     from ldm_export.serve import loadtest as lt
 
     if (bundle is None) == (url is None):
@@ -179,17 +184,18 @@ def loadtest(bundle, url, clients, n_requests, steps, sampler, size, prompt, rep
             Path(tempfile.gettempdir(), f"ldmx-{port}.yaml").unlink(missing_ok=True)
             if log_path is not None and proc.returncode == 0:
                 log_path.unlink(missing_ok=True)
-    t = Table(title=f"load test: {url}, {steps} steps, {sampler}, {body.get('width', 'model')}x{body.get('height', 'model')}"
-                    f", {replicas} replica(s), max batch {max_batch}")
-    for col in ("clients", "requests", "errors", "p50 s", "p99 s", "req/s", "img/s", "mean UNet batch",
-                "replica RSS before → after (MB)"):
-        t.add_column(col)
+    size_text = f"{body['width']}x{body['height']}" if wh else "the model's size"
+    out_console.print(f"load test: {url}, {steps} steps, {sampler}, {size_text}, {replicas} replica(s), "
+                      f"max batch {max_batch}", soft_wrap=True)
+    # markdown, not a rich table: a narrow or captured console keeps it whole, and it pastes into docs
+    out_console.print("| clients | requests | errors | p50 s | p99 s | req/s | img/s | mean UNet batch | "
+                      "replica RSS before → after (MB) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|", soft_wrap=True)
     for r in results:
         rss = ", ".join(f"{b:.0f} → {a:.0f}" for b, a in zip(r.rss_before_mb, r.rss_after_mb)) or "-"
-        t.add_row(str(r.clients), str(r.requests), str(sum(r.errors.values())) + (f" {r.errors}" if r.errors else ""),
-                  f"{r.p50_s:.3f}", f"{r.p99_s:.3f}", f"{r.requests_per_s:.2f}", f"{r.images_per_s:.2f}",
-                  f"{r.mean_unet_batch:.2f}", rss)
-    out_console.print(t)
+        errors = str(sum(r.errors.values())) + (f" {r.errors}" if r.errors else "")
+        out_console.print(f"| {r.clients} | {r.requests} | {errors} | {r.p50_s:.3f} | {r.p99_s:.3f} | "
+                          f"{r.requests_per_s:.2f} | {r.images_per_s:.2f} | {r.mean_unet_batch:.2f} | {rss} |",
+                          soft_wrap=True, markup=False)
     if out is not None:
         out.write_text(json.dumps([asdict(r) for r in results], indent=2))
     if any(r.errors for r in results):

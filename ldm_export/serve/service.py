@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 import tempfile
@@ -84,6 +83,18 @@ def write_config(cfg: ServeConfig, host: str, port: int, path: Path) -> Path:
     return path
 
 
+def make_temp_dir(parent: Path | None = None) -> Path:
+    """The service's one temporary folder (short: Ray's unix sockets live under it, 108-byte limit). It is also
+    ``$TMPDIR`` and ``$XDG_CACHE_HOME`` of the service's processes: ONNX Runtime, when first imported, writes a
+    device id under ``~/.cache`` and a ``.ses`` file under ``$TMPDIR``."""
+    path = Path(tempfile.mkdtemp(prefix="ldmx-", dir=parent))
+    for name, sub in (("XDG_CACHE_HOME", "cache"), ("TMPDIR", "tmp")):
+        (path / sub).mkdir()
+        os.environ[name] = str(path / sub)
+    tempfile.tempdir = None  # re-read $TMPDIR
+    return path
+
+
 def local_ray_env(temp_dir: Path) -> dict[str, str]:
     """Environment for a loopback-only local Ray whose files stay in ``temp_dir``."""
     token = temp_dir / "auth_token"
@@ -117,19 +128,18 @@ class Service:
     """One run of ``ldm-export serve``: ``start()``, ``wait()`` until SIGINT/SIGTERM, ``stop()``."""
 
     def __init__(self, cfg: ServeConfig, host: str = "127.0.0.1", port: int = 7860, address: str | None = None,
-                 num_cpus: int | None = None, log_dir: Path | None = None, temp_root: Path | None = None,
+                 num_cpus: int | None = None, log_dir: Path | None = None, temp_dir: Path | None = None,
                  start_timeout_s: float = 300.0):
         self.cfg, self.host, self.port, self.address = cfg, host, port, address
         self.num_cpus = num_cpus or os.cpu_count() or 1
-        self.log_dir, self.temp_root, self.start_timeout_s = log_dir, temp_root, start_timeout_s
-        self.temp_dir: Path | None = None
+        self.log_dir, self.temp_dir, self.start_timeout_s = log_dir, temp_dir, start_timeout_s
         self._stop = threading.Event()
         self._started = self._deployed = False
 
     def start(self) -> None:
         if self.address is None:
-            # a short path: Ray's unix sockets live under it (108-byte limit)
-            self.temp_dir = Path(tempfile.mkdtemp(prefix="ldmx-", dir=self.temp_root))
+            if self.temp_dir is None:
+                self.temp_dir = make_temp_dir()
             os.environ.update(local_ray_env(self.temp_dir))  # before Ray's first import: it reads them once
         import ray
         from ray import serve
@@ -208,9 +218,6 @@ class Service:
             ray.shutdown()
             logger.info("stopped in %.1f s", time.monotonic() - t0)
             self._started = False
-        if self.temp_dir is not None:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
-            self.temp_dir = None
 
 
 def _first_line(e: Exception) -> str:
