@@ -188,6 +188,9 @@ def test_serve_refuses_what_cannot_work_with_one_line(demo_bundle, tmp_path):
     assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "--port" in proc.stderr
     proc = run_cli("serve", str(demo_bundle), "--api-auth", "nopassword", timeout=60)
     assert proc.returncode == 2 and "--api-auth must be USER:PASS" in proc.stderr
+    proc = run_cli("serve", str(demo_bundle), "--address", f"127.0.0.1:{port}", "--serve-config",
+                   str(tmp_path / "c.yaml"), timeout=120)  # the port was closed with its socket above
+    assert proc.returncode == 2 and f"no Ray cluster answers at 127.0.0.1:{port}" in proc.stderr, proc.stderr
 
 
 def test_the_cli_does_not_import_ray_until_serve_runs():

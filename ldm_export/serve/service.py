@@ -36,6 +36,22 @@ def check_port(host: str, port: int) -> None:
             raise LdmExportError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port") from None
 
 
+def check_cluster(address: str) -> None:
+    """Refuse a HOST:PORT no Ray head answers on at once (Ray itself retries for minutes); ``auto`` and
+    ``ray://`` addresses go to Ray as given."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except ValueError:
+        raise LdmExportError(f"--address must be HOST:PORT, auto or ray://HOST:PORT, got '{address}'") from None
+    except OSError as e:
+        raise LdmExportError(f"no Ray cluster answers at {address} ({e.strerror or e}); start one with "
+                             "`ray start --head` there, or check --address") from None
+
+
 def check_bundle(bundle: Path, provider: str) -> None:
     """Refuse a bundle that does not load, before Ray starts: open it and, on the CPU, create its engines once
     (a GPU's engines are created by the replicas alone: the driver keeps no GPU memory)."""
@@ -151,6 +167,7 @@ class Service:
                      runtime_env={"worker_process_setup_hook": "ldm_export.serve.service.bind_loopback",
                                   "env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0"}})
         else:
+            check_cluster(self.address)
             try:
                 ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING)
             except ConnectionError as e:
@@ -211,10 +228,10 @@ class Service:
                         logger.warning("%d request(s) still running after %.0f s; stopping anyway", left, self.cfg.grace_s)
                 except Exception as e:
                     logger.warning("could not drain the ingress: %s", _first_line(e))
-            try:
-                serve.shutdown()
+            try:  # on a cluster, remove our application alone: the cluster and its other apps stay
+                serve.shutdown() if self.address is None else serve.delete(APP_NAME)
             except Exception as e:  # shutting down anyway; say what failed
-                logger.warning("serve.shutdown failed: %s", _first_line(e))
+                logger.warning("stopping Serve failed: %s", _first_line(e))
             ray.shutdown()
             logger.info("stopped in %.1f s", time.monotonic() - t0)
             self._started = False
