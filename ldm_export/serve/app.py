@@ -159,8 +159,8 @@ class Ingress:
         bundle = Bundle.open(self.cfg.bundle)
         self.model_name = str(bundle.model.get("name") or Path(self.cfg.bundle).name)
         self.model_hash = bundle.model_hash
-        unet = bundle.manifest["components"]["unet"]["files"][0]
-        self.model_sha256 = bundle.manifest["files"][unet]["sha256"]
+        self.model_sha256 = next((f["sha256"] for f in bundle.manifest["files"].values()
+                                  if f["sha256"].startswith(self.model_hash)), None)
         self.model_title = f"{self.model_name} [{self.model_hash}]"
         res = int(bundle.model["resolution"])
         self.max_size = tuple(self.cfg.max_size or (2 * res, 2 * res))
