@@ -13,6 +13,7 @@ from ldm_export.cli_bench import bench
 from ldm_export.cli_common import _guard, _human, _sigterm_as_interrupt, console, out_console
 from ldm_export.cli_tensorrt import engines
 from ldm_export.runtime.errors import LdmExportError
+from ldm_export.serve.cli import loadtest, serve
 
 # diffusers warns at import about the optimum / optimum-onnx split distributions; users can't act on it
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -242,6 +243,8 @@ def samplers() -> None:
 
 cli.add_command(bench)
 cli.add_command(engines)
+cli.add_command(serve)
+cli.add_command(loadtest)
 
 
 def main() -> None:
