@@ -35,7 +35,7 @@ class Int8Config:
     level: float = 2.5
     components: tuple[str, ...] = INT8_COMPONENTS
     format: str = "onnxruntime"  # QDQ flavour: onnxruntime (int32 biases, CPU kernels) or tensorrt (float biases)
-    activation_type: str = "s8"
+    activation_type: str | None = None  # s8 or u8; default: u8 for onnxruntime (its fast x86 int8 kernels), s8 for tensorrt
     step_share: float = 1.0  # the first share of the steps whose ranges are combined (noisiest first)
     sampler: str | None = None  # default: the bundle's
     guidance_scale: float = 7.5
@@ -70,6 +70,8 @@ def validate(cfg: Int8Config, model_name: str, target: str) -> list[str]:
         raise LdmExportError(f"unknown calibration method {cfg.method!r}; choose one of: {', '.join(Q.METHODS)}")
     if cfg.format not in Q.FORMATS:
         raise LdmExportError(f"unknown int8 format {cfg.format!r}; choose one of: {', '.join(Q.FORMATS)}")
+    if cfg.activation_type is None:
+        cfg.activation_type = "u8" if cfg.format == "onnxruntime" else "s8"
     if cfg.format == "tensorrt" and cfg.activation_type != "s8":
         raise LdmExportError("TensorRT takes symmetric int8 activations only: use s8 activations with --int8-format tensorrt")
     if cfg.activation_type not in Q.ACTIVATION_TYPES:
@@ -123,15 +125,19 @@ def quantize_stage(stage: Path, manifest: dict, cfg: Int8Config, progress: Progr
         cap = C.load_capture(cfg.cache, identity, expect)
     else:
         progress("unet", "int8 capture", f"{len(prompts)} prompts x {cfg.steps} steps")
-        cap = C.capture_unet_inputs(pipe, prompts, cfg.steps, cfg.sampler, cfg.seed, cfg.guidance_scale, model_identity=identity)
+        cap = C.capture_unet_inputs(pipe, prompts, cfg.steps, cfg.sampler, cfg.seed, cfg.guidance_scale,
+                                    model_identity=identity)
         if cfg.cache is not None:
             C.save_capture(cap, cfg.cache)
+    bundle, tokenizer = pipe.bundle, pipe.tokenizer
+    del pipe  # its fp32 UNet session: an SD 1.5 UNet holds 3.4 GB, calibration needs the memory
     folder = stage / "unet"
     fp32_files = [stage / f for f in manifest["components"]["unet"]["files"]]
     tmp_out = folder / ".int8.onnx"
     progress("unet", "int8 calibrate + quantise", f"{cfg.method}, level {cfg.level:g}, {len(cap.steps)} steps")
     qinfo = Q.quantize_unet(fp32_files[0], tmp_out, cap, cfg.method, cfg.level, cfg.format, cfg.activation_type,
                             cfg.step_share, table_out=folder / "int8_ranges.json")
+    pipe = Pipeline.from_bundle(stage, threads=threads)
     progress("unet", "int8 quality", "")
     fp32_engine = pipe.engines["unet"]
     int8_engine = OrtEngine(tmp_out, uspec, threads=threads)
@@ -142,7 +148,7 @@ def quantize_stage(stage: Path, manifest: dict, cfg: Int8Config, progress: Progr
             quality["components"][comp] = {"precision": manifest["components"][comp]["precision"], "sqnr_db": None}
     if not all(v == v for v in [quality["components"]["unet"]["sqnr_db"]]):
         raise LdmExportError("the int8 UNet gives NaN; the calibration ranges are broken, no bundle was written")
-    pipe8 = Pipeline(pipe.bundle, {**pipe.engines, "unet": int8_engine}, tokenizer=pipe.tokenizer)
+    pipe8 = Pipeline(bundle, {**pipe.engines, "unet": int8_engine}, tokenizer=tokenizer)
     eval_prompts = C.read_prompts(cfg.prompts)[cfg.size:cfg.size + cfg.quality_prompts] or prompts[:cfg.quality_prompts]
     if cfg.quality_prompts:
         quality["image"] = R.image_psnr(pipe, pipe8, eval_prompts, cfg.quality_steps or cfg.steps, seed=1000)
@@ -163,3 +169,44 @@ def quantize_stage(stage: Path, manifest: dict, cfg: Int8Config, progress: Progr
                         "ranges": "unet/int8_ranges.json", "quantisation": qinfo, "quality": quality}
     (stage / MANIFEST).unlink()
     log.info("int8 UNet: SQNR %.2f dB", quality["components"]["unet"]["sqnr_db"])
+
+
+def quantize_bundle(src: Path, out: Path, cfg: Int8Config, force: bool = False, progress: Progress = lambda *a: None,
+                    threads: int | None = None) -> dict:
+    """An int8 bundle from an fp32 bundle of this project (no re-export): the same steps as
+    ``build --precision int8`` after its export; written atomically to ``out``."""
+    import os
+
+    from ldm_export.export.build import _write_json
+    from ldm_export.export.bundle_writer import check_out_dir, staging
+    from ldm_export.runtime.bundle import MANIFEST, Bundle, sha256_file
+
+    fp32 = Bundle.open(src)
+    bad = [c for c in fp32.components if fp32.precision(c) != "fp32"]
+    if bad:
+        raise LdmExportError(f"{src} is not an fp32 bundle ({bad[0]} is {fp32.precision(bad[0])}); quantise an fp32 "
+                             "bundle (`ldm-export build --precision fp32`)")
+    if fp32.manifest.get("target", "cpu") != "cpu":
+        raise LdmExportError(f"{src} is a {fp32.manifest.get('target')}-target bundle; int8 needs a --target cpu bundle")
+    validate(cfg, fp32.model["name"], "cpu")
+    if Path(out).resolve() == Path(src).resolve():
+        raise LdmExportError("--out must differ from the fp32 bundle")
+    check_out_dir(Path(out), force)
+    manifest = json.loads(json.dumps(fp32.manifest))
+    manifest["files"] = {}
+    manifest["int8_source"] = {"bundle": str(src), "created": fp32.manifest.get("created")}
+    with staging(Path(out), force) as stage:
+        for rel in fp32.manifest["files"]:
+            if rel == MANIFEST:
+                continue
+            dst = stage / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src / rel, dst)  # the fp32 files stay untouched: the stage only drops its own links
+            except OSError:
+                shutil.copy2(src / rel, dst)
+        quantize_stage(stage, manifest, cfg, progress, threads)
+        manifest["files"] = {str(p.relative_to(stage)): {"sha256": sha256_file(p), "size": p.stat().st_size}
+                             for p in sorted(stage.rglob("*")) if p.is_file()}
+        _write_json(stage / MANIFEST, manifest)
+    return manifest

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ldm_export.cli_bench import bench
 from ldm_export.cli_common import _guard, _human, console, out_console
-from ldm_export.cli_int8 import int8_config, int8_options
+from ldm_export.cli_int8 import int8_config, int8_options, quantize
 from ldm_export.cli_tensorrt import engines
 from ldm_export.runtime.errors import LdmExportError
 
@@ -216,6 +216,7 @@ def samplers() -> None:
 
 cli.add_command(bench)
 cli.add_command(engines)
+cli.add_command(quantize)
 
 
 def main() -> None:
