@@ -9,6 +9,8 @@ compute each step's ranges; we combine them and hand the table to ``quantize_sta
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 import tempfile
@@ -154,8 +156,10 @@ def step_amax(model_path: Path, capture, method: str, tensors: set[str], work: P
             cal.calibrate_tensors_range = None
         else:
             cal.collector = None
-        cal.collect_data(_Reader(capture, capture.indices(step), names))
-        ranges = cal.compute_data()
+        with contextlib.redirect_stdout(io.StringIO()) as said:  # ONNX Runtime's histogram calibrators print
+            cal.collect_data(_Reader(capture, capture.indices(step), names))
+            ranges = cal.compute_data()
+        log.debug("%s", said.getvalue().strip())
         out[step] = {name: float(max(np.max(np.abs(td.range_value[0])), np.max(np.abs(td.range_value[1]))))
                      for name, td in ranges.items()}
         log.info("step %d: ranges of %d tensors", step, len(out[step]))
