@@ -62,9 +62,10 @@ def image_psnr(pipe_fp32, pipe_int8, prompts: Sequence[str], steps: int, seed: i
 
 
 def demo_adherence(pipe_fp32, pipe_int8, n_prompts: int | None = None, steps: int = 20, guidance_scale: float = 7.5,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, fp32_row: dict | None = None) -> dict:
     """The demo model's prompt adherence (ldm_export.demo.adherence) at fp32 and int8 on the same prompt cases and
-    initial latents; ``n_prompts`` evenly spaced cases of the 120 (all by default)."""
+    initial latents; ``n_prompts`` evenly spaced cases of the 120 (all by default); ``fp32_row`` reuses an fp32
+    result of the same cases, steps, guidance and seed."""
     from ldm_export.demo.adherence import evaluate, initial_latents
     from ldm_export.demo.data import prompt_cases
 
@@ -80,8 +81,10 @@ def demo_adherence(pipe_fp32, pipe_int8, n_prompts: int | None = None, steps: in
                         latents=initial_latents(len(prompts), s, side))
         return generate
 
-    out = {}
+    out = {"fp32": fp32_row} if fp32_row is not None else {}
     for name, pipe in (("fp32", pipe_fp32), ("int8", pipe_int8)):
+        if name in out:
+            continue
         out[name] = evaluate(generate_with(pipe), [guidance_scale], steps, seed, cases)["rows"][0]
     delta = {k: out["int8"][k] - out["fp32"][k] for k in ("colour", "shape", "position", "all")}
     return {"prompts": len(cases), "steps": steps, "guidance_scale": guidance_scale, "seed": seed,
