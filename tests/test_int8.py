@@ -333,3 +333,19 @@ def test_bench_int8_needs_a_matching_int8_bundle(tiny_bundle, tmp_path):
     r = run_cli("bench", "--bundle", str(tiny_bundle), "--int8-bundle", str(tiny_bundle), "--device", "cpu", "--backends",
                 "ort-int8", "--out", str(tmp_path))
     _one_line_error(r, "is not an int8 bundle")
+
+
+def test_sweep_table_and_plot(tmp_path):
+    from ldm_export.calibration.report import write_plot
+    from ldm_export.calibration.sweep import table_markdown
+
+    adh = lambda c: {"colour": c, "shape": 90.0, "position": 100.0, "all": 88.0}  # noqa: E731
+    rows = [{"method": m, "level": lvl, "quantised_nodes": 10 * lvl, "unet": {"sqnr_db": 20.0 - lvl},
+             "image": {"psnr_db_mean": 30.0 - lvl, "psnr_db_min": 25.0},
+             "adherence": {"fp32": adh(100.0), "int8": adh(97.5), "within_tolerance": True}}
+            for m in ("minmax", "percentile") for lvl in (1.0, 2.5)]
+    md = table_markdown({"rows": rows})
+    assert "| fp32 | — | 0 | — | — | 100.0 | 90.0 | 100.0 | 88.0 | — |" in md
+    assert "| percentile | 2.5 | 25.0 | 17.50 | 27.50 / 25.00 | 97.5 | 90.0 | 100.0 | 88.0 | yes |" in md
+    write_plot(rows, tmp_path / "p.png", "t")
+    assert (tmp_path / "p.png").stat().st_size > 1000
