@@ -24,7 +24,7 @@ from ldm_export.runtime.errors import LdmExportError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch-eager", "torch-compile", "ort", "ort-nhwc", "tensorrt")
+BACKENDS = ("torch-eager", "torch-compile", "ort", "ort-nhwc", "ort-int8", "tensorrt")
 Progress = Callable[[str], None]
 
 
@@ -46,6 +46,7 @@ class BenchConfig:
     notes: list[str] = field(default_factory=list)
     cuda_options: dict[str, str] = field(default_factory=dict)  # extra CUDA provider options for the ort backends
     weights: Path | None = None  # the weights a bundle was built from (bundles record their name, not their path)
+    int8_bundle: Path | None = None  # the ort-int8 backend: an int8 bundle of the same model and weights as ``bundle``
 
 
 def stats(times_s: list[float]) -> dict[str, float]:
@@ -342,6 +343,8 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
     if wanted_ort and cfg.bundle is None:
         raise LdmExportError("the ort backends need a bundle: build one with `ldm-export build ... --out DIR` and pass --bundle DIR")
     bundle = Bundle.open(cfg.bundle) if cfg.bundle else None
+    if "ort-int8" in cfg.backends:
+        _check_int8_bundle(cfg, bundle)
     spec = get_model(bundle.model["name"] if bundle else cfg.model)
     weights_info = bundle.manifest["weights"] if bundle else {"source": "random", "seed": cfg.seed}
     source = weights_info["source"]
@@ -413,6 +416,10 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
                 b = OrtBackend(cfg.bundle, cfg.device, cfg.threads, prefer_nhwc=name == "ort-nhwc",
                                cuda_options=cfg.cuda_options)
                 entry["load_s"] = b.load_s
+            elif name == "ort-int8":
+                b = OrtBackend(cfg.int8_bundle, cfg.device, cfg.threads, cuda_options=cfg.cuda_options)
+                b.name = "ort-int8"
+                entry["load_s"] = b.load_s
             elif name == "tensorrt":
                 raise _Skip(_tensorrt_missing() or "the TensorRT backend of bench is not built yet")
             else:
@@ -462,6 +469,23 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
 
 class _Skip(Exception):
     pass
+
+
+def _check_int8_bundle(cfg: BenchConfig, bundle) -> None:
+    """The ort-int8 backend runs ``--int8-bundle``: an int8 bundle of the same model and weights as ``--bundle``."""
+    from ldm_export.runtime.bundle import Bundle
+
+    if cfg.int8_bundle is None:
+        raise LdmExportError("the ort-int8 backend needs --int8-bundle DIR (`ldm-export build --precision int8` or "
+                             "`ldm-export quantize`)")
+    int8 = Bundle.open(cfg.int8_bundle)
+    if "int8" not in int8.manifest:
+        raise LdmExportError(f"{cfg.int8_bundle} is not an int8 bundle; build one with --precision int8")
+    if bundle is None:
+        raise LdmExportError("the ort-int8 backend is compared with --bundle (the fp32 bundle of the same model)")
+    if int8.model["name"] != bundle.model["name"] or int8.manifest["weights"] != bundle.manifest["weights"]:
+        raise LdmExportError(f"{cfg.int8_bundle} holds another model or weights than {cfg.bundle}; give the int8 "
+                             "bundle made from the same fp32 weights")
 
 
 def _tensorrt_missing() -> str | None:
@@ -523,6 +547,10 @@ def markdown(result: dict) -> str:
                      f"{e2e['median_ms'] / 1e3:.3f} ({e2e['p90_ms'] / 1e3:.3f}) | {speed} | {mem} | "
                      f"{e['fidelity']['cosine']:.6f} | {e['fidelity']['psnr_db']:.1f} |")
     lines += ["", f"Host work per step (numpy sampler + CFG + casts, UNet excluded): {result['host_step_overhead_ms']:.3f} ms."]
+    ratio = int8_speedup(result)
+    if ratio:
+        lines.append(f"int8 against fp32 (ort-int8 vs ort, same run): UNet step {ratio['unet_step']:.2f}×, "
+                     f"end to end {ratio['end_to_end']:.2f}× faster.")
     if result.get("cuda_options"):
         lines.append("CUDA provider options for the ort backends: "
                      + ", ".join(f"{k}={v}" for k, v in result["cuda_options"].items()) + ".")
@@ -547,6 +575,15 @@ def markdown(result: dict) -> str:
     for n in result.get("notes", []):
         lines.append(f"Note: {n}")
     return "\n".join(lines) + "\n"
+
+
+def int8_speedup(result: dict) -> dict | None:
+    """How much faster ort-int8 ran than ort in one run: UNet step and end to end (None unless both ran)."""
+    a, b = result["backends"].get("ort", {}), result["backends"].get("ort-int8", {})
+    if "components" not in a or "components" not in b:
+        return None
+    return {"unet_step": a["components"]["unet_step"]["median_ms"] / b["components"]["unet_step"]["median_ms"],
+            "end_to_end": a["end_to_end"]["median_ms"] / b["end_to_end"]["median_ms"]}
 
 
 def chart(result: dict, path: Path) -> None:

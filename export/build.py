@@ -8,7 +8,7 @@ import logging
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ldm_export import __version__
 from ldm_export.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
@@ -18,6 +18,9 @@ from ldm_export.zoo import DEFAULT_MODEL, ModelSpec, get_model
 
 from .bundle_writer import check_out_dir, staging
 from .precision import PRECISIONS, fp16_policy
+
+if TYPE_CHECKING:
+    from ldm_export.calibration.int8 import Int8Config
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,11 @@ class BuildConfig:
     threads: int | None = None
     verify_provider: str | None = None  # ONNX Runtime provider for verification; default: the target's
     no_half_vae: bool = False  # fp16 builds: keep the VAE decoder in fp32 (A1111's --no-half-vae)
+    int8: "Int8Config | None" = None  # int8 builds: calibration and quantisation settings (None: the defaults)
 
     def component_precision(self, component: str) -> str:
+        if self.precision == "int8":
+            return "fp32"  # exported and verified in fp32; calibration/ then quantises the int8 components
         return "fp32" if component == "vae_decoder" and self.no_half_vae else self.precision
 
     def resolved_verify_provider(self) -> str:
@@ -70,8 +76,15 @@ def static_dims(spec: ModelSpec, component: str) -> dict[str, int]:
 def validate(cfg: BuildConfig) -> ModelSpec:
     """Check everything that can be checked before loading weights; return the model spec."""
     spec = get_model(cfg.model)
-    if cfg.precision not in PRECISIONS:
-        raise LdmExportError(f"unknown precision '{cfg.precision}'; choose one of: {', '.join(PRECISIONS)} (int8 is not built yet)")
+    if cfg.precision not in PRECISIONS + ("int8",):
+        raise LdmExportError(f"unknown precision '{cfg.precision}'; choose one of: {', '.join(PRECISIONS + ('int8',))}")
+    if cfg.precision == "int8":
+        from ldm_export.calibration.int8 import Int8Config, validate as validate_int8
+
+        cfg.int8 = cfg.int8 or Int8Config()
+        validate_int8(cfg.int8, spec.name, cfg.target)
+    elif cfg.int8 is not None:
+        raise LdmExportError("calibration and quant-level options apply to int8 builds: add --precision int8")
     if cfg.no_half_vae and cfg.precision != "fp16":
         raise LdmExportError("--no-half-vae keeps the VAE decoder in fp32 in an fp16 build; it needs --precision fp16")
     if cfg.target not in TARGETS:
@@ -190,6 +203,10 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             progress(component, "done", "")
         progress("bundle", "writing", "")
         _write_side_files(stage, spec)
+        if cfg.precision == "int8":
+            from ldm_export.calibration.int8 import quantize_stage
+
+            quantize_stage(stage, manifest, cfg.int8, progress, cfg.threads)
         manifest["files"] = {str(p.relative_to(stage)): {"sha256": sha256_file(p), "size": p.stat().st_size,
                                                           "mtime": p.stat().st_mtime}
                              for p in sorted(stage.rglob("*")) if p.is_file()}

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ldm_export.cli_bench import bench
 from ldm_export.cli_common import _guard, _human, _sigterm_as_interrupt, console, out_console
+from ldm_export.cli_int8 import int8_config, int8_options, quantize
 from ldm_export.cli_tensorrt import engines
 from ldm_export.runtime.errors import LdmExportError
 from ldm_export.serve.cli import loadtest, serve
@@ -32,7 +33,8 @@ def cli(verbose: bool, debug: bool) -> None:
 
 @cli.command()
 @click.option("--model", "model", default=None, help="Model name from the zoo (default: the embedded demo model).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="int8: the UNet as QDQ int8 calibrated on the sampler's own inputs (text encoder and VAE stay fp32).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="A local diffusers folder or a single-file .safetensors checkpoint.")
 @click.option("--random-weights", is_flag=True, help="The real architecture with random weights (exports, benchmarks).")
@@ -47,16 +49,17 @@ def cli(verbose: bool, debug: bool) -> None:
 @click.option("--threads", type=int, default=None, help="CPU threads for export and verification.")
 @click.option("--no-half-vae", is_flag=True, help="With --precision fp16: keep the VAE decoder in fp32 "
               "(for VAEs that overflow fp16 into NaN/black images, like SDXL's original one).")
+@int8_options
 @_guard
 def build(model, precision, weights, random_weights, seed, out, force, static_shape, target, trust_pickle, threads,
-          no_half_vae):
+          no_half_vae, **int8):
     """Export a model's components to ONNX, verify each against PyTorch, and write a bundle."""
     from ldm_export.export.build import BuildConfig, build as run_build, validate
     from ldm_export.zoo import DEFAULT_MODEL
 
     cfg = BuildConfig(model=model or DEFAULT_MODEL, precision=precision, weights=weights, random_weights=random_weights,
                       seed=seed, out=out, force=force, static_shape=static_shape, target=target,
-                      trust_pickle=trust_pickle, threads=threads, no_half_vae=no_half_vae)
+                      trust_pickle=trust_pickle, threads=threads, no_half_vae=no_half_vae, int8=int8_config(**int8))
     validate(cfg)  # fail fast, before torch is imported
     t0 = time.perf_counter()
     last = [t0, None]
@@ -96,6 +99,19 @@ def _print_summary(out: Path, manifest: dict, seconds: float) -> None:
     total = sum(f["size"] for f in manifest["files"].values())
     t.caption = f"{len(manifest['files'])} files, {_human(total)} in all"
     out_console.print(t)
+    _print_int8(manifest)
+
+
+def _print_int8(manifest: dict) -> None:
+    """The int8 section of a manifest (calibration, quant level, quality against fp32) as a table."""
+    if "int8" not in manifest:
+        return
+    from ldm_export.calibration.report import quality_rows
+
+    q = Table(show_header=False, title="int8 quality (against the fp32 graphs)")
+    for label, value in quality_rows(manifest):
+        q.add_row(label, value)
+    out_console.print(q)
 
 
 @cli.command()
@@ -124,6 +140,7 @@ def inspect(bundle: Path, no_hashes: bool) -> None:
         ver = "\n".join(f"{p}: cos {min(v['cosine'] for v in r['outputs'].values()):.6f}" for p, r in info["verification"].items())
         t.add_row(comp, info["precision"], io(spec.inputs), io(spec.outputs), ", ".join(info.get("kernels") or []) or "-", ver)
     out_console.print(t)
+    _print_int8(m)
     if no_hashes:
         return
     bad = b.check_hashes()
@@ -245,6 +262,7 @@ cli.add_command(bench)
 cli.add_command(engines)
 cli.add_command(serve)
 cli.add_command(loadtest)
+cli.add_command(quantize)
 
 
 def main() -> None:
