@@ -59,3 +59,67 @@ def test_tiny_sdxl_component_exports_and_matches_torch(component, tiny_modules, 
         with torch.no_grad():
             dist = tiny_modules["vae"].encode(torch.from_numpy(feeds["sample"])).latent_dist
         np.testing.assert_allclose(reference[0][:, :4], dist.mean.numpy(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+
+
+def test_loads_an_sdxl_diffusers_folder(tiny_modules, tmp_path):
+    from ldm_export.export.weights_sdxl import load_sdxl_weights
+
+    for name, module in tiny_modules.items():
+        module.save_pretrained(tmp_path / name)
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    loaded = load_sdxl_weights(TINY_SDXL, tmp_path)
+    assert loaded.source == "diffusers" and set(loaded.modules) == {"text_encoder", "text_encoder_2", "unet", "vae"}
+    for name in tiny_modules:
+        _same_weights(loaded.modules[name], tiny_modules[name])
+    assert "text_encoder_2/model.safetensors" in loaded.files
+
+
+def test_sdxl_folder_of_another_architecture_names_the_key(tiny_modules, tmp_path):
+    from ldm_export.export.weights_sdxl import load_sdxl_weights
+    from ldm_export.runtime.errors import LdmExportError
+
+    for name, module in tiny_modules.items():
+        module.save_pretrained(tmp_path / name)
+    (tmp_path / "model_index.json").write_text("{}")
+    cfg = (tmp_path / "text_encoder_2" / "config.json")
+    cfg.write_text(cfg.read_text().replace('"num_hidden_layers": 5', '"num_hidden_layers": 4'))
+    with pytest.raises(LdmExportError, match="text_encoder_2/config.json has num_hidden_layers=4"):
+        load_sdxl_weights(TINY_SDXL, tmp_path)
+
+
+def test_loads_an_sdxl_single_file_checkpoint_through_diffusers_converters(tiny_modules, tmp_path):
+    from ldm_layout import sdxl_to_ldm_checkpoint
+    from safetensors.torch import save_file
+
+    from ldm_export.export.weights_sdxl import load_sdxl_weights
+    from ldm_export.runtime.errors import LdmExportError
+
+    state = sdxl_to_ldm_checkpoint(tiny_modules, TINY_SDXL.unet, TINY_SDXL.vae)
+    assert any(k.startswith("model.diffusion_model.label_emb.0.0.") for k in state)
+    path = tmp_path / "tiny-sdxl.safetensors"
+    save_file(state, str(path))
+    loaded = load_sdxl_weights(TINY_SDXL, path)
+    assert loaded.source == "single-file" and loaded.sha256
+    for name in tiny_modules:
+        _same_weights(loaded.modules[name], tiny_modules[name])
+    # an SD 1.x-style file (no conditioner.embedders) is refused, naming what is missing
+    sd1 = {k: v for k, v in state.items() if not k.startswith("conditioner.")}
+    save_file(sd1, str(tmp_path / "sd1.safetensors"))
+    with pytest.raises(LdmExportError, match="no OpenCLIP bigG text encoder weights"):
+        load_sdxl_weights(TINY_SDXL, tmp_path / "sd1.safetensors")
+    # a missing tensor is named
+    broken = dict(state)
+    broken.pop("conditioner.embedders.1.model.ln_final.weight")
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(LdmExportError, match="text_encoder_2: the checkpoint lacks 'text_model.final_layer_norm.weight'"):
+        load_sdxl_weights(TINY_SDXL, tmp_path / "broken.safetensors")
