@@ -40,6 +40,7 @@ class BuildConfig:
     threads: int | None = None
     verify_provider: str | None = None  # ONNX Runtime provider for verification; default: the target's
     no_half_vae: bool = False  # fp16 builds: keep the VAE decoder in fp32 (A1111's --no-half-vae)
+    loras: tuple = ()  # LoraRef: fused into the weights before export (--lora FILE[:SCALE])
 
     def component_precision(self, component: str) -> str:
         return "fp32" if component == "vae_decoder" and self.no_half_vae else self.precision
@@ -109,6 +110,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
     loaded = load_weights(spec, weights_path, random_weights=cfg.random_weights, seed=cfg.seed,
                           trust_pickle=cfg.trust_pickle)
     modules = loaded.modules
+    loras = _fuse_loras(modules, cfg, spec)
     torch.set_grad_enabled(False)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -128,6 +130,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
         "weights": embedded_weights_info(spec, loaded) if embedded else
                    {"source": loaded.source, "sha256": loaded.sha256, "seed": loaded.seed,
                     "path": str(weights_path) if weights_path and loaded.source != "random" else None},
+        **({"loras": loras} if loras else {}),
         "target": cfg.target, "static_shape": cfg.static_shape, "verify_provider": cfg.resolved_verify_provider(),
         "components": {}, "files": {},
         "tools": _tool_versions(),
@@ -148,6 +151,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             with kernels.export_patches(wrapper, component, cfg.target):
                 model = X.export_onnx(wrapper, cspec, stage, feeds, static=cfg.static_shape)
             model = kernels.rewrite(model, component, cfg.target)
+            initializers = _initializer_map(component, modules, model)
             path = folder / "model.onnx"
             files = X.save_onnx(model, path)
             del model
@@ -177,6 +181,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                 "fp16_policy": fp16_policy(component, cfg.target).to_json() if precision == "fp16" else None,
                 "kernels": kernels.describe(component, cfg.target),
                 "verification": report,
+                **({"initializers": initializers} if initializers else {}),
             }
             del wrapper, reference
             if component == "vae_decoder":
@@ -192,6 +197,24 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
         _write_json(stage / MANIFEST, manifest)
     progress("bundle", "done", str(out))
     return manifest
+
+
+def _fuse_loras(modules: dict, cfg: BuildConfig, spec) -> list[dict]:
+    """Fuse ``--lora`` files into the loaded modules (diffusers' loaders, PEFT's merge); what the manifest records."""
+    if not cfg.loras:
+        return []
+    from .lora import apply_loras
+
+    return apply_loras(modules, cfg.loras, spec.name)
+
+
+def _initializer_map(component: str, modules: dict, model) -> dict:
+    """torch parameter -> ONNX initializer of the components a LoRA adapts (``ldm-export lora`` reads it)."""
+    if component not in ("unet", "text_encoder", "text_encoder_2") or component not in modules:
+        return {}
+    from .lora import initializer_map
+
+    return initializer_map(modules[component], model)
 
 
 def embedded_weights_path(spec: ModelSpec) -> Path:

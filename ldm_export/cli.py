@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ldm_export.cli_bench import bench
 from ldm_export.cli_common import _guard, _human, console, out_console
+from ldm_export.cli_lora import lora
 from ldm_export.cli_tensorrt import engines
 from ldm_export.runtime.errors import LdmExportError
 
@@ -45,16 +46,19 @@ def cli(verbose: bool, debug: bool) -> None:
 @click.option("--threads", type=int, default=None, help="CPU threads for export and verification.")
 @click.option("--no-half-vae", is_flag=True, help="With --precision fp16: keep the VAE decoder in fp32 "
               "(for VAEs that overflow fp16 into NaN/black images, like SDXL's original one).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Fuse a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) into the weights before export; repeatable.")
 @_guard
 def build(model, precision, weights, random_weights, seed, out, force, static_shape, target, trust_pickle, threads,
-          no_half_vae):
+          no_half_vae, loras):
     """Export a model's components to ONNX, verify each against PyTorch, and write a bundle."""
     from ldm_export.export.build import BuildConfig, build as run_build, validate
     from ldm_export.zoo import DEFAULT_MODEL
 
     cfg = BuildConfig(model=model or DEFAULT_MODEL, precision=precision, weights=weights, random_weights=random_weights,
                       seed=seed, out=out, force=force, static_shape=static_shape, target=target,
-                      trust_pickle=trust_pickle, threads=threads, no_half_vae=no_half_vae)
+                      trust_pickle=trust_pickle, threads=threads, no_half_vae=no_half_vae,
+                      loras=tuple(_parse_loras(loras)))
     validate(cfg)  # fail fast, before torch is imported
     t0 = time.perf_counter()
     last = [t0, None]
@@ -73,6 +77,14 @@ def build(model, precision, weights, random_weights, seed, out, force, static_sh
             status.update(f"{component}: {stage} {detail}")
         manifest = run_build(cfg, shown)
     _print_summary(cfg.resolved_out(), manifest, time.perf_counter() - t0)
+
+
+def _parse_loras(loras):
+    if not loras:
+        return []
+    from ldm_export.export.lora import parse_lora
+
+    return [parse_lora(x) for x in loras]
 
 
 def _print_summary(out: Path, manifest: dict, seconds: float) -> None:
@@ -199,6 +211,7 @@ def samplers() -> None:
 
 cli.add_command(bench)
 cli.add_command(engines)
+cli.add_command(lora)
 
 
 def main() -> None:
