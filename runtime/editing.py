@@ -43,31 +43,100 @@ def start_step(num_inference_steps: int, strength: float) -> int:
 
 def edit_plan(scheduler_config: dict, num_inference_steps: int, strength: float):
     """The schedule of ``num_inference_steps`` steps, cut to the steps ``strength`` runs; returns (plan, t_start)."""
+    t_start = start_step(num_inference_steps, check_strength(strength))
+    if t_start >= num_inference_steps:
+        raise LdmExportError(f"strength {strength} with {num_inference_steps} steps runs no step; raise the strength "
+                             "or the steps")
+    return plan_range(scheduler_config, num_inference_steps, t_start), t_start
+
+
+def plan_range(scheduler_config: dict, num_inference_steps: int, start: int = 0, stop: int | None = None):
+    """The plan of steps ``start`` to ``stop`` (exclusive) of the ``num_inference_steps`` schedule, as diffusers runs
+    them after ``set_begin_index(start)`` (image-to-image, a refiner's ``denoising_start``) or with the timesteps cut
+    at ``stop`` (a base model's ``denoising_end``)."""
     from .schedulers import build_plan
 
     plan = build_plan(scheduler_config, num_inference_steps)
-    t_start = start_step(num_inference_steps, check_strength(strength))
-    if t_start >= len(plan.timesteps) or t_start >= num_inference_steps:
-        raise LdmExportError(f"strength {strength} with {num_inference_steps} steps runs no step; raise the strength "
-                             "or the steps")
-    if t_start == 0:
-        return plan, 0
+    evals = len(plan.timesteps)  # PLMS evaluates once more than it has steps
+    stop = evals if stop is None else stop
+    if not 0 <= start < stop <= evals:
+        raise LdmExportError(f"steps {start} to {stop} are not a range of the {num_inference_steps}-step schedule")
+    if start == 0 and stop == evals:
+        return plan
     options = dict(plan.options)
+    cut_end = stop < evals
     if plan.class_name == "LMSDiscreteScheduler":  # LMS's order depends on the absolute index (see sample_lms)
-        options["start"] = t_start
-        return dataclasses.replace(plan, options=options), t_start
+        options["start"] = start
+        return dataclasses.replace(plan, timesteps=plan.timesteps[:stop], options=options)
     for key in ("alphas_cumprod_prev", "alphas_cumprod_from"):
         if key in options:
-            options[key] = np.asarray(options[key])[t_start:]
+            options[key] = np.asarray(options[key])[start:stop]
     if plan.class_name == "PNDMScheduler":
-        options.update(_plms_targets(scheduler_config, num_inference_steps, plan.timesteps[t_start:]))
+        options.update(_plms_targets(scheduler_config, num_inference_steps, plan.timesteps[start:stop]))
     if plan.class_name == "DPMSolverSinglestepScheduler":
-        options["skipped"] = t_start
-    if plan.class_name == "DPMSolverMultistepScheduler" and num_inference_steps >= 15:
-        # diffusers tests `len(timesteps) < 15` on the whole schedule, not on the steps that run
+        options.update(skipped=start, total=num_inference_steps)
+    if plan.class_name == "DPMSolverMultistepScheduler":
+        # diffusers tests `len(timesteps) < 15` and the last index on the whole schedule, not on the steps that run
+        if num_inference_steps >= 15 or cut_end:
+            options["lower_order_final"] = False
+        if cut_end:
+            options["euler_at_final"] = False
+    if plan.class_name == "UniPCMultistepScheduler" and cut_end:
         options["lower_order_final"] = False
-    return dataclasses.replace(plan, levels=plan.levels[t_start:], timesteps=plan.timesteps[t_start:],
-                               options=options), t_start
+    return dataclasses.replace(plan, levels=plan.levels[start:stop + 1], timesteps=plan.timesteps[start:stop],
+                               options=options)
+
+
+def cutoff_step(scheduler_config: dict, num_inference_steps: int, denoising_split: float) -> int:
+    """Where a base model hands off to a refiner (diffusers' ``denoising_end`` / ``denoising_start``): the number of
+    timesteps at or above ``round(T - split * T)``."""
+    from .schedulers import build_plan
+
+    if not 0.0 < denoising_split < 1.0:
+        raise LdmExportError(f"the refiner's start must lie strictly between 0 and 1, got {denoising_split}")
+    plan = build_plan(scheduler_config, num_inference_steps)
+    T = int(scheduler_config.get("num_train_timesteps", 1000))
+    cutoff = int(round(T - denoising_split * T))
+    stop = int(np.sum(plan.timesteps >= cutoff))
+    if not 0 < stop < len(plan.timesteps):
+        raise LdmExportError(f"a hand-off at {denoising_split} with {num_inference_steps} steps leaves one model no "
+                             "step; use more steps or another --refiner-start")
+    return stop
+
+
+def to_sampler_space(plan, x: np.ndarray, index: int = 0) -> np.ndarray:
+    """diffusers' latents at level ``index`` -> the sampler's (DPM++/UniPC keep diffusers' variance-preserving
+    latents but step in k-diffusion scaling)."""
+    return x * math.sqrt(1.0 + plan.levels[index] ** 2) if plan.vp_io else x
+
+
+def from_sampler_space(plan, x: np.ndarray, index: int = -1) -> np.ndarray:
+    return x / math.sqrt(1.0 + plan.levels[index] ** 2) if plan.vp_io else x
+
+
+def run_plan(model, x: np.ndarray, plan, noise: S.NoiseFn | None = None, on_step=None) -> np.ndarray:
+    """Run ``plan``'s sampler from ``x`` (sampler space); ``on_step(i, n, x)`` may return a replacement for x."""
+    denoiser = S.FlowDenoiser(model, **plan.denoiser_kwargs) if plan.flow else S.Denoiser(model, **plan.denoiser_kwargs)
+    return plan.sampler(denoiser, x, plan.levels, plan.timesteps, noise=noise or S.default_noise(0), callback=on_step,
+                        **plan.options)
+
+
+def sample_range(model, latents: np.ndarray, scheduler_config: dict, num_inference_steps: int, start: int = 0,
+                 stop: int | None = None, noise: S.NoiseFn | None = None, callback=None,
+                 initial_noise: bool = False) -> np.ndarray:
+    """Steps ``start`` to ``stop`` of the schedule from ``latents`` as diffusers has them at step ``start`` (a
+    refiner continuing a base model's latents), or from standard-normal ``latents`` with ``initial_noise`` (a base
+    model's text-to-image start); returns diffusers' latents after step ``stop``."""
+    plan = plan_range(scheduler_config, num_inference_steps, start, stop)
+    x = np.asarray(latents, dtype=np.float64)
+    x = x * plan.init_noise_sigma if initial_noise else x
+    x = to_sampler_space(plan, x, 0)
+
+    def on_step(i, n, x_k):
+        if callback is not None:
+            callback(i, n, from_sampler_space(plan, x_k, i + 1))
+
+    return from_sampler_space(plan, run_plan(model, x, plan, noise, on_step), -1)
 
 
 def _plms_targets(scheduler_config: dict, n: int, timesteps: np.ndarray) -> dict:
@@ -122,7 +191,6 @@ def sample_edit(model, image_latents: np.ndarray, noise_latents: np.ndarray, sch
             x = x * math.sqrt(1.0 + plan.levels[0] ** 2)
     else:
         x = noised(plan, plan.options.get("start", 0), x0, eps)
-    denoiser = S.FlowDenoiser(model, **plan.denoiser_kwargs) if plan.flow else S.Denoiser(model, **plan.denoiser_kwargs)
     first = plan.options.get("start", 0)  # LMS keeps the whole schedule and starts inside it
 
     def on_step(i: int, n: int, x_k: np.ndarray):
@@ -131,16 +199,12 @@ def sample_edit(model, image_latents: np.ndarray, noise_latents: np.ndarray, sch
             known = x0 if i == n - 1 else noised(plan, first + i + 1, x0, eps)
             x_k = (1.0 - latent_mask) * known + latent_mask * x_k
         if callback is not None:
-            scale = 1.0 / math.sqrt(1.0 + plan.levels[first + i + 1] ** 2) if plan.vp_io else 1.0
-            callback(i, n, x_k * scale)
+            callback(i, n, from_sampler_space(plan, x_k, first + i + 1))
         return x_k
 
     log.debug("edit: %s from step %d of %d (strength %s)", plan.class_name, t_start, num_inference_steps, strength)
-    x = plan.sampler(denoiser, x, plan.levels, plan.timesteps, noise=noise or S.default_noise(0), callback=on_step,
-                     **plan.options)
-    if plan.vp_io:
-        x = x / math.sqrt(1.0 + plan.levels[-1] ** 2)
-    return x
+    x = run_plan(model, x, plan, noise, on_step)
+    return from_sampler_space(plan, x, -1)
 
 
 # ---------------------------------------------------------------------------------------------------- images

@@ -333,20 +333,20 @@ def singlestep_orders(n: int, solver_order: int, lower_order_final: bool, final_
 
 
 def sample_dpmpp_2s(denoiser, x, sigmas, timesteps, *, noise=None, callback=None, solver_order=2, sde=False,
-                    solver_type="midpoint", lower_order_final=True, skipped=0):
+                    solver_type="midpoint", lower_order_final=True, skipped=0, total=None):
     """Singlestep DPM-Solver++(2S), Lu et al. (2022b) Algorithm 1 on the schedule's points (DPMSolverSinglestep).
 
-    ``skipped``: steps of the whole schedule before ``sigmas[0]`` (image-to-image); the per-step orders are those of
-    the whole schedule, as diffusers keeps them."""
+    ``skipped``: steps of the whole schedule before ``sigmas[0]`` (image-to-image), ``total`` its length; the per-step
+    orders are those of the whole schedule, as diffusers keeps them."""
     if solver_order not in (1, 2):
         raise LdmExportError(f"DPMSolverSinglestepScheduler solver_order {solver_order} is not supported; use 1 or 2")
     if sde:
         noise = noise or default_noise()
     n = len(timesteps)
-    total = n + skipped
+    total = total or n + skipped
     # diffusers forces lower_order_final on when steps % order != 0 or the final sigma is 0 (copied).
     lower_order_final = lower_order_final or total % solver_order != 0 or sigmas[-1] == 0
-    orders = singlestep_orders(total, solver_order, lower_order_final, sigmas[-1] == 0)[skipped:]
+    orders = singlestep_orders(total, solver_order, lower_order_final, sigmas[-1] == 0)[skipped:skipped + n]
     lams = [_lambda(s) for s in sigmas]
     history = [None] * solver_order
     anchor = x  # the sample at the start of the current singlestep group

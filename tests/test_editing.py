@@ -159,3 +159,50 @@ def test_image_bad_input_one_line_errors(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"not an image")
     with pytest.raises(LdmExportError, match="cannot read"):
         E.load_mask(tmp_path / "junk.png", (64, 48))
+
+
+def diffusers_handoff(config, steps, split, model, latents, noise):
+    """diffusers' base (denoising_end) then refiner (denoising_start) loops, each with its own scheduler."""
+    import diffusers
+    import torch
+
+    from ldm_export.parity.samplers import _lms_scheduler_class, patched_randn
+
+    cls = _lms_scheduler_class() if config["_class_name"] == "LMSDiscreteScheduler" else getattr(diffusers, config["_class_name"])
+    make = lambda: cls.from_config({k: v for k, v in config.items() if k != "_class_name"})  # noqa: E731
+    base, refiner = make(), make()
+    base.set_timesteps(steps)
+    cutoff = int(round(base.config.num_train_timesteps - split * base.config.num_train_timesteps))
+    n_base = len([t for t in base.timesteps if t >= cutoff])
+    x = torch.from_numpy(latents) * base.init_noise_sigma
+    with patched_randn(sys.modules[cls.__module__], noise):
+        for t in base.timesteps[:n_base]:
+            x = base.step(torch.from_numpy(model(base.scale_model_input(x, t).numpy(), float(t))), t, x).prev_sample
+        refiner.set_timesteps(steps)
+        n_ref = int((refiner.timesteps < cutoff).sum())
+        t_start = len(refiner.timesteps) - n_ref
+        if hasattr(refiner, "set_begin_index"):
+            refiner.set_begin_index(t_start)
+        for t in refiner.timesteps[t_start:]:
+            x = refiner.step(torch.from_numpy(model(refiner.scale_model_input(x, t).numpy(), float(t))), t, x).prev_sample
+    return x.numpy()
+
+
+@pytest.mark.parametrize("name", ["Euler", "Euler a", "DDIM", "DPM++ 2M", "DPM++ 2M Karras", "UniPC", "LMS"])
+@pytest.mark.parametrize("steps", [10, 30])
+def test_base_refiner_handoff_matches_diffusers(name, steps):
+    pytest.importorskip("diffusers")
+    from ldm_export.parity.samplers import SD15_BASE, NoiseSequence, max_relative_error, stand_in_model
+    from ldm_export.runtime import sample
+
+    config = resolve_scheduler(name, SD15_BASE)
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8))
+    stop = E.cutoff_step(config, steps, 0.8)
+    assert 0 < stop < steps
+    noise = NoiseSequence(1)
+    mid = E.sample_range(stand_in_model, latents, config, steps, 0, stop, noise=noise, initial_noise=True)
+    ours = E.sample_range(stand_in_model, mid, config, steps, stop, noise=noise)
+    theirs = diffusers_handoff(config, steps, 0.8, stand_in_model, latents, NoiseSequence(1))
+    assert max_relative_error(ours, theirs) < TOL
+    whole = E.sample_range(stand_in_model, latents, config, steps, noise=NoiseSequence(1), initial_noise=True)
+    np.testing.assert_allclose(whole, sample(stand_in_model, latents, config, steps, noise=NoiseSequence(1)), rtol=1e-12)
