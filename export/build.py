@@ -42,9 +42,21 @@ class BuildConfig:
     verify_provider: str | None = None  # ONNX Runtime provider for verification; default: the target's
     no_half_vae: bool = False  # fp16 builds: keep the VAE decoder in fp32 (A1111's --no-half-vae)
     loras: tuple = ()  # LoraRef: fused into the weights before export (--lora FILE[:SCALE])
+    vae_encoder: bool = False  # also export the VAE encoder (image-to-image, inpainting)
 
-    def component_precision(self, component: str) -> str:
-        return "fp32" if component == "vae_decoder" and self.no_half_vae else self.precision
+    def component_precision(self, component: str, vae_config: dict | None = None) -> str:
+        """fp32 for the VAE decoder with --no-half-vae or when the VAE's config says it overflows fp16
+        (diffusers' ``force_upcast``: SDXL's VAE), and for the VAE encoder (run once per edit, and as prone to
+        overflow); the build's precision otherwise."""
+        if component == "vae_encoder":
+            return "fp32"
+        if component == "vae_decoder" and (self.no_half_vae or (vae_config or {}).get("force_upcast")):
+            return "fp32"
+        return self.precision
+
+    def components(self, spec) -> list[str]:
+        """The components this build exports: the family's required ones, and the VAE encoder when asked for."""
+        return [c.name for c in spec.family_def.exported(("vae_encoder",) if self.vae_encoder else ())]
 
     def resolved_verify_provider(self) -> str:
         return self.verify_provider or self.target
@@ -136,7 +148,8 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
         "tools": _tool_versions(),
     }
     with staging(out, cfg.force) as stage:
-        for component in spec.components:
+        components = cfg.components(spec)
+        for component in components:
             cspec = specs[component]
             dims = static_dims(spec, component)
             if cfg.static_shape:
@@ -159,10 +172,11 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             progress(component, "verify fp32", "")
             report = {"fp32": X.verify(path, cspec, feeds, reference, "fp32", cfg.threads, cfg.resolved_verify_provider()).to_json()}
             _check(report["fp32"], component, "fp32")
-            precision = cfg.component_precision(component)
+            precision = cfg.component_precision(component, spec.configs[family.vae_module])
+            scopes = family.fp32_scopes if component == family.denoiser else ()
             if precision == "fp16":
                 progress(component, "fp16", "")
-                model16 = convert_fp16(str(path), component, cfg.target)
+                model16 = convert_fp16(str(path), component, cfg.target, scopes)
                 kernels.dedupe_nodes(model16)  # the converter can emit one Cast twice (static sd15 UNet)
                 for f in files:
                     f.unlink()
@@ -178,14 +192,14 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             manifest["components"][component] = {
                 "precision": precision, "spec": cspec.to_json(),
                 "files": [str(f.relative_to(stage)) for f in files],
-                "fp16_policy": fp16_policy(component, cfg.target).to_json() if precision == "fp16" else None,
+                "fp16_policy": fp16_policy(component, cfg.target, scopes).to_json() if precision == "fp16" else None,
                 "kernels": kernels.describe(component, cfg.target),
                 "verification": report,
                 **({"initializers": initializers} if initializers else {}),
             }
             del wrapper, reference
             done = family.component(component).module
-            if all(c.module != done for c in family.exported() if c.name not in manifest["components"]):
+            if all(family.component(c).module != done for c in components if c not in manifest["components"]):
                 modules.pop(done, None)  # no component left to trace from it: free its memory
             gc.collect()
             progress(component, "done", "")
@@ -256,13 +270,16 @@ def _write_side_files(stage: Path, spec: ModelSpec) -> None:
 
     family = spec.family_def
     index = {k: v for k, v in spec.model_index().items() if k not in {m.name for m in family.modules}}
-    for comp in family.exported():
+    for comp in family.exported(("vae_encoder",)):
+        if not (stage / comp.name).is_dir():
+            continue
         index[comp.name] = ["optimum", _ORT_CLASSES.get(comp.kind, "ORTModel")]
     _write_json(stage / "model_index.json", index)
     (stage / "scheduler").mkdir()
     import diffusers
     _write_json(stage / "scheduler" / "scheduler_config.json", {**spec.scheduler, "_diffusers_version": diffusers.__version__})
-    write_tokenizer_files(stage / "tokenizer", pad_token=_pad_token(spec))
+    for folder, pad in family.tokenizer_pads().items():
+        write_tokenizer_files(stage / folder, pad_token=pad)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -310,26 +310,13 @@ def lora_bundle(bundle_path: str | Path, loras: list[LoraRef], out: str | Path, 
 
 
 def _architecture(name: str):
-    """A builder of the torch modules (text encoders and UNet) of the zoo model ``name``."""
+    """A builder of the torch modules a LoRA adapts (text encoders and UNet) of the zoo model ``name``."""
     from ldm_export.zoo import MODELS
 
-    from . import models as M
+    from .models import build_module
 
-    try:
-        from ldm_export.zoo_sdxl import SDXL_MODELS
-    except ImportError:  # pragma: no cover
-        SDXL_MODELS = {}
-    if name in SDXL_MODELS:
-        from . import sdxl as XL
-
-        spec = SDXL_MODELS[name]
-
-        def build():
-            modules = XL.build_modules(spec)
-            modules.pop("vae")
-            return modules
-        return build
-    if name in MODELS:
-        spec = MODELS[name]
-        return lambda: {"text_encoder": M.build_text_encoder(spec), "unet": M.build_unet(spec)}
-    raise LdmExportError(f"bundle of unknown model '{name}'; LoRA needs a bundle of a model this ldm-export knows")
+    if name not in MODELS:
+        raise LdmExportError(f"bundle of unknown model '{name}'; LoRA needs a bundle of a model this ldm-export knows")
+    spec = MODELS[name]
+    names = [m.name for m in spec.family_def.modules if m.name in ("unet", *TEXT_ENCODERS)]
+    return lambda: {n: build_module(spec, n) for n in names}

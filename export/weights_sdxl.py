@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ldm_export.runtime.errors import LdmExportError
 
-from . import sdxl as XL
+from .models import build_module, build_random
 from .weights import (LDM_UNET_EMA_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES,
                       LoadedWeights, _Checkpoint, _check_config, _check_loading_info, _compare_state_dicts, _convert,
                       _folder_weight_files, _one_line, _parameters_on_meta, _PickleCheckpoint, _read_json, _sha256,
@@ -32,22 +32,14 @@ _NON_ARCHITECTURE_KEYS = {"unet": {"sample_size", "upcast_attention"}, "vae": {"
 
 
 def module_names(spec) -> tuple[str, ...]:
-    return tuple(n for n in ("text_encoder", "text_encoder_2", "unet", "vae")
-                 if n != "text_encoder" or spec.text_encoder is not None)
-
-
-def builders(spec) -> dict[str, Callable[[], nn.Module]]:
-    return {"text_encoder": lambda: XL.build_clip_text(spec.text_encoder),
-            "text_encoder_2": lambda: XL.build_clip_text(spec.text_encoder_2, with_projection=True),
-            "unet": lambda: XL.build_unet(spec.unet), "vae": lambda: XL.build_vae(spec.vae)}
+    return tuple(m.name for m in spec.family_def.modules)
 
 
 def load_sdxl_weights(spec, weights: str | Path | None, random_weights: bool = False, seed: int = 0,
                       trust_pickle: bool = False) -> LoadedWeights:
     """``spec``'s modules (text_encoder [, text_encoder_2], unet, vae) with random weights or weights from a path."""
     if random_weights:
-        torch.manual_seed(seed)
-        return LoadedWeights(_finish(XL.build_modules(spec)), "random", seed=seed)
+        return LoadedWeights(_finish(build_random(spec, seed)), "random", seed=seed)
     if weights is None:
         raise LdmExportError(f"no weights for model '{spec.name}'; pass --weights PATH (a diffusers folder or a "
                              "single-file .safetensors checkpoint) or --random-weights")
@@ -84,12 +76,12 @@ def _load_folder(spec, folder: Path, trust_pickle: bool) -> LoadedWeights:
         config = _read_json(sub / "config.json")
         if name.startswith("text_encoder"):
             text_config = CLIPTextConfig.from_pretrained(str(sub), local_files_only=True)
-            want = getattr(spec, name)
+            want = spec.configs[name]
             _check_config(folder, name, {k: getattr(text_config, k) for k in _TEXT_ENCODER_ARCHITECTURE_KEYS},
                           {k: want[k] for k in _TEXT_ENCODER_ARCHITECTURE_KEYS if k in want}, spec.name)
         else:
             cls = UNet2DConditionModel if name == "unet" else AutoencoderKL
-            _check_config(folder, name, _with_init_defaults(cls, config), getattr(spec, name), spec.name,
+            _check_config(folder, name, _with_init_defaults(cls, config), spec.configs[name], spec.name,
                           ignore=_NON_ARCHITECTURE_KEYS[name])
     loaders: dict[str, Any] = {"text_encoder": CLIPTextModel.from_pretrained,
                                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained,
@@ -113,7 +105,7 @@ def _load_folder(spec, folder: Path, trust_pickle: bool) -> LoadedWeights:
             raise LdmExportError(f"could not load {sub}: {_one_line(exc)}") from exc
         _check_loading_info(sub, name, info)
         with _parameters_on_meta():
-            reference = builders(spec)[name]()
+            reference = build_module(spec, name)
         _compare_state_dicts(name, {k: v.shape for k, v in module.state_dict().items()}, reference.state_dict(),
                              spec.name, source="the folder's module")
         modules[name] = module
@@ -162,7 +154,7 @@ def _convert_single_file(spec, path: Path, checkpoint: _Checkpoint) -> dict[str,
             state, remove_prefix=SDXL_CLIP_L_PREFIX)))
     state = checkpoint.take((open_clip_prefix,))
     with _parameters_on_meta():
-        shell = XL.build_clip_text(spec.text_encoder_2, with_projection=True)
+        shell = build_module(spec, "text_encoder_2")
     modules["text_encoder_2"] = _adopt(spec, "text_encoder_2", _convert("text_encoder_2", path, lambda: sfu.convert_open_clip_checkpoint(
         shell, state, prefix=open_clip_prefix)))
     del state
@@ -172,7 +164,7 @@ def _convert_single_file(spec, path: Path, checkpoint: _Checkpoint) -> dict[str,
 def _adopt(spec, name: str, state: dict[str, torch.Tensor]) -> nn.Module:
     """Build ``name`` with parameters on meta, check keys and shapes (first mismatch named), adopt the tensors."""
     with _parameters_on_meta():
-        module = builders(spec)[name]()
+        module = build_module(spec, name)
     expected = module.state_dict()
     optional = "text_model.embeddings.position_ids"
     if optional in state and optional not in expected:

@@ -46,11 +46,12 @@ def cli(verbose: bool, debug: bool) -> None:
 @click.option("--threads", type=int, default=None, help="CPU threads for export and verification.")
 @click.option("--no-half-vae", is_flag=True, help="With --precision fp16: keep the VAE decoder in fp32 "
               "(for VAEs that overflow fp16 into NaN/black images, like SDXL's original one).")
+@click.option("--vae-encoder", is_flag=True, help="Also export the VAE encoder, for image-to-image and inpainting.")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Fuse a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) into the weights before export; repeatable.")
 @_guard
 def build(model, precision, weights, random_weights, seed, out, force, static_shape, target, trust_pickle, threads,
-          no_half_vae, loras):
+          no_half_vae, vae_encoder, loras):
     """Export a model's components to ONNX, verify each against PyTorch, and write a bundle."""
     from ldm_export.export.build import BuildConfig, build as run_build, validate
     from ldm_export.zoo import DEFAULT_MODEL
@@ -58,7 +59,7 @@ def build(model, precision, weights, random_weights, seed, out, force, static_sh
     cfg = BuildConfig(model=model or DEFAULT_MODEL, precision=precision, weights=weights, random_weights=random_weights,
                       seed=seed, out=out, force=force, static_shape=static_shape, target=target,
                       trust_pickle=trust_pickle, threads=threads, no_half_vae=no_half_vae,
-                      loras=tuple(_parse_loras(loras)))
+                      loras=tuple(_parse_loras(loras)), vae_encoder=vae_encoder)
     validate(cfg)  # fail fast, before torch is imported
     t0 = time.perf_counter()
     last = [t0, None]
@@ -167,9 +168,20 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
               help="CFG as one batch-2 UNet run, or two batch-1 runs where memory is tight.")
 @click.option("--guidance-rescale", type=float, default=0.0, show_default=True)
 @click.option("--verify", is_flag=True, help="Check every file's sha256 before loading.")
+@click.option("--init-image", type=click.Path(path_type=Path), default=None,
+              help="Image-to-image from this RGB image (the bundle needs a VAE encoder: build --vae-encoder).")
+@click.option("--strength", type=float, default=0.8, show_default=True,
+              help="With --init-image: how much to repaint, in (0, 1]; it picks the first of --steps that runs.")
+@click.option("--mask", "mask", type=click.Path(path_type=Path), default=None,
+              help="Inpaint: white repaints, black keeps (pixels outside the mask stay exactly the original ones).")
+@click.option("--mask-blur", type=float, default=0.0, show_default=True, help="Gaussian blur of the mask, in pixels.")
+@click.option("--refiner", type=click.Path(path_type=Path), default=None,
+              help="An SDXL refiner bundle that finishes the last steps (see --refiner-start).")
+@click.option("--refiner-start", type=float, default=0.8, show_default=True,
+              help="With --refiner: the fraction of the schedule the base runs before handing off.")
 @_guard
 def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_images, out, provider, threads, cfg_mode,
-             guidance_rescale, verify):
+             guidance_rescale, verify, init_image, strength, mask, mask_blur, refiner, refiner_start):
     """Generate images from a bundle with the numpy runtime; PNGs carry A1111 "parameters" metadata."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -184,9 +196,24 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
                   console=console, transient=True) as bar:
         task = bar.add_task("sampling", total=steps)
         t1 = time.perf_counter()
-        images = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, seed=seed,
-                      width=width, height=height, scheduler=sampler, num_images=num_images,
-                      guidance_rescale=guidance_rescale, callback=lambda i, n, x: bar.update(task, completed=i + 1))
+        common = dict(negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, seed=seed, width=width,
+                      height=height, scheduler=sampler, num_images=num_images, guidance_rescale=guidance_rescale,
+                      callback=lambda i, n, x: bar.update(task, advance=1))
+        if init_image is None and mask is not None:
+            raise LdmExportError("--mask needs --init-image (the image to inpaint)")
+        edit = dict(init_image=init_image, strength=strength, mask_image=mask, mask_blur=mask_blur) if init_image else {}
+        if refiner is None:
+            images = pipe(prompt, **common, **edit)
+        else:
+            if edit:
+                raise LdmExportError("--refiner hands text-to-image latents over; it does not take --init-image yet")
+            refine = Pipeline.from_bundle(refiner, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode)
+            if seed is None:
+                import numpy as np
+
+                common["seed"] = seed = int(np.random.default_rng().integers(0, 2**32 - 1))
+            latents = pipe(prompt, **common, denoising_end=refiner_start, return_latents=True)
+            images = refine(prompt, **common, latents=latents, denoising_start=refiner_start)
         t_gen = time.perf_counter() - t1
     out.parent.mkdir(parents=True, exist_ok=True) if str(out.parent) else None
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{k + 1}{out.suffix or '.png'}") for k in range(len(images))]

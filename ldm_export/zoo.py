@@ -191,3 +191,12 @@ def _demo_spec() -> ModelSpec:
 
 DEMO = _demo_spec()
 MODELS[DEMO.name] = DEMO
+
+
+def _register_sdxl() -> None:
+    from ldm_export import zoo_sdxl
+
+    MODELS.update({m.name: m for m in zoo_sdxl.models()})
+
+
+_register_sdxl()

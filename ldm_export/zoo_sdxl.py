@@ -2,97 +2,9 @@
 
 Configs are those of stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0 as diffusers saves them
 (``unet/config.json``, ``text_encoder{,_2}/config.json``, ``vae/config.json``, ``scheduler/scheduler_config.json``),
-written out here because nothing is downloaded. SDXL conditions on two text encoders: CLIP ViT-L/14
-(``text_encoder``, its penultimate layer) and OpenCLIP ViT-bigG/14 (``text_encoder_2``, penultimate layer plus
-the projected pooled output), and on "time ids" (original size, crop top-left, target size; the refiner puts an
-aesthetic score in place of the target size).
+written out here because nothing is downloaded; the family (``runtime/families/sdxl.py``) says how they run.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Any
-
-from ldm_export.runtime.kinds import (clip_text_spec, text_time_unet_spec, vae_encoder_spec)
-from ldm_export.runtime.spec import ComponentSpec, vae_decoder_spec
-
-SDXL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
-REFINER_COMPONENTS = ("text_encoder_2", "unet", "vae_decoder", "vae_encoder")
-
-
-@dataclass(frozen=True)
-class SdxlModelSpec:
-    """One SDXL-family model: every component's diffusers/transformers config and what the runtime needs."""
-
-    name: str
-    description: str
-    text_encoder: dict[str, Any] | None  # CLIPTextConfig kwargs (CLIP-L); None for the refiner
-    text_encoder_2: dict[str, Any]  # CLIPTextConfig kwargs for CLIPTextModelWithProjection (OpenCLIP bigG)
-    unet: dict[str, Any]
-    vae: dict[str, Any]
-    scheduler: dict[str, Any]
-    resolution: int
-    components: tuple[str, ...] = SDXL_COMPONENTS
-    params_m: dict[str, float] | None = None
-    max_length: int = 77
-    embedded_weights: str | None = None
-    family: str = "sdxl"
-    requires_aesthetics_score: bool = False  # the refiner's time ids carry an aesthetic score, not a target size
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae["block_out_channels"]) - 1)
-
-    @property
-    def latent_scale(self) -> float:
-        return float(self.vae["scaling_factor"])
-
-    @property
-    def latent_side(self) -> int:
-        return self.resolution // self.vae_scale_factor
-
-    @property
-    def num_time_ids(self) -> int:
-        return 5 if self.requires_aesthetics_score else 6
-
-    @property
-    def pooled_dim(self) -> int:
-        return int(self.text_encoder_2["projection_dim"])
-
-    def component_specs(self) -> dict[str, ComponentSpec]:
-        side = self.latent_side
-        hw = (max(1, side // 4), side, side * 2)
-        specs: dict[str, ComponentSpec] = {}
-        if self.text_encoder is not None:
-            specs["text_encoder"] = clip_text_spec("text_encoder", self.text_encoder["hidden_size"],
-                                                   self.text_encoder["num_hidden_layers"], self.max_length)
-        specs["text_encoder_2"] = clip_text_spec("text_encoder_2", self.text_encoder_2["hidden_size"],
-                                                 self.text_encoder_2["num_hidden_layers"], self.max_length,
-                                                 projection_dim=self.pooled_dim)
-        specs["unet"] = text_time_unet_spec(self.unet["in_channels"], self.unet["out_channels"],
-                                            self.unet["cross_attention_dim"], self.pooled_dim, self.num_time_ids, hw,
-                                            self.max_length)
-        specs["vae_decoder"] = vae_decoder_spec(self.vae["latent_channels"], hw, self.vae_scale_factor)
-        specs["vae_encoder"] = vae_encoder_spec(self.vae["latent_channels"], hw, self.vae_scale_factor)
-        return {c: specs[c] for c in self.components}
-
-    def model_index(self) -> dict[str, Any]:
-        """diffusers' model_index.json of the pipeline (what Optimum's loader reads)."""
-        index = {
-            "_class_name": "StableDiffusionXLImg2ImgPipeline" if self.text_encoder is None else "StableDiffusionXLPipeline",
-            "_diffusers_version": "0.35.2",
-            "force_zeros_for_empty_prompt": self.text_encoder is not None,
-            "scheduler": ["diffusers", self.scheduler["_class_name"]],
-            "text_encoder": ["transformers", "CLIPTextModel"] if self.text_encoder is not None else [None, None],
-            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-            "tokenizer": ["transformers", "CLIPTokenizer"] if self.text_encoder is not None else [None, None],
-            "tokenizer_2": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }
-        if self.requires_aesthetics_score:
-            index["requires_aesthetics_score"] = True
-        return index
-
 
 _TOKENS = {"vocab_size": 49408, "max_position_embeddings": 77, "layer_norm_eps": 1e-5, "bos_token_id": 49406,
            "eos_token_id": 49407, "pad_token_id": 1}
@@ -131,6 +43,7 @@ SDXL_REFINER_UNET = _UNET_COMMON | {
     "projection_class_embeddings_input_dim": 2560, "sample_size": 128, "transformer_layers_per_block": 4,
 }
 
+# force_upcast: diffusers' flag for a VAE that overflows fp16; the build keeps such a decoder fp32 (precision.py)
 SDXL_VAE = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
     "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
@@ -145,41 +58,46 @@ SDXL_SCHEDULER = {
     "set_alpha_to_one": False, "skip_prk_steps": True, "sample_max_value": 1.0,
 }
 
-SDXL = SdxlModelSpec(
-    name="sdxl",
-    description="Stable Diffusion XL 1.0 base (CLIP ViT-L + OpenCLIP ViT-bigG text, 1024 px, epsilon prediction)",
-    text_encoder=dict(CLIP_VIT_L14), text_encoder_2=dict(OPENCLIP_VIT_BIGG14), unet=SDXL_UNET, vae=SDXL_VAE,
-    scheduler=SDXL_SCHEDULER, resolution=1024,
-    params_m={"text_encoder": 123.1, "text_encoder_2": 694.7, "unet": 2567.5, "vae": 83.7},
-)
+# The tiny SDXL of diffusers' own pipeline tests (tests/pipelines/stable_diffusion_xl), with a VAE that downsamples
+# 8x as the real one (64 px images, 8x8 latents).
+TINY_TEXT = _TOKENS | {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 5, "num_attention_heads": 4,
+                       "hidden_act": "gelu", "projection_dim": 32}
+TINY_UNET = _UNET_COMMON | {
+    "block_out_channels": [32, 64], "layers_per_block": 2, "sample_size": 8, "attention_head_dim": [2, 4],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "addition_time_embed_dim": 8, "transformer_layers_per_block": [1, 2],
+    "projection_class_embeddings_input_dim": 80, "cross_attention_dim": 64,  # 32 pooled + 6 x 8; 32 + 32
+}
+TINY_VAE = SDXL_VAE | {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 8,
+                       "sample_size": 64}
 
-SDXL_REFINER = SdxlModelSpec(
-    name="sdxl-refiner",
-    description="Stable Diffusion XL 1.0 refiner (OpenCLIP ViT-bigG text, aesthetic score, 1024 px)",
-    text_encoder=None, text_encoder_2=dict(OPENCLIP_VIT_BIGG14), unet=SDXL_REFINER_UNET, vae=SDXL_VAE,
-    scheduler=SDXL_SCHEDULER, resolution=1024, components=REFINER_COMPONENTS, requires_aesthetics_score=True,
-    params_m={"text_encoder_2": 694.7, "unet": 2259.5, "vae": 83.7},
-)
 
-# The tiny SDXL of diffusers' own pipeline tests (tests/pipelines/stable_diffusion_xl), for fast tests here.
-TINY_SDXL = SdxlModelSpec(
-    name="tiny-sdxl",
-    description="Tiny model of the SDXL classes for tests (two text encoders, text-time UNet; random weights)",
-    text_encoder=_TOKENS | {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 5,
-                            "num_attention_heads": 4, "hidden_act": "gelu", "projection_dim": 32},
-    text_encoder_2=_TOKENS | {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 5,
-                              "num_attention_heads": 4, "hidden_act": "gelu", "projection_dim": 32},
-    unet=_UNET_COMMON | {
-        "block_out_channels": [32, 64], "layers_per_block": 2, "sample_size": 32, "attention_head_dim": [2, 4],
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "addition_time_embed_dim": 8,
-        "transformer_layers_per_block": [1, 2], "projection_class_embeddings_input_dim": 80,  # 32 + 6 x 8
-        "cross_attention_dim": 64, "norm_num_groups": 32,
-    },
-    # 8x downsampling as the real VAE, so 64 px images give 8x8 latents
-    vae=SDXL_VAE | {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 8,
-                    "sample_size": 64},
-    scheduler=SDXL_SCHEDULER, resolution=64,
-)
+def models() -> list:
+    """The SDXL-family ModelSpecs of the zoo."""
+    from ldm_export.zoo import ModelSpec
 
-SDXL_MODELS = {m.name: m for m in (SDXL, SDXL_REFINER, TINY_SDXL)}
+    return [
+        ModelSpec(
+            name="sdxl", family="sdxl",
+            description="Stable Diffusion XL 1.0 base (CLIP ViT-L + OpenCLIP ViT-bigG text, 1024 px, epsilon prediction)",
+            text_encoder=dict(CLIP_VIT_L14), unet=SDXL_UNET, vae=SDXL_VAE, scheduler=SDXL_SCHEDULER, resolution=1024,
+            extra_configs={"text_encoder_2": dict(OPENCLIP_VIT_BIGG14)},
+            params_m={"text_encoder": 123.1, "text_encoder_2": 694.7, "unet": 2567.5, "vae": 83.7}),
+        ModelSpec(
+            name="sdxl-refiner", family="sdxl-refiner",
+            description="Stable Diffusion XL 1.0 refiner (OpenCLIP ViT-bigG text, aesthetic score, 1024 px)",
+            text_encoder=None, unet=SDXL_REFINER_UNET, vae=SDXL_VAE, scheduler=SDXL_SCHEDULER, resolution=1024,
+            extra_configs={"text_encoder_2": dict(OPENCLIP_VIT_BIGG14)},
+            params_m={"text_encoder_2": 694.7, "unet": 2259.5, "vae": 83.7}),
+        ModelSpec(
+            name="tiny-sdxl", family="sdxl",
+            description="Tiny model of the SDXL classes for tests (two text encoders, text-time UNet; random weights)",
+            text_encoder=dict(TINY_TEXT), unet=TINY_UNET, vae=TINY_VAE, scheduler=SDXL_SCHEDULER, resolution=64,
+            extra_configs={"text_encoder_2": dict(TINY_TEXT)}),
+        ModelSpec(
+            name="tiny-sdxl-refiner", family="sdxl-refiner",
+            description="Tiny model of the SDXL refiner classes for tests",
+            text_encoder=None, unet=TINY_UNET | {"projection_class_embeddings_input_dim": 72,  # 32 + 5 x 8
+                                                 "cross_attention_dim": 32},
+            vae=TINY_VAE, scheduler=SDXL_SCHEDULER, resolution=64, extra_configs={"text_encoder_2": dict(TINY_TEXT)}),
+    ]

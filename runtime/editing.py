@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 import numpy as np
 
 from . import samplers as S
@@ -288,6 +290,8 @@ def paste_back(original, generated, mask: np.ndarray):
 def _open(path, what: str):
     from PIL import Image, UnidentifiedImageError
 
+    if isinstance(path, Image.Image):
+        return path
     try:
         image = Image.open(path)
         image.load()
@@ -297,3 +301,45 @@ def _open(path, what: str):
         raise LdmExportError(f"cannot read {what} {path} as an image ({e}); give a PNG or JPEG") from None
     return image
 
+
+
+@dataclass
+class EditInputs:
+    """An editing request's image, its latents and mask, checked and ready for the sampler loop."""
+
+    image: Any  # PIL RGB image at the output size (what the paste-back keeps)
+    latents: np.ndarray  # (1, C, h, w) the image's latents in the model's format
+    strength: float
+    mask: np.ndarray | None = None  # (H, W) in [0, 1], blurred; 1 = repaint
+    blend_mask: np.ndarray | None = None  # (1, 1, h, w) binary, for latent blending (4-channel UNets)
+    unet_channels: np.ndarray | None = None  # (1, 1 + C, h, w) mask and masked-image latents (9-channel UNets)
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+    @classmethod
+    def load(cls, pipe, init_image, strength: float, mask_image, mask_blur: float, width, height,
+             inpaint_unet: bool) -> "EditInputs":
+        multiple = pipe.family.size_multiple(pipe.bundle.module_configs)
+        pixels, image = load_init_image(init_image, width, height, multiple)
+        latents = pipe.encode_image(pixels)
+        if mask_image is None:
+            return cls(image, latents, strength)
+        mask = load_mask(mask_image, image.size, mask_blur)
+        lmask = latent_mask(mask, pipe.vae_scale_factor)
+        if not inpaint_unet:
+            return cls(image, latents, strength, mask, blend_mask=lmask)
+        masked = pipe.encode_image(masked_image(pixels, mask))  # diffusers: the image with the masked region zeroed
+        return cls(image, latents, strength, mask, unet_channels=np.concatenate([lmask, masked], axis=1))
+
+    def with_unet_channels(self, cond):
+        """``cond`` with the inpainting UNet's extra input channels for each of its rows."""
+        from .families.base import INPAINT, Conditioning
+
+        return Conditioning(cond.context, cond.pooled,
+                            {**cond.extras, INPAINT: np.repeat(self.unet_channels, cond.batch, axis=0)})

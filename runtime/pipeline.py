@@ -139,9 +139,19 @@ class Pipeline:
                  latents: np.ndarray | None = None, width: int | None = None, height: int | None = None,
                  scheduler: str | Mapping | None = None, num_images: int = 1,
                  callback: Callable[[int, int, np.ndarray], None] | None = None, guidance_rescale: float = 0.0,
-                 noise: Callable[[tuple], np.ndarray] | None = None, return_latents: bool = False):
+                 noise: Callable[[tuple], np.ndarray] | None = None, return_latents: bool = False,
+                 init_image=None, strength: float = 0.8, mask_image=None, mask_blur: float = 0.0,
+                 keep_unmasked: bool = True, denoising_start: float | None = None,
+                 denoising_end: float | None = None):
         """Generate ``num_images`` images per prompt; returns a list of PIL images with A1111 metadata in
-        ``image.info["parameters"]`` (or the final latents with ``return_latents``)."""
+        ``image.info["parameters"]`` (or the final latents with ``return_latents``).
+
+        Editing (diffusers' semantics, ``runtime/editing.py``): ``init_image`` (a path or an RGB PIL image) with
+        ``strength`` in (0, 1] is image-to-image; ``mask_image`` (white = repaint), blurred by ``mask_blur`` pixels,
+        inpaints (latent blending each step, or a 9-channel inpainting UNet's extra inputs), and with
+        ``keep_unmasked`` the pixels outside the mask are the original ones. A base model hands off to a refiner
+        with ``denoising_end`` (and ``return_latents``); the refiner takes those ``latents`` with
+        ``denoising_start``."""
         from . import sample
         from .guidance import guided_denoiser
         from .image import format_parameters, latents_to_images
@@ -159,6 +169,9 @@ class Pipeline:
             raise LdmExportError(f"steps must be an integer from 1 to {MAX_STEPS}, got {num_inference_steps!r}")
         if not np.isfinite(guidance_scale):
             raise LdmExportError(f"guidance scale must be a finite number, got {guidance_scale!r}")
+        edit = self._edit_inputs(init_image, strength, mask_image, mask_blur, width, height, denoising_start)
+        if edit is not None:
+            width, height = edit.width, edit.height
         width, height = self._size(width, height)
 
         base = self.bundle.scheduler_config
@@ -194,7 +207,12 @@ class Pipeline:
             return family.prepare(self.encode(texts), width=width, height=height, guidance_scale=guidance_scale)
 
         cond = conditioning(prompts)
-        uncond = conditioning(negatives) if do_cfg else None
+        uncond = None
+        if do_cfg:
+            uncond = family.prepare_negative(family.encode_negative(self, negatives, cond, negative_prompt is not None),
+                                             width=width, height=height, guidance_scale=guidance_scale)
+        if edit is not None and edit.unet_channels is not None:  # 9-channel inpainting UNet: mask + masked latents
+            cond, uncond = (None if c is None else edit.with_unet_channels(c) for c in (cond, uncond))
         step = {"i": 0}
         bound = {"cond": None}  # the conditioning the denoiser engine was last fed (guided_denoiser reuses one)
         denoiser = self.family.denoiser
@@ -213,16 +231,68 @@ class Pipeline:
             if callback is not None:
                 callback(i, n, x)
 
-        final = sample(model, latents, sched_cfg, num_inference_steps, noise=noise, callback=on_step)
+        extra: dict = {}
+        if edit is not None and edit.image is not None:
+            from .editing import sample_edit
+
+            final = sample_edit(model, np.repeat(edit.latents, batch, axis=0), latents, sched_cfg, num_inference_steps,
+                                edit.strength, noise=noise, callback=on_step, latent_mask=edit.blend_mask,
+                                pure_noise_at_full_strength=edit.mask is not None)
+            extra["Denoising strength"] = edit.strength
+            if edit.mask is not None and mask_blur:
+                extra["Mask blur"] = mask_blur
+        elif denoising_start is not None or denoising_end is not None:
+            from .editing import cutoff_step, sample_range
+
+            start = 0 if denoising_start is None else cutoff_step(sched_cfg, num_inference_steps, denoising_start)
+            stop = None if denoising_end is None else cutoff_step(sched_cfg, num_inference_steps, denoising_end)
+            final = sample_range(model, latents, sched_cfg, num_inference_steps, start, stop, noise=noise,
+                                 callback=on_step, initial_noise=denoising_start is None)
+        else:
+            final = sample(model, latents, sched_cfg, num_inference_steps, noise=noise, callback=on_step)
         if return_latents:
             return final
         images = latents_to_images(self.decode(np.asarray(final, dtype=np.float32)))
+        if edit is not None and edit.mask is not None and keep_unmasked:
+            from .editing import paste_back
+
+            images = [paste_back(edit.image, img, edit.mask) for img in images]
         for k, img in enumerate(images):
             img.info["parameters"] = format_parameters(
                 prompts[k], negatives[k] or None, num_inference_steps, sampler_name, guidance_scale, seed, width, height,
                 self.bundle.model_hash, model_name=self.bundle.model.get("name"),
-                extra={"Batch pos": k % num_images} if num_images > 1 else None)
+                extra=({"Batch pos": k % num_images} if num_images > 1 else {}) | extra or None)
         return images
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """Images (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f): the VAE posterior's mean, in the model's
+        latent format (diffusers' ``retrieve_latents`` in ``argmax`` mode: no sampling noise)."""
+        encoder = self.family.encoder
+        if encoder not in self.engines:
+            raise LdmExportError(f"bundle {self.bundle.path} has no {encoder} to encode images; rebuild it with "
+                                 "`ldm-export build --vae-encoder` to edit images")
+        params = self.run_component(encoder, {"sample": pixels.astype(np.float32)}, ["sample"])["latent_parameters"]
+        return self.latent_format.from_vae(params[:, :self.latent_channels].astype(np.float64))
+
+    def _edit_inputs(self, init_image, strength, mask_image, mask_blur, width, height, denoising_start):
+        """Load and check the init image and mask of an editing request; None for text to image."""
+        from .editing import EditInputs, check_strength
+
+        in_channels = self.engines[self.family.denoiser].spec.inputs[0].shape[1]
+        inpaint_unet = isinstance(in_channels, int) and in_channels == 2 * self.latent_channels + 1
+        if init_image is None:
+            if mask_image is not None:
+                raise LdmExportError("a mask needs an init image to inpaint: give --init-image too")
+            if inpaint_unet:
+                raise LdmExportError("this bundle's UNet is an inpainting UNet (9 input channels): give an init "
+                                     "image and a mask (--init-image, --mask)")
+            return None
+        if denoising_start is not None:
+            raise LdmExportError("give either an init image or latents to continue (denoising_start), not both")
+        if inpaint_unet and mask_image is None:
+            raise LdmExportError("this bundle's UNet is an inpainting UNet (9 input channels): give a mask (--mask)")
+        return EditInputs.load(self, init_image, check_strength(strength), mask_image, mask_blur, width, height,
+                               inpaint_unet)
 
     def _size(self, width, height) -> tuple[int, int]:
         width = self.resolution if width is None else width

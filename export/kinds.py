@@ -1,4 +1,4 @@
-"""Torch side of the SDXL family: modules from the zoo's configs and one export wrapper per component kind.
+"""Export wrappers of the component kinds beyond SD 1.x (SDXL's, and the VAE encoder of editing bundles).
 
 The wrappers' forward signatures are the ComponentSpecs of ``runtime/kinds.py`` (Optimum's names):
 CLIP text with its penultimate hidden state (and ``text_embeds`` through the projection), the UNet with the
@@ -8,37 +8,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-
-def build_clip_text(config: dict, with_projection: bool = False):
-    """CLIPTextModel (or CLIPTextModelWithProjection) from a CLIPTextConfig dict, random weights."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(CLIPTextConfig(**config)).eval()
-
-
-def build_unet(config: dict):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(**config).eval()
-
-
-def build_vae(config: dict):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(**config).eval()
-
-
-def build_modules(spec) -> dict[str, nn.Module]:
-    """Every torch module of an SDXL-family spec (text_encoder, text_encoder_2, unet, vae), random weights."""
-    modules = {}
-    if spec.text_encoder is not None:
-        modules["text_encoder"] = build_clip_text(spec.text_encoder)
-    modules["text_encoder_2"] = build_clip_text(spec.text_encoder_2, with_projection=True)
-    modules["unet"] = build_unet(spec.unet)
-    modules["vae"] = build_vae(spec.vae)
-    return modules
 
 
 class ClipTextWrapper(nn.Module):
@@ -78,18 +47,3 @@ class VaeEncoderWrapper(nn.Module):
 
     def forward(self, sample):
         return self.vae.encode(sample, return_dict=False)[0].parameters
-
-
-def wrap(component: str, modules: dict[str, nn.Module]) -> nn.Module:
-    """The export wrapper of one SDXL component."""
-    from .models import VaeDecoderWrapper
-
-    if component in ("text_encoder", "text_encoder_2"):
-        return ClipTextWrapper(modules[component]).eval()
-    if component == "unet":
-        return TextTimeUNetWrapper(modules["unet"]).eval()
-    if component == "vae_decoder":
-        return VaeDecoderWrapper(modules["vae"]).eval()
-    if component == "vae_encoder":
-        return VaeEncoderWrapper(modules["vae"]).eval()
-    raise ValueError(component)
