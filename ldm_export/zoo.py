@@ -160,7 +160,16 @@ TINY = ModelSpec(
     resolution=64,
 )
 
-MODELS: dict[str, ModelSpec] = {m.name: m for m in (SD15, SD21, TINY)}
+# A 9-channel inpainting UNet of the tiny classes (SD 1.5 inpainting's layout: latents, mask, masked-image latents)
+TINY_INPAINT = ModelSpec(
+    name="tiny-inpaint",
+    family="sd1",
+    description="Tiny SD 1.x inpainting model for tests (UNet with 9 input channels, random weights)",
+    text_encoder=dict(TINY.text_encoder), unet=TINY.unet | {"in_channels": 9}, vae=dict(TINY.vae),
+    scheduler=dict(TINY.scheduler), resolution=64,
+)
+
+MODELS: dict[str, ModelSpec] = {m.name: m for m in (SD15, SD21, TINY, TINY_INPAINT)}
 DEFAULT_MODEL = "demo"  # the embedded demo model: real images on a CPU with no download
 
 

@@ -36,7 +36,9 @@ def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float
 
 def argmax_latents(monkeypatch, module_name):
     """diffusers' retrieve_latents in 'argmax' mode (the posterior mean), as the runtime encodes."""
-    module = sys.modules[module_name]
+    import importlib
+
+    module = importlib.import_module(module_name)
     monkeypatch.setattr(module, "retrieve_latents", lambda out, generator=None, sample_mode="sample": out.latent_dist.mode())
 
 
