@@ -124,3 +124,29 @@ def test_loads_an_sdxl_single_file_checkpoint_through_diffusers_converters(tiny_
     save_file(broken, str(tmp_path / "broken.safetensors"))
     with pytest.raises(LdmExportError, match="text_encoder_2: the checkpoint lacks 'text_model.final_layer_norm.weight'"):
         load_sdxl_weights(TINY_SDXL, tmp_path / "broken.safetensors")
+
+
+def test_tiny_sdxl_fp16_build_keeps_the_vae_fp32_and_the_time_ids_sinusoids(tmp_path):
+    import json
+
+    from ldm_export.export.build import BuildConfig, build
+    from ldm_export.runtime.pipeline import Pipeline
+
+    out = tmp_path / "xl16"
+    build(BuildConfig(model="tiny-sdxl", precision="fp16", random_weights=True, out=out, vae_encoder=True))
+    m = json.loads((out / "ldm_export.json").read_text())
+    prec = {c: v["precision"] for c, v in m["components"].items()}
+    assert prec == {"text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16", "vae_decoder": "fp32",
+                    "vae_encoder": "fp32"}  # the SDXL VAE's force_upcast: its decoder overflows fp16
+    assert "/model/add_time_proj/" in m["components"]["unet"]["fp16_policy"]["keep_fp32_node_prefixes"]
+    g = onnx.shape_inference.infer_shapes(onnx.load(str(out / "unet" / "model.onnx"))).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in g.value_info}
+    sin = [n for n in g.node if n.op_type in ("Sin", "Cos") and "add_time_proj" in n.name]
+    assert sin and all(types[n.output[0]] == onnx.TensorProto.FLOAT for n in sin)  # fp32, not fp16
+    linear = [n for n in g.node if n.op_type in ("MatMul", "Gemm") and "add_embedding" in n.name]
+    assert linear and any(types.get(n.output[0]) == onnx.TensorProto.FLOAT16 for n in linear)  # the rest is fp16
+    assert set(m["model"]["modules"]) == {"text_encoder", "text_encoder_2", "unet", "vae"}
+    for tok, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        assert json.loads((out / tok / "special_tokens_map.json").read_text())["pad_token"] in (pad, {"content": pad})
+    image = Pipeline.from_bundle(out)("a cat", num_inference_steps=3, seed=0)[0]
+    assert image.size == (64, 64) and np.asarray(image).std() > 1
