@@ -77,7 +77,7 @@ def read_lora(ref: LoraRef, modules: dict[str, Any]) -> tuple[dict, dict | None]
     if not raw:
         raise LdmExportError(f"LoRA file {ref.path.name} holds no tensors")
     try:
-        state, alphas = _mixin(modules).lora_state_dict(raw, unet_config=dict(modules["unet"].config))
+        state, alphas = _mixin(modules).lora_state_dict(raw, unet_config=modules["unet"].config)
     except (KeyError, ValueError, RuntimeError, IndexError) as e:
         raise LdmExportError(f"LoRA file {ref.path.name}: diffusers cannot read its keys ({e}); it is not a kohya or "
                              "diffusers/PEFT LoRA") from None

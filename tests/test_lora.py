@@ -152,3 +152,24 @@ def test_lora_cli_refuses_to_overwrite_and_names_bad_input(tmp_path, tiny_bundle
     r = run_cli("lora", str(tiny_bundle), f"{path}:0.5", "--out", str(tmp_path / "new"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "new" / "ldm_export.json").read_text())["weights"]["loras"][0]["file"] == "l.safetensors"
+
+
+def test_sdxl_lora_reaches_both_text_encoders_and_the_unet(tmp_path):
+    from ldm_export.export.models import build_random
+    from ldm_export.zoo import MODELS
+
+    layers = [(f"lora_te{k}_text_model_encoder_layers_0_self_attn_{p}", f"text_encoder{'' if k == 1 else '_2'}",
+               f"text_model.encoder.layers.0.self_attn.{p}", 32, 32)
+              for k in (1, 2) for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    # SDXL kohya files name UNet blocks the sgm way: input_blocks.4.1 is down_blocks.1.attentions.0 of tiny-sdxl
+    layers.append(("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", "unet",
+                   "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", 64, 64))
+    path = tmp_path / "xl.safetensors"
+    expected = make_lora(path, "kohya", layers=layers)
+    modules = build_random(MODELS["tiny-sdxl"], 1)
+    before = {c: {k: v.clone() for k, v in modules[c].state_dict().items()} for c in ("unet", "text_encoder", "text_encoder_2")}
+    report = apply_loras(modules, [LoraRef(path, 1.0)], "tiny-sdxl")
+    assert report[0]["layers"] == {"unet": 1, "text_encoder": 4, "text_encoder_2": 4}
+    for (component, module), delta in expected.items():
+        got = modules[component].state_dict()[f"{module}.weight"] - before[component][f"{module}.weight"]
+        torch.testing.assert_close(got, delta, rtol=1e-5, atol=1e-6)
