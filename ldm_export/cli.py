@@ -12,6 +12,7 @@ from rich.table import Table
 from ldm_export.cli_bench import bench
 from ldm_export.cli_common import _guard, _human, _sigterm_as_interrupt, console, out_console
 from ldm_export.cli_int8 import int8_config, int8_options, quantize
+from ldm_export.cli_lora import lora
 from ldm_export.cli_tensorrt import engines
 from ldm_export.runtime.errors import LdmExportError
 from ldm_export.serve.cli import loadtest, serve
@@ -49,17 +50,21 @@ def cli(verbose: bool, debug: bool) -> None:
 @click.option("--threads", type=int, default=None, help="CPU threads for export and verification.")
 @click.option("--no-half-vae", is_flag=True, help="With --precision fp16: keep the VAE decoder in fp32 "
               "(for VAEs that overflow fp16 into NaN/black images, like SDXL's original one).")
+@click.option("--vae-encoder", is_flag=True, help="Also export the VAE encoder, for image-to-image and inpainting.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Fuse a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) into the weights before export; repeatable.")
 @int8_options
 @_guard
 def build(model, precision, weights, random_weights, seed, out, force, static_shape, target, trust_pickle, threads,
-          no_half_vae, **int8):
+          no_half_vae, vae_encoder, loras, **int8):
     """Export a model's components to ONNX, verify each against PyTorch, and write a bundle."""
     from ldm_export.export.build import BuildConfig, build as run_build, validate
     from ldm_export.zoo import DEFAULT_MODEL
 
     cfg = BuildConfig(model=model or DEFAULT_MODEL, precision=precision, weights=weights, random_weights=random_weights,
                       seed=seed, out=out, force=force, static_shape=static_shape, target=target,
-                      trust_pickle=trust_pickle, threads=threads, no_half_vae=no_half_vae, int8=int8_config(**int8))
+                      trust_pickle=trust_pickle, threads=threads, no_half_vae=no_half_vae, int8=int8_config(**int8),
+                      loras=tuple(_parse_loras(loras)), vae_encoder=vae_encoder)
     validate(cfg)  # fail fast, before torch is imported
     t0 = time.perf_counter()
     last = [t0, None]
@@ -82,6 +87,14 @@ def build(model, precision, weights, random_weights, seed, out, force, static_sh
         raise LdmExportError(f"interrupted: the build stopped; nothing was written to {cfg.resolved_out()}",
                              exit_code=130) from None
     _print_summary(cfg.resolved_out(), manifest, time.perf_counter() - t0)
+
+
+def _parse_loras(loras):
+    if not loras:
+        return []
+    from ldm_export.export.lora import parse_lora
+
+    return [parse_lora(x) for x in loras]
 
 
 def _print_summary(out: Path, manifest: dict, seconds: float) -> None:
@@ -202,9 +215,20 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
 @click.option("--verify", is_flag=True, help="Check every file's sha256 before loading.")
 @click.option("--low-memory", is_flag=True, help="One component in memory at a time, sequential CFG, tiled VAE decode "
               "above 512 px (Jetson-class devices).")
+@click.option("--init-image", type=click.Path(path_type=Path), default=None,
+              help="Image-to-image from this RGB image (the bundle needs a VAE encoder: build --vae-encoder).")
+@click.option("--strength", type=float, default=0.8, show_default=True,
+              help="With --init-image: how much to repaint, in (0, 1]; it picks the first of --steps that runs.")
+@click.option("--mask", "mask", type=click.Path(path_type=Path), default=None,
+              help="Inpaint: white repaints, black keeps (pixels outside the mask stay exactly the original ones).")
+@click.option("--mask-blur", type=float, default=0.0, show_default=True, help="Gaussian blur of the mask, in pixels.")
+@click.option("--refiner", type=click.Path(path_type=Path), default=None,
+              help="An SDXL refiner bundle that finishes the last steps (see --refiner-start).")
+@click.option("--refiner-start", type=float, default=0.8, show_default=True,
+              help="With --refiner: the fraction of the schedule the base runs before handing off.")
 @_guard
 def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_images, out, provider, cudnn_search, threads,
-             cfg_mode, guidance_rescale, verify, low_memory):
+             cfg_mode, guidance_rescale, verify, low_memory, init_image, strength, mask, mask_blur, refiner, refiner_start):
     """Generate images from a bundle with the numpy runtime; each carries A1111's "parameters" metadata."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -222,9 +246,18 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
     pipe = Pipeline.from_bundle(bundle, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode,
                                 cudnn_search=cudnn_search.upper() if cudnn_search else None, low_memory=low_memory)
     t_load = time.perf_counter() - t0
-    images = pipe.iter_images(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, seed=seed,
-                              width=width, height=height, scheduler=sampler, num_images=num_images,
-                              guidance_rescale=guidance_rescale, callback=lambda i, n, x: bar.advance(task))
+    if init_image is None and mask is not None:
+        raise LdmExportError("--mask needs --init-image (the image to inpaint)")
+    edit = dict(init_image=init_image, strength=strength, mask_image=mask, mask_blur=mask_blur) if init_image else {}
+    common = dict(negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
+                  scheduler=sampler, guidance_rescale=guidance_rescale, callback=lambda i, n, x: bar.advance(task))
+    if refiner is None:
+        images = pipe.iter_images(prompt, seed=seed, num_images=num_images, **common, **edit)
+    else:
+        if edit:
+            raise LdmExportError("--refiner hands text-to-image latents over; it does not take --init-image yet")
+        refine = Pipeline.from_bundle(refiner, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode)
+        images = _refined(pipe, refine, prompt, seed, num_images, refiner_start, common)
     written: list[Path] = []
     times: list[float] = []
     last = None
@@ -249,6 +282,17 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
                   + (f", then {per:.2f} s per image" if len(times) > 1 else "") + "[/dim]")
 
 
+def _refined(pipe, refine, prompt, seed, num_images, start, common):
+    """SDXL base then refiner, one image at a time (image k: seed + k): the base runs the first ``start`` of the
+    schedule and hands its latents over (diffusers' denoising_end / denoising_start)."""
+    from ldm_export.runtime.checks import resolve_seed
+
+    seed = resolve_seed(seed)
+    for k in range(num_images):
+        latents = pipe(prompt, seed=seed + k, denoising_end=start, return_latents=True, **common)
+        yield k, refine(prompt, seed=seed + k, latents=latents, denoising_start=start, **common)[0]
+
+
 @cli.command()
 def samplers() -> None:
     """List the sampler names `generate --sampler` takes."""
@@ -263,6 +307,7 @@ cli.add_command(engines)
 cli.add_command(serve)
 cli.add_command(loadtest)
 cli.add_command(quantize)
+cli.add_command(lora)
 
 
 def main() -> None:
