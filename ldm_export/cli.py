@@ -216,7 +216,7 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
                 save_image(image, paths[k], last)
                 written.append(paths[k])
                 times.append(time.perf_counter() - t1)
-                bar.console.print(f"wrote {paths[k]}", highlight=False)
+                out_console.print(f"wrote {paths[k]}")
     except KeyboardInterrupt:
         done = f"{len(written)} of {len(paths)} images were written ({', '.join(map(str, written))})" if written else \
             "no image was written"
