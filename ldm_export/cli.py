@@ -13,6 +13,7 @@ from ldm_export.cli_bench import bench
 from ldm_export.cli_common import _guard, _human, _sigterm_as_interrupt, console, out_console
 from ldm_export.cli_tensorrt import engines
 from ldm_export.runtime.errors import LdmExportError
+from ldm_export.serve.cli import loadtest, serve
 
 # diffusers warns at import about the optimum / optimum-onnx split distributions; users can't act on it
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -39,8 +40,9 @@ def cli(verbose: bool, debug: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder (default: MODEL-PRECISION).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--static-shape", is_flag=True, help="Fix batch and size to the model's defaults (faster on GPUs).")
-@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Which backend the graphs are for (cuda puts fused GPU kernels in).")
+@click.option("--target", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="Which backend the graphs are for (cuda puts ONNX Runtime's fused GPU kernels in; tensorrt keeps "
+                   "standard ops in the patterns TensorRT fuses, for `ldm-export engines`).")
 @click.option("--trust-pickle", is_flag=True, help="Allow .ckpt/.bin/.pt weights (loading them runs code).")
 @click.option("--threads", type=int, default=None, help="CPU threads for export and verification.")
 @click.option("--no-half-vae", is_flag=True, help="With --precision fp16: keep the VAE decoder in fp32 "
@@ -169,9 +171,10 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("image.png"), show_default=True,
               help="Image path (.png, .jpg/.jpeg or .webp; A1111's parameters inside); with several images, -1, -2, ... "
                    "are added before the extension.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt", "tensorrt-native"]), default="cpu", show_default=True,
-              help="ONNX Runtime on the CPU, CUDA or its TensorRT provider; tensorrt-native runs the bundle's TensorRT engines "
-                   "(`ldm-export engines BUNDLE`).")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt", "nv-tensorrt-rtx", "tensorrt-native"]), default="cpu",
+              show_default=True,
+              help="ONNX Runtime on the CPU, CUDA, or its TensorRT / NvTensorRTRTX provider (caches in the bundle); "
+                   "tensorrt-native runs the bundle's TensorRT engines (`ldm-export engines BUNDLE`).")
 @click.option("--cudnn-search", type=click.Choice(["HEURISTIC", "DEFAULT", "EXHAUSTIVE"], case_sensitive=False),
               default=None, help="cuDNN's convolution algorithm search on --provider cuda (default: "
                                  "$LDM_EXPORT_CUDNN_SEARCH, else the runtime's; EXHAUSTIVE makes the first image slow).")
@@ -180,9 +183,11 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
               help="CFG as one batch-2 UNet run, or two batch-1 runs where memory is tight.")
 @click.option("--guidance-rescale", type=float, default=0.0, show_default=True, help="0 to 1 (0.7 is the paper's value).")
 @click.option("--verify", is_flag=True, help="Check every file's sha256 before loading.")
+@click.option("--low-memory", is_flag=True, help="One component in memory at a time, sequential CFG, tiled VAE decode "
+              "above 512 px (Jetson-class devices).")
 @_guard
 def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_images, out, provider, cudnn_search, threads,
-             cfg_mode, guidance_rescale, verify):
+             cfg_mode, guidance_rescale, verify, low_memory):
     """Generate images from a bundle with the numpy runtime; each carries A1111's "parameters" metadata."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -198,7 +203,7 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
         raise LdmExportError("--cudnn-search applies to --provider cuda")
     t0 = time.perf_counter()
     pipe = Pipeline.from_bundle(bundle, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode,
-                                cudnn_search=cudnn_search.upper() if cudnn_search else None)
+                                cudnn_search=cudnn_search.upper() if cudnn_search else None, low_memory=low_memory)
     t_load = time.perf_counter() - t0
     images = pipe.iter_images(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, seed=seed,
                               width=width, height=height, scheduler=sampler, num_images=num_images,
@@ -242,6 +247,8 @@ def samplers() -> None:
 
 cli.add_command(bench)
 cli.add_command(engines)
+cli.add_command(serve)
+cli.add_command(loadtest)
 
 
 def main() -> None:

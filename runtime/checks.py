@@ -68,22 +68,14 @@ def check_guidance(guidance_scale: float, guidance_rescale: float) -> tuple[floa
     return float(guidance_scale), float(guidance_rescale)
 
 
-def size_multiple(model: Mapping[str, Any]) -> int:
-    """Pixels an image side must be a multiple of: the VAE's factor times the UNet's downsampling (2 per block after
-    the first), as each down block halves the latents and each up block must meet its skip connection's size."""
-    f = int(model["vae_scale_factor"])
-    blocks = ((model.get("configs") or {}).get("unet") or {}).get("block_out_channels")
-    return f * 2 ** (len(blocks) - 1) if blocks else f
-
-
-def check_size(width, height, model: Mapping[str, Any]) -> tuple[int, int]:
-    """Refuse sizes the UNet cannot take (naming the valid multiple); warn once for sizes off the training size."""
-    multiple = size_multiple(model)
+def check_size(width, height, model: Mapping[str, Any], multiple: int) -> tuple[int, int]:
+    """Refuse sizes the denoiser cannot take (not a multiple of ``multiple`` px: the family's ``size_multiple``, the
+    VAE's factor times the UNet's downsampling); warn once for sizes off the training size."""
     resolution = int(model["resolution"])
     for name, v in (("width", width), ("height", height)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
             near = max(multiple, int(round(v / multiple)) * multiple) if isinstance(v, (int, np.integer)) and v > 0 else multiple
-            raise LdmExportError(f"{name} must be a positive multiple of {multiple} px for this model (its UNet "
+            raise LdmExportError(f"{name} must be a positive multiple of {multiple} px for this model (its denoiser "
                                  f"downsamples the {model['vae_scale_factor']}x latents {multiple // int(model['vae_scale_factor'])}x), "
                                  f"got {v!r}; try {near}")
     lo, hi = resolution * OFF_MODEL_LOW, resolution * OFF_MODEL_HIGH
@@ -99,15 +91,15 @@ def _heads(unet_config: Mapping[str, Any]) -> int:
     return int(max(heads) if isinstance(heads, (list, tuple)) else heads)
 
 
-def estimate_memory(model: Mapping[str, Any], width: int, height: int, batch: int, fused_attention: bool,
-                    bytes_per_value: int = 4) -> int:
+def estimate_memory(model: Mapping[str, Any], configs: Mapping[str, Any], width: int, height: int, batch: int,
+                    fused_attention: bool, bytes_per_value: int = 4) -> int:
     """Bytes of activations one UNet call on ``batch`` latents and one VAE decode of ``width x height`` need at their
     peak: the first attention's score matrix (batch x heads x tokens^2, absent with fused attention), a few
     feature maps of the widest block at full latent size, and the decoder's last blocks at full image size.
-    An order-of-magnitude floor, used to refuse sizes that cannot fit; real peaks are higher."""
-    configs = model.get("configs") or {}
+    An order-of-magnitude floor, used to refuse sizes that cannot fit; real peaks are higher. ``configs``: the
+    bundle's module configs (``Bundle.module_configs``)."""
     unet = configs.get("unet") or {}
-    vae = configs.get("vae_decoder") or {}
+    vae = configs.get("vae") or {}
     f = int(model["vae_scale_factor"])
     tokens = (height // f) * (width // f)
     c0 = int((unet.get("block_out_channels") or [320])[0])
@@ -134,10 +126,10 @@ def available_memory() -> int | None:
         return None
 
 
-def check_memory(model: Mapping[str, Any], width: int, height: int, batch: int, fused_attention: bool,
-                 available: int | None, where: str) -> None:
+def check_memory(model: Mapping[str, Any], configs: Mapping[str, Any], width: int, height: int, batch: int,
+                 fused_attention: bool, available: int | None, where: str) -> None:
     """Refuse a request whose estimated activations exceed ``MEMORY_SHARE`` of ``available`` bytes."""
-    need = estimate_memory(model, width, height, batch, fused_attention)
+    need = estimate_memory(model, configs, width, height, batch, fused_attention)
     if available is not None and need > MEMORY_SHARE * available:
         raise LdmExportError(f"{width}x{height} needs about {_gb(need)} of activations per UNet call ({batch} latents), "
                              f"more than the {_gb(available)} available {where}; use a smaller --size "

@@ -13,6 +13,7 @@ from . import checks
 from .bundle import Bundle
 from .engine import Engine, OrtEngine
 from .errors import LdmExportError, all_finite, overflow_fix
+from .families import Conditioning, get_family
 from .spec import ComponentSpec
 
 log = logging.getLogger(__name__)
@@ -68,24 +69,34 @@ class Pipeline:
             raise LdmExportError(f"unknown cfg mode '{cfg_mode}'; choose one of: {', '.join(CFG_MODES)}")
         self.bundle = bundle
         self.engines = dict(engines)
-        self.tokenizer = tokenizer or ClipTokenizer(bundle.path / "tokenizer")
-        self.cfg_mode = cfg_mode
         model = bundle.model
-        self.latent_scale = float(model["latent_scale"])
-        self.vae_scale_factor = int(model["vae_scale_factor"])
-        self.latent_channels = int(model["latent_channels"])
+        self.family = get_family(model.get("family", "sd1"))
+        # one tokenizer per text encoder, from the bundle's folders (``tokenizer`` replaces the first)
+        self.tokenizers = {name: ClipTokenizer(bundle.path / name) if k or tokenizer is None else tokenizer
+                           for k, name in enumerate(self.family.tokenizers)}
+        self.tokenizer = self.tokenizers[self.family.tokenizers[0]]
+        self.cfg_mode = cfg_mode
+        self.latent_format = self.family.latent_format(bundle.module_configs)
+        self.latent_scale = self.latent_format.scale
+        self.vae_scale_factor = self.latent_format.vae_scale_factor
+        self.latent_channels = self.latent_format.channels
         self.resolution = int(model["resolution"])
 
     @classmethod
     def from_bundle(cls, path: str | Path, provider: str = "cpu", verify: bool = False, threads: int | None = None,
-                    cfg_mode: str = "batch2", cudnn_search: str | None = None) -> "Pipeline":
+                    cfg_mode: str = "batch2", cudnn_search: str | None = None, low_memory: bool = False) -> "Pipeline":
         """Open a bundle and create one engine per component (``provider``: cpu, cuda or tensorrt); ``cudnn_search``
-        picks cuDNN's convolution algorithm search on cuda (see ``cudnn_search``)."""
+        picks cuDNN's convolution algorithm search on cuda (see ``cudnn_search``). ``low_memory``: one component in
+        memory at a time, sequential CFG, tiled VAE decode (runtime/lowmem.py)."""
         if cfg_mode not in CFG_MODES:  # before the engines load
             raise LdmExportError(f"unknown cfg mode '{cfg_mode}'; choose one of: {', '.join(CFG_MODES)}")
         search = resolve_cudnn_search(cudnn_search)
         threads = checks.cap_threads(threads)
         bundle = Bundle.open(path, verify=verify)
+        if low_memory:
+            from .lowmem import low_memory_engines
+
+            return cls(bundle, low_memory_engines(bundle, provider, threads), cfg_mode="sequential")
         engines = {c: make_engine(bundle, c, provider, threads, cudnn_search=search) for c in bundle.components}
         return cls(bundle, engines, cfg_mode=cfg_mode)
 
@@ -96,39 +107,48 @@ class Pipeline:
             raise LdmExportError("tokenize takes a list of strings")
         return self.tokenizer(list(prompts))
 
+    def run_component(self, component: str, feeds: Mapping[str, np.ndarray], batched: Sequence[str]) -> dict:
+        """Run one component (static-batch aware, see run_batched) and refuse NaN/Inf in what it returns."""
+        out = run_batched(self.engines[component], feeds, batched)
+        check_finite(component, out)
+        return out
+
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        """The family's conditioning for ``prompts`` (text embeddings, pooled vectors, extras), float32."""
+        return self.family.encode(self, list(prompts))
+
     def encode_prompt(self, prompts: Sequence[str]) -> np.ndarray:
-        """Text embeddings (B, 77, D) float32."""
-        ids = self.tokenize(prompts)
-        out = run_batched(self.engines["text_encoder"], {"input_ids": ids}, ["input_ids"])
-        check_finite("text_encoder", out)
-        return out["last_hidden_state"].astype(np.float32)
+        """Text embeddings (B, 77, D) float32: the cross-attention context of :meth:`encode`."""
+        return self.encode(prompts).context
 
-    def unet(self, sample: np.ndarray, timestep, encoder_hidden_states: np.ndarray,
-             embeddings_bound: bool = False) -> np.ndarray:
-        """One UNet evaluation: (N, 4, h, w) latents at ``timestep`` -> (N, 4, h, w) prediction (float32).
+    def denoise(self, sample: np.ndarray, timestep, cond: Conditioning, bound: bool = False) -> np.ndarray:
+        """One denoiser evaluation: (N, C, h, w) latents at ``timestep`` under ``cond`` (N rows) -> (N, C, h, w)
+        prediction (float32).
 
-        ``embeddings_bound``: the engine already holds these ``encoder_hidden_states`` from the previous call (the
-        sampler loop passes the same embeddings every step); an engine that keeps its inputs on the device
-        (``run_partial``, static shapes) then copies only the latents and the timestep.
+        ``bound``: the engine already holds this ``cond`` from the previous call (the sampler loop passes the same
+        record every step); an engine that keeps its inputs on the device (``run_partial``, static shapes) then
+        copies only the family's per-step inputs (latents and timestep).
         """
-        engine = self.engines["unet"]
-        tspec = next(t for t in engine.spec.inputs if t.name == "timestep")
+        family = self.family
+        engine = self.engines[family.denoiser]
         t = np.asarray(timestep, dtype=np.float64).reshape(-1)[0]
-        t = np.full((sample.shape[0],), t) if len(tspec.shape) == 1 else np.asarray(t)
-        if embeddings_bound and getattr(engine, "static", False) and hasattr(engine, "run_partial"):
-            inputs = {x.name: x for x in engine.spec.inputs}
-            if sample.shape[0] == inputs["sample"].shape[0]:  # the static batch
-                feeds = {"sample": sample.astype(inputs["sample"].dtype, copy=False),
-                         "timestep": np.asarray(t, inputs["timestep"].dtype)}
-                return engine.run_partial(feeds)["out_sample"].astype(np.float32)
-        batched = ["sample", "encoder_hidden_states"] + (["timestep"] if len(tspec.shape) == 1 else [])
-        out = run_batched(engine, {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states}, batched)
-        return out["out_sample"].astype(np.float32)
+        feeds = family.denoiser_feeds(sample, np.full((sample.shape[0],), t), cond)
+        inputs = {x.name: x for x in engine.spec.inputs}
+        scalar = [n for n, x in inputs.items() if not x.shape and n in feeds]  # a scalar timestep, as Optimum has it
+        for n in scalar:
+            feeds[n] = np.asarray(np.asarray(feeds[n]).reshape(-1)[0])
+        if bound and getattr(engine, "static", False) and hasattr(engine, "run_partial"):
+            latents_in = family.step_inputs[0]
+            if np.shape(feeds[latents_in])[0] == inputs[latents_in].shape[0]:  # the static batch
+                step = {n: np.asarray(feeds[n]).astype(inputs[n].dtype, copy=False) for n in family.step_inputs}
+                return family.prediction(engine.run_partial(step), sample).astype(np.float32)
+        batched = [n for n, x in inputs.items() if n not in scalar and x.shape]
+        return family.prediction(run_batched(engine, feeds, batched), sample).astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents (B, 4, h, w) as the sampler returns them -> images (B, 3, H, W) in [-1, 1]."""
-        out = run_batched(self.engines["vae_decoder"], {"latent_sample": latents / self.latent_scale}, ["latent_sample"])
-        check_finite("vae_decoder", out)
+        """Latents (B, C, h, w) as the sampler returns them -> images (B, 3, H, W) in [-1, 1]."""
+        out = self.run_component(self.family.decoder, {"latent_sample": self.latent_format.to_vae(latents)},
+                                 ["latent_sample"])
         return out["sample"].astype(np.float32)
 
     # -- text to image --------------------------------------------------------------------------------
@@ -164,10 +184,10 @@ class Pipeline:
     def images_per_batch(self, guidance_scale: float = 7.5) -> int:
         """Images one UNet call takes: a static-shape UNet's batch (halved for batch-2 CFG), else DYNAMIC_BATCH.
         Larger requests run in batches of this size through the same warm engines, at the static batch's speed."""
-        dim = self.engines["unet"].spec.inputs[0].shape[0]
+        dim = self.engines[self.family.denoiser].spec.inputs[0].shape[0]
         if not isinstance(dim, int):
             return DYNAMIC_BATCH
-        halves = 2 if guidance_scale > 1.0 and self.cfg_mode == "batch2" else 1
+        halves = 2 if self.family.uses_cfg(guidance_scale) and self.cfg_mode == "batch2" else 1
         return max(1, dim // halves)
 
     def _iter(self, req: "_Request", callback, noise):
@@ -212,8 +232,8 @@ class Pipeline:
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [p for p in negatives for _ in range(num_images)]
         per_batch = len(prompts) if latents is not None else min(len(prompts), batch_size or self.images_per_batch(guidance_scale))
-        cfg_batch = per_batch * (2 if guidance_scale > 1.0 and self.cfg_mode == "batch2" else 1)
-        checks.check_memory(self.bundle.model, width, height, cfg_batch, self._fused_attention(), *self._memory())
+        cfg_batch = per_batch * (2 if self.family.uses_cfg(guidance_scale) and self.cfg_mode == "batch2" else 1)
+        checks.check_memory(self.bundle.model, self.bundle.module_configs, width, height, cfg_batch, self._fused_attention(), *self._memory())
         return _Request(prompts, negatives, checks.image_seeds(seed, len(prompts)), int(num_inference_steps),
                         guidance_scale, guidance_rescale, width, height, sched_cfg, sampler_name, per_batch)
 
@@ -238,19 +258,27 @@ class Pipeline:
         if noise is None:
             noise = _per_image_noise(rngs)  # the stochastic samplers' draws: image k's from its own seed
 
-        do_cfg = guidance_scale > 1.0
-        cond = self.encode_prompt(prompts)
-        uncond = self.encode_prompt(negatives) if do_cfg else None
-        step = {"i": 0}
-        bound = {"ehs": None}  # the embeddings array the UNet engine was last fed (guided_denoiser reuses one)
+        family = self.family
+        sched_cfg = family.scheduler_config(req.scheduler_config, width=req.width, height=req.height)
+        do_cfg = family.uses_cfg(guidance_scale)
 
-        def unet_fn(sample_, timestep, ehs):
-            out = self.unet(sample_, timestep, ehs, embeddings_bound=ehs is bound["ehs"])
-            bound["ehs"] = ehs
-            check_finite("unet", {"out_sample": out}, f" at step {step['i'] + 1} of {num_inference_steps}")
+        def conditioning(texts: list[str]) -> Conditioning:
+            return family.prepare(self.encode(texts), width=req.width, height=req.height, guidance_scale=guidance_scale)
+
+        cond = conditioning(prompts)
+        uncond = conditioning(negatives) if do_cfg else None
+        step = {"i": 0}
+        bound = {"cond": None}  # the conditioning the denoiser engine was last fed (guided_denoiser reuses one)
+        denoiser = self.family.denoiser
+
+        def unet_fn(sample_, timestep, c):
+            out = self.denoise(sample_, timestep, c, bound=c is bound["cond"])
+            bound["cond"] = c
+            check_finite(denoiser, {self.family.denoiser_output: out}, f" at step {step['i'] + 1} of {num_inference_steps}")
             return out
 
-        model = guided_denoiser(unet_fn, cond, uncond, guidance_scale, guidance_rescale=req.guidance_rescale,
+        model = guided_denoiser(unet_fn, cond, uncond, guidance_scale if do_cfg else 1.0,
+                                guidance_rescale=req.guidance_rescale,
                                 batch_mode=self.cfg_mode)
 
         def on_step(i, n, x):
@@ -258,7 +286,7 @@ class Pipeline:
             if callback is not None:
                 callback(i, n, x)
 
-        final = sample(model, latents, req.scheduler_config, num_inference_steps, noise=noise, callback=on_step)
+        final = sample(model, latents, sched_cfg, num_inference_steps, noise=noise, callback=on_step)
         if return_latents:
             return final
         images = latents_to_images(self.decode(np.asarray(final, dtype=np.float32)))
@@ -275,7 +303,7 @@ class Pipeline:
                                  extra=extra)
 
     def _fused_attention(self) -> bool:
-        kernels = self.bundle.manifest["components"].get("unet", {}).get("kernels") or []
+        kernels = self.bundle.manifest["components"].get(self.family.denoiser, {}).get("kernels") or []
         return any("Attention" in k for k in kernels)
 
     def _memory(self) -> tuple[int | None, str]:
@@ -289,13 +317,13 @@ class Pipeline:
         width = self.resolution if width is None else width
         height = self.resolution if height is None else height
         f = self.vae_scale_factor
-        uspec: ComponentSpec = self.engines["unet"].spec
+        uspec: ComponentSpec = self.engines[self.family.denoiser].spec
         sample_shape = uspec.inputs[0].shape
         if isinstance(sample_shape[2], int) and isinstance(sample_shape[3], int) and (width, height) != (
                 sample_shape[3] * f, sample_shape[2] * f):
             raise LdmExportError(f"this bundle was built with static shapes for {sample_shape[3] * f}x{sample_shape[2] * f}; "
                                  f"use that size or rebuild without --static-shape")
-        return checks.check_size(width, height, self.bundle.model)
+        return checks.check_size(width, height, self.bundle.model, self.family.size_multiple(self.bundle.module_configs))
 
 
 @dataclass(frozen=True)
@@ -380,6 +408,10 @@ def make_engine(bundle: Bundle, component: str, provider: str = "cpu", threads: 
         from .engine_tensorrt import load_tensorrt_engine
 
         return load_tensorrt_engine(bundle, component)
+    if provider in ("tensorrt", "nv-tensorrt-rtx"):  # ONNX Runtime's TensorRT providers, caches in the bundle
+        from .engine_ort_trt import ort_tensorrt_engine
+
+        return ort_tensorrt_engine(bundle, component, provider, threads)
     if provider == "cuda":
         from .engine_cuda import cuda_available
 
