@@ -67,11 +67,12 @@ def test_sizes_the_unet_cannot_take_name_the_valid_multiple(demo_pipe, size):
 
 
 def test_size_rule_comes_from_the_unet_depth():
-    model = {"vae_scale_factor": 8, "resolution": 512,
-             "configs": {"unet": {"block_out_channels": [320, 640, 1280, 1280]}}}
-    assert checks.size_multiple(model) == 64  # SD 1.5: three downsamplers after the VAE's 8x
-    assert checks.size_multiple({**model, "configs": {"unet": {"block_out_channels": [64, 128, 128]}}}) == 32  # demo
-    assert checks.size_multiple({"vae_scale_factor": 8, "resolution": 64}) == 8  # no UNet config recorded
+    from ldm_export.runtime.families import get_family
+
+    vae = {"block_out_channels": [128, 256, 512, 512], "latent_channels": 4}
+    sd1 = get_family("sd1")
+    assert sd1.size_multiple({"unet": {"block_out_channels": [320, 640, 1280, 1280]}, "vae": vae}) == 64  # SD 1.5
+    assert sd1.size_multiple({"unet": {"block_out_channels": [64, 128, 128]}, "vae": vae}) == 32  # the demo model
 
 
 def test_generate_cli_refuses_a_size_in_one_line(demo_bundle, tmp_path):
@@ -99,16 +100,17 @@ def test_sizes_that_cannot_fit_are_refused_before_any_work(demo_pipe, size):
 
 
 def test_memory_estimate_scales_and_fused_attention_drops_the_scores():
-    model = {"vae_scale_factor": 8, "resolution": 512, "configs": {"unet": {
-        "block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": 8,
-        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]}, "vae_decoder": {"block_out_channels": [128] * 4}}}
-    small = checks.estimate_memory(model, 512, 512, 2, fused_attention=False)
+    model = {"vae_scale_factor": 8, "resolution": 512}
+    configs = {"unet": {"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": 8,
+                        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]},
+               "vae": {"block_out_channels": [128] * 4}}
+    small = checks.estimate_memory(model, configs, 512, 512, 2, fused_attention=False)
     assert 1e8 < small < 4e9  # 512x512 on SD 1.5: its attention scores are 1 GB of fp32
-    assert checks.estimate_memory(model, 4096, 4096, 2, False) > 1e12
-    assert checks.estimate_memory(model, 4096, 4096, 2, True) < checks.estimate_memory(model, 4096, 4096, 2, False)
+    assert checks.estimate_memory(model, configs, 4096, 4096, 2, False) > 1e12
+    assert checks.estimate_memory(model, configs, 4096, 4096, 2, True) < checks.estimate_memory(model, configs, 4096, 4096, 2, False)
     with pytest.raises(LdmExportError, match="more than the 8.0 GB available"):
-        checks.check_memory(model, 4096, 4096, 2, False, 8 * 2**30, "on this machine")
-    checks.check_memory(model, 512, 512, 2, False, 8 * 2**30, "on this machine")
+        checks.check_memory(model, configs, 4096, 4096, 2, False, 8 * 2**30, "on this machine")
+    checks.check_memory(model, configs, 512, 512, 2, False, 8 * 2**30, "on this machine")
 
 
 # --- guidance, seeds, text -----------------------------------------------------------------------------
