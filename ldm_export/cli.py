@@ -228,7 +228,9 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
         raise LdmExportError(f"interrupted: {done}; each written image is complete", exit_code=130) from None
     out_console.print(last.splitlines()[-1], soft_wrap=True)
     per_batch = pipe.images_per_batch(cfg)
-    if len(times) == 1 or per_batch > 1:
+    if len(times) == 1:
+        console.print(f"[dim]load {t_load:.2f} s, generate {times[0]:.2f} s[/dim]")
+    elif per_batch > 1:
         console.print(f"[dim]load {t_load:.2f} s, generate {times[-1]:.2f} s ({times[-1] / len(times):.2f} s per image, "
                       f"batches of {per_batch})[/dim]")
     else:  # one image a batch (static-shape bundles): the first carries the engines' warm-up, the others run warm
