@@ -271,15 +271,21 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
                 save_image(image, paths[k], last)
                 written.append(paths[k])
                 times.append(time.perf_counter() - t1)
-                bar.console.print(f"wrote {paths[k]}", highlight=False)
+                out_console.print(f"wrote {paths[k]}")
     except KeyboardInterrupt:
         done = f"{len(written)} of {len(paths)} images were written ({', '.join(map(str, written))})" if written else \
             "no image was written"
         raise LdmExportError(f"interrupted: {done}; each written image is complete", exit_code=130) from None
     out_console.print(last.splitlines()[-1], soft_wrap=True)
-    per = times[0] if len(times) == 1 else (times[-1] - times[0]) / (len(times) - 1)
-    console.print(f"[dim]load {t_load:.2f} s, first image {times[0]:.2f} s"
-                  + (f", then {per:.2f} s per image" if len(times) > 1 else "") + "[/dim]")
+    per_batch = pipe.images_per_batch(cfg)
+    if len(times) == 1:
+        console.print(f"[dim]load {t_load:.2f} s, generate {times[0]:.2f} s[/dim]")
+    elif per_batch > 1:
+        console.print(f"[dim]load {t_load:.2f} s, generate {times[-1]:.2f} s ({times[-1] / len(times):.2f} s per image, "
+                      f"batches of {per_batch})[/dim]")
+    else:  # one image a batch (static-shape bundles): the first carries the engines' warm-up, the others run warm
+        per = (times[-1] - times[0]) / (len(times) - 1)
+        console.print(f"[dim]load {t_load:.2f} s, first image {times[0]:.2f} s, then {per:.2f} s per image[/dim]")
 
 
 def _refined(pipe, refine, prompt, seed, num_images, start, common):
