@@ -477,20 +477,17 @@ def resolve_cudnn_search(search: str | None = None) -> str:
 
 def cuda_engine(bundle: Bundle, component: str, tuned: bool = True, extra_options: Mapping[str, str] | None = None,
                 cudnn_search: str | None = None):
-    """The CUDA engine for one component. ``tuned`` (the runtime's choice) runs the UNet and VAE decoder of a
-    static-shape bundle channels-last with cuDNN's conv+bias fusion: on an H100 channels-last took the SD 1.5 UNet
-    step from 12.3 to 8.8 ms, and the fusion the fp16 VAE decode from 10.1 to 8.7 ms of device time (docs/gpu.md).
-    The fusion is set only where it was measured (fp16, static, channels-last): cuDNN could not plan it for an NCHW
-    input convolution. The text encoder runs once an image and keeps a few nodes on the CPU, so it gets no CUDA
-    graph. ``extra_options`` adds CUDA provider options; ``cudnn_search`` see ``resolve_cudnn_search``."""
+    """The CUDA engine for one component. ``tuned`` (the runtime's choice) runs the UNet and VAE decoder
+    channels-last: on an H100 that took the SD 1.5 UNet step from 12.3 to 8.8 ms (docs/gpu.md). The text encoder runs
+    once an image and keeps a few nodes on the CPU, so it gets no CUDA graph. ``extra_options`` adds CUDA provider options; ``cudnn_search`` see ``resolve_cudnn_search``."""
     from .engine_cuda import CudaEngine
 
     conv = component in CONVOLUTIONAL
     spec = bundle.spec(component)
-    options = {}
-    if tuned and conv and spec.is_static and bundle.precision(component) == "fp16":
-        options["fuse_conv_bias"] = "1"
-    options.update(extra_options or {})
+    # No cuDNN conv+bias runtime fusion by default: its kernels are compiled at first use, which made the first SD 1.5
+    # image of a process 17.7 s (6.3 s with a warm CUDA JIT cache) against 5.2 s (1.9 s) without it, for 1.4 ms a
+    # decode (docs/gpu.md: first image on an H200). ``extra_options={"fuse_conv_bias": "1"}`` turns it back on.
+    options = dict(extra_options or {})
     if "cudnn_conv_algo_search" in options:  # ONNX Runtime's name for it (bench --cuda-option) is accepted too
         cudnn_search = options.pop("cudnn_conv_algo_search")
     return CudaEngine(bundle.model_path(component), spec, prefer_nhwc=tuned and conv,

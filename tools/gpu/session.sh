@@ -11,7 +11,10 @@ set -u
 G=/tmp/gpu; mkdir -p $G
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site:$PWD SD15_BUNDLE=/tmp/sd15-cuda-fp16
 run_step() {
-  local s=$1; mkdir -p $G/$s; echo "running $(date +%T)" > $G/$s.state
+  local s=$1; mkdir -p $G/$s
+  # `skip STEP...` (below) drops steps queued behind the one running
+  if grep -qx "$s" $G/skip 2>/dev/null; then echo "skipped $(date +%T)" > $G/$s.state; return; fi
+  echo "running $(date +%T)" > $G/$s.state
   local t0=$(date +%s)
   case $s in
     sd15) OUT=$G/$s bash -c 'set -o pipefail; /usr/bin/time -v python3 -m ldm_export.cli build --model sd15 --random-weights --precision fp16 --target cuda --static-shape --out $SD15_BUNDLE --force 2>&1 | grep -v Warning | tail -40 > $OUT/build.log' ;;
@@ -39,9 +42,15 @@ case "$1" in
     shift
     setsid bash -c "for s in $*; do if [[ \$s == *+* ]]; then for x in \${s//+/ }; do bash $0 one \$x & done; wait; else bash $0 one \$s; fi; done; echo all-done > $G/ALL" \
       > $G/session.log 2>&1 < /dev/null &
+    echo $! > /tmp/gpu-session.pid
     echo started "$@"
     ;;
   one) run_step "$2" ;;
+  skip) shift; for s in "$@"; do echo "$s" >> $G/skip; done; echo "will skip $*" ;;
+  stop)  # the whole process group of the last start (setsid made it a group leader)
+    [ -f /tmp/gpu-session.pid ] && kill -- -"$(cat /tmp/gpu-session.pid)" 2>/dev/null; sleep 2
+    [ -f /tmp/gpu-session.pid ] && kill -9 -- -"$(cat /tmp/gpu-session.pid)" 2>/dev/null; rm -f /tmp/gpu-session.pid
+    echo stopped ;;
   status)
     for f in $G/*.state; do [ -f "$f" ] && echo "$(basename $f .state): $(cat $f)"; done
     [ -f $G/ALL ] && echo ALL DONE
