@@ -272,8 +272,9 @@ def test_cli_build_summary_and_inspect(tmp_path, tiny_bundle):
 def test_all_zoo_models_have_consistent_specs():
     for spec in MODELS.values():
         specs = spec.component_specs()
-        assert specs["unet"].inputs[2].shape[-1] == spec.unet["cross_attention_dim"] == spec.text_encoder["hidden_size"] \
-            or spec.name == "sd21" and spec.unet["cross_attention_dim"] == 1024 == spec.text_encoder["hidden_size"]
+        # the cross-attention context is the family's text encoders' states side by side (SDXL: 768 + 1280)
+        width = sum(spec.configs[te]["hidden_size"] for te in spec.family_def.text_encoders)
+        assert specs["unet"].inputs[2].shape[-1] == spec.unet["cross_attention_dim"] == width, spec.name
 
 
 def test_fp16_policy_per_target():
