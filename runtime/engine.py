@@ -11,6 +11,7 @@ from typing import Mapping, Protocol
 
 import numpy as np
 
+from .checks import cap_threads
 from .errors import LdmExportError
 from .spec import ComponentSpec
 
@@ -71,8 +72,9 @@ class OrtEngine:
         self.spec = spec
         self.path = Path(model_path)
         so = session_options or ort.SessionOptions()
+        threads = cap_threads(threads)
         if threads:
-            so.intra_op_num_threads = int(threads)
+            so.intra_op_num_threads = threads
         so.log_severity_level = 3
         self.providers = resolve_providers(provider)
         providers = list(self.providers)
@@ -82,6 +84,7 @@ class OrtEngine:
             self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
             raise LdmExportError(f"cannot load {self.path}: {str(e).splitlines()[0]}") from e
+        spec.check_graph(self.session, self.path)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -44,3 +44,13 @@ def torch_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory) -> Path:
+    """The embedded demo model (its shipped weights), fp32 with dynamic shapes, built once per test session."""
+    from ldm_export.export.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("bundles") / "demo-fp32"
+    build(BuildConfig(model="demo", precision="fp32", out=out))
+    return out
