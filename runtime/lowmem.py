@@ -6,7 +6,8 @@ a :class:`LazyEngine` that loads on its first ``run`` through one shared :class:
 engine it holds first. So the text encoder is freed when the UNet loads (after encoding), the UNet when the VAE
 decoder loads, and the decoder after it has run; the peak is the largest component plus the runtime, not the sum.
 ONNX Runtime sessions are made without the CPU memory arena and memory patterns (both keep freed memory for
-reuse, which a process that swaps components should hand back). CFG runs the UNet twice at batch 1
+reuse, which a process that swaps components should hand back) and with basic graph optimisations only (the
+extended ones keep fp32 copies of fp16 weights). CFG runs the UNet twice at batch 1
 (``cfg_mode="sequential"``) instead of once at batch 2, halving its activations.
 """
 from __future__ import annotations
@@ -142,13 +143,16 @@ class TiledDecoder:
 
 
 def lean_session_options(threads: int | None = None):
-    """ONNX Runtime session options that hand memory back: no CPU arena (it keeps its high-water mark) and no memory
-    patterns (a planned block per shape, kept for the session's life)."""
+    """ONNX Runtime session options that keep memory down: no CPU arena (it keeps its high-water mark), no memory
+    patterns (a planned block per shape, kept for the session's life), and basic graph optimisations only. The
+    extended level keeps fp32 copies of fp16 weights: SD 1.5's fp16 text encoder (246 MB file) held 0.60 GB after
+    load with it and 0.31 GB without, its VAE decoder (106 MB) 0.51 against 0.16 GB (ONNX Runtime 1.32, a CPU)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.enable_cpu_mem_arena = False
     so.enable_mem_pattern = False
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
         so.intra_op_num_threads = int(threads)
     return so

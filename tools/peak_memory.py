@@ -1,8 +1,8 @@
 """Peak memory of `ldm-export generate`, normal against --low-memory: one markdown row per mode.
 
 Runs each mode as its own process under GNU time (`/usr/bin/time -v`, "Maximum resident set size") and prints the
-bundle's UNet weights beside it (the low-memory target is peak <= UNet weights + 600 MB). Heavy bundles (sd15): run
-it under the machine's heavy-job lock, e.g. `flock /work/heavy.lock python tools/peak_memory.py BUNDLE --steps 2`.
+bundle's UNet weights beside it (the low-memory target is peak <= UNet weights + 600 MB). An sd15 bundle needs
+about 11 GB free for the normal mode: run it alone on the machine.
 """
 from __future__ import annotations
 
