@@ -338,6 +338,8 @@ def test_past_max_queued_requests_get_503_with_retry_after(service):
     threads = [threading.Thread(target=client, args=(k,)) for k in range(24)]
     for t in threads:
         t.start()
+    time.sleep(1.0)
+    assert get(service.url + "/healthz")[0] == 200  # busy is not unhealthy
     for t in threads:
         t.join()
     counts = Counter(s[0] for s in statuses)
