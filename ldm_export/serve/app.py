@@ -49,6 +49,7 @@ def run_group(pipe, jobs: list[a1111.Job]) -> list[dict]:
     job at a time so only the bad request fails, with ``Pipeline``'s own message."""
     import numpy as np
 
+    from ldm_export.runtime.checks import resolve_seed
     from ldm_export.runtime.image import format_parameters
 
     def done(job, image, batch):
@@ -71,7 +72,7 @@ def run_group(pipe, jobs: list[a1111.Job]) -> list[dict]:
     try:
         f = pipe.vae_scale_factor
         w, h = jobs[0].width or pipe.resolution, jobs[0].height or pipe.resolution
-        rngs = [np.random.default_rng(j.seed) for j in jobs]
+        rngs = [np.random.default_rng(resolve_seed(j.seed)) for j in jobs]  # checked as Pipeline checks its seed
         latents = np.concatenate([r.standard_normal((1, pipe.latent_channels, h // f, w // f)) for r in rngs])
 
         def noise(shape):  # (B, C, h, w): row k from image k's generator
@@ -269,8 +270,10 @@ class Ingress:
             return _error(422, str(e))
         sampler, ignored = a1111.sampler_for(body)
         ignored.update(a1111.ignored_fields(body, sampler, {self.model_title, self.model_name}))
-        seed = a1111.fixed_seed(body.get("seed"))
-        rows = a1111.jobs_for(body, sampler, seed)
+        try:
+            rows = a1111.jobs_for(body, sampler, body.get("seed"))
+        except LdmExportError as e:  # a seed generate refuses, with its message
+            return _error(422, str(e), "seed")
         jobs = [j for row in rows for j in row]
         try:
             # n_iter rows run one after another, as A1111 does; the images of a row go to the batcher together

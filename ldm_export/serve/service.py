@@ -63,7 +63,7 @@ def check_bundle(bundle: Path, provider: str) -> None:
         if provider == "cpu":
             Pipeline.from_bundle(bundle, provider=provider, threads=1)
     except LdmExportError as e:
-        raise LdmExportError(f"the bundle does not load: {e}") from None
+        raise LdmExportError(f"the bundle does not load: {e}", exit_code=e.exit_code) from None
     except Exception as e:  # ONNX Runtime refusing a damaged graph, a missing file
         raise LdmExportError(f"the bundle {bundle} does not load ({type(e).__name__}: {str(e).splitlines()[0]}); "
                              "rebuild it with `ldm-export build`") from None
