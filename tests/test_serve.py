@@ -109,6 +109,10 @@ def test_seeds_batches_and_limits_follow_a1111():
     body = {"prompt": "p", "steps": 5, "cfg_scale": 3.0, "batch_size": 3, "n_iter": 2, "width": 64, "height": 64}
     rows = a1111.jobs_for(body, "Euler", 10)
     assert [[j.seed for j in r] for r in rows] == [[10, 11, 12], [13, 14, 15]]  # image k gets seed + k
+    assert [j.seed for r in a1111.jobs_for(body, "Euler", 2**32 - 2) for j in r] == [2**32 - 2, 2**32 - 1, 0, 1, 2, 3]
+    assert len({j.seed for r in a1111.jobs_for(body, "Euler", -1) for j in r}) == 6
+    with pytest.raises(LdmExportError, match="seed must be an integer"):
+        a1111.jobs_for(body, "Euler", -5)
     assert 0 <= a1111.fixed_seed(-1) < 4294967294 and a1111.fixed_seed(7) == 7
     a1111.check_limits(body, max_images=6, max_side=(128, 128))
     with pytest.raises(LdmExportError, match="--max-images 4"):
@@ -305,6 +309,8 @@ def test_bad_bodies_get_422_naming_the_field_or_generates_message(service, pipe)
     assert status == 422 and body["detail"] == pipeline_error(pipe, width=60, height=64)
     status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": 0})
     assert status == 422 and body["detail"] == pipeline_error(pipe, num_inference_steps=0)
+    status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": 2, "seed": 2**33})
+    assert status == 422 and body["error"] == pipeline_error(pipe, num_inference_steps=2, seed=2**33)
     status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": 2, "sampler_name": "Nope"})
     assert status == 422 and body["detail"] == pipeline_error(pipe, num_inference_steps=2, scheduler="Nope")
     status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": 2, "batch_size": 3, "n_iter": 2})
@@ -338,6 +344,8 @@ def test_past_max_queued_requests_get_503_with_retry_after(service):
     threads = [threading.Thread(target=client, args=(k,)) for k in range(24)]
     for t in threads:
         t.start()
+    time.sleep(1.0)
+    assert get(service.url + "/healthz")[0] == 200  # busy is not unhealthy
     for t in threads:
         t.join()
     counts = Counter(s[0] for s in statuses)

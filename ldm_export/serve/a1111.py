@@ -136,20 +136,16 @@ def fixed_seed(seed) -> int:
     return int(seed)
 
 
-def jobs_for(body: dict, sampler: str, seed: int) -> list[list[Job]]:
-    """``n_iter`` batches of ``batch_size`` images; image k of the request gets seed + k, as A1111 does."""
+def jobs_for(body: dict, sampler: str, seed) -> list[list[Job]]:
+    """``n_iter`` batches of ``batch_size`` images; image k of the request gets seed + k, as A1111 and ``generate``
+    do (the runtime's ``resolve_seed`` and ``image_seeds``: -1 draws a random seed, others are checked)."""
+    from ldm_export.runtime.checks import image_seeds, resolve_seed
+
     batch, n_iter = body.get("batch_size") or 1, body.get("n_iter") or 1
-    k = 0
-    out = []
-    for _ in range(n_iter):
-        row = []
-        for _ in range(batch):
-            row.append(Job(prompt=body.get("prompt") or "", negative_prompt=body.get("negative_prompt") or "",
-                           seed=seed + k, steps=body["steps"], cfg_scale=float(body["cfg_scale"]), sampler=sampler,
-                           width=body.get("width"), height=body.get("height")))
-            k += 1
-        out.append(row)
-    return out
+    seeds = iter(image_seeds(resolve_seed(seed), batch * n_iter))
+    return [[Job(prompt=body.get("prompt") or "", negative_prompt=body.get("negative_prompt") or "", seed=next(seeds),
+                 steps=body["steps"], cfg_scale=float(body["cfg_scale"]), sampler=sampler, width=body.get("width"),
+                 height=body.get("height")) for _ in range(batch)] for _ in range(n_iter)]
 
 
 def check_limits(body: dict, max_images: int, max_side: tuple[int, int]) -> None:

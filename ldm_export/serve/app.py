@@ -13,7 +13,6 @@ import base64
 import binascii
 import io
 import logging
-import os
 import secrets
 from dataclasses import asdict
 from pathlib import Path
@@ -25,7 +24,7 @@ from ray import serve
 from ldm_export.runtime.errors import LdmExportError
 
 from . import a1111
-from .config import ServeConfig
+from .config import APP_NAME, ServeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +49,7 @@ def run_group(pipe, jobs: list[a1111.Job]) -> list[dict]:
     job at a time so only the bad request fails, with ``Pipeline``'s own message."""
     import numpy as np
 
+    from ldm_export.runtime.checks import resolve_seed
     from ldm_export.runtime.image import format_parameters
 
     def done(job, image, batch):
@@ -67,12 +67,12 @@ def run_group(pipe, jobs: list[a1111.Job]) -> list[dict]:
     if len(jobs) == 1:
         try:
             return [done(jobs[0], call(jobs, seed=jobs[0].seed)[0], 1)]
-        except LdmExportError as e:
+        except (LdmExportError, ValueError) as e:  # ValueError: numpy refusing a seed Pipeline passed on
             return [{"error": str(e)}]
     try:
         f = pipe.vae_scale_factor
         w, h = jobs[0].width or pipe.resolution, jobs[0].height or pipe.resolution
-        rngs = [np.random.default_rng(j.seed) for j in jobs]
+        rngs = [np.random.default_rng(resolve_seed(j.seed)) for j in jobs]  # checked as Pipeline checks its seed
         latents = np.concatenate([r.standard_normal((1, pipe.latent_channels, h // f, w // f)) for r in rngs])
 
         def noise(shape):  # (B, C, h, w): row k from image k's generator
@@ -111,9 +111,6 @@ class Generator:
     async def generate(self, jobs: list[a1111.Job]) -> list[dict]:
         # a thread keeps the replica's event loop free for Serve's health checks while ONNX Runtime computes
         return await asyncio.to_thread(run_jobs, self.pipe, jobs)
-
-    def ping(self) -> dict:
-        return {"pid": os.getpid()}
 
 
 # -- the HTTP ingress -------------------------------------------------------------------------------------
@@ -191,12 +188,24 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self):
+        """200 while at least one model replica runs (asked of Serve's controller, not through the request queue,
+        so a busy server stays healthy); 503 while none does (starting, or every replica died)."""
+        def running() -> int:
+            app = serve.status().applications.get(APP_NAME)
+            deployment = app.deployments.get("Generator") if app else None
+            return sum(n for state, n in (deployment.replica_states if deployment else {}).items()
+                       if str(getattr(state, "value", state)) == "RUNNING")
+
         try:
-            await asyncio.wait_for(self.generator.ping.remote(), timeout=10)
-        except Exception as e:  # no replica answers: not ready (starting, or every replica died)
-            return JSONResponse({"status": "unavailable", "detail": f"no model replica answered: {type(e).__name__}"},
-                                status_code=503, headers={"Retry-After": str(self.cfg.retry_after_s)})
-        return {"status": "ok", "model": self.model_title}
+            replicas = await asyncio.wait_for(asyncio.to_thread(running), timeout=10)
+        except Exception as e:
+            replicas, error = 0, f"{type(e).__name__}: {e}"
+        else:
+            error = "no model replica is running"
+        if replicas == 0:
+            return JSONResponse({"status": "unavailable", "detail": error}, status_code=503,
+                                headers={"Retry-After": str(self.cfg.retry_after_s)})
+        return {"status": "ok", "model": self.model_title, "replicas": replicas}
 
     @api.get("/sdapi/v1/samplers")
     async def samplers(self, request: Request):
@@ -261,8 +270,10 @@ class Ingress:
             return _error(422, str(e))
         sampler, ignored = a1111.sampler_for(body)
         ignored.update(a1111.ignored_fields(body, sampler, {self.model_title, self.model_name}))
-        seed = a1111.fixed_seed(body.get("seed"))
-        rows = a1111.jobs_for(body, sampler, seed)
+        try:
+            rows = a1111.jobs_for(body, sampler, body.get("seed"))
+        except LdmExportError as e:  # a seed generate refuses, with its message
+            return _error(422, str(e), "seed")
         jobs = [j for row in rows for j in row]
         try:
             # n_iter rows run one after another, as A1111 does; the images of a row go to the batcher together

@@ -63,7 +63,7 @@ def check_bundle(bundle: Path, provider: str) -> None:
         if provider == "cpu":
             Pipeline.from_bundle(bundle, provider=provider, threads=1)
     except LdmExportError as e:
-        raise LdmExportError(f"the bundle does not load: {e}") from None
+        raise LdmExportError(f"the bundle does not load: {e}", exit_code=e.exit_code) from None
     except Exception as e:  # ONNX Runtime refusing a damaged graph, a missing file
         raise LdmExportError(f"the bundle {bundle} does not load ({type(e).__name__}: {str(e).splitlines()[0]}); "
                              "rebuild it with `ldm-export build`") from None
@@ -153,6 +153,10 @@ class Service:
         self._started = self._deployed = False
 
     def start(self) -> None:
+        def interrupt(*_):  # until Ray is up: SIGTERM unwinds like Ctrl-C, so stop() still ends what was started
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, interrupt)
         if self.address is None:
             if self.temp_dir is None:
                 self.temp_dir = make_temp_dir()
@@ -161,6 +165,7 @@ class Service:
         from ray import serve
 
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines repeat what the CLI prints
+        self._started = True  # from here on stop() calls ray.shutdown(), which also ends a half-started Ray
         if self.address is None:
             ray.init(num_cpus=self.num_cpus, num_gpus=None, include_dashboard=False, _temp_dir=str(self.temp_dir),
                      _node_ip_address="127.0.0.1", log_to_driver=False, logging_level=logging.WARNING,
@@ -173,7 +178,6 @@ class Service:
             except ConnectionError as e:
                 raise LdmExportError(f"cannot reach the Ray cluster at {self.address}: {str(e).splitlines()[0]}; "
                                      "start it with `ray start --head` or check --address") from None
-        self._started = True
         # Ray replaces the signal handlers in ray.init; ours go in after it
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
@@ -229,7 +233,8 @@ class Service:
                 except Exception as e:
                     logger.warning("could not drain the ingress: %s", _first_line(e))
             try:  # on a cluster, remove our application alone: the cluster and its other apps stay
-                serve.shutdown() if self.address is None else serve.delete(APP_NAME)
+                if ray.is_initialized():
+                    serve.shutdown() if self.address is None else serve.delete(APP_NAME)
             except Exception as e:  # shutting down anyway; say what failed
                 logger.warning("stopping Serve failed: %s", _first_line(e))
             ray.shutdown()

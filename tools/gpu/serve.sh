@@ -18,6 +18,8 @@ if ! python3 -c "import ray.serve, fastapi, starlette, uvicorn, pydantic" 2>/dev
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e . failed"; exit 1; }
 python3 -c "import ray, fastapi, pydantic, onnxruntime as o; print('ray', ray.__version__, 'fastapi', fastapi.__version__, 'pydantic', pydantic.__version__, 'ort', o.__version__, o.get_available_providers())" 2>&1 | tee "$OUT/versions.log"
+python3 -m pip check 2>&1 | grep -iE "ray|fastapi|starlette|uvicorn|pydantic|aiohttp|grpc|protobuf|opentelemetry" \
+  | tee -a "$OUT/versions.log"  # a dependency of ray[serve] the image holds in a version too old shows here
 NGPU=$(nvidia-smi -L | wc -l); echo "GPUs: $NGPU" | tee -a "$OUT/versions.log"
 # GPU memory of every compute process every 5 s while the load test runs (the replicas' CUDA sessions)
 ( while sleep 5; do date +%T; nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader; done ) \
