@@ -68,8 +68,12 @@ def measure_unet(name, path, spec, provider_engine, out, side=64):
 def matmul_nbits(src: Path, dst: Path, bits: int) -> dict:
     """Weight-only quantisation of every MatMul with a constant weight (the Linear layers) to ``bits`` with ONNX
     Runtime's MatMulNBitsQuantizer (block 32, symmetric); convolutions stay as they are."""
+    import logging
+
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
 
     model = onnx.load(str(src))
     t0 = time.perf_counter()
