@@ -3,7 +3,9 @@ the run itself where onnxruntime has the provider and a GPU (skipped with the re
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -72,6 +74,12 @@ def _ep_missing(provider: str) -> str | None:
     name = {"tensorrt": "TensorrtExecutionProvider", "nv-tensorrt-rtx": "NvTensorRTRTXExecutionProvider"}[provider]
     if name not in ort.get_available_providers():
         return f"onnxruntime {ort.__version__} has no {name} (it has {', '.join(ort.get_available_providers())})"
+    if name == "TensorrtExecutionProvider":  # onnxruntime-gpu lists it always; it loads only beside TensorRT's libraries
+        import ctypes.util
+
+        if not ctypes.util.find_library("nvinfer") and not any(
+                (Path(p) / "libnvinfer.so.10").exists() for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p):
+            return "onnxruntime lists TensorrtExecutionProvider, but TensorRT's libnvinfer.so.10 is not installed"
     return None
 
 
