@@ -13,21 +13,22 @@ from torch import nn
 from ldm_export.zoo_dit import CLIP, CLIP_WITH_PROJECTION, FLUX_TRANSFORMER, SD3_TRANSFORMER, T5, DiTSpec
 
 
+def text_encoder_class(kind: str):
+    """The transformers class of a text encoder kind."""
+    import transformers
+
+    names = {CLIP: "CLIPTextModel", CLIP_WITH_PROJECTION: "CLIPTextModelWithProjection", T5: "T5EncoderModel"}
+    if kind not in names:
+        raise ValueError(f"unknown text encoder kind {kind!r}")
+    return getattr(transformers, names[kind])
+
+
 def build_text_encoder(kind: str, config: dict) -> nn.Module:
     """A transformers text encoder of ``kind`` from its config dict, random weights, eval mode."""
-    if kind == CLIP:
-        from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, T5Config
 
-        return CLIPTextModel(CLIPTextConfig(**config)).eval()
-    if kind == CLIP_WITH_PROJECTION:
-        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-        return CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval()
-    if kind == T5:
-        from transformers import T5Config, T5EncoderModel
-
-        return T5EncoderModel(T5Config(**config)).eval()
-    raise ValueError(f"unknown text encoder kind {kind!r}")
+    config_cls = T5Config if kind == T5 else CLIPTextConfig
+    return text_encoder_class(kind)(config_cls(**config)).eval()
 
 
 def transformer_class(kind: str):

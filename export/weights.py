@@ -332,6 +332,9 @@ def _convert_single_file(spec: ModelSpec, path: Path, checkpoint: _Checkpoint) -
     from diffusers.loaders import single_file_utils as sfu
 
     keys = checkpoint.keys()
+    from .dit_weights import refuse_dit_for_unet
+
+    refuse_dit_for_unet(keys, path)  # an SD3/FLUX single file names itself by its keys
 
     def require(prefix: str, what: str) -> None:
         if not any(k.startswith(prefix) for k in keys):
