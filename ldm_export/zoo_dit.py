@@ -51,6 +51,8 @@ class DiTSpec:
     # components whose published count includes persistent buffers (SD3.5's 384x384 positional table)
     params_with_buffers: tuple[str, ...] = ()
     embedded_weights: str | None = None
+    default_steps: int = 28  # diffusers' pipeline defaults
+    default_guidance: float = 7.0
 
     @property
     def vae_scale_factor(self) -> int:
@@ -204,6 +206,7 @@ FLUX_SCHNELL = DiTSpec(
     transformer=FLUX_TRANSFORMER_CONFIG, vae=FLUX_VAE, scheduler=FLUX_SCHNELL_SCHEDULER, resolution=1024,
     # published: FLUX.1 "12B" (Black Forest Labs), 11.9 B in diffusers' count; CLIP-L text 123.1 M; T5 4.76 B
     params_m={"transformer": 11900.0, "text_encoder": 123.1, "text_encoder_2": 4760.0},
+    default_steps=4, default_guidance=0.0,
 )
 FLUX_DEV = DiTSpec(
     name="flux-dev", family="flux",
@@ -212,7 +215,7 @@ FLUX_DEV = DiTSpec(
     text_encoders=_flux_encoders(CLIP_L, T5_XXL, 512), transformer_kind=FLUX_TRANSFORMER,
     transformer=FLUX_TRANSFORMER_CONFIG | {"guidance_embeds": True}, vae=FLUX_VAE, scheduler=FLUX_DEV_SCHEDULER,
     resolution=1024,
-    params_m={"transformer": 11900.0, "text_encoder": 123.1, "text_encoder_2": 4760.0},
+    params_m={"transformer": 11900.0, "text_encoder": 123.1, "text_encoder_2": 4760.0}, default_guidance=3.5,
 )
 
 # ------------------------------------------------------------------------------------------------- tiny models
@@ -245,6 +248,7 @@ TINY_FLUX = DiTSpec(
                                            "pooled_projection_dim": 32, "axes_dims_rope": [4, 6, 6],
                                            "guidance_embeds": True},
     vae=_TINY_VAE | {"scaling_factor": 0.3611, "shift_factor": 0.1159}, scheduler=FLUX_DEV_SCHEDULER, resolution=64,
+    default_guidance=3.5,
 )
 
 
@@ -259,6 +263,7 @@ def _demo_dit_spec() -> DiTSpec:
         text_encoders={"text_encoder": TextEncoderDecl(CLIP, dict(demo.TEXT_ENCODER), dit.MAX_LENGTH, "clip")},
         transformer_kind=SD3_TRANSFORMER, transformer=dict(dit.TRANSFORMER), vae=dict(demo.VAE),
         scheduler=dict(dit.SCHEDULER), resolution=dit.RESOLUTION, embedded_weights=dit.EMBEDDED_WEIGHTS,
+        default_steps=dit.DEFAULT_STEPS, default_guidance=dit.DEFAULT_GUIDANCE,
     )
 
 
