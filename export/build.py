@@ -21,8 +21,9 @@ from .precision import PRECISIONS, fp16_policy
 log = logging.getLogger(__name__)
 
 TARGETS = ("cpu", "cuda")
-# Optimum's model_index entries for ONNX Runtime pipelines, so its loader recognises the bundle.
-_ORT_CLASSES = {"text_encoder": "ORTModelTextEncoder", "unet": "ORTModelUnet", "vae_decoder": "ORTModelVaeDecoder"}
+# Optimum's model_index entries for ONNX Runtime pipelines by component kind, so its loader recognises the bundle.
+_ORT_CLASSES = {"clip_text": "ORTModelTextEncoder", "unet": "ORTModelUnet", "vae_decoder": "ORTModelVaeDecoder",
+                "vae_encoder": "ORTModelVaeEncoder"}
 
 
 @dataclass
@@ -60,10 +61,8 @@ def _noop(component: str, stage: str, detail: str = "") -> None:
 
 
 def static_dims(spec: ModelSpec, component: str) -> dict[str, int]:
-    side = spec.latent_side
-    batch = 1 if component == "vae_decoder" else 2  # CFG runs uncond+cond as one batch of 2
-    return {"batch": batch, "height": side, "width": side, "sequence": spec.max_length,
-            "image_height": side * spec.vae_scale_factor, "image_width": side * spec.vae_scale_factor}
+    """The dims of a ``--static-shape`` build (the family's: CFG's batch 2 for encoders and denoiser, 1 to decode)."""
+    return spec.static_dims(component)
 
 
 def validate(cfg: BuildConfig) -> ModelSpec:
@@ -114,16 +113,17 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
         torch.set_num_threads(cfg.threads)
 
     specs = spec.component_specs()
+    family = spec.family_def
     manifest: dict = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {
             "name": spec.name, "family": spec.family, "description": spec.description,
             "resolution": spec.resolution, "vae_scale_factor": spec.vae_scale_factor,
-            "latent_scale": float(modules["vae"].config.scaling_factor),
+            "latent_scale": float(modules[family.vae_module].config.scaling_factor),
             "latent_channels": spec.vae["latent_channels"], "max_length": spec.max_length,
             "pad_token": _pad_token(spec),
-            "configs": {c: _component_config(c, modules) for c in spec.components},
+            "modules": {m.name: _module_config(modules[m.name]) for m in family.modules},
         },
         "weights": embedded_weights_info(spec, loaded) if embedded else
                    {"source": loaded.source, "sha256": loaded.sha256, "seed": loaded.seed,
@@ -140,7 +140,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                 cspec = cspec.static(dims)
             folder = stage / component
             folder.mkdir()
-            wrapper = M.wrap(component, modules)
+            wrapper = M.wrap(component, modules, family)
             feeds = X.sample_inputs(cspec, dims, seed=cfg.seed, latent_scale=spec.latent_scale)
             progress(component, "torch reference", "")
             reference = X.torch_outputs(wrapper, cspec, feeds)
@@ -170,7 +170,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                 progress(component, "verify fp16", "")
                 report["fp16"] = X.verify(path, cspec, feeds, reference, "fp16", cfg.threads, cfg.resolved_verify_provider()).to_json()
                 _check(report["fp16"], component, "fp16")
-            _write_json(folder / "config.json", _component_config(component, modules))
+            _write_json(folder / "config.json", _module_config(modules[family.component(component).module]))
             manifest["components"][component] = {
                 "precision": precision, "spec": cspec.to_json(),
                 "files": [str(f.relative_to(stage)) for f in files],
@@ -179,10 +179,9 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                 "verification": report,
             }
             del wrapper, reference
-            if component == "vae_decoder":
-                modules.pop("vae", None)
-            else:
-                modules.pop(component, None)
+            done = family.component(component).module
+            if all(c.module != done for c in family.exported() if c.name not in manifest["components"]):
+                modules.pop(done, None)  # no component left to trace from it: free its memory
             gc.collect()
             progress(component, "done", "")
         progress("bundle", "writing", "")
@@ -219,22 +218,23 @@ def _check(report: dict, component: str, precision: str) -> None:
 
 
 def _pad_token(spec: ModelSpec) -> str:
-    return "!" if spec.family == "sd2" else "<|endoftext|>"  # SD 2.x's tokenizer pads with '!' (id 0)
+    return spec.family_def.pad_token
 
 
-def _component_config(component: str, modules) -> dict:
-    if component == "text_encoder":
-        return modules["text_encoder"].config.to_dict()
-    mod = modules["unet"] if component == "unet" else modules["vae"]
+def _module_config(mod) -> dict:
+    """A module's config as its ``config.json`` has it (transformers' ``to_dict``, diffusers' frozen dict)."""
+    if hasattr(mod.config, "to_dict"):
+        return mod.config.to_dict()
     return {"_class_name": type(mod).__name__, **{k: v for k, v in dict(mod.config).items() if not k.startswith("_")}}
 
 
 def _write_side_files(stage: Path, spec: ModelSpec) -> None:
     from ldm_export.runtime.tokenizer import write_tokenizer_files
 
-    index = {k: v for k, v in spec.model_index().items() if k not in ("text_encoder", "unet", "vae")}
-    for comp in spec.components:
-        index[comp] = ["optimum", _ORT_CLASSES[comp]]
+    family = spec.family_def
+    index = {k: v for k, v in spec.model_index().items() if k not in {m.name for m in family.modules}}
+    for comp in family.exported():
+        index[comp.name] = ["optimum", _ORT_CLASSES.get(comp.kind, "ORTModel")]
     _write_json(stage / "model_index.json", index)
     (stage / "scheduler").mkdir()
     import diffusers

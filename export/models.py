@@ -11,28 +11,35 @@ from ldm_export.zoo import ModelSpec
 log = logging.getLogger(__name__)
 
 
-def build_text_encoder(spec: ModelSpec):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_module(spec: ModelSpec, name: str) -> nn.Module:
+    """The family's module ``name`` of ``spec``, random weights, from its config (``transformers`` configs are
+    passed to the class's config type, ``diffusers`` configs are the class's keyword arguments)."""
+    import importlib
 
-    return CLIPTextModel(CLIPTextConfig(**spec.text_encoder)).eval()
+    declared = spec.family_def.module(name)
+    config = spec.configs[name]
+    cls = getattr(importlib.import_module(declared.library), declared.class_name)
+    if declared.library == "transformers":
+        return cls(cls.config_class(**config)).eval()
+    return cls(**config).eval()
+
+
+def build_text_encoder(spec: ModelSpec):
+    return build_module(spec, "text_encoder")
 
 
 def build_unet(spec: ModelSpec):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(**spec.unet).eval()
+    return build_module(spec, "unet")
 
 
 def build_vae(spec: ModelSpec):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(**spec.vae).eval()
+    return build_module(spec, "vae")
 
 
 def build_random(spec: ModelSpec, seed: int = 0) -> dict[str, nn.Module]:
     """The real architecture with random weights (deterministic in ``seed``), for exports and benchmarks."""
     torch.manual_seed(seed)
-    return {"text_encoder": build_text_encoder(spec), "unet": build_unet(spec), "vae": build_vae(spec)}
+    return {m.name: build_module(spec, m.name) for m in spec.family_def.modules}
 
 
 class TextEncoderWrapper(nn.Module):
@@ -69,14 +76,24 @@ class VaeDecoderWrapper(nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
-def wrap(component: str, modules: dict[str, nn.Module]) -> nn.Module:
-    if component == "text_encoder":
-        return TextEncoderWrapper(modules["text_encoder"]).eval()
-    if component == "unet":
-        return UNetWrapper(modules["unet"]).eval()
-    if component == "vae_decoder":
-        return VaeDecoderWrapper(modules["vae"]).eval()
-    raise ValueError(component)
+# component kind -> the wrapper whose forward is that kind's ComponentSpec (Optimum: one export config per kind)
+WRAPPERS: dict[str, type[nn.Module]] = {
+    "clip_text": TextEncoderWrapper,
+    "unet": UNetWrapper,
+    "vae_decoder": VaeDecoderWrapper,
+}
+
+
+def wrap(component: str, modules: dict[str, nn.Module], family=None) -> nn.Module:
+    """The export wrapper of ``component``: the family declares its kind and the module it is traced from."""
+    from ldm_export.runtime.families import get_family
+
+    decl = (family or get_family("sd1")).component(component)
+    try:
+        wrapper = WRAPPERS[decl.kind]
+    except KeyError:
+        raise NotImplementedError(f"no export wrapper for component kind '{decl.kind}' yet") from None
+    return wrapper(modules[decl.module]).eval()
 
 
 def count_params(module: nn.Module) -> int:

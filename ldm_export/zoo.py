@@ -9,64 +9,71 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ldm_export.runtime.errors import LdmExportError
-from ldm_export.runtime.spec import ComponentSpec, text_encoder_spec, unet_spec, vae_decoder_spec
-
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+from ldm_export.runtime.families import Family, get_family
+from ldm_export.runtime.spec import ComponentSpec
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    family: str  # "sd1", "sd2", ...
+    family: str  # a registered family (ldm_export.runtime.families): "sd1", "sd2", ...
     description: str
-    text_encoder: dict[str, Any]  # transformers CLIPTextConfig kwargs
-    unet: dict[str, Any]  # diffusers UNet2DConditionModel config
+    text_encoder: dict[str, Any] | None  # transformers CLIPTextConfig kwargs
+    unet: dict[str, Any] | None  # diffusers UNet2DConditionModel config (None for DiT families)
     vae: dict[str, Any]  # diffusers AutoencoderKL config
     scheduler: dict[str, Any]  # diffusers scheduler_config.json, with _class_name
     resolution: int  # default image side in pixels
-    components: tuple[str, ...] = COMPONENTS
     # published parameter counts (millions) this spec must reproduce; None where not applicable
     params_m: dict[str, float] = field(default_factory=dict)
     max_length: int = 77
     # a diffusers folder shipped inside the package (the embedded demo model); None: weights come from the user
     embedded_weights: str | None = None
+    # configs of the family's other modules by module name (text_encoder_2, transformer, text_encoder_3, ...)
+    extra_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def family_def(self) -> Family:
+        return get_family(self.family)
+
+    @property
+    def configs(self) -> dict[str, dict[str, Any]]:
+        """Every module's config by module name, as the family names its modules."""
+        base = {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
+        return {k: v for k, v in (base | self.extra_configs).items() if v is not None}
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.family_def.exported())
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae["block_out_channels"]) - 1)
+        return self.family_def.latent_format(self.configs).vae_scale_factor
 
     @property
     def latent_scale(self) -> float:
-        return float(self.vae.get("scaling_factor", 0.18215))
+        return self.family_def.latent_format(self.configs).scale
 
     @property
     def latent_side(self) -> int:
         return self.resolution // self.vae_scale_factor
 
     def component_specs(self) -> dict[str, ComponentSpec]:
-        side = self.latent_side
-        hw = (max(1, side // 4), side, side * 2)
-        return {
-            "text_encoder": text_encoder_spec(self.text_encoder["hidden_size"], self.max_length),
-            "unet": unet_spec(self.unet["in_channels"], self.unet["out_channels"],
-                              self.unet["cross_attention_dim"], hw, self.max_length),
-            "vae_decoder": vae_decoder_spec(self.vae["latent_channels"], hw, self.vae_scale_factor),
-        }
+        return self.family_def.component_specs(self.configs, self.resolution, self.max_length)
+
+    def static_dims(self, component: str) -> dict[str, int]:
+        return self.family_def.static_dims(component, self.configs, self.resolution, self.max_length)
 
     def model_index(self) -> dict[str, Any]:
-        """diffusers' model_index.json for the bundle (what Optimum's loader reads)."""
-        return {
-            "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": "0.35.2",
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-            "safety_checker": [None, None],
+        """diffusers' model_index.json of the source pipeline (Optimum's loader reads the bundle's version of it)."""
+        fam = self.family_def
+        index: dict[str, Any] = {
+            "_class_name": fam.pipeline_class, "_diffusers_version": "0.35.2", "feature_extractor": [None, None],
+            "requires_safety_checker": False, "safety_checker": [None, None],
             "scheduler": ["diffusers", self.scheduler["_class_name"]],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
         }
+        index.update({t: ["transformers", cls] for t, cls in zip(fam.tokenizers, fam.tokenizer_classes)})
+        index.update({m.name: [m.library, m.class_name] for m in fam.modules})
+        return index
 
 
 _SD_SCHEDULER_COMMON = {

@@ -93,6 +93,22 @@ class Bundle:
         return self.manifest["model"]
 
     @property
+    def family(self):
+        """The model family (``runtime.families``) this bundle's manifest names."""
+        from .families import get_family
+
+        return get_family(self.model.get("family", "sd1"))
+
+    @property
+    def module_configs(self) -> dict[str, dict[str, Any]]:
+        """Each torch module's config by module name (text_encoder, unet, vae, ...)."""
+        if "modules" in self.model:
+            return self.model["modules"]
+        # bundles before families keyed the configs by component (vae_decoder for the vae)
+        by_component = self.model.get("configs", {})
+        return {c.module: by_component[c.name] for c in self.family.components if c.name in by_component}
+
+    @property
     def scheduler_config(self) -> dict[str, Any]:
         return json.loads((self.path / "scheduler" / "scheduler_config.json").read_text())
 

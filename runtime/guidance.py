@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import LdmExportError
+from .families.base import Conditioning
 
 # unet_fn(sample (N, C, h, w), timestep (N,) float32, encoder_hidden_states (N, L, D)) -> (N, C', h, w)
 UnetFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -29,19 +30,23 @@ def rescale_noise_cfg(noise_cfg: np.ndarray, noise_pred_text: np.ndarray, guidan
     return guidance_rescale * noise_pred_rescaled + (1 - guidance_rescale) * noise_cfg
 
 
-def _check_embeddings(name: str, e) -> np.ndarray:
+def _as_conditioning(name: str, e) -> Conditioning:
+    if isinstance(e, Conditioning):
+        return e
     if not isinstance(e, np.ndarray) or e.ndim != 3:
         got = f"shape {e.shape}" if isinstance(e, np.ndarray) else type(e).__name__
         raise LdmExportError(f"{name} must be a (batch, sequence, hidden) array from the text encoder, got {got}")
-    return e
+    return Conditioning(e)
 
 
-def guided_denoiser(unet_fn: UnetFn, cond_embeddings: np.ndarray, uncond_embeddings: np.ndarray | None = None,
+def guided_denoiser(unet_fn: UnetFn, cond_embeddings, uncond_embeddings=None,
                     guidance_scale: float = 7.5, guidance_rescale: float = 0.0, batch_mode: str = "batch2",
                     dtype=np.float32) -> Denoiser:
     """``model(x_in, t)`` for a sampler: the UNet output with classifier-free guidance applied.
 
-    ``batch_mode="batch2"`` runs [uncond, cond] as one batch of 2B (diffusers' order);
+    ``cond_embeddings`` / ``uncond_embeddings`` are the text encoder's (B, L, D) arrays, or whole
+    :class:`Conditioning` records (pooled vectors and extras too); ``unet_fn`` then gets the same kind for the rows
+    it runs. ``batch_mode="batch2"`` runs [uncond, cond] as one batch of 2B (diffusers' order);
     ``"sequential"`` runs one batch-1 call per prompt and half, for memory-tight devices or static
     batch-1 engines. ``guidance_scale <= 1`` runs the conditional half only (as diffusers does), and
     then ``uncond_embeddings`` may be None. Feeds are cast to ``dtype`` (float16 for fp16 engines);
@@ -56,35 +61,36 @@ def guided_denoiser(unet_fn: UnetFn, cond_embeddings: np.ndarray, uncond_embeddi
     if feed_dtype.kind != "f":
         raise LdmExportError(f"dtype must be a floating type for the UNet feeds, got {feed_dtype}")
     do_cfg = guidance_scale > 1.0
-    cond = _check_embeddings("cond_embeddings", cond_embeddings).astype(feed_dtype, copy=False)
+    records = not isinstance(cond_embeddings, np.ndarray)  # give unet_fn what the caller gave us
+    cond = _as_conditioning("cond_embeddings", cond_embeddings).astype(feed_dtype)
     if do_cfg:
         if uncond_embeddings is None:
             raise LdmExportError(f"guidance_scale {guidance_scale} > 1 needs uncond_embeddings (the negative or "
                                  "empty prompt's); pass them or use guidance_scale 1")
-        uncond = _check_embeddings("uncond_embeddings", uncond_embeddings).astype(feed_dtype, copy=False)
-        if uncond.shape != cond.shape:
-            raise LdmExportError(f"uncond_embeddings shape {uncond.shape} differs from cond_embeddings shape "
-                                 f"{cond.shape}; encode both prompts padded to the same length")
+        uncond = _as_conditioning("uncond_embeddings", uncond_embeddings).astype(feed_dtype)
+        if not uncond.same_layout(cond) or uncond.batch != cond.batch:
+            raise LdmExportError(f"uncond_embeddings shape {uncond.context.shape} differs from cond_embeddings shape "
+                                 f"{cond.context.shape}; encode both prompts padded to the same length")
         halves = (uncond, cond)
     else:
         halves = (cond,)
-    by_batch: dict[int, tuple[np.ndarray, ...]] = {}  # latents batch -> embeddings fitted to it
-    stacked: dict[int, np.ndarray] = {}  # latents batch -> [uncond; cond] for the batch-2 call
+    by_batch: dict[int, tuple[Conditioning, ...]] = {}  # latents batch -> conditioning fitted to it
+    stacked: dict[int, Conditioning] = {}  # latents batch -> [uncond; cond] for the batch-2 call
 
-    def fitted(batch: int) -> tuple[np.ndarray, ...]:
+    def fitted(batch: int) -> tuple[Conditioning, ...]:
         if batch not in by_batch:
-            if cond.shape[0] not in (1, batch):
-                raise LdmExportError(f"latents batch {batch} does not match the {cond.shape[0]} prompt embeddings; "
+            if cond.batch not in (1, batch):
+                raise LdmExportError(f"latents batch {batch} does not match the {cond.batch} prompt embeddings; "
                                      "give one embedding per latent, or one for all")
-            by_batch[batch] = tuple(np.repeat(e, batch // e.shape[0], axis=0) for e in halves)
-            # one array for every step: an engine that keeps its inputs on the device sees the same embeddings
+            by_batch[batch] = tuple(e.repeat(batch // e.batch) for e in halves)
+            # one record for every step: an engine that keeps its inputs on the device sees the same embeddings
             # object each call and need not copy them again (see Pipeline and the CUDA engine's run_partial)
-            stacked[batch] = np.concatenate(by_batch[batch])
+            stacked[batch] = Conditioning.concat(by_batch[batch])
         return by_batch[batch]
 
-    def run(sample: np.ndarray, t: float, states: np.ndarray, out_dtype) -> np.ndarray:
+    def run(sample: np.ndarray, t: float, states: Conditioning, out_dtype) -> np.ndarray:
         n = sample.shape[0]
-        out = unet_fn(sample, np.full((n,), t, dtype=np.float32), states)
+        out = unet_fn(sample, np.full((n,), t, dtype=np.float32), states if records else states.context)
         out = np.asarray(out)
         if out.ndim < 1 or out.shape[0] != n:
             raise LdmExportError(f"the UNet returned shape {out.shape} for a batch of {n}; check the engine's outputs")
@@ -103,7 +109,7 @@ def guided_denoiser(unet_fn: UnetFn, cond_embeddings: np.ndarray, uncond_embeddi
             both = run(np.concatenate([sample] * len(embeds)), t, stacked[batch], out_dtype)  # (2B, C, h, w)
             preds = np.split(both, len(embeds))
         else:
-            preds = [np.concatenate([run(sample[i : i + 1], t, e[i : i + 1], out_dtype) for i in range(batch)])
+            preds = [np.concatenate([run(sample[i : i + 1], t, e.rows(i, i + 1), out_dtype) for i in range(batch)])
                      for e in embeds]
         if not do_cfg:
             return preds[0]

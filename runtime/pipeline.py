@@ -10,6 +10,7 @@ import numpy as np
 from .bundle import Bundle
 from .engine import Engine, OrtEngine
 from .errors import LdmExportError, all_finite, overflow_fix
+from .families import Conditioning, get_family
 from .spec import ComponentSpec
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,17 @@ class Pipeline:
             raise LdmExportError(f"unknown cfg mode '{cfg_mode}'; choose one of: {', '.join(CFG_MODES)}")
         self.bundle = bundle
         self.engines = dict(engines)
-        self.tokenizer = tokenizer or ClipTokenizer(bundle.path / "tokenizer")
-        self.cfg_mode = cfg_mode
         model = bundle.model
-        self.latent_scale = float(model["latent_scale"])
-        self.vae_scale_factor = int(model["vae_scale_factor"])
-        self.latent_channels = int(model["latent_channels"])
+        self.family = get_family(model.get("family", "sd1"))
+        # one tokenizer per text encoder, from the bundle's folders (``tokenizer`` replaces the first)
+        self.tokenizers = {name: ClipTokenizer(bundle.path / name) if k or tokenizer is None else tokenizer
+                           for k, name in enumerate(self.family.tokenizers)}
+        self.tokenizer = self.tokenizers[self.family.tokenizers[0]]
+        self.cfg_mode = cfg_mode
+        self.latent_format = self.family.latent_format(bundle.module_configs)
+        self.latent_scale = self.latent_format.scale
+        self.vae_scale_factor = self.latent_format.vae_scale_factor
+        self.latent_channels = self.latent_format.channels
         self.resolution = int(model["resolution"])
 
     @classmethod
@@ -83,39 +89,48 @@ class Pipeline:
             raise LdmExportError("tokenize takes a list of strings")
         return self.tokenizer(list(prompts))
 
+    def run_component(self, component: str, feeds: Mapping[str, np.ndarray], batched: Sequence[str]) -> dict:
+        """Run one component (static-batch aware, see run_batched) and refuse NaN/Inf in what it returns."""
+        out = run_batched(self.engines[component], feeds, batched)
+        check_finite(component, out)
+        return out
+
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        """The family's conditioning for ``prompts`` (text embeddings, pooled vectors, extras), float32."""
+        return self.family.encode(self, list(prompts))
+
     def encode_prompt(self, prompts: Sequence[str]) -> np.ndarray:
-        """Text embeddings (B, 77, D) float32."""
-        ids = self.tokenize(prompts)
-        out = run_batched(self.engines["text_encoder"], {"input_ids": ids}, ["input_ids"])
-        check_finite("text_encoder", out)
-        return out["last_hidden_state"].astype(np.float32)
+        """Text embeddings (B, 77, D) float32: the cross-attention context of :meth:`encode`."""
+        return self.encode(prompts).context
 
-    def unet(self, sample: np.ndarray, timestep, encoder_hidden_states: np.ndarray,
-             embeddings_bound: bool = False) -> np.ndarray:
-        """One UNet evaluation: (N, 4, h, w) latents at ``timestep`` -> (N, 4, h, w) prediction (float32).
+    def denoise(self, sample: np.ndarray, timestep, cond: Conditioning, bound: bool = False) -> np.ndarray:
+        """One denoiser evaluation: (N, C, h, w) latents at ``timestep`` under ``cond`` (N rows) -> (N, C, h, w)
+        prediction (float32).
 
-        ``embeddings_bound``: the engine already holds these ``encoder_hidden_states`` from the previous call (the
-        sampler loop passes the same embeddings every step); an engine that keeps its inputs on the device
-        (``run_partial``, static shapes) then copies only the latents and the timestep.
+        ``bound``: the engine already holds this ``cond`` from the previous call (the sampler loop passes the same
+        record every step); an engine that keeps its inputs on the device (``run_partial``, static shapes) then
+        copies only the family's per-step inputs (latents and timestep).
         """
-        engine = self.engines["unet"]
-        tspec = next(t for t in engine.spec.inputs if t.name == "timestep")
+        family = self.family
+        engine = self.engines[family.denoiser]
         t = np.asarray(timestep, dtype=np.float64).reshape(-1)[0]
-        t = np.full((sample.shape[0],), t) if len(tspec.shape) == 1 else np.asarray(t)
-        if embeddings_bound and getattr(engine, "static", False) and hasattr(engine, "run_partial"):
-            inputs = {x.name: x for x in engine.spec.inputs}
+        feeds = family.denoiser_feeds(sample, np.full((sample.shape[0],), t), cond)
+        inputs = {x.name: x for x in engine.spec.inputs}
+        scalar = [n for n, x in inputs.items() if not x.shape and n in feeds]  # a scalar timestep, as Optimum has it
+        for n in scalar:
+            feeds[n] = np.asarray(np.asarray(feeds[n]).reshape(-1)[0])
+        if bound and getattr(engine, "static", False) and hasattr(engine, "run_partial"):
             if sample.shape[0] == inputs["sample"].shape[0]:  # the static batch
-                feeds = {"sample": sample.astype(inputs["sample"].dtype, copy=False),
-                         "timestep": np.asarray(t, inputs["timestep"].dtype)}
-                return engine.run_partial(feeds)["out_sample"].astype(np.float32)
-        batched = ["sample", "encoder_hidden_states"] + (["timestep"] if len(tspec.shape) == 1 else [])
-        out = run_batched(engine, {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states}, batched)
-        return out["out_sample"].astype(np.float32)
+                step = {n: np.asarray(feeds[n]).astype(inputs[n].dtype, copy=False) for n in family.step_inputs}
+                return engine.run_partial(step)[family.denoiser_output].astype(np.float32)
+        batched = [n for n, x in inputs.items() if n not in scalar and x.shape]
+        out = run_batched(engine, feeds, batched)
+        return out[family.denoiser_output].astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents (B, 4, h, w) as the sampler returns them -> images (B, 3, H, W) in [-1, 1]."""
-        out = run_batched(self.engines["vae_decoder"], {"latent_sample": latents / self.latent_scale}, ["latent_sample"])
-        check_finite("vae_decoder", out)
+        """Latents (B, C, h, w) as the sampler returns them -> images (B, 3, H, W) in [-1, 1]."""
+        out = self.run_component(self.family.decoder, {"latent_sample": self.latent_format.to_vae(latents)},
+                                 ["latent_sample"])
         return out["sample"].astype(np.float32)
 
     # -- text to image --------------------------------------------------------------------------------
@@ -172,15 +187,16 @@ class Pipeline:
             noise = lambda s: rng.standard_normal(s)  # noqa: E731  the stochastic samplers' draws
 
         do_cfg = guidance_scale > 1.0
-        cond = self.encode_prompt(prompts)
-        uncond = self.encode_prompt(negatives) if do_cfg else None
+        cond = self.encode(prompts)
+        uncond = self.encode(negatives) if do_cfg else None
         step = {"i": 0}
-        bound = {"ehs": None}  # the embeddings array the UNet engine was last fed (guided_denoiser reuses one)
+        bound = {"cond": None}  # the conditioning the denoiser engine was last fed (guided_denoiser reuses one)
+        denoiser = self.family.denoiser
 
-        def unet_fn(sample_, timestep, ehs):
-            out = self.unet(sample_, timestep, ehs, embeddings_bound=ehs is bound["ehs"])
-            bound["ehs"] = ehs
-            check_finite("unet", {"out_sample": out}, f" at step {step['i'] + 1} of {num_inference_steps}")
+        def unet_fn(sample_, timestep, c):
+            out = self.denoise(sample_, timestep, c, bound=c is bound["cond"])
+            bound["cond"] = c
+            check_finite(denoiser, {self.family.denoiser_output: out}, f" at step {step['i'] + 1} of {num_inference_steps}")
             return out
 
         model = guided_denoiser(unet_fn, cond, uncond, guidance_scale, guidance_rescale=guidance_rescale,
@@ -209,7 +225,7 @@ class Pipeline:
         for name, v in (("width", width), ("height", height)):
             if not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
                 raise LdmExportError(f"{name} must be a positive multiple of {f}, got {v!r}")
-        uspec: ComponentSpec = self.engines["unet"].spec
+        uspec: ComponentSpec = self.engines[self.family.denoiser].spec
         sample_shape = uspec.inputs[0].shape
         for dim, v in ((sample_shape[2], height // f), (sample_shape[3], width // f)):
             if isinstance(dim, int) and dim != v:

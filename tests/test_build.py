@@ -47,8 +47,8 @@ def test_bundle_layout_and_manifest(tiny_bundle):
         assert (tiny_bundle / rel).is_file(), rel
     m = json.loads((tiny_bundle / "ldm_export.json").read_text())
     assert m["format_version"] == 1 and m["model"]["name"] == "tiny" and m["weights"]["source"] == "random"
-    assert m["model"]["configs"]["unet"]["cross_attention_dim"] == 32 and m["model"]["configs"]["text_encoder"]["hidden_size"] == 32
-    assert m["model"]["configs"]["vae_decoder"]["latent_channels"] == 4
+    assert m["model"]["modules"]["unet"]["cross_attention_dim"] == 32 and m["model"]["modules"]["text_encoder"]["hidden_size"] == 32
+    assert m["model"]["modules"]["vae"]["latent_channels"] == 4
     assert set(m["components"]) == {"text_encoder", "unet", "vae_decoder"}
     for comp, info in m["components"].items():
         ver = info["verification"]["fp32"]

@@ -1,0 +1,186 @@
+"""What a model family is: its components, latent format, conditioning and denoiser inputs (torch-free).
+
+A family is one small declarative class (ComfyUI's ``supported_models`` style) that the export side and the runtime
+both read: which modules a checkpoint holds and which ONNX components are exported from them (each of a known
+*component kind*, Optimum's one-export-config-per-component-type), how prompts become one :class:`Conditioning`
+record (stable-diffusion.cpp's conditioner output), and what the denoiser is fed each step. ``Pipeline`` stays one
+loop over any family; adding one means adding its module here and registering it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import LdmExportError
+from ..spec import ComponentSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..pipeline import Pipeline
+
+
+@dataclass(frozen=True)
+class Module:
+    """A torch module of a checkpoint: its folder name in a diffusers pipeline and its class."""
+
+    name: str  # "text_encoder", "unet", "vae", "transformer", ...
+    library: str  # "transformers" or "diffusers"
+    class_name: str  # "CLIPTextModel", "UNet2DConditionModel", ...
+
+
+@dataclass(frozen=True)
+class Component:
+    """An exported ONNX graph: its bundle folder, its kind (which export wrapper traces it) and its module."""
+
+    name: str  # bundle folder and manifest key: "text_encoder", "unet", "vae_decoder", ...
+    kind: str  # "clip_text", "unet", "vae_decoder", "vae_encoder", ...
+    module: str  # the Module it is traced from
+    static_batch: int = 2  # batch of a --static-shape build (CFG runs uncond + cond together; decoders 1)
+    optional: bool = False  # exported only when asked for (the VAE encoder of editing bundles)
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """How the VAE's latents map to the diffusion model's: ``model = (vae - shift) * scale`` (ComfyUI's format)."""
+
+    channels: int
+    scale: float
+    shift: float = 0.0
+    vae_scale_factor: int = 8  # pixels per latent
+
+    def to_vae(self, latents: np.ndarray) -> np.ndarray:
+        return latents / self.scale + self.shift
+
+    def from_vae(self, z: np.ndarray) -> np.ndarray:
+        return (z - self.shift) * self.scale
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the text encoders make of a batch of prompts, batch-major: cross-attention ``context`` (B, L, D),
+    a ``pooled`` vector (B, P) where the family uses one, and ``extras`` (name -> (B, ...)) such as SDXL's time ids."""
+
+    context: np.ndarray
+    pooled: np.ndarray | None = None
+    extras: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return int(self.context.shape[0])
+
+    def _map(self, fn) -> "Conditioning":
+        return Conditioning(fn(self.context), None if self.pooled is None else fn(self.pooled),
+                            {k: fn(v) for k, v in self.extras.items()})
+
+    def astype(self, dtype) -> "Conditioning":
+        """Floating arrays cast to ``dtype`` (integer ids stay)."""
+        return self._map(lambda a: a.astype(dtype, copy=False) if np.issubdtype(a.dtype, np.floating) else a)
+
+    def repeat(self, n: int) -> "Conditioning":
+        """Each row repeated ``n`` times (one embedding per latent)."""
+        return self._map(lambda a: np.repeat(a, n, axis=0))
+
+    def rows(self, start: int, stop: int) -> "Conditioning":
+        return self._map(lambda a: a[start:stop])
+
+    @staticmethod
+    def concat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        """Stack along the batch (CFG's [uncond; cond])."""
+        first = parts[0]
+        pooled = None if first.pooled is None else np.concatenate([p.pooled for p in parts])
+        return Conditioning(np.concatenate([p.context for p in parts]), pooled,
+                            {k: np.concatenate([p.extras[k] for p in parts]) for k in first.extras})
+
+    def same_layout(self, other: "Conditioning") -> bool:
+        return (self.context.shape[1:] == other.context.shape[1:]
+                and (self.pooled is None) == (other.pooled is None)
+                and set(self.extras) == set(other.extras))
+
+
+class Family:
+    """Base of every family; subclasses declare the class attributes and override what differs."""
+
+    name: str = ""
+    description: str = ""
+    modules: tuple[Module, ...] = ()
+    components: tuple[Component, ...] = ()
+    text_encoders: tuple[str, ...] = ("text_encoder",)  # components run on prompts, in order
+    tokenizers: tuple[str, ...] = ("tokenizer",)  # bundle folders, one per text encoder
+    tokenizer_classes: tuple[str, ...] = ("CLIPTokenizer",)  # transformers' class of each, for model_index.json
+    pipeline_class: str = "StableDiffusionPipeline"  # diffusers' pipeline of the source model
+    pad_token: str = "<|endoftext|>"  # what the tokenizer pads prompts with (CLIP: its end token)
+    denoiser: str = "unet"  # the component the sampler loop runs
+    decoder: str = "vae_decoder"
+    encoder: str = "vae_encoder"
+    # the denoiser's inputs that change every step; the others are bound once per image (see Pipeline.denoise)
+    step_inputs: tuple[str, ...] = ("sample", "timestep")
+    denoiser_output: str = "out_sample"
+    vae_module: str = "vae"
+
+    # -- declaration ------------------------------------------------------------------------------------
+    def component(self, name: str) -> Component:
+        for c in self.components:
+            if c.name == name:
+                return c
+        raise LdmExportError(f"family {self.name} has no component '{name}'; it has "
+                             f"{', '.join(c.name for c in self.components)}")
+
+    def exported(self, with_optional: Sequence[str] = ()) -> tuple[Component, ...]:
+        """The components a build writes: every required one plus the optional ones asked for."""
+        return tuple(c for c in self.components if not c.optional or c.name in with_optional)
+
+    def module(self, name: str) -> Module:
+        return next(m for m in self.modules if m.name == name)
+
+    def latent_format(self, configs: Mapping[str, Mapping[str, Any]]) -> LatentFormat:
+        vae = configs[self.vae_module]
+        return LatentFormat(int(vae["latent_channels"]), float(vae.get("scaling_factor") or 0.18215),
+                            float(vae.get("shift_factor") or 0.0), 2 ** (len(vae["block_out_channels"]) - 1))
+
+    def size_multiple(self, configs: Mapping[str, Mapping[str, Any]]) -> int:
+        """Image sides must be multiples of this many pixels (the VAE's factor times the denoiser's downsampling)."""
+        return self.latent_format(configs).vae_scale_factor
+
+    def component_specs(self, configs: Mapping[str, Mapping[str, Any]], resolution: int,
+                        max_length: int) -> dict[str, ComponentSpec]:
+        raise NotImplementedError(f"family {self.name} does not declare its component specs")
+
+    def static_dims(self, component: str, configs: Mapping[str, Mapping[str, Any]], resolution: int,
+                    max_length: int) -> dict[str, int]:
+        """Every symbolic dimension of ``component`` fixed at the model's default size (``--static-shape``)."""
+        lf = self.latent_format(configs)
+        side = resolution // lf.vae_scale_factor
+        return {"batch": self.component(component).static_batch, "height": side, "width": side,
+                "sequence": max_length, "image_height": resolution, "image_width": resolution}
+
+    # -- runtime ----------------------------------------------------------------------------------------
+    def encode(self, pipe: "Pipeline", prompts: Sequence[str]) -> Conditioning:
+        raise NotImplementedError(f"family {self.name} does not say how prompts become conditioning")
+
+    def denoiser_feeds(self, sample: np.ndarray, timestep: np.ndarray, cond: Conditioning) -> dict[str, np.ndarray]:
+        """The denoiser's feeds for latents ``sample`` (N, C, h, w) at ``timestep`` (N,) under ``cond`` (N rows)."""
+        raise NotImplementedError(f"family {self.name} does not say what its denoiser is fed")
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(family: type[Family]) -> type[Family]:
+    """Class decorator: make ``family`` known by its name (bundles record the name in their manifest)."""
+    _FAMILIES[family.name] = family()
+    return family
+
+
+def get_family(name: str) -> Family:
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        raise LdmExportError(f"unknown model family '{name}'; this ldm-export knows {', '.join(sorted(_FAMILIES))}: "
+                             "upgrade ldm-export to read this bundle") from None
+
+
+def family_names() -> list[str]:
+    return sorted(_FAMILIES)
+
+
