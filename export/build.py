@@ -16,7 +16,7 @@ from ldm_export.runtime.errors import LdmExportError
 from ldm_export.zoo import DEFAULT_MODEL, ModelSpec, get_model
 
 from .bundle_writer import check_out_dir, staging
-from .precision import PRECISIONS, fp16_policy
+from .precision import PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,10 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
 
     from . import models as M
     from . import onnx_export as X
-    from .precision import convert_fp16
+    from .dit_export import sample_inputs
+    from .dit_models import export_patches as dit_export_patches
+    from .dit_models import register_onnx_symbolics
+    from .dit_precision import component_fp16_policy, convert_fp16_with
     from .weights import load_weights
 
     spec = validate(cfg)
@@ -141,11 +144,14 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             folder = stage / component
             folder.mkdir()
             wrapper = M.wrap(component, modules, family)
-            feeds = X.sample_inputs(cspec, dims, seed=cfg.seed, latent_scale=spec.latent_scale)
+            decl = family.component(component)
+            feeds = sample_inputs(decl.kind, cspec, dims, cfg.seed, spec.configs.get(decl.module, {}),
+                                  family.latent_format(spec.configs))
             progress(component, "torch reference", "")
             reference = X.torch_outputs(wrapper, cspec, feeds)
             progress(component, "export", "")
-            with kernels.export_patches(wrapper, component, cfg.target):
+            register_onnx_symbolics(X.OPSET)
+            with dit_export_patches(decl.kind), kernels.export_patches(wrapper, component, cfg.target):
                 model = X.export_onnx(wrapper, cspec, stage, feeds, static=cfg.static_shape)
             model = kernels.rewrite(model, component, cfg.target)
             path = folder / "model.onnx"
@@ -156,9 +162,12 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             report = {"fp32": X.verify(path, cspec, feeds, reference, "fp32", cfg.threads, cfg.resolved_verify_provider()).to_json()}
             _check(report["fp32"], component, "fp32")
             precision = cfg.component_precision(component)
+            if family.keep_fp32(component, spec.configs):
+                precision = "fp32"  # e.g. SD3's/FLUX's VAE: diffusers upcasts it (force_upcast in its config)
+            policy = component_fp16_policy(decl.kind, component, cfg.target, spec.configs)
             if precision == "fp16":
                 progress(component, "fp16", "")
-                model16 = convert_fp16(str(path), component, cfg.target)
+                model16 = convert_fp16_with(str(path), policy, component)
                 kernels.dedupe_nodes(model16)  # the converter can emit one Cast twice (static sd15 UNet)
                 for f in files:
                     f.unlink()
@@ -166,7 +175,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                 del model16
                 gc.collect()
                 cspec = cspec.with_dtype("float16", [t.name for t in (*cspec.inputs, *cspec.outputs)
-                                                     if t.dtype == "float32" and t.name not in fp16_policy(component, cfg.target).keep_fp32_io])
+                                                     if t.dtype == "float32" and t.name not in policy.keep_fp32_io])
                 progress(component, "verify fp16", "")
                 report["fp16"] = X.verify(path, cspec, feeds, reference, "fp16", cfg.threads, cfg.resolved_verify_provider()).to_json()
                 _check(report["fp16"], component, "fp16")
@@ -174,7 +183,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             manifest["components"][component] = {
                 "precision": precision, "spec": cspec.to_json(),
                 "files": [str(f.relative_to(stage)) for f in files],
-                "fp16_policy": fp16_policy(component, cfg.target).to_json() if precision == "fp16" else None,
+                "fp16_policy": policy.to_json() if precision == "fp16" else None, "kind": decl.kind,
                 "kernels": kernels.describe(component, cfg.target),
                 "verification": report,
             }
@@ -185,7 +194,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             gc.collect()
             progress(component, "done", "")
         progress("bundle", "writing", "")
-        _write_side_files(stage, spec)
+        _write_side_files(stage, spec, loaded)
         manifest["files"] = {str(p.relative_to(stage)): {"sha256": sha256_file(p), "size": p.stat().st_size}
                              for p in sorted(stage.rglob("*")) if p.is_file()}
         _write_json(stage / MANIFEST, manifest)
@@ -228,7 +237,7 @@ def _module_config(mod) -> dict:
     return {"_class_name": type(mod).__name__, **{k: v for k, v in dict(mod.config).items() if not k.startswith("_")}}
 
 
-def _write_side_files(stage: Path, spec: ModelSpec) -> None:
+def _write_side_files(stage: Path, spec: ModelSpec, loaded=None) -> None:
     from ldm_export.runtime.tokenizer import write_tokenizer_files
 
     family = spec.family_def
@@ -239,7 +248,31 @@ def _write_side_files(stage: Path, spec: ModelSpec) -> None:
     (stage / "scheduler").mkdir()
     import diffusers
     _write_json(stage / "scheduler" / "scheduler_config.json", {**spec.scheduler, "_diffusers_version": diffusers.__version__})
-    write_tokenizer_files(stage / "tokenizer", pad_token=_pad_token(spec))
+    for name, cls, pad in zip(family.tokenizers, family.tokenizer_classes, family.pad_tokens):
+        if cls == "T5TokenizerFast":
+            _write_t5_tokenizer(stage / name, (getattr(loaded, "tokenizer_dirs", None) or {}).get(name),
+                                spec.configs[family.text_encoders[family.tokenizers.index(name)]]["vocab_size"])
+        else:
+            write_tokenizer_files(stage / name, pad_token=pad or _pad_token(spec))
+
+
+def _write_t5_tokenizer(dest: Path, source: Path | None, vocab_size: int) -> None:
+    """T5's fast-tokenizer files from the weights' folder, or a stand-in (random-weights builds: no T5 file here)."""
+    import shutil
+
+    from .t5_tokenizer import write_standin_t5_tokenizer
+
+    if source is None:
+        log.warning("%s: these weights bring no T5 tokenizer; writing a stand-in tokenizer (its ids are not T5's)",
+                    dest.name)
+        write_standin_t5_tokenizer(dest, vocab_size=min(1000, int(vocab_size)))
+        return
+    if not (source / "tokenizer.json").is_file():
+        raise LdmExportError(f"{source} has no tokenizer.json; the runtime reads T5's fast-tokenizer file")
+    dest.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / f).is_file():
+            shutil.copyfile(source / f, dest / f)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -1,67 +1,16 @@
-"""Torch side of the DiT families: build each component from its zoo config, and one wrapper per component kind
-whose forward is the kind's ComponentSpec (Optimum's input and output names).
-
-Kinds: ``clip`` (CLIPTextModel), ``clip_with_projection`` (CLIPTextModelWithProjection, with the penultimate hidden
-state SD3 conditions on), ``t5`` (T5EncoderModel), ``sd3_transformer`` (SD3Transformer2DModel),
-``flux_transformer`` (FluxTransformer2DModel), and the VAE decoder with the 16-channel latents' shift.
+"""Torch wrappers of the DiT families' component kinds, each a forward equal to the kind's ComponentSpec (Optimum's
+input and output names): ``clip_text_with_projection`` (CLIPTextModelWithProjection, with the penultimate hidden
+state SD3 conditions on), ``t5_encoder`` (T5EncoderModel), ``sd3_transformer`` (SD3Transformer2DModel),
+``flux_transformer`` (FluxTransformer2DModel). The VAE decoder is the U-Net families' kind: the runtime applies the
+latents' scale and shift (the family's latent format) before the graph, as diffusers' pipelines do before
+``vae.decode``.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
-
-from ldm_export.zoo_dit import CLIP, CLIP_WITH_PROJECTION, FLUX_TRANSFORMER, SD3_TRANSFORMER, T5, DiTSpec
-
-
-def text_encoder_class(kind: str):
-    """The transformers class of a text encoder kind."""
-    import transformers
-
-    names = {CLIP: "CLIPTextModel", CLIP_WITH_PROJECTION: "CLIPTextModelWithProjection", T5: "T5EncoderModel"}
-    if kind not in names:
-        raise ValueError(f"unknown text encoder kind {kind!r}")
-    return getattr(transformers, names[kind])
-
-
-def build_text_encoder(kind: str, config: dict) -> nn.Module:
-    """A transformers text encoder of ``kind`` from its config dict, random weights, eval mode."""
-    from transformers import CLIPTextConfig, T5Config
-
-    config_cls = T5Config if kind == T5 else CLIPTextConfig
-    return text_encoder_class(kind)(config_cls(**config)).eval()
-
-
-def transformer_class(kind: str):
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-    return {SD3_TRANSFORMER: SD3Transformer2DModel, FLUX_TRANSFORMER: FluxTransformer2DModel}[kind]
-
-
-def build_transformer(spec: DiTSpec) -> nn.Module:
-    return transformer_class(spec.transformer_kind)(**spec.transformer).eval()
-
-
-def build_vae(spec: DiTSpec) -> nn.Module:
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(**spec.vae).eval()
-
-
-def builders(spec: DiTSpec) -> dict[str, callable]:
-    """Module name -> zero-argument builder (the VAE is one module, ``vae``, for the decoder component)."""
-    out = {name: (lambda d=d: build_text_encoder(d.kind, d.config)) for name, d in spec.text_encoders.items()}
-    out["transformer"] = lambda: build_transformer(spec)
-    out["vae"] = lambda: build_vae(spec)
-    return out
-
-
-def build_random(spec: DiTSpec, seed: int = 0) -> dict[str, nn.Module]:
-    """The real architecture with random weights (deterministic in ``seed``)."""
-    torch.manual_seed(seed)
-    return {name: build() for name, build in builders(spec).items()}
-
-
-# ------------------------------------------------------------------------------------------------- wrappers
 
 
 class ClipWithProjectionWrapper(nn.Module):
@@ -111,10 +60,10 @@ class FluxTransformerWrapper(nn.Module):
     ``timestep`` is sigma (FluxPipeline passes t / 1000; the model multiplies by 1000 inside); ``guidance`` is the
     distilled guidance scale itself (FLUX-dev only)."""
 
-    def __init__(self, model, guidance: bool):
+    def __init__(self, model):
         super().__init__()
         self.model = model
-        self.guidance = guidance
+        self.guidance = bool(model.config.guidance_embeds)
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                 guidance=None):
@@ -123,39 +72,12 @@ class FluxTransformerWrapper(nn.Module):
                           guidance=guidance if self.guidance else None, return_dict=False)[0]
 
 
-class ShiftedVaeDecoderWrapper(nn.Module):
-    """latent_sample (B, 16, h, w), already ``latents / scaling_factor + shift_factor`` -> sample (B, 3, 8h, 8w).
-
-    The runtime applies scale and shift (both in the manifest), as diffusers' SD3/FLUX pipelines do before
-    ``vae.decode``; the graph is the plain decoder, like Optimum's vae_decoder."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent_sample):
-        return self.vae.decode(latent_sample, return_dict=False)[0]
-
-
-def wrap(component: str, spec: DiTSpec, modules: dict[str, nn.Module]) -> nn.Module:
-    """The export wrapper of one component, chosen by the kind the spec declares for it."""
-    if component in spec.text_encoders:
-        kind = spec.text_encoders[component].kind
-        model = modules[component]
-        if kind == CLIP:
-            from .models import TextEncoderWrapper
-
-            return TextEncoderWrapper(model).eval()
-        if kind == CLIP_WITH_PROJECTION:
-            return ClipWithProjectionWrapper(model).eval()
-        return T5EncoderWrapper(model).eval()
-    if component == "transformer":
-        if spec.transformer_kind == SD3_TRANSFORMER:
-            return SD3TransformerWrapper(modules["transformer"]).eval()
-        return FluxTransformerWrapper(modules["transformer"], spec.guidance_embeds).eval()
-    if component == "vae_decoder":
-        return ShiftedVaeDecoderWrapper(modules["vae"]).eval()
-    raise ValueError(component)
+DIT_WRAPPERS: dict[str, type[nn.Module]] = {
+    "clip_text_with_projection": ClipWithProjectionWrapper,
+    "t5_encoder": T5EncoderWrapper,
+    "sd3_transformer": SD3TransformerWrapper,
+    "flux_transformer": FluxTransformerWrapper,
+}
 
 
 def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
@@ -176,3 +98,41 @@ def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
 def register_onnx_symbolics(opset: int = 17) -> None:
     """Symbolics the DiT graphs need beyond the TorchScript exporter's own (idempotent)."""
     torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, opset)
+
+
+def _rotary_for_export(x, freqs_cis, use_real: bool = True, use_real_unbind_dim: int = -1, sequence_dim: int = 2):
+    """diffusers' ``apply_rotary_emb`` (real form, interleaved pairs) with the pair rotation as a constant matmul.
+
+    The original reshapes ``x`` to (..., D/2, 2); the TorchScript exporter bakes that shape as constants (batch and
+    token count), so the graph would run at the traced size only. (x @ R) with R[2i+1, 2i] = -1, R[2i, 2i+1] = 1 is
+    the same rotation (exact: one nonzero product per output) and knows no sequence length."""
+    if not use_real or use_real_unbind_dim != -1:
+        raise NotImplementedError("export patch covers FLUX's rotary embedding (use_real, unbind_dim -1) only")
+    cos, sin = freqs_cis  # (S, D)
+    if sequence_dim == 1:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    else:
+        cos, sin = cos[None, None, :, :], sin[None, None, :, :]
+    d = x.shape[-1]
+    rot = torch.zeros(d, d, dtype=torch.float32, device=x.device)
+    idx = torch.arange(0, d, 2)
+    rot[idx + 1, idx] = -1.0
+    rot[idx, idx + 1] = 1.0
+    x_rotated = x.float() @ rot
+    return (x.float() * cos.to(x.device) + x_rotated * sin.to(x.device)).to(x.dtype)
+
+
+@contextlib.contextmanager
+def export_patches(kind: str):
+    """Trace-friendly stand-ins for the export of one component kind (FLUX's rotary embedding)."""
+    if kind != "flux_transformer":
+        yield
+        return
+    from diffusers.models.transformers import transformer_flux
+
+    original = transformer_flux.apply_rotary_emb
+    transformer_flux.apply_rotary_emb = _rotary_for_export
+    try:
+        yield
+    finally:
+        transformer_flux.apply_rotary_emb = original

@@ -9,7 +9,7 @@ transformers keeps ``wo`` in fp32 when loading T5 in fp16 (``_keep_in_fp32_modul
 residual stream; diffusers' SD3/FLUX pipelines load T5 in bf16, and Optimum exports it fp32. The policy chosen: the
 feed-forward output projection ``wo``, the residual adds and the RMS norms in fp32 (the residual stream never
 passes through fp16), the attention and the ``wi`` projections in fp16: most of T5's FLOPs (wi is 2/3 of the
-feed-forward) run fp16 while every place values grow stays fp32. ``--no-half-t5``-style full fp32 is the fallback
+feed-forward) run fp16 while every place values grow stays fp32. A build with ``--precision fp32`` is the fallback
 the NaN/Inf guard names. bf16 would be the better cure on GPUs, but ONNX Runtime's CPU provider (which verifies
 every build) runs no bf16 MatMul.
 """
@@ -19,9 +19,7 @@ import logging
 
 import onnx
 
-from ldm_export.zoo_dit import CLIP, CLIP_WITH_PROJECTION, FLUX_TRANSFORMER, SD3_TRANSFORMER, T5, DiTSpec
-
-from .precision import _NORMS, Fp16Policy, fp16_policy
+from .precision import _NORMS, FP16_POLICY, Fp16Policy, fp16_policy
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +32,13 @@ _TRANSFORMER_REASON = (
     "float32 at the graph boundary")
 
 DIT_FP16_POLICY: dict[str, Fp16Policy] = {
-    T5: Fp16Policy(_NORMS, ("/DenseReluDense/wo/", "/layer_norm/", "/final_layer_norm/", "/layer.0/Add",
+    "t5_encoder": Fp16Policy(_NORMS, ("/DenseReluDense/wo/", "/layer_norm/", "/final_layer_norm/", "/layer.0/Add",
                             "/layer.1/Add"), _T5_REASON),
-    CLIP_WITH_PROJECTION: fp16_policy("text_encoder"),
-    CLIP: fp16_policy("text_encoder"),
-    SD3_TRANSFORMER: Fp16Policy(_NORMS, ("/time_text_embed/", "/norm1/linear/", "/norm1_context/linear/",
+    "clip_text_with_projection": FP16_POLICY["text_encoder"],
+    "sd3_transformer": Fp16Policy(_NORMS, ("/time_text_embed/", "/norm1/linear/", "/norm1_context/linear/",
                                          "/norm_out/linear/"), _TRANSFORMER_REASON,
                                 keep_fp32_io=("hidden_states", "timestep", "out_hidden_states")),
-    FLUX_TRANSFORMER: Fp16Policy(_NORMS, ("/time_text_embed/", "/norm1/linear/", "/norm1_context/linear/",
+    "flux_transformer": Fp16Policy(_NORMS, ("/time_text_embed/", "/norm1/linear/", "/norm1_context/linear/",
                                           "/norm/linear/", "/norm_out/linear/"), _TRANSFORMER_REASON,
                                  keep_fp32_io=("hidden_states", "timestep", "guidance", "img_ids", "txt_ids",
                                                "out_hidden_states")),
@@ -53,19 +50,20 @@ DIT_FP16_POLICY: dict[str, Fp16Policy] = {
 _QK_NORM_SCOPES = ("/norm_q/", "/norm_k/")
 
 
-def dit_fp16_policy(spec: DiTSpec, kind: str, target: str = "cpu") -> Fp16Policy:
-    """The fp16 policy of a component kind; on ``cuda`` LayerNorm runs fp16 (its kernel accumulates in fp32)."""
-    if kind == "vae_decoder":
-        return fp16_policy("vae_decoder", target)
+def component_fp16_policy(kind: str, component: str, target: str, configs) -> Fp16Policy:
+    """The fp16 policy of one component: the U-Net families' by component name, the DiT kinds' by kind (plus the
+    q/k RMS norms where the transformer has them); on ``cuda`` LayerNorm runs fp16 (its kernel accumulates in fp32)."""
+    if kind not in DIT_FP16_POLICY:
+        return fp16_policy(component, target)
     policy = DIT_FP16_POLICY[kind]
-    has_qk_norm = kind == FLUX_TRANSFORMER or (kind == SD3_TRANSFORMER and spec.transformer.get("qk_norm"))
-    if has_qk_norm:
+    transformer = configs.get("transformer", {})
+    if kind == "flux_transformer" or (kind == "sd3_transformer" and transformer.get("qk_norm")):
         policy = Fp16Policy(policy.keep_op_types, policy.keep_name_prefixes + _QK_NORM_SCOPES,
                             policy.reason + "; the q/k RMS norms in fp32", policy.keep_fp32_io)
     if target == "cuda" and "LayerNormalization" in policy.keep_op_types:
-        return Fp16Policy(tuple(op for op in policy.keep_op_types if op != "LayerNormalization"),
-                          policy.keep_name_prefixes, policy.reason + "; on cuda LayerNormalization runs fp16 (its "
-                          "kernel accumulates in fp32)", policy.keep_fp32_io)
+        policy = Fp16Policy(tuple(op for op in policy.keep_op_types if op != "LayerNormalization"),
+                            policy.keep_name_prefixes, policy.reason + "; on cuda LayerNormalization runs fp16 (its "
+                            "kernel accumulates in fp32)", policy.keep_fp32_io)
     return policy
 
 

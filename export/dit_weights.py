@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ldm_export.runtime.errors import LdmExportError
-from ldm_export.zoo_dit import CLIP, CLIP_WITH_PROJECTION, FLUX_TRANSFORMER, T5, DiTSpec
+from ldm_export.zoo import ModelSpec
 
-from . import dit_models as M
+from .models import build_module
 from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, _check_config, _check_loading_info, _compare_state_dicts,
                       _folder_weight_files, _one_line, _parameters_on_meta, _PickleCheckpoint, _read_json,
                       _SafetensorsCheckpoint, _sha256, _with_init_defaults)
@@ -44,8 +44,18 @@ _CLIP_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
 _T5_KEYS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
             "relative_attention_max_distance", "feed_forward_proj")
 _NON_ARCHITECTURE = {"transformer": {"sample_size", "out_channels"}, "vae": {"sample_size", "force_upcast"}}
-# the encoders' role, for messages
-_ROLES = {CLIP: "CLIP text encoder", CLIP_WITH_PROJECTION: "CLIP text encoder with projection", T5: "T5 encoder"}
+# the modules' roles, for messages
+_ROLES = {"CLIPTextModel": "CLIP text encoder", "CLIPTextModelWithProjection": "CLIP text encoder with projection",
+          "T5EncoderModel": "T5 encoder"}
+# a diffusers folder may point a module at another folder (the demo DiT reuses the demo model's CLIP and VAE)
+SHARED_KEY = "_ldm_export_shared"
+
+
+def _module_class(spec: ModelSpec, name: str):
+    import importlib
+
+    declared = spec.family_def.module(name)
+    return getattr(importlib.import_module(declared.library), declared.class_name)
 
 
 @dataclass(frozen=True)
@@ -55,12 +65,7 @@ class LoadedDiT:
     sha256: str | None = None
     files: dict[str, str] = field(default_factory=dict)
     seed: int | None = None
-    tokenizer_dirs: dict[str, Path] = field(default_factory=dict)  # text encoder component -> its tokenizer folder
-
-
-def tokenizer_folder_name(component: str) -> str:
-    """diffusers' tokenizer folder of a text encoder: text_encoder -> tokenizer, text_encoder_3 -> tokenizer_3."""
-    return component.replace("text_encoder", "tokenizer")
+    tokenizer_dirs: dict[str, Path] = field(default_factory=dict)  # tokenizer folder name -> the weights' folder
 
 
 def refuse_dit_for_unet(keys, path: Path) -> None:
@@ -72,13 +77,15 @@ def refuse_dit_for_unet(keys, path: Path) -> None:
                                  "checkpoint; pass the --model it belongs to")
 
 
-def load_dit_weights(spec: DiTSpec, weights: str | Path | None, random_weights: bool = False, seed: int = 0,
+def load_dit_weights(spec: ModelSpec, weights: str | Path | None, random_weights: bool = False, seed: int = 0,
                      trust_pickle: bool = False) -> LoadedDiT:
     """``spec``'s modules (eval, float32) with random weights or weights read from ``weights``."""
     if random_weights and weights is not None:
         raise LdmExportError("both --weights and --random-weights were given; pass only one of them")
     if random_weights:
-        return LoadedDiT(_finish(M.build_random(spec, seed)), "random", seed=seed)
+        from .models import build_random
+
+        return LoadedDiT(_finish(build_random(spec, seed)), "random", seed=seed)
     if weights is None:
         raise LdmExportError(f"no weights for model '{spec.name}'; pass --weights PATH (a diffusers folder or a "
                              "single-file checkpoint) or --random-weights")
@@ -99,53 +106,55 @@ def _finish(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
 # ------------------------------------------------------------------------------------------------- folder
 
 
-def _load_folder(spec: DiTSpec, folder: Path, trust_pickle: bool) -> LoadedDiT:
-    from diffusers import AutoencoderKL
+def _load_folder(spec: ModelSpec, folder: Path, trust_pickle: bool) -> LoadedDiT:
     from diffusers.utils import is_accelerate_available
 
+    family = spec.family_def
     if not (folder / "model_index.json").is_file():
         raise LdmExportError(f"{folder} is a directory without model_index.json, so not a diffusers pipeline folder; "
                              "pass the pipeline's top folder or a single-file .safetensors checkpoint")
-    _read_json(folder / "model_index.json")
+    index = _read_json(folder / "model_index.json")
+    shared = {k: (folder / v).resolve() for k, v in (index.get(SHARED_KEY) or {}).items()}
     files = {"model_index.json": _sha256(folder / "model_index.json")}
-    names = [*spec.text_encoders, "transformer", "vae"]
+    names = [m.name for m in family.modules]
     if not (folder / "transformer").is_dir() and (folder / "unet").is_dir():
         raise LdmExportError(f"{folder} holds a U-Net pipeline (unet/), not a DiT: model '{spec.name}' needs "
                              "transformer/; pass the --model these weights belong to (sd15, sd21, ...)")
+    subs = {name: shared.get(name, folder / name) for name in names}
     for name in names:  # every folder and config first, before any weights
-        sub = folder / name
+        sub = subs[name]
         if not sub.is_dir():
-            what = _ROLES[spec.text_encoders[name].kind] if name in spec.text_encoders else name
+            what = _ROLES.get(family.module(name).class_name, name)
             raise LdmExportError(f"diffusers folder {folder} has no {name}/ ({what}); model '{spec.name}' needs "
                                  f"{', '.join(n + '/' for n in names)}, each with config.json and weights")
         if not (sub / "config.json").is_file():
             raise LdmExportError(f"{sub} has no config.json; re-save the component with save_pretrained")
-    transformer_cls = M.transformer_class(spec.transformer_kind)
-    _check_config(folder, "transformer", _with_init_defaults(transformer_cls, _read_json(folder / "transformer" / "config.json")),
-                  spec.transformer, spec.name, ignore=_NON_ARCHITECTURE["transformer"])
-    _check_config(folder, "vae", _with_init_defaults(AutoencoderKL, _read_json(folder / "vae" / "config.json")),
-                  {k: v for k, v in spec.vae.items() if k not in ("scaling_factor", "shift_factor")}, spec.name,
-                  ignore=_NON_ARCHITECTURE["vae"])
-    for name, decl in spec.text_encoders.items():
-        got = _read_json(folder / name / "config.json")
-        keys = _T5_KEYS if decl.kind == T5 else _CLIP_KEYS
-        _check_config(folder, name, got, {k: decl.config[k] for k in keys if k in decl.config}, spec.name)
+    for name in names:
+        declared = family.module(name)
+        got = _read_json(subs[name] / "config.json")
+        want = spec.configs[name]
+        if declared.library == "diffusers":
+            _check_config(folder, name, _with_init_defaults(_module_class(spec, name), got),
+                          {k: v for k, v in want.items() if k not in ("scaling_factor", "shift_factor")}, spec.name,
+                          ignore=_NON_ARCHITECTURE.get(name, set()))
+        else:
+            keys = _T5_KEYS if declared.class_name == "T5EncoderModel" else _CLIP_KEYS
+            _check_config(folder, name, got, {k: want[k] for k in keys if k in want}, spec.name)
 
     modules: dict[str, nn.Module] = {}
     tokenizers: dict[str, Path] = {}
     for name in names:
-        sub = folder / name
+        sub = subs[name]
         weight_files, variant, use_safetensors = _folder_weight_files(sub, trust_pickle)
         for f in weight_files:
             files[f"{name}/{f.name}"] = _sha256(f)
         files[f"{name}/config.json"] = _sha256(sub / "config.json")
         kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True,
                                   "use_safetensors": use_safetensors, "variant": variant}
-        if name in spec.text_encoders:
-            loader = M.text_encoder_class(spec.text_encoders[name].kind).from_pretrained
+        loader = _module_class(spec, name).from_pretrained
+        if family.module(name).library == "transformers":
             kwargs["dtype"] = torch.float32
         else:
-            loader = (transformer_cls if name == "transformer" else AutoencoderKL).from_pretrained
             kwargs.update(torch_dtype=torch.float32, low_cpu_mem_usage=is_accelerate_available())
         try:
             module, info = loader(str(sub), **kwargs)
@@ -156,22 +165,23 @@ def _load_folder(spec: DiTSpec, folder: Path, trust_pickle: bool) -> LoadedDiT:
         _check_loading_info(sub, name, info)
         _check_structure(spec, name, module, "the folder's module")
         modules[name] = module
-        if name in spec.text_encoders:
-            tok = folder / tokenizer_folder_name(name)
+        if name in family.text_encoders:
+            tokenizer = family.tokenizers[family.text_encoders.index(name)]
+            tok = shared.get(tokenizer, folder / tokenizer)
             if not tok.is_dir():
                 raise LdmExportError(f"diffusers folder {folder} has no {tok.name}/ (the tokenizer of {name}); copy it "
                                      "from the model's release")
-            tokenizers[name] = tok
+            tokenizers[tokenizer] = tok
     scale = modules["vae"].config.scaling_factor
-    if abs(float(scale) - spec.latent_scale) > 1e-6:
+    if abs(float(scale) - float(spec.vae.get("scaling_factor", scale))) > 1e-6:
         log.warning("%s/vae has scaling_factor %s, model %s %s; using the folder's", folder, scale, spec.name,
                     spec.latent_scale)
     return LoadedDiT(_finish(modules), "diffusers", files=files, tokenizer_dirs=tokenizers)
 
 
-def _check_structure(spec: DiTSpec, name: str, module: nn.Module, source: str) -> None:
+def _check_structure(spec: ModelSpec, name: str, module: nn.Module, source: str) -> None:
     with _parameters_on_meta():
-        reference = M.builders(spec)[name]()
+        reference = build_module(spec, name)
     _compare_state_dicts(name, {k: v.shape for k, v in module.state_dict().items()}, reference.state_dict(), spec.name,
                          source=source)
 
@@ -179,7 +189,7 @@ def _check_structure(spec: DiTSpec, name: str, module: nn.Module, source: str) -
 # ------------------------------------------------------------------------------------------------- single file
 
 
-def _load_single_file(spec: DiTSpec, path: Path, trust_pickle: bool) -> LoadedDiT:
+def _load_single_file(spec: ModelSpec, path: Path, trust_pickle: bool) -> LoadedDiT:
     if not os.access(path, os.R_OK):
         raise LdmExportError(f"cannot read {path} (permission denied); check the file's permissions")
     suffix = path.suffix.lower()
@@ -199,7 +209,7 @@ def _load_single_file(spec: DiTSpec, path: Path, trust_pickle: bool) -> LoadedDi
     return LoadedDiT(_finish(modules), "single-file", sha256=digest, files={path.name: digest})
 
 
-def _convert_single_file(spec: DiTSpec, path: Path, checkpoint) -> dict[str, nn.Module]:
+def _convert_single_file(spec: ModelSpec, path: Path, checkpoint) -> dict[str, nn.Module]:
     from diffusers.loaders import single_file_utils as sfu
 
     keys = checkpoint.keys()
@@ -207,9 +217,10 @@ def _convert_single_file(spec: DiTSpec, path: Path, checkpoint) -> dict[str, nn.
     if unet_key is not None:
         raise LdmExportError(f"{path.name} holds a U-Net, not the transformer of '{spec.name}': its key '{unet_key}' "
                              "has no place in a DiT checkpoint; pass the --model it belongs to (sd15, sd21, ...)")
-    if spec.transformer_kind == FLUX_TRANSFORMER:
-        raise LdmExportError(f"{path.name}: single-file FLUX checkpoints are not supported yet (their text encoders "
-                             "and VAE ship separately); pass a diffusers folder of the FLUX.1 pipeline")
+    family = spec.family_def
+    if family.module("transformer").class_name != "SD3Transformer2DModel" or len(family.text_encoders) != 3:
+        raise LdmExportError(f"{path.name}: single-file checkpoints are read in Stability's SD3 layout only; for "
+                             f"'{spec.name}' (FLUX's text encoders and VAE ship separately) pass a diffusers folder")
     marker = "model.diffusion_model.joint_blocks."
     if not any(k.startswith(marker) for k in keys):
         other = next((f"'{k}' ({w})" for m, w in DIT_MARKERS.items() for k in keys if k.startswith(m)), None)
@@ -225,7 +236,7 @@ def _convert_single_file(spec: DiTSpec, path: Path, checkpoint) -> dict[str, nn.
                              "folder, or the single file that includes them")
     state = checkpoint.take((VAE_PREFIX,))
     modules["vae"] = _adopt(spec, "vae", _convert("vae", path, lambda: sfu.convert_ldm_vae_checkpoint(state, spec.vae)))
-    roles = dict(zip(spec.text_encoders, ("clip_l", "clip_g", "t5xxl")))
+    roles = dict(zip(family.text_encoders, ("clip_l", "clip_g", "t5xxl")))
     for name, role in roles.items():
         prefix = SD3_TEXT_PREFIXES[role]
         if not any(k.startswith(prefix) for k in keys):
@@ -237,7 +248,7 @@ def _convert_single_file(spec: DiTSpec, path: Path, checkpoint) -> dict[str, nn.
         if role == "t5xxl":
             converted.setdefault("encoder.embed_tokens.weight", converted.get("shared.weight"))
         modules[name] = _adopt(spec, name, {k: v for k, v in converted.items() if v is not None})
-    return {name: modules[name] for name in (*spec.text_encoders, "transformer", "vae")}
+    return {m.name: modules[m.name] for m in family.modules}
 
 
 def _convert(name: str, path: Path, convert) -> dict[str, torch.Tensor]:
@@ -249,10 +260,10 @@ def _convert(name: str, path: Path, convert) -> dict[str, torch.Tensor]:
     return {k: v for k, v in converted.items() if v is not None}
 
 
-def _adopt(spec: DiTSpec, name: str, state: dict[str, torch.Tensor]) -> nn.Module:
+def _adopt(spec: ModelSpec, name: str, state: dict[str, torch.Tensor]) -> nn.Module:
     """Build ``name`` on meta, compare keys and shapes (naming the first difference), then adopt the tensors."""
     with _parameters_on_meta():
-        module = M.builders(spec)[name]()
+        module = build_module(spec, name)
     expected = module.state_dict()
     for key in [k for k in state if k not in expected and k.endswith("position_ids")]:
         del state[key]  # CLIP's non-persistent buffer, stored by older exports

@@ -191,3 +191,8 @@ def _demo_spec() -> ModelSpec:
 
 DEMO = _demo_spec()
 MODELS[DEMO.name] = DEMO
+
+# the DiT families' architectures (SD3, SD 3.5, FLUX.1, their tiny test models, the demo DiT)
+from ldm_export.zoo_dit import dit_models  # noqa: E402
+
+MODELS.update(dit_models(ModelSpec))

@@ -114,6 +114,6 @@ class Bundle:
 
     @property
     def model_hash(self) -> str:
-        """A1111-style short hash: first 10 hex digits of the UNet graph's sha256."""
-        rel = self.manifest["components"]["unet"]["files"][0]
+        """A1111-style short hash: first 10 hex digits of the denoiser graph's sha256 (UNet or transformer)."""
+        rel = self.manifest["components"][self.family.denoiser]["files"][0]
         return self.manifest["files"][rel]["sha256"][:10]

@@ -55,8 +55,6 @@ class Pipeline:
     """Stable Diffusion text-to-image over a bundle's engines, numpy only."""
 
     def __init__(self, bundle: Bundle, engines: Mapping[str, Engine], tokenizer=None, cfg_mode: str = "batch2"):
-        from .tokenizer import ClipTokenizer
-
         if cfg_mode not in CFG_MODES:
             raise LdmExportError(f"unknown cfg mode '{cfg_mode}'; choose one of: {', '.join(CFG_MODES)}")
         self.bundle = bundle
@@ -64,7 +62,7 @@ class Pipeline:
         model = bundle.model
         self.family = get_family(model.get("family", "sd1"))
         # one tokenizer per text encoder, from the bundle's folders (``tokenizer`` replaces the first)
-        self.tokenizers = {name: ClipTokenizer(bundle.path / name) if k or tokenizer is None else tokenizer
+        self.tokenizers = {name: self.family.load_tokenizer(bundle, name) if k or tokenizer is None else tokenizer
                            for k, name in enumerate(self.family.tokenizers)}
         self.tokenizer = self.tokenizers[self.family.tokenizers[0]]
         self.cfg_mode = cfg_mode
@@ -120,12 +118,13 @@ class Pipeline:
         for n in scalar:
             feeds[n] = np.asarray(np.asarray(feeds[n]).reshape(-1)[0])
         if bound and getattr(engine, "static", False) and hasattr(engine, "run_partial"):
-            if sample.shape[0] == inputs["sample"].shape[0]:  # the static batch
+            if sample.shape[0] == inputs[family.step_inputs[0]].shape[0]:  # the static batch
                 step = {n: np.asarray(feeds[n]).astype(inputs[n].dtype, copy=False) for n in family.step_inputs}
-                return engine.run_partial(step)[family.denoiser_output].astype(np.float32)
-        batched = [n for n, x in inputs.items() if n not in scalar and x.shape]
+                out = engine.run_partial(step)[family.denoiser_output]
+                return family.from_denoiser(out, sample).astype(np.float32)
+        batched = [n for n, x in inputs.items() if n not in scalar and x.shape and n not in family.unbatched_inputs]
         out = run_batched(engine, feeds, batched)
-        return out[family.denoiser_output].astype(np.float32)
+        return family.from_denoiser(out[family.denoiser_output], sample).astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents (B, C, h, w) as the sampler returns them -> images (B, 3, H, W) in [-1, 1]."""
@@ -186,9 +185,9 @@ class Pipeline:
         if noise is None:
             noise = lambda s: rng.standard_normal(s)  # noqa: E731  the stochastic samplers' draws
 
-        do_cfg = guidance_scale > 1.0
-        cond = self.encode(prompts)
-        uncond = self.encode(negatives) if do_cfg else None
+        do_cfg = self.family.uses_cfg(guidance_scale)
+        cond = self.family.prepare_conditioning(self, self.encode(prompts), guidance_scale)
+        uncond = self.family.prepare_conditioning(self, self.encode(negatives), guidance_scale) if do_cfg else None
         step = {"i": 0}
         bound = {"cond": None}  # the conditioning the denoiser engine was last fed (guided_denoiser reuses one)
         denoiser = self.family.denoiser
@@ -199,15 +198,17 @@ class Pipeline:
             check_finite(denoiser, {self.family.denoiser_output: out}, f" at step {step['i'] + 1} of {num_inference_steps}")
             return out
 
-        model = guided_denoiser(unet_fn, cond, uncond, guidance_scale, guidance_rescale=guidance_rescale,
-                                batch_mode=self.cfg_mode)
+        # a family without a CFG batch (FLUX) gets its guidance through the conditioning: no CFG here
+        model = guided_denoiser(unet_fn, cond, uncond, guidance_scale if do_cfg else 1.0,
+                                guidance_rescale=guidance_rescale, batch_mode=self.cfg_mode)
 
         def on_step(i, n, x):
             step["i"] = i + 1
             if callback is not None:
                 callback(i, n, x)
 
-        final = sample(model, latents, sched_cfg, num_inference_steps, noise=noise, callback=on_step)
+        final = sample(model, latents, sched_cfg, num_inference_steps, noise=noise, callback=on_step,
+                       **self.family.schedule_arguments(sched_cfg, num_inference_steps, latents.shape))
         if return_latents:
             return final
         images = latents_to_images(self.decode(np.asarray(final, dtype=np.float32)))
@@ -221,12 +222,15 @@ class Pipeline:
     def _size(self, width, height) -> tuple[int, int]:
         width = self.resolution if width is None else width
         height = self.resolution if height is None else height
-        f = self.vae_scale_factor
+        multiple = self.family.image_multiple(self.bundle.module_configs)
         for name, v in (("width", width), ("height", height)):
-            if not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
-                raise LdmExportError(f"{name} must be a positive multiple of {f}, got {v!r}")
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
+                raise LdmExportError(f"{name} must be a positive multiple of {multiple}, got {v!r}")
+        f = self.vae_scale_factor
         uspec: ComponentSpec = self.engines[self.family.denoiser].spec
         sample_shape = uspec.inputs[0].shape
+        if len(sample_shape) != 4:  # packed tokens (FLUX): the family's spec checks the token count
+            return int(width), int(height)
         for dim, v in ((sample_shape[2], height // f), (sample_shape[3], width // f)):
             if isinstance(dim, int) and dim != v:
                 raise LdmExportError(f"this bundle was built with static shapes for {sample_shape[3] * f}x{sample_shape[2] * f}; "

@@ -10,18 +10,18 @@ import pytest
 torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
 
-from ldm_export.export.dit_models import build_random  # noqa: E402
+from ldm_export.export.models import build_random  # noqa: E402
 from ldm_export.export.dit_weights import load_dit_weights  # noqa: E402
 from ldm_export.export.t5_tokenizer import write_standin_t5_tokenizer  # noqa: E402
 from ldm_export.runtime.errors import LdmExportError  # noqa: E402
 from ldm_export.runtime.tokenizer import write_tokenizer_files  # noqa: E402
 from ldm_export.zoo import TINY  # noqa: E402
-from ldm_export.zoo_dit import DIT_MODELS  # noqa: E402
+from ldm_export.zoo import get_model  # noqa: E402
 
 from dit_layout import to_sd3_single_file  # noqa: E402
 from ldm_layout import to_ldm_checkpoint  # noqa: E402
 
-SPEC = DIT_MODELS["tiny-sd3"]
+SPEC = get_model("tiny-sd3")
 
 
 def one_line(exc_info) -> str:
@@ -58,7 +58,7 @@ def sd3_folder(tmp_path_factory, modules):
 @pytest.fixture(scope="module")
 def sd3_file(tmp_path_factory, modules):
     path = tmp_path_factory.mktemp("single") / "tiny-sd3.safetensors"
-    save_file(to_sd3_single_file(modules, SPEC.transformer, SPEC.vae), str(path))
+    save_file(to_sd3_single_file(modules, SPEC.configs["transformer"], SPEC.vae), str(path))
     return path
 
 
@@ -66,8 +66,8 @@ def test_diffusers_folder_round_trip(sd3_folder, modules):
     loaded = load_dit_weights(SPEC, sd3_folder)
     assert loaded.source == "diffusers"
     assert_same(modules, loaded.modules)
-    assert set(loaded.tokenizer_dirs) == {"text_encoder", "text_encoder_2", "text_encoder_3"}
-    assert loaded.tokenizer_dirs["text_encoder_3"].name == "tokenizer_3"
+    assert set(loaded.tokenizer_dirs) == {"tokenizer", "tokenizer_2", "tokenizer_3"}
+    assert loaded.tokenizer_dirs["tokenizer_3"].name == "tokenizer_3"
     assert "transformer/config.json" in loaded.files
 
 
@@ -126,7 +126,10 @@ def test_dit_folder_for_unet_model_is_refused(sd3_folder):
 
 
 def test_wrong_architecture_names_the_first_mismatching_key(sd3_file, tmp_path):
-    other = DIT_MODELS["tiny-sd3"].__class__(**{**SPEC.__dict__, "transformer": SPEC.transformer | {"num_layers": 3}})
+    import dataclasses
+
+    other = dataclasses.replace(SPEC, extra_configs={**SPEC.extra_configs, "transformer":
+                                                      SPEC.extra_configs["transformer"] | {"num_layers": 3}})
     with pytest.raises(LdmExportError) as e:
         load_dit_weights(other, sd3_file)
     # a 2-layer checkpoint's last block is context-pre-only (6 -> 2 modulations); in 3 layers block 1 is not
@@ -136,7 +139,7 @@ def test_wrong_architecture_names_the_first_mismatching_key(sd3_file, tmp_path):
 
 def test_transformer_only_single_file_says_what_is_missing(modules, tmp_path):
     path = tmp_path / "bare.safetensors"
-    save_file(to_sd3_single_file(modules, SPEC.transformer, SPEC.vae, text_encoders=()), str(path))
+    save_file(to_sd3_single_file(modules, SPEC.configs["transformer"], SPEC.vae, text_encoders=()), str(path))
     with pytest.raises(LdmExportError) as e:
         load_dit_weights(SPEC, path)
     assert "has no clip_l weights" in one_line(e)
@@ -146,5 +149,5 @@ def test_flux_single_file_is_refused_with_what_to_do(tmp_path):
     path = tmp_path / "flux.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 3)}, str(path))
     with pytest.raises(LdmExportError) as e:
-        load_dit_weights(DIT_MODELS["tiny-flux"], path)
+        load_dit_weights(get_model("tiny-flux"), path)
     assert "pass a diffusers folder" in one_line(e)

@@ -154,7 +154,45 @@ class Family:
         return {"batch": self.component(component).static_batch, "height": side, "width": side,
                 "sequence": max_length, "image_height": resolution, "image_width": resolution}
 
+    def keep_fp32(self, component: str, configs: Mapping[str, Mapping[str, Any]]) -> bool:
+        """Whether an fp16 build keeps ``component`` whole in fp32 (a VAE whose config sets ``force_upcast``)."""
+        return False
+
+    @property
+    def pad_tokens(self) -> tuple[str | None, ...]:
+        """What each tokenizer pads with (None: the tokenizer file says)."""
+        return (self.pad_token,) * len(self.tokenizers)
+
     # -- runtime ----------------------------------------------------------------------------------------
+    # denoiser inputs that have no batch axis (FLUX's position ids): never split or padded along axis 0
+    unbatched_inputs: tuple[str, ...] = ()
+
+    def load_tokenizer(self, bundle, name: str):
+        """The tokenizer in the bundle's folder ``name`` (CLIP's BPE unless the family says otherwise)."""
+        from ..tokenizer import ClipTokenizer
+
+        return ClipTokenizer(bundle.path / name)
+
+    def image_multiple(self, configs: Mapping[str, Mapping[str, Any]]) -> int:
+        """Image sides the pipeline accepts are multiples of this many pixels."""
+        return self.latent_format(configs).vae_scale_factor
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """Classifier-free guidance with an unconditional batch (diffusers: only above 1)."""
+        return guidance_scale > 1.0
+
+    def prepare_conditioning(self, pipe: "Pipeline", cond: Conditioning, guidance_scale: float) -> Conditioning:
+        """The record the denoiser sees (FLUX-dev adds its guidance scale as an input)."""
+        return cond
+
+    def schedule_arguments(self, scheduler_config: Mapping[str, Any], steps: int, latent_shape: tuple) -> dict:
+        """Extra arguments of the sampler's schedule (flow matching's ``mu`` and ``sigmas``, as a pipeline passes)."""
+        return {}
+
+    def from_denoiser(self, out: np.ndarray, sample: np.ndarray) -> np.ndarray:
+        """The denoiser's output in the sampler's latent layout (FLUX unpacks its tokens)."""
+        return out
+
     def encode(self, pipe: "Pipeline", prompts: Sequence[str]) -> Conditioning:
         raise NotImplementedError(f"family {self.name} does not say how prompts become conditioning")
 
