@@ -97,7 +97,8 @@ def time_components(pipe, repeats: int, warmup: int, guidance_scale: float, devi
     side = pipe.resolution // lf.vae_scale_factor
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, lf.channels, side, side)).astype(np.float32)
-    cond = family.prepare_conditioning(pipe, pipe.encode(prompts), guidance_scale)
+    cond = family.prepare(pipe.encode(prompts), width=pipe.resolution, height=pipe.resolution,
+                          guidance_scale=guidance_scale)
     if not family.uses_cfg(guidance_scale):
         cond = cond.rows(1, 2)
     sample = np.concatenate([x] * cond.batch)

@@ -118,13 +118,12 @@ class Pipeline:
         for n in scalar:
             feeds[n] = np.asarray(np.asarray(feeds[n]).reshape(-1)[0])
         if bound and getattr(engine, "static", False) and hasattr(engine, "run_partial"):
-            if sample.shape[0] == inputs[family.step_inputs[0]].shape[0]:  # the static batch
+            latents_in = family.step_inputs[0]
+            if np.shape(feeds[latents_in])[0] == inputs[latents_in].shape[0]:  # the static batch
                 step = {n: np.asarray(feeds[n]).astype(inputs[n].dtype, copy=False) for n in family.step_inputs}
-                out = engine.run_partial(step)[family.denoiser_output]
-                return family.from_denoiser(out, sample).astype(np.float32)
+                return family.prediction(engine.run_partial(step), sample).astype(np.float32)
         batched = [n for n, x in inputs.items() if n not in scalar and x.shape and n not in family.unbatched_inputs]
-        out = run_batched(engine, feeds, batched)
-        return family.from_denoiser(out[family.denoiser_output], sample).astype(np.float32)
+        return family.prediction(run_batched(engine, feeds, batched), sample).astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents (B, C, h, w) as the sampler returns them -> images (B, 3, H, W) in [-1, 1]."""
@@ -185,9 +184,15 @@ class Pipeline:
         if noise is None:
             noise = lambda s: rng.standard_normal(s)  # noqa: E731  the stochastic samplers' draws
 
-        do_cfg = self.family.uses_cfg(guidance_scale)
-        cond = self.family.prepare_conditioning(self, self.encode(prompts), guidance_scale)
-        uncond = self.family.prepare_conditioning(self, self.encode(negatives), guidance_scale) if do_cfg else None
+        family = self.family
+        sched_cfg = family.scheduler_config(sched_cfg, width=width, height=height)
+        do_cfg = family.uses_cfg(guidance_scale)
+
+        def conditioning(texts: list[str]) -> Conditioning:
+            return family.prepare(self.encode(texts), width=width, height=height, guidance_scale=guidance_scale)
+
+        cond = conditioning(prompts)
+        uncond = conditioning(negatives) if do_cfg else None
         step = {"i": 0}
         bound = {"cond": None}  # the conditioning the denoiser engine was last fed (guided_denoiser reuses one)
         denoiser = self.family.denoiser
@@ -198,9 +203,8 @@ class Pipeline:
             check_finite(denoiser, {self.family.denoiser_output: out}, f" at step {step['i'] + 1} of {num_inference_steps}")
             return out
 
-        # a family without a CFG batch (FLUX) gets its guidance through the conditioning: no CFG here
-        model = guided_denoiser(unet_fn, cond, uncond, guidance_scale if do_cfg else 1.0,
-                                guidance_rescale=guidance_rescale, batch_mode=self.cfg_mode)
+        model = guided_denoiser(unet_fn, cond, uncond, guidance_scale if do_cfg else 1.0, guidance_rescale=guidance_rescale,
+                                batch_mode=self.cfg_mode)
 
         def on_step(i, n, x):
             step["i"] = i + 1

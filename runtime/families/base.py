@@ -177,21 +177,10 @@ class Family:
         """Image sides the pipeline accepts are multiples of this many pixels."""
         return self.latent_format(configs).vae_scale_factor
 
-    def uses_cfg(self, guidance_scale: float) -> bool:
-        """Classifier-free guidance with an unconditional batch (diffusers: only above 1)."""
-        return guidance_scale > 1.0
-
-    def prepare_conditioning(self, pipe: "Pipeline", cond: Conditioning, guidance_scale: float) -> Conditioning:
-        """The record the denoiser sees (FLUX-dev adds its guidance scale as an input)."""
-        return cond
-
     def schedule_arguments(self, scheduler_config: Mapping[str, Any], steps: int, latent_shape: tuple) -> dict:
-        """Extra arguments of the sampler's schedule (flow matching's ``mu`` and ``sigmas``, as a pipeline passes)."""
+        """Extra arguments of the sampler's schedule, as a pipeline hands them to ``set_timesteps`` beside the config:
+        FLUX's own sigmas linspace(1, 1/n, n) and its ``mu`` (a config cannot express that sigma list)."""
         return {}
-
-    def from_denoiser(self, out: np.ndarray, sample: np.ndarray) -> np.ndarray:
-        """The denoiser's output in the sampler's latent layout (FLUX unpacks its tokens)."""
-        return out
 
     def encode(self, pipe: "Pipeline", prompts: Sequence[str]) -> Conditioning:
         raise NotImplementedError(f"family {self.name} does not say how prompts become conditioning")
@@ -199,6 +188,24 @@ class Family:
     def denoiser_feeds(self, sample: np.ndarray, timestep: np.ndarray, cond: Conditioning) -> dict[str, np.ndarray]:
         """The denoiser's feeds for latents ``sample`` (N, C, h, w) at ``timestep`` (N,) under ``cond`` (N rows)."""
         raise NotImplementedError(f"family {self.name} does not say what its denoiser is fed")
+
+    def prediction(self, outputs: Mapping[str, np.ndarray], sample: np.ndarray) -> np.ndarray:
+        """The denoiser's prediction in the latents' layout (N, C, h, w) (FLUX unpacks its 2x2 tokens here)."""
+        return outputs[self.denoiser_output]
+
+    def prepare(self, cond: Conditioning, *, width: int, height: int, guidance_scale: float) -> Conditioning:
+        """Per-request conditioning that is not text: SDXL's size/crop time ids, FLUX's position ids and distilled
+        guidance. Called once per request on the cond and uncond records."""
+        return cond
+
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """Whether ``guidance_scale`` means classifier-free guidance (two passes); guidance-distilled models
+        (FLUX) take it as an input instead."""
+        return guidance_scale > 1.0
+
+    def scheduler_config(self, config: Mapping[str, Any], *, width: int, height: int) -> dict[str, Any]:
+        """The scheduler config for one request (FLUX's resolution-dependent shift is resolved here)."""
+        return dict(config)
 
 
 _FAMILIES: dict[str, Family] = {}

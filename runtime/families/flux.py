@@ -79,9 +79,8 @@ class Flux(TransformerFamily):
     def uses_cfg(self, guidance_scale: float) -> bool:
         return False  # distilled: dev's guidance is an input, schnell has none
 
-    def prepare_conditioning(self, pipe, cond: Conditioning, guidance_scale: float) -> Conditioning:
-        if not pipe.bundle.module_configs["transformer"].get("guidance_embeds"):
-            return cond
+    def prepare(self, cond: Conditioning, *, width: int, height: int, guidance_scale: float) -> Conditioning:
+        # the distilled guidance scale as an input (FLUX-dev); schnell's graph has no such input and ignores it
         guidance = np.full((cond.batch,), guidance_scale, np.float32)
         return Conditioning(cond.context, cond.pooled, {**cond.extras, "guidance": guidance})
 
@@ -101,5 +100,5 @@ class Flux(TransformerFamily):
             feeds["guidance"] = cond.extras["guidance"]
         return feeds
 
-    def from_denoiser(self, out: np.ndarray, sample: np.ndarray) -> np.ndarray:
-        return unpack_latents(out, sample.shape[-2], sample.shape[-1])
+    def prediction(self, outputs, sample: np.ndarray) -> np.ndarray:
+        return unpack_latents(outputs[self.denoiser_output], sample.shape[-2], sample.shape[-1])

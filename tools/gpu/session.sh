@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One GPU session, run in the background so that a lease's short calls can poll it.
+#   bash tools/gpu/session.sh unpack PART...     reassemble staged wheel parts (core.NN, ray.NN) and install them
+#   bash tools/gpu/session.sh start STEP...      run the steps in order, in a new process session, and return
+#   bash tools/gpu/session.sh status             print each step's state and log tail; copy every log to $OUT
+# Steps run the per-topic scripts of tools/gpu/ with OUT=/tmp/gpu/STEP and SD15_BUNDLE=/tmp/sd15-cuda-fp16.
+# Step names: sd15 (build the static fp16 cuda SD 1.5 bundle), first_image, tensorrt, int8, serve, sdxl, sd3;
+# "a+b" runs a and b at the same time (builds that load the CPU while the GPU is idle).
+set -u
+G=/tmp/gpu; mkdir -p $G
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site:$PWD SD15_BUNDLE=/tmp/sd15-cuda-fp16
+run_step() {
+  local s=$1; mkdir -p $G/$s; echo "running $(date +%T)" > $G/$s.state
+  local t0=$(date +%s)
+  case $s in
+    sd15) OUT=$G/$s bash -c 'set -o pipefail; /usr/bin/time -v python3 -m ldm_export.cli build --model sd15 --random-weights --precision fp16 --target cuda --static-shape --out $SD15_BUNDLE --force 2>&1 | grep -v Warning | tail -40 > $OUT/build.log' ;;
+    *) OUT=$G/$s bash tools/gpu/$s.sh > $G/$s/run.log 2>&1 ;;
+  esac
+  echo "exit $? after $(( $(date +%s) - t0 )) s ($(date +%T))" > $G/$s.state
+}
+case "$1" in
+  unpack)
+    shift; mkdir -p /tmp/stg
+    for p in "$@"; do cp .stage/$p /tmp/stg/; done
+    for kind in core ray; do
+      ls /tmp/stg/$kind.* >/dev/null 2>&1 || continue
+      cat /tmp/stg/$kind.* | tar xf - -C /tmp/stg && rm /tmp/stg/$kind.*
+    done
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/stg/*.whl 2>&1 | tail -3
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install -e . failed"
+    python3 -c "import torch; import onnxruntime as o; print('ort', o.__version__, o.get_available_providers())"
+    ;;
+  start)
+    shift
+    setsid bash -c "for s in $*; do if [[ \$s == *+* ]]; then for x in \${s//+/ }; do bash $0 one \$x & done; wait; else bash $0 one \$s; fi; done; echo all-done > $G/ALL" \
+      > $G/session.log 2>&1 < /dev/null &
+    echo started "$@"
+    ;;
+  one) run_step "$2" ;;
+  status)
+    for f in $G/*.state; do [ -f "$f" ] && echo "$(basename $f .state): $(cat $f)"; done
+    [ -f $G/ALL ] && echo ALL DONE
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+    for d in $G/*/; do for f in $d*.log; do [ -f "$f" ] && { echo "== $f"; tail -n ${TAIL:-6} "$f"; }; done; done
+    [ -n "${OUT:-}" ] && find $G -type f -size -4M ! -name '*.onnx*' ! -name '*.safetensors' ! -name '*.plan' ! -name '*.engine' -printf '%P\n' | tar czf $OUT/gpu-logs.tgz -C $G -T - 2>/dev/null
+    ;;
+esac
