@@ -152,3 +152,44 @@ def test_static_shape_bundle_matches_dynamic(built, tmp_path):
     b = Pipeline.from_bundle(static)(PROMPT, num_inference_steps=3, guidance_scale=4.0, latents=latents,
                                      return_latents=True)
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_demo_dit_folder_reuses_the_demo_models_clip_and_vae(tmp_path):
+    """A demo-dit folder as train_dit installs it (transformer + scheduler; CLIP, VAE, tokenizer shared from the
+    demo U-Net model's folder) builds, and the bundle generates 64 px images through the same Pipeline."""
+    import shutil
+    from pathlib import Path
+
+    import ldm_export
+    from ldm_export.demo import train_dit
+    from ldm_export.export.models import build_module
+
+    spec = get_model("demo-dit")
+    shutil.copytree(Path(ldm_export.__file__).parent / "assets" / "demo", tmp_path / "demo")
+    trained = tmp_path / "trained"
+    torch.manual_seed(0)
+    build_module(spec, "transformer").save_pretrained(str(trained / "transformer"))
+    (trained / "scheduler").mkdir()
+    (trained / "scheduler" / "scheduler_config.json").write_text(json.dumps(spec.scheduler))
+    folder = train_dit.install(trained, tmp_path / "demo-dit")
+    bundle = tmp_path / "bundle"
+    manifest = build(BuildConfig(model="demo-dit", precision="fp32", weights=folder, out=bundle))
+    assert manifest["model"]["family"] == "demo-dit" and manifest["model"]["max_length"] == 32
+    assert manifest["components"]["transformer"]["spec"]["inputs"][1]["shape"] == ["batch", "text_sequence", 64]
+    pipe = Pipeline.from_bundle(bundle)
+    assert pipe.tokenizers["tokenizer"]("a red circle").shape == (1, 32)
+    images = pipe(["a red circle on the left", "a blue square"], num_inference_steps=3, guidance_scale=5.0, seed=0)
+    assert [im.size for im in images] == [(64, 64), (64, 64)]
+    assert "Euler" in images[0].info["parameters"]
+
+
+def test_dit_bench_runs_every_backend_on_the_same_pipeline(built, tmp_path):
+    from ldm_export.bench.run import BenchConfig, run_bench
+
+    result = run_bench(BenchConfig(bundle=built["tiny-flux"][0], device="cpu", backends=("torch-eager", "ort"),
+                                   steps=2, repeats=1, e2e_repeats=1, warmup=0, out=tmp_path))
+    for name in ("torch-eager", "ort"):
+        entry = result["backends"][name]
+        assert "error" not in entry, entry
+        assert entry["components"]["unet_step"]["median_ms"] > 0 and entry["fidelity"]["psnr_db"] > 40
+    assert (tmp_path / "bench_tiny-flux_cpu.md").is_file()

@@ -168,9 +168,35 @@ def load_demo_parts(device):
     return text_encoder, vae, load_tokenizer(DEMO_ASSETS / "tokenizer")
 
 
+def install(src: str | Path, dest: str | Path | None = None) -> Path:
+    """Copy a trained ``DIR/model`` (transformer/, scheduler/) into the package's ``assets/demo-dit`` with the
+    model_index.json that points the text encoder, VAE and tokenizer at the demo U-Net model's folders."""
+    src = Path(src)
+    dest = Path(dest) if dest else DEMO_ASSETS.parent / "demo-dit"
+    for sub in ("transformer", "scheduler"):
+        if not (src / sub / "config.json").is_file() and not (src / sub / "scheduler_config.json").is_file():
+            raise SystemExit(f"{src / sub} is missing; pass the model/ folder train_dit.py wrote")
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for sub in ("transformer", "scheduler"):
+        shutil.copytree(src / sub, dest / sub)
+    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.35.2",
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "transformer": ["diffusers", "SD3Transformer2DModel"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "vae": ["diffusers", "AutoencoderKL"],
+             # read by ldm_export.export.dit_weights: these modules are the demo U-Net model's, not copies
+             "_ldm_export_shared": {"text_encoder": "../demo/text_encoder", "vae": "../demo/vae",
+                                    "tokenizer": "../demo/tokenizer"}}
+    (dest / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return dest
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the embedded demo DiT (SD3-class MMDiT, flow matching).")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="output folder (model/, train_log.jsonl, grid.png)")
+    p.add_argument("--install", metavar="MODEL_DIR", help="only copy a trained DIR/model into ldm_export/assets/demo-dit")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=60000)
@@ -193,6 +219,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.install:
+        print(f"installed the demo DiT into {install(args.install)}")
+        return
+    if not args.out:
+        raise SystemExit("--out is required for training")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
