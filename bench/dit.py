@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm_export.runtime.errors import LdmExportError
 
 from .run import BenchConfig, Progress, _gpu_used_mb, _Skip, image_fidelity, stats, timed, write_reports
 

@@ -108,6 +108,9 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
     embedded = weights_path is None and not cfg.random_weights
     if embedded:
         weights_path = embedded_weights_path(spec)
+        if not weights_path.exists():
+            raise LdmExportError(f"the embedded weights of '{spec.name}' are not installed ({weights_path}); train "
+                                 "and install them (docs/dit.md), or pass --weights PATH or --random-weights")
     loaded = load_weights(spec, weights_path, random_weights=cfg.random_weights, seed=cfg.seed,
                           trust_pickle=cfg.trust_pickle)
     modules = loaded.modules

@@ -320,7 +320,9 @@ def main(argv=None) -> int:
         "config is Stable Diffusion 1.5's (scaled_linear betas, leading spacing, steps_offset 1); sampler names "
         "resolve through `resolve_scheduler`. Error is max |ours − diffusers| / max |diffusers|. "
         "DPM++ 2S a has no diffusers class: it is compared with a direct torch transcription of k-diffusion's "
-        "`sample_dpmpp_2s_ancestral` (see `kdiffusion_2s_ancestral_reference`).",
+        "`sample_dpmpp_2s_ancestral` (see `kdiffusion_2s_ancestral_reference`). The FLUX rows use FLUX.1's "
+        "scheduler configs and pass what `FluxPipeline` hands to `set_timesteps` (its sigmas linspace(1, 1/n, n) and "
+        "mu from the packed token count through `calculate_shift` over the config's base/max values) to both sides.",
         "",
         "Residual errors of 1e-7 to 1e-6 come from diffusers' float32 arithmetic: its tables (betas, "
         "alphas_cumprod, sigmas) and scalar coefficients are float32 tensors and several `step()`s cast the sample "

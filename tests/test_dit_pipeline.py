@@ -2,7 +2,6 @@
 StableDiffusion3Pipeline / FluxPipeline on the same weights, tokenizers and initial noise (PSNR >= 40 dB)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 
@@ -12,110 +11,27 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ldm_export.export.build import BuildConfig, build  # noqa: E402
-from ldm_export.export.models import build_random  # noqa: E402
-from ldm_export.export.t5_tokenizer import write_standin_t5_tokenizer  # noqa: E402
 from ldm_export.runtime import Pipeline  # noqa: E402
 from ldm_export.runtime.errors import LdmExportError  # noqa: E402
-from ldm_export.runtime.tokenizer import write_tokenizer_files  # noqa: E402
-from ldm_export.zoo import MODELS, get_model  # noqa: E402
-
-PROMPT = "a red circle on the left"
-STEPS = 6
-PSNR_TARGET = 40.0
-# FLUX.1 [schnell] at tiny size: no guidance embedding, static shift 1
-TINY_SCHNELL = dataclasses.replace(
-    get_model("tiny-flux"), name="tiny-flux-schnell",
-    extra_configs={**get_model("tiny-flux").extra_configs,
-                   "transformer": get_model("tiny-flux").extra_configs["transformer"] | {"guidance_embeds": False}},
-    scheduler=get_model("flux-schnell").scheduler)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR of two images in [-1, 1] (peak-to-peak 2)."""
-    mse = float(np.mean((np.clip(a, -1, 1) - np.clip(b, -1, 1)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
-
-
-def diffusers_folder(spec, root, seed: int = 11):
-    """A diffusers folder of ``spec`` with random weights and tokenizers (CLIP's BPE, a stand-in T5)."""
-    modules = build_random(spec, seed)
-    folder = root / "pipe"
-    for name, module in modules.items():
-        module.save_pretrained(str(folder / name))
-    family = spec.family_def
-    for name, cls, pad in zip(family.tokenizers, family.tokenizer_classes, family.pad_tokens):
-        if cls == "T5TokenizerFast":
-            write_standin_t5_tokenizer(folder / name, vocab_size=800)
-        else:
-            write_tokenizer_files(folder / name, pad_token=pad)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": family.pipeline_class}))
-    return folder, modules
-
+from ldm_export.zoo import get_model  # noqa: E402
+from ldm_export.parity.pipelines import (CASES, PROMPT, PSNR_TARGET, TINY_SCHNELL, build_case,  # noqa: E402
+                                         compare_case)
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """name -> (bundle, diffusers folder, modules) for tiny-sd3, tiny-flux (dev-like) and a schnell variant."""
+    """name -> (bundle, diffusers folder, modules, spec) for tiny-sd3, tiny-flux (dev-like) and a schnell variant."""
     out = {}
     for spec in (get_model("tiny-sd3"), get_model("tiny-flux"), TINY_SCHNELL):
-        root = tmp_path_factory.mktemp(spec.name)
-        folder, modules = diffusers_folder(spec, root)
-        MODELS[spec.name] = spec  # the schnell variant, for the build's get_model
-        try:
-            build(BuildConfig(model=spec.name, precision="fp32", weights=folder, out=root / "bundle"))
-        finally:
-            if spec is TINY_SCHNELL:
-                del MODELS[spec.name]
-        out[spec.name] = (root / "bundle", folder, modules, spec)
+        out[spec.name] = (*build_case(spec, tmp_path_factory.mktemp(spec.name)), spec)
     return out
 
 
-def diffusers_pipeline(spec, folder, modules):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
-    from transformers import CLIPTokenizer, T5TokenizerFast
-
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config({k: v for k, v in spec.scheduler.items() if k != "_class_name"})
-    parts = {"transformer": modules["transformer"], "scheduler": scheduler, "vae": modules["vae"]}
-    for enc, tok, cls in zip(spec.family_def.text_encoders, spec.family_def.tokenizers, spec.family_def.tokenizer_classes):
-        parts[enc] = modules[enc]
-        parts[tok] = (T5TokenizerFast if cls == "T5TokenizerFast" else CLIPTokenizer).from_pretrained(str(folder / tok))
-    cls = StableDiffusion3Pipeline if spec.family == "sd3" else FluxPipeline
-    pipe = cls(**parts)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def reference(spec, folder, modules, latents: np.ndarray, guidance: float, negative: str | None = None):
-    """diffusers' pipeline on the same weights and noise: final latents (B, 16, h, w) and the decoded image."""
-    pipe = diffusers_pipeline(spec, folder, modules)
-    side = latents.shape[-1] * 8
-    with torch.no_grad():
-        if spec.family == "sd3":
-            out = pipe(PROMPT, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=guidance,
-                       latents=torch.from_numpy(latents), height=side, width=side,
-                       max_sequence_length=spec.max_length, output_type="latent").images
-        else:
-            from diffusers import FluxPipeline
-
-            packed = FluxPipeline._pack_latents(torch.from_numpy(latents), *latents.shape)
-            out = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=guidance, latents=packed, height=side,
-                       width=side, max_sequence_length=spec.max_length, output_type="latent").images
-            out = FluxPipeline._unpack_latents(out, side, side, 8)
-        image = pipe.vae.decode(out / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
-    return out.numpy(), image.numpy()
-
-
-@pytest.mark.parametrize("name,guidance,negative", [("tiny-sd3", 4.0, None), ("tiny-sd3", 5.0, "blurry, a square"),
-                                                    ("tiny-flux", 3.5, None), ("tiny-flux-schnell", 0.0, None)])
+@pytest.mark.parametrize("name,guidance,negative", CASES)
 def test_end_to_end_parity_with_diffusers_pipeline(built, name, guidance, negative):
     bundle, folder, modules, spec = built[name]
-    latents = np.random.default_rng(0).standard_normal((1, 16, 8, 8)).astype(np.float32)
-    pipe = Pipeline.from_bundle(bundle)
-    ours = pipe(PROMPT, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=guidance, latents=latents,
-                return_latents=True)
-    ours_image = pipe.decode(np.asarray(ours, np.float32))
-    ref_latents, ref_image = reference(spec, folder, modules, latents, guidance, negative)
-    assert np.abs(ours - ref_latents).max() < 1e-4 * np.abs(ref_latents).max()
-    assert psnr(ours_image, ref_image) >= PSNR_TARGET
+    r = compare_case(bundle, folder, modules, spec, guidance, negative)
+    assert r["latent_max_abs"] < 1e-4 * r["latent_ref_max"]
+    assert r["psnr_db"] >= PSNR_TARGET
 
 
 def test_guidance_changes_flux_dev_but_not_schnell(built):
@@ -193,3 +109,14 @@ def test_dit_bench_runs_every_backend_on_the_same_pipeline(built, tmp_path):
         assert "error" not in entry, entry
         assert entry["components"]["unet_step"]["median_ms"] > 0 and entry["fidelity"]["psnr_db"] > 40
     assert (tmp_path / "bench_tiny-flux_cpu.md").is_file()
+
+
+def test_missing_embedded_demo_dit_weights_is_one_line_error(tmp_path, monkeypatch):
+    import dataclasses
+
+    from ldm_export.zoo import MODELS
+
+    monkeypatch.setitem(MODELS, "demo-dit", dataclasses.replace(get_model("demo-dit"), embedded_weights="assets/absent"))
+    with pytest.raises(LdmExportError, match="embedded weights of 'demo-dit' are not installed.*--random-weights"):
+        build(BuildConfig(model="demo-dit", out=tmp_path / "b"))
+    assert not (tmp_path / "b").exists()

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldm_export.demo import config as demo_config
 from ldm_export.demo import dit_config as config
 from ldm_export.demo.data import caption, make_dataset
 from ldm_export.demo.train import _autocast, encode_all, load_text_encoder, load_tokenizer, log_line, lr_at, tokenize

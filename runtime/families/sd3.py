@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import LdmExportError
-from ..spec import ComponentSpec, text_encoder_spec, vae_decoder_spec
+from ..spec import ComponentSpec, vae_decoder_spec
 from ..spec_dit import clip_with_projection_spec, penultimate_name, sd3_transformer_spec, t5_encoder_spec
 from .base import Component, Conditioning, Family, Module, register
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On the GPU machine (an H200), from the repository root, one phase per call (each under ~8 minutes):
+# On the GPU machine (an H200), from the repository root. With no argument (as tools/gpu/session.sh runs it): build,
+# bench and flux in order, about 12 minutes in all. One phase per call:
 #   bash tools/gpu/sd3.sh build   the sd3-medium architecture with random weights as a static fp16 cuda bundle at
 #                                 1024² (CLIP-L, CLIP-G, T5-XXL, MMDiT with fused joint attention = one
 #                                 MultiHeadAttention per block, 16-channel VAE fp32 by force_upcast); each component
@@ -18,9 +19,13 @@ OUT=${OUT:-/tmp/sd3-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e . failed"; exit 1; }
 python3 -c "import torch, onnxruntime as o, diffusers; print('torch', torch.__version__, 'ort', o.__version__, o.get_available_providers(), 'diffusers', diffusers.__version__)" | tee "$OUT/versions.log"
 B=${BUNDLE:-/tmp/sd3-medium-cuda-fp16}
+if [ $# -eq 0 ]; then
+  for phase in build bench flux; do echo "== $phase $(date +%T)"; bash "$0" $phase; done
+  exit 0
+fi
 case "$1" in
   build)
-    /usr/bin/time -v timeout 560 python3 -m ldm_export.cli -v build --model sd3-medium --random-weights --precision fp16 \
+    /usr/bin/time -v timeout 420 python3 -m ldm_export.cli -v build --model sd3-medium --random-weights --precision fp16 \
       --target cuda --static-shape --out $B --force 2>&1 | grep -v Warning | tee "$OUT/sd3_build.log"
     [ -f $B/ldm_export.json ] && python3 -c "
 import json; m = json.load(open('$B/ldm_export.json'))
@@ -32,12 +37,12 @@ print(json.dumps(rows, indent=1))" | tee "$OUT/sd3_verification.json"
     ;;
   bench)
     [ -d $B ] || { echo "no bundle at $B: run 'bash tools/gpu/sd3.sh build' first"; exit 1; }
-    timeout 560 python3 -m ldm_export.cli bench --bundle $B --device cuda --backends ${BACKENDS:-torch-eager,torch-compile,ort} \
-      --steps 28 --guidance-scale 7.0 --repeats ${REPEATS:-10} --e2e-repeats 2 --warmup 3 --out "$OUT" 2>&1 \
+    timeout 300 python3 -m ldm_export.cli bench --bundle $B --device cuda --backends ${BACKENDS:-torch-eager,torch-compile,ort} \
+      --steps 28 --guidance-scale 7.0 --repeats ${REPEATS:-10} --e2e-repeats ${E2E_REPEATS:-1} --warmup 3 --out "$OUT" 2>&1 \
       | grep -v Warning | tee "$OUT/sd3_bench.log"
     ;;
   flux)
-    /usr/bin/time -v timeout 560 python3 tools/gpu/flux_export.py --out "$OUT" --work /tmp/flux-dev-transformer 2>&1 \
+    /usr/bin/time -v timeout 360 python3 tools/gpu/flux_export.py --out "$OUT" --work /tmp/flux-dev-transformer 2>&1 \
       | grep -v Warning | tee "$OUT/flux_export.log"
     ;;
   tests)

@@ -16,3 +16,8 @@ timeout 540 python3 -m ldm_export.demo.train_dit --out "$OUT" --device cuda --ba
   --seconds ${SECONDS_BUDGET:-240} --steps 100000 --log-every 200 --eval --eval-shifts 1 3 2>&1 \
   | grep -v Warning | tee -a "$OUT/train.log"
 ls -la "$OUT" "$OUT/model/transformer" | tee -a "$OUT/train.log"
+# the weights again in 3 MB parts (log collectors that skip large or .safetensors files keep these):
+#   cat weights.part-* > model/transformer/diffusion_pytorch_model.safetensors; sha256sum -c weights.sha256
+W="$OUT/model/transformer/diffusion_pytorch_model.safetensors"
+[ -f "$W" ] && (cd "$OUT" && split -b 3M -d "$W" weights.part- && sha256sum "model/transformer/diffusion_pytorch_model.safetensors" > weights.sha256 \
+  && cp model/transformer/config.json transformer_config.json && cp model/scheduler/scheduler_config.json scheduler_config.json)
