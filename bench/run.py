@@ -45,6 +45,7 @@ class BenchConfig:
     out: Path = Path("bench-out")
     notes: list[str] = field(default_factory=list)
     cuda_options: dict[str, str] = field(default_factory=dict)  # extra CUDA provider options for the ort backends
+    weights: Path | None = None  # the weights a bundle was built from (bundles record their name, not their path)
 
 
 def stats(times_s: list[float]) -> dict[str, float]:
@@ -358,7 +359,12 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
 
         loaded = load_weights(spec, embedded_weights_path(spec))
     else:
-        loaded = load_weights(spec, Path(weights_info["path"]))
+        if cfg.weights is None and any(b.startswith("torch") for b in cfg.backends):
+            raise LdmExportError(f"the bundle was built from the weights '{weights_info['path']}'; pass --weights PATH for "
+                                 "the PyTorch backends (a bundle keeps no paths of the machine that built it)")
+        loaded = load_weights(spec, Path(cfg.weights))
+        if weights_info.get("sha256") and loaded.sha256 and loaded.sha256 != weights_info["sha256"]:
+            raise LdmExportError(f"--weights {cfg.weights} are not the weights the bundle was built from (sha256 differs)")
     modules = loaded.modules
     torch.set_grad_enabled(False)
     if cfg.threads:

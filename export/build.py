@@ -12,6 +12,7 @@ from typing import Callable
 
 from ldm_export import __version__
 from ldm_export.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from ldm_export.runtime.checks import cap_threads
 from ldm_export.runtime.errors import LdmExportError
 from ldm_export.zoo import DEFAULT_MODEL, ModelSpec, get_model
 
@@ -20,7 +21,7 @@ from .precision import PRECISIONS
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("cpu", "cuda")
+TARGETS = ("cpu", "cuda", "tensorrt")
 # Optimum's model_index entries for ONNX Runtime pipelines by component kind, so its loader recognises the bundle.
 _ORT_CLASSES = {"clip_text": "ORTModelTextEncoder", "unet": "ORTModelUnet", "vae_decoder": "ORTModelVaeDecoder",
                 "vae_encoder": "ORTModelVaeEncoder"}
@@ -46,7 +47,8 @@ class BuildConfig:
         return "fp32" if component == "vae_decoder" and self.no_half_vae else self.precision
 
     def resolved_verify_provider(self) -> str:
-        return self.verify_provider or self.target
+        # tensorrt-target graphs are standard ONNX ops: ONNX Runtime's CPU provider verifies them anywhere
+        return self.verify_provider or ("cuda" if self.target == "cuda" else "cpu")
 
     def resolved_out(self) -> Path:
         return Path(self.out) if self.out else Path(f"{self.model}-{self.precision}")
@@ -82,7 +84,8 @@ def validate(cfg: BuildConfig) -> ModelSpec:
     if cfg.weights is None and not cfg.random_weights and spec.embedded_weights is None:
         raise LdmExportError(f"model '{spec.name}' needs weights: pass --weights PATH (a diffusers folder or a .safetensors "
                              "checkpoint) or --random-weights for the real architecture with random weights")
-    check_out_dir(cfg.resolved_out(), cfg.force)
+    check_out_dir(cfg.resolved_out(), cfg.force, cfg.weights)
+    cfg.threads = cap_threads(cfg.threads)
     return spec
 
 
@@ -133,12 +136,13 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
         },
         "weights": embedded_weights_info(spec, loaded) if embedded else
                    {"source": loaded.source, "sha256": loaded.sha256, "seed": loaded.seed,
-                    "path": str(weights_path) if weights_path and loaded.source != "random" else None},
+                    # the name alone: a full path would name the build machine's folders
+                    "path": Path(weights_path).name if weights_path and loaded.source != "random" else None},
         "target": cfg.target, "static_shape": cfg.static_shape, "verify_provider": cfg.resolved_verify_provider(),
         "components": {}, "files": {},
         "tools": _tool_versions(),
     }
-    with staging(out, cfg.force) as stage:
+    with staging(out, cfg.force, cfg.weights) as stage:
         for component in spec.components:
             cspec = specs[component]
             dims = static_dims(spec, component)
@@ -198,7 +202,8 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             progress(component, "done", "")
         progress("bundle", "writing", "")
         _write_side_files(stage, spec, loaded)
-        manifest["files"] = {str(p.relative_to(stage)): {"sha256": sha256_file(p), "size": p.stat().st_size}
+        manifest["files"] = {str(p.relative_to(stage)): {"sha256": sha256_file(p), "size": p.stat().st_size,
+                                                          "mtime": p.stat().st_mtime}
                              for p in sorted(stage.rglob("*")) if p.is_file()}
         _write_json(stage / MANIFEST, manifest)
     progress("bundle", "done", str(out))
@@ -234,9 +239,10 @@ def _pad_token(spec: ModelSpec) -> str:
 
 
 def _module_config(mod) -> dict:
-    """A module's config as its ``config.json`` has it (transformers' ``to_dict``, diffusers' frozen dict)."""
+    """A module's config as its ``config.json`` has it (transformers' ``to_dict``, diffusers' frozen dict), without
+    ``_name_or_path``: that is the folder the weights were read from, a path of the build machine."""
     if hasattr(mod.config, "to_dict"):
-        return mod.config.to_dict()
+        return {k: v for k, v in mod.config.to_dict().items() if k != "_name_or_path"}
     return {"_class_name": type(mod).__name__, **{k: v for k, v in dict(mod.config).items() if not k.startswith("_")}}
 
 

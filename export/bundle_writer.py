@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import shutil
@@ -12,18 +13,45 @@ import signal
 from pathlib import Path
 from typing import Iterator
 
+from ldm_export.runtime.bundle import FORMAT, MANIFEST
 from ldm_export.runtime.errors import LdmExportError
 
 log = logging.getLogger(__name__)
 
 
-def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse an existing ``out`` without ``force``, and an unwritable parent, before any work is done."""
+def is_replaceable(out: Path) -> bool:
+    """What ``--force`` may replace: an ldm-export bundle (its manifest names the format) or an empty folder."""
+    if not out.is_dir() or out.is_symlink():
+        return False
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            return json.loads(manifest.read_text()).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            return False
+    return not any(out.iterdir())
+
+
+def check_out_dir(out: Path, force: bool, weights: Path | None = None) -> None:
+    """Refuse, before any work: ``out`` holding the weights being read or the current folder; an existing ``out``
+    without ``force``, or with ``force`` when it is not a bundle or an empty folder (nothing else is ever deleted);
+    an unwritable parent."""
+    out = Path(os.path.abspath(out))
+    cwd = Path.cwd()
+    if out == cwd or out in cwd.parents:
+        raise LdmExportError(f"--out {out} is the current folder or holds it; name a new folder for the bundle")
+    if weights is not None:
+        w = Path(os.path.abspath(weights))
+        if out == w or out in w.parents:
+            raise LdmExportError(f"--out {out} is the weights folder being read (or holds it); choose another --out")
     if out.exists() and not force:
         raise LdmExportError(f"{out} already exists; pass --force to replace it or choose another --out")
     if out.exists() and not out.is_dir():
         raise LdmExportError(f"{out} exists and is not a folder; choose another --out")
-    parent = out.parent if str(out.parent) else Path(".")
+    if out.exists() and not is_replaceable(out):
+        raise LdmExportError(f"{out} is not an ldm-export bundle (no {MANIFEST}) and not empty; --force replaces only "
+                             "bundles and empty folders, so choose another --out")
+    parent = out.parent
     if not parent.exists():
         try:
             parent.mkdir(parents=True)
@@ -34,7 +62,7 @@ def check_out_dir(out: Path, force: bool) -> None:
 
 
 def _remove_stale(out: Path) -> None:
-    for p in out.parent.glob(f".{out.name}.partial-*"):
+    for p in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
             log.info("removing %s left by a build that was killed", p)
@@ -68,10 +96,10 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def staging(out: Path, force: bool) -> Iterator[Path]:
+def staging(out: Path, force: bool, weights: Path | None = None) -> Iterator[Path]:
     """Yield an empty staging folder; on success rename it to ``out`` (replacing it with ``force``)."""
-    out = Path(out)
-    check_out_dir(out, force)
+    out = Path(os.path.abspath(out))
+    check_out_dir(out, force, weights)
     _remove_stale(out)
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
@@ -90,19 +118,45 @@ def staging(out: Path, force: bool) -> Iterator[Path]:
                                  "(nothing was left behind)") from None
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise LdmExportError(f"cannot write under {out.parent}: {e.strerror}; choose another --out") from None
-        raise
+        raise LdmExportError(f"cannot put the bundle at {out}: {e.strerror or e}; nothing was left behind, "
+                             "build again") from None
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
 
 
+@contextlib.contextmanager
+def _parent_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` itself (flock on its descriptor): builds committing beside each other take
+    turns, and no lock file is left behind."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: commits are not serialised
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _commit(stage: Path, out: Path, force: bool) -> None:
-    if out.exists():
-        if not force:  # it appeared while we were building
-            raise LdmExportError(f"{out} appeared during the build; pass --force to replace it")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(stage, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(stage, out)
+    with _parent_lock(out.parent):
+        if out.exists():
+            if not force:  # it appeared while we were building
+                raise LdmExportError(f"{out} appeared during the build; pass --force to replace it")
+            if not is_replaceable(out):
+                raise LdmExportError(f"{out} became something other than a bundle during the build; it was left as it "
+                                     "is, choose another --out")
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            try:
+                os.replace(stage, out)
+            except OSError:
+                os.replace(old, out)  # put the previous bundle back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, out)

@@ -24,6 +24,11 @@ transformer    SD3's joint attention as one MultiHeadAttention standard ONNX ops
                per block (joint_attention.py); FLUX: nothing
 =============  =============================================  ==========================================
 
+Target ``tensorrt`` keeps standard ONNX ops only (TensorRT's parser reads no ONNX Runtime contrib op) and emits
+attention in the unet and vae_decoder as the BMM1 -> Softmax -> BMM2 graph with the scale on Q that TensorRT's
+builder fuses itself (``mha_pattern``); GroupNorm stays InstanceNormalization and LayerNorm LayerNormalization,
+which TensorRT's parser maps onto its own normalisation layer.
+
 ``LDM_EXPORT_DISABLE_KERNELS`` (comma-separated kinds: attention, groupnorm, geglu, residual) leaves kinds out
 of a build, to bisect a numerical or speed problem to one kernel.
 """
@@ -35,11 +40,11 @@ import os
 from collections import Counter
 
 from ldm_export.runtime.errors import LdmExportError
-from . import attention, geglu, groupnorm, joint_attention, residual
+from . import attention, geglu, groupnorm, joint_attention, mha_pattern, residual
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("cpu", "cuda")
+TARGETS = ("cpu", "cuda", "tensorrt")
 KINDS = ("attention", "groupnorm", "geglu", "residual")
 FUSED_OPS = {(attention.DOMAIN, attention.OP), (groupnorm.DOMAIN, groupnorm.OP), (geglu.DOMAIN, geglu.OP),
              (residual.DOMAIN, residual.SKIP_GROUP_NORM), (residual.DOMAIN, residual.SKIP_LAYER_NORM)}
@@ -69,6 +74,8 @@ def plan(component: str, target: str) -> tuple[str, ...]:
     _check_target(target)
     if target == "cpu":
         return ()
+    if target == "tensorrt":
+        return () if "attention" in disabled_kinds() or component not in ("unet", "vae_decoder") else ("attention",)
     kinds = {"unet": ("attention", "groupnorm", "geglu", "residual"),
              "vae_decoder": ("groupnorm",),
              "transformer": ("attention",)}.get(component, ())  # SD3's joint attention; FLUX's is not covered
@@ -87,7 +94,8 @@ def export_patches(module, component: str, target: str):
             _uncovered[(component, target)] = not saved  # a transformer without joint attention (FLUX)
             undo.append((joint_attention.uninstall, saved))
         elif "attention" in kinds:
-            undo.append((attention.uninstall, attention.install(module)))
+            fused = mha_pattern if target == "tensorrt" else attention
+            undo.append((fused.uninstall, fused.install(module)))
         if "groupnorm" in kinds:
             undo.append((groupnorm.uninstall, groupnorm.install(module)))
         if "geglu" in kinds:
@@ -102,6 +110,8 @@ def rewrite(model, component: str, target: str):
     """Graph passes after export (SiLU into GroupNorm, residual adds into the norms); records the fused-op
     counts for :func:`describe`."""
     kinds = plan(component, target)
+    if target == "tensorrt":
+        return _rewrite_tensorrt(model, component, kinds)
     silu = groupnorm.fuse_silu(model) if "groupnorm" in kinds else 0
     if "residual" in kinds:
         residual.fuse_residual_adds(model)
@@ -112,6 +122,22 @@ def rewrite(model, component: str, target: str):
         raise RuntimeError(f"{component}: no fused kernel was emitted for target {target}; the export patches matched nothing")
     _last[(component, target)] = counts
     log.info("%s (%s): fused %s", component, target, counts or "nothing")
+    return model
+
+
+def _rewrite_tensorrt(model, component: str, kinds: tuple[str, ...]):
+    """No graph pass for TensorRT (its builder fuses); check that no contrib op slipped in and count the patterns."""
+    contrib = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if contrib:
+        raise RuntimeError(f"{component}: the tensorrt-target graph holds ops TensorRT's parser cannot read: {contrib}")
+    counts = {}
+    if kinds:
+        n = mha_pattern.count_patterns(model)
+        if not n:
+            raise RuntimeError(f"{component}: no attention pattern was emitted for target tensorrt; the export patches matched nothing")
+        counts["attention pattern (TensorRT fuses)"] = n
+    _last[(component, "tensorrt")] = counts
+    log.info("%s (tensorrt): %s", component, counts or "standard ops")
     return model
 
 

@@ -10,7 +10,7 @@ import click
 from rich.table import Table
 
 from ldm_export.cli_bench import bench
-from ldm_export.cli_common import _guard, _human, console, out_console
+from ldm_export.cli_common import _guard, _human, _sigterm_as_interrupt, console, out_console
 from ldm_export.cli_tensorrt import engines
 from ldm_export.runtime.errors import LdmExportError
 
@@ -39,8 +39,9 @@ def cli(verbose: bool, debug: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder (default: MODEL-PRECISION).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--static-shape", is_flag=True, help="Fix batch and size to the model's defaults (faster on GPUs).")
-@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Which backend the graphs are for (cuda puts fused GPU kernels in).")
+@click.option("--target", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="Which backend the graphs are for (cuda puts ONNX Runtime's fused GPU kernels in; tensorrt keeps "
+                   "standard ops in the patterns TensorRT fuses, for `ldm-export engines`).")
 @click.option("--trust-pickle", is_flag=True, help="Allow .ckpt/.bin/.pt weights (loading them runs code).")
 @click.option("--threads", type=int, default=None, help="CPU threads for export and verification.")
 @click.option("--no-half-vae", is_flag=True, help="With --precision fp16: keep the VAE decoder in fp32 "
@@ -67,11 +68,15 @@ def build(model, precision, weights, random_weights, seed, out, force, static_sh
         if stage == "done" and component == "bundle":
             last[1] = None
 
-    with console.status("building...", spinner="dots") as status:
-        def shown(component, stage, detail=""):
-            progress(component, stage, detail)
-            status.update(f"{component}: {stage} {detail}")
-        manifest = run_build(cfg, shown)
+    try:
+        with console.status("building...", spinner="dots") as status:
+            def shown(component, stage, detail=""):
+                progress(component, stage, detail)
+                status.update(f"{component}: {stage} {detail}")
+            manifest = run_build(cfg, shown)
+    except KeyboardInterrupt:  # the staging folder is gone by now (bundle_writer.staging)
+        raise LdmExportError(f"interrupted: the build stopped; nothing was written to {cfg.resolved_out()}",
+                             exit_code=130) from None
     _print_summary(cfg.resolved_out(), manifest, time.perf_counter() - t0)
 
 
@@ -104,10 +109,11 @@ def inspect(bundle: Path, no_hashes: bool) -> None:
     m = b.manifest
     head = Table(show_header=False, title=f"{bundle}")
     for k, v in (("model", f"{m['model']['name']} ({m['model']['description']})"), ("format", f"{m['format']} v{m['format_version']}"),
-                 ("target", m.get("target")), ("static shape", str(m.get("static_shape"))), ("weights", str(m.get("weights"))),
+                 ("target", m.get("target")), ("static shape", str(m.get("static_shape"))),
                  ("created", m.get("created")), ("tools", ", ".join(f"{k} {v}" for k, v in m["tools"].items()))):
         head.add_row(k, str(v))
     out_console.print(head)
+    out_console.print(_weights_table(m.get("weights") or {}))
     t = Table(title="components")
     for col in ("component", "precision", "inputs", "outputs", "kernels", "verification"):
         t.add_column(col)
@@ -125,6 +131,20 @@ def inspect(bundle: Path, no_hashes: bool) -> None:
     out_console.print(f"[green]all {len(m['files'])} files match their sha256[/green]")
 
 
+def _weights_table(weights: dict) -> Table:
+    """The manifest's weights record as rows: source, model, path, seed, sha256, then one row per source file."""
+    t = Table(title="weights", show_header=False)
+    for key, value in weights.items():
+        if key == "files" or value is None:
+            continue
+        t.add_row(key, str(value))
+    for name, sha in (weights.get("files") or {}).items():
+        t.add_row(f"  {name}", f"sha256 {sha[:16]}…")
+    if not t.row_count:
+        t.add_row("source", "not recorded")
+    return t
+
+
 def _parse_size(size: str | None) -> tuple[int | None, int | None]:
     if size is None:
         return None, None
@@ -140,52 +160,75 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
 @click.argument("prompt", type=str)
 @click.option("--negative", "negative", default=None, help="Negative prompt.")
 @click.option("--steps", type=int, default=20, show_default=True)
-@click.option("--cfg", "cfg", type=float, default=7.5, show_default=True, help="Guidance scale (<= 1 skips the unconditional pass).")
+@click.option("--cfg", "cfg", type=float, default=7.5, show_default=True,
+              help="Guidance scale, 0 to 100 (<= 1 skips the unconditional pass).")
 @click.option("--sampler", default=None, help="Sampler (A1111 or diffusers name; `ldm-export samplers` lists them). Default: the bundle's.")
-@click.option("--seed", type=int, default=None, help="Seed (default: random, printed and stored in the PNG).")
-@click.option("--size", default=None, help="WIDTHxHEIGHT, multiples of 8 (default: the model's resolution).")
-@click.option("--num-images", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed; image k gets SEED+k (default or -1: random, printed and stored in the image).")
+@click.option("--size", default=None, help="WIDTHxHEIGHT (default: the model's resolution); a model's multiple comes from its UNet.")
+@click.option("--num-images", type=int, default=1, show_default=True,
+              help="Images to make; each is saved as soon as its batch is done.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("image.png"), show_default=True,
-              help="PNG path; with several images, -1, -2, ... are added before .png.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt", "tensorrt-native"]), default="cpu", show_default=True,
-              help="ONNX Runtime on the CPU, CUDA or its TensorRT provider; tensorrt-native runs the bundle's TensorRT engines "
-                   "(`ldm-export engines BUNDLE`).")
-@click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime.")
+              help="Image path (.png, .jpg/.jpeg or .webp; A1111's parameters inside); with several images, -1, -2, ... "
+                   "are added before the extension.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt", "nv-tensorrt-rtx", "tensorrt-native"]), default="cpu",
+              show_default=True,
+              help="ONNX Runtime on the CPU, CUDA, or its TensorRT / NvTensorRTRTX provider (caches in the bundle); "
+                   "tensorrt-native runs the bundle's TensorRT engines (`ldm-export engines BUNDLE`).")
+@click.option("--cudnn-search", type=click.Choice(["HEURISTIC", "DEFAULT", "EXHAUSTIVE"], case_sensitive=False),
+              default=None, help="cuDNN's convolution algorithm search on --provider cuda (default: "
+                                 "$LDM_EXPORT_CUDNN_SEARCH, else the runtime's; EXHAUSTIVE makes the first image slow).")
+@click.option("--threads", type=int, default=None, help="CPU threads for ONNX Runtime (at most this machine's cores).")
 @click.option("--cfg-mode", type=click.Choice(["batch2", "sequential"]), default="batch2", show_default=True,
               help="CFG as one batch-2 UNet run, or two batch-1 runs where memory is tight.")
-@click.option("--guidance-rescale", type=float, default=0.0, show_default=True)
+@click.option("--guidance-rescale", type=float, default=0.0, show_default=True, help="0 to 1 (0.7 is the paper's value).")
 @click.option("--verify", is_flag=True, help="Check every file's sha256 before loading.")
+@click.option("--low-memory", is_flag=True, help="One component in memory at a time, sequential CFG, tiled VAE decode "
+              "above 512 px (Jetson-class devices).")
 @_guard
-def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_images, out, provider, threads, cfg_mode,
-             guidance_rescale, verify):
-    """Generate images from a bundle with the numpy runtime; PNGs carry A1111 "parameters" metadata."""
+def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_images, out, provider, cudnn_search, threads,
+             cfg_mode, guidance_rescale, verify, low_memory):
+    """Generate images from a bundle with the numpy runtime; each carries A1111's "parameters" metadata."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ldm_export.runtime.image import save_png
+    from ldm_export.runtime.image import check_writable, output_paths, save_image
     from ldm_export.runtime.pipeline import Pipeline
 
     width, height = _parse_size(size)
+    if num_images < 1:
+        raise LdmExportError(f"--num-images must be at least 1, got {num_images}")
+    paths = output_paths(out, num_images)
+    check_writable(paths[0])  # before any work: a bad --out fails now, not after the images are made
+    if cudnn_search and provider != "cuda":
+        raise LdmExportError("--cudnn-search applies to --provider cuda")
     t0 = time.perf_counter()
-    pipe = Pipeline.from_bundle(bundle, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode)
+    pipe = Pipeline.from_bundle(bundle, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode,
+                                cudnn_search=cudnn_search.upper() if cudnn_search else None, low_memory=low_memory)
     t_load = time.perf_counter() - t0
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("sampling", total=steps)
-        t1 = time.perf_counter()
-        images = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, seed=seed,
-                      width=width, height=height, scheduler=sampler, num_images=num_images,
-                      guidance_rescale=guidance_rescale, callback=lambda i, n, x: bar.update(task, completed=i + 1))
-        t_gen = time.perf_counter() - t1
-    out.parent.mkdir(parents=True, exist_ok=True) if str(out.parent) else None
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{k + 1}{out.suffix or '.png'}") for k in range(len(images))]
-    for img, p in zip(images, paths):
-        try:
-            save_png(img, p, img.info["parameters"])
-        except OSError as e:
-            raise LdmExportError(f"cannot write {p}: {e.strerror}; choose another --out") from None
-        out_console.print(f"wrote {p}")
-    out_console.print(images[0].info["parameters"].splitlines()[-1], soft_wrap=True)
-    console.print(f"[dim]load {t_load:.2f} s, generate {t_gen:.2f} s ({t_gen / len(images):.2f} s per image)[/dim]")
+    images = pipe.iter_images(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, seed=seed,
+                              width=width, height=height, scheduler=sampler, num_images=num_images,
+                              guidance_rescale=guidance_rescale, callback=lambda i, n, x: bar.advance(task))
+    written: list[Path] = []
+    times: list[float] = []
+    last = None
+    try:
+        with _sigterm_as_interrupt(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                               TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("sampling", total=steps * len(paths))
+            t1 = time.perf_counter()
+            for k, image in images:
+                last = image.info["parameters"]
+                save_image(image, paths[k], last)
+                written.append(paths[k])
+                times.append(time.perf_counter() - t1)
+                bar.console.print(f"wrote {paths[k]}", highlight=False)
+    except KeyboardInterrupt:
+        done = f"{len(written)} of {len(paths)} images were written ({', '.join(map(str, written))})" if written else \
+            "no image was written"
+        raise LdmExportError(f"interrupted: {done}; each written image is complete", exit_code=130) from None
+    out_console.print(last.splitlines()[-1], soft_wrap=True)
+    per = times[0] if len(times) == 1 else (times[-1] - times[0]) / (len(times) - 1)
+    console.print(f"[dim]load {t_load:.2f} s, first image {times[0]:.2f} s"
+                  + (f", then {per:.2f} s per image" if len(times) > 1 else "") + "[/dim]")
 
 
 @cli.command()

@@ -1,6 +1,7 @@
 """`ldm-export bench`: the click command over ``ldm_export.bench.run``."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import click
@@ -9,9 +10,13 @@ from ldm_export.cli_common import _guard
 
 
 @click.command()
-@click.option("--model", default="sd15", show_default=True, help="Zoo model for the PyTorch baselines when no --bundle is given.")
+@click.option("--model", default=None, help="Zoo model to build and bench when no --bundle is given (default: the embedded "
+              "demo model; models without embedded weights get --random-weights).")
 @click.option("--bundle", type=click.Path(path_type=Path), default=None,
-              help="A bundle from `ldm-export build` (its model and weights are used by every backend).")
+              help="A bundle from `ldm-export build` (its model and weights are used by every backend). Default: --model "
+                   "built into a temporary folder (fp32 on cpu; fp16, --target cuda, --static-shape on cuda).")
+@click.option("--weights", type=click.Path(path_type=Path), default=None,
+              help="The weights a --bundle was built from, for the PyTorch backends (bundles keep no build-machine paths).")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
 @click.option("--backends", default="torch-eager,torch-compile,ort,tensorrt", show_default=True,
               help="Comma-separated: torch-eager, torch-compile, ort, ort-nhwc, tensorrt.")
@@ -28,11 +33,11 @@ from ldm_export.cli_common import _guard
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True,
               help="Folder for bench_<model>_<device>.json/.md/.png.")
 @_guard
-def bench(model, bundle, device, backends, steps, repeats, e2e_repeats, warmup, guidance_scale, seed, threads, profile,
+def bench(model, bundle, weights, device, backends, steps, repeats, e2e_repeats, warmup, guidance_scale, seed, threads, profile,
           cuda_options, out):
     """Time text encoder, UNet step, VAE decode and end to end on each backend; write JSON, markdown and a chart."""
     from ldm_export.cli_common import console, out_console
-    from ldm_export.bench.run import BACKENDS, BenchConfig, markdown, run_bench
+    from ldm_export.bench.run import BACKENDS
     from ldm_export.runtime.errors import LdmExportError
 
     names = tuple(b.strip() for b in backends.split(",") if b.strip())
@@ -44,7 +49,40 @@ def bench(model, bundle, device, backends, steps, repeats, e2e_repeats, warmup, 
     bad = [o for o in cuda_options if "=" not in o or not o.split("=", 1)[0].strip()]
     if bad:
         raise LdmExportError(f"--cuda-option takes KEY=VALUE (an ONNX Runtime CUDA provider option), got {bad[0]!r}")
-    cfg = BenchConfig(model=model, bundle=bundle, device=device, backends=names, steps=steps, repeats=repeats,
+    if bundle is None:
+        with tempfile.TemporaryDirectory(prefix="ldm-export-bench-") as tmp:
+            bundle = _build_for_bench(model, device, seed, Path(tmp) / "bundle", console)
+            _run(model, bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale, seed, threads, profile,
+                 cuda_options, out)
+        return
+    _run(model, bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale, seed, threads, profile,
+         cuda_options, out)
+
+
+def _build_for_bench(model, device, seed, out: Path, console) -> Path:
+    """Build ``model`` (default: the embedded demo model) the way the device runs it best, for a bench without --bundle."""
+    from ldm_export.export.build import BuildConfig, build
+    from ldm_export.zoo import DEFAULT_MODEL, get_model
+
+    spec = get_model(model or DEFAULT_MODEL)
+    gpu = device == "cuda"
+    cfg = BuildConfig(model=spec.name, precision="fp16" if gpu else "fp32", random_weights=spec.embedded_weights is None,
+                      seed=seed, out=out, static_shape=gpu, target="cuda" if gpu else "cpu")
+    with console.status(f"no --bundle: building {spec.name} ({cfg.precision}, target {cfg.target}) into a temporary folder",
+                        spinner="dots"):
+        build(cfg)
+    console.print(f"  built {spec.name} ({cfg.precision}, target {cfg.target}) into a temporary folder; "
+                  f"keep one with `ldm-export build --model {spec.name} --out DIR` and pass --bundle DIR")
+    return out
+
+
+def _run(model, bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale, seed, threads, profile,
+         cuda_options, out):
+    from ldm_export.bench.run import BenchConfig, markdown, run_bench
+    from ldm_export.cli_common import console, out_console
+    from ldm_export.zoo import DEFAULT_MODEL
+
+    cfg = BenchConfig(model=model or DEFAULT_MODEL, bundle=bundle, weights=weights, device=device, backends=names, steps=steps, repeats=repeats,
                       e2e_repeats=e2e_repeats, warmup=warmup, guidance_scale=guidance_scale, seed=seed, threads=threads,
                       profile=profile, out=out,
                       cuda_options={k.strip(): v.strip() for k, v in (o.split("=", 1) for o in cuda_options)})

@@ -20,23 +20,31 @@ from ldm_export.cli_common import _guard
               help="Tactic timing cache to reuse and extend (default: timing.cache in the engines folder).")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimisation level (higher: longer builds, maybe faster engines).")
+@click.option("--compute-capability", default=None,
+              help="TensorRT-RTX only: build for GPUs of this compute capability (8.0, 8.6, 8.9, 12.0) without a GPU here.")
+@click.option("--refit", is_flag=True, help="Build refittable engines (weights can be replaced without a rebuild).")
+@click.option("--builder", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto", show_default=True,
+              help="auto: full TensorRT where installed, else TensorRT-RTX.")
 @_guard
 def engines(bundle: Path, components: str | None, precision: str, workspace: float | None, timing_cache: Path | None,
-            opt_level: int) -> None:
-    """Build TensorRT engines for this GPU into BUNDLE/engines/<gpu>_sm<cc>_trt<version>/."""
+            opt_level: int, compute_capability: str | None, refit: bool, builder: str) -> None:
+    """Build TensorRT engines into BUNDLE/engines/<gpu>_sm<cc>_<trt|trtrtx><version>/."""
     from rich.table import Table
 
     from ldm_export.cli_common import _human, console, out_console
     from ldm_export.export.tensorrt_build import EngineOptions, build_engines, engines_summary
     from ldm_export.runtime.engine_tensorrt import current_target, engines_root
 
+    from ldm_export.runtime.engine_tensorrt import require_tensorrt
+
     options = EngineOptions(precision=precision, optimization_level=opt_level, workspace_gb=workspace,
-                            timing_cache=timing_cache)
+                            timing_cache=timing_cache, compute_capability=compute_capability, refit=refit)
     comps = [c.strip() for c in components.split(",") if c.strip()] if components else None
     from ldm_export.runtime.bundle import Bundle
 
     Bundle.open(bundle)  # a wrong path says so before TensorRT is looked for
-    target = current_target()  # one line when TensorRT or the GPU is missing, before any work
+    trt = require_tensorrt(None if builder == "auto" else builder)  # one line when TensorRT is missing
+    target = current_target(trt, compute_capability=compute_capability)  # and when there is no GPU to build for
     t0 = time.perf_counter()
     with console.status("building engines...", spinner="dots") as status:
         def progress(component: str, stage: str, detail: str) -> None:
@@ -44,7 +52,10 @@ def engines(bundle: Path, components: str | None, precision: str, workspace: flo
                 console.print(f"  [green]✓[/green] {component} [dim]{detail}[/dim]")
             else:
                 status.update(f"{component}: {stage} {detail} (minutes for a full-size UNet)")
-        index = build_engines(bundle, comps, options, progress=progress, target=target)
+        from ldm_export.export.tensorrt_build import _serialize
+
+        index = build_engines(bundle, comps, options, progress=progress, target=target, serialize=_serialize,
+                              trt=trt)
     built = set(comps or index["engines"])
     t = Table(title=f"{engines_root(bundle) / target.dirname}  ({time.perf_counter() - t0:.1f} s)")
     for col in ("component", "plan", "size", "network", "flags", "dynamic dims", "build"):
@@ -52,5 +63,5 @@ def engines(bundle: Path, components: str | None, precision: str, workspace: flo
     for row in engines_summary(index):
         t.add_row(row["component"] + ("" if row["component"] in built else " (earlier)"), row["file"], _human(row["size"]),
                   row["network"], row["flags"], row["dynamic"], f"{row['seconds']:.1f} s")
-    t.caption = f"TensorRT {target.tensorrt_version} on {target.gpu_name} (sm{''.join(map(str, target.compute_capability))})"
+    t.caption = target.describe()
     out_console.print(t)

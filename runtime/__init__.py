@@ -6,9 +6,9 @@ from .bundle import Bundle
 from .pipeline import Pipeline
 from .tokenizer import ClipTokenizer, write_tokenizer_files
 from .guidance import guided_denoiser, rescale_noise_cfg
-from .image import format_parameters, latents_to_images, parse_parameters, save_png
+from .image import format_parameters, latents_to_images, parse_parameters, read_parameters, save_image, save_png
 
 __all__ = ["LdmExportError", "ComponentSpec", "TensorSpec"]
 __all__ += ["ClipTokenizer", "write_tokenizer_files", "guided_denoiser", "rescale_noise_cfg",
-            "format_parameters", "latents_to_images", "parse_parameters", "save_png"]
+            "format_parameters", "latents_to_images", "parse_parameters", "read_parameters", "save_image", "save_png"]
 __all__ += ["resolve_scheduler", "sample", "sampler_names", "Bundle", "Pipeline"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "ldm_export.json"
 FORMAT = "ldm-export-bundle"
 FORMAT_VERSION = 1  # the newest bundle format this runtime reads
+DAMAGED = 1  # exit code of a damaged bundle (a missing or changed file, an unreadable manifest)
+MTIME_SLACK = 2.0  # seconds: FAT and some network filesystems keep modification times to 2 s
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -30,6 +32,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 class Bundle:
     path: Path
     manifest: dict[str, Any]
+    changed: list[str] = field(default_factory=list)  # files whose size or mtime differ from the manifest (open)
+    _actual_hash: str | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = False) -> "Bundle":
@@ -43,7 +47,7 @@ class Bundle:
         try:
             manifest = json.loads(mpath.read_text())
         except (OSError, ValueError) as e:
-            raise LdmExportError(f"cannot read {mpath}: {e}; rebuild the bundle") from None
+            raise LdmExportError(f"cannot read {mpath}: {e}; rebuild the bundle", exit_code=DAMAGED) from None
         if manifest.get("format") != FORMAT:
             raise LdmExportError(f"{mpath} is not an ldm-export manifest (format {manifest.get('format')!r})")
         version = manifest.get("format_version")
@@ -55,13 +59,32 @@ class Bundle:
         missing = [f for f in manifest.get("files", {}) if not (path / f).is_file()]
         if missing:
             raise LdmExportError(f"bundle {path} is missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-                                 + "; rebuild it")
+                                 + "; rebuild it", exit_code=DAMAGED)
         if verify:
             bad = bundle.check_hashes()
             if bad:
                 raise LdmExportError(f"bundle {path}: sha256 mismatch in {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
-                                     + "; the file was changed or damaged, rebuild the bundle")
+                                     + "; the file was changed or damaged, rebuild the bundle", exit_code=DAMAGED)
+            bundle.changed = []
+        else:
+            bundle.changed = bundle.check_stats()
+            if bundle.changed:
+                log.warning("bundle %s: %s changed since the build (size or modification time differs from the manifest); "
+                            "its hash in the image metadata is recomputed; check every file with --verify (a copy that "
+                            "does not keep modification times shows as changed: copy with cp -p or rsync -t)",
+                            path, ", ".join(bundle.changed))
         return bundle
+
+    def check_stats(self) -> list[str]:
+        """Relative paths whose size, or modification time (where the manifest records it), differs from the
+        manifest: a cheap check on every load; a full sha256 check is ``check_hashes`` (``--verify``)."""
+        changed = []
+        for rel, info in self.manifest["files"].items():
+            st = (self.path / rel).stat()
+            mtime = info.get("mtime")
+            if st.st_size != info["size"] or (mtime is not None and abs(st.st_mtime - mtime) > MTIME_SLACK):
+                changed.append(rel)
+        return changed
 
     def check_hashes(self) -> list[str]:
         """Relative paths whose sha256 differs from the manifest (empty when all match)."""
@@ -114,6 +137,11 @@ class Bundle:
 
     @property
     def model_hash(self) -> str:
-        """A1111-style short hash: first 10 hex digits of the denoiser graph's sha256 (UNet or transformer)."""
+        """A1111-style short hash: first 10 hex digits of the denoiser graph's sha256 (UNet or transformer; computed
+        from the file, once, when the load found it changed; else the manifest's)."""
         rel = self.manifest["components"][self.family.denoiser]["files"][0]
-        return self.manifest["files"][rel]["sha256"][:10]
+        if rel not in self.changed:
+            return self.manifest["files"][rel]["sha256"][:10]
+        if self._actual_hash is None:
+            self._actual_hash = sha256_file(self.path / rel)
+        return self._actual_hash[:10]

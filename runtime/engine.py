@@ -11,6 +11,7 @@ from typing import Mapping, Protocol
 
 import numpy as np
 
+from .checks import cap_threads
 from .errors import LdmExportError
 from .spec import ComponentSpec
 
@@ -20,6 +21,7 @@ PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
+    "nv-tensorrt-rtx": "NvTensorRTRTXExecutionProvider",
 }
 
 
@@ -43,8 +45,10 @@ def resolve_providers(provider: str) -> list[str]:
     if wanted not in available:
         if provider == "cpu":
             raise LdmExportError("onnxruntime has no CPU provider; reinstall onnxruntime")
-        hint = "install onnxruntime-gpu (in place of onnxruntime)" if provider == "cuda" else \
-            "install onnxruntime-gpu built with TensorRT, and TensorRT"
+        hint = {"cuda": "install onnxruntime-gpu (in place of onnxruntime)",
+                "nv-tensorrt-rtx": "install an onnxruntime built with the NvTensorRTRTX provider (onnxruntime's "
+                                   "TensorRT-RTX packages), in place of onnxruntime"}.get(
+            provider, "install onnxruntime-gpu built with TensorRT, and TensorRT")
         if provider not in _WARNED:
             _WARNED.add(provider)
             log.warning("provider '%s' is not available in this onnxruntime (%s); falling back to the CPU: %s",
@@ -62,20 +66,25 @@ class OrtEngine:
     """One ONNX Runtime session over one component's model.onnx, with inputs checked against its spec."""
 
     def __init__(self, model_path: str | os.PathLike, spec: ComponentSpec, provider: str = "cpu",
-                 threads: int | None = None, session_options=None):
+                 threads: int | None = None, session_options=None, provider_options: Mapping[str, str] | None = None):
         import onnxruntime as ort
 
         self.spec = spec
         self.path = Path(model_path)
         so = session_options or ort.SessionOptions()
+        threads = cap_threads(threads)
         if threads:
-            so.intra_op_num_threads = int(threads)
+            so.intra_op_num_threads = threads
         so.log_severity_level = 3
         self.providers = resolve_providers(provider)
+        providers = list(self.providers)
+        if provider_options and providers[0] == PROVIDERS.get(provider):
+            providers[0] = (providers[0], dict(provider_options))  # options for the provider asked for, not a fallback
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=self.providers)
+            self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
             raise LdmExportError(f"cannot load {self.path}: {str(e).splitlines()[0]}") from e
+        spec.check_graph(self.session, self.path)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -81,6 +81,7 @@ class CudaEngine:
                                                 providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
             raise LdmExportError(f"cannot load {self.path} on CUDA: {str(e).splitlines()[0]}") from e
+        spec.check_graph(self.session, self.path)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
         self._binding = self.session.io_binding()

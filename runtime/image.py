@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -132,8 +133,48 @@ def parse_parameters(text: str) -> dict:
     return out
 
 
-def save_png(image, path: str | Path, parameters: str) -> Path:
-    """Save ``image`` as PNG with a ``parameters`` text chunk (tEXt, or iTXt when the text is not Latin-1)."""
+# Formats by file extension. JPEG and WebP carry the parameters where A1111 writes them: the EXIF UserComment,
+# "UNICODE\0" + UTF-16-BE (piexif.helper.UserComment.dump(..., encoding="unicode"), modules/images.py: save_image).
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+QUALITY = 80  # A1111's default jpeg_quality, used for JPEG and lossy WebP
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+_UNICODE_PREFIX = b"UNICODE\0"
+
+
+def image_format(path: str | Path) -> str:
+    """The format ``path``'s extension names (PNG, JPEG or WEBP); refuse any other extension."""
+    ext = Path(path).suffix.lower()
+    if ext not in IMAGE_FORMATS:
+        raise LdmExportError(f"cannot write {Path(path).name}: the extension {ext or '(none)'} names no format this "
+                             f"writes; use {', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[ext]
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
+def check_writable(path: str | Path) -> Path:
+    """Check before any work that an image can be written at ``path`` (format, folder, permission) by creating and
+    removing its temporary file; create a missing parent folder."""
+    path = Path(path)
+    image_format(path)
+    if path.is_dir():
+        raise LdmExportError(f"{path} is a folder; give a file name such as {path / 'image.png'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = _partial(path)
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise LdmExportError(f"cannot write {path}: {e.strerror or e}; choose another --out") from None
+    return path
+
+
+def save_image(image, path: str | Path, parameters: str) -> Path:
+    """Save ``image`` in the format its extension names with A1111's ``parameters`` (PNG text chunk; EXIF
+    UserComment for JPEG/WebP), atomically: a temporary file renamed into place, so an interrupted save leaves
+    the old file (or none), never a truncated one."""
     from PIL import Image, PngImagePlugin
 
     if not isinstance(image, Image.Image):
@@ -141,11 +182,55 @@ def save_png(image, path: str | Path, parameters: str) -> Path:
     if not isinstance(parameters, str):
         raise LdmExportError(f"parameters must be a string, got {type(parameters).__name__}")
     path = Path(path)
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
+    fmt = image_format(path)
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters)
+        kwargs = {"pnginfo": info}
+    else:
+        exif = Image.Exif()
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE_PREFIX + parameters.encode("utf-16-be")
+        kwargs = {"exif": exif.tobytes(), "quality": QUALITY}
+    tmp = _partial(path)
     try:
-        image.save(path, format="PNG", pnginfo=info)
+        image.save(tmp, format=fmt, **kwargs)
+        os.replace(tmp, path)
     except OSError as e:
-        raise LdmExportError(f"cannot write {path}: {e}; check the folder exists and is writable") from e
-    logger.debug("saved %s (%dx%d)", path, image.width, image.height)
+        tmp.unlink(missing_ok=True)
+        raise LdmExportError(f"cannot write {path}: {e.strerror or e}; check the folder exists and is writable") from None
+    except BaseException:  # Ctrl-C, SIGTERM: the old file stays as it was
+        tmp.unlink(missing_ok=True)
+        raise
+    logger.debug("saved %s (%dx%d, %s)", path, image.width, image.height, fmt)
     return path
+
+
+def save_png(image, path: str | Path, parameters: str) -> Path:
+    """Save ``image`` as PNG with a ``parameters`` text chunk (tEXt, or iTXt when the text is not Latin-1), atomically."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise LdmExportError(f"save_png writes PNG but {path.name} names another format; use save_image")
+    return save_image(image, path, parameters)
+
+
+def read_parameters(path: str | Path) -> str | None:
+    """The A1111 ``parameters`` text of a PNG, JPEG or WebP written by ``save_image`` (None when absent)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.format == "PNG":
+            return im.info.get("parameters")
+        comment = im.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    if not comment:
+        return None
+    if comment.startswith(_UNICODE_PREFIX):
+        return comment[len(_UNICODE_PREFIX):].decode("utf-16-be")
+    return comment[8:].decode("utf-8", errors="ignore")
+
+
+def output_paths(out: str | Path, n: int) -> list[Path]:
+    """Where ``n`` images go: ``out`` for one; ``NAME-1.EXT``, ``NAME-2.EXT``, ... for several."""
+    out = Path(out)
+    if not out.suffix:
+        out = out.with_suffix(".png")
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{k + 1}{out.suffix}") for k in range(n)]

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from . import checks
 from .bundle import Bundle
 from .engine import Engine, OrtEngine
 from .errors import LdmExportError, all_finite, overflow_fix
@@ -17,6 +20,11 @@ log = logging.getLogger(__name__)
 
 MAX_STEPS = 1000  # no scheduler here has more training timesteps than this
 CFG_MODES = ("batch2", "sequential")
+DYNAMIC_BATCH = 4  # images per batch on a dynamic-shape bundle: memory stays bounded for any --num-images
+# cuDNN's convolution algorithm search on the CUDA engines; the first-image measurement on an H200
+# (tools/gpu/first_image.sh) decides it
+DEFAULT_CUDNN_SEARCH = "HEURISTIC"
+GPU_MEMORY_CEILING = 192 * 2**30  # no GPU holds more (B200); ONNX Runtime does not say a device's memory
 
 
 def run_batched(engine: Engine, feeds: Mapping[str, np.ndarray], batched: Sequence[str]) -> dict[str, np.ndarray]:
@@ -74,10 +82,20 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path: str | Path, provider: str = "cpu", verify: bool = False, threads: int | None = None,
-                    cfg_mode: str = "batch2") -> "Pipeline":
-        """Open a bundle and create one engine per component (``provider``: cpu, cuda or tensorrt)."""
+                    cfg_mode: str = "batch2", cudnn_search: str | None = None, low_memory: bool = False) -> "Pipeline":
+        """Open a bundle and create one engine per component (``provider``: cpu, cuda or tensorrt); ``cudnn_search``
+        picks cuDNN's convolution algorithm search on cuda (see ``cudnn_search``). ``low_memory``: one component in
+        memory at a time, sequential CFG, tiled VAE decode (runtime/lowmem.py)."""
+        if cfg_mode not in CFG_MODES:  # before the engines load
+            raise LdmExportError(f"unknown cfg mode '{cfg_mode}'; choose one of: {', '.join(CFG_MODES)}")
+        search = resolve_cudnn_search(cudnn_search)
+        threads = checks.cap_threads(threads)
         bundle = Bundle.open(path, verify=verify)
-        engines = {c: make_engine(bundle, c, provider, threads) for c in bundle.components}
+        if low_memory:
+            from .lowmem import low_memory_engines
+
+            return cls(bundle, low_memory_engines(bundle, provider, threads), cfg_mode="sequential")
+        engines = {c: make_engine(bundle, c, provider, threads, cudnn_search=search) for c in bundle.components}
         return cls(bundle, engines, cfg_mode=cfg_mode)
 
     # -- stages ---------------------------------------------------------------------------------------
@@ -137,12 +155,48 @@ class Pipeline:
                  latents: np.ndarray | None = None, width: int | None = None, height: int | None = None,
                  scheduler: str | Mapping | None = None, num_images: int = 1,
                  callback: Callable[[int, int, np.ndarray], None] | None = None, guidance_rescale: float = 0.0,
-                 noise: Callable[[tuple], np.ndarray] | None = None, return_latents: bool = False):
+                 noise: Callable[[tuple], np.ndarray] | None = None, return_latents: bool = False,
+                 batch_size: int | None = None):
         """Generate ``num_images`` images per prompt; returns a list of PIL images with A1111 metadata in
-        ``image.info["parameters"]`` (or the final latents with ``return_latents``)."""
-        from . import sample
-        from .guidance import guided_denoiser
-        from .image import format_parameters, latents_to_images
+        ``image.info["parameters"]`` (or the final latents with ``return_latents``). Image k gets seed ``seed + k``
+        (``seed`` None or -1: random); they run in batches of ``batch_size`` images (default: what one call of a
+        static-shape UNet takes, see ``images_per_batch``). Given ``latents`` (or ``return_latents``), all run as
+        one batch."""
+        req = self._request(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, width, height,
+                            scheduler, num_images, guidance_rescale, latents, batch_size)
+        if latents is not None or return_latents:
+            return self._generate(req, range(len(req.prompts)), callback, latents, noise, return_latents)
+        return [image for _, image in self._iter(req, callback, noise)]
+
+    def iter_images(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                    num_inference_steps: int = 20, guidance_scale: float = 7.5, seed: int | None = None,
+                    width: int | None = None, height: int | None = None, scheduler: str | Mapping | None = None,
+                    num_images: int = 1, callback: Callable[[int, int, np.ndarray], None] | None = None,
+                    guidance_rescale: float = 0.0, batch_size: int | None = None):
+        """Like ``__call__``, but yields ``(k, image)`` as each batch is decoded, so a caller saves every image as it
+        is done and memory holds one batch, however many images are asked for. Everything is checked first."""
+        req = self._request(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, width, height,
+                            scheduler, num_images, guidance_rescale, None, batch_size)
+        return self._iter(req, callback, None)
+
+    def images_per_batch(self, guidance_scale: float = 7.5) -> int:
+        """Images one UNet call takes: a static-shape UNet's batch (halved for batch-2 CFG), else DYNAMIC_BATCH.
+        Larger requests run in batches of this size through the same warm engines, at the static batch's speed."""
+        dim = self.engines[self.family.denoiser].spec.inputs[0].shape[0]
+        if not isinstance(dim, int):
+            return DYNAMIC_BATCH
+        halves = 2 if self.family.uses_cfg(guidance_scale) and self.cfg_mode == "batch2" else 1
+        return max(1, dim // halves)
+
+    def _iter(self, req: "_Request", callback, noise):
+        for start in range(0, len(req.prompts), req.batch_size):
+            ks = range(start, min(start + req.batch_size, len(req.prompts)))
+            for k, image in zip(ks, self._generate(req, ks, callback, None, noise, False)):
+                yield k, image
+
+    def _request(self, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, width, height, scheduler,
+                 num_images, guidance_rescale, latents, batch_size) -> "_Request":
+        """Check everything a request asks before any work (checks.py); expand prompts x num_images."""
         from .schedulers import a1111_name, resolve_scheduler
 
         prompts = _as_prompts(prompt, "prompt")
@@ -151,13 +205,18 @@ class Pipeline:
             negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise LdmExportError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts; give one or as many")
-        if not isinstance(num_images, int) or num_images < 1:
+        checks.check_text(prompts, "prompt")
+        checks.check_text(negatives, "negative prompt")
+        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
             raise LdmExportError(f"num_images must be a positive integer, got {num_images!r}")
         if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= MAX_STEPS:
             raise LdmExportError(f"steps must be an integer from 1 to {MAX_STEPS}, got {num_inference_steps!r}")
-        if not np.isfinite(guidance_scale):
-            raise LdmExportError(f"guidance scale must be a finite number, got {guidance_scale!r}")
+        guidance_scale, guidance_rescale = checks.check_guidance(guidance_scale, guidance_rescale)
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                       or batch_size < 1):
+            raise LdmExportError(f"batch_size must be a positive integer, got {batch_size!r}")
         width, height = self._size(width, height)
+        seed = checks.resolve_seed(seed)
 
         base = self.bundle.scheduler_config
         if scheduler is None:
@@ -170,26 +229,39 @@ class Pipeline:
 
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [p for p in negatives for _ in range(num_images)]
-        batch = len(prompts)
-        shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if seed is None:
-            seed = int(np.random.default_rng().integers(0, 2**32 - 1))
-        rng = np.random.default_rng(seed)
+        per_batch = len(prompts) if latents is not None else min(len(prompts), batch_size or self.images_per_batch(guidance_scale))
+        cfg_batch = per_batch * (2 if self.family.uses_cfg(guidance_scale) and self.cfg_mode == "batch2" else 1)
+        checks.check_memory(self.bundle.model, self.bundle.module_configs, width, height, cfg_batch, self._fused_attention(), *self._memory())
+        return _Request(prompts, negatives, checks.image_seeds(seed, len(prompts)), int(num_inference_steps),
+                        guidance_scale, guidance_rescale, width, height, sched_cfg, sampler_name, per_batch)
+
+    def _generate(self, req: "_Request", ks: Sequence[int], callback, latents, noise, return_latents):
+        """One batch: images ``ks`` of ``req`` through encode -> sampler with CFG -> decode."""
+        from . import sample
+        from .guidance import guided_denoiser
+        from .image import latents_to_images
+
+        prompts = [req.prompts[k] for k in ks]
+        negatives = [req.negatives[k] for k in ks]
+        seeds = [req.seeds[k] for k in ks]
+        num_inference_steps, guidance_scale = req.steps, req.guidance_scale
+        shape = (len(ks), self.latent_channels, req.height // self.vae_scale_factor, req.width // self.vae_scale_factor)
+        rngs = [np.random.default_rng(s) for s in seeds]
         if latents is None:
-            latents = rng.standard_normal(shape)
+            latents = np.stack([rng.standard_normal(shape[1:]) for rng in rngs])
         else:
             latents = np.asarray(latents, dtype=np.float64)
             if latents.shape != shape:
                 raise LdmExportError(f"latents must have shape {shape}, got {latents.shape}")
         if noise is None:
-            noise = lambda s: rng.standard_normal(s)  # noqa: E731  the stochastic samplers' draws
+            noise = _per_image_noise(rngs)  # the stochastic samplers' draws: image k's from its own seed
 
         family = self.family
-        sched_cfg = family.scheduler_config(sched_cfg, width=width, height=height)
+        sched_cfg = family.scheduler_config(req.scheduler_config, width=req.width, height=req.height)
         do_cfg = family.uses_cfg(guidance_scale)
 
         def conditioning(texts: list[str]) -> Conditioning:
-            return family.prepare(self.encode(texts), width=width, height=height, guidance_scale=guidance_scale)
+            return family.prepare(self.encode(texts), width=req.width, height=req.height, guidance_scale=guidance_scale)
 
         cond = conditioning(prompts)
         uncond = conditioning(negatives) if do_cfg else None
@@ -203,7 +275,8 @@ class Pipeline:
             check_finite(denoiser, {self.family.denoiser_output: out}, f" at step {step['i'] + 1} of {num_inference_steps}")
             return out
 
-        model = guided_denoiser(unet_fn, cond, uncond, guidance_scale if do_cfg else 1.0, guidance_rescale=guidance_rescale,
+        model = guided_denoiser(unet_fn, cond, uncond, guidance_scale if do_cfg else 1.0,
+                                guidance_rescale=req.guidance_rescale,
                                 batch_mode=self.cfg_mode)
 
         def on_step(i, n, x):
@@ -212,34 +285,70 @@ class Pipeline:
                 callback(i, n, x)
 
         final = sample(model, latents, sched_cfg, num_inference_steps, noise=noise, callback=on_step,
-                       **self.family.schedule_arguments(sched_cfg, num_inference_steps, latents.shape))
+                       **family.schedule_arguments(sched_cfg, num_inference_steps, np.shape(latents)))
         if return_latents:
             return final
         images = latents_to_images(self.decode(np.asarray(final, dtype=np.float32)))
-        for k, img in enumerate(images):
-            img.info["parameters"] = format_parameters(
-                prompts[k], negatives[k] or None, num_inference_steps, sampler_name, guidance_scale, seed, width, height,
-                self.bundle.model_hash, model_name=self.bundle.model.get("name"),
-                extra={"Batch pos": k % num_images} if num_images > 1 else None)
+        for img, prompt, negative, seed in zip(images, prompts, negatives, seeds):
+            img.info["parameters"] = self._parameters(req, prompt, negative, seed)
         return images
+
+    def _parameters(self, req: "_Request", prompt: str, negative: str, seed: int) -> str:
+        from .image import format_parameters
+
+        extra = {"CFG Rescale φ": req.guidance_rescale} if req.guidance_rescale else None  # the A1111 extension's key
+        return format_parameters(prompt, negative or None, req.steps, req.sampler_name, req.guidance_scale, seed,
+                                 req.width, req.height, self.bundle.model_hash, model_name=self.bundle.model.get("name"),
+                                 extra=extra)
+
+    def _fused_attention(self) -> bool:
+        kernels = self.bundle.manifest["components"].get(self.family.denoiser, {}).get("kernels") or []
+        return any("Attention" in k for k in kernels)
+
+    def _memory(self) -> tuple[int | None, str]:
+        """Memory a request may plan for, and where: host RAM for CPU engines, the largest GPU's for the others."""
+        on_host = all(getattr(e, "providers", [None])[0] == "CPUExecutionProvider" for e in self.engines.values())
+        if on_host:
+            return checks.available_memory(), "on this machine"
+        return GPU_MEMORY_CEILING, "on any GPU"
 
     def _size(self, width, height) -> tuple[int, int]:
         width = self.resolution if width is None else width
         height = self.resolution if height is None else height
-        multiple = self.family.image_multiple(self.bundle.module_configs)
-        for name, v in (("width", width), ("height", height)):
-            if not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
-                raise LdmExportError(f"{name} must be a positive multiple of {multiple}, got {v!r}")
         f = self.vae_scale_factor
         uspec: ComponentSpec = self.engines[self.family.denoiser].spec
         sample_shape = uspec.inputs[0].shape
-        if len(sample_shape) != 4:  # packed tokens (FLUX): the family's spec checks the token count
-            return int(width), int(height)
-        for dim, v in ((sample_shape[2], height // f), (sample_shape[3], width // f)):
-            if isinstance(dim, int) and dim != v:
-                raise LdmExportError(f"this bundle was built with static shapes for {sample_shape[3] * f}x{sample_shape[2] * f}; "
-                                     f"use that size or rebuild without --static-shape")
-        return int(width), int(height)
+        if len(sample_shape) == 4 and isinstance(sample_shape[2], int) and isinstance(sample_shape[3], int) and (width, height) != (
+                sample_shape[3] * f, sample_shape[2] * f):
+            raise LdmExportError(f"this bundle was built with static shapes for {sample_shape[3] * f}x{sample_shape[2] * f}; "
+                                 f"use that size or rebuild without --static-shape")
+        return checks.check_size(width, height, self.bundle.model, self.family.size_multiple(self.bundle.module_configs))
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One checked request: per-image prompts and seeds, and what every batch shares."""
+
+    prompts: list[str]
+    negatives: list[str]
+    seeds: list[int]
+    steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    width: int
+    height: int
+    scheduler_config: dict
+    sampler_name: str
+    batch_size: int
+
+
+def _per_image_noise(rngs: Sequence[np.random.Generator]) -> Callable[[tuple], np.ndarray]:
+    """Noise of shape (B, ...) whose row k comes from image k's generator: a batch draws what each image alone would."""
+    def noise(shape):
+        if len(shape) and shape[0] == len(rngs):
+            return np.stack([rng.standard_normal(tuple(shape[1:])) for rng in rngs])
+        return rngs[0].standard_normal(shape)
+    return noise
 
 
 def _as_prompts(p, what: str) -> list[str]:
@@ -253,13 +362,28 @@ def _as_prompts(p, what: str) -> list[str]:
 CONVOLUTIONAL = ("unet", "vae_decoder")  # components that run NHWC on the CUDA engine
 
 
-def cuda_engine(bundle: Bundle, component: str, tuned: bool = True, extra_options: Mapping[str, str] | None = None):
+def resolve_cudnn_search(search: str | None = None) -> str:
+    """cuDNN's convolution algorithm search for the CUDA engines: ``search``, else $LDM_EXPORT_CUDNN_SEARCH, else
+    DEFAULT_CUDNN_SEARCH. EXHAUSTIVE times every algorithm of every convolution on the first run (8 to 18 s before the
+    first SD 1.5 image on an H100/H200); HEURISTIC asks cuDNN's heuristics and runs at once; DEFAULT takes ONNX
+    Runtime's fixed choice. ``tools/gpu/first_image.sh`` measures the three side by side."""
+    from .engine_cuda import CONV_ALGO_SEARCH
+
+    value = search if search is not None else os.environ.get("LDM_EXPORT_CUDNN_SEARCH") or DEFAULT_CUDNN_SEARCH
+    if value.upper() not in CONV_ALGO_SEARCH:
+        raise LdmExportError(f"cuDNN search must be one of {', '.join(CONV_ALGO_SEARCH)}, got {value!r}"
+                             + (" (from LDM_EXPORT_CUDNN_SEARCH)" if search is None else ""))
+    return value.upper()
+
+
+def cuda_engine(bundle: Bundle, component: str, tuned: bool = True, extra_options: Mapping[str, str] | None = None,
+                cudnn_search: str | None = None):
     """The CUDA engine for one component. ``tuned`` (the runtime's choice) runs the UNet and VAE decoder of a
     static-shape bundle channels-last with cuDNN's conv+bias fusion: on an H100 channels-last took the SD 1.5 UNet
     step from 12.3 to 8.8 ms, and the fusion the fp16 VAE decode from 10.1 to 8.7 ms of device time (docs/gpu.md).
     The fusion is set only where it was measured (fp16, static, channels-last): cuDNN could not plan it for an NCHW
     input convolution. The text encoder runs once an image and keeps a few nodes on the CPU, so it gets no CUDA
-    graph. ``extra_options`` adds CUDA provider options."""
+    graph. ``extra_options`` adds CUDA provider options; ``cudnn_search`` see ``resolve_cudnn_search``."""
     from .engine_cuda import CudaEngine
 
     conv = component in CONVOLUTIONAL
@@ -268,20 +392,28 @@ def cuda_engine(bundle: Bundle, component: str, tuned: bool = True, extra_option
     if tuned and conv and spec.is_static and bundle.precision(component) == "fp16":
         options["fuse_conv_bias"] = "1"
     options.update(extra_options or {})
+    if "cudnn_conv_algo_search" in options:  # ONNX Runtime's name for it (bench --cuda-option) is accepted too
+        cudnn_search = options.pop("cudnn_conv_algo_search")
     return CudaEngine(bundle.model_path(component), spec, prefer_nhwc=tuned and conv,
-                      cuda_graph=None if conv else False, provider_options=options)
+                      cuda_graph=None if conv else False, provider_options=options,
+                      conv_algo_search=resolve_cudnn_search(cudnn_search))
 
 
-def make_engine(bundle: Bundle, component: str, provider: str = "cpu", threads: int | None = None) -> Engine:
+def make_engine(bundle: Bundle, component: str, provider: str = "cpu", threads: int | None = None,
+                cudnn_search: str | None = None) -> Engine:
     """The engine for one component: ONNX Runtime on ``provider``, or the bundle's native TensorRT plan for this
     GPU with ``provider="tensorrt-native"`` (``"tensorrt"`` stays ONNX Runtime's TensorRT provider)."""
     if provider == "tensorrt-native":
         from .engine_tensorrt import load_tensorrt_engine
 
         return load_tensorrt_engine(bundle, component)
+    if provider in ("tensorrt", "nv-tensorrt-rtx"):  # ONNX Runtime's TensorRT providers, caches in the bundle
+        from .engine_ort_trt import ort_tensorrt_engine
+
+        return ort_tensorrt_engine(bundle, component, provider, threads)
     if provider == "cuda":
         from .engine_cuda import cuda_available
 
         if cuda_available():  # IOBinding on device buffers, CUDA graphs for static-shape bundles
-            return cuda_engine(bundle, component)
+            return cuda_engine(bundle, component, cudnn_search=cudnn_search)
     return OrtEngine(bundle.model_path(component), bundle.spec(component), provider=provider, threads=threads)

@@ -441,6 +441,15 @@ _CARRIED_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule
                  "use_dynamic_shifting", "time_shift_type")
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning(message)
+
+
 def sampler_names() -> list[str]:
     """Every name resolve_scheduler accepts: A1111 names, then scheduler class names."""
     return list(_A1111) + sorted(DEFAULTS)
@@ -463,6 +472,10 @@ def resolve_scheduler(name: str, base_config: dict) -> dict:
             raise LdmExportError(f"sampler {name!r} does not fit {kind} model (base scheduler "
                                  f"{base_config.get('_class_name')!r}); use "
                                  f"{'Euler' if base_is_flow else 'a sampler other than Euler (flow)'}")
+    if class_name == "LCMScheduler" and base_config.get("_class_name") != "LCMScheduler":
+        _warn_once("lcm", "LCM samples models distilled for it (whose scheduler is LCMScheduler); this model's is "
+                          f"{base_config.get('_class_name')!r}, so expect soft images: use 4-8 steps and guidance "
+                          "about 1.5, or another sampler")
     accepted = DEFAULTS[class_name]
     config = {key: base_config[key] for key in _CARRIED_KEYS if key in base_config and key in accepted}
     config.update(overrides)

@@ -109,6 +109,18 @@ class ComponentSpec:
                         )
                     bound[d] = n
 
+    def check_graph(self, session, path) -> None:
+        """Refuse a graph whose inputs or outputs are not this spec's (another component's model.onnx in its place),
+        at load rather than as an ONNX Runtime error mid-run. ``session``: an onnxruntime InferenceSession."""
+        got_in = [i.name for i in session.get_inputs()]
+        got_out = [o.name for o in session.get_outputs()]
+        ranks = {i.name: len(i.shape) for i in session.get_inputs()}
+        wrong_rank = [t.name for t in self.inputs if t.name in ranks and ranks[t.name] != len(t.shape)]
+        if set(got_in) != set(self.input_names) or not set(self.output_names) <= set(got_out) or wrong_rank:
+            raise LdmExportError(f"{path} is not a {self.name} graph: it takes {got_in} and gives {got_out}, the bundle's "
+                                 f"spec says {self.input_names} -> {self.output_names}; the bundle is damaged, rebuild it",
+                                 exit_code=1)
+
     def to_json(self) -> dict:
         return {
             "name": self.name,

@@ -7,8 +7,7 @@ Python, in that order, because tokenizers' normalisers cannot express it: HF's `
 ligatures, full-width forms, mojibake) and lowercases without Python's final-sigma rule, so its ids
 differ from CLIP's on such prompts. Split, byte-level mapping and BPE run in ``tokenizers``.
 
-ftfy is optional: without it a port of ftfy's character-level fixes runs instead (curly quotes,
-Latin ligatures, full-width forms, control characters, NFC); only ftfy's mojibake repair is missing.
+ftfy is a dependency of the base install (OpenAI's clean-up is defined by it).
 """
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ import re
 import shutil
 import unicodedata
 from importlib import resources
-from itertools import chain
 from pathlib import Path
 from typing import Sequence
 
@@ -29,10 +27,7 @@ from .errors import LdmExportError
 
 logger = logging.getLogger(__name__)
 
-try:  # optional: pure Python, small; without it the fallback below covers all but mojibake repair
-    from ftfy import fix_text as _ftfy_fix_text
-except ImportError:  # pragma: no cover - depends on the install
-    _ftfy_fix_text = None
+from ftfy import fix_text
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -40,44 +35,6 @@ MODEL_MAX_LENGTH = 77
 # OpenAI's pattern less its special-token alternatives (tokenizers matches those as added tokens).
 # It is compiled with IGNORECASE there; the text is lower-cased before it, so the flag is moot.
 CLIP_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-
-# Port of the character-level fixes of ftfy 6.3 (ftfy/chardata.py, ftfy/fixes.py; MIT licence),
-# applied when ftfy is not installed.
-_SINGLE_QUOTE_RE = re.compile("[\u02bc\u2018-\u201b]")
-_DOUBLE_QUOTE_RE = re.compile("[\u201c-\u201f]")
-_LIGATURES = {
-    ord("Ĳ"): "IJ", ord("ĳ"): "ij", ord("ŉ"): "ʼn", ord("Ǳ"): "DZ", ord("ǲ"): "Dz", ord("ǳ"): "dz",
-    ord("Ǆ"): "DŽ", ord("ǅ"): "Dž", ord("ǆ"): "dž", ord("Ǉ"): "LJ", ord("ǈ"): "Lj", ord("ǉ"): "lj",
-    ord("Ǌ"): "NJ", ord("ǋ"): "Nj", ord("ǌ"): "nj", ord("ﬀ"): "ff", ord("ﬁ"): "fi", ord("ﬂ"): "fl",
-    ord("ﬃ"): "ffi", ord("ﬄ"): "ffl", ord("ﬅ"): "ſt", ord("ﬆ"): "st",
-}
-_WIDTH_MAP = {0x3000: " "}
-_WIDTH_MAP.update({i: unicodedata.normalize("NFKC", chr(i)) for i in range(0xFF01, 0xFFF0)
-                   if unicodedata.normalize("NFKC", chr(i)) != chr(i)})
-_CONTROL_CHARS = dict.fromkeys(chain(range(0x00, 0x09), [0x0B], range(0x0E, 0x20), [0x7F],
-                                     range(0x206A, 0x2070), [0xFEFF], range(0xFFF9, 0xFFFD)))
-_warned_no_ftfy = False
-
-
-def _fix_text_without_ftfy(text: str) -> str:
-    """ftfy.fix_text's character-level steps (ligatures, width, quotes, control chars, NFC), no mojibake repair."""
-    text = text.translate(_LIGATURES).translate(_WIDTH_MAP)
-    text = _SINGLE_QUOTE_RE.sub("'", _DOUBLE_QUOTE_RE.sub('"', text))
-    text = text.translate(_CONTROL_CHARS)
-    return unicodedata.normalize("NFC", text)
-
-
-def fix_text(text: str) -> str:
-    """``ftfy.fix_text`` when ftfy is installed, else its character-level fixes (see module docstring)."""
-    global _warned_no_ftfy
-    if _ftfy_fix_text is not None:
-        return _ftfy_fix_text(text)
-    if not _warned_no_ftfy and not text.isascii():
-        _warned_no_ftfy = True
-        logger.warning("ftfy is not installed: non-ASCII prompts get ftfy's character fixes but no mojibake "
-                       "repair, so ids may differ from CLIP's on garbled text; `pip install ftfy` to close the gap")
-    return _fix_text_without_ftfy(text)
-
 
 def clean_prompt(text: str) -> str:
     """OpenAI CLIP's clean-up: ``whitespace_clean(basic_clean(text)).lower()`` (clip/simple_tokenizer.py)."""

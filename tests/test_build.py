@@ -173,8 +173,14 @@ def test_force_replaces_and_existing_out_is_refused(tmp_path):
     with pytest.raises(LdmExportError, match="already exists; pass --force"):
         build(BuildConfig(model="tiny", random_weights=True, out=out))
     assert (out / "keep.txt").read_text() == "mine"  # refused before touching anything
+    with pytest.raises(LdmExportError, match="not an ldm-export bundle"):  # --force replaces only bundles
+        build(BuildConfig(model="tiny", random_weights=True, out=out, force=True))
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder may be replaced
     build(BuildConfig(model="tiny", random_weights=True, out=out, force=True))
-    assert not (out / "keep.txt").exists() and (out / "ldm_export.json").is_file()
+    first = (out / "ldm_export.json").read_text()
+    build(BuildConfig(model="tiny", random_weights=True, seed=1, out=out, force=True))  # and a bundle
+    assert (out / "ldm_export.json").read_text() != first
     assert not list(tmp_path.glob(".o.*"))
 
 

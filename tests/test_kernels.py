@@ -112,8 +112,8 @@ def test_export_patches_restore_modules_and_cpu_target_is_plain():
         assert any("forward" in vars(m) for m in unet.modules() if isinstance(m, torch.nn.GroupNorm))
     assert [type(m.processor) for m in unet.modules() if hasattr(m, "processor")] == procs
     assert not any("forward" in vars(m) for m in unet.modules())
-    with pytest.raises(NotImplementedError, match="tensorrt"):
-        with kernels.export_patches(unet, "unet", "tensorrt"):
+    with pytest.raises(NotImplementedError, match="rocm"):
+        with kernels.export_patches(unet, "unet", "rocm"):
             pass
 
 

@@ -151,7 +151,7 @@ def test_num_images_and_empty_prompt(pipe):
     ({"prompt": 42}, "prompt must be a string"),
     ({"prompt": "x", "num_inference_steps": 0}, "steps must be an integer from 1 to 1000"),
     ({"prompt": "x", "num_inference_steps": 100000}, "steps must be an integer from 1 to 1000"),
-    ({"prompt": "x", "width": 60}, "width must be a positive multiple of 8"),
+    ({"prompt": "x", "width": 60}, "width must be a positive multiple of 16 px"),
     ({"prompt": "x", "scheduler": "Warp drive"}, "Warp drive"),
     ({"prompt": "x", "latents": np.zeros((1, 4, 4, 4))}, "latents must have shape (1, 4, 8, 8)"),
 ])
@@ -217,7 +217,7 @@ def test_generate_cli_writes_png_with_a1111_parameters(tiny_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--size", "63x64"], "width must be a positive multiple of 8"),
+    (["--size", "63x64"], "width must be a positive multiple of 16 px"),
     (["--size", "big"], "--size must look like 512x512"),
     (["--steps", "0"], "steps must be an integer"),
     (["--sampler", "nope"], "unknown sampler"),
@@ -263,16 +263,30 @@ def test_cuda_engine_choices_per_component(tiny_bundle, tmp_path, monkeypatch):
     monkeypatch.setattr(ec, "CudaEngine", Recorder)
     b16 = tmp_path / "b16"
     build(BuildConfig(model="tiny", precision="fp16", random_weights=True, static_shape=True, out=b16))
+    monkeypatch.delenv("LDM_EXPORT_CUDNN_SEARCH", raising=False)
     for comp in ("text_encoder", "unet", "vae_decoder"):
         cuda_engine(Bundle.open(b16), comp, extra_options={"sdpa_kernel": "8"})
-    assert seen["unet"] == seen["vae_decoder"] == {"prefer_nhwc": True, "cuda_graph": None,
+    search = {"conv_algo_search": "HEURISTIC"}
+    assert seen["unet"] == seen["vae_decoder"] == {"prefer_nhwc": True, "cuda_graph": None, **search,
                                                    "provider_options": {"fuse_conv_bias": "1", "sdpa_kernel": "8"}}
-    assert seen["text_encoder"] == {"prefer_nhwc": False, "cuda_graph": False, "provider_options": {"sdpa_kernel": "8"}}
+    assert seen["text_encoder"] == {"prefer_nhwc": False, "cuda_graph": False, **search,
+                                    "provider_options": {"sdpa_kernel": "8"}}
     # fp32 and dynamic-shape bundles: channels-last, but no conv+bias fusion (measured only on static fp16 graphs)
     cuda_engine(Bundle.open(tiny_bundle), "unet")
-    assert seen["unet"] == {"prefer_nhwc": True, "cuda_graph": None, "provider_options": {}}
+    assert seen["unet"] == {"prefer_nhwc": True, "cuda_graph": None, **search, "provider_options": {}}
     cuda_engine(Bundle.open(b16), "unet", tuned=False)  # the bench's plain `ort` backend
-    assert seen["unet"] == {"prefer_nhwc": False, "cuda_graph": None, "provider_options": {}}
+    assert seen["unet"] == {"prefer_nhwc": False, "cuda_graph": None, **search, "provider_options": {}}
+    # cuDNN's search: an argument, ONNX Runtime's option name (bench --cuda-option), or the environment
+    cuda_engine(Bundle.open(b16), "unet", cudnn_search="exhaustive")
+    assert seen["unet"]["conv_algo_search"] == "EXHAUSTIVE"
+    cuda_engine(Bundle.open(b16), "unet", extra_options={"cudnn_conv_algo_search": "DEFAULT"})
+    assert seen["unet"]["conv_algo_search"] == "DEFAULT" and seen["unet"]["provider_options"] == {"fuse_conv_bias": "1"}
+    monkeypatch.setenv("LDM_EXPORT_CUDNN_SEARCH", "EXHAUSTIVE")
+    cuda_engine(Bundle.open(b16), "unet")
+    assert seen["unet"]["conv_algo_search"] == "EXHAUSTIVE"
+    monkeypatch.setenv("LDM_EXPORT_CUDNN_SEARCH", "fastest")
+    with pytest.raises(LdmExportError, match="LDM_EXPORT_CUDNN_SEARCH"):
+        cuda_engine(Bundle.open(b16), "unet")
 
 
 def test_cuda_engine_refuses_options_it_sets_itself(tiny_bundle):

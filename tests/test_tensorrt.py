@@ -24,16 +24,18 @@ L4 = EngineTarget("NVIDIA L4", (8, 9), "10.13.3.9")
 
 
 def _tensorrt_missing() -> str | None:
+    """Why engines cannot run here: no TensorRT (full or RTX), no GPU, or a GPU TensorRT-RTX does not run on."""
+    from ldm_export.runtime.engine_tensorrt import builder_of, current_gpu, require_tensorrt
+
     try:
-        import tensorrt  # noqa: F401
-        import polygraphy  # noqa: F401
-    except Exception as e:  # noqa: BLE001  a broken install skips too, with its reason
-        return f"TensorRT is not installed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-    try:
-        from ldm_export.runtime.engine_tensorrt import current_gpu
-        current_gpu()
+        trt = require_tensorrt()
+        gpu = current_gpu()
     except LdmExportError as e:
-        return f"no GPU for TensorRT: {e}"
+        return str(e)
+    if builder_of(trt) == "tensorrt-rtx" and gpu.compute_capability not in ((8, 0), (8, 6), (8, 9)) \
+            and gpu.compute_capability[0] < 12:
+        return (f"TensorRT-RTX does not run on compute capability {gpu.compute_capability[0]}.{gpu.compute_capability[1]} "
+                f"({gpu.name}); it runs on 8.0, 8.6, 8.9 and 12.x")
     return None
 
 
@@ -120,11 +122,13 @@ def test_precision_from_manifest_and_option(tiny_bundle, bundle_precision, optio
     assert bool(r.notes) == (bundle_precision == "fp16" and option == "fp16")
 
 
-def test_unknown_bundle_precision_is_not_built_yet(tiny_bundle):
+def test_quantisation_is_read_from_the_graph_not_the_label(tiny_bundle):
+    """An int8-labelled component builds strongly typed like any other; "int8 QDQ" is recorded only when the graph
+    itself holds Q/DQ nodes (tests/test_tensorrt_rtx.py builds a real QDQ graph)."""
     from ldm_export.export.tensorrt_build import EngineOptions, engine_recipe
 
-    with pytest.raises(NotImplementedError, match="int8"):
-        engine_recipe(_fake_bundle(tiny_bundle, "int8"), "unet", EngineOptions(), Path("tc"))
+    r = engine_recipe(_fake_bundle(tiny_bundle, "int8"), "unet", EngineOptions(), Path("tc"))
+    assert r.strongly_typed and r.bundle_precision == "int8" and r.quantization is None
 
 
 @pytest.mark.parametrize("kwargs, match", [({"precision": "bf16"}, "precision"), ({"optimization_level": 6}, "0 to 5"),
@@ -376,9 +380,13 @@ def test_failed_build_leaves_earlier_engines_and_a_valid_index(bundle_copy):
 
 # ---------------------------------------------------------------- missing TensorRT, through the CLI
 
+NO_TENSORRT = "import sys; sys.modules['tensorrt'] = None; sys.modules['tensorrt_rtx_bindings'] = None"
+
+
 def _cli_without_tensorrt(*args: str) -> subprocess.CompletedProcess:
-    """`ldm-export ARGS` in a fresh interpreter where `import tensorrt` fails, as on a machine without it."""
-    code = ("import sys; sys.modules['tensorrt'] = None; sys.argv = ['ldm-export', *sys.argv[1:]]; "
+    """`ldm-export ARGS` in a fresh interpreter where neither TensorRT nor TensorRT-RTX imports, as on a machine
+    without them."""
+    code = (NO_TENSORRT + "; sys.argv = ['ldm-export', *sys.argv[1:]]; "
             "from ldm_export.cli import main; main()")
     env = {k: v for k, v in os.environ.items() if k != "LDM_EXPORT_DEBUG"}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=env)
@@ -391,12 +399,13 @@ def test_engines_without_tensorrt_is_one_line_naming_the_install(tiny_bundle):
     assert len(lines) == 1, r.stderr
     assert "Traceback" not in r.stderr + r.stdout
     assert lines[0].startswith("error: TensorRT is not installed")
+    assert "pip install 'ldm-export[tensorrt-rtx]'" in lines[0]
     assert "pip install 'ldm-export[tensorrt]'" in lines[0] and "pypi.nvidia.com" in lines[0]
     assert not engines_root(tiny_bundle).exists()
 
 
 def test_tensorrt_native_provider_without_tensorrt_is_one_error(tiny_bundle):
-    code = ("import sys; sys.modules['tensorrt'] = None\n"
+    code = (NO_TENSORRT + "\n"
             "from ldm_export.runtime.errors import LdmExportError\n"
             "from ldm_export.runtime.pipeline import Pipeline\n"
             "try:\n    Pipeline.from_bundle(sys.argv[1], provider='tensorrt-native')\n"

@@ -247,20 +247,16 @@ def test_ftfy_prompts_match_openai_reference(tok, ref, prompt):
     ("tom &amp;amp; jerry", "tom & jerry"),
     ("  ΟΔΟΣ  ", "οδος"),  # Python's str.lower keeps the final sigma, as CLIP's clean-up does
 ])
-def test_clean_prompt_without_ftfy(monkeypatch, raw, cleaned):
-    monkeypatch.setattr(tokmod, "_ftfy_fix_text", None)
+def test_clean_prompt(raw, cleaned):
     assert tokmod.clean_prompt(raw) == cleaned
 
 
-def test_fallback_warns_once_without_ftfy(monkeypatch, caplog):
-    monkeypatch.setattr(tokmod, "_ftfy_fix_text", None)
-    monkeypatch.setattr(tokmod, "_warned_no_ftfy", False)
-    with caplog.at_level(logging.WARNING, logger=tokmod.__name__):
-        tokmod.clean_prompt("plain ascii")
-        assert not caplog.records
-        tokmod.clean_prompt("café")
-        tokmod.clean_prompt("naïve")
-    assert len(caplog.records) == 1 and "ftfy" in caplog.records[0].getMessage()
+def test_the_runtime_uses_ftfy_itself():
+    """ftfy is a base dependency: the runtime calls it, and carries no hand port of its fixes."""
+    import ftfy as real
+
+    assert tokmod.fix_text is real.fix_text
+    assert not any(n.startswith("_fix_text_without") or n in ("_LIGATURES", "_WIDTH_MAP") for n in vars(tokmod))
 
 
 def test_truncation_warns_with_count_and_cut_text(tok, caplog):

@@ -37,12 +37,15 @@ VAE = {
     "scaling_factor": 0.5212063193321228,  # measured by train.py: 1 / std of the latents over 4096 images
 }
 
-# diffusers scheduler_config.json: SD's training schedule, sampled with Euler by default
+# diffusers scheduler_config.json: SD's training schedule, sampled with Euler by default. The keys of the other
+# samplers (clip_sample, set_alpha_to_one, skip_prk_steps) are part of the schedule, as in SD's own configs: without
+# them switching to DDIM/DDPM/PLMS takes diffusers' defaults (clip_sample=True clips the latents to [-1, 1]).
 SCHEDULER = {
     "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
     "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
     "use_karras_sigmas": False, "trained_betas": None,
+    "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True,
 }
 
 DEFAULT_STEPS = 20

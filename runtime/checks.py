@@ -1,0 +1,153 @@
+"""Checks of one generation request before any work: seed, prompts, guidance, size, memory, threads.
+
+Each is a pure function that returns the value to use or raises ``LdmExportError`` with a one-line message
+saying what to do, so a bad request fails in milliseconds, not after the sampler has run (or never: an image
+size whose activations cannot fit is refused from an estimate, not discovered by the allocator).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import LdmExportError
+
+log = logging.getLogger(__name__)
+
+SEED_MAX = 2**32 - 1  # A1111's seeds are unsigned 32-bit; -1 asks for a random one
+MAX_GUIDANCE = 100.0  # far past any useful CFG scale (A1111's slider stops at 30); 1e30 saturates to a grey image
+# An image side outside [resolution * LOW, resolution * HIGH] is off the model's training size: one warning.
+OFF_MODEL_LOW, OFF_MODEL_HIGH = 0.5, 1.5
+# Share of the available memory a request may plan for: the engines' own weights and arenas need the rest.
+MEMORY_SHARE = 0.8
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str, *args) -> None:
+    """Log ``message`` as a warning the first time ``key`` is seen in this process."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message, *args)
+
+
+def resolve_seed(seed: int | None) -> int:
+    """A1111's seed rule: None or -1 draws a random seed; else an integer from 0 to 2**32 - 1."""
+    if seed is None or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed == -1):
+        return int(np.random.default_rng().integers(0, SEED_MAX))
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+        raise LdmExportError(f"seed must be an integer from 0 to {SEED_MAX} (or -1 for a random one), got {seed!r}")
+    return int(seed)
+
+
+def image_seeds(seed: int, n: int) -> list[int]:
+    """Image k of a request gets seed + k (A1111), so any one image can be made again alone; wraps at 2**32."""
+    return [(seed + k) % (SEED_MAX + 1) for k in range(n)]
+
+
+def check_text(prompts: Sequence[str], what: str) -> None:
+    """Refuse text that cannot be written as UTF-8 (lone surrogates from a command line with invalid UTF-8)."""
+    for p in prompts:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise LdmExportError(f"the {what} is not valid UTF-8 text (byte {e.start} of {len(p)}: "
+                                 f"{p[e.start:e.end].encode('utf-8', 'surrogateescape')!r}); fix its encoding") from None
+
+
+def check_guidance(guidance_scale: float, guidance_rescale: float) -> tuple[float, float]:
+    """CFG scale from 0 to MAX_GUIDANCE (<= 1 runs the conditional pass alone) and rescale from 0 to 1."""
+    for name, v, hi, hint in (("guidance scale", guidance_scale, MAX_GUIDANCE, "7.5 is the usual value; <= 1 turns guidance off"),
+                              ("guidance rescale", guidance_rescale, 1.0, "0.7 is the paper's value; 0 turns it off")):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+            raise LdmExportError(f"{name} must be a finite number, got {v!r}")
+        if not 0 <= v <= hi:
+            raise LdmExportError(f"{name} must be from 0 to {hi:g}, got {v:g} ({hint})")
+    return float(guidance_scale), float(guidance_rescale)
+
+
+def check_size(width, height, model: Mapping[str, Any], multiple: int) -> tuple[int, int]:
+    """Refuse sizes the denoiser cannot take (not a multiple of ``multiple`` px: the family's ``size_multiple``, the
+    VAE's factor times the UNet's downsampling); warn once for sizes off the training size."""
+    resolution = int(model["resolution"])
+    for name, v in (("width", width), ("height", height)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
+            near = max(multiple, int(round(v / multiple)) * multiple) if isinstance(v, (int, np.integer)) and v > 0 else multiple
+            raise LdmExportError(f"{name} must be a positive multiple of {multiple} px for this model (its denoiser "
+                                 f"downsamples the {model['vae_scale_factor']}x latents {multiple // int(model['vae_scale_factor'])}x), "
+                                 f"got {v!r}; try {near}")
+    lo, hi = resolution * OFF_MODEL_LOW, resolution * OFF_MODEL_HIGH
+    if not (lo <= width <= hi and lo <= height <= hi):
+        warn_once(f"off-model {width}x{height}",
+                  "%dx%d is far from the %d px this model was trained at; expect repeated or broken subjects "
+                  "(sizes from %d to %d px are on-model)", width, height, resolution, int(lo), int(hi))
+    return int(width), int(height)
+
+
+def _heads(unet_config: Mapping[str, Any]) -> int:
+    heads = unet_config.get("attention_head_dim") or 8  # diffusers' SD 1.x configs store the head count here
+    return int(max(heads) if isinstance(heads, (list, tuple)) else heads)
+
+
+def estimate_memory(model: Mapping[str, Any], configs: Mapping[str, Any], width: int, height: int, batch: int,
+                    fused_attention: bool, bytes_per_value: int = 4) -> int:
+    """Bytes of activations one UNet call on ``batch`` latents and one VAE decode of ``width x height`` need at their
+    peak: the first attention's score matrix (batch x heads x tokens^2, absent with fused attention), a few
+    feature maps of the widest block at full latent size, and the decoder's last blocks at full image size.
+    An order-of-magnitude floor, used to refuse sizes that cannot fit; real peaks are higher. ``configs``: the
+    bundle's module configs (``Bundle.module_configs``)."""
+    unet = configs.get("unet") or {}
+    vae = configs.get("vae") or {}
+    f = int(model["vae_scale_factor"])
+    tokens = (height // f) * (width // f)
+    c0 = int((unet.get("block_out_channels") or [320])[0])
+    attn_first = "CrossAttn" in str((unet.get("down_block_types") or ["CrossAttnDownBlock2D"])[0])
+    scores = 0 if fused_attention or not attn_first else batch * _heads(unet) * tokens * tokens
+    unet_peak = scores + 6 * batch * c0 * tokens
+    vae_c = int((vae.get("block_out_channels") or [128])[0])
+    vae_peak = 4 * vae_c * height * width + tokens * tokens  # the mid-block attention is single-head over the latents
+    return int(max(unet_peak, vae_peak) * bytes_per_value)
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available now (Linux /proc/meminfo's MemAvailable, else sysconf), None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(model: Mapping[str, Any], configs: Mapping[str, Any], width: int, height: int, batch: int,
+                 fused_attention: bool, available: int | None, where: str) -> None:
+    """Refuse a request whose estimated activations exceed ``MEMORY_SHARE`` of ``available`` bytes."""
+    need = estimate_memory(model, configs, width, height, batch, fused_attention)
+    if available is not None and need > MEMORY_SHARE * available:
+        raise LdmExportError(f"{width}x{height} needs about {_gb(need)} of activations per UNet call ({batch} latents), "
+                             f"more than the {_gb(available)} available {where}; use a smaller --size "
+                             f"(the model's own is {model['resolution']} px)")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n < 2**50 else f"{n / 2**40:.3g} TB"
+
+
+def cap_threads(threads: int | None) -> int | None:
+    """CPU threads for ONNX Runtime: at least 1, at most this machine's cores (more only contend, and thousands hang)."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise LdmExportError(f"threads must be a positive integer, got {threads!r}")
+    cores = os.cpu_count() or 1
+    if threads > cores:
+        warn_once(f"threads {threads}", "%d threads asked for, this machine has %d cores; using %d", threads, cores, cores)
+        return cores
+    return int(threads)
