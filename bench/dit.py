@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 
+from ldm_export.runtime.errors import LdmExportError
+
 from .run import BenchConfig, Progress, _gpu_used_mb, _Skip, image_fidelity, stats, timed, write_reports
 
 log = logging.getLogger(__name__)
@@ -143,7 +145,10 @@ def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None)
 
         loaded = load_weights(spec, embedded_weights_path(spec))
     else:
-        loaded = load_weights(spec, Path(info["path"]))
+        if cfg.weights is None:
+            raise LdmExportError(f"the bundle was built from the weights '{info['path']}'; pass --weights PATH for the "
+                                 "PyTorch backends (a bundle keeps no paths of the machine that built it)")
+        loaded = load_weights(spec, Path(cfg.weights))
     modules = loaded.modules
     torch.set_grad_enabled(False)
     if cfg.threads:

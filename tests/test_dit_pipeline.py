@@ -102,7 +102,8 @@ def test_demo_dit_folder_reuses_the_demo_models_clip_and_vae(tmp_path):
 def test_dit_bench_runs_every_backend_on_the_same_pipeline(built, tmp_path):
     from ldm_export.bench.run import BenchConfig, run_bench
 
-    result = run_bench(BenchConfig(bundle=built["tiny-flux"][0], device="cpu", backends=("torch-eager", "ort"),
+    result = run_bench(BenchConfig(bundle=built["tiny-flux"][0], weights=built["tiny-flux"][1], device="cpu",
+                                   backends=("torch-eager", "ort"),
                                    steps=2, repeats=1, e2e_repeats=1, warmup=0, out=tmp_path))
     for name in ("torch-eager", "ort"):
         entry = result["backends"][name]
