@@ -24,7 +24,7 @@ from ldm_export.runtime.errors import LdmExportError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch-eager", "torch-compile", "ort", "ort-nhwc", "tensorrt")
+BACKENDS = ("torch-eager", "torch-compile", "ort", "ort-nhwc", "ort-int8", "tensorrt")
 Progress = Callable[[str], None]
 
 
@@ -46,6 +46,7 @@ class BenchConfig:
     notes: list[str] = field(default_factory=list)
     cuda_options: dict[str, str] = field(default_factory=dict)  # extra CUDA provider options for the ort backends
     weights: Path | None = None  # the weights a bundle was built from (bundles record their name, not their path)
+    int8_bundle: Path | None = None  # the ort-int8 backend: an int8 bundle of the same model and weights as ``bundle``
 
 
 def stats(times_s: list[float]) -> dict[str, float]:
@@ -75,25 +76,63 @@ def image_fidelity(image: np.ndarray, reference: np.ndarray) -> dict[str, float]
     return {"cosine": cos, "psnr_db": psnr, "finite": bool(np.isfinite(image).all())}
 
 
-# ---------------------------------------------------------------- backends: text(ids), unet(x, t), vae(z)
+# ---------------------------------------------------------------- backends: components by name, composed by the family
 
 class _Backend:
+    """Runs a bundle's components by name (``run``); the family composes them (text encoders -> Conditioning,
+    denoiser feeds, VAE decoder), so one backend serves SD 1.x, SDXL and any other family."""
+
     name = ""
     precision = ""
+    family = None
+    denoiser = "unet"
 
-    def text(self, ids: np.ndarray) -> np.ndarray: ...
-    def unet(self, sample: np.ndarray, timestep: float, ehs: np.ndarray) -> np.ndarray: ...
-    def vae(self, latent_sample: np.ndarray) -> np.ndarray: ...
-    def time_components(self, ids, sample, timestep, ehs, latent_sample, repeats, warmup) -> dict: ...
+    def run(self, component: str, feeds: dict) -> dict: ...
     def memory_mb(self) -> float | None: return None
     def reset_memory(self) -> None: pass
     def close(self) -> None: pass
+
+    # -- the work, through the family -------------------------------------------------------------------
+    def text(self, ids: np.ndarray):
+        """[negative, prompt] token ids (2, 77) -> the family's Conditioning (2 rows), float32."""
+        return self.family.encode(_EncodeView(self, ids), ["", "prompt"][:len(ids)])
+
+    def denoise(self, sample: np.ndarray, timestep: float, cond) -> np.ndarray:
+        feeds = self.family.denoiser_feeds(sample, np.full((sample.shape[0],), float(timestep)), cond)
+        return self.family.prediction(self.run_denoiser(feeds, cond), sample).astype(np.float32)
+
+    def run_denoiser(self, feeds: dict, cond) -> dict:
+        return self.run(self.denoiser, feeds)
+
+    def vae(self, latent_sample: np.ndarray) -> np.ndarray:
+        return self.run(self.family.decoder, {"latent_sample": latent_sample})["sample"].astype(np.float32)
+
+    def time_components(self, ids, sample, timestep, cond, latent_sample, repeats, warmup) -> dict:
+        return {"text_encoder": timed(lambda: self.text(ids), repeats, warmup),
+                "unet_step": timed(lambda: self.denoise(sample, timestep, cond), repeats, warmup),
+                "vae_decode": timed(lambda: self.vae(latent_sample), repeats, warmup)}
+
+
+class _EncodeView:
+    """What ``Family.encode`` needs of a pipeline: tokenizers (here: fixed ids) and ``run_component``."""
+
+    def __init__(self, backend: _Backend, ids: np.ndarray):
+        self.backend = backend
+        self.tokenizers = {t: (lambda prompts: ids[:len(prompts)]) for t in backend.family.tokenizers}
+
+    def run_component(self, component: str, feeds: dict, batched=None) -> dict:
+        return self.backend.run(component, feeds)
+
+
+def _components(family) -> list[str]:
+    """The components a bench runs: text encoders, the denoiser and the decoder."""
+    return [*family.text_encoders, family.denoiser, family.decoder]
 
 
 class TorchBackend(_Backend):
     """diffusers/transformers modules on ``device``; ``compile`` wraps each component in torch.compile (default mode)."""
 
-    def __init__(self, modules: dict, device: str, dtype: str, compile: bool = False):
+    def __init__(self, modules: dict, device: str, dtype: str, compile: bool = False, spec=None):
         import torch
 
         from ldm_export.export import models as M
@@ -103,15 +142,18 @@ class TorchBackend(_Backend):
         self.dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
         self.precision = dtype
         self.name = "torch-compile" if compile else "torch-eager"
+        self.family = spec.family_def
+        self.denoiser = self.family.denoiser
+        self.specs = spec.component_specs()
+        self.configs = spec.configs
         if dtype == "fp32" and self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
-        self.w = {c: M.wrap(c, modules).to(self.device, self.dtype).eval() for c in ("text_encoder", "unet", "vae_decoder")}
+        self.w = {c: M.wrap(c, modules, self.family).to(self.device, self.dtype).eval() for c in _components(self.family)}
         self.compile_s = None
         if compile:
             self.w = {c: torch.compile(m) for c, m in self.w.items()}
-        self._ehs_key = None
-        self._ehs = None
+        self._cache: dict[str, tuple[object, object]] = {}  # input name -> (numpy array, device tensor)
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -120,29 +162,34 @@ class TorchBackend(_Backend):
     def _t(self, a, dtype=None):
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype or self.dtype)
 
-    def text(self, ids):
-        with self.torch.inference_mode():
-            out = self.w["text_encoder"](self.torch.from_numpy(ids).to(self.device))
-        return out[0].float().cpu().numpy()
-
-    def unet(self, sample, timestep, ehs):
-        if self._ehs_key is not ehs:  # the embeddings stay on the device for one image
-            self._ehs_key, self._ehs = ehs, self._t(ehs)
-        with self.torch.inference_mode():
-            t = self.torch.tensor(float(timestep), device=self.device, dtype=self.torch.float32)
-            out = self.w["unet"](self._t(sample), t, self._ehs)
-        return out.float().cpu().numpy()
-
-    def vae(self, latent_sample):
-        with self.torch.inference_mode():
-            out = self.w["vae_decoder"](self._t(latent_sample))
-        return out.float().cpu().numpy()
-
-    def time_components(self, ids, sample, timestep, ehs, latent_sample, repeats, warmup):
+    def _input(self, tensor_spec, a):
         torch = self.torch
-        ids_d = torch.from_numpy(ids).to(self.device)
-        x, e, z = self._t(sample), self._t(ehs), self._t(latent_sample)
-        t = torch.tensor(float(timestep), device=self.device, dtype=torch.float32)
+        if tensor_spec.dtype.startswith("int"):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        if tensor_spec.name == "timestep":  # fp32: fp16 cannot hold fractional timesteps near 1000
+            return torch.tensor(float(np.asarray(a).reshape(-1)[0]), device=self.device, dtype=torch.float32)
+        cached = self._cache.get(tensor_spec.name)
+        if cached is not None and cached[0] is a:  # conditioning stays on the device for one image
+            return cached[1]
+        t = self._t(a)
+        self._cache[tensor_spec.name] = (a, t)
+        return t
+
+    def device_feeds(self, component: str, feeds: dict) -> list:
+        return [self._input(t, feeds[t.name]) for t in self.specs[component].inputs]
+
+    def run(self, component, feeds):
+        with self.torch.inference_mode():
+            out = self.w[component](*self.device_feeds(component, feeds))
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: o.float().cpu().numpy() for n, o in zip(self.specs[component].output_names, out)}
+
+    def time_components(self, ids, sample, timestep, cond, latent_sample, repeats, warmup):
+        torch = self.torch
+        text_feeds = {c: self.device_feeds(c, {"input_ids": ids}) for c in self.family.text_encoders}
+        unet_feeds = self.device_feeds(self.denoiser, self.family.denoiser_feeds(
+            sample, np.full((sample.shape[0],), float(timestep)), cond))
+        z = self.device_feeds(self.family.decoder, {"latent_sample": latent_sample})
 
         def run(fn):
             def call():
@@ -151,16 +198,20 @@ class TorchBackend(_Backend):
                 self._sync()
             return call
 
+        def text():
+            for c, f in text_feeds.items():
+                self.w[c](*f)
+
         t0 = time.perf_counter()
-        run(lambda: self.w["unet"](x, t, e))()  # first call: compiles under torch.compile
-        run(lambda: self.w["vae_decoder"](z))()
-        run(lambda: self.w["text_encoder"](ids_d))()
+        run(lambda: self.w[self.denoiser](*unet_feeds))()  # first call: compiles under torch.compile
+        run(lambda: self.w[self.family.decoder](*z))()
+        run(text)()
         first = time.perf_counter() - t0
         if self.name == "torch-compile":
             self.compile_s = first
-        return {"text_encoder": timed(run(lambda: self.w["text_encoder"](ids_d)), repeats, warmup),
-                "unet_step": timed(run(lambda: self.w["unet"](x, t, e)), repeats, warmup),
-                "vae_decode": timed(run(lambda: self.w["vae_decoder"](z)), repeats, warmup)}
+        return {"text_encoder": timed(run(text), repeats, warmup),
+                "unet_step": timed(run(lambda: self.w[self.denoiser](*unet_feeds)), repeats, warmup),
+                "vae_decode": timed(run(lambda: self.w[self.family.decoder](*z)), repeats, warmup)}
 
     def memory_mb(self):
         if self.device.type != "cuda":
@@ -173,6 +224,7 @@ class TorchBackend(_Backend):
 
     def close(self):
         self.w = {}
+        self._cache = {}
         if self.device.type == "cuda":
             import gc
 
@@ -191,10 +243,12 @@ class OrtBackend(_Backend):
         self.device = device
         self.name = "ort-nhwc" if prefer_nhwc else "ort"
         self.cuda_options = dict(cuda_options or {})
-        self.precision = self.bundle.precision("unet")
+        self.family = self.bundle.family
+        self.denoiser = self.family.denoiser
+        self.precision = self.bundle.precision(self.denoiser)
         self.engines = {}
         t0 = time.perf_counter()
-        for c in ("text_encoder", "unet", "vae_decoder"):
+        for c in _components(self.family):
             spec = self.bundle.spec(c)
             if device == "cuda":
                 from ldm_export.runtime.pipeline import cuda_engine
@@ -206,35 +260,35 @@ class OrtBackend(_Backend):
 
                 self.engines[c] = OrtEngine(self.bundle.model_path(c), spec, "cpu", threads=threads)
         self.load_s = time.perf_counter() - t0
-        self._ehs_key = None
+        self._cond_key = None
         self._base_mb = _gpu_used_mb() if device == "cuda" else None
         self._peak_mb = None
 
-    def _dtype(self, c, name):
-        return np.dtype(next(t.dtype for t in self.engines[c].spec.inputs if t.name == name))
+    def _typed(self, component, feeds):
+        spec = self.engines[component].spec
+        out = {}
+        for t in spec.inputs:
+            a = np.asarray(feeds[t.name])
+            out[t.name] = np.asarray(a.reshape(-1)[0] if not t.shape and a.ndim else a).astype(t.dtype, copy=False)
+        return out
 
-    def text(self, ids):
-        return self.engines["text_encoder"].run({"input_ids": ids})["last_hidden_state"].astype(np.float32)
+    def run(self, component, feeds):
+        out = self.engines[component].run(self._typed(component, feeds))
+        self._track()
+        return out
 
-    def unet(self, sample, timestep, ehs):
-        e = self.engines["unet"]
-        feeds = {"sample": sample.astype(self._dtype("unet", "sample")),
-                 "timestep": np.asarray(timestep, dtype=self._dtype("unet", "timestep"))}
+    def run_denoiser(self, feeds, cond):
+        e = self.engines[self.denoiser]
         if hasattr(e, "run_partial") and e.static:
-            if self._ehs_key is not ehs:  # bound once per image, then only the 64 KB of latents travel
-                self._ehs_key = ehs
-                feeds["encoder_hidden_states"] = ehs
-            out = e.run_partial(feeds)
-        else:
-            feeds["encoder_hidden_states"] = ehs.astype(self._dtype("unet", "encoder_hidden_states"))
-            out = e.run(feeds)
-        self._track()
-        return out["out_sample"].astype(np.float32)
-
-    def vae(self, latent_sample):
-        out = self.engines["vae_decoder"].run({"latent_sample": latent_sample.astype(self._dtype("vae_decoder", "latent_sample"))})
-        self._track()
-        return out["sample"].astype(np.float32)
+            typed = self._typed(self.denoiser, feeds)
+            if self._cond_key is not cond:  # bound once per image, then only the latents and timestep travel
+                self._cond_key = cond
+                out = e.run_partial(typed)
+            else:
+                out = e.run_partial({n: typed[n] for n in self.family.step_inputs})
+            self._track()
+            return out
+        return self.run(self.denoiser, feeds)
 
     def _track(self):
         if self._base_mb is not None:
@@ -242,11 +296,9 @@ class OrtBackend(_Backend):
             if used is not None:
                 self._peak_mb = max(self._peak_mb or 0.0, used - self._base_mb)
 
-    def time_components(self, ids, sample, timestep, ehs, latent_sample, repeats, warmup):
-        self._ehs_key = None
-        return {"text_encoder": timed(lambda: self.text(ids), repeats, warmup),
-                "unet_step": timed(lambda: self.unet(sample, timestep, ehs), repeats, warmup),
-                "vae_decode": timed(lambda: self.vae(latent_sample), repeats, warmup)}
+    def time_components(self, ids, sample, timestep, cond, latent_sample, repeats, warmup):
+        self._cond_key = None
+        return super().time_components(ids, sample, timestep, cond, latent_sample, repeats, warmup)
 
     def memory_mb(self):
         return self._peak_mb
@@ -285,37 +337,44 @@ def _gpu_used_mb() -> float | None:
 # ---------------------------------------------------------------- the end-to-end loop
 
 def end_to_end(backend: _Backend, ids: np.ndarray, latents: np.ndarray, scheduler_config: dict, steps: int,
-               guidance_scale: float, latent_scale: float) -> tuple[np.ndarray, dict[str, float]]:
-    """Text encoding + ``steps`` UNet steps (numpy sampler, CFG batch 2) + VAE decode; returns the image and times."""
+               guidance_scale: float, size: int) -> tuple[np.ndarray, dict[str, float]]:
+    """Text encoding + ``steps`` denoiser steps (numpy sampler, CFG batch 2) + VAE decode; returns the image and
+    times. The family turns the text encoders' outputs into conditioning, the denoiser's feeds and the latents
+    the VAE decodes."""
     from ldm_export.runtime import guided_denoiser, sample
 
-    calls = [0, 0.0]  # UNet calls in the loop and the time spent inside them
+    family = backend.family
+    calls = [0, 0.0]  # denoiser calls in the loop and the time spent inside them
 
-    def unet(x, t, e):
+    def unet(x, t, c):
         s = time.perf_counter()
-        out = backend.unet(x, float(t[0]), e)
+        out = backend.denoise(x, float(np.asarray(t).reshape(-1)[0]), c)
         calls[0] += 1
         calls[1] += time.perf_counter() - s
         return out
 
     t0 = time.perf_counter()
-    emb = backend.text(ids)  # (2, 77, D): [negative, prompt]
+    cond = family.prepare(backend.text(ids), width=size, height=size, guidance_scale=guidance_scale)  # [neg, prompt]
     t1 = time.perf_counter()
-    final = sample(guided_denoiser(unet, emb[1:], emb[:1], guidance_scale), latents, scheduler_config, steps)
+    final = sample(guided_denoiser(unet, cond.rows(1, 2), cond.rows(0, 1), guidance_scale), latents, scheduler_config,
+                   steps)
     t2 = time.perf_counter()
-    image = backend.vae((final / latent_scale).astype(np.float32))  # (1, 3, H, W)
+    image = backend.vae(family.latent_format(backend_configs(backend)).to_vae(final).astype(np.float32))  # (1, 3, H, W)
     t3 = time.perf_counter()
     return image, {"total_s": t3 - t0, "text_s": t1 - t0, "loop_s": t2 - t1, "decode_s": t3 - t2,
                    "unet_calls": calls[0], "unet_s": calls[1]}
 
 
-def host_step_overhead(scheduler_config: dict, steps: int, latents: np.ndarray, emb: np.ndarray,
-                       guidance_scale: float) -> float:
-    """Milliseconds a step spends on the host (sampler math + CFG + casts) with a UNet that costs nothing."""
+def backend_configs(backend: _Backend) -> dict:
+    return backend.bundle.module_configs if hasattr(backend, "bundle") else backend.configs
+
+
+def host_step_overhead(scheduler_config: dict, steps: int, latents: np.ndarray, cond, guidance_scale: float) -> float:
+    """Milliseconds a step spends on the host (sampler math + CFG + casts) with a denoiser that costs nothing."""
     from ldm_export.runtime import guided_denoiser, sample
 
     out = np.zeros((2,) + latents.shape[1:], np.float32)
-    model = guided_denoiser(lambda x, t, e: out, emb[1:], emb[:1], guidance_scale, dtype=np.float16)
+    model = guided_denoiser(lambda x, t, c: out, cond.rows(1, 2), cond.rows(0, 1), guidance_scale, dtype=np.float16)
     t0 = time.perf_counter()
     sample(model, latents, scheduler_config, steps)
     return (time.perf_counter() - t0) / steps * 1e3
@@ -346,6 +405,8 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
         from .dit import run_dit_bench
 
         return run_dit_bench(cfg, bundle, progress)
+    if "ort-int8" in cfg.backends:
+        _check_int8_bundle(cfg, bundle)
     spec = get_model(bundle.model["name"] if bundle else cfg.model)
     if "unet" not in spec.configs:
         raise LdmExportError(f"bench of the DiT model '{spec.name}' runs over a bundle: build one with `ldm-export "
@@ -398,13 +459,14 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
 
     # reference: PyTorch fp32, same ids and latents
     progress("reference: PyTorch fp32 end to end")
-    ref = TorchBackend(modules, cfg.device, "fp32")
-    ref_image, ref_t = end_to_end(ref, ids, latents, scheduler_config, cfg.steps, cfg.guidance_scale, spec.latent_scale)
-    emb_ref = ref.text(ids)
+    ref = TorchBackend(modules, cfg.device, "fp32", spec=spec)
+    ref_image, ref_t = end_to_end(ref, ids, latents, scheduler_config, cfg.steps, cfg.guidance_scale, spec.resolution)
+    cond_ref = spec.family_def.prepare(ref.text(ids), width=spec.resolution, height=spec.resolution,
+                                       guidance_scale=cfg.guidance_scale)
     ref.close()
     del ref
     result["reference"] = {"backend": "torch fp32", "end_to_end_s": ref_t["total_s"]}
-    result["host_step_overhead_ms"] = host_step_overhead(scheduler_config, cfg.steps, latents, emb_ref, cfg.guidance_scale)
+    result["host_step_overhead_ms"] = host_step_overhead(scheduler_config, cfg.steps, latents, cond_ref, cfg.guidance_scale)
 
     half = "fp16" if cfg.device == "cuda" else "fp32"
     for name in cfg.backends:
@@ -413,12 +475,16 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
         b = None
         try:
             if name in ("torch-eager", "torch-compile"):
-                b = TorchBackend(modules, cfg.device, half, compile=name == "torch-compile")
+                b = TorchBackend(modules, cfg.device, half, compile=name == "torch-compile", spec=spec)
             elif name in ("ort", "ort-nhwc"):
                 if name == "ort-nhwc" and cfg.device != "cuda":
                     raise _Skip("channels-last convolutions are a CUDA provider option")
                 b = OrtBackend(cfg.bundle, cfg.device, cfg.threads, prefer_nhwc=name == "ort-nhwc",
                                cuda_options=cfg.cuda_options)
+                entry["load_s"] = b.load_s
+            elif name == "ort-int8":
+                b = OrtBackend(cfg.int8_bundle, cfg.device, cfg.threads, cuda_options=cfg.cuda_options)
+                b.name = "ort-int8"
                 entry["load_s"] = b.load_s
             elif name == "tensorrt":
                 raise _Skip(_tensorrt_missing() or "the TensorRT backend of bench is not built yet")
@@ -427,15 +493,15 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
             b.reset_memory()
             progress(f"{name}: components")
             entry["precision"] = b.precision
-            entry["components"] = b.time_components(ids, sample_x, 500.0, emb_ref.astype(np.float32), latent_sample,
+            entry["components"] = b.time_components(ids, sample_x, 500.0, cond_ref.astype(np.float32), latent_sample,
                                                     cfg.repeats, cfg.warmup)
             if getattr(b, "compile_s", None) is not None:
                 entry["compile_s"] = b.compile_s
             progress(f"{name}: end to end")
-            image, _ = end_to_end(b, ids, latents, scheduler_config, cfg.steps, cfg.guidance_scale, spec.latent_scale)
+            image, _ = end_to_end(b, ids, latents, scheduler_config, cfg.steps, cfg.guidance_scale, spec.resolution)
             runs = []
             for _ in range(cfg.e2e_repeats):
-                image, t = end_to_end(b, ids, latents, scheduler_config, cfg.steps, cfg.guidance_scale, spec.latent_scale)
+                image, t = end_to_end(b, ids, latents, scheduler_config, cfg.steps, cfg.guidance_scale, spec.resolution)
                 runs.append(t)
             entry["end_to_end"] = stats([r["total_s"] for r in runs])
             entry["end_to_end_loop_per_step_ms"] = float(np.median([r["loop_s"] for r in runs])) / cfg.steps * 1e3
@@ -469,6 +535,23 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
 
 class _Skip(Exception):
     pass
+
+
+def _check_int8_bundle(cfg: BenchConfig, bundle) -> None:
+    """The ort-int8 backend runs ``--int8-bundle``: an int8 bundle of the same model and weights as ``--bundle``."""
+    from ldm_export.runtime.bundle import Bundle
+
+    if cfg.int8_bundle is None:
+        raise LdmExportError("the ort-int8 backend needs --int8-bundle DIR (`ldm-export build --precision int8` or "
+                             "`ldm-export quantize`)")
+    int8 = Bundle.open(cfg.int8_bundle)
+    if "int8" not in int8.manifest:
+        raise LdmExportError(f"{cfg.int8_bundle} is not an int8 bundle; build one with --precision int8")
+    if bundle is None:
+        raise LdmExportError("the ort-int8 backend is compared with --bundle (the fp32 bundle of the same model)")
+    if int8.model["name"] != bundle.model["name"] or int8.manifest["weights"] != bundle.manifest["weights"]:
+        raise LdmExportError(f"{cfg.int8_bundle} holds another model or weights than {cfg.bundle}; give the int8 "
+                             "bundle made from the same fp32 weights")
 
 
 def _tensorrt_missing() -> str | None:
@@ -530,6 +613,10 @@ def markdown(result: dict) -> str:
                      f"{e2e['median_ms'] / 1e3:.3f} ({e2e['p90_ms'] / 1e3:.3f}) | {speed} | {mem} | "
                      f"{e['fidelity']['cosine']:.6f} | {e['fidelity']['psnr_db']:.1f} |")
     lines += ["", f"Host work per step (numpy sampler + CFG + casts, UNet excluded): {result['host_step_overhead_ms']:.3f} ms."]
+    ratio = int8_speedup(result)
+    if ratio:
+        lines.append(f"int8 against fp32 (ort-int8 vs ort, same run): UNet step {ratio['unet_step']:.2f}×, "
+                     f"end to end {ratio['end_to_end']:.2f}× faster.")
     if result.get("cuda_options"):
         lines.append("CUDA provider options for the ort backends: "
                      + ", ".join(f"{k}={v}" for k, v in result["cuda_options"].items()) + ".")
@@ -554,6 +641,15 @@ def markdown(result: dict) -> str:
     for n in result.get("notes", []):
         lines.append(f"Note: {n}")
     return "\n".join(lines) + "\n"
+
+
+def int8_speedup(result: dict) -> dict | None:
+    """How much faster ort-int8 ran than ort in one run: UNet step and end to end (None unless both ran)."""
+    a, b = result["backends"].get("ort", {}), result["backends"].get("ort-int8", {})
+    if "components" not in a or "components" not in b:
+        return None
+    return {"unet_step": a["components"]["unet_step"]["median_ms"] / b["components"]["unet_step"]["median_ms"],
+            "end_to_end": a["end_to_end"]["median_ms"] / b["end_to_end"]["median_ms"]}
 
 
 def chart(result: dict, path: Path) -> None:

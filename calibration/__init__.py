@@ -1,5 +1,7 @@
-"""int8 calibration: capture UNet inputs while sampling, then QDQ quantisation (not built yet)."""
+"""int8 calibration: capture the UNet's inputs while the project's sampler runs, quantise to QDQ int8 with ONNX
+Runtime's quantisation tool by TensorRT's diffusion recipe, and report the price in quality."""
+from .capture import DEFAULT_PROMPTS, Capture, capture_unet_inputs, load_capture, read_prompts, save_capture
+from .quantize import EXCLUDED, METHODS, QUANT_LEVELS, combine_steps, parse_level, quantize_unet, select_nodes
 
-
-def calibrate(*args, **kwargs):
-    raise NotImplementedError("int8 calibration is not built yet: it lands with the int8 issue; use --precision fp32|fp16")
+__all__ = ["DEFAULT_PROMPTS", "Capture", "capture_unet_inputs", "load_capture", "read_prompts", "save_capture", "EXCLUDED",
+           "METHODS", "QUANT_LEVELS", "combine_steps", "parse_level", "quantize_unet", "select_nodes"]

@@ -8,7 +8,7 @@ import logging
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ldm_export import __version__
 from ldm_export.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
@@ -18,6 +18,9 @@ from ldm_export.zoo import DEFAULT_MODEL, ModelSpec, get_model
 
 from .bundle_writer import check_out_dir, staging
 from .precision import PRECISIONS
+
+if TYPE_CHECKING:
+    from ldm_export.calibration.int8 import Int8Config
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,24 @@ class BuildConfig:
     threads: int | None = None
     verify_provider: str | None = None  # ONNX Runtime provider for verification; default: the target's
     no_half_vae: bool = False  # fp16 builds: keep the VAE decoder in fp32 (A1111's --no-half-vae)
+    int8: "Int8Config | None" = None  # int8 builds: calibration and quantisation settings (None: the defaults)
+    loras: tuple = ()  # LoraRef: fused into the weights before export (--lora FILE[:SCALE])
+    vae_encoder: bool = False  # also export the VAE encoder (image-to-image, inpainting)
 
-    def component_precision(self, component: str) -> str:
-        return "fp32" if component == "vae_decoder" and self.no_half_vae else self.precision
+    def component_precision(self, component: str, vae_config: dict | None = None) -> str:
+        """fp32 for int8 builds (exported and verified in fp32; calibration/ then quantises the int8 components),
+        for the VAE decoder with --no-half-vae or when the VAE's config says it overflows fp16 (diffusers'
+        ``force_upcast``: SDXL's VAE), and for the VAE encoder (run once per edit, and as prone to overflow); the
+        build's precision otherwise."""
+        if self.precision == "int8" or component == "vae_encoder":
+            return "fp32"
+        if component == "vae_decoder" and (self.no_half_vae or (vae_config or {}).get("force_upcast")):
+            return "fp32"
+        return self.precision
+
+    def components(self, spec) -> list[str]:
+        """The components this build exports: the family's required ones, and the VAE encoder when asked for."""
+        return [c.name for c in spec.family_def.exported(("vae_encoder",) if self.vae_encoder else ())]
 
     def resolved_verify_provider(self) -> str:
         # tensorrt-target graphs are standard ONNX ops: ONNX Runtime's CPU provider verifies them anywhere
@@ -70,8 +88,15 @@ def static_dims(spec: ModelSpec, component: str) -> dict[str, int]:
 def validate(cfg: BuildConfig) -> ModelSpec:
     """Check everything that can be checked before loading weights; return the model spec."""
     spec = get_model(cfg.model)
-    if cfg.precision not in PRECISIONS:
-        raise LdmExportError(f"unknown precision '{cfg.precision}'; choose one of: {', '.join(PRECISIONS)} (int8 is not built yet)")
+    if cfg.precision not in PRECISIONS + ("int8",):
+        raise LdmExportError(f"unknown precision '{cfg.precision}'; choose one of: {', '.join(PRECISIONS + ('int8',))}")
+    if cfg.precision == "int8":
+        from ldm_export.calibration.int8 import Int8Config, validate as validate_int8
+
+        cfg.int8 = cfg.int8 or Int8Config()
+        validate_int8(cfg.int8, spec.name, cfg.target)
+    elif cfg.int8 is not None:
+        raise LdmExportError("calibration and quant-level options apply to int8 builds: add --precision int8")
     if cfg.no_half_vae and cfg.precision != "fp16":
         raise LdmExportError("--no-half-vae keeps the VAE decoder in fp32 in an fp16 build; it needs --precision fp16")
     if cfg.target not in TARGETS:
@@ -117,6 +142,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
     loaded = load_weights(spec, weights_path, random_weights=cfg.random_weights, seed=cfg.seed,
                           trust_pickle=cfg.trust_pickle)
     modules = loaded.modules
+    loras = _fuse_loras(modules, cfg, spec)
     torch.set_grad_enabled(False)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -138,12 +164,14 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                    {"source": loaded.source, "sha256": loaded.sha256, "seed": loaded.seed,
                     # the name alone: a full path would name the build machine's folders
                     "path": Path(weights_path).name if weights_path and loaded.source != "random" else None},
+        **({"loras": loras} if loras else {}),
         "target": cfg.target, "static_shape": cfg.static_shape, "verify_provider": cfg.resolved_verify_provider(),
         "components": {}, "files": {},
         "tools": _tool_versions(),
     }
     with staging(out, cfg.force, cfg.weights) as stage:
-        for component in spec.components:
+        components = cfg.components(spec)
+        for component in components:
             cspec = specs[component]
             dims = static_dims(spec, component)
             if cfg.static_shape:
@@ -161,6 +189,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             with dit_export_patches(decl.kind), kernels.export_patches(wrapper, component, cfg.target):
                 model = X.export_onnx(wrapper, cspec, stage, feeds, static=cfg.static_shape)
             model = kernels.rewrite(model, component, cfg.target)
+            initializers = _initializer_map(component, modules, model)
             path = folder / "model.onnx"
             files = X.save_onnx(model, path)
             del model
@@ -168,10 +197,9 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             progress(component, "verify fp32", "")
             report = {"fp32": X.verify(path, cspec, feeds, reference, "fp32", cfg.threads, cfg.resolved_verify_provider()).to_json()}
             _check(report["fp32"], component, "fp32")
-            precision = cfg.component_precision(component)
-            if family.keep_fp32(component, spec.configs):
-                precision = "fp32"  # e.g. SD3's/FLUX's VAE: diffusers upcasts it (force_upcast in its config)
-            policy = component_fp16_policy(decl.kind, component, cfg.target, spec.configs)
+            precision = cfg.component_precision(component, spec.configs[family.vae_module])
+            scopes = family.fp32_scopes if component == family.denoiser else ()
+            policy = component_fp16_policy(decl.kind, component, cfg.target, spec.configs, scopes)
             if precision == "fp16":
                 progress(component, "fp16", "")
                 model16 = convert_fp16_with(str(path), policy, component)
@@ -193,21 +221,44 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                 "fp16_policy": policy.to_json() if precision == "fp16" else None, "kind": decl.kind,
                 "kernels": kernels.describe(component, cfg.target),
                 "verification": report,
+                **({"initializers": initializers} if initializers else {}),
             }
             del wrapper, reference
             done = family.component(component).module
-            if all(c.module != done for c in family.exported() if c.name not in manifest["components"]):
+            if all(family.component(c).module != done for c in components if c not in manifest["components"]):
                 modules.pop(done, None)  # no component left to trace from it: free its memory
             gc.collect()
             progress(component, "done", "")
         progress("bundle", "writing", "")
         _write_side_files(stage, spec, loaded)
+        if cfg.precision == "int8":
+            from ldm_export.calibration.int8 import quantize_stage
+
+            quantize_stage(stage, manifest, cfg.int8, progress, cfg.threads)
         manifest["files"] = {str(p.relative_to(stage)): {"sha256": sha256_file(p), "size": p.stat().st_size,
                                                           "mtime": p.stat().st_mtime}
                              for p in sorted(stage.rglob("*")) if p.is_file()}
         _write_json(stage / MANIFEST, manifest)
     progress("bundle", "done", str(out))
     return manifest
+
+
+def _fuse_loras(modules: dict, cfg: BuildConfig, spec) -> list[dict]:
+    """Fuse ``--lora`` files into the loaded modules (diffusers' loaders, PEFT's merge); what the manifest records."""
+    if not cfg.loras:
+        return []
+    from .lora import apply_loras
+
+    return apply_loras(modules, cfg.loras, spec.name)
+
+
+def _initializer_map(component: str, modules: dict, model) -> dict:
+    """torch parameter -> ONNX initializer of the components a LoRA adapts (``ldm-export lora`` reads it)."""
+    if component not in ("unet", "text_encoder", "text_encoder_2") or component not in modules:
+        return {}
+    from .lora import initializer_map
+
+    return initializer_map(modules[component], model)
 
 
 def embedded_weights_path(spec: ModelSpec) -> Path:
@@ -251,18 +302,21 @@ def _write_side_files(stage: Path, spec: ModelSpec, loaded=None) -> None:
 
     family = spec.family_def
     index = {k: v for k, v in spec.model_index().items() if k not in {m.name for m in family.modules}}
-    for comp in family.exported():
+    for comp in family.exported(("vae_encoder",)):
+        if not (stage / comp.name).is_dir():
+            continue
         index[comp.name] = ["optimum", _ORT_CLASSES.get(comp.kind, "ORTModel")]
     _write_json(stage / "model_index.json", index)
     (stage / "scheduler").mkdir()
     import diffusers
     _write_json(stage / "scheduler" / "scheduler_config.json", {**spec.scheduler, "_diffusers_version": diffusers.__version__})
-    for name, cls, pad in zip(family.tokenizers, family.tokenizer_classes, family.pad_tokens):
-        if cls == "T5TokenizerFast":
-            _write_t5_tokenizer(stage / name, (getattr(loaded, "tokenizer_dirs", None) or {}).get(name),
-                                spec.configs[family.text_encoders[family.tokenizers.index(name)]]["vocab_size"])
+    classes = dict(zip(family.tokenizers, family.tokenizer_classes))
+    for folder, pad in family.tokenizer_pads().items():
+        if classes.get(folder) == "T5TokenizerFast":
+            _write_t5_tokenizer(stage / folder, (getattr(loaded, "tokenizer_dirs", None) or {}).get(folder),
+                                spec.configs[family.text_encoders[family.tokenizers.index(folder)]]["vocab_size"])
         else:
-            write_tokenizer_files(stage / name, pad_token=pad or _pad_token(spec))
+            write_tokenizer_files(stage / folder, pad_token=pad)
 
 
 def _write_t5_tokenizer(dest: Path, source: Path | None, vocab_size: int) -> None:

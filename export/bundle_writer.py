@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 from pathlib import Path
@@ -63,10 +64,15 @@ def check_out_dir(out: Path, force: bool, weights: Path | None = None) -> None:
 
 def _remove_stale(out: Path) -> None:
     for p in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
-        pid = p.name.rsplit("-", 1)[-1]
+        pid = p.name.rsplit(".", 1)[-1].split("-")[1]  # .NAME.partial-PID-TAG / .NAME.old-PID-TAG
         if pid.isdigit() and not _alive(int(pid)):
             log.info("removing %s left by a build that was killed", p)
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _tag() -> str:
+    """PID (a later build removes what a killed one left) and a random part (builds in one process, threads)."""
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _alive(pid: int) -> bool:
@@ -101,7 +107,7 @@ def staging(out: Path, force: bool, weights: Path | None = None) -> Iterator[Pat
     out = Path(os.path.abspath(out))
     check_out_dir(out, force, weights)
     _remove_stale(out)
-    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    stage = out.parent / f".{out.name}.partial-{_tag()}"
     shutil.rmtree(stage, ignore_errors=True)
     try:
         stage.mkdir()
@@ -150,7 +156,7 @@ def _commit(stage: Path, out: Path, force: bool) -> None:
             if not is_replaceable(out):
                 raise LdmExportError(f"{out} became something other than a bundle during the build; it was left as it "
                                      "is, choose another --out")
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = out.parent / f".{out.name}.old-{_tag()}"
             os.replace(out, old)
             try:
                 os.replace(stage, out)

@@ -50,11 +50,11 @@ DIT_FP16_POLICY: dict[str, Fp16Policy] = {
 _QK_NORM_SCOPES = ("/norm_q/", "/norm_k/")
 
 
-def component_fp16_policy(kind: str, component: str, target: str, configs) -> Fp16Policy:
+def component_fp16_policy(kind: str, component: str, target: str, configs, extra_scopes: tuple[str, ...] = ()) -> Fp16Policy:
     """The fp16 policy of one component: the U-Net families' by component name, the DiT kinds' by kind (plus the
     q/k RMS norms where the transformer has them); on ``cuda`` LayerNorm runs fp16 (its kernel accumulates in fp32)."""
     if kind not in DIT_FP16_POLICY:
-        return fp16_policy(component, target)
+        return fp16_policy(component, target, extra_scopes)
     policy = DIT_FP16_POLICY[kind]
     transformer = configs.get("transformer", {})
     if kind == "flux_transformer" or (kind == "sd3_transformer" and transformer.get("qk_norm")):

@@ -76,11 +76,18 @@ class VaeDecoderWrapper(nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+def _kinds() -> dict[str, type[nn.Module]]:
+    from .kinds import ClipTextWrapper, TextTimeUNetWrapper, VaeEncoderWrapper
+
+    return {"clip_text_hidden": ClipTextWrapper, "unet_text_time": TextTimeUNetWrapper, "vae_encoder": VaeEncoderWrapper}
+
+
 # component kind -> the wrapper whose forward is that kind's ComponentSpec (Optimum: one export config per kind)
 WRAPPERS: dict[str, type[nn.Module]] = {
     "clip_text": TextEncoderWrapper,
     "unet": UNetWrapper,
     "vae_decoder": VaeDecoderWrapper,
+    **_kinds(),
 }
 
 

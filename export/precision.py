@@ -65,9 +65,17 @@ FP16_POLICY: dict[str, Fp16Policy] = {
 _FP32_KERNEL_STATS = {"cuda": ("LayerNormalization",)}
 
 
-def fp16_policy(component: str, target: str = "cpu") -> Fp16Policy:
-    """The component's fp16 policy for a build target."""
-    policy = FP16_POLICY[component]
+# components that share another's policy (SDXL's second text encoder is a CLIP text encoder too)
+_SAME_AS = {"text_encoder_2": "text_encoder"}
+
+
+def fp16_policy(component: str, target: str = "cpu", extra_scopes: tuple[str, ...] = ()) -> Fp16Policy:
+    """The component's fp16 policy for a build target; ``extra_scopes``: node scopes the family keeps fp32 besides
+    (SDXL's time-id sinusoids)."""
+    policy = FP16_POLICY[_SAME_AS.get(component, component)]
+    if extra_scopes:
+        policy = Fp16Policy(policy.keep_op_types, policy.keep_name_prefixes + tuple(extra_scopes),
+                            policy.reason + f"; the family keeps {', '.join(extra_scopes)} fp32 too", policy.keep_fp32_io)
     native = _FP32_KERNEL_STATS.get(target, ())
     if not native or not set(native) & set(policy.keep_op_types):
         return policy
@@ -76,7 +84,7 @@ def fp16_policy(component: str, target: str = "cpu") -> Fp16Policy:
                       policy.keep_fp32_io)
 
 
-def convert_fp16(model_path: str, component: str, target: str = "cpu") -> onnx.ModelProto:
+def convert_fp16(model_path: str, component: str, target: str = "cpu", extra_scopes: tuple[str, ...] = ()) -> onnx.ModelProto:
     """fp32 graph on disk -> fp16 graph, keeping the component's policy ops, and its ``keep_fp32_io`` inputs and
     outputs, in fp32 (the other inputs and outputs become fp16).
 
@@ -84,7 +92,7 @@ def convert_fp16(model_path: str, component: str, target: str = "cpu") -> onnx.M
     put Cast nodes around the fp32 islands)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    policy = fp16_policy(component, target)
+    policy = fp16_policy(component, target, extra_scopes)
     names = [n.name for n in onnx.load(model_path, load_external_data=False).graph.node]
     block_nodes = [n for n in names if any(p in n for p in policy.keep_name_prefixes)]
     unmatched = [p for p in policy.keep_name_prefixes if not any(p in n for n in names)]

@@ -54,6 +54,13 @@ _TEXT_ENCODER_ARCHITECTURE_KEYS = (
 _OPTIONAL_BUFFERS = {"text_encoder": {"text_model.embeddings.position_ids"}}
 
 
+# families whose checkpoints hold other modules than SD's three: family -> (module, loader function)
+_FAMILY_LOADERS = {
+    "sdxl": ("ldm_export.export.weights_sdxl", "load_sdxl_weights"),
+    "sdxl-refiner": ("ldm_export.export.weights_sdxl", "load_sdxl_weights"),
+}
+
+
 @dataclass(frozen=True)
 class LoadedWeights:
     """Modules ready for export plus what the manifest records about where their weights came from."""
@@ -80,6 +87,11 @@ def load_weights(spec: ModelSpec, weights: str | Path | None, random_weights: bo
         return load_dit_weights(spec, weights, random_weights=random_weights, seed=seed, trust_pickle=trust_pickle)
     if random_weights and weights is not None:
         raise LdmExportError("both --weights and --random-weights were given; pass only one of them")
+    if spec.family in _FAMILY_LOADERS:
+        import importlib
+
+        module, function = _FAMILY_LOADERS[spec.family]
+        return getattr(importlib.import_module(module), function)(spec, weights, random_weights, seed, trust_pickle)
     if random_weights:
         log.info("building %s with random weights (seed %d)", spec.name, seed)
         modules = build_random(spec, seed)

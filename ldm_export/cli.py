@@ -11,8 +11,11 @@ from rich.table import Table
 
 from ldm_export.cli_bench import bench
 from ldm_export.cli_common import _guard, _human, _sigterm_as_interrupt, console, out_console
+from ldm_export.cli_int8 import int8_config, int8_options, quantize
+from ldm_export.cli_lora import lora
 from ldm_export.cli_tensorrt import engines
 from ldm_export.runtime.errors import LdmExportError
+from ldm_export.serve.cli import loadtest, serve
 
 # diffusers warns at import about the optimum / optimum-onnx split distributions; users can't act on it
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -31,7 +34,8 @@ def cli(verbose: bool, debug: bool) -> None:
 
 @cli.command()
 @click.option("--model", "model", default=None, help="Model name from the zoo (default: the embedded demo model).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="int8: the UNet as QDQ int8 calibrated on the sampler's own inputs (text encoder and VAE stay fp32).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="A local diffusers folder or a single-file .safetensors checkpoint.")
 @click.option("--random-weights", is_flag=True, help="The real architecture with random weights (exports, benchmarks).")
@@ -46,16 +50,21 @@ def cli(verbose: bool, debug: bool) -> None:
 @click.option("--threads", type=int, default=None, help="CPU threads for export and verification.")
 @click.option("--no-half-vae", is_flag=True, help="With --precision fp16: keep the VAE decoder in fp32 "
               "(for VAEs that overflow fp16 into NaN/black images, like SDXL's original one).")
+@click.option("--vae-encoder", is_flag=True, help="Also export the VAE encoder, for image-to-image and inpainting.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Fuse a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) into the weights before export; repeatable.")
+@int8_options
 @_guard
 def build(model, precision, weights, random_weights, seed, out, force, static_shape, target, trust_pickle, threads,
-          no_half_vae):
+          no_half_vae, vae_encoder, loras, **int8):
     """Export a model's components to ONNX, verify each against PyTorch, and write a bundle."""
     from ldm_export.export.build import BuildConfig, build as run_build, validate
     from ldm_export.zoo import DEFAULT_MODEL
 
     cfg = BuildConfig(model=model or DEFAULT_MODEL, precision=precision, weights=weights, random_weights=random_weights,
                       seed=seed, out=out, force=force, static_shape=static_shape, target=target,
-                      trust_pickle=trust_pickle, threads=threads, no_half_vae=no_half_vae)
+                      trust_pickle=trust_pickle, threads=threads, no_half_vae=no_half_vae, int8=int8_config(**int8),
+                      loras=tuple(_parse_loras(loras)), vae_encoder=vae_encoder)
     validate(cfg)  # fail fast, before torch is imported
     t0 = time.perf_counter()
     last = [t0, None]
@@ -80,6 +89,14 @@ def build(model, precision, weights, random_weights, seed, out, force, static_sh
     _print_summary(cfg.resolved_out(), manifest, time.perf_counter() - t0)
 
 
+def _parse_loras(loras):
+    if not loras:
+        return []
+    from ldm_export.export.lora import parse_lora
+
+    return [parse_lora(x) for x in loras]
+
+
 def _print_summary(out: Path, manifest: dict, seconds: float) -> None:
     t = Table(title=f"bundle {out}  ({manifest['model']['name']}, {seconds:.1f} s)")
     for col in ("component", "precision", "files", "size", "verification (vs torch fp32)"):
@@ -95,6 +112,19 @@ def _print_summary(out: Path, manifest: dict, seconds: float) -> None:
     total = sum(f["size"] for f in manifest["files"].values())
     t.caption = f"{len(manifest['files'])} files, {_human(total)} in all"
     out_console.print(t)
+    _print_int8(manifest)
+
+
+def _print_int8(manifest: dict) -> None:
+    """The int8 section of a manifest (calibration, quant level, quality against fp32) as a table."""
+    if "int8" not in manifest:
+        return
+    from ldm_export.calibration.report import quality_rows
+
+    q = Table(show_header=False, title="int8 quality (against the fp32 graphs)")
+    for label, value in quality_rows(manifest):
+        q.add_row(label, value)
+    out_console.print(q)
 
 
 @cli.command()
@@ -123,6 +153,7 @@ def inspect(bundle: Path, no_hashes: bool) -> None:
         ver = "\n".join(f"{p}: cos {min(v['cosine'] for v in r['outputs'].values()):.6f}" for p, r in info["verification"].items())
         t.add_row(comp, info["precision"], io(spec.inputs), io(spec.outputs), ", ".join(info.get("kernels") or []) or "-", ver)
     out_console.print(t)
+    _print_int8(m)
     if no_hashes:
         return
     bad = b.check_hashes()
@@ -184,9 +215,20 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
 @click.option("--verify", is_flag=True, help="Check every file's sha256 before loading.")
 @click.option("--low-memory", is_flag=True, help="One component in memory at a time, sequential CFG, tiled VAE decode "
               "above 512 px (Jetson-class devices).")
+@click.option("--init-image", type=click.Path(path_type=Path), default=None,
+              help="Image-to-image from this RGB image (the bundle needs a VAE encoder: build --vae-encoder).")
+@click.option("--strength", type=float, default=0.8, show_default=True,
+              help="With --init-image: how much to repaint, in (0, 1]; it picks the first of --steps that runs.")
+@click.option("--mask", "mask", type=click.Path(path_type=Path), default=None,
+              help="Inpaint: white repaints, black keeps (pixels outside the mask stay exactly the original ones).")
+@click.option("--mask-blur", type=float, default=0.0, show_default=True, help="Gaussian blur of the mask, in pixels.")
+@click.option("--refiner", type=click.Path(path_type=Path), default=None,
+              help="An SDXL refiner bundle that finishes the last steps (see --refiner-start).")
+@click.option("--refiner-start", type=float, default=0.8, show_default=True,
+              help="With --refiner: the fraction of the schedule the base runs before handing off.")
 @_guard
 def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_images, out, provider, cudnn_search, threads,
-             cfg_mode, guidance_rescale, verify, low_memory):
+             cfg_mode, guidance_rescale, verify, low_memory, init_image, strength, mask, mask_blur, refiner, refiner_start):
     """Generate images from a bundle with the numpy runtime; each carries A1111's "parameters" metadata."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -204,9 +246,18 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
     pipe = Pipeline.from_bundle(bundle, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode,
                                 cudnn_search=cudnn_search.upper() if cudnn_search else None, low_memory=low_memory)
     t_load = time.perf_counter() - t0
-    images = pipe.iter_images(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, seed=seed,
-                              width=width, height=height, scheduler=sampler, num_images=num_images,
-                              guidance_rescale=guidance_rescale, callback=lambda i, n, x: bar.advance(task))
+    if init_image is None and mask is not None:
+        raise LdmExportError("--mask needs --init-image (the image to inpaint)")
+    edit = dict(init_image=init_image, strength=strength, mask_image=mask, mask_blur=mask_blur) if init_image else {}
+    common = dict(negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
+                  scheduler=sampler, guidance_rescale=guidance_rescale, callback=lambda i, n, x: bar.advance(task))
+    if refiner is None:
+        images = pipe.iter_images(prompt, seed=seed, num_images=num_images, **common, **edit)
+    else:
+        if edit:
+            raise LdmExportError("--refiner hands text-to-image latents over; it does not take --init-image yet")
+        refine = Pipeline.from_bundle(refiner, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode)
+        images = _refined(pipe, refine, prompt, seed, num_images, refiner_start, common)
     written: list[Path] = []
     times: list[float] = []
     last = None
@@ -220,15 +271,32 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
                 save_image(image, paths[k], last)
                 written.append(paths[k])
                 times.append(time.perf_counter() - t1)
-                bar.console.print(f"wrote {paths[k]}", highlight=False)
+                out_console.print(f"wrote {paths[k]}")
     except KeyboardInterrupt:
         done = f"{len(written)} of {len(paths)} images were written ({', '.join(map(str, written))})" if written else \
             "no image was written"
         raise LdmExportError(f"interrupted: {done}; each written image is complete", exit_code=130) from None
     out_console.print(last.splitlines()[-1], soft_wrap=True)
-    per = times[0] if len(times) == 1 else (times[-1] - times[0]) / (len(times) - 1)
-    console.print(f"[dim]load {t_load:.2f} s, first image {times[0]:.2f} s"
-                  + (f", then {per:.2f} s per image" if len(times) > 1 else "") + "[/dim]")
+    per_batch = pipe.images_per_batch(cfg)
+    if len(times) == 1:
+        console.print(f"[dim]load {t_load:.2f} s, generate {times[0]:.2f} s[/dim]")
+    elif per_batch > 1:
+        console.print(f"[dim]load {t_load:.2f} s, generate {times[-1]:.2f} s ({times[-1] / len(times):.2f} s per image, "
+                      f"batches of {per_batch})[/dim]")
+    else:  # one image a batch (static-shape bundles): the first carries the engines' warm-up, the others run warm
+        per = (times[-1] - times[0]) / (len(times) - 1)
+        console.print(f"[dim]load {t_load:.2f} s, first image {times[0]:.2f} s, then {per:.2f} s per image[/dim]")
+
+
+def _refined(pipe, refine, prompt, seed, num_images, start, common):
+    """SDXL base then refiner, one image at a time (image k: seed + k): the base runs the first ``start`` of the
+    schedule and hands its latents over (diffusers' denoising_end / denoising_start)."""
+    from ldm_export.runtime.checks import resolve_seed
+
+    seed = resolve_seed(seed)
+    for k in range(num_images):
+        latents = pipe(prompt, seed=seed + k, denoising_end=start, return_latents=True, **common)
+        yield k, refine(prompt, seed=seed + k, latents=latents, denoising_start=start, **common)[0]
 
 
 @cli.command()
@@ -242,6 +310,10 @@ def samplers() -> None:
 
 cli.add_command(bench)
 cli.add_command(engines)
+cli.add_command(serve)
+cli.add_command(loadtest)
+cli.add_command(quantize)
+cli.add_command(lora)
 
 
 def main() -> None:

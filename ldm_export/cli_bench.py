@@ -19,7 +19,9 @@ from ldm_export.cli_common import _guard
               help="The weights a --bundle was built from, for the PyTorch backends (bundles keep no build-machine paths).")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
 @click.option("--backends", default="torch-eager,torch-compile,ort,tensorrt", show_default=True,
-              help="Comma-separated: torch-eager, torch-compile, ort, ort-nhwc, tensorrt.")
+              help="Comma-separated: torch-eager, torch-compile, ort, ort-nhwc, ort-int8 (needs --int8-bundle), tensorrt.")
+@click.option("--int8-bundle", type=click.Path(path_type=Path), default=None,
+              help="An int8 bundle of the same model and weights as --bundle, for the ort-int8 backend.")
 @click.option("--steps", type=int, default=50, show_default=True, help="Sampler steps end to end.")
 @click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per component after warm-up.")
 @click.option("--e2e-repeats", type=int, default=3, show_default=True, help="Timed end-to-end runs after one warm-up.")
@@ -33,7 +35,7 @@ from ldm_export.cli_common import _guard
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True,
               help="Folder for bench_<model>_<device>.json/.md/.png.")
 @_guard
-def bench(model, bundle, weights, device, backends, steps, repeats, e2e_repeats, warmup, guidance_scale, seed, threads, profile,
+def bench(model, bundle, int8_bundle, weights, device, backends, steps, repeats, e2e_repeats, warmup, guidance_scale, seed, threads, profile,
           cuda_options, out):
     """Time text encoder, UNet step, VAE decode and end to end on each backend; write JSON, markdown and a chart."""
     from ldm_export.cli_common import console, out_console
@@ -52,11 +54,11 @@ def bench(model, bundle, weights, device, backends, steps, repeats, e2e_repeats,
     if bundle is None:
         with tempfile.TemporaryDirectory(prefix="ldm-export-bench-") as tmp:
             bundle = _build_for_bench(model, device, seed, Path(tmp) / "bundle", console)
-            _run(model, bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale, seed, threads, profile,
-                 cuda_options, out)
+            _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale, seed,
+                 threads, profile, cuda_options, out)
         return
-    _run(model, bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale, seed, threads, profile,
-         cuda_options, out)
+    _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale, seed,
+         threads, profile, cuda_options, out)
 
 
 def _build_for_bench(model, device, seed, out: Path, console) -> Path:
@@ -76,15 +78,15 @@ def _build_for_bench(model, device, seed, out: Path, console) -> Path:
     return out
 
 
-def _run(model, bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale, seed, threads, profile,
-         cuda_options, out):
+def _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale, seed,
+         threads, profile, cuda_options, out):
     from ldm_export.bench.run import BenchConfig, markdown, run_bench
     from ldm_export.cli_common import console, out_console
     from ldm_export.zoo import DEFAULT_MODEL
 
     cfg = BenchConfig(model=model or DEFAULT_MODEL, bundle=bundle, weights=weights, device=device, backends=names, steps=steps, repeats=repeats,
                       e2e_repeats=e2e_repeats, warmup=warmup, guidance_scale=guidance_scale, seed=seed, threads=threads,
-                      profile=profile, out=out,
+                      profile=profile, out=out, int8_bundle=int8_bundle,
                       cuda_options={k.strip(): v.strip() for k, v in (o.split("=", 1) for o in cuda_options)})
     with console.status("benchmarking...", spinner="dots") as status:
         result = run_bench(cfg, lambda s: (status.update(s), console.print(f"  {s}")))

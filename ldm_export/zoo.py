@@ -160,7 +160,16 @@ TINY = ModelSpec(
     resolution=64,
 )
 
-MODELS: dict[str, ModelSpec] = {m.name: m for m in (SD15, SD21, TINY)}
+# A 9-channel inpainting UNet of the tiny classes (SD 1.5 inpainting's layout: latents, mask, masked-image latents)
+TINY_INPAINT = ModelSpec(
+    name="tiny-inpaint",
+    family="sd1",
+    description="Tiny SD 1.x inpainting model for tests (UNet with 9 input channels, random weights)",
+    text_encoder=dict(TINY.text_encoder), unet=TINY.unet | {"in_channels": 9}, vae=dict(TINY.vae),
+    scheduler=dict(TINY.scheduler), resolution=64,
+)
+
+MODELS: dict[str, ModelSpec] = {m.name: m for m in (SD15, SD21, TINY, TINY_INPAINT)}
 DEFAULT_MODEL = "demo"  # the embedded demo model: real images on a CPU with no download
 
 
@@ -191,6 +200,16 @@ def _demo_spec() -> ModelSpec:
 
 DEMO = _demo_spec()
 MODELS[DEMO.name] = DEMO
+
+
+def _register_sdxl() -> None:
+    from ldm_export import zoo_sdxl
+
+    MODELS.update({m.name: m for m in zoo_sdxl.models()})
+
+
+_register_sdxl()
+
 
 # the DiT families' architectures (SD3, SD 3.5, FLUX.1, their tiny test models, the demo DiT)
 from ldm_export.zoo_dit import dit_models  # noqa: E402

@@ -156,14 +156,26 @@ class Pipeline:
                  scheduler: str | Mapping | None = None, num_images: int = 1,
                  callback: Callable[[int, int, np.ndarray], None] | None = None, guidance_rescale: float = 0.0,
                  noise: Callable[[tuple], np.ndarray] | None = None, return_latents: bool = False,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None,
+                 init_image=None, strength: float = 0.8, mask_image=None, mask_blur: float = 0.0,
+                 keep_unmasked: bool = True, denoising_start: float | None = None,
+                 denoising_end: float | None = None):
         """Generate ``num_images`` images per prompt; returns a list of PIL images with A1111 metadata in
         ``image.info["parameters"]`` (or the final latents with ``return_latents``). Image k gets seed ``seed + k``
         (``seed`` None or -1: random); they run in batches of ``batch_size`` images (default: what one call of a
         static-shape UNet takes, see ``images_per_batch``). Given ``latents`` (or ``return_latents``), all run as
-        one batch."""
+        one batch.
+
+        Editing (diffusers' semantics, ``runtime/editing.py``): ``init_image`` (a path or an RGB PIL image) with
+        ``strength`` in (0, 1] is image-to-image; ``mask_image`` (white = repaint), blurred by ``mask_blur`` pixels,
+        inpaints (latent blending each step, or a 9-channel inpainting UNet's extra inputs), and with
+        ``keep_unmasked`` the pixels outside the mask are the original ones. A base model hands off to a refiner
+        with ``denoising_end`` (and ``return_latents``); the refiner takes those ``latents`` with
+        ``denoising_start``."""
         req = self._request(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, width, height,
-                            scheduler, num_images, guidance_rescale, latents, batch_size)
+                            scheduler, num_images, guidance_rescale, latents, batch_size,
+                            _Edit(init_image, strength, mask_image, mask_blur, keep_unmasked, denoising_start,
+                                  denoising_end))
         if latents is not None or return_latents:
             return self._generate(req, range(len(req.prompts)), callback, latents, noise, return_latents)
         return [image for _, image in self._iter(req, callback, noise)]
@@ -172,11 +184,13 @@ class Pipeline:
                     num_inference_steps: int = 20, guidance_scale: float = 7.5, seed: int | None = None,
                     width: int | None = None, height: int | None = None, scheduler: str | Mapping | None = None,
                     num_images: int = 1, callback: Callable[[int, int, np.ndarray], None] | None = None,
-                    guidance_rescale: float = 0.0, batch_size: int | None = None):
+                    guidance_rescale: float = 0.0, batch_size: int | None = None, init_image=None,
+                    strength: float = 0.8, mask_image=None, mask_blur: float = 0.0, keep_unmasked: bool = True):
         """Like ``__call__``, but yields ``(k, image)`` as each batch is decoded, so a caller saves every image as it
         is done and memory holds one batch, however many images are asked for. Everything is checked first."""
         req = self._request(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, width, height,
-                            scheduler, num_images, guidance_rescale, None, batch_size)
+                            scheduler, num_images, guidance_rescale, None, batch_size,
+                            _Edit(init_image, strength, mask_image, mask_blur, keep_unmasked))
         return self._iter(req, callback, None)
 
     def images_per_batch(self, guidance_scale: float = 7.5) -> int:
@@ -195,8 +209,9 @@ class Pipeline:
                 yield k, image
 
     def _request(self, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, width, height, scheduler,
-                 num_images, guidance_rescale, latents, batch_size) -> "_Request":
-        """Check everything a request asks before any work (checks.py); expand prompts x num_images."""
+                 num_images, guidance_rescale, latents, batch_size, edit_args: "_Edit | None" = None) -> "_Request":
+        """Check everything a request asks before any work (checks.py); expand prompts x num_images; load and check
+        the init image and mask of an edit."""
         from .schedulers import a1111_name, resolve_scheduler
 
         prompts = _as_prompts(prompt, "prompt")
@@ -215,6 +230,11 @@ class Pipeline:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                        or batch_size < 1):
             raise LdmExportError(f"batch_size must be a positive integer, got {batch_size!r}")
+        edit_args = edit_args or _Edit()
+        edit = self._edit_inputs(edit_args.init_image, edit_args.strength, edit_args.mask_image, edit_args.mask_blur,
+                                 width, height, edit_args.denoising_start)
+        if edit is not None:
+            width, height = edit.width, edit.height
         width, height = self._size(width, height)
         seed = checks.resolve_seed(seed)
 
@@ -233,7 +253,8 @@ class Pipeline:
         cfg_batch = per_batch * (2 if self.family.uses_cfg(guidance_scale) and self.cfg_mode == "batch2" else 1)
         checks.check_memory(self.bundle.model, self.bundle.module_configs, width, height, cfg_batch, self._fused_attention(), *self._memory())
         return _Request(prompts, negatives, checks.image_seeds(seed, len(prompts)), int(num_inference_steps),
-                        guidance_scale, guidance_rescale, width, height, sched_cfg, sampler_name, per_batch)
+                        guidance_scale, guidance_rescale, width, height, sched_cfg, sampler_name, per_batch,
+                        negative_prompt is not None, edit, edit_args)
 
     def _generate(self, req: "_Request", ks: Sequence[int], callback, latents, noise, return_latents):
         """One batch: images ``ks`` of ``req`` through encode -> sampler with CFG -> decode."""
@@ -264,7 +285,13 @@ class Pipeline:
             return family.prepare(self.encode(texts), width=req.width, height=req.height, guidance_scale=guidance_scale)
 
         cond = conditioning(prompts)
-        uncond = conditioning(negatives) if do_cfg else None
+        uncond = None
+        if do_cfg:
+            uncond = family.prepare_negative(family.encode_negative(self, negatives, cond, req.negative_given),
+                                             width=req.width, height=req.height, guidance_scale=guidance_scale)
+        edit, args = req.edit, req.edit_args
+        if edit is not None and edit.unet_channels is not None:  # 9-channel inpainting UNet: mask + masked latents
+            cond, uncond = (None if c is None else edit.with_unet_channels(c) for c in (cond, uncond))
         step = {"i": 0}
         bound = {"cond": None}  # the conditioning the denoiser engine was last fed (guided_denoiser reuses one)
         denoiser = self.family.denoiser
@@ -284,11 +311,31 @@ class Pipeline:
             if callback is not None:
                 callback(i, n, x)
 
-        final = sample(model, latents, sched_cfg, num_inference_steps, noise=noise, callback=on_step,
-                       **family.schedule_arguments(sched_cfg, num_inference_steps, np.shape(latents)))
+        if edit is not None and edit.image is not None:
+            from .editing import sample_edit
+
+            final = sample_edit(model, np.repeat(edit.latents, len(ks), axis=0), latents, sched_cfg,
+                                num_inference_steps, edit.strength, noise=noise, callback=on_step,
+                                latent_mask=edit.blend_mask, pure_noise_at_full_strength=edit.mask is not None)
+        elif args.denoising_start is not None or args.denoising_end is not None:
+            from .editing import cutoff_step, sample_range
+
+            denoising_start, denoising_end = args.denoising_start, args.denoising_end
+
+            start = 0 if denoising_start is None else cutoff_step(sched_cfg, num_inference_steps, denoising_start)
+            stop = None if denoising_end is None else cutoff_step(sched_cfg, num_inference_steps, denoising_end)
+            final = sample_range(model, latents, sched_cfg, num_inference_steps, start, stop, noise=noise,
+                                 callback=on_step, initial_noise=denoising_start is None)
+        else:
+            final = sample(model, latents, sched_cfg, num_inference_steps, noise=noise, callback=on_step,
+                           **family.schedule_arguments(sched_cfg, num_inference_steps, np.shape(latents)))
         if return_latents:
             return final
         images = latents_to_images(self.decode(np.asarray(final, dtype=np.float32)))
+        if edit is not None and edit.mask is not None and args.keep_unmasked:
+            from .editing import paste_back
+
+            images = [paste_back(edit.image, img, edit.mask) for img in images]
         for img, prompt, negative, seed in zip(images, prompts, negatives, seeds):
             img.info["parameters"] = self._parameters(req, prompt, negative, seed)
         return images
@@ -296,7 +343,12 @@ class Pipeline:
     def _parameters(self, req: "_Request", prompt: str, negative: str, seed: int) -> str:
         from .image import format_parameters
 
-        extra = {"CFG Rescale φ": req.guidance_rescale} if req.guidance_rescale else None  # the A1111 extension's key
+        extra = {"CFG Rescale φ": req.guidance_rescale} if req.guidance_rescale else {}  # the A1111 extension's key
+        if req.edit is not None and req.edit.image is not None:
+            extra["Denoising strength"] = req.edit.strength
+            if req.edit.mask is not None and req.edit_args.mask_blur:
+                extra["Mask blur"] = req.edit_args.mask_blur
+        extra = extra or None
         return format_parameters(prompt, negative or None, req.steps, req.sampler_name, req.guidance_scale, seed,
                                  req.width, req.height, self.bundle.model_hash, model_name=self.bundle.model.get("name"),
                                  extra=extra)
@@ -311,6 +363,36 @@ class Pipeline:
         if on_host:
             return checks.available_memory(), "on this machine"
         return GPU_MEMORY_CEILING, "on any GPU"
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """Images (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f): the VAE posterior's mean, in the model's
+        latent format (diffusers' ``retrieve_latents`` in ``argmax`` mode: no sampling noise)."""
+        encoder = self.family.encoder
+        if encoder not in self.engines:
+            raise LdmExportError(f"bundle {self.bundle.path} has no {encoder} to encode images; rebuild it with "
+                                 "`ldm-export build --vae-encoder` to edit images")
+        params = self.run_component(encoder, {"sample": pixels.astype(np.float32)}, ["sample"])["latent_parameters"]
+        return self.latent_format.from_vae(params[:, :self.latent_channels].astype(np.float64))
+
+    def _edit_inputs(self, init_image, strength, mask_image, mask_blur, width, height, denoising_start):
+        """Load and check the init image and mask of an editing request; None for text to image."""
+        from .editing import EditInputs, check_strength
+
+        in_channels = self.engines[self.family.denoiser].spec.inputs[0].shape[1]
+        inpaint_unet = isinstance(in_channels, int) and in_channels == 2 * self.latent_channels + 1
+        if init_image is None:
+            if mask_image is not None:
+                raise LdmExportError("a mask needs an init image to inpaint: give --init-image too")
+            if inpaint_unet:
+                raise LdmExportError("this bundle's UNet is an inpainting UNet (9 input channels): give an init "
+                                     "image and a mask (--init-image, --mask)")
+            return None
+        if denoising_start is not None:
+            raise LdmExportError("give either an init image or latents to continue (denoising_start), not both")
+        if inpaint_unet and mask_image is None:
+            raise LdmExportError("this bundle's UNet is an inpainting UNet (9 input channels): give a mask (--mask)")
+        return EditInputs.load(self, init_image, check_strength(strength), mask_image, mask_blur, width, height,
+                               inpaint_unet)
 
     def _size(self, width, height) -> tuple[int, int]:
         width = self.resolution if width is None else width
@@ -340,6 +422,22 @@ class _Request:
     scheduler_config: dict
     sampler_name: str
     batch_size: int
+    negative_given: bool = True  # a negative prompt was given (SDXL encodes an absent one as zeros)
+    edit: object | None = None  # editing.EditInputs of an image-to-image or inpainting request
+    edit_args: "_Edit | None" = None
+
+
+@dataclass(frozen=True)
+class _Edit:
+    """What a request asks of editing (see ``Pipeline.__call__``)."""
+
+    init_image: object = None
+    strength: float = 0.8
+    mask_image: object = None
+    mask_blur: float = 0.0
+    keep_unmasked: bool = True
+    denoising_start: float | None = None
+    denoising_end: float | None = None
 
 
 def _per_image_noise(rngs: Sequence[np.random.Generator]) -> Callable[[tuple], np.ndarray]:

@@ -11,7 +11,8 @@ Two families share one signature, ``sample_x(denoiser, x, levels, timesteps, *, 
   schedules put a = 0 (sigma = inf) on their first step; ``denoiser.vp(x, a, t)`` is used.
 
 ``timesteps`` (n,) are the model timesteps, as diffusers passes them to the UNet. ``noise(shape)`` is called
-once per stochastic draw, in diffusers' order; ``callback(i, n, x)`` after each step.
+once per stochastic draw, in diffusers' order; ``callback(i, n, x)`` after each step (an array it returns
+replaces x: inpainting blends the known latents in there).
 """
 from __future__ import annotations
 
@@ -110,9 +111,13 @@ def default_noise(seed: int = 0) -> NoiseFn:
     return lambda shape: rng.standard_normal(shape)
 
 
-def _notify(callback, i: int, n: int, x: np.ndarray) -> None:
+def _notify(callback, i: int, n: int, x: np.ndarray) -> np.ndarray:
+    """Call ``callback(i, n, x)`` after step i; an array it returns replaces x (inpainting's latent blend)."""
     if callback is not None:
-        callback(i, n, x)
+        replaced = callback(i, n, x)
+        if isinstance(replaced, np.ndarray):
+            return replaced
+    return x
 
 
 def to_d(x: np.ndarray, sigma: float, denoised: np.ndarray) -> np.ndarray:
@@ -184,7 +189,7 @@ def sample_euler(denoiser, x, sigmas, timesteps, *, noise=None, callback=None):
     for i in range(n):
         denoised = denoiser(x, sigmas[i], timesteps[i]).denoised
         x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
-        _notify(callback, i, n, x)
+        x = _notify(callback, i, n, x)
     return x
 
 
@@ -198,7 +203,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, timesteps, *, noise=None, callba
         x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         # diffusers draws on every step, the last one too (where sigma_up is 0): keep the sequence aligned.
         x = x + noise(x.shape) * sigma_up
-        _notify(callback, i, n, x)
+        x = _notify(callback, i, n, x)
     return x
 
 
@@ -215,7 +220,7 @@ def sample_heun(denoiser, x, sigmas, timesteps, *, noise=None, callback=None):
             x_2 = x + d * dt
             denoised_2 = denoiser(x_2, sigmas[i + 1], timesteps[i + 1]).denoised
             x = x + (d + to_d(x_2, sigmas[i + 1], denoised_2)) / 2 * dt
-        _notify(callback, i, n, x)
+        x = _notify(callback, i, n, x)
     return x
 
 
@@ -236,7 +241,7 @@ def sample_dpm_2(denoiser, x, sigmas, timesteps, *, noise=None, callback=None):
             x_2 = x + d * (sigma_mid - sigmas[i])
             denoised_2 = denoiser(x_2, sigma_mid, denoiser.sigma_to_t(sigma_mid)).denoised
             x = x + to_d(x_2, sigma_mid, denoised_2) * (sigmas[i + 1] - sigmas[i])
-        _notify(callback, i, n, x)
+        x = _notify(callback, i, n, x)
     return x
 
 
@@ -256,23 +261,27 @@ def sample_dpm_2_ancestral(denoiser, x, sigmas, timesteps, *, noise=None, callba
             denoised_2 = denoiser(x_2, sigma_mid, denoiser.sigma_to_t(sigma_mid)).denoised
             x = x + to_d(x_2, sigma_mid, denoised_2) * (sigma_down - sigmas[i])
             x = x + noise(x.shape) * sigma_up
-        _notify(callback, i, n, x)
+        x = _notify(callback, i, n, x)
     return x
 
 
-def sample_lms(denoiser, x, sigmas, timesteps, *, noise=None, callback=None, order=4):
-    """Linear multistep method of order 4 over sigma (k-diffusion sample_lms; diffusers LMSDiscreteScheduler)."""
+def sample_lms(denoiser, x, sigmas, timesteps, *, noise=None, callback=None, order=4, start=0):
+    """Linear multistep method of order 4 over sigma (k-diffusion sample_lms; diffusers LMSDiscreteScheduler).
+
+    ``start``: begin at step ``start`` of the schedule (image-to-image); diffusers then picks the order from the
+    step's index in the whole schedule while only the derivatives since ``start`` exist (its zip truncates): copied.
+    """
     n = len(timesteps)
     sigmas = np.asarray(sigmas, dtype=np.float64)
     ds = []
-    for i in range(n):
+    for i in range(start, n):
         denoised = denoiser(x, sigmas[i], timesteps[i]).denoised
         ds = (ds + [to_d(x, sigmas[i], denoised)])[-order:]
         cur_order = min(i + 1, order)
         # diffusers integrates the last step to sigma 0 too (k-diffusion jumps to `denoised`): copied.
         coeffs = [lms_coefficient(cur_order, sigmas, i, j) for j in range(cur_order)]
         x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
-        _notify(callback, i, n, x)
+        x = _notify(callback, i - start, n - start, x)
     return x
 
 
@@ -306,7 +315,7 @@ def sample_dpmpp_2m(denoiser, x, sigmas, timesteps, *, noise=None, callback=None
             D2 = (d1_0 - d1_1) / (r0 + r1)
             x = _dpmpp_update(x, sigmas[i], sigmas[i + 1], m0, D1, D2, sde=sde, noise_z=noise_z)
         warm = min(warm + 1, solver_order)
-        _notify(callback, i, n, x)
+        x = _notify(callback, i, n, x)
     return x
 
 
@@ -324,16 +333,20 @@ def singlestep_orders(n: int, solver_order: int, lower_order_final: bool, final_
 
 
 def sample_dpmpp_2s(denoiser, x, sigmas, timesteps, *, noise=None, callback=None, solver_order=2, sde=False,
-                    solver_type="midpoint", lower_order_final=True):
-    """Singlestep DPM-Solver++(2S), Lu et al. (2022b) Algorithm 1 on the schedule's points (DPMSolverSinglestep)."""
+                    solver_type="midpoint", lower_order_final=True, skipped=0, total=None):
+    """Singlestep DPM-Solver++(2S), Lu et al. (2022b) Algorithm 1 on the schedule's points (DPMSolverSinglestep).
+
+    ``skipped``: steps of the whole schedule before ``sigmas[0]`` (image-to-image), ``total`` its length; the per-step
+    orders are those of the whole schedule, as diffusers keeps them."""
     if solver_order not in (1, 2):
         raise LdmExportError(f"DPMSolverSinglestepScheduler solver_order {solver_order} is not supported; use 1 or 2")
     if sde:
         noise = noise or default_noise()
     n = len(timesteps)
+    total = total or n + skipped
     # diffusers forces lower_order_final on when steps % order != 0 or the final sigma is 0 (copied).
-    lower_order_final = lower_order_final or n % solver_order != 0 or sigmas[-1] == 0
-    orders = singlestep_orders(n, solver_order, lower_order_final, sigmas[-1] == 0)
+    lower_order_final = lower_order_final or total % solver_order != 0 or sigmas[-1] == 0
+    orders = singlestep_orders(total, solver_order, lower_order_final, sigmas[-1] == 0)[skipped:skipped + n]
     lams = [_lambda(s) for s in sigmas]
     history = [None] * solver_order
     anchor = x  # the sample at the start of the current singlestep group
@@ -351,7 +364,7 @@ def sample_dpmpp_2s(denoiser, x, sigmas, timesteps, *, noise=None, callback=None
             r0 = (lams[i] - lams[i - 1]) / (lams[i + 1] - lams[i - 1])
             x = _dpmpp_update(anchor, sigmas[i - 1], sigmas[i + 1], m1, (m0 - m1) / r0, sde=sde, noise_z=noise_z,
                               solver_type=solver_type)
-        _notify(callback, i, n, x)
+        x = _notify(callback, i, n, x)
     return x
 
 
@@ -373,7 +386,7 @@ def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, timesteps, *, noise=None, cal
             x = (sigma_down / sigmas[i]) * x - math.expm1(-h) * denoised_2
         if sigmas[i + 1] > 0:
             x = x + noise(x.shape) * sigma_up
-        _notify(callback, i, n, x)
+        x = _notify(callback, i, n, x)
     return x
 
 
@@ -443,7 +456,7 @@ def sample_unipc(denoiser, x, sigmas, timesteps, *, noise=None, callback=None, s
             scale = B_h if predict_x0 else sigmas[i + 1] * B_h
             x = x - scale * sum(r * d for r, d in zip(rhos_p, D1s))
         warm = min(warm + 1, solver_order)
-        _notify(callback, i, n, x)
+        x = _notify(callback, i, n, x)
     return x
 
 
@@ -462,7 +475,7 @@ def sample_ddim(denoiser, x, alphas_cumprod, timesteps, *, noise=None, callback=
         pred = denoiser.vp(x, alphas_cumprod[i], timesteps[i])
         a_prev = targets[i]
         x = math.sqrt(a_prev) * pred.denoised + math.sqrt(1 - a_prev) * pred.eps
-        _notify(callback, i, n, x)
+        x = _notify(callback, i, n, x)
     return x
 
 
@@ -486,7 +499,7 @@ def sample_ddpm(denoiser, x, alphas_cumprod, timesteps, *, noise=None, callback=
                 std = math.sqrt(variance)
             mean = mean + std * noise(x.shape)
         x = mean
-        _notify(callback, i, n, x)
+        x = _notify(callback, i, n, x)
     return x
 
 
@@ -519,7 +532,7 @@ def sample_plms(denoiser, x, alphas_cumprod, timesteps, *, noise=None, callback=
         # DDIM step written as diffusers' _get_prev_sample (Liu et al. eq. 11).
         denom = a * math.sqrt(1 - a_prev) + math.sqrt(a * (1 - a) * a_prev)
         x = math.sqrt(a_prev / a) * base - (a_prev - a) * eps / denom
-        _notify(callback, i, n, x)
+        x = _notify(callback, i, n, x)
     return x
 
 
@@ -539,5 +552,5 @@ def sample_lcm(denoiser, x, alphas_cumprod, timesteps, *, noise=None, callback=N
             x = math.sqrt(a_prev) * denoised + math.sqrt(1 - a_prev) * noise(x.shape)
         else:
             x = denoised
-        _notify(callback, i, n, x)
+        x = _notify(callback, i, n, x)
     return x

@@ -23,6 +23,8 @@ UNET_TOP = [
     ("input_blocks.0.0.", "conv_in."),
     ("out.0.", "conv_norm_out."),
     ("out.2.", "conv_out."),
+    ("label_emb.0.0.", "add_embedding.linear_1."),  # SDXL's added text-time embedding
+    ("label_emb.0.2.", "add_embedding.linear_2."),
 ]
 UNET_RESNET = [
     ("in_layers.0", "norm1"),
@@ -216,3 +218,25 @@ def _replace_all(key: str, pairs: list[tuple[str, str]]) -> str:
     for ldm, hf in pairs:
         key = key.replace(hf, ldm)
     return key
+
+
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+
+
+def sdxl_to_ldm_checkpoint(modules: dict[str, torch.nn.Module], unet_config: dict[str, Any],
+                           vae_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A single-file SDXL checkpoint (base layout; the refiner's has no CLIP-L and OpenCLIP at embedders.0)."""
+    state = {}
+    state.update(unet_to_ldm(modules["unet"].state_dict(), unet_config))
+    state.update(vae_to_ldm(modules["vae"].state_dict(), vae_config))
+    open_prefix = SDXL_OPEN_CLIP_PREFIX
+    if "text_encoder" in modules:
+        state.update({SDXL_CLIP_L_PREFIX + k: v for k, v in modules["text_encoder"].state_dict().items()})
+    else:
+        open_prefix = "conditioner.embedders.0.model."
+    text = dict(modules["text_encoder_2"].state_dict())
+    projection = text.pop("text_projection.weight").T  # OpenCLIP multiplies x @ proj; transformers' Linear does x @ W.T
+    converted = open_clip_to_ldm(text, text_projection=projection)
+    state.update({open_prefix + k[len(OPEN_CLIP_PREFIX):]: v for k, v in converted.items()})
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}

@@ -35,6 +35,15 @@ def _result():
             "backends": {"torch-eager": entry(2000.0), "ort": entry(500.0), "tensorrt": {"skipped": "not installed"}}}
 
 
+def test_int8_speedup_line():
+    r = _result()
+    r["backends"]["ort-int8"] = json.loads(json.dumps(r["backends"]["ort"]))
+    r["backends"]["ort-int8"]["components"]["unet_step"]["median_ms"] = 4.0
+    r["backends"]["ort-int8"]["end_to_end"]["median_ms"] = 400.0
+    assert "int8 against fp32 (ort-int8 vs ort, same run): UNet step 2.50×, end to end 1.25× faster." in markdown(r)
+    assert "int8 against fp32" not in markdown(_result())
+
+
 def test_reports_table_and_files(tmp_path):
     md = markdown(_result())
     assert "| ort | fp16 | 2.00 (2.20) | 10.00 (11.00) | 5.00 (5.50) | 0.500 (0.500) | 4.00× |" in md

@@ -20,6 +20,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..pipeline import Pipeline
 
 
+INPAINT = "inpaint_channels"  # Conditioning extra: the mask and masked-image latents of a 9-channel inpainting UNet
+
+
 @dataclass(frozen=True)
 class Module:
     """A torch module of a checkpoint: its folder name in a diffusers pipeline and its class."""
@@ -110,6 +113,8 @@ class Family:
     tokenizer_classes: tuple[str, ...] = ("CLIPTokenizer",)  # transformers' class of each, for model_index.json
     pipeline_class: str = "StableDiffusionPipeline"  # diffusers' pipeline of the source model
     pad_token: str = "<|endoftext|>"  # what the tokenizer pads prompts with (CLIP: its end token)
+    pad_tokens: tuple[str, ...] = ()  # per tokenizer where they differ (SDXL's second pads with '!'); else pad_token
+    fp32_scopes: tuple[str, ...] = ()  # denoiser node scopes the fp16 policy keeps fp32 besides the common ones
     denoiser: str = "unet"  # the component the sampler loop runs
     decoder: str = "vae_decoder"
     encoder: str = "vae_encoder"
@@ -129,6 +134,11 @@ class Family:
     def exported(self, with_optional: Sequence[str] = ()) -> tuple[Component, ...]:
         """The components a build writes: every required one plus the optional ones asked for."""
         return tuple(c for c in self.components if not c.optional or c.name in with_optional)
+
+    def tokenizer_pads(self) -> dict[str, str]:
+        """Each tokenizer folder and the token it pads prompts with."""
+        return {t: (self.pad_tokens[k] if k < len(self.pad_tokens) else self.pad_token)
+                for k, t in enumerate(self.tokenizers)}
 
     def module(self, name: str) -> Module:
         return next(m for m in self.modules if m.name == name)
@@ -154,15 +164,6 @@ class Family:
         return {"batch": self.component(component).static_batch, "height": side, "width": side,
                 "sequence": max_length, "image_height": resolution, "image_width": resolution}
 
-    def keep_fp32(self, component: str, configs: Mapping[str, Mapping[str, Any]]) -> bool:
-        """Whether an fp16 build keeps ``component`` whole in fp32 (a VAE whose config sets ``force_upcast``)."""
-        return False
-
-    @property
-    def pad_tokens(self) -> tuple[str | None, ...]:
-        """What each tokenizer pads with (None: the tokenizer file says)."""
-        return (self.pad_token,) * len(self.tokenizers)
-
     # -- runtime ----------------------------------------------------------------------------------------
     # denoiser inputs that have no batch axis (FLUX's position ids): never split or padded along axis 0
     unbatched_inputs: tuple[str, ...] = ()
@@ -185,6 +186,17 @@ class Family:
     def encode(self, pipe: "Pipeline", prompts: Sequence[str]) -> Conditioning:
         raise NotImplementedError(f"family {self.name} does not say how prompts become conditioning")
 
+    def encode_negative(self, pipe: "Pipeline", prompts: Sequence[str], cond: Conditioning,
+                        given: bool) -> Conditioning:
+        """The unconditional record for CFG; ``given``: the user passed a negative prompt (SDXL uses zeros when not)."""
+        return self.encode(pipe, prompts)
+
+    def denoiser_sample(self, sample: np.ndarray, cond: Conditioning) -> np.ndarray:
+        """The denoiser's latent input: ``sample``, with an inpainting UNet's mask and masked-image latents
+        (``cond.extras[INPAINT]``, (N, 1 + C, h, w)) concatenated along channels when the request has them."""
+        extra = cond.extras.get(INPAINT)
+        return sample if extra is None else np.concatenate([sample, extra.astype(sample.dtype, copy=False)], axis=1)
+
     def denoiser_feeds(self, sample: np.ndarray, timestep: np.ndarray, cond: Conditioning) -> dict[str, np.ndarray]:
         """The denoiser's feeds for latents ``sample`` (N, C, h, w) at ``timestep`` (N,) under ``cond`` (N rows)."""
         raise NotImplementedError(f"family {self.name} does not say what its denoiser is fed")
@@ -197,6 +209,10 @@ class Family:
         """Per-request conditioning that is not text: SDXL's size/crop time ids, FLUX's position ids and distilled
         guidance. Called once per request on the cond and uncond records."""
         return cond
+
+    def prepare_negative(self, cond: Conditioning, *, width: int, height: int, guidance_scale: float) -> Conditioning:
+        """:meth:`prepare` for the unconditional record (the SDXL refiner's negative aesthetic score)."""
+        return self.prepare(cond, width=width, height=height, guidance_scale=guidance_scale)
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         """Whether ``guidance_scale`` means classifier-free guidance (two passes); guidance-distilled models

@@ -27,18 +27,13 @@ class DemoDiT(StableDiffusion3):
     tokenizer_kinds = ("clip",)
     pad_token = "<|endoftext|>"
 
-    @property
-    def pad_tokens(self):
-        return (self.pad_token,)
+    pad_tokens = ("<|endoftext|>",)
 
     def clip_length(self, model: Mapping[str, Any]) -> int:
         return int(model["max_length"])  # 32: every caption of the data fits
 
     def text_length(self, max_length: int) -> int:
         return max_length
-
-    def keep_fp32(self, component: str, configs) -> bool:
-        return False  # the demo VAE runs fp16 as the demo U-Net model's does
 
     def component_specs(self, configs, resolution: int, max_length: int) -> dict[str, ComponentSpec]:
         hw = self.latent_profile(configs, resolution)

@@ -44,9 +44,7 @@ class Flux(TransformerFamily):
     pipeline_class = "FluxPipeline"
     unbatched_inputs = ("img_ids", "txt_ids")
 
-    @property
-    def pad_tokens(self):
-        return ("<|endoftext|>", None)
+    pad_tokens = ("<|endoftext|>", None)
 
     def size_multiple(self, configs) -> int:
         return self.latent_format(configs).vae_scale_factor * 2  # 2x2 latent patches per token

@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..kinds import vae_encoder_spec
 from ..spec import ComponentSpec, text_encoder_spec, unet_spec, vae_decoder_spec
 from .base import Component, Conditioning, Family, Module, register
 
@@ -38,7 +39,8 @@ class StableDiffusion1(UNetFamily):
                Module("vae", "diffusers", "AutoencoderKL"))
     components = (Component("text_encoder", "clip_text", "text_encoder"),
                   Component("unet", "unet", "unet"),
-                  Component("vae_decoder", "vae_decoder", "vae", static_batch=1))
+                  Component("vae_decoder", "vae_decoder", "vae", static_batch=1),
+                  Component("vae_encoder", "vae_encoder", "vae", static_batch=1, optional=True))
     pad_token = CLIP_EOS
 
     def component_specs(self, configs, resolution: int, max_length: int) -> dict[str, ComponentSpec]:
@@ -49,6 +51,7 @@ class StableDiffusion1(UNetFamily):
             "unet": unet_spec(configs["unet"]["in_channels"], configs["unet"]["out_channels"],
                               configs["unet"]["cross_attention_dim"], hw, max_length),
             "vae_decoder": vae_decoder_spec(lf.channels, hw, lf.vae_scale_factor),
+            "vae_encoder": vae_encoder_spec(lf.channels, hw, lf.vae_scale_factor),
         }
 
     def encode(self, pipe, prompts: Sequence[str]) -> Conditioning:
@@ -57,7 +60,8 @@ class StableDiffusion1(UNetFamily):
         return Conditioning(out["last_hidden_state"].astype(np.float32))  # (B, 77, D)
 
     def denoiser_feeds(self, sample, timestep, cond: Conditioning) -> dict[str, np.ndarray]:
-        return {"sample": sample, "timestep": timestep, "encoder_hidden_states": cond.context}
+        return {"sample": self.denoiser_sample(sample, cond), "timestep": timestep,
+                "encoder_hidden_states": cond.context}
 
 
 @register

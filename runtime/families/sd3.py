@@ -30,9 +30,6 @@ class TransformerFamily(Family):
     # tokenizer folder -> "clip" or "t5"
     tokenizer_kinds: tuple[str, ...] = ("clip",)
 
-    def keep_fp32(self, component: str, configs) -> bool:
-        return component == self.decoder and bool(configs[self.vae_module].get("force_upcast"))
-
     def load_tokenizer(self, bundle, name: str):
         kind = dict(zip(self.tokenizers, self.tokenizer_kinds))[name]
         if kind == "t5":
@@ -81,9 +78,7 @@ class StableDiffusion3(TransformerFamily):
     tokenizer_kinds = ("clip", "clip", "t5")
     pipeline_class = "StableDiffusion3Pipeline"
 
-    @property
-    def pad_tokens(self):
-        return ("<|endoftext|>", "!", None)  # SD3's CLIP-G tokenizer pads with '!' (id 0), as OpenCLIP did
+    pad_tokens = ("<|endoftext|>", "!", None)  # SD3's CLIP-G tokenizer pads with '!' (id 0); T5's file says its own
 
     def text_length(self, max_length: int) -> int:
         """The transformer's text tokens: CLIP's 77 then T5's ``max_length``."""

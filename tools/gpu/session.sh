@@ -4,7 +4,8 @@
 #   bash tools/gpu/session.sh start STEP...      run the steps in order, in a new process session, and return
 #   bash tools/gpu/session.sh status             print each step's state and log tail; copy every log to $OUT
 # Steps run the per-topic scripts of tools/gpu/ with OUT=/tmp/gpu/STEP and SD15_BUNDLE=/tmp/sd15-cuda-fp16.
-# Step names: sd15 (build the static fp16 cuda SD 1.5 bundle), first_image, tensorrt, int8, serve, sdxl, sd3;
+# Step names: sd15 (build the static fp16 cuda SD 1.5 bundle), first_image, tensorrt, int8 (int8_build, int8_probe),
+# serve, sdxl (sdxl_build, sdxl_bench), sd3;
 # "a+b" runs a and b at the same time (builds that load the CPU while the GPU is idle).
 set -u
 G=/tmp/gpu; mkdir -p $G
@@ -14,6 +15,10 @@ run_step() {
   local t0=$(date +%s)
   case $s in
     sd15) OUT=$G/$s bash -c 'set -o pipefail; /usr/bin/time -v python3 -m ldm_export.cli build --model sd15 --random-weights --precision fp16 --target cuda --static-shape --out $SD15_BUNDLE --force 2>&1 | grep -v Warning | tail -40 > $OUT/build.log' ;;
+    sdxl_build) OUT=$G/$s STAGE=build bash tools/gpu/sdxl.sh > $G/$s/run.log 2>&1 ;;
+    sdxl_bench) OUT=$G/$s STAGE=bench bash tools/gpu/sdxl.sh > $G/$s/run.log 2>&1 ;;
+    int8_build) OUT=$G/$s STAGE=build bash tools/gpu/int8.sh > $G/$s/run.log 2>&1 ;;
+    int8_probe) OUT=$G/$s STAGE=probe bash tools/gpu/int8.sh > $G/$s/run.log 2>&1 ;;
     *) OUT=$G/$s bash tools/gpu/$s.sh > $G/$s/run.log 2>&1 ;;
   esac
   echo "exit $? after $(( $(date +%s) - t0 )) s ($(date +%T))" > $G/$s.state

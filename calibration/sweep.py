@@ -1,0 +1,124 @@
+"""The quality table of int8 per calibration method and quant level on one fp32 bundle (the embedded demo model by
+default): UNet SQNR, image PSNR against fp32 from the same latents, and prompt adherence fp32 vs int8; one
+capture shared by every row; JSON, a markdown table and a plot.
+
+    python -m ldm_export.calibration.sweep --bundle demo-fp32 --out docs/img
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import capture as C
+from . import quantize as Q
+from . import report as R
+
+log = logging.getLogger(__name__)
+
+
+def sweep(bundle: Path, methods: Sequence[str], levels: Sequence[float], size: int, steps: int, quality_prompts: int,
+          adherence_prompts: int | None, fmt: str, threads: int | None = None, combine: str = "min") -> dict:
+    """One row per (method, level): what int8 costs in quality against the same bundle's fp32 UNet."""
+    import onnx
+
+    from ldm_export.runtime.engine import OrtEngine
+    from ldm_export.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(bundle, threads=threads)
+    prompts = C.read_prompts(None, size)
+    t0 = time.perf_counter()
+    cap = C.capture_unet_inputs(pipe, prompts, steps, model_identity=C.model_identity(pipe.bundle))
+    result = {"bundle": str(bundle), "model": pipe.bundle.model["name"], "calibration": cap.info, "format": fmt,
+              "combine": combine, "capture_s": time.perf_counter() - t0, "rows": []}
+    eval_prompts = C.read_prompts(None)[size:size + quality_prompts] or prompts[:quality_prompts]
+    spec = pipe.bundle.spec("unet")
+    fp32_adherence = None
+    with tempfile.TemporaryDirectory(prefix=".sweep-") as tmp:
+        work = Path(tmp)
+        pre = work / "pre.onnx"
+        Q.preprocess(Path(bundle) / "unet" / "model.onnx", pre, False)
+        model = onnx.load(str(pre))
+        top, _ = Q.select_nodes(model, max(levels))
+        tensors = Q.calibration_tensors(model, top)  # every lower level's tensors are among these
+        for method in methods:
+            t1 = time.perf_counter()
+            # one calibration per method: a level only chooses which of these layers get Q/DQ
+            amax = Q.combine_steps(Q.step_amax(pre, cap, method, tensors, work, False), how=combine)
+            Q.write_table(amax, method, work / f"{method}.json")
+            calib_s = time.perf_counter() - t1
+            for level in levels:
+                t2 = time.perf_counter()
+                nodes, counts = Q.select_nodes(model, level)
+                path = work / f"unet-{method}-{level}.onnx"
+                Q.quantize_qdq(pre, path, work / f"{method}.json", method, nodes, fmt,
+                               "u8" if fmt == "onnxruntime" else "s8")
+                int8 = OrtEngine(path, spec, threads=threads)
+                pipe8 = Pipeline(pipe.bundle, {**pipe.engines, "unet": int8}, tokenizer=pipe.tokenizer)
+                row = {"method": method, "level": level, "quantised_nodes": len(nodes), "layers": counts,
+                       "calibration_s": calib_s, "unet": R.unet_sqnr(pipe.engines["unet"], int8, cap),
+                       "image": R.image_psnr(pipe, pipe8, eval_prompts, steps, seed=1000)}
+                if pipe.bundle.model["name"] == "demo" and adherence_prompts != 0:
+                    adh = R.demo_adherence(pipe, pipe8, adherence_prompts, fp32_row=fp32_adherence)
+                    fp32_adherence = adh["fp32"]
+                    row["adherence"] = adh
+                row["seconds"] = time.perf_counter() - t2
+                log.info("%s level %g: SQNR %.2f dB, PSNR %.2f dB", method, level, row["unet"]["sqnr_db"],
+                         row["image"]["psnr_db_mean"])
+                result["rows"].append(row)
+    return result
+
+
+def table_markdown(result: dict) -> str:
+    lines = ["| method | quant level | int8 layers | UNet SQNR dB | image PSNR dB (mean / min) | colour | shape | position "
+             "| all three | within 5 points |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    fp32 = next((r["adherence"]["fp32"] for r in result["rows"] if "adherence" in r), None)
+    if fp32:
+        lines.append(f"| fp32 | — | 0 | — | — | {fp32['colour']:.1f} | {fp32['shape']:.1f} | {fp32['position']:.1f} | "
+                     f"{fp32['all']:.1f} | — |")
+    for r in result["rows"]:
+        a = r.get("adherence")
+        adh = (f"{a['int8']['colour']:.1f} | {a['int8']['shape']:.1f} | {a['int8']['position']:.1f} | {a['int8']['all']:.1f} | "
+               f"{'yes' if a['within_tolerance'] else 'no'}") if a else "— | — | — | — | —"
+        lines.append(f"| {r['method']} | {r['level']:g} | {r['quantised_nodes']} | {r['unet']['sqnr_db']:.2f} | "
+                     f"{r['image']['psnr_db_mean']:.2f} / {r['image']['psnr_db_min']:.2f} | {adh} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", required=True, help="an fp32 bundle (`ldm-export build --out DIR`)")
+    p.add_argument("--out", default="docs/img")
+    p.add_argument("--methods", default="minmax,percentile,entropy")
+    p.add_argument("--levels", default="1,2,2.5,3")
+    p.add_argument("--calib-size", type=int, default=32)
+    p.add_argument("--calib-steps", type=int, default=20)
+    p.add_argument("--quality-prompts", type=int, default=8)
+    p.add_argument("--adherence-prompts", type=int, default=None, help="demo model: prompt cases (default all 120)")
+    p.add_argument("--format", default="onnxruntime", choices=Q.FORMATS)
+    p.add_argument("--combine", default="min", choices=("min", "max"), help="ranges over steps: min (TensorRT's) or max")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = sweep(Path(a.bundle), a.methods.split(","), [Q.parse_level(x) for x in a.levels.split(",")], a.calib_size,
+                   a.calib_steps, a.quality_prompts, a.adherence_prompts, a.format, a.threads, a.combine)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"int8_{result['model']}_{a.format}_{a.combine}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = table_markdown(result)
+    (out / f"{stem}.md").write_text(md + "\n")
+    if any("adherence" in r for r in result["rows"]):
+        R.write_plot([{"method": r["method"], "level": r["level"], "adherence": r["adherence"], "image": r["image"]}
+                      for r in result["rows"]], out / f"{stem}.png",
+                     f"{result['model']}: int8 ({a.format} QDQ, ranges {a.combine} over steps) vs fp32; calibration "
+                     f"{a.calib_size} prompts x {a.calib_steps} steps; adherence at guidance 7.5, 20 steps")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""LoRA: fuse low-rank adapters into the torch modules before export, or into a built bundle's ONNX initializers.
+
+Files in kohya/A1111 (``lora_unet_*``, ``lora_te*_``) and diffusers/PEFT (``unet.*.lora_A``) layouts are read
+with diffusers' own ``lora_state_dict`` (which converts kohya keys, SDXL's sgm block names included), injected
+with diffusers' ``load_lora_into_unet`` / ``load_lora_into_text_encoder`` (PEFT), merged at the requested scale
+with PEFT's ``merge`` and the adapter layers removed, so the modules export as plain ones.
+
+Bundles get the same weights without re-export: at build time every torch parameter is matched to the ONNX
+initializer holding it (by content hash, also transposed, as the exporter folds ``W.T`` for MatMul); ``lora``
+computes each adapter's weight delta by merging it into a zero-weight copy of the architecture and adds it to
+those initializers (in their dtype: fp16 bundles too).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from ldm_export.runtime.errors import LdmExportError
+
+log = logging.getLogger(__name__)
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+_PEFT_SUFFIX = re.compile(r"\.lora_[AB]\.weight$|\.lora_B\.bias$|\.lora_magnitude_vector$")
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """One ``--lora FILE[:SCALE]``."""
+
+    path: Path
+    scale: float = 1.0
+
+    def to_json(self, sha256: str | None = None) -> dict:
+        return {"file": self.path.name, "scale": self.scale, "sha256": sha256}
+
+
+def parse_lora(arg: str) -> LoraRef:
+    """``FILE[:SCALE]`` -> LoraRef; the scale defaults to 1."""
+    path, scale = arg, 1.0
+    head, sep, tail = arg.rpartition(":")
+    if sep and head:
+        try:
+            scale = float(tail)
+            path = head
+        except ValueError:
+            path = arg
+    if not np.isfinite(scale):
+        raise LdmExportError(f"LoRA scale must be a finite number, got '{tail}' in '{arg}'")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise LdmExportError(f"LoRA file {p} does not exist; pass --lora FILE[:SCALE] with a .safetensors file")
+    if p.suffix.lower() != ".safetensors":
+        raise LdmExportError(f"LoRA file {p.name} is not .safetensors; convert it (pickle files run code when loaded)")
+    return LoraRef(p, scale)
+
+
+def _mixin(modules: dict[str, Any]):
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    return StableDiffusionXLLoraLoaderMixin if "text_encoder_2" in modules else StableDiffusionLoraLoaderMixin
+
+
+def read_lora(ref: LoraRef, modules: dict[str, Any]) -> tuple[dict, dict | None]:
+    """The LoRA's state dict in diffusers' layout (keys prefixed ``unet.`` / ``text_encoder[_2].``) and alphas."""
+    from safetensors.torch import load_file
+
+    try:
+        raw = load_file(str(ref.path))
+    except Exception as e:  # SafetensorError: truncated or not safetensors
+        raise LdmExportError(f"LoRA file {ref.path.name} is not a readable safetensors file ({e})") from None
+    if not raw:
+        raise LdmExportError(f"LoRA file {ref.path.name} holds no tensors")
+    try:
+        state, alphas = _mixin(modules).lora_state_dict(raw, unet_config=modules["unet"].config)
+    except (KeyError, ValueError, RuntimeError, IndexError) as e:
+        raise LdmExportError(f"LoRA file {ref.path.name}: diffusers cannot read its keys ({e}); it is not a kohya or "
+                             "diffusers/PEFT LoRA") from None
+    return state, alphas
+
+
+def _peft_parts(state: dict, prefix: str, is_unet: bool) -> dict:
+    """The keys one component receives, converted as diffusers converts them before PEFT injects them."""
+    from diffusers.utils.state_dict_utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
+                                                  convert_unet_state_dict_to_peft)
+
+    part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+    if not part:
+        return part
+    try:
+        if is_unet:
+            return part if any("lora_A" in k for k in part) else convert_unet_state_dict_to_peft(part)
+        return convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+    except ValueError as e:  # "Could not automatically infer state dict type"
+        first = next(iter(part))
+        raise LdmExportError(f"diffusers cannot convert the {prefix} keys of this LoRA (e.g. '{prefix}.{first}'): "
+                             f"{e}") from None
+
+
+def check_lora(ref: LoraRef, state: dict, modules: dict[str, Any], model: str) -> dict[str, int]:
+    """Refuse a LoRA for another architecture, naming the first key that has no layer or another shape; return
+    the number of layers it adapts per component."""
+    import torch
+
+    components = [c for c in ("unet", *TEXT_ENCODERS) if c in modules]
+    stray = next((k for k in state if not k.startswith(tuple(c + "." for c in components))), None)
+    if stray is not None:
+        raise LdmExportError(f"LoRA file {ref.path.name}: key '{stray}' is for no component of model '{model}' "
+                             f"({', '.join(components)}); it is a LoRA for another architecture")
+    counts = {}
+    for component in components:
+        part = _peft_parts(state, component, component == "unet")
+        layers = dict(modules[component].named_modules())
+        targets = sorted({_PEFT_SUFFIX.sub("", k) for k in part})
+        for path in targets:
+            layer = layers.get(path)
+            if layer is None:
+                raise LdmExportError(f"LoRA file {ref.path.name} adapts '{component}.{path}', which model '{model}' "
+                                     "does not have; it is a LoRA for another architecture")
+            down, up = part.get(f"{path}.lora_A.weight"), part.get(f"{path}.lora_B.weight")
+            if down is None or up is None:
+                raise LdmExportError(f"LoRA file {ref.path.name}: '{component}.{path}' lacks its "
+                                     f"{'down (A)' if down is None else 'up (B)'} matrix; the file is incomplete")
+            if isinstance(layer, torch.nn.Linear):
+                fan_in, fan_out = layer.in_features, layer.out_features
+            elif isinstance(layer, torch.nn.Conv2d):
+                fan_in, fan_out = layer.in_channels, layer.out_channels
+            else:
+                raise LdmExportError(f"LoRA file {ref.path.name} adapts '{component}.{path}', a "
+                                     f"{type(layer).__name__}; only linear and convolution layers take LoRA")
+            if down.shape[1] != fan_in or up.shape[0] != fan_out:
+                raise LdmExportError(
+                    f"LoRA file {ref.path.name}: '{component}.{path}' has down {tuple(down.shape)} and up "
+                    f"{tuple(up.shape)} but the layer maps {fan_in} to {fan_out} features in model '{model}'; it is "
+                    "a LoRA for another architecture")
+        counts[component] = len(targets)
+    if not any(counts.values()):
+        raise LdmExportError(f"LoRA file {ref.path.name} adapts no layer of model '{model}'")
+    return counts
+
+
+def apply_loras(modules: dict[str, Any], loras: Iterable[LoraRef], model: str) -> list[dict]:
+    """Fuse each LoRA into ``modules`` in place (diffusers' loaders, PEFT's merge); returns what was fused."""
+    from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .weights import _sha256
+
+    report = []
+    for k, ref in enumerate(loras):
+        state, alphas = read_lora(ref, modules)
+        counts = check_lora(ref, state, modules, model)
+        mixin = _mixin(modules)
+        adapter = f"ldm_export_{k}"
+        targets = []
+        if counts.get("unet"):
+            mixin.load_lora_into_unet(state, alphas, unet=modules["unet"], adapter_name=adapter)
+            targets.append(("unet", modules["unet"]))
+        for te in TEXT_ENCODERS:
+            if counts.get(te):
+                mixin.load_lora_into_text_encoder(state, alphas, modules[te], prefix=te, adapter_name=adapter)
+                targets.append((te, modules[te]))
+        for name, module in targets:
+            merged = 0
+            for layer in module.modules():
+                if isinstance(layer, BaseTunerLayer) and adapter in layer.lora_A:
+                    # scaling = scale * alpha / rank, as diffusers' fuse_lora(lora_scale=scale) computes it
+                    layer.scaling[adapter] = layer.scaling[adapter] * ref.scale
+                    layer.merge(adapter_names=[adapter])
+                    merged += 1
+            if name == "unet":
+                module.unload_lora()
+            else:
+                _remove_text_encoder_monkey_patch(module)
+            log.info("fused LoRA %s (scale %s) into %d %s layers", ref.path.name, ref.scale, merged, name)
+        report.append(ref.to_json(_sha256(ref.path)) | {"layers": counts})
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- bundles
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
+
+
+def initializer_map(module, model) -> dict[str, dict]:
+    """torch parameter name -> {"initializer": name, "transposed": bool} for every parameter whose values sit in
+    exactly one ONNX initializer (matched by content; ambiguous ones, e.g. LayerNorm weights of ones, are left
+    out: LoRA never targets them)."""
+    from onnx import numpy_helper
+
+    by_hash: dict[str, list[str]] = {}
+    for init in model.graph.initializer:
+        if init.data_type != 1 or len(init.dims) == 0:  # float32 tensors only (ints/scalars are not weights)
+            continue
+        by_hash.setdefault(_digest(numpy_helper.to_array(init)), []).append(init.name)
+    params = [(name, p.detach().numpy()) for name, p in module.named_parameters()]
+    own = [_digest(a) for _, a in params]
+    counts: dict[str, int] = {}
+    for h in own:
+        counts[h] = counts.get(h, 0) + 1
+    out = {}
+    for (name, a), h in zip(params, own):
+        if counts[h] != 1:  # two parameters with equal values: no way to tell their initializers apart
+            continue
+        for transposed, digest in ((False, h), (True, _digest(a.T) if a.ndim == 2 else None)):
+            if digest is not None and len(by_hash.get(digest, ())) == 1:
+                out[name] = {"initializer": by_hash[digest][0], "transposed": transposed}
+                break
+    return out
+
+
+def zero_modules(spec_modules_builder) -> dict[str, Any]:
+    """The architecture with every parameter zero (merging a LoRA into it leaves exactly the LoRA's delta)."""
+    import torch
+
+    from .weights import _parameters_on_meta
+
+    with _parameters_on_meta():
+        modules = spec_modules_builder()
+    for module in modules.values():
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None:
+                    sub._parameters[name] = torch.nn.Parameter(torch.zeros(p.shape), requires_grad=False)
+        module.eval()
+    return modules
+
+
+def lora_bundle(bundle_path: str | Path, loras: list[LoraRef], out: str | Path, force: bool = False) -> dict:
+    """A new bundle at ``out``: ``bundle_path`` with each LoRA added to the ONNX initializers it adapts (no
+    re-export); written atomically. Returns the new manifest."""
+    import json
+    import shutil
+
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from ldm_export.runtime.bundle import MANIFEST, Bundle, sha256_file
+
+    from .bundle_writer import check_out_dir, staging
+    from .onnx_export import save_onnx
+
+    if not loras:
+        raise LdmExportError("give at least one LoRA: ldm-export lora BUNDLE FILE[:SCALE] ... --out NEW")
+    bundle = Bundle.open(bundle_path, verify=True)
+    out = Path(out)
+    if out.resolve() == bundle.path.resolve():
+        raise LdmExportError("--out must be a new folder, not the bundle itself (the original stays as it is)")
+    check_out_dir(out, force)
+    manifest = json.loads(json.dumps(bundle.manifest))
+    name = manifest["model"]["name"]
+    builder = _architecture(name)
+    torch.set_grad_enabled(False)
+    modules = zero_modules(builder)
+    fused = apply_loras(modules, loras, name)
+    deltas: dict[str, dict[str, np.ndarray]] = {}
+    for component in ("unet", *TEXT_ENCODERS):
+        if component not in modules:
+            continue
+        changed = {k: p.detach().numpy() for k, p in modules[component].named_parameters() if bool(p.any())}
+        if changed:
+            deltas[component] = changed
+    del modules
+    with staging(out, force) as stage:
+        for rel in manifest["files"]:
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(bundle.path / rel, stage / rel)
+        for component, changed in deltas.items():
+            info = manifest["components"].get(component)
+            mapping = (info or {}).get("initializers")
+            if not mapping:
+                raise LdmExportError(f"bundle {bundle.path} records no initializer names for {component} (built before "
+                                     "LoRA support, or without it); rebuild it, or build with --lora")
+            path = stage / info["files"][0]
+            model = onnx.load(str(path), load_external_data=True)
+            inits = {i.name: i for i in model.graph.initializer}
+            for param, delta in sorted(changed.items()):
+                entry = mapping.get(param)
+                if entry is None or entry["initializer"] not in inits:
+                    raise LdmExportError(f"{component}.{param}: the bundle's graph has no initializer for this weight "
+                                         "(a fused kernel packs it, e.g. --target cuda attention); build with --lora "
+                                         "instead")
+                init = inits[entry["initializer"]]
+                base = numpy_helper.to_array(init)
+                d = delta.T if entry["transposed"] else delta
+                if base.shape != d.shape:
+                    raise LdmExportError(f"{component}.{param}: initializer {init.name} has shape {base.shape}, the "
+                                         f"LoRA delta {d.shape}; the bundle is not of model '{name}'")
+                new = (base.astype(np.float32) + d.astype(np.float32)).astype(base.dtype)
+                init.CopyFrom(numpy_helper.from_array(new, init.name))
+            for f in info["files"]:
+                (stage / f).unlink()
+            files = save_onnx(model, path)
+            info["files"] = [str(f.relative_to(stage)) for f in files]
+            del model
+        manifest["weights"] = dict(manifest["weights"], loras=manifest["weights"].get("loras", []) + fused,
+                                   lora_base_bundle=bundle.manifest["files"][bundle.manifest["components"]["unet"]["files"][0]]["sha256"])
+        manifest["files"] = {str(p.relative_to(stage)): {"sha256": sha256_file(p), "size": p.stat().st_size}
+                             for p in sorted(stage.rglob("*")) if p.is_file() and p.name != MANIFEST}
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _architecture(name: str):
+    """A builder of the torch modules a LoRA adapts (text encoders and UNet) of the zoo model ``name``."""
+    from ldm_export.zoo import MODELS
+
+    from .models import build_module
+
+    if name not in MODELS:
+        raise LdmExportError(f"bundle of unknown model '{name}'; LoRA needs a bundle of a model this ldm-export knows")
+    spec = MODELS[name]
+    names = [m.name for m in spec.family_def.modules if m.name in ("unet", *TEXT_ENCODERS)]
+    return lambda: {n: build_module(spec, n) for n in names}

@@ -1,0 +1,191 @@
+"""AUTOMATIC1111's txt2img API: the request body, what of it we honour, and the response's ``info`` JSON.
+
+Field names, types and defaults are stable-diffusion-webui's (``modules/api/models.py``:
+``StableDiffusionTxt2ImgProcessingAPI``, generated from ``modules/processing.py``'s
+``StableDiffusionProcessing`` and ``StableDiffusionProcessingTxt2Img``); ``info`` is ``Processed.js()``.
+Fields we do not support are accepted and listed under ``info["ldm_export"]["ignored"]``, not refused.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ldm_export.runtime.errors import LdmExportError
+
+# (name, type, A1111's default): every txt2img field of A1111 1.10's API, in its order.
+FIELDS: tuple[tuple[str, Any, Any], ...] = (
+    ("prompt", str, ""), ("negative_prompt", str, ""), ("styles", list[str], None), ("seed", int, -1),
+    ("subseed", int, -1), ("subseed_strength", float, 0.0), ("seed_resize_from_h", int, -1),
+    ("seed_resize_from_w", int, -1), ("sampler_name", str, None), ("scheduler", str, None), ("batch_size", int, 1),
+    ("n_iter", int, 1), ("steps", int, 50), ("cfg_scale", float, 7.0), ("width", int, None), ("height", int, None),
+    ("restore_faces", bool, None), ("tiling", bool, None), ("do_not_save_samples", bool, False),
+    ("do_not_save_grid", bool, False), ("eta", float, None), ("denoising_strength", float, None),
+    ("s_min_uncond", float, None), ("s_churn", float, None), ("s_tmax", float, None), ("s_tmin", float, None),
+    ("s_noise", float, None), ("override_settings", dict[str, Any], None),
+    ("override_settings_restore_afterwards", bool, True), ("refiner_checkpoint", str, None),
+    ("refiner_switch_at", float, None), ("disable_extra_networks", bool, False), ("firstpass_image", str, None),
+    ("comments", dict[str, Any], None), ("enable_hr", bool, False), ("firstphase_width", int, 0),
+    ("firstphase_height", int, 0), ("hr_scale", float, 2.0), ("hr_upscaler", str, None),
+    ("hr_second_pass_steps", int, 0), ("hr_resize_x", int, 0), ("hr_resize_y", int, 0),
+    ("hr_checkpoint_name", str, None), ("hr_sampler_name", str, None), ("hr_scheduler", str, None),
+    ("hr_prompt", str, ""), ("hr_negative_prompt", str, ""), ("force_task_id", str, None),
+    ("sampler_index", str, "Euler"), ("script_name", str, None), ("script_args", list, []),
+    ("send_images", bool, True), ("save_images", bool, False), ("alwayson_scripts", dict[str, Any], {}),
+    ("infotext", str, None),
+)
+# A1111 defaults width/height to 512; here an absent size is the bundle's own resolution (512 for SD 1.5).
+
+# Values of unsupported fields that leave a txt2img result unchanged (A1111's option defaults), so a client that
+# sends every field with its defaults (most do) sees nothing reported.
+_NEUTRAL: dict[str, tuple] = {
+    "styles": (None, []), "subseed_strength": (None, 0, 0.0), "restore_faces": (None, False), "tiling": (None, False),
+    "s_min_uncond": (None, 0, 0.0), "s_churn": (None, 0, 0.0), "s_tmax": (None, 0, 0.0, float("inf")),
+    "s_tmin": (None, 0, 0.0), "s_noise": (None, 1, 1.0), "refiner_checkpoint": (None, "", "None"),
+    "disable_extra_networks": (None, False, True), "firstpass_image": (None, ""), "comments": (None, {}),
+    "enable_hr": (None, False), "firstphase_width": (None, 0), "firstphase_height": (None, 0),
+    "script_name": (None, "", "None"), "script_args": (None, []), "save_images": (None, False),
+    "alwayson_scripts": (None, {}), "infotext": (None, ""), "seed_resize_from_h": (None,), "seed_resize_from_w": (None,),
+}
+# Fields honoured, or without effect on a server that saves nothing and has no progress API.
+_HANDLED = {"prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
+            "steps", "cfg_scale", "width", "height", "send_images", "do_not_save_samples", "do_not_save_grid",
+            "force_task_id", "override_settings_restore_afterwards", "subseed", "eta", "denoising_strength",
+            "override_settings", "refiner_switch_at"}
+_HIRES = {"hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name",
+          "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "denoising_strength"}
+_SCHEDULER_SUFFIX = {"karras": " Karras"}  # A1111 1.9's separate scheduler field, as our combined names spell it
+
+
+def request_model():
+    """The pydantic model of a txt2img body: A1111's fields and types, every one optional, unknown keys kept."""
+    from pydantic import ConfigDict, Field, create_model
+
+    fields = {name: (Optional[tp], Field(default=default)) for name, tp, default in FIELDS}
+    return create_model("StableDiffusionTxt2ImgProcessingAPI", __config__=ConfigDict(extra="allow"), **fields)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to draw: what ``Pipeline.__call__`` takes for it."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    cfg_scale: float
+    sampler: str
+    width: int | None
+    height: int | None
+
+    def group_key(self) -> tuple:
+        """Jobs with equal keys run as one UNet batch (one ``Pipeline`` call)."""
+        return (self.width, self.height, self.steps, self.sampler, self.cfg_scale)
+
+
+def sampler_for(body: dict) -> tuple[str, dict]:
+    """The sampler name from ``sampler_name`` (or ``sampler_index``) and A1111 1.9's ``scheduler``; what was ignored."""
+    name = body.get("sampler_name") or body.get("sampler_index") or "Euler"
+    scheduler = body.get("scheduler")
+    if scheduler is None or str(scheduler).lower() in ("", "automatic"):
+        return name, {}
+    suffix = _SCHEDULER_SUFFIX.get(str(scheduler).lower())
+    if suffix is not None:
+        return (name if name.endswith(suffix) else name + suffix), {}
+    return name, {"scheduler": scheduler}
+
+
+def ignored_fields(body: dict, sampler: str, model_titles: set[str]) -> dict:
+    """The request's fields that change A1111's result but not ours (unsupported), with their values."""
+    defaults = {name: default for name, _, default in FIELDS}
+    out = {}
+    for key, value in body.items():
+        if key in _HIRES:  # the hires pass's settings matter only when it is asked for
+            if body.get("enable_hr") and value not in (None, defaults[key]):
+                out[key] = value
+            continue
+        if key in _HANDLED:
+            continue
+        if key not in defaults:  # a field of a newer A1111, an extension or a fork
+            if value is not None:
+                out[key] = value
+            continue
+        if key in ("seed_resize_from_h", "seed_resize_from_w"):
+            if value is not None and value > 0:
+                out[key] = value
+        elif value not in _NEUTRAL.get(key, (None,)):
+            out[key] = value
+    if (body.get("subseed_strength") or 0) != 0:
+        out["subseed"] = body.get("subseed")
+    eta = body.get("eta")  # our DDIM runs eta 0 and the ancestral samplers eta 1, as A1111's defaults
+    if eta is not None and ((sampler == "DDIM" and eta != 0) or (" a " in f" {sampler} " and eta != 1)):
+        out["eta"] = eta
+    extra = {k: v for k, v in (body.get("override_settings") or {}).items()
+             if not (k == "sd_model_checkpoint" and v in model_titles)}
+    if extra:
+        out["override_settings"] = extra
+    return out
+
+
+def fixed_seed(seed) -> int:
+    """A1111's ``get_fixed_seed``: -1 (or none) draws a random seed."""
+    if seed is None or seed == -1:
+        return int(random.randrange(4294967294))
+    return int(seed)
+
+
+def jobs_for(body: dict, sampler: str, seed: int) -> list[list[Job]]:
+    """``n_iter`` batches of ``batch_size`` images; image k of the request gets seed + k, as A1111 does."""
+    batch, n_iter = body.get("batch_size") or 1, body.get("n_iter") or 1
+    k = 0
+    out = []
+    for _ in range(n_iter):
+        row = []
+        for _ in range(batch):
+            row.append(Job(prompt=body.get("prompt") or "", negative_prompt=body.get("negative_prompt") or "",
+                           seed=seed + k, steps=body["steps"], cfg_scale=float(body["cfg_scale"]), sampler=sampler,
+                           width=body.get("width"), height=body.get("height")))
+            k += 1
+        out.append(row)
+    return out
+
+
+def check_limits(body: dict, max_images: int, max_side: tuple[int, int]) -> None:
+    """The server's own limits on a request: images per request and image size (``--max-images``, ``--max-size``)."""
+    batch, n_iter = body.get("batch_size"), body.get("n_iter")
+    for name, value in (("batch_size", batch), ("n_iter", n_iter)):
+        if value is not None and value < 1:
+            raise LdmExportError(f"{name} must be at least 1, got {value}")
+    total = (batch or 1) * (n_iter or 1)
+    if total > max_images:
+        raise LdmExportError(f"batch_size × n_iter = {total} images is more than this server's --max-images "
+                             f"{max_images}; send fewer images per request")
+    for name, value, limit in (("width", body.get("width"), max_side[0]), ("height", body.get("height"), max_side[1])):
+        if value is not None and value > limit:
+            raise LdmExportError(f"{name} {value} is larger than this server's --max-size {max_side[0]}x{max_side[1]}")
+
+
+def info_json(body: dict, jobs: list[Job], infotexts: list[str], model_name: str, model_hash: str,
+              width: int, height: int, extra: dict) -> str:
+    """The response's ``info``: ``Processed.js()`` of stable-diffusion-webui (``modules/processing.py``)."""
+    first = jobs[0]
+    subseed = fixed_seed(body.get("subseed"))
+    obj = {
+        "prompt": first.prompt, "all_prompts": [j.prompt for j in jobs],
+        "negative_prompt": first.negative_prompt, "all_negative_prompts": [j.negative_prompt for j in jobs],
+        "seed": first.seed, "all_seeds": [j.seed for j in jobs],
+        "subseed": subseed, "all_subseeds": [subseed + k for k in range(len(jobs))],
+        "subseed_strength": body.get("subseed_strength") or 0, "width": width, "height": height,
+        "sampler_name": first.sampler, "cfg_scale": first.cfg_scale, "steps": first.steps,
+        "batch_size": body.get("batch_size") or 1, "restore_faces": body.get("restore_faces"),
+        "face_restoration_model": None, "sd_model_name": model_name, "sd_model_hash": model_hash,
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": body.get("seed_resize_from_w", -1),
+        "seed_resize_from_h": body.get("seed_resize_from_h", -1), "denoising_strength": body.get("denoising_strength"),
+        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts,
+        "styles": body.get("styles") or [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
+        "is_using_inpainting_conditioning": False, "version": "ldm-export",
+        "ldm_export": extra,
+    }
+    return json.dumps(obj)

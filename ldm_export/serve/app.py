@@ -1,0 +1,311 @@
+"""The Ray Serve application: a FastAPI ingress speaking A1111's API in front of ``Generator`` replicas.
+
+``Generator`` holds one ``Pipeline`` per replica and batches images with Ray Serve's ``@serve.batch``: images of
+the same size, steps, sampler and guidance that arrive together run as one ``Pipeline`` call, so one UNet batch.
+The ingress owns HTTP: auth, the body's types (422), the server's limits, and turning a full queue (Ray Serve's
+``max_queued_requests``) into 503 + Retry-After and a dead replica into a clear 503, never a hang.
+
+``build_app(args)`` is the application builder ``serve deploy`` reads from the config ``ldm-export serve`` writes.
+"""
+
+import asyncio
+import base64
+import binascii
+import io
+import logging
+import os
+import secrets
+from dataclasses import asdict
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from ldm_export.runtime.errors import LdmExportError
+
+from . import a1111
+from .config import ServeConfig
+
+logger = logging.getLogger(__name__)
+
+
+# -- the replicas -----------------------------------------------------------------------------------------
+def _png(image, parameters: str) -> bytes:
+    from PIL import PngImagePlugin
+
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", parameters)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=meta)
+    return buf.getvalue()
+
+
+def run_group(pipe, jobs: list[a1111.Job]) -> list[dict]:
+    """Draw one group of jobs (equal ``group_key``) as one ``Pipeline`` call; each image from its own seed.
+
+    Image k's initial latents and the stochastic samplers' noise come from ``default_rng(seed_k)`` in the order
+    ``Pipeline`` draws them for one image, so an image is the same alone or batched with others. One job alone
+    goes to ``Pipeline`` with its seed as given, which validates it; a batch that ``Pipeline`` refuses is re-run one
+    job at a time so only the bad request fails, with ``Pipeline``'s own message."""
+    import numpy as np
+
+    from ldm_export.runtime.image import format_parameters
+
+    def done(job, image, batch):
+        w, h = image.size
+        text = format_parameters(job.prompt, job.negative_prompt or None, job.steps, job.sampler, job.cfg_scale,
+                                 job.seed, w, h, pipe.bundle.model_hash, model_name=pipe.bundle.model.get("name"))
+        return {"png": _png(image, text), "infotext": text, "width": w, "height": h, "unet_batch": batch}
+
+    def call(js, **kw):
+        j = js[0]
+        return pipe([x.prompt for x in js], negative_prompt=[x.negative_prompt for x in js],
+                    num_inference_steps=j.steps, guidance_scale=j.cfg_scale, width=j.width, height=j.height,
+                    scheduler=j.sampler, **kw)
+
+    if len(jobs) == 1:
+        try:
+            return [done(jobs[0], call(jobs, seed=jobs[0].seed)[0], 1)]
+        except LdmExportError as e:
+            return [{"error": str(e)}]
+    try:
+        f = pipe.vae_scale_factor
+        w, h = jobs[0].width or pipe.resolution, jobs[0].height or pipe.resolution
+        rngs = [np.random.default_rng(j.seed) for j in jobs]
+        latents = np.concatenate([r.standard_normal((1, pipe.latent_channels, h // f, w // f)) for r in rngs])
+
+        def noise(shape):  # (B, C, h, w): row k from image k's generator
+            return np.concatenate([r.standard_normal((1, *shape[1:])) for r in rngs])
+
+        images = call(jobs, seed=jobs[0].seed, latents=latents, noise=noise)
+    except (LdmExportError, ValueError, TypeError):
+        return [r for j in jobs for r in run_group(pipe, [j])]
+    return [done(j, im, len(jobs)) for j, im in zip(jobs, images)]
+
+
+def run_jobs(pipe, jobs: list[a1111.Job]) -> list[dict]:
+    """Split a Serve batch into groups of equal size/steps/sampler/guidance and run each as one call."""
+    groups: dict[tuple, list[int]] = {}
+    for i, j in enumerate(jobs):
+        groups.setdefault(j.group_key(), []).append(i)
+    out: list[dict] = [{}] * len(jobs)
+    for idx in groups.values():
+        for i, r in zip(idx, run_group(pipe, [jobs[i] for i in idx])):
+            out[i] = r
+    return out
+
+
+@serve.deployment(name="Generator", ray_actor_options={"num_cpus": 0}, graceful_shutdown_wait_loop_s=0.5)
+class Generator:
+    """One ``Pipeline`` per replica; images arriving together are batched (Ray Serve ``@serve.batch``)."""
+
+    def __init__(self, bundle: str, provider: str, threads: int | None, max_batch: int, batch_wait_s: float):
+        from ldm_export.runtime.pipeline import Pipeline
+
+        self.pipe = Pipeline.from_bundle(bundle, provider=provider, threads=threads)
+        self.generate.set_max_batch_size(max_batch)
+        self.generate.set_batch_wait_timeout_s(batch_wait_s)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def generate(self, jobs: list[a1111.Job]) -> list[dict]:
+        # a thread keeps the replica's event loop free for Serve's health checks while ONNX Runtime computes
+        return await asyncio.to_thread(run_jobs, self.pipe, jobs)
+
+    def ping(self) -> dict:
+        return {"pid": os.getpid()}
+
+
+# -- the HTTP ingress -------------------------------------------------------------------------------------
+api = FastAPI(title="ldm-export (AUTOMATIC1111 API)", docs_url=None, redoc_url=None, openapi_url=None)
+Txt2ImgRequest = a1111.request_model()
+
+
+def _parse_auth(spec: str | None) -> dict[str, str]:
+    creds = {}
+    for pair in (spec or "").split(","):
+        if pair:
+            user, _, password = pair.partition(":")
+            creds[user] = password
+    return creds
+
+
+def _unauthorized() -> JSONResponse:
+    return JSONResponse({"detail": "Incorrect username or password"}, status_code=401,
+                        headers={"WWW-Authenticate": "Basic"})
+
+
+def _error(status: int, message: str, field_name: str | None = None, headers: dict | None = None) -> JSONResponse:
+    detail = [{"loc": ["body", field_name], "msg": message, "type": "value_error"}] if field_name else message
+    return JSONResponse({"detail": detail, "error": message}, status_code=status, headers=headers)
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
+                  graceful_shutdown_wait_loop_s=0.5)
+@serve.ingress(api)
+class Ingress:
+    """A1111's routes over the ``Generator`` deployment."""
+
+    def __init__(self, generator, config: dict):
+        from ldm_export.runtime.bundle import Bundle
+        from ldm_export.runtime.schedulers import resolve_scheduler, sampler_names
+        from ldm_export.runtime.schedulers import DEFAULTS
+
+        self.generator = generator
+        self.cfg = ServeConfig(**config)
+        self.inflight = 0  # txt2img requests being answered
+        self.draining = False
+        self.credentials = _parse_auth(self.cfg.api_auth)
+        bundle = Bundle.open(self.cfg.bundle)
+        self.model_name = str(bundle.model.get("name") or Path(self.cfg.bundle).name)
+        self.model_hash = bundle.model_hash
+        self.model_sha256 = next((f["sha256"] for f in bundle.manifest["files"].values()
+                                  if f["sha256"].startswith(self.model_hash)), None)
+        self.model_title = f"{self.model_name} [{self.model_hash}]"
+        res = int(bundle.model["resolution"])
+        self.max_size = tuple(self.cfg.max_size or (2 * res, 2 * res))
+        base = bundle.scheduler_config
+        self.sampler_list = []
+        for name in sampler_names():
+            if name in DEFAULTS:
+                continue
+            try:
+                cls = resolve_scheduler(name, base)["_class_name"]
+            except LdmExportError:
+                continue  # does not fit this model (flow vs noise prediction)
+            self.sampler_list.append({"name": name, "aliases": [cls], "options": {}})
+
+    def _authorized(self, request: Request) -> bool:
+        if not self.credentials:
+            return True
+        header = request.headers.get("authorization", "")
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(encoded, validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        expected = self.credentials.get(user)
+        return expected is not None and secrets.compare_digest(password.encode(), expected.encode())
+
+    @api.get("/healthz")
+    async def healthz(self):
+        try:
+            await asyncio.wait_for(self.generator.ping.remote(), timeout=10)
+        except Exception as e:  # no replica answers: not ready (starting, or every replica died)
+            return JSONResponse({"status": "unavailable", "detail": f"no model replica answered: {type(e).__name__}"},
+                                status_code=503, headers={"Retry-After": str(self.cfg.retry_after_s)})
+        return {"status": "ok", "model": self.model_title}
+
+    @api.get("/sdapi/v1/samplers")
+    async def samplers(self, request: Request):
+        if not self._authorized(request):
+            return _unauthorized()
+        return self.sampler_list
+
+    @api.get("/sdapi/v1/sd-models")
+    async def sd_models(self, request: Request):
+        if not self._authorized(request):
+            return _unauthorized()
+        return [{"title": self.model_title, "model_name": self.model_name, "hash": self.model_hash,
+                 "sha256": self.model_sha256, "filename": str(Path(self.cfg.bundle).resolve()), "config": None}]
+
+    @api.get("/sdapi/v1/scripts")
+    async def scripts(self, request: Request):
+        if not self._authorized(request):
+            return _unauthorized()
+        return {"txt2img": [], "img2img": []}  # no scripts; clients probe this for extensions
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new txt2img requests (503) and wait up to ``timeout_s`` for those in flight; how many are left.
+
+        Called by ``ldm-export serve`` on SIGINT/SIGTERM before ``serve.shutdown()``, which would drop them."""
+        self.draining = True
+        t_end = asyncio.get_running_loop().time() + timeout_s
+        while self.inflight and asyncio.get_running_loop().time() < t_end:
+            await asyncio.sleep(0.1)
+        return self.inflight
+
+    @api.post("/sdapi/v1/txt2img")
+    async def txt2img(self, request: Request):
+        if not self._authorized(request):
+            return _unauthorized()
+        if self.draining:
+            return _error(503, "the server is shutting down; retry on another one", headers={"Retry-After": "10"})
+        self.inflight += 1
+        try:
+            return await self._txt2img(request)
+        finally:
+            self.inflight -= 1
+
+    async def _txt2img(self, request: Request):
+        from pydantic import ValidationError
+
+        try:
+            raw = await request.json()
+        except ValueError:
+            return _error(422, "the request body is not JSON; send A1111's txt2img fields as a JSON object")
+        if not isinstance(raw, dict):
+            return _error(422, f"the request body must be a JSON object, got {type(raw).__name__}")
+        try:
+            body = Txt2ImgRequest.model_validate(raw).model_dump()
+        except ValidationError as e:
+            errors = [{"loc": ["body", *map(str, err["loc"])], "msg": err["msg"], "type": err["type"]}
+                      for err in e.errors()]
+            return JSONResponse({"detail": errors, "error": "; ".join(f"{x['loc'][-1]}: {x['msg']}" for x in errors)},
+                                status_code=422)
+        try:
+            a1111.check_limits(body, self.cfg.max_images, self.max_size)
+        except LdmExportError as e:
+            return _error(422, str(e))
+        sampler, ignored = a1111.sampler_for(body)
+        ignored.update(a1111.ignored_fields(body, sampler, {self.model_title, self.model_name}))
+        seed = a1111.fixed_seed(body.get("seed"))
+        rows = a1111.jobs_for(body, sampler, seed)
+        jobs = [j for row in rows for j in row]
+        try:
+            # n_iter rows run one after another, as A1111 does; the images of a row go to the batcher together
+            results = []
+            for row in rows:
+                calls = [self.generator.generate.remote(j) for j in row]
+                results += await asyncio.wait_for(asyncio.gather(*calls), timeout=self.cfg.request_timeout_s)
+        except Exception as e:
+            return self._failure(e)
+        bad = next((r["error"] for r in results if "error" in r), None)
+        if bad is not None:
+            return _error(422, bad)
+        infotexts = [r["infotext"] for r in results]
+        extra = {"ignored": ignored, "unet_batch": [r["unet_batch"] for r in results]}
+        info = a1111.info_json(body, jobs, infotexts, self.model_name, self.model_hash, results[0]["width"],
+                               results[0]["height"], extra)
+        images = [base64.b64encode(r["png"]).decode("ascii") for r in results] if body.get("send_images", True) else []
+        return {"images": images, "parameters": body, "info": info}
+
+    def _failure(self, e: Exception) -> JSONResponse:
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError
+
+        retry = {"Retry-After": str(self.cfg.retry_after_s)}
+        if isinstance(e, BackPressureError):
+            return _error(503, f"the server is busy: more than --max-queued {self.cfg.max_queued} images are waiting; "
+                               f"retry after {self.cfg.retry_after_s} s", headers=retry)
+        if isinstance(e, (ActorDiedError, ActorUnavailableError, RayActorError)):
+            return _error(503, "the model replica running this request died (it is being replaced); retry the request",
+                          headers=retry)
+        if isinstance(e, asyncio.TimeoutError):
+            return _error(504, f"generation took longer than {self.cfg.request_timeout_s:g} s; "
+                               "ask for fewer steps or images")
+        logger.exception("txt2img failed")
+        return _error(500, f"generation failed: {type(e).__name__}: {e}")
+
+
+def build_app(args: dict):
+    """The application (``serve deploy`` builder): ``args`` are ``ServeConfig``'s fields."""
+    cfg = ServeConfig(**args)
+    actor = {"num_cpus": 0, "num_gpus": cfg.gpus_per_replica}
+    generator = Generator.options(
+        num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_batch, max_queued_requests=cfg.max_queued,
+        ray_actor_options=actor, graceful_shutdown_timeout_s=cfg.grace_s,
+    ).bind(cfg.bundle, cfg.provider, cfg.threads, cfg.max_batch, cfg.batch_wait_s)
+    return Ingress.options(graceful_shutdown_timeout_s=cfg.grace_s).bind(generator, asdict(cfg))

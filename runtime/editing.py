@@ -1,0 +1,345 @@
+"""Image-to-image and inpainting: the text-to-image sampler loop started from encoded latents at a later step.
+
+Semantics are diffusers' (``StableDiffusionImg2ImgPipeline``, ``StableDiffusionInpaintPipeline`` and their SDXL
+versions), for every sampler alike:
+
+* ``strength`` picks the first step: ``t_start = n - min(int(n * strength), n)`` (``get_timesteps``); the sampler
+  runs the steps from ``t_start`` on, over the schedule of all ``n`` steps.
+* The encoded image latents are noised to the first step's level with the scheduler's ``add_noise``
+  (k-diffusion samplers: ``x0 + sigma * noise``; DDIM/DDPM/PLMS/LCM: ``sqrt(a) x0 + sqrt(1 - a) noise``;
+  flow matching: ``sigma * noise + (1 - sigma) x0``).
+* Inpainting with an ordinary (4-channel) UNet blends after every step: outside the mask the latents are
+  replaced by the image latents noised to the next step's level (the original latents after the last step).
+  9-channel inpainting UNets get the mask and the masked image's latents as extra input channels instead.
+* The decoded image keeps the original pixels outside the (blurred) mask, as AUTOMATIC1111 pastes them back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+import numpy as np
+
+from . import samplers as S
+from .errors import LdmExportError
+
+log = logging.getLogger(__name__)
+
+ALPHA_CLASSES = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler")
+
+
+def check_strength(strength) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) or not 0 < strength <= 1:
+        raise LdmExportError(f"strength must be a number in (0, 1] (1 repaints everything), got {strength!r}")
+    return float(strength)
+
+
+def start_step(num_inference_steps: int, strength: float) -> int:
+    """diffusers' ``get_timesteps``: the index of the first step that runs for ``strength``."""
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    return max(num_inference_steps - init_timestep, 0)
+
+
+def edit_plan(scheduler_config: dict, num_inference_steps: int, strength: float):
+    """The schedule of ``num_inference_steps`` steps, cut to the steps ``strength`` runs; returns (plan, t_start)."""
+    t_start = start_step(num_inference_steps, check_strength(strength))
+    if t_start >= num_inference_steps:
+        raise LdmExportError(f"strength {strength} with {num_inference_steps} steps runs no step; raise the strength "
+                             "or the steps")
+    return plan_range(scheduler_config, num_inference_steps, t_start), t_start
+
+
+def plan_range(scheduler_config: dict, num_inference_steps: int, start: int = 0, stop: int | None = None):
+    """The plan of steps ``start`` to ``stop`` (exclusive) of the ``num_inference_steps`` schedule, as diffusers runs
+    them after ``set_begin_index(start)`` (image-to-image, a refiner's ``denoising_start``) or with the timesteps cut
+    at ``stop`` (a base model's ``denoising_end``)."""
+    from .schedulers import build_plan
+
+    plan = build_plan(scheduler_config, num_inference_steps)
+    evals = len(plan.timesteps)  # PLMS evaluates once more than it has steps
+    stop = evals if stop is None else stop
+    if not 0 <= start < stop <= evals:
+        raise LdmExportError(f"steps {start} to {stop} are not a range of the {num_inference_steps}-step schedule")
+    if start == 0 and stop == evals:
+        return plan
+    options = dict(plan.options)
+    cut_end = stop < evals
+    if plan.class_name == "LMSDiscreteScheduler":  # LMS's order depends on the absolute index (see sample_lms)
+        options["start"] = start
+        return dataclasses.replace(plan, timesteps=plan.timesteps[:stop], options=options)
+    for key in ("alphas_cumprod_prev", "alphas_cumprod_from"):
+        if key in options:
+            options[key] = np.asarray(options[key])[start:stop]
+    if plan.class_name == "PNDMScheduler":
+        options.update(_plms_targets(scheduler_config, num_inference_steps, plan.timesteps[start:stop]))
+    if plan.class_name == "DPMSolverSinglestepScheduler":
+        options.update(skipped=start, total=num_inference_steps)
+    if plan.class_name == "DPMSolverMultistepScheduler":
+        # diffusers tests `len(timesteps) < 15` and the last index on the whole schedule, not on the steps that run
+        if num_inference_steps >= 15 or cut_end:
+            options["lower_order_final"] = False
+        if cut_end:
+            options["euler_at_final"] = False
+    if plan.class_name == "UniPCMultistepScheduler" and cut_end:
+        options["lower_order_final"] = False
+    return dataclasses.replace(plan, levels=plan.levels[start:stop + 1], timesteps=plan.timesteps[start:stop],
+                               options=options)
+
+
+def cutoff_step(scheduler_config: dict, num_inference_steps: int, denoising_split: float) -> int:
+    """Where a base model hands off to a refiner (diffusers' ``denoising_end`` / ``denoising_start``): the number of
+    timesteps at or above ``round(T - split * T)``."""
+    from .schedulers import build_plan
+
+    if not 0.0 < denoising_split < 1.0:
+        raise LdmExportError(f"the refiner's start must lie strictly between 0 and 1, got {denoising_split}")
+    plan = build_plan(scheduler_config, num_inference_steps)
+    T = int(scheduler_config.get("num_train_timesteps", 1000))
+    cutoff = int(round(T - denoising_split * T))
+    stop = int(np.sum(plan.timesteps >= cutoff))
+    if not 0 < stop < len(plan.timesteps):
+        raise LdmExportError(f"a hand-off at {denoising_split} with {num_inference_steps} steps leaves one model no "
+                             "step; use more steps or another --refiner-start")
+    return stop
+
+
+def to_sampler_space(plan, x: np.ndarray, index: int = 0) -> np.ndarray:
+    """diffusers' latents at level ``index`` -> the sampler's (DPM++/UniPC keep diffusers' variance-preserving
+    latents but step in k-diffusion scaling)."""
+    return x * math.sqrt(1.0 + plan.levels[index] ** 2) if plan.vp_io else x
+
+
+def from_sampler_space(plan, x: np.ndarray, index: int = -1) -> np.ndarray:
+    return x / math.sqrt(1.0 + plan.levels[index] ** 2) if plan.vp_io else x
+
+
+def run_plan(model, x: np.ndarray, plan, noise: S.NoiseFn | None = None, on_step=None) -> np.ndarray:
+    """Run ``plan``'s sampler from ``x`` (sampler space); ``on_step(i, n, x)`` may return a replacement for x."""
+    denoiser = S.FlowDenoiser(model, **plan.denoiser_kwargs) if plan.flow else S.Denoiser(model, **plan.denoiser_kwargs)
+    return plan.sampler(denoiser, x, plan.levels, plan.timesteps, noise=noise or S.default_noise(0), callback=on_step,
+                        **plan.options)
+
+
+def sample_range(model, latents: np.ndarray, scheduler_config: dict, num_inference_steps: int, start: int = 0,
+                 stop: int | None = None, noise: S.NoiseFn | None = None, callback=None,
+                 initial_noise: bool = False) -> np.ndarray:
+    """Steps ``start`` to ``stop`` of the schedule from ``latents`` as diffusers has them at step ``start`` (a
+    refiner continuing a base model's latents), or from standard-normal ``latents`` with ``initial_noise`` (a base
+    model's text-to-image start); returns diffusers' latents after step ``stop``."""
+    plan = plan_range(scheduler_config, num_inference_steps, start, stop)
+    x = np.asarray(latents, dtype=np.float64)
+    x = x * plan.init_noise_sigma if initial_noise else x
+    x = to_sampler_space(plan, x, 0)
+
+    def on_step(i, n, x_k):
+        if callback is not None:
+            callback(i, n, from_sampler_space(plan, x_k, i + 1))
+
+    return from_sampler_space(plan, run_plan(model, x, plan, noise, on_step), -1)
+
+
+def _plms_targets(scheduler_config: dict, n: int, timesteps: np.ndarray) -> dict:
+    """PNDM's from/to alphas over a cut schedule: its warm-up (evaluation 1 goes from t + T//n to t) restarts."""
+    from . import schedules as sch
+    from .schedulers import _merged_config
+
+    _, c = _merged_config(scheduler_config)
+    alphas_cumprod = sch.alphas_cumprod_from_config(c)
+    final = 1.0 if c.get("set_alpha_to_one", True) else float(alphas_cumprod[0])
+    r = c["num_train_timesteps"] // n
+
+    def alpha(t: int) -> float:
+        return float(alphas_cumprod[t]) if t >= 0 else final
+
+    ts = [int(t) for t in timesteps]
+    return {"alphas_cumprod_from": np.array([alpha(t + (r if k == 1 else 0)) for k, t in enumerate(ts)]),
+            "alphas_cumprod_prev": np.array([alpha(t - (0 if k == 1 else r)) for k, t in enumerate(ts)])}
+
+
+def is_alpha(plan) -> bool:
+    return plan.class_name in ALPHA_CLASSES
+
+
+def noised(plan, index: int, image_latents: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """``image_latents`` noised to level ``index`` of ``plan``, in the sampler's own space (scheduler.add_noise)."""
+    level = float(plan.levels[index])
+    if is_alpha(plan):
+        return math.sqrt(level) * image_latents + math.sqrt(1.0 - level) * noise
+    if plan.flow:
+        return level * noise + (1.0 - level) * image_latents
+    return image_latents + level * noise  # k-diffusion space (DPM++/UniPC work in it too: vp_io)
+
+
+def sample_edit(model, image_latents: np.ndarray, noise_latents: np.ndarray, scheduler_config: dict,
+                num_inference_steps: int, strength: float = 1.0, noise: S.NoiseFn | None = None,
+                callback=None, latent_mask: np.ndarray | None = None, pure_noise_at_full_strength: bool = False):
+    """Run the sampler from ``image_latents`` (B, C, h, w) noised with ``noise_latents`` to the step ``strength``
+    picks; with ``latent_mask`` (B or 1, 1, h, w; 1 = repaint) blend the known latents back after every step.
+
+    ``pure_noise_at_full_strength``: at strength 1 start from noise alone (diffusers' inpainting pipelines);
+    the image-to-image pipelines noise the image latents even then. Returns latents as diffusers' pipelines have
+    them after the loop."""
+    plan, t_start = edit_plan(scheduler_config, num_inference_steps, strength)
+    x0 = np.asarray(image_latents, dtype=np.float64)
+    eps = np.asarray(noise_latents, dtype=np.float64)
+    if x0.shape != eps.shape:
+        raise LdmExportError(f"noise latents {eps.shape} do not match the image latents {x0.shape}")
+    if pure_noise_at_full_strength and t_start == 0:
+        x = eps * plan.init_noise_sigma
+        if plan.vp_io:
+            x = x * math.sqrt(1.0 + plan.levels[0] ** 2)
+    else:
+        x = noised(plan, plan.options.get("start", 0), x0, eps)
+    first = plan.options.get("start", 0)  # LMS keeps the whole schedule and starts inside it
+
+    def on_step(i: int, n: int, x_k: np.ndarray):
+        if latent_mask is not None:
+            # diffusers: the image latents noised to the next timestep; after the last step, the latents themselves
+            known = x0 if i == n - 1 else noised(plan, first + i + 1, x0, eps)
+            x_k = (1.0 - latent_mask) * known + latent_mask * x_k
+        if callback is not None:
+            callback(i, n, from_sampler_space(plan, x_k, first + i + 1))
+        return x_k
+
+    log.debug("edit: %s from step %d of %d (strength %s)", plan.class_name, t_start, num_inference_steps, strength)
+    x = run_plan(model, x, plan, noise, on_step)
+    return from_sampler_space(plan, x, -1)
+
+
+# ---------------------------------------------------------------------------------------------------- images
+
+
+def load_init_image(path: str | Path, width: int | None, height: int | None, multiple: int):
+    """The init image as (1, 3, H, W) float32 in [-1, 1] and the PIL image; refuse non-RGB images, resize (with a
+    warning) to ``width`` x ``height`` when given and different, refuse sizes that are not multiples of ``multiple``."""
+    from PIL import Image
+
+    image = _open(path, "init image")
+    if image.mode != "RGB":
+        what = {"L": "grayscale", "LA": "grayscale with alpha", "RGBA": "RGBA (with alpha)", "P": "a palette image",
+                "1": "black-and-white", "CMYK": "CMYK"}.get(image.mode, f"mode {image.mode}")
+        raise LdmExportError(f"init image {path} is {what}; save it as an RGB image (flatten any alpha) and retry")
+    if (width, height) != (None, None):
+        w, h = width or image.width, height or image.height
+        if (w, h) != image.size:
+            log.warning("init image %s is %dx%d; resizing it to %dx%d", path, image.width, image.height, w, h)
+            image = image.resize((w, h), Image.LANCZOS)
+    if image.width % multiple or image.height % multiple:
+        raise LdmExportError(f"init image {path} is {image.width}x{image.height}; width and height must be multiples "
+                             f"of {multiple}: resize or crop it, or pass --size")
+    return image_to_array(image), image
+
+
+def image_to_array(image) -> np.ndarray:
+    """PIL RGB image -> (1, 3, H, W) float32 in [-1, 1] (diffusers' VaeImageProcessor.preprocess)."""
+    a = np.asarray(image, dtype=np.float32) / 255.0
+    return (a.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
+
+
+def load_mask(path: str | Path, size: tuple[int, int], blur: float = 0.0) -> np.ndarray:
+    """The mask (white = repaint) as (H, W) float32 in [0, 1], blurred by ``blur`` pixels (Gaussian, radius as
+    A1111's mask blur); refuse a mask of another size than the image."""
+    image = _open(path, "mask")
+    if image.mode not in ("L", "1", "RGB", "I", "I;16"):
+        raise LdmExportError(f"mask {path} is mode {image.mode}; save it as a grayscale (L) image, white where to "
+                             "repaint")
+    if image.size != tuple(size):
+        raise LdmExportError(f"mask {path} is {image.width}x{image.height} but the image is {size[0]}x{size[1]}; "
+                             "give a mask of the image's size")
+    return mask_array(image.convert("L"), blur)
+
+
+def mask_array(mask_image, blur: float = 0.0) -> np.ndarray:
+    from PIL import ImageFilter
+
+    if blur < 0:
+        raise LdmExportError(f"mask blur must be 0 or more pixels, got {blur}")
+    if blur:
+        mask_image = mask_image.filter(ImageFilter.GaussianBlur(blur))
+    return np.asarray(mask_image, dtype=np.float32) / 255.0
+
+
+def latent_mask(mask: np.ndarray, factor: int) -> np.ndarray:
+    """(H, W) mask -> (1, 1, H/f, W/f) binary latent mask: binarised at 0.5 (diffusers' mask processor), then
+    nearest-neighbour downsampling as ``torch.nn.functional.interpolate`` does (pixel f*i of each row/column)."""
+    binary = (mask >= 0.5).astype(np.float32)
+    return binary[::factor, ::factor][None, None]
+
+
+def masked_image(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image with the repainted region zeroed (grey), as diffusers feeds 9-channel inpainting UNets."""
+    return (image * (mask < 0.5)[None, None]).astype(np.float32)
+
+
+def paste_back(original, generated, mask: np.ndarray):
+    """Keep the original pixels where the (blurred) mask is 0 exactly and blend by it elsewhere (A1111's overlay)."""
+    from PIL import Image
+
+    orig = np.asarray(original.convert("RGB"), dtype=np.float32)
+    gen = np.asarray(generated.convert("RGB"), dtype=np.float32)
+    m = mask[..., None]
+    out = np.where(m == 0, orig, np.clip(np.rint(orig * (1.0 - m) + gen * m), 0, 255)).astype(np.uint8)
+    result = Image.fromarray(out)
+    result.info.update(generated.info)
+    return result
+
+
+def _open(path, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(path, Image.Image):
+        return path
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise LdmExportError(f"{what} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise LdmExportError(f"cannot read {what} {path} as an image ({e}); give a PNG or JPEG") from None
+    return image
+
+
+
+@dataclass
+class EditInputs:
+    """An editing request's image, its latents and mask, checked and ready for the sampler loop."""
+
+    image: Any  # PIL RGB image at the output size (what the paste-back keeps)
+    latents: np.ndarray  # (1, C, h, w) the image's latents in the model's format
+    strength: float
+    mask: np.ndarray | None = None  # (H, W) in [0, 1], blurred; 1 = repaint
+    blend_mask: np.ndarray | None = None  # (1, 1, h, w) binary, for latent blending (4-channel UNets)
+    unet_channels: np.ndarray | None = None  # (1, 1 + C, h, w) mask and masked-image latents (9-channel UNets)
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+    @classmethod
+    def load(cls, pipe, init_image, strength: float, mask_image, mask_blur: float, width, height,
+             inpaint_unet: bool) -> "EditInputs":
+        multiple = pipe.family.size_multiple(pipe.bundle.module_configs)
+        pixels, image = load_init_image(init_image, width, height, multiple)
+        latents = pipe.encode_image(pixels)
+        if mask_image is None:
+            return cls(image, latents, strength)
+        mask = load_mask(mask_image, image.size, mask_blur)
+        lmask = latent_mask(mask, pipe.vae_scale_factor)
+        if not inpaint_unet:
+            return cls(image, latents, strength, mask, blend_mask=lmask)
+        masked = pipe.encode_image(masked_image(pixels, mask))  # diffusers: the image with the masked region zeroed
+        return cls(image, latents, strength, mask, unet_channels=np.concatenate([lmask, masked], axis=1))
+
+    def with_unet_channels(self, cond):
+        """``cond`` with the inpainting UNet's extra input channels for each of its rows."""
+        from .families.base import INPAINT, Conditioning
+
+        return Conditioning(cond.context, cond.pooled,
+                            {**cond.extras, INPAINT: np.repeat(self.unet_channels, cond.batch, axis=0)})

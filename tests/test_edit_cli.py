@@ -1,0 +1,149 @@
+"""Editing end to end: the demo model's img2img and inpainting read back by the adherence checker, the generate
+command's editing flags, a 9-channel inpainting UNet against diffusers, and every bad input as a one-line error."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+
+pytest.importorskip("torch")
+
+from ldm_export.demo.adherence import read_image  # noqa: E402
+from ldm_export.demo.edits import IMG2IMG_PROMPT, INPAINT_PROMPT, img2img, inpaint, read_inpainted  # noqa: E402
+from ldm_export.export.build import BuildConfig, build  # noqa: E402
+from ldm_export.runtime.errors import LdmExportError  # noqa: E402
+from ldm_export.runtime.pipeline import Pipeline  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def demo_edit(tmp_path_factory):
+    out = tmp_path_factory.mktemp("edit") / "demo"
+    build(BuildConfig(out=out, vae_encoder=True))
+    return out
+
+
+def test_demo_img2img_turns_the_red_circle_blue_and_keeps_it_left(demo_edit):
+    init, results = img2img(Pipeline.from_bundle(demo_edit), seeds=[0, 1, 2, 3])
+    assert (read_image(init).colour, read_image(init).position) == ("red", "left")
+    for im in results:
+        r = read_image(im)
+        assert (r.colour, r.shape, r.position) == ("blue", "circle", "left"), r
+        assert "Denoising strength: 0.6" in im.info["parameters"]
+
+
+def test_demo_inpaint_repaints_the_right_half_and_keeps_the_left_exactly(demo_edit):
+    init, mask, results = inpaint(Pipeline.from_bundle(demo_edit), seeds=[0, 1, 2, 3])
+    assert read_image(init).colour == "red"
+    for im in results:
+        r, exact = read_inpainted(im, init, mask)
+        assert exact
+        assert (r.colour, r.shape, r.position) == ("green", "square", "right"), r
+
+
+def test_generate_edits_from_the_command_line(demo_edit, tmp_path):
+    from ldm_export.demo.edits import drawn, right_half_mask
+
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    drawn("red", "circle", "left").save(init)
+    right_half_mask().save(mask)
+    r = run_cli("generate", str(demo_edit), IMG2IMG_PROMPT, "--init-image", str(init), "--strength", "0.6", "--seed", "1",
+                "--out", str(tmp_path / "a.png"))
+    assert r.returncode == 0, r.stderr
+    out = Image.open(tmp_path / "a.png")
+    assert read_image(out).colour == "blue" and "Denoising strength: 0.6" in out.text["parameters"]
+    r = run_cli("generate", str(demo_edit), INPAINT_PROMPT, "--init-image", str(init), "--mask", str(mask),
+                "--strength", "1", "--mask-blur", "2", "--seed", "1", "--out", str(tmp_path / "b.png"))
+    assert r.returncode == 0, r.stderr
+    got, orig = np.asarray(Image.open(tmp_path / "b.png")), np.asarray(Image.open(init))
+    from ldm_export.runtime.editing import mask_array
+
+    outside = mask_array(Image.open(mask).convert("L"), blur=2) == 0
+    assert outside[:, :20].all() and not outside[:, 28:].any()
+    np.testing.assert_array_equal(got[outside], orig[outside])  # outside the blurred mask: the original pixels
+    assert np.abs(got[:, 40:].astype(int) - orig[:, 40:]).max() > 50  # the right half was repainted
+    assert "Mask blur: 2" in Image.open(tmp_path / "b.png").text["parameters"]
+
+
+def _cli_error(*args):
+    r = run_cli("generate", *args)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]  # the progress display leaves a blank line
+    assert "Traceback" not in r.stderr and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    return r.stderr
+
+
+def test_bad_edit_input_one_line_errors(demo_edit, tiny_bundle, tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (64, 64), (200, 20, 20)).save(good)
+    Image.new("RGBA", (64, 64)).save(tmp_path / "rgba.png")
+    Image.new("L", (64, 64)).save(tmp_path / "gray.png")
+    Image.new("RGB", (60, 64)).save(tmp_path / "odd.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "small_mask.png")
+    b = str(demo_edit)
+    assert "RGBA" in _cli_error(b, "x", "--init-image", str(tmp_path / "rgba.png"))
+    assert "grayscale" in _cli_error(b, "x", "--init-image", str(tmp_path / "gray.png"))
+    assert "multiples of 32" in _cli_error(b, "x", "--init-image", str(tmp_path / "odd.png"))
+    for bad in ("0", "1.5", "-0.2"):
+        assert "strength must be a number in (0, 1]" in _cli_error(b, "x", "--init-image", str(good), "--strength", bad)
+    assert "is 32x32 but the image is 64x64" in _cli_error(b, "x", "--init-image", str(good), "--mask",
+                                                           str(tmp_path / "small_mask.png"))
+    assert "--mask needs --init-image" in _cli_error(b, "x", "--mask", str(tmp_path / "small_mask.png"))
+    assert "does not exist" in _cli_error(b, "x", "--init-image", str(tmp_path / "none.png"))
+    assert "rebuild it with `ldm-export build --vae-encoder`" in _cli_error(str(tiny_bundle), "x", "--init-image", str(good))
+    # another size with --size: resized with a warning, not refused
+    r = run_cli("generate", b, "x", "--init-image", str(tmp_path / "odd.png"), "--size", "64x64", "--steps", "2",
+                "--out", str(tmp_path / "r.png"))
+    assert r.returncode == 0 and Image.open(tmp_path / "r.png").size == (64, 64), r.stderr
+
+
+@pytest.fixture(scope="module")
+def inpaint_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("inpaint") / "tiny-inpaint"
+    build(BuildConfig(model="tiny-inpaint", random_weights=True, seed=2, out=out, vae_encoder=True))
+    return out
+
+
+def test_an_inpainting_unet_needs_a_mask(inpaint_bundle, tmp_path):
+    pipe = Pipeline.from_bundle(inpaint_bundle)
+    Image.new("RGB", (64, 64)).save(tmp_path / "i.png")
+    with pytest.raises(LdmExportError, match="inpainting UNet .9 input channels.: give a mask"):
+        pipe("x", init_image=tmp_path / "i.png")
+    with pytest.raises(LdmExportError, match="inpainting UNet"):
+        pipe("x")
+
+
+def test_nine_channel_inpainting_unet_matches_diffusers(inpaint_bundle, monkeypatch):
+    import sys
+
+    import diffusers
+    import torch
+    from transformers import CLIPTokenizer
+
+    from ldm_export.export.models import build_random
+    from ldm_export.zoo import MODELS
+    from test_edit_parity import PARITY, psnr, right_half_mask, scene, to_uint8
+
+    import importlib
+
+    module = importlib.import_module("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint")
+    monkeypatch.setattr(module, "retrieve_latents", lambda o, generator=None, sample_mode="sample": o.latent_dist.mode())
+    m = build_random(MODELS["tiny-inpaint"], 2)
+    sched = diffusers.PNDMScheduler.from_config(json.loads((inpaint_bundle / "scheduler/scheduler_config.json").read_text()))
+    ref = diffusers.StableDiffusionInpaintPipeline(
+        vae=m["vae"], text_encoder=m["text_encoder"], unet=m["unet"], scheduler=sched, safety_checker=None,
+        tokenizer=CLIPTokenizer.from_pretrained(str(inpaint_bundle / "tokenizer")), feature_extractor=None,
+        requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    init, mask = scene(), right_half_mask()
+    theirs = ref("a green square", image=init, mask_image=mask, strength=1.0, num_inference_steps=10, height=64,
+                 width=64, generator=torch.Generator().manual_seed(3), output_type="np").images
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3)).numpy()
+    got = np.asarray(Pipeline.from_bundle(inpaint_bundle)("a green square", init_image=init, mask_image=mask,
+                                                          strength=1.0, num_inference_steps=10, latents=noise)[0])
+    repaint = np.asarray(mask)[..., None].repeat(3, -1) > 0
+    value = PARITY["tiny-inpaint (9-channel UNet), strength 1 (masked pixels)"] = psnr(got, to_uint8(theirs)[0], repaint)
+    assert value >= 40

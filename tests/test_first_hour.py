@@ -1,0 +1,411 @@
+"""A user's first hour: bad input refused up front in one line, nothing lost, the conventions users expect."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from ldm_export.runtime import checks
+from ldm_export.runtime.bundle import Bundle, sha256_file
+from ldm_export.runtime.errors import LdmExportError
+from ldm_export.runtime.image import parse_parameters, read_parameters, save_image
+from ldm_export.runtime.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_bundle):
+    return Pipeline.from_bundle(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def demo_pipe(demo_bundle):
+    return Pipeline.from_bundle(demo_bundle)
+
+
+class NoWork:
+    """An engine that fails the test when run: the request had to be refused before any work."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def run(self, feeds):
+        raise AssertionError("an engine ran; the request should have been refused before any work")
+
+
+def _no_work(p: Pipeline) -> Pipeline:
+    q = Pipeline(p.bundle, {c: NoWork(e.spec) for c, e in p.engines.items()}, tokenizer=p.tokenizer)
+    for c, e in p.engines.items():  # keep where they run (host memory estimate)
+        q.engines[c].providers = getattr(e, "providers", None)
+    return q
+
+
+def _one_line_error(r: subprocess.CompletedProcess, code: int, text: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and text in r.stderr, r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.startswith("error")]) == 1, r.stderr
+
+
+# --- sizes ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [(8, 8), (16, 16), (64, 72)])
+def test_sizes_the_unet_cannot_take_name_the_valid_multiple(demo_pipe, size):
+    with pytest.raises(LdmExportError, match="multiple of 32 px") as e:
+        _no_work(demo_pipe)("a red circle", width=size[0], height=size[1], num_inference_steps=1)
+    assert "\n" not in str(e.value)
+
+
+def test_size_rule_comes_from_the_unet_depth():
+    from ldm_export.runtime.families import get_family
+
+    vae = {"block_out_channels": [128, 256, 512, 512], "latent_channels": 4}
+    sd1 = get_family("sd1")
+    assert sd1.size_multiple({"unet": {"block_out_channels": [320, 640, 1280, 1280]}, "vae": vae}) == 64  # SD 1.5
+    assert sd1.size_multiple({"unet": {"block_out_channels": [64, 128, 128]}, "vae": vae}) == 32  # the demo model
+
+
+def test_generate_cli_refuses_a_size_in_one_line(demo_bundle, tmp_path):
+    r = run_cli("generate", str(demo_bundle), "x", "--size", "8x8", "--out", str(tmp_path / "a.png"))
+    _one_line_error(r, 2, "multiple of 32 px")
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_valid_off_model_sizes_work_and_warn_once(demo_pipe, caplog):
+    img = demo_pipe("a red circle", width=96, height=64, num_inference_steps=1, seed=0)[0]
+    assert img.size == (96, 64)
+    checks._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="ldm_export.runtime.checks"):
+        for _ in range(2):
+            assert demo_pipe("a red circle", width=128, height=128, num_inference_steps=1, seed=0)[0].size == (128, 128)
+    assert len([r for r in caplog.records if "far from the 64 px" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("size", [(4096, 4096), (100000, 100000)])
+def test_sizes_that_cannot_fit_are_refused_before_any_work(demo_pipe, size):
+    t0 = time.perf_counter()
+    with pytest.raises(LdmExportError, match="activations per UNet call") as e:
+        _no_work(demo_pipe)("a red circle", width=size[0], height=size[1], num_inference_steps=1)
+    assert time.perf_counter() - t0 < 2.0 and "smaller --size" in str(e.value)
+
+
+def test_memory_estimate_scales_and_fused_attention_drops_the_scores():
+    model = {"vae_scale_factor": 8, "resolution": 512}
+    configs = {"unet": {"block_out_channels": [320, 640, 1280, 1280], "attention_head_dim": 8,
+                        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]},
+               "vae": {"block_out_channels": [128] * 4}}
+    small = checks.estimate_memory(model, configs, 512, 512, 2, fused_attention=False)
+    assert 1e8 < small < 4e9  # 512x512 on SD 1.5: its attention scores are 1 GB of fp32
+    assert checks.estimate_memory(model, configs, 4096, 4096, 2, False) > 1e12
+    assert checks.estimate_memory(model, configs, 4096, 4096, 2, True) < checks.estimate_memory(model, configs, 4096, 4096, 2, False)
+    with pytest.raises(LdmExportError, match="more than the 8.0 GB available"):
+        checks.check_memory(model, configs, 4096, 4096, 2, False, 8 * 2**30, "on this machine")
+    checks.check_memory(model, configs, 512, 512, 2, False, 8 * 2**30, "on this machine")
+
+
+# --- guidance, seeds, text -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"guidance_scale": 1e30}, "guidance scale must be from 0 to 100"),
+    ({"guidance_scale": -2.0}, "guidance scale must be from 0 to 100"),
+    ({"guidance_scale": float("nan")}, "guidance scale must be a finite number"),
+    ({"guidance_rescale": 1.5}, "guidance rescale must be from 0 to 1"),
+    ({"guidance_rescale": -0.1}, "guidance rescale must be from 0 to 1"),
+    ({"seed": -2}, "seed must be an integer from 0 to 4294967295 (or -1"),
+    ({"seed": 2**32}, "seed must be an integer from 0 to 4294967295"),
+    ({"prompt": "bad \udcff bytes"}, "prompt is not valid UTF-8"),
+    ({"negative_prompt": "\udcc3"}, "negative prompt is not valid UTF-8"),
+])
+def test_requests_that_make_no_sense_are_refused_before_any_work(pipe, kwargs, message):
+    kwargs = {"prompt": "a red circle", **kwargs}
+    with pytest.raises(LdmExportError, match=message.replace("(", r"\(")):
+        _no_work(pipe)(num_inference_steps=2, **kwargs)
+
+
+def test_guidance_rescale_is_in_the_metadata(pipe):
+    img = pipe("a red circle", num_inference_steps=2, seed=3, guidance_rescale=0.7)[0]
+    assert parse_parameters(img.info["parameters"])["extra"]["CFG Rescale φ"] == "0.7"
+    plain = pipe("a red circle", num_inference_steps=2, seed=3)[0]
+    assert "Rescale" not in plain.info["parameters"]
+
+
+def test_seed_minus_one_is_a_random_seed_recorded_in_the_image(pipe):
+    a, b = (pipe("a red circle", num_inference_steps=1, seed=-1)[0] for _ in range(2))
+    sa, sb = (parse_parameters(i.info["parameters"])["seed"] for i in (a, b))
+    assert sa != sb and 0 <= sa < 2**32 and 0 <= sb < 2**32
+    again = pipe("a red circle", num_inference_steps=1, seed=sa)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(again))
+
+
+def test_image_k_gets_seed_plus_k_and_can_be_made_again_alone(pipe):
+    images = pipe("a red circle", num_inference_steps=2, seed=5, num_images=3, scheduler="Euler a")
+    assert [parse_parameters(i.info["parameters"])["seed"] for i in images] == [5, 6, 7]
+    alone = pipe("a red circle", num_inference_steps=2, seed=6, scheduler="Euler a")[0]
+    diff = np.abs(np.asarray(images[1], np.int16) - np.asarray(alone, np.int16)).max()
+    assert diff <= 1, diff  # a batch of 3 and a batch of 1 differ only by float rounding
+    assert "Batch pos" not in images[1].info["parameters"]
+
+
+def test_generate_cli_seed_minus_one_and_invalid_utf8_prompt(tiny_bundle, tmp_path):
+    r = run_cli("generate", str(tiny_bundle), "x", "--steps", "1", "--seed", "-1", "--out", str(tmp_path / "s.png"))
+    assert r.returncode == 0, r.stderr
+    assert "Seed: " in r.stdout and "Seed: -1" not in r.stdout
+    env = {**os.environ, "PYTHONUTF8": "1"}
+    bad = subprocess.run([sys.executable, "-m", "ldm_export.cli", "generate", str(tiny_bundle), b"caf\xe9 \xff",
+                          "--steps", "1", "--out", str(tmp_path / "u.png")], capture_output=True, env=env, timeout=300)
+    err = bad.stderr.decode("utf-8", "replace")
+    assert bad.returncode == 2 and "Traceback" not in err and "not valid UTF-8" in err, err
+    assert not (tmp_path / "u.png").exists()
+
+
+# --- threads -------------------------------------------------------------------------------------------
+
+def test_threads_are_capped_at_the_cores(caplog):
+    cores = os.cpu_count() or 1
+    with caplog.at_level(logging.WARNING, logger="ldm_export.runtime.checks"):
+        assert checks.cap_threads(1000) == cores
+    assert any("1000 threads" in r.getMessage() for r in caplog.records)
+    assert checks.cap_threads(1) == 1 and checks.cap_threads(None) is None
+    with pytest.raises(LdmExportError, match="threads must be a positive integer"):
+        checks.cap_threads(0)
+
+
+def test_generate_cli_with_a_thousand_threads_finishes(tiny_bundle, tmp_path):
+    r = run_cli("generate", str(tiny_bundle), "x", "--steps", "1", "--threads", "1000", "--out", str(tmp_path / "t.png"),
+                timeout=120)
+    assert r.returncode == 0 and (tmp_path / "t.png").is_file(), r.stderr
+
+
+# --- bundles: changed files, swapped graphs, damage ---------------------------------------------------
+
+def test_a_changed_file_is_detected_on_load_and_the_model_hash_follows_the_file(tiny_bundle, tmp_path, caplog):
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)  # copy2: keeps modification times
+    assert Bundle.open(b).changed == []
+    unet = b / "unet" / "model.onnx"
+    data = bytearray(unet.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes, newer mtime
+    unet.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="ldm_export.runtime.bundle"):
+        opened = Bundle.open(b)
+    assert opened.changed == ["unet/model.onnx"]
+    assert any("unet/model.onnx changed since the build" in r.getMessage() and "--verify" in r.getMessage()
+               for r in caplog.records)
+    assert opened.model_hash == sha256_file(unet)[:10] != Bundle.open(tiny_bundle).model_hash
+    with pytest.raises(LdmExportError, match="sha256 mismatch in unet/model.onnx") as e:
+        Bundle.open(b, verify=True)
+    assert e.value.exit_code == 1
+
+
+def test_another_components_graph_in_place_of_the_unet_is_refused_at_load(tiny_bundle, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    shutil.copy(b / "text_encoder" / "model.onnx", b / "unet" / "model.onnx")
+    with pytest.raises(LdmExportError, match="is not a unet graph: it takes \\['input_ids'\\]") as e:
+        Pipeline.from_bundle(b)
+    assert e.value.exit_code == 1
+    r = run_cli("generate", str(b), "x", "--steps", "1", "--out", str(tmp_path / "x.png"))
+    _one_line_error(r, 1, "is not a unet graph")
+
+
+def test_inspect_prints_the_weights_table_and_a_damaged_bundle_exits_1(tiny_bundle, tmp_path):
+    r = run_cli("inspect", str(tiny_bundle))
+    assert r.returncode == 0, r.stderr
+    assert "{'source'" not in r.stdout and "weights" in r.stdout
+    assert any(ln.split("│")[1:3] and "source" in ln and "random" in ln for ln in r.stdout.splitlines()), r.stdout
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    (b / "tokenizer" / "merges.txt").unlink()
+    _one_line_error(run_cli("inspect", str(b)), 1, "missing tokenizer/merges.txt")
+
+
+# --- build --force, races, paths ----------------------------------------------------------------------
+
+def test_force_never_replaces_the_weights_or_what_holds_them(tmp_path, monkeypatch):
+    from ldm_export.export.build import BuildConfig, validate
+
+    weights = tmp_path / "w"
+    weights.mkdir()
+    (weights / "model_index.json").write_text("{}")
+    for out in (weights, tmp_path):
+        with pytest.raises(LdmExportError, match="is the weights folder being read"):
+            validate(BuildConfig(model="sd15", weights=weights, out=out, force=True))
+    assert (weights / "model_index.json").read_text() == "{}"
+    (tmp_path / "notes.txt").write_text("mine")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(LdmExportError, match="not an ldm-export bundle"):
+        validate(BuildConfig(model="tiny", random_weights=True, out=other, force=True))
+    monkeypatch.chdir(other)
+    for out in (Path("."), Path("..")):
+        with pytest.raises(LdmExportError, match="is the current folder or holds it"):
+            validate(BuildConfig(model="tiny", random_weights=True, out=out, force=True))
+    assert (other / "keep.txt").read_text() == "mine" and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_build_cli_force_on_a_folder_of_other_files_keeps_them(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--out", str(tmp_path), "--force")
+    _one_line_error(r, 2, "")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_commits_racing_into_one_out_take_turns_and_leave_nothing(tmp_path, monkeypatch):
+    from ldm_export.export import bundle_writer as bw
+
+    out = tmp_path / "out"
+    real_replace = os.replace
+
+    def slow_replace(a, b):  # widen the window between moving the old bundle away and moving the new one in
+        time.sleep(0.05)
+        real_replace(a, b)
+
+    monkeypatch.setattr(bw.os, "replace", slow_replace)
+    errors = []
+
+    def commit(k):
+        try:
+            with bw.staging(out, force=True) as stage:
+                (stage / "ldm_export.json").write_text(json.dumps({"format": "ldm-export-bundle", "k": k}))
+        except Exception as e:  # noqa: BLE001 - the test reports any
+            errors.append(repr(e))
+
+    (tmp_path / ".out.old-999999").mkdir()  # left by a build killed mid-commit
+    out.mkdir()
+    threads = [threading.Thread(target=commit, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert json.loads((out / "ldm_export.json").read_text())["k"] in range(4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_bundles_carry_no_paths_of_the_build_machine(demo_bundle):
+    import ldm_export
+
+    machine = [str(Path(ldm_export.__file__).resolve().parent.parent), str(Path.home()), str(demo_bundle.parent),
+               os.path.realpath("/tmp")]
+    for f in demo_bundle.rglob("*.json"):
+        text = f.read_text()
+        for p in machine:
+            assert p not in text, (f, p)
+    assert "_name_or_path" not in json.loads((demo_bundle / "ldm_export.json").read_text())["model"]["configs"]["text_encoder"]
+
+
+# --- images: formats, atomic writes, batches ----------------------------------------------------------
+
+@pytest.mark.parametrize("ext,fmt", [(".png", "PNG"), (".jpg", "JPEG"), (".jpeg", "JPEG"), (".webp", "WEBP")])
+def test_the_extension_names_the_format_and_the_parameters_go_where_a1111_reads_them(tmp_path, ext, fmt):
+    text = "a café, 猫\nNegative prompt: blur\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 8x8"
+    path = save_image(Image.new("RGB", (8, 8), (200, 10, 10)), tmp_path / f"x{ext}", text)
+    with Image.open(path) as im:
+        assert im.format == fmt
+    assert read_parameters(path) == text
+    if fmt != "PNG":  # A1111's reader: piexif.helper.UserComment.load of the EXIF UserComment
+        with Image.open(path) as im:
+            raw = im.getexif().get_ifd(0x8769)[0x9286]
+        assert raw[:8] == b"UNICODE\0" and raw[8:].decode("utf-16-be") == text
+
+
+def test_an_extension_that_names_no_format_is_refused_before_any_work(tiny_bundle, tmp_path):
+    r = run_cli("generate", str(tiny_bundle), "x", "--out", str(tmp_path / "x.gif"))
+    _one_line_error(r, 2, "use .png, .jpg, .jpeg, .webp")
+
+
+def test_an_unwritable_out_fails_before_the_images_are_made(tiny_bundle):
+    t0 = time.perf_counter()
+    r = run_cli("generate", str(tiny_bundle), "x", "--steps", "1000", "--out", "/proc/x.png")
+    _one_line_error(r, 2, "cannot write /proc/x.png")
+    assert time.perf_counter() - t0 < 30  # 1000 steps were not run first
+
+
+def test_an_interrupted_save_keeps_the_old_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "good.png"
+    save_image(Image.new("RGB", (8, 8)), path, "old")
+    before = path.read_bytes()
+
+    def dies_midway(self, fp, format=None, **kw):
+        Path(fp).write_bytes(b"\x89PNG\r\n")  # a few bytes, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_image(Image.new("RGB", (8, 8), (255, 0, 0)), path, "new")
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["good.png"]
+
+
+def test_sigterm_while_generating_keeps_whole_images_and_says_how_many(tiny_bundle, tmp_path):
+    out = tmp_path / "img.png"
+    proc = subprocess.Popen([sys.executable, "-m", "ldm_export.cli", "generate", str(tiny_bundle), "x", "--steps", "2",
+                             "--num-images", "400", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("img-*.png")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    written = sorted(tmp_path.glob("img-*.png"))
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert f"{len(written)} of 400 images were written" in err and "nothing was written" not in err, err
+    assert 1 <= len(written) < 400 and not list(tmp_path.glob(".*"))
+    for p in written:
+        with Image.open(p) as im:
+            im.load()  # a truncated file fails here
+        assert "Seed: " in read_parameters(p)
+
+
+def test_images_come_in_bounded_batches_as_they_are_done(tiny_bundle):
+    from test_pipeline import CountingEngine
+
+    p = Pipeline.from_bundle(tiny_bundle)
+    p.engines["vae_decoder"] = CountingEngine(p.engines["vae_decoder"])
+    it = p.iter_images("a red circle", num_inference_steps=1, seed=0, num_images=10, batch_size=4)
+    k, first = next(it)
+    assert k == 0 and p.engines["vae_decoder"].calls == [4]  # only the first batch has run
+    rest = [k for k, _ in it]
+    assert rest == list(range(1, 10)) and p.engines["vae_decoder"].calls == [4, 4, 2]
+    assert p.images_per_batch() == 4  # a dynamic-shape bundle: DYNAMIC_BATCH images a batch
+
+
+@pytest.fixture(scope="module")
+def static_tiny(tmp_path_factory):
+    from ldm_export.export.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("static") / "tiny-static"
+    build(BuildConfig(model="tiny", precision="fp32", random_weights=True, seed=0, static_shape=True, out=out))
+    return out
+
+
+def test_a_static_bundle_runs_more_images_as_batches_of_its_own_batch(static_tiny, tiny_bundle):
+    from test_pipeline import CountingEngine
+
+    p = Pipeline.from_bundle(static_tiny)
+    assert p.images_per_batch(7.5) == 1 and p.images_per_batch(1.0) == 2  # UNet batch 2: uncond + cond
+    p.engines["unet"] = CountingEngine(p.engines["unet"])
+    images = p("a red circle", num_inference_steps=2, seed=11, num_images=3, scheduler="Euler")
+    assert p.engines["unet"].calls == [2] * 6  # 3 images x 2 steps, each the static batch exactly (no padding)
+    dynamic = Pipeline.from_bundle(tiny_bundle)("a red circle", num_inference_steps=2, seed=13, num_images=1)[0]
+    same_seed = p("a red circle", num_inference_steps=2, seed=13)[0]
+    assert np.abs(np.asarray(dynamic, np.int16) - np.asarray(same_seed, np.int16)).max() <= 1
+    assert [parse_parameters(i.info["parameters"])["seed"] for i in images] == [11, 12, 13]
+
+
+def test_bench_without_a_bundle_builds_the_default_model(tmp_path):
+    r = run_cli("bench", "--device", "cpu", "--backends", "ort", "--steps", "1", "--repeats", "1", "--e2e-repeats", "1",
+                "--warmup", "0", "--out", str(tmp_path), timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "building demo" in r.stderr or "built demo" in r.stderr
+    assert json.loads((tmp_path / "bench_demo_cpu.json").read_text())["backends"]["ort"]

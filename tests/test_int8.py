@@ -1,0 +1,351 @@
+"""int8: capture from the runtime's sampler, per-step ranges and their combination, quant levels and exclusions, the
+int8 build and its report, TensorRT-RTX parsing the QDQ UNet, and every bad input."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import run_cli
+
+pytest.importorskip("torch")
+
+from ldm_export.calibration import capture as C  # noqa: E402
+from ldm_export.calibration import quantize as Q  # noqa: E402
+from ldm_export.calibration.int8 import Int8Config, quantize_bundle  # noqa: E402
+from ldm_export.runtime.bundle import Bundle  # noqa: E402
+from ldm_export.runtime.errors import LdmExportError  # noqa: E402
+from ldm_export.runtime.pipeline import Pipeline  # noqa: E402
+
+FAST = dict(size=2, steps=3, quality_prompts=1, adherence_prompts=0)
+
+
+def no_leftovers(parent: Path, name: str) -> bool:
+    return not (parent / name).exists() and not list(parent.glob(f".{name}.*"))
+
+
+@pytest.fixture(scope="module")
+def tiny_capture(tiny_bundle):
+    pipe = Pipeline.from_bundle(tiny_bundle)
+    return C.capture_unet_inputs(pipe, ["a red circle", "a blue square on the left"], num_inference_steps=3,
+                                 scheduler="Euler", seed=3, model_identity=C.model_identity(pipe.bundle))
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tiny_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "tiny-int8"
+    manifest = quantize_bundle(tiny_bundle, out, Int8Config(**FAST))
+    return out, manifest
+
+
+# ---------------------------------------------------------------- prompts and levels
+
+def test_default_prompt_file_ships_and_reads():
+    prompts = C.read_prompts(None)
+    assert C.DEFAULT_PROMPTS.is_file() and len(prompts) >= 32 and not any(p.startswith("#") for p in prompts)
+    assert C.read_prompts(None, 5) == prompts[:5]
+
+
+def test_bad_prompt_files(tmp_path):
+    with pytest.raises(LdmExportError, match="does not exist"):
+        C.read_prompts(tmp_path / "missing.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n   \n")
+    with pytest.raises(LdmExportError, match="has no prompts"):
+        C.read_prompts(empty)
+
+
+@pytest.mark.parametrize("level", ["4", "0", "two", None, 2.4])
+def test_nonexistent_quant_level(level):
+    with pytest.raises(LdmExportError, match="does not exist; choose one of 1, 2, 2.5, 3"):
+        Q.parse_level(level)
+
+
+def test_levels_choose_layers_by_name_and_keep_the_exclusions(tiny_bundle):
+    model = onnx.load(str(tiny_bundle / "unet" / "model.onnx"))
+    chosen = {lvl: set(Q.select_nodes(model, lvl)[0]) for lvl in Q.QUANT_LEVELS}
+    assert chosen[1.0] < chosen[2.0] < chosen[2.5] < chosen[3.0]
+    assert all("/Conv" in n or n.endswith("Conv") for n in chosen[1.0])
+    assert {n for n in chosen[2.0] - chosen[1.0]} and all("/ff/net" in n for n in chosen[2.0] - chosen[1.0])
+    assert all(any(f"/to_{x}/" in n for x in "qkv") for n in chosen[2.5] - chosen[2.0])
+    assert any("/to_out" in n for n in chosen[3.0] - chosen[2.5])
+    for name in chosen[3.0]:
+        assert not any(x in name for x in Q.EXCLUDED), name
+    # the excluded layers exist in the graph: conv_in, conv_out, time embedding, proj_out
+    names = [n.name for n in model.graph.node]
+    for x in ("conv_in", "conv_out", "time_emb", "proj_out"):
+        assert any(x in n for n in names)
+    # attention's activation-by-activation MatMuls are never layers to quantise
+    inits = {i.name for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.name in chosen[3.0]:
+            assert n.input[1] in inits
+
+
+def test_combine_steps_is_the_minimum_over_the_first_share_of_steps():
+    per_step = {0: {"a": 4.0, "b": 1.0}, 1: {"a": 2.0, "b": 3.0}, 2: {"a": 8.0, "b": 0.5}}
+    assert Q.combine_steps(per_step) == {"a": 2.0, "b": 0.5}
+    assert Q.combine_steps(per_step, step_share=2 / 3) == {"a": 2.0, "b": 1.0}
+    assert Q.combine_steps(per_step, step_share=0.1) == {"a": 4.0, "b": 1.0}
+    assert Q.combine_steps(per_step, how="max") == {"a": 8.0, "b": 3.0}
+
+
+# ---------------------------------------------------------------- capture
+
+def test_capture_records_every_step_of_the_runtime_sampler(tiny_bundle, tiny_capture):
+    cap = tiny_capture
+    assert cap.steps == [0, 1, 2]
+    assert cap.sample.shape == (6, 2, 4, 8, 8)  # 2 prompts x 3 Euler steps, CFG batch 2, tiny latents
+    assert cap.encoder_hidden_states.shape == (2, 2, 77, 32)
+    assert cap.info["sampler"] == "Euler" and cap.info["seed"] == 3 and cap.info["num_inference_steps"] == 3
+    assert cap.info["prompts"] == ["a red circle", "a blue square on the left"]
+    assert cap.info["shapes"]["sample"] == [2, 4, 8, 8]
+    pipe = Pipeline.from_bundle(tiny_bundle)
+    # the recorded conditioning is [uncond, cond] of each prompt, as the sampler fed it
+    np.testing.assert_allclose(cap.encoder_hidden_states[1, 1], pipe.encode_prompt(["a blue square on the left"])[0], atol=1e-6)
+    np.testing.assert_allclose(cap.encoder_hidden_states[1, 0], pipe.encode_prompt([""])[0], atol=1e-6)
+    # each step's latents differ: the sampler moved between the recorded calls
+    first = cap.indices(0)[0]
+    assert not np.allclose(cap.sample[first], cap.sample[cap.indices(1)[0]])
+
+
+def test_capture_at_chosen_steps(tiny_bundle):
+    pipe = Pipeline.from_bundle(tiny_bundle)
+    cap = C.capture_unet_inputs(pipe, ["a red circle"], num_inference_steps=4, record_steps=[1, 3])
+    assert cap.steps == [1, 3] and len(cap.step) == 2
+    with pytest.raises(LdmExportError, match="no UNet call was recorded"):
+        C.capture_unet_inputs(pipe, ["a red circle"], num_inference_steps=2, record_steps=[7])
+
+
+def test_capture_cache_round_trip_and_refusals(tiny_capture, tmp_path):
+    C.save_capture(tiny_capture, tmp_path / "cache")
+    ident = tiny_capture.info["model"]
+    back = C.load_capture(tmp_path / "cache", ident, {"sample": [2, 4, 8, 8]})
+    np.testing.assert_array_equal(back.sample, tiny_capture.sample)
+    assert back.info == tiny_capture.info
+    with pytest.raises(LdmExportError, match="captured for another model"):
+        C.load_capture(tmp_path / "cache", {**ident, "name": "sd15"})
+    with pytest.raises(LdmExportError, match="captured for another model"):
+        C.load_capture(tmp_path / "cache", {**ident, "weights": "0" * 16})
+    with pytest.raises(LdmExportError, match=r"holds sample of shape \[2, 4, 8, 8\], this build feeds \[2, 4, 16, 16\]"):
+        C.load_capture(tmp_path / "cache", ident, {"sample": [2, 4, 16, 16]})
+
+
+# ---------------------------------------------------------------- per-step ranges
+
+def test_per_step_ranges_come_from_that_step_alone(tiny_bundle, tiny_capture, tmp_path):
+    """ONNX Runtime's MinMax calibrator, reset per step: the range of the UNet's input ``sample`` at step s is
+    max |sample| over the calls of step s (not merged with other steps)."""
+    per = Q.step_amax(tiny_bundle / "unet" / "model.onnx", tiny_capture, "minmax", {"sample"}, tmp_path, False)
+    assert sorted(per) == [0, 1, 2]
+    for step in per:
+        expect = max(float(np.abs(tiny_capture.sample[i]).max()) for i in tiny_capture.indices(step))
+        assert per[step]["sample"] == pytest.approx(expect, rel=1e-6)
+    assert len({round(per[s]["sample"], 6) for s in per}) == 3  # the sampler's latents shrink step by step
+
+
+# ---------------------------------------------------------------- the int8 bundle
+
+def test_int8_bundle_manifest_graph_and_report(tiny_int8):
+    out, manifest = tiny_int8
+    b = Bundle.open(out, verify=True)
+    assert b.precision("unet") == "int8" and b.precision("text_encoder") == "fp32" and b.precision("vae_decoder") == "fp32"
+    model = onnx.load(str(out / "unet" / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
+    # per-channel symmetric int8 weights: a weight DequantizeLinear has a vector of scales and zero points of 0
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                 and inits[n.input[0]].dtype == np.int8 and inits[n.input[0]].ndim >= 2]
+    assert weight_dq and all(inits[n.input[1]].size > 1 and not inits[n.input[2]].any() for n in weight_dq)
+    # the excluded layers keep float weights
+    conv_in = next(n for n in model.graph.node if n.op_type == "Conv" and "conv_in" in n.name)
+    assert conv_in.input[1] in inits and inits[conv_in.input[1]].dtype == np.float32
+    q = manifest["int8"]
+    # the tiny model's PNDM makes 4 evaluations for 3 steps (its warm-up re-does step 0), each recorded
+    assert q["calibration"]["prompts"] == C.read_prompts(None, 2) and q["calibration"]["recorded_steps"] == [0, 1, 2, 3]
+    assert q["calibration"]["sampler"] == "PLMS"
+    assert q["quantisation"]["level"] == 2.5 and q["quantisation"]["method"] == "percentile"
+    assert q["quantisation"]["combine"] == "min over steps" and q["quantisation"]["excluded_names"] == list(Q.EXCLUDED)
+    unet_q = q["quality"]["components"]["unet"]
+    assert np.isfinite(unet_q["sqnr_db"]) and unet_q["sqnr_db"] > 5 and sorted(map(int, unet_q["by_step_db"])) == [0, 1, 2, 3]
+    assert q["quality"]["components"]["text_encoder"] == {"precision": "fp32", "sqnr_db": None}
+    assert np.isfinite(q["quality"]["image"]["psnr_db_mean"]) and q["quality"]["image"]["images"] == 1
+    ranges = json.loads((out / "unet" / "int8_ranges.json").read_text())
+    assert ranges["data"] and all(v["highest"]["data"] == -v["lowest"]["data"] for v in ranges["data"].values())
+    # the runtime draws an image from it
+    images = Pipeline.from_bundle(out)("a red circle", num_inference_steps=3, seed=1)
+    assert np.asarray(images[0]).std() > 0
+
+
+def test_inspect_shows_the_int8_report(tiny_int8):
+    out, _ = tiny_int8
+    r = run_cli("inspect", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "int8 quality" in r.stdout and "unet SQNR vs fp32" in r.stdout and "image PSNR vs fp32" in r.stdout
+    assert "fp32 (not quantised)" in r.stdout
+
+
+def test_unet_sqnr_falls_with_cruder_ranges(tiny_bundle, tiny_capture, tmp_path):
+    """The quality report measures what it claims: ranges shrunk 100x (heavy clipping) lose SQNR."""
+    from ldm_export.calibration.report import unet_sqnr
+    from ldm_export.runtime.engine import OrtEngine
+
+    pre = tmp_path / "pre.onnx"
+    Q.preprocess(tiny_bundle / "unet" / "model.onnx", pre, False)
+    model = onnx.load(str(pre))
+    nodes, _ = Q.select_nodes(model, 2.5)
+    amax = Q.combine_steps(Q.step_amax(pre, tiny_capture, "minmax", Q.calibration_tensors(model, nodes), tmp_path, False))
+    spec = Bundle.open(tiny_bundle).spec("unet")
+    fp32 = OrtEngine(tiny_bundle / "unet" / "model.onnx", spec)
+    results = {}
+    for name, scale in (("calibrated", 1.0), ("clipped", 0.01)):
+        Q.write_table({k: v * scale for k, v in amax.items()}, "minmax", tmp_path / f"{name}.json")
+        Q.quantize_qdq(pre, tmp_path / f"{name}.onnx", tmp_path / f"{name}.json", "minmax", nodes)
+        results[name] = unet_sqnr(fp32, OrtEngine(tmp_path / f"{name}.onnx", spec), tiny_capture)["sqnr_db"]
+    assert results["calibrated"] > results["clipped"] + 10
+
+
+# ---------------------------------------------------------------- TensorRT
+
+def test_tensorrt_parses_and_builds_the_tensorrt_format_and_refuses_int32_biases(tiny_bundle, tiny_capture, tmp_path):
+    """TensorRT-RTX's builder on this CPU: the tensorrt-format QDQ UNet (float biases) parses and builds; the
+    onnxruntime format (int32 bias DequantizeLinear, for ONNX Runtime's QLinearConv) is refused, and we say why."""
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings)")
+    from ldm_export.calibration.tensorrt_check import parse_and_build, unet_profile
+
+    spec = Bundle.open(tiny_bundle).spec("unet")
+    profile = unet_profile(spec, side=8)
+    results = {}
+    for fmt in Q.FORMATS:
+        out = tmp_path / f"{fmt}.onnx"
+        Q.quantize_unet(tiny_bundle / "unet" / "model.onnx", out, tiny_capture, "minmax", 3, fmt)
+        results[fmt] = parse_and_build(out, profile)
+    assert results["tensorrt"]["parsed"] and results["tensorrt"]["built"], results["tensorrt"]["errors"]
+    assert results["tensorrt"]["plan_bytes"] > 0
+    assert not results["onnxruntime"]["parsed"]
+    assert "input has type Int32 but must have type" in results["onnxruntime"]["errors"][0]
+
+
+# ---------------------------------------------------------------- bad input: one line, nothing written
+
+def _one_line_error(r, text, after_progress=False):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    if after_progress:  # the build's progress lines come first; the error is the one last line, no traceback
+        assert "Traceback" not in r.stderr and sum(x.startswith("error:") for x in lines) == 1
+        lines = lines[-1:]
+    assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("extra,text", [
+    (["--calib-prompts", "MISSING"], "does not exist; pass --calib-prompts FILE"),
+    (["--calib-prompts", "EMPTY"], "has no prompts; write one prompt a line"),
+    (["--quant-level", "4"], "quant level '4' does not exist; choose one of 1, 2, 2.5, 3"),
+    (["--int8-components", "text_encoder"], "text_encoder cannot be int8"),
+    (["--int8-components", "vae_decoder"], "vae_decoder cannot be int8"),
+    (["--int8-components", "unet,controlnet"], "unknown component 'controlnet' for int8"),
+    (["--int8-format", "tensorrt", "--int8-activations", "u8"], "TensorRT takes symmetric int8 activations only"),
+    (["--calib-size", "0"], "--calib-size must be at least 1"),
+    (["--calib-cache", "OTHER_MODEL"], "was captured for model 'demo', this build is 'tiny'"),
+    (["--target", "cuda"], "use --target cpu"),
+])
+def test_bad_int8_input_is_one_line_and_writes_nothing(tmp_path, extra, text):
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    other = tmp_path / "other-cache"
+    other.mkdir()
+    (other / "capture.json").write_text(json.dumps({"version": 1, "model": {"name": "demo"}}))
+    (other / "unet_inputs.npz").write_bytes(b"")
+    subst = {"MISSING": str(tmp_path / "nope.txt"), "EMPTY": str(tmp_path / "empty.txt"), "OTHER_MODEL": str(other)}
+    extra = [subst.get(x, x) for x in extra]
+    out = tmp_path / "b"
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--precision", "int8", "--out", str(out), *extra, timeout=300)
+    _one_line_error(r, text)
+    assert no_leftovers(tmp_path, "b")
+
+
+def test_calibration_options_need_int8(tmp_path):
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--quant-level", "2", "--out", str(tmp_path / "b"))
+    _one_line_error(r, "add --precision int8")
+    assert no_leftovers(tmp_path, "b")
+
+
+def test_cache_of_another_shape_fails_after_export_and_leaves_nothing(tiny_capture, tmp_path):
+    """A cache of the same model whose inputs have another shape is found only once the model is loaded: the
+    build still fails with one line and leaves neither bundle nor staging folder."""
+    cache = tmp_path / "cache"
+    C.save_capture(tiny_capture, cache)
+    info = json.loads((cache / "capture.json").read_text())
+    z = dict(np.load(cache / "unet_inputs.npz"))
+    z["sample"] = np.zeros(z["sample"].shape[:2] + (4, 4, 4), np.float32)  # 32 px latents of 4x4
+    np.savez(cache / "unet_inputs.npz", **z)
+    info["shapes"]["sample"] = [2, 4, 4, 4]
+    (cache / "capture.json").write_text(json.dumps(info))
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--precision", "int8", "--calib-cache", str(cache),
+                "--out", str(tmp_path / "b"), timeout=300)
+    _one_line_error(r, "holds sample of shape [2, 4, 4, 4], this build feeds [2, 4, 8, 8]", after_progress=True)
+    assert no_leftovers(tmp_path, "b")
+
+
+def test_build_int8_cli_reuses_its_cache(tmp_path):
+    """`build --precision int8` end to end on the tiny model; the second build reuses the captured inputs and
+    gives the same int8 graph."""
+    cache = tmp_path / "cache"
+    args = ["build", "--model", "tiny", "--random-weights", "--precision", "int8", "--calib-size", "2", "--calib-steps",
+            "2", "--quality-prompts", "1", "--calib-method", "minmax", "--quant-level", "3", "--calib-cache", str(cache)]
+    r1 = run_cli(*args, "--out", str(tmp_path / "a"), timeout=600)
+    assert r1.returncode == 0, r1.stderr
+    assert (cache / "capture.json").is_file() and "int8 quality" in r1.stdout
+    r2 = run_cli(*args, "--out", str(tmp_path / "b"), timeout=600)
+    assert r2.returncode == 0, r2.stderr
+    assert "from cache" in r2.stderr
+    a, b = (json.loads((tmp_path / x / "ldm_export.json").read_text()) for x in "ab")
+    assert a["components"]["unet"]["precision"] == "int8" and a["int8"]["quantisation"]["level"] == 3.0
+    assert a["files"]["unet/model.onnx"]["sha256"] == b["files"]["unet/model.onnx"]["sha256"]
+
+
+def test_quantize_refuses_a_non_fp32_bundle(tiny_int8, tmp_path):
+    out, _ = tiny_int8
+    with pytest.raises(LdmExportError, match="is not an fp32 bundle"):
+        quantize_bundle(out, tmp_path / "again", Int8Config(**FAST))
+    assert no_leftovers(tmp_path, "again")
+
+
+# ---------------------------------------------------------------- bench: int8 beside fp32 in one run
+
+def test_bench_runs_int8_beside_fp32(tiny_bundle, tiny_int8, tmp_path):
+    out, _ = tiny_int8
+    r = run_cli("bench", "--bundle", str(tiny_bundle), "--int8-bundle", str(out), "--device", "cpu", "--backends",
+                "ort,ort-int8", "--steps", "2", "--repeats", "2", "--e2e-repeats", "1", "--warmup", "1", "--threads", "1",
+                "--out", str(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "bench_tiny_cpu.json").read_text())
+    assert res["backends"]["ort"]["precision"] == "fp32" and res["backends"]["ort-int8"]["precision"] == "int8"
+    assert np.isfinite(res["backends"]["ort-int8"]["fidelity"]["psnr_db"])
+    assert "int8 against fp32 (ort-int8 vs ort, same run): UNet step" in r.stdout
+
+
+def test_bench_int8_needs_a_matching_int8_bundle(tiny_bundle, tmp_path):
+    r = run_cli("bench", "--bundle", str(tiny_bundle), "--device", "cpu", "--backends", "ort,ort-int8", "--out", str(tmp_path))
+    _one_line_error(r, "the ort-int8 backend needs --int8-bundle DIR")
+    r = run_cli("bench", "--bundle", str(tiny_bundle), "--int8-bundle", str(tiny_bundle), "--device", "cpu", "--backends",
+                "ort-int8", "--out", str(tmp_path))
+    _one_line_error(r, "is not an int8 bundle")
+
+
+def test_sweep_table_and_plot(tmp_path):
+    from ldm_export.calibration.report import write_plot
+    from ldm_export.calibration.sweep import table_markdown
+
+    adh = lambda c: {"colour": c, "shape": 90.0, "position": 100.0, "all": 88.0}  # noqa: E731
+    rows = [{"method": m, "level": lvl, "quantised_nodes": 10 * lvl, "unet": {"sqnr_db": 20.0 - lvl},
+             "image": {"psnr_db_mean": 30.0 - lvl, "psnr_db_min": 25.0},
+             "adherence": {"fp32": adh(100.0), "int8": adh(97.5), "within_tolerance": True}}
+            for m in ("minmax", "percentile") for lvl in (1.0, 2.5)]
+    md = table_markdown({"rows": rows})
+    assert "| fp32 | — | 0 | — | — | 100.0 | 90.0 | 100.0 | 88.0 | — |" in md
+    assert "| percentile | 2.5 | 25.0 | 17.50 | 27.50 / 25.00 | 97.5 | 90.0 | 100.0 | 88.0 | yes |" in md
+    write_plot(rows, tmp_path / "p.png", "t")
+    assert (tmp_path / "p.png").stat().st_size > 1000

@@ -1,0 +1,422 @@
+"""`ldm-export serve`: A1111's API on Ray Serve over the demo bundle (one service for most tests, started as a user
+would, in a child process), the request model, batching, limits, faults, shutdown and what the service exposes."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+pytest.importorskip("ray.serve", reason="needs the [serve] extra")
+pytest.importorskip("fastapi", reason="needs the [serve] extra")
+psutil = pytest.importorskip("psutil", reason="needs the [serve] extra")
+
+from ldm_export.runtime.errors import LdmExportError  # noqa: E402
+from ldm_export.serve import a1111  # noqa: E402
+from ldm_export.serve.loadtest import REPLICA_TITLE, free_port, get, post, wait_healthy  # noqa: E402
+
+AUTH = "user:s3cret"
+PROMPT = "a red circle on the left"
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(tmp_path_factory) -> Path:
+    """The embedded demo model's bundle (64 px), built once for this module."""
+    pytest.importorskip("torch")
+    from ldm_export.export.build import BuildConfig, build
+
+    out = tmp_path_factory.mktemp("serve") / "demo-fp32"
+    build(BuildConfig(model="demo", precision="fp32", out=out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(demo_bundle):
+    from ldm_export.runtime.pipeline import Pipeline
+
+    return Pipeline.from_bundle(demo_bundle)
+
+
+def pixels(image_or_b64) -> np.ndarray:
+    from PIL import Image
+
+    if isinstance(image_or_b64, str):
+        image_or_b64 = Image.open(io.BytesIO(base64.b64decode(image_or_b64)))
+    return np.asarray(image_or_b64.convert("RGB"), dtype=np.int16)
+
+
+def pipeline_error(pipe, **kw) -> str:
+    """The message ``Pipeline`` (so ``generate``) gives for these arguments."""
+    with pytest.raises(LdmExportError) as e:
+        pipe(PROMPT, **kw)
+    return str(e.value)
+
+
+# -- the request model and the replica's batching, without Ray ------------------------------------------------------
+def test_request_model_takes_every_a1111_field_and_reports_unsupported_ones():
+    model = a1111.request_model()
+    body = model.model_validate({"prompt": "p", "steps": "12", "width": 64, "enable_hr": False,
+                                 "some_extension_field": {"x": 1}}).model_dump()
+    assert body["steps"] == 12 and body["cfg_scale"] == 7.0 and body["sampler_index"] == "Euler"
+    assert body["some_extension_field"] == {"x": 1}  # unknown fields are kept, not refused
+    assert {name for name, _, _ in a1111.FIELDS} <= set(body)
+    # what webuiapi sends for a plain call (its defaults): nothing is reported
+    plain = {"enable_hr": False, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.7, "styles": [],
+             "seed": -1, "subseed": -1, "subseed_strength": 0.0, "seed_resize_from_h": 0, "seed_resize_from_w": 0,
+             "restore_faces": False, "tiling": False, "eta": 1.0, "s_churn": 0, "s_tmax": 0, "s_tmin": 0, "s_noise": 1,
+             "override_settings": {}, "script_args": [], "script_name": None, "send_images": True,
+             "save_images": False, "alwayson_scripts": {}, "sampler_name": "Euler a", "scheduler": "automatic"}
+    body = model.model_validate(plain).model_dump()
+    sampler, ignored = a1111.sampler_for(body)
+    assert sampler == "Euler a" and ignored == {}
+    assert a1111.ignored_fields(body, sampler, {"demo"}) == {}
+    # fields that would change A1111's image are reported with their values
+    odd = model.model_validate({**plain, "enable_hr": True, "hr_scale": 1.5, "tiling": True, "subseed_strength": 0.3,
+                                "override_settings": {"sd_model_checkpoint": "demo", "CLIP_stop_at_last_layers": 2},
+                                "my_field": 3}).model_dump()
+    ignored = a1111.ignored_fields(odd, "Euler a", {"demo"})
+    assert ignored == {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.7, "tiling": True,
+                       "subseed_strength": 0.3, "subseed": -1, "my_field": 3,
+                       "override_settings": {"CLIP_stop_at_last_layers": 2}}
+    assert a1111.ignored_fields({**body, "eta": 0.5}, "DDIM", set()) == {"eta": 0.5}  # eta matters to DDIM only
+    assert a1111.ignored_fields({**body, "eta": 0.5}, "Euler", set()) == {}
+
+
+def test_sampler_and_scheduler_fields_map_to_our_sampler_names():
+    assert a1111.sampler_for({"sampler_name": "DPM++ 2M", "scheduler": "Karras"}) == ("DPM++ 2M Karras", {})
+    assert a1111.sampler_for({"sampler_name": None, "sampler_index": "Heun"}) == ("Heun", {})
+    assert a1111.sampler_for({}) == ("Euler", {})  # A1111's default
+    assert a1111.sampler_for({"sampler_name": "Euler", "scheduler": "SGM Uniform"}) == ("Euler", {"scheduler": "SGM Uniform"})
+
+
+def test_seeds_batches_and_limits_follow_a1111():
+    body = {"prompt": "p", "steps": 5, "cfg_scale": 3.0, "batch_size": 3, "n_iter": 2, "width": 64, "height": 64}
+    rows = a1111.jobs_for(body, "Euler", 10)
+    assert [[j.seed for j in r] for r in rows] == [[10, 11, 12], [13, 14, 15]]  # image k gets seed + k
+    assert 0 <= a1111.fixed_seed(-1) < 4294967294 and a1111.fixed_seed(7) == 7
+    a1111.check_limits(body, max_images=6, max_side=(128, 128))
+    with pytest.raises(LdmExportError, match="--max-images 4"):
+        a1111.check_limits(body, max_images=4, max_side=(128, 128))
+    with pytest.raises(LdmExportError, match="width 256 is larger than this server's --max-size 128x128"):
+        a1111.check_limits({**body, "width": 256}, max_images=6, max_side=(128, 128))
+    with pytest.raises(LdmExportError, match="batch_size must be at least 1"):
+        a1111.check_limits({**body, "batch_size": 0}, max_images=6, max_side=(128, 128))
+
+
+def test_a_batched_image_equals_the_same_image_drawn_alone(pipe):
+    from ldm_export.serve.app import run_jobs
+
+    jobs = [a1111.Job(PROMPT, "", seed, 8, 7.5, "Euler a", 64, 64) for seed in (3, 4, 5)]
+    jobs.append(a1111.Job("a blue square", "", 6, 8, 7.5, "Euler a", 64, 64))
+    results = run_jobs(pipe, jobs)
+    assert [r["unet_batch"] for r in results] == [4, 4, 4, 4]
+    for job, r in zip(jobs, results):
+        from PIL import Image
+
+        served = Image.open(io.BytesIO(r["png"]))
+        alone = pipe(job.prompt, num_inference_steps=8, guidance_scale=7.5, seed=job.seed, scheduler="Euler a")[0]
+        assert np.abs(pixels(served) - pixels(alone)).max() <= 1, job  # batch-size rounding in ONNX Runtime at most
+        assert served.info["parameters"] == r["infotext"] and f"Seed: {job.seed}," in r["infotext"]
+
+
+def test_a_bad_request_in_a_batch_fails_alone_with_pipelines_message(pipe):
+    from ldm_export.serve.app import run_jobs
+
+    good = a1111.Job(PROMPT, "", 1, 4, 7.5, "Euler", 64, 64)
+    bad = a1111.Job(PROMPT, "", 2, 0, 7.5, "Euler", 64, 64)  # zero steps
+    bad_size = a1111.Job(PROMPT, "", 3, 4, 7.5, "Euler", 60, 64)
+    out = run_jobs(pipe, [good, bad, bad_size, good])
+    assert "png" in out[0] and "png" in out[3]
+    assert out[1] == {"error": pipeline_error(pipe, num_inference_steps=0)}
+    assert out[2] == {"error": pipeline_error(pipe, width=60, height=64)}
+
+
+def test_serve_deploy_config_is_valid_for_ray_serve(demo_bundle, tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    import yaml
+
+    path = tmp_path / "deploy.yaml"
+    proc = run_cli("serve", str(demo_bundle), "--dry-run", "--serve-config", str(path), "--replicas", "3",
+                   "--port", "8123", "--api-auth", "a:b", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    config = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(config)  # Ray's own schema of `serve deploy` files
+    app = schema.applications[0]
+    assert app.import_path == "ldm_export.serve.app:build_app" and schema.http_options.port == 8123
+    assert app.args["replicas"] == 3 and app.args["bundle"] == str(demo_bundle.resolve())
+    assert "a:b" not in path.read_text()  # credentials are never written
+    from ldm_export.serve.app import build_app
+
+    assert type(build_app(app.args)).__name__ == "Application"
+    # without --serve-config it goes into the bundle folder
+    assert run_cli("serve", str(demo_bundle), "--dry-run", timeout=300).returncode == 0
+    assert (demo_bundle / "serve.yaml").is_file()
+
+
+def test_serve_refuses_what_cannot_work_with_one_line(demo_bundle, tmp_path):
+    proc = run_cli("serve", str(tmp_path / "nothing"), timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "does not load: no bundle at" in proc.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_bundle, broken)
+    (broken / "unet" / "model.onnx").write_bytes(b"not onnx")
+    proc = run_cli("serve", str(broken), timeout=120)
+    assert proc.returncode == 2 and "does not load" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_cli("serve", str(demo_bundle), "--port", str(port), "--serve-config", str(tmp_path / "c.yaml"),
+                       timeout=120)
+    assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "--port" in proc.stderr
+    proc = run_cli("serve", str(demo_bundle), "--api-auth", "nopassword", timeout=60)
+    assert proc.returncode == 2 and "--api-auth must be USER:PASS" in proc.stderr
+    proc = run_cli("serve", str(demo_bundle), "--address", f"127.0.0.1:{port}", "--serve-config",
+                   str(tmp_path / "c.yaml"), timeout=120)  # the port was closed with its socket above
+    assert proc.returncode == 2 and f"no Ray cluster answers at 127.0.0.1:{port}" in proc.stderr, proc.stderr
+
+
+def test_the_cli_does_not_import_ray_until_serve_runs():
+    code = "import sys, ldm_export.cli, ldm_export.runtime; print(sorted(m for m in ('ray', 'fastapi') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+
+
+# -- one running service ------------------------------------------------------------------------------------------
+class Service:
+    def __init__(self, url, proc, root):
+        self.url, self.proc, self.root = url, proc, root
+        self.home, self.cwd, self.tmp, self.logs = (root / n for n in ("home", "cwd", "tmp", "logs"))
+
+    def processes(self):
+        return [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+
+    def replicas(self):
+        return [p for p in self.processes()[1:] if REPLICA_TITLE in " ".join(p.cmdline())]
+
+
+@pytest.fixture(scope="module")
+def service(demo_bundle):
+    # a short root: Ray's unix sockets live under its temp folder (108-byte limit)
+    root = Path(tempfile.mkdtemp(prefix="ldmxt-"))
+    for name in ("home", "cwd", "tmp", "logs"):
+        (root / name).mkdir()
+    port = free_port()
+    env = {**os.environ, "HOME": str(root / "home"), "TMPDIR": str(root / "tmp")}
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ldm_export.cli", "serve", str(demo_bundle), "--port", str(port), "--api-auth", AUTH,
+         "--max-batch", "4", "--max-queued", "4", "--max-images", "4", "--log-dir", str(root / "logs")],
+        cwd=root / "cwd", env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", 300, proc)
+    except LdmExportError:
+        proc.kill()
+        raise AssertionError((root / "server.log").read_text()[-3000:])
+    yield Service(f"http://127.0.0.1:{port}", proc, root)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def txt2img(service, body, auth=AUTH, timeout=120):
+    return post(service.url + "/sdapi/v1/txt2img", body, auth=auth, timeout=timeout)
+
+
+def test_health_is_open_and_everything_else_needs_the_credentials(service):
+    assert get(service.url + "/healthz")[0] == 200
+    for path in ("/sdapi/v1/samplers", "/sdapi/v1/sd-models"):
+        assert get(service.url + path)[0] == 401
+        assert get(service.url + path, auth="user:wrong")[0] == 401
+        assert get(service.url + path, auth=AUTH)[0] == 200
+    status, body, headers = txt2img(service, {"prompt": PROMPT, "steps": 2}, auth="other:s3cret")
+    assert status == 401 and {k.lower(): v for k, v in headers.items()}["www-authenticate"] == "Basic"
+
+
+def test_an_unchanged_a1111_client_gets_images_with_a1111_metadata(service, pipe):
+    webuiapi = pytest.importorskip("webuiapi")
+    from ldm_export.runtime.image import parse_parameters
+
+    user, password = AUTH.split(":")
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=int(service.url.rsplit(":", 1)[1]), username=user, password=password)
+    result = api.txt2img(prompt=PROMPT, negative_prompt="blurry", seed=42, steps=10, cfg_scale=7.5, width=64,
+                         height=64, sampler_name="Euler a", batch_size=2)
+    assert len(result.images) == 2 and result.image.size == (64, 64)
+    info = result.info
+    assert info["all_seeds"] == [42, 43] and info["sampler_name"] == "Euler a" and info["sd_model_name"] == "demo"
+    assert info["ldm_export"]["ignored"] == {}  # webuiapi's defaults change nothing
+    assert result.parameters["prompt"] == PROMPT and result.parameters["steps"] == 10
+    for k, image in enumerate(result.images):
+        text = image.info["parameters"]
+        assert text == info["infotexts"][k]
+        parsed = parse_parameters(text)
+        assert (parsed["prompt"], parsed["negative_prompt"], parsed["seed"], parsed["steps"]) == (PROMPT, "blurry", 42 + k, 10)
+        alone = pipe(PROMPT, negative_prompt="blurry", num_inference_steps=10, guidance_scale=7.5, seed=42 + k,
+                     scheduler="Euler a")[0]
+        assert np.abs(pixels(image) - pixels(alone)).max() <= 1  # `generate --seed 42+k` draws this image
+    assert [m["title"] for m in api.get_sd_models()] == [f"demo [{info['sd_model_hash']}]"]
+    names = [s["name"] for s in api.get_samplers()]
+    assert {"Euler", "Euler a", "DPM++ 2M Karras", "DDIM", "UniPC"} <= set(names)
+
+
+def test_concurrent_requests_of_one_size_run_as_one_unet_batch(service):
+    results = [None] * 4
+
+    def client(k):
+        results[k] = txt2img(service, {"prompt": PROMPT, "steps": 20, "seed": k, "width": 64, "height": 64})
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r[0] for r in results] == [200] * 4
+    batches = [json.loads(r[1]["info"])["ldm_export"]["unet_batch"][0] for r in results]
+    assert max(batches) > 1, batches
+
+
+def test_bad_bodies_get_422_naming_the_field_or_generates_message(service, pipe):
+    status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": "many"})
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "steps"]
+    status, body, _ = txt2img(service, {"prompt": ["a", "b"], "steps": 2})
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "prompt"]
+    status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": 2, "width": 60, "height": 64})
+    assert status == 422 and body["detail"] == pipeline_error(pipe, width=60, height=64)
+    status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": 0})
+    assert status == 422 and body["detail"] == pipeline_error(pipe, num_inference_steps=0)
+    status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": 2, "sampler_name": "Nope"})
+    assert status == 422 and body["detail"] == pipeline_error(pipe, num_inference_steps=2, scheduler="Nope")
+    status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": 2, "batch_size": 3, "n_iter": 2})
+    assert status == 422 and "--max-images 4" in body["detail"]
+    status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": 2, "width": 1024, "height": 64})
+    assert status == 422 and "--max-size 128x128" in body["detail"]
+    req = __import__("urllib.request").request.Request(service.url + "/sdapi/v1/txt2img", data=b"{not json",
+                                                      headers={"Authorization": "Basic " + base64.b64encode(AUTH.encode()).decode()})
+    try:
+        __import__("urllib.request").request.urlopen(req, timeout=30)
+        raise AssertionError("accepted a body that is not JSON")
+    except __import__("urllib.error").error.HTTPError as e:
+        assert e.code == 422 and "not JSON" in json.loads(e.read())["detail"]
+
+
+def test_unsupported_fields_are_accepted_and_reported_in_info(service):
+    status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": 2, "restore_faces": True, "styles": ["s"],
+                                        "scheduler": "Karras", "sampler_name": "DPM++ 2M", "controlnet_args": [1]})
+    assert status == 200, body
+    info = json.loads(body["info"])
+    assert info["sampler_name"] == "DPM++ 2M Karras"
+    assert info["ldm_export"]["ignored"] == {"restore_faces": True, "styles": ["s"], "controlnet_args": [1]}
+
+
+def test_past_max_queued_requests_get_503_with_retry_after(service):
+    statuses = [None] * 24
+
+    def client(k):
+        statuses[k] = txt2img(service, {"prompt": PROMPT, "steps": 40, "seed": k}, timeout=300)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    counts = Counter(s[0] for s in statuses)
+    assert set(counts) == {200, 503} and counts[200] >= 4, counts  # 4 running + about 4 queued; the rest refused
+    busy = next(s for s in statuses if s[0] == 503)
+    assert {k.lower(): v for k, v in busy[2].items()}["retry-after"] == "2" and "--max-queued 4" in busy[1]["detail"]
+
+
+def test_nothing_listens_beyond_loopback(service):
+    listening = []
+    for p in service.processes():
+        for c in p.net_connections(kind="inet"):
+            if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and c.laddr):
+                listening.append((p.name(), c.laddr.ip, c.laddr.port))
+    assert any(port == int(service.url.rsplit(":", 1)[1]) for _, _, port in listening)  # the HTTP port is seen
+    assert len(listening) > 5, listening  # Ray's own servers are seen too
+    assert {ip for _, ip, _ in listening} <= LOOPBACK, [x for x in listening if x[1] not in LOOPBACK]
+
+
+def test_a_dead_replica_fails_its_request_clearly_and_is_replaced(service):
+    (replica,) = service.replicas()
+    out = {}
+
+    def client():
+        out["r"] = txt2img(service, {"prompt": PROMPT, "steps": 1000, "seed": 1}, timeout=120)
+
+    t = threading.Thread(target=client)
+    t.start()
+    time.sleep(2.0)
+    replica.kill()
+    t.join(90)
+    assert not t.is_alive(), "the request hung after its replica died"
+    status, body, headers = out["r"]
+    assert status == 503 and "replica" in body["detail"] and "died" in body["detail"], body
+    t_end = time.monotonic() + 120
+    while time.monotonic() < t_end:
+        if txt2img(service, {"prompt": PROMPT, "steps": 2})[0] == 200:
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError("no replica answered within 120 s of the death")
+    (new,) = service.replicas()
+    assert new.pid != replica.pid
+
+
+def test_ctrl_c_lets_inflight_requests_finish_then_stops_everything(service):
+    processes = service.processes()
+    out = {}
+
+    def client():
+        out["r"] = txt2img(service, {"prompt": PROMPT, "steps": 300, "seed": 1}, timeout=120)
+
+    t = threading.Thread(target=client)
+    t.start()
+    time.sleep(1.5)
+    os.killpg(service.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole process group
+    time.sleep(0.5)
+    assert txt2img(service, {"prompt": PROMPT, "steps": 2})[0] in (0, 503)  # new work is refused while draining
+    t.join(120)
+    assert out["r"][0] == 200, out["r"][1]
+    assert service.proc.wait(90) == 0
+    time.sleep(3)
+    alive = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], [(p.pid, p.name()) for p in alive]
+    # nothing written outside the bundle, the log folder and the temp folder (which is removed)
+    assert list(service.home.rglob("*")) == [], list(service.home.rglob("*"))
+    assert list(service.cwd.rglob("*")) == []
+    assert list(service.tmp.iterdir()) == [], list(service.tmp.iterdir())
+    assert any(service.logs.rglob("*.log"))
+
+
+def test_loadtest_command_bounded(demo_bundle, tmp_path):
+    out = tmp_path / "load.json"
+    proc = run_cli("loadtest", str(demo_bundle), "--clients", "1,2", "--requests", "4", "--steps", "4",
+                   "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())
+    assert [r["clients"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["ok"] == 4 and r["errors"] == {} and 0 < r["p50_s"] <= r["p99_s"] and r["requests_per_s"] > 0
+        assert len(r["rss_before_mb"]) == 1 and len(r["rss_after_mb"]) == 1 and r["rss_before_mb"][0] > 50
+    assert "p50 s" in proc.stdout and "replica RSS" in proc.stdout
