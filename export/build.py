@@ -199,7 +199,8 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             _check(report["fp32"], component, "fp32")
             precision = cfg.component_precision(component, spec.configs[family.vae_module])
             scopes = family.fp32_scopes if component == family.denoiser else ()
-            policy = component_fp16_policy(decl.kind, component, cfg.target, spec.configs, scopes)
+            policy = component_fp16_policy(decl.kind, component, cfg.target, spec.configs, scopes) \
+                if precision == "fp16" else None
             if precision == "fp16":
                 progress(component, "fp16", "")
                 model16 = convert_fp16_with(str(path), policy, component)
