@@ -174,10 +174,6 @@ class Family:
 
         return ClipTokenizer(bundle.path / name)
 
-    def image_multiple(self, configs: Mapping[str, Mapping[str, Any]]) -> int:
-        """Image sides the pipeline accepts are multiples of this many pixels."""
-        return self.latent_format(configs).vae_scale_factor
-
     def schedule_arguments(self, scheduler_config: Mapping[str, Any], steps: int, latent_shape: tuple) -> dict:
         """Extra arguments of the sampler's schedule, as a pipeline hands them to ``set_timesteps`` beside the config:
         FLUX's own sigmas linspace(1, 1/n, n) and its ``mu`` (a config cannot express that sigma list)."""

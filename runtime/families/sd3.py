@@ -43,9 +43,6 @@ class TransformerFamily(Family):
     def clip_length(self, model: Mapping[str, Any]) -> int:
         return CLIP_LENGTH
 
-    def image_multiple(self, configs) -> int:
-        return self.size_multiple(configs)
-
     @staticmethod
     def latent_profile(configs, resolution: int) -> tuple[int, int, int]:
         side = resolution // 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
