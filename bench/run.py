@@ -401,9 +401,16 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
     if wanted_ort and cfg.bundle is None:
         raise LdmExportError("the ort backends need a bundle: build one with `ldm-export build ... --out DIR` and pass --bundle DIR")
     bundle = Bundle.open(cfg.bundle) if cfg.bundle else None
+    if bundle is not None and bundle.family.denoiser != "unet":  # SD3 / FLUX / demo DiT: the family's own loop
+        from .dit import run_dit_bench
+
+        return run_dit_bench(cfg, bundle, progress)
     if "ort-int8" in cfg.backends:
         _check_int8_bundle(cfg, bundle)
     spec = get_model(bundle.model["name"] if bundle else cfg.model)
+    if "unet" not in spec.configs:
+        raise LdmExportError(f"bench of the DiT model '{spec.name}' runs over a bundle: build one with `ldm-export "
+                             f"build --model {spec.name} ... --out DIR` and pass --bundle DIR")
     weights_info = bundle.manifest["weights"] if bundle else {"source": "random", "seed": cfg.seed}
     source = weights_info["source"]
     if source == "random":

@@ -17,7 +17,7 @@ from ldm_export.runtime.errors import LdmExportError
 from ldm_export.zoo import DEFAULT_MODEL, ModelSpec, get_model
 
 from .bundle_writer import check_out_dir, staging
-from .precision import PRECISIONS, fp16_policy
+from .precision import PRECISIONS
 
 if TYPE_CHECKING:
     from ldm_export.calibration.int8 import Int8Config
@@ -123,7 +123,10 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
 
     from . import models as M
     from . import onnx_export as X
-    from .precision import convert_fp16
+    from .dit_export import sample_inputs
+    from .dit_models import export_patches as dit_export_patches
+    from .dit_models import register_onnx_symbolics
+    from .dit_precision import component_fp16_policy, convert_fp16_with
     from .weights import load_weights
 
     spec = validate(cfg)
@@ -133,6 +136,9 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
     embedded = weights_path is None and not cfg.random_weights
     if embedded:
         weights_path = embedded_weights_path(spec)
+        if not weights_path.exists():
+            raise LdmExportError(f"the embedded weights of '{spec.name}' are not installed ({weights_path}); train "
+                                 "and install them (docs/dit.md), or pass --weights PATH or --random-weights")
     loaded = load_weights(spec, weights_path, random_weights=cfg.random_weights, seed=cfg.seed,
                           trust_pickle=cfg.trust_pickle)
     modules = loaded.modules
@@ -173,11 +179,14 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             folder = stage / component
             folder.mkdir()
             wrapper = M.wrap(component, modules, family)
-            feeds = X.sample_inputs(cspec, dims, seed=cfg.seed, latent_scale=spec.latent_scale)
+            decl = family.component(component)
+            feeds = sample_inputs(decl.kind, cspec, dims, cfg.seed, spec.configs.get(decl.module, {}),
+                                  family.latent_format(spec.configs))
             progress(component, "torch reference", "")
             reference = X.torch_outputs(wrapper, cspec, feeds)
             progress(component, "export", "")
-            with kernels.export_patches(wrapper, component, cfg.target):
+            register_onnx_symbolics(X.OPSET)
+            with dit_export_patches(decl.kind), kernels.export_patches(wrapper, component, cfg.target):
                 model = X.export_onnx(wrapper, cspec, stage, feeds, static=cfg.static_shape)
             model = kernels.rewrite(model, component, cfg.target)
             initializers = _initializer_map(component, modules, model)
@@ -190,9 +199,11 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             _check(report["fp32"], component, "fp32")
             precision = cfg.component_precision(component, spec.configs[family.vae_module])
             scopes = family.fp32_scopes if component == family.denoiser else ()
+            policy = component_fp16_policy(decl.kind, component, cfg.target, spec.configs, scopes) \
+                if precision == "fp16" else None
             if precision == "fp16":
                 progress(component, "fp16", "")
-                model16 = convert_fp16(str(path), component, cfg.target, scopes)
+                model16 = convert_fp16_with(str(path), policy, component)
                 kernels.dedupe_nodes(model16)  # the converter can emit one Cast twice (static sd15 UNet)
                 for f in files:
                     f.unlink()
@@ -200,7 +211,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                 del model16
                 gc.collect()
                 cspec = cspec.with_dtype("float16", [t.name for t in (*cspec.inputs, *cspec.outputs)
-                                                     if t.dtype == "float32" and t.name not in fp16_policy(component, cfg.target).keep_fp32_io])
+                                                     if t.dtype == "float32" and t.name not in policy.keep_fp32_io])
                 progress(component, "verify fp16", "")
                 report["fp16"] = X.verify(path, cspec, feeds, reference, "fp16", cfg.threads, cfg.resolved_verify_provider()).to_json()
                 _check(report["fp16"], component, "fp16")
@@ -208,7 +219,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             manifest["components"][component] = {
                 "precision": precision, "spec": cspec.to_json(),
                 "files": [str(f.relative_to(stage)) for f in files],
-                "fp16_policy": fp16_policy(component, cfg.target, scopes).to_json() if precision == "fp16" else None,
+                "fp16_policy": policy.to_json() if precision == "fp16" else None, "kind": decl.kind,
                 "kernels": kernels.describe(component, cfg.target),
                 "verification": report,
                 **({"initializers": initializers} if initializers else {}),
@@ -220,7 +231,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             gc.collect()
             progress(component, "done", "")
         progress("bundle", "writing", "")
-        _write_side_files(stage, spec)
+        _write_side_files(stage, spec, loaded)
         if cfg.precision == "int8":
             from ldm_export.calibration.int8 import quantize_stage
 
@@ -287,7 +298,7 @@ def _module_config(mod) -> dict:
     return {"_class_name": type(mod).__name__, **{k: v for k, v in dict(mod.config).items() if not k.startswith("_")}}
 
 
-def _write_side_files(stage: Path, spec: ModelSpec) -> None:
+def _write_side_files(stage: Path, spec: ModelSpec, loaded=None) -> None:
     from ldm_export.runtime.tokenizer import write_tokenizer_files
 
     family = spec.family_def
@@ -300,8 +311,32 @@ def _write_side_files(stage: Path, spec: ModelSpec) -> None:
     (stage / "scheduler").mkdir()
     import diffusers
     _write_json(stage / "scheduler" / "scheduler_config.json", {**spec.scheduler, "_diffusers_version": diffusers.__version__})
+    classes = dict(zip(family.tokenizers, family.tokenizer_classes))
     for folder, pad in family.tokenizer_pads().items():
-        write_tokenizer_files(stage / folder, pad_token=pad)
+        if classes.get(folder) == "T5TokenizerFast":
+            _write_t5_tokenizer(stage / folder, (getattr(loaded, "tokenizer_dirs", None) or {}).get(folder),
+                                spec.configs[family.text_encoders[family.tokenizers.index(folder)]]["vocab_size"])
+        else:
+            write_tokenizer_files(stage / folder, pad_token=pad)
+
+
+def _write_t5_tokenizer(dest: Path, source: Path | None, vocab_size: int) -> None:
+    """T5's fast-tokenizer files from the weights' folder, or a stand-in (random-weights builds: no T5 file here)."""
+    import shutil
+
+    from .t5_tokenizer import write_standin_t5_tokenizer
+
+    if source is None:
+        log.warning("%s: these weights bring no T5 tokenizer; writing a stand-in tokenizer (its ids are not T5's)",
+                    dest.name)
+        write_standin_t5_tokenizer(dest, vocab_size=min(1000, int(vocab_size)))
+        return
+    if not (source / "tokenizer.json").is_file():
+        raise LdmExportError(f"{source} has no tokenizer.json; the runtime reads T5's fast-tokenizer file")
+    dest.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / f).is_file():
+            shutil.copyfile(source / f, dest / f)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -91,6 +91,11 @@ WRAPPERS: dict[str, type[nn.Module]] = {
 }
 
 
+from .dit_models import DIT_WRAPPERS  # noqa: E402  the DiT families' kinds
+
+WRAPPERS.update(DIT_WRAPPERS)
+
+
 def wrap(component: str, modules: dict[str, nn.Module], family=None) -> nn.Module:
     """The export wrapper of ``component``: the family declares its kind and the module it is traced from."""
     from ldm_export.runtime.families import get_family

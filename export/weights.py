@@ -81,6 +81,10 @@ def load_modules(spec: ModelSpec, weights: str | Path | None, random_weights: bo
 def load_weights(spec: ModelSpec, weights: str | Path | None, random_weights: bool = False, seed: int = 0,
                  trust_pickle: bool = False) -> LoadedWeights:
     """Build ``spec``'s text_encoder, unet and vae with random weights or weights read from ``weights``."""
+    if "unet" not in spec.configs:  # a DiT family (transformer/ and several text encoders): its own loader
+        from .dit_weights import load_dit_weights
+
+        return load_dit_weights(spec, weights, random_weights=random_weights, seed=seed, trust_pickle=trust_pickle)
     if random_weights and weights is not None:
         raise LdmExportError("both --weights and --random-weights were given; pass only one of them")
     if spec.family in _FAMILY_LOADERS:
@@ -344,6 +348,9 @@ def _convert_single_file(spec: ModelSpec, path: Path, checkpoint: _Checkpoint) -
     from diffusers.loaders import single_file_utils as sfu
 
     keys = checkpoint.keys()
+    from .dit_weights import refuse_dit_for_unet
+
+    refuse_dit_for_unet(keys, path)  # an SD3/FLUX single file names itself by its keys
 
     def require(prefix: str, what: str) -> None:
         if not any(k.startswith(prefix) for k in keys):

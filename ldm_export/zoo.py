@@ -209,3 +209,9 @@ def _register_sdxl() -> None:
 
 
 _register_sdxl()
+
+
+# the DiT families' architectures (SD3, SD 3.5, FLUX.1, their tiny test models, the demo DiT)
+from ldm_export.zoo_dit import dit_models  # noqa: E402
+
+MODELS.update(dit_models(ModelSpec))

@@ -23,6 +23,18 @@ SD15_BASE = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_
              "beta_end": 0.012, "beta_schedule": "scaled_linear", "set_alpha_to_one": False, "skip_prk_steps": True,
              "steps_offset": 1, "clip_sample": False, "trained_betas": None}
 FLOW_BASE = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+# FLUX.1's scheduler configs (schnell: static shift 1; dev: resolution-dependent shift from mu)
+_FLUX_SHIFTING = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+FLUX_SCHNELL_BASE = dict(FLOW_BASE, **_FLUX_SHIFTING, shift=1.0, use_dynamic_shifting=False)
+FLUX_DEV_BASE = dict(FLOW_BASE, **_FLUX_SHIFTING, shift=3.0, use_dynamic_shifting=True)
+
+
+def flux_schedule(config: dict, steps: int, image_seq_len: int) -> dict:
+    """What FluxPipeline hands to set_timesteps: its own sigmas linspace(1, 1/n, n) and mu from the config."""
+    from ldm_export.runtime.schedules import calculate_shift
+
+    keys = ("base_image_seq_len", "max_image_seq_len", "base_shift", "max_shift")
+    return {"sigmas": np.linspace(1.0, 1 / steps, steps), "mu": calculate_shift(image_seq_len, *(config[k] for k in keys))}
 
 
 def stand_in_model(x: np.ndarray, t) -> np.ndarray:
@@ -100,8 +112,9 @@ def _lms_scheduler_class():
                 sys.modules[name] = module
 
 
-def diffusers_reference(config: dict, steps: int, model, latents: np.ndarray, noise) -> np.ndarray:
-    """The standard diffusers denoising loop over the scheduler class that config names, in float64."""
+def diffusers_reference(config: dict, steps: int, model, latents: np.ndarray, noise, **set_timesteps) -> np.ndarray:
+    """The standard diffusers denoising loop over the scheduler class that config names, in float64;
+    ``set_timesteps``: extra arguments of set_timesteps (flow matching's ``mu`` and ``sigmas``)."""
     import diffusers
     import torch
 
@@ -110,7 +123,10 @@ def diffusers_reference(config: dict, steps: int, model, latents: np.ndarray, no
     else:
         cls = getattr(diffusers, config["_class_name"])
     scheduler = cls.from_config({k: v for k, v in config.items() if k != "_class_name"})
-    scheduler.set_timesteps(steps)
+    if set_timesteps.get("sigmas") is not None:
+        scheduler.set_timesteps(sigmas=list(set_timesteps["sigmas"]), mu=set_timesteps.get("mu"))
+    else:
+        scheduler.set_timesteps(steps, **set_timesteps)
     x = torch.from_numpy(latents.astype(np.float64)) * getattr(scheduler, "init_noise_sigma", 1.0)
     with patched_randn(sys.modules[cls.__module__], noise):
         for t in scheduler.timesteps:
@@ -193,10 +209,10 @@ def kdiffusion_2s_ancestral_reference(config: dict, steps: int, model, latents: 
     return x.numpy()
 
 
-def reference(config: dict, steps: int, model, latents: np.ndarray, noise) -> np.ndarray:
+def reference(config: dict, steps: int, model, latents: np.ndarray, noise, **set_timesteps) -> np.ndarray:
     if config["_class_name"] == DPMPP_2S_ANCESTRAL:
         return kdiffusion_2s_ancestral_reference(config, steps, model, latents, noise)
-    return diffusers_reference(config, steps, model, latents, noise)
+    return diffusers_reference(config, steps, model, latents, noise, **set_timesteps)
 
 
 def max_relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
@@ -204,10 +220,10 @@ def max_relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.max(np.abs(ours - theirs)) / max(np.max(np.abs(theirs)), 1e-30))
 
 
-def compare(config: dict, steps: int, shape=(1, 4, 8, 8), seed: int = 0, model=stand_in_model) -> float:
+def compare(config: dict, steps: int, shape=(1, 4, 8, 8), seed: int = 0, model=stand_in_model, **set_timesteps) -> float:
     latents = np.random.default_rng(seed).standard_normal(shape)
-    ours = sample(model, latents, config, steps, noise=NoiseSequence(seed + 1))
-    theirs = reference(config, steps, model, latents, NoiseSequence(seed + 1))
+    ours = sample(model, latents, config, steps, noise=NoiseSequence(seed + 1), **set_timesteps)
+    theirs = reference(config, steps, model, latents, NoiseSequence(seed + 1), **set_timesteps)
     return max_relative_error(ours, theirs)
 
 
@@ -234,30 +250,42 @@ TABLE_ROWS = [
     ("UniPC", "UniPC", SD15_BASE, {}),
     ("LCM", "LCM", SD15_BASE, {}),
     ("Euler (flow matching, shift 3)", "Euler (flow)", FLOW_BASE, {}),
+    # (..., FluxPipeline's set_timesteps arguments for a packed token count): 1024² is 4096 tokens, 512² 1024
+    ("Euler (flow, FLUX-schnell: static shift 1, pipeline sigmas)", "Euler (flow)", FLUX_SCHNELL_BASE, {}, 4096),
+    ("Euler (flow, FLUX-dev: dynamic shift, 512², mu 0.63)", "Euler (flow)", FLUX_DEV_BASE, {}, 1024),
+    ("Euler (flow, FLUX-dev: dynamic shift, 1024², mu 1.15)", "Euler (flow)", FLUX_DEV_BASE, {}, 4096),
+    ("Euler (flow, dynamic shift, diffusers' default sigmas, mu 0.8)", "Euler (flow)", FLUX_DEV_BASE, {}, {"mu": 0.8}),
 ]
 
 
-def overhead_us(config: dict, steps: int, shape=(1, 4, 64, 64), repeats: int = 3) -> tuple[float, int]:
+def row_schedule(config: dict, steps: int, row: tuple) -> dict:
+    """set_timesteps arguments of a TABLE_ROWS row: none, FluxPipeline's for a token count, or given ones."""
+    if len(row) < 5:
+        return {}
+    return dict(row[4]) if isinstance(row[4], dict) else flux_schedule(config, steps, row[4])
+
+
+def overhead_us(config: dict, steps: int, shape=(1, 4, 64, 64), repeats: int = 3, **set_timesteps) -> tuple[float, int]:
     """Per-model-evaluation sampler overhead in µs: runtime of sample() with a free model, / evaluations."""
     zeros_model = lambda x, t: np.zeros_like(x)  # noqa: E731
-    evaluations = _count_evaluations(config, steps)
+    evaluations = _count_evaluations(config, steps, **set_timesteps)
     latents = np.random.default_rng(0).standard_normal(shape)
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        sample(zeros_model, latents, config, steps, noise=NoiseSequence(0))
+        sample(zeros_model, latents, config, steps, noise=NoiseSequence(0), **set_timesteps)
         best = min(best, time.perf_counter() - start)
     return best / evaluations * 1e6, evaluations
 
 
-def _count_evaluations(config, steps):
+def _count_evaluations(config, steps, **set_timesteps):
     count = [0]
 
     def counting_model(x, t):
         count[0] += 1
         return np.zeros_like(x)
 
-    sample(counting_model, np.zeros((1, 1, 1, 1)), config, steps, noise=NoiseSequence(0))
+    sample(counting_model, np.zeros((1, 1, 1, 1)), config, steps, noise=NoiseSequence(0), **set_timesteps)
     return count[0]
 
 
@@ -270,11 +298,13 @@ def main(argv=None) -> int:
     import torch
 
     rows = []
-    for label, name, base, extra in TABLE_ROWS:
+    for row in TABLE_ROWS:
+        label, name, base, extra = row[:4]
         config = dict(resolve_scheduler(name, base), **extra)
         steps = 4 if name == "LCM" else args.steps
-        error = compare(config, steps)
-        us, evaluations = overhead_us(config, steps)
+        schedule = row_schedule(config, steps, row)
+        error = compare(config, steps, **schedule)
+        us, evaluations = overhead_us(config, steps, **schedule)
         rows.append((label, config["_class_name"], steps, evaluations, error, us))
         print(f"{label:45s} {steps:3d} steps {evaluations:3d} evals  max rel err {error:.2e}  {us:8.0f} µs/eval")
     lines = [
@@ -290,7 +320,9 @@ def main(argv=None) -> int:
         "config is Stable Diffusion 1.5's (scaled_linear betas, leading spacing, steps_offset 1); sampler names "
         "resolve through `resolve_scheduler`. Error is max |ours − diffusers| / max |diffusers|. "
         "DPM++ 2S a has no diffusers class: it is compared with a direct torch transcription of k-diffusion's "
-        "`sample_dpmpp_2s_ancestral` (see `kdiffusion_2s_ancestral_reference`).",
+        "`sample_dpmpp_2s_ancestral` (see `kdiffusion_2s_ancestral_reference`). The FLUX rows use FLUX.1's "
+        "scheduler configs and pass what `FluxPipeline` hands to `set_timesteps` (its sigmas linspace(1, 1/n, n) and "
+        "mu from the packed token count through `calculate_shift` over the config's base/max values) to both sides.",
         "",
         "Residual errors of 1e-7 to 1e-6 come from diffusers' float32 arithmetic: its tables (betas, "
         "alphas_cumprod, sigmas) and scalar coefficients are float32 tensors and several `step()`s cast the sample "

@@ -137,9 +137,9 @@ class Bundle:
 
     @property
     def model_hash(self) -> str:
-        """A1111-style short hash: first 10 hex digits of the UNet graph's sha256 (computed from the file, once, when
-        the load found it changed; else the manifest's)."""
-        rel = self.manifest["components"]["unet"]["files"][0]
+        """A1111-style short hash: first 10 hex digits of the denoiser graph's sha256 (UNet or transformer; computed
+        from the file, once, when the load found it changed; else the manifest's)."""
+        rel = self.manifest["components"][self.family.denoiser]["files"][0]
         if rel not in self.changed:
             return self.manifest["files"][rel]["sha256"][:10]
         if self._actual_hash is None:

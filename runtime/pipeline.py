@@ -63,8 +63,6 @@ class Pipeline:
     """Stable Diffusion text-to-image over a bundle's engines, numpy only."""
 
     def __init__(self, bundle: Bundle, engines: Mapping[str, Engine], tokenizer=None, cfg_mode: str = "batch2"):
-        from .tokenizer import ClipTokenizer
-
         if cfg_mode not in CFG_MODES:
             raise LdmExportError(f"unknown cfg mode '{cfg_mode}'; choose one of: {', '.join(CFG_MODES)}")
         self.bundle = bundle
@@ -72,7 +70,7 @@ class Pipeline:
         model = bundle.model
         self.family = get_family(model.get("family", "sd1"))
         # one tokenizer per text encoder, from the bundle's folders (``tokenizer`` replaces the first)
-        self.tokenizers = {name: ClipTokenizer(bundle.path / name) if k or tokenizer is None else tokenizer
+        self.tokenizers = {name: self.family.load_tokenizer(bundle, name) if k or tokenizer is None else tokenizer
                            for k, name in enumerate(self.family.tokenizers)}
         self.tokenizer = self.tokenizers[self.family.tokenizers[0]]
         self.cfg_mode = cfg_mode
@@ -142,7 +140,7 @@ class Pipeline:
             if np.shape(feeds[latents_in])[0] == inputs[latents_in].shape[0]:  # the static batch
                 step = {n: np.asarray(feeds[n]).astype(inputs[n].dtype, copy=False) for n in family.step_inputs}
                 return family.prediction(engine.run_partial(step), sample).astype(np.float32)
-        batched = [n for n, x in inputs.items() if n not in scalar and x.shape]
+        batched = [n for n, x in inputs.items() if n not in scalar and x.shape and n not in family.unbatched_inputs]
         return family.prediction(run_batched(engine, feeds, batched), sample).astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
@@ -329,7 +327,8 @@ class Pipeline:
             final = sample_range(model, latents, sched_cfg, num_inference_steps, start, stop, noise=noise,
                                  callback=on_step, initial_noise=denoising_start is None)
         else:
-            final = sample(model, latents, sched_cfg, num_inference_steps, noise=noise, callback=on_step)
+            final = sample(model, latents, sched_cfg, num_inference_steps, noise=noise, callback=on_step,
+                           **family.schedule_arguments(sched_cfg, num_inference_steps, np.shape(latents)))
         if return_latents:
             return final
         images = latents_to_images(self.decode(np.asarray(final, dtype=np.float32)))
@@ -401,7 +400,7 @@ class Pipeline:
         f = self.vae_scale_factor
         uspec: ComponentSpec = self.engines[self.family.denoiser].spec
         sample_shape = uspec.inputs[0].shape
-        if isinstance(sample_shape[2], int) and isinstance(sample_shape[3], int) and (width, height) != (
+        if len(sample_shape) == 4 and isinstance(sample_shape[2], int) and isinstance(sample_shape[3], int) and (width, height) != (
                 sample_shape[3] * f, sample_shape[2] * f):
             raise LdmExportError(f"this bundle was built with static shapes for {sample_shape[3] * f}x{sample_shape[2] * f}; "
                                  f"use that size or rebuild without --static-shape")

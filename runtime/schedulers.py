@@ -136,6 +136,8 @@ def _check_supported(class_name: str, c: dict) -> None:
     if c.get("use_beta_sigmas"):
         _refuse(class_name, "use_beta_sigmas", True, "use use_karras_sigmas or use_exponential_sigmas instead")
     for key in ("use_dynamic_shifting", "use_lu_lambdas", "use_flow_sigmas", "invert_sigmas", "stochastic_sampling"):
+        if key == "use_dynamic_shifting" and class_name == "FlowMatchEulerDiscreteScheduler":
+            continue  # resolved per request from mu (build_plan)
         if c.get(key):
             _refuse(class_name, key, True, f"set {key} to false")
     if c.get("use_karras_sigmas") and c.get("use_exponential_sigmas"):
@@ -305,12 +307,18 @@ _K_SAMPLERS = {
 }
 
 
-def build_plan(scheduler_config: dict, num_inference_steps: int) -> Plan:
-    """Resolve a diffusers scheduler_config into the sampler, its schedule and options."""
+def build_plan(scheduler_config: dict, num_inference_steps: int, mu: float | None = None,
+               sigmas: np.ndarray | None = None) -> Plan:
+    """Resolve a diffusers scheduler_config into the sampler, its schedule and options.
+
+    ``mu`` (flow matching with use_dynamic_shifting) and ``sigmas`` (a pipeline's own unshifted flow schedule, as
+    FluxPipeline passes) are what diffusers' pipelines hand to ``set_timesteps``; the model family supplies them."""
     if int(num_inference_steps) < 1:
         raise LdmExportError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
     n = int(num_inference_steps)
     class_name, c = _merged_config(scheduler_config)
+    if sigmas is not None and class_name != "FlowMatchEulerDiscreteScheduler":
+        raise LdmExportError(f"{class_name}: a custom sigma schedule is supported for flow matching only")
     if class_name in ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler"):
         return _alpha_plan(class_name, c, n)
     if class_name in _K_SAMPLERS:
@@ -321,7 +329,8 @@ def build_plan(scheduler_config: dict, num_inference_steps: int) -> Plan:
                     init_noise_sigma=init)
     if class_name == "FlowMatchEulerDiscreteScheduler":
         T = c["num_train_timesteps"]
-        sigmas = sch.flow_match_sigmas(n, T, c["shift"], c["shift_terminal"])
+        sigmas = sch.flow_match_sigmas_shifted(n, T, c["shift"], c["shift_terminal"], c["use_dynamic_shifting"], mu,
+                                               c["time_shift_type"], sigmas)
         if c["use_karras_sigmas"]:
             sigmas = sch.karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)
         elif c["use_exponential_sigmas"]:
@@ -347,13 +356,14 @@ def build_plan(scheduler_config: dict, num_inference_steps: int) -> Plan:
     return Plan(class_name, S.sample_dpmpp_2s, sigmas, timesteps, kwargs, vp_io=True, options=options)
 
 
-def sample(model, latents, scheduler_config: dict, num_inference_steps: int, noise=None, callback=None):
+def sample(model, latents, scheduler_config: dict, num_inference_steps: int, noise=None, callback=None,
+           mu: float | None = None, sigmas: np.ndarray | None = None):
     """Run the sampler that scheduler_config selects; returns the final latents as diffusers' pipeline has them.
 
     model(x_in, t) returns the UNet output (eps / v / x0 / velocity) for the scaled input at timestep t;
     latents are standard-normal (init_noise_sigma is applied here); noise(shape) gives each stochastic draw.
     """
-    plan = build_plan(scheduler_config, num_inference_steps)
+    plan = build_plan(scheduler_config, num_inference_steps, mu=mu, sigmas=sigmas)
     latents = np.asarray(latents)
     out_dtype = latents.dtype if np.issubdtype(latents.dtype, np.floating) else np.float64
     x = latents.astype(np.float64) * plan.init_noise_sigma  # (B, C, H, W)
@@ -427,7 +437,8 @@ def a1111_name(config: dict) -> str:
 _CARRIED_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                  "prediction_type", "timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "clip_sample",
                  "clip_sample_range", "set_alpha_to_one", "original_inference_steps", "timestep_scaling", "shift",
-                 "shift_terminal", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+                 "shift_terminal", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len",
+                 "use_dynamic_shifting", "time_shift_type")
 
 
 _WARNED: set[str] = set()

@@ -164,3 +164,50 @@ def flow_match_sigmas(num_inference_steps: int, num_train_timesteps: int = 1000,
         one_minus_z = 1 - sigmas
         sigmas = 1 - one_minus_z / (one_minus_z[-1] / (1 - shift_terminal))
     return sigmas
+
+
+def calculate_shift(image_seq_len: int, base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
+                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """mu of FLUX's resolution-dependent shift: linear in the packed token count (diffusers ``calculate_shift``);
+    the values come from the scheduler config, never from constants pasted here."""
+    m = (max_shift - base_shift) / (max_image_seq_len - base_image_seq_len)
+    return image_seq_len * m + (base_shift - m * base_image_seq_len)
+
+
+def time_shift(mu: float, sigmas: np.ndarray, time_shift_type: str = "exponential") -> np.ndarray:
+    """Dynamic shift of flow sigmas by mu (diffusers ``FlowMatchEulerDiscreteScheduler.time_shift``, exponent 1):
+    the exponential type equals the static shift with shift = exp(mu)."""
+    if time_shift_type == "exponential":
+        return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+    if time_shift_type == "linear":
+        return mu / (mu + (1 / sigmas - 1))
+    raise LdmExportError(f"time_shift_type {time_shift_type!r} is not supported; use 'exponential' or 'linear'")
+
+
+def flow_match_sigmas_shifted(num_inference_steps: int, num_train_timesteps: int = 1000, shift: float = 1.0,
+                              shift_terminal: float | None = None, use_dynamic_shifting: bool = False,
+                              mu: float | None = None, time_shift_type: str = "exponential",
+                              sigmas: np.ndarray | None = None) -> np.ndarray:
+    """Sigmas (n,) of diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(n, sigmas=..., mu=...).
+
+    Static shift: as :func:`flow_match_sigmas`. Dynamic shift (FLUX-dev): the training sigmas are left unshifted
+    and the inference sigmas are shifted once by ``mu``. ``sigmas``: a pipeline's own unshifted schedule
+    (FluxPipeline passes linspace(1, 1/n, n)), taken as float32 as diffusers does."""
+    if use_dynamic_shifting and mu is None:
+        raise LdmExportError("this flow-matching scheduler shifts by resolution (use_dynamic_shifting): it needs mu, "
+                             "which the model family computes from the image size")
+    if sigmas is None:
+        if not use_dynamic_shifting:
+            return flow_match_sigmas(num_inference_steps, num_train_timesteps, shift, shift_terminal)
+        train = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1] / np.float32(
+            num_train_timesteps)
+        sigma_max, sigma_min = float(train[0]), float(train[-1])
+        out = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps,
+                          num_inference_steps) / num_train_timesteps
+    else:
+        out = np.asarray(sigmas, dtype=np.float32)
+    out = time_shift(mu, out, time_shift_type) if use_dynamic_shifting else shift_flow_sigmas(out, shift)
+    if shift_terminal:
+        one_minus_z = 1 - out
+        out = 1 - one_minus_z / (one_minus_z[-1] / (1 - shift_terminal))
+    return out

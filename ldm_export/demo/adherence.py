@@ -353,6 +353,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, nargs="+", default=list(GUIDANCE_SCALES))
     parser.add_argument("--ground-truth", type=int, default=2000, help="images to validate the checker on (0: skip)")
+    parser.add_argument("--bundle-only", action="store_true", help="measure the --bundle alone (a model with no "
+                        "diffusers pipeline to compare with, such as the demo DiT)")
+    parser.add_argument("--prefix", default="demo", help="file name prefix of the outputs (demo_dit for the DiT)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
@@ -361,6 +364,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.ground_truth:
         result["checker_on_ground_truth"] = {"n": args.ground_truth, **ground_truth_accuracy(args.ground_truth)}
         print("checker on ground truth:", result["checker_on_ground_truth"])
+    if args.bundle_only:
+        if not args.bundle:
+            parser.error("--bundle-only needs --bundle")
+        generate = runtime_generate(args.bundle)
+        result |= evaluate(generate, args.guidance, args.steps, args.seed)
+        print("bundle (ldm_export.runtime, ONNX Runtime CPU):")
+        print(table_markdown(result))
+        (out / f"{args.prefix}_adherence.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot_adherence(result, out / f"{args.prefix}_cfg_adherence.png", title="Demo DiT: prompt adherence vs guidance")
+        sample_grid(generate, out / f"{args.prefix}_grid.png", steps=args.steps, seed=args.seed)
+        return
     folder = args.model or str(Path(__file__).resolve().parent.parent / "assets" / "demo")
     generate = diffusers_generate(folder, args.device)
     result |= evaluate(generate, args.guidance, args.steps, args.seed)

@@ -165,6 +165,20 @@ class Family:
                 "sequence": max_length, "image_height": resolution, "image_width": resolution}
 
     # -- runtime ----------------------------------------------------------------------------------------
+    # denoiser inputs that have no batch axis (FLUX's position ids): never split or padded along axis 0
+    unbatched_inputs: tuple[str, ...] = ()
+
+    def load_tokenizer(self, bundle, name: str):
+        """The tokenizer in the bundle's folder ``name`` (CLIP's BPE unless the family says otherwise)."""
+        from ..tokenizer import ClipTokenizer
+
+        return ClipTokenizer(bundle.path / name)
+
+    def schedule_arguments(self, scheduler_config: Mapping[str, Any], steps: int, latent_shape: tuple) -> dict:
+        """Extra arguments of the sampler's schedule, as a pipeline hands them to ``set_timesteps`` beside the config:
+        FLUX's own sigmas linspace(1, 1/n, n) and its ``mu`` (a config cannot express that sigma list)."""
+        return {}
+
     def encode(self, pipe: "Pipeline", prompts: Sequence[str]) -> Conditioning:
         raise NotImplementedError(f"family {self.name} does not say how prompts become conditioning")
 

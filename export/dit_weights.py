@@ -1,0 +1,272 @@
+"""Load the weights of a DiT-family export: random, a local diffusers folder, or a single-file checkpoint.
+
+Diffusers folders (``model_index.json``, ``transformer/``, ``vae/``, ``text_encoder*/``, ``tokenizer*/``) load
+component by component with the zoo spec's architecture checked first. Single-file checkpoints in Stability's
+SD3 layout (``model.diffusion_model.joint_blocks.*``, ``first_stage_model.*``, ``text_encoders.clip_l/clip_g/
+t5xxl.transformer.*``) convert with diffusers' own ``single_file_utils`` converters. Either way the state dicts
+are compared with a meta-device build of the spec and the first key that differs is named: a U-Net checkpoint
+given for a DiT model (or the reverse, through :func:`refuse_dit_for_unet`) fails with that key.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm_export.runtime.errors import LdmExportError
+from ldm_export.zoo import ModelSpec
+
+from .models import build_module
+from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, _check_config, _check_loading_info, _compare_state_dicts,
+                      _folder_weight_files, _one_line, _parameters_on_meta, _PickleCheckpoint, _read_json,
+                      _SafetensorsCheckpoint, _sha256, _with_init_defaults)
+
+log = logging.getLogger(__name__)
+
+# Stability's single-file SD3 layout
+SD3_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+SD3_TEXT_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
+                     "t5xxl": "text_encoders.t5xxl.transformer."}
+# keys that say which kind of denoiser a checkpoint holds
+UNET_MARKER = "model.diffusion_model.input_blocks."
+DIT_MARKERS = {"model.diffusion_model.joint_blocks.": "an SD3-class MMDiT (--model sd3-medium or sd35-medium)",
+               "model.diffusion_model.double_blocks.": "a FLUX.1-class transformer (--model flux-dev or flux-schnell)",
+               "double_blocks.": "a FLUX.1-class transformer (--model flux-dev or flux-schnell)"}
+# CLIPTextConfig / T5Config keys that decide weights and forward pass
+_CLIP_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "max_position_embeddings", "hidden_act", "layer_norm_eps")
+_T5_KEYS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
+            "relative_attention_max_distance", "feed_forward_proj")
+_NON_ARCHITECTURE = {"transformer": {"sample_size", "out_channels"}, "vae": {"sample_size", "force_upcast"}}
+# the modules' roles, for messages
+_ROLES = {"CLIPTextModel": "CLIP text encoder", "CLIPTextModelWithProjection": "CLIP text encoder with projection",
+          "T5EncoderModel": "T5 encoder"}
+# a diffusers folder may point a module at another folder (the demo DiT reuses the demo model's CLIP and VAE)
+SHARED_KEY = "_ldm_export_shared"
+
+
+def _module_class(spec: ModelSpec, name: str):
+    import importlib
+
+    declared = spec.family_def.module(name)
+    return getattr(importlib.import_module(declared.library), declared.class_name)
+
+
+@dataclass(frozen=True)
+class LoadedDiT:
+    modules: dict[str, nn.Module]  # text encoders by component name, "transformer", "vae"
+    source: str  # "random", "diffusers", "single-file"
+    sha256: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    seed: int | None = None
+    tokenizer_dirs: dict[str, Path] = field(default_factory=dict)  # tokenizer folder name -> the weights' folder
+
+
+def refuse_dit_for_unet(keys, path: Path) -> None:
+    """For the U-Net loaders: a DiT single file names itself by its keys; say which model it is."""
+    for marker, what in DIT_MARKERS.items():
+        key = next((k for k in keys if k.startswith(marker)), None)
+        if key is not None:
+            raise LdmExportError(f"{path.name} holds {what}, not a U-Net: its key '{key}' has no place in a U-Net "
+                                 "checkpoint; pass the --model it belongs to")
+
+
+def load_dit_weights(spec: ModelSpec, weights: str | Path | None, random_weights: bool = False, seed: int = 0,
+                     trust_pickle: bool = False) -> LoadedDiT:
+    """``spec``'s modules (eval, float32) with random weights or weights read from ``weights``."""
+    if random_weights and weights is not None:
+        raise LdmExportError("both --weights and --random-weights were given; pass only one of them")
+    if random_weights:
+        from .models import build_random
+
+        return LoadedDiT(_finish(build_random(spec, seed)), "random", seed=seed)
+    if weights is None:
+        raise LdmExportError(f"no weights for model '{spec.name}'; pass --weights PATH (a diffusers folder or a "
+                             "single-file checkpoint) or --random-weights")
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise LdmExportError(f"weights path {path} does not exist; pass a diffusers folder or a .safetensors file")
+    if path.is_dir():
+        return _load_folder(spec, path, trust_pickle)
+    return _load_single_file(spec, path, trust_pickle)
+
+
+def _finish(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    for m in modules.values():
+        m.float().eval()
+    return modules
+
+
+# ------------------------------------------------------------------------------------------------- folder
+
+
+def _load_folder(spec: ModelSpec, folder: Path, trust_pickle: bool) -> LoadedDiT:
+    from diffusers.utils import is_accelerate_available
+
+    family = spec.family_def
+    if not (folder / "model_index.json").is_file():
+        raise LdmExportError(f"{folder} is a directory without model_index.json, so not a diffusers pipeline folder; "
+                             "pass the pipeline's top folder or a single-file .safetensors checkpoint")
+    index = _read_json(folder / "model_index.json")
+    shared = {k: (folder / v).resolve() for k, v in (index.get(SHARED_KEY) or {}).items()}
+    files = {"model_index.json": _sha256(folder / "model_index.json")}
+    names = [m.name for m in family.modules]
+    if not (folder / "transformer").is_dir() and (folder / "unet").is_dir():
+        raise LdmExportError(f"{folder} holds a U-Net pipeline (unet/), not a DiT: model '{spec.name}' needs "
+                             "transformer/; pass the --model these weights belong to (sd15, sd21, ...)")
+    subs = {name: shared.get(name, folder / name) for name in names}
+    for name in names:  # every folder and config first, before any weights
+        sub = subs[name]
+        if not sub.is_dir():
+            what = _ROLES.get(family.module(name).class_name, name)
+            raise LdmExportError(f"diffusers folder {folder} has no {name}/ ({what}); model '{spec.name}' needs "
+                                 f"{', '.join(n + '/' for n in names)}, each with config.json and weights")
+        if not (sub / "config.json").is_file():
+            raise LdmExportError(f"{sub} has no config.json; re-save the component with save_pretrained")
+    for name in names:
+        declared = family.module(name)
+        got = _read_json(subs[name] / "config.json")
+        want = spec.configs[name]
+        if declared.library == "diffusers":
+            _check_config(folder, name, _with_init_defaults(_module_class(spec, name), got),
+                          {k: v for k, v in want.items() if k not in ("scaling_factor", "shift_factor")}, spec.name,
+                          ignore=_NON_ARCHITECTURE.get(name, set()))
+        else:
+            keys = _T5_KEYS if declared.class_name == "T5EncoderModel" else _CLIP_KEYS
+            _check_config(folder, name, got, {k: want[k] for k in keys if k in want}, spec.name)
+
+    modules: dict[str, nn.Module] = {}
+    tokenizers: dict[str, Path] = {}
+    for name in names:
+        sub = subs[name]
+        weight_files, variant, use_safetensors = _folder_weight_files(sub, trust_pickle)
+        for f in weight_files:
+            files[f"{name}/{f.name}"] = _sha256(f)
+        files[f"{name}/config.json"] = _sha256(sub / "config.json")
+        kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True,
+                                  "use_safetensors": use_safetensors, "variant": variant}
+        loader = _module_class(spec, name).from_pretrained
+        if family.module(name).library == "transformers":
+            kwargs["dtype"] = torch.float32
+        else:
+            kwargs.update(torch_dtype=torch.float32, low_cpu_mem_usage=is_accelerate_available())
+        try:
+            module, info = loader(str(sub), **kwargs)
+        except LdmExportError:
+            raise
+        except Exception as exc:
+            raise LdmExportError(f"could not load {sub}: {_one_line(exc)}") from exc
+        _check_loading_info(sub, name, info)
+        _check_structure(spec, name, module, "the folder's module")
+        modules[name] = module
+        if name in family.text_encoders:
+            tokenizer = family.tokenizers[family.text_encoders.index(name)]
+            tok = shared.get(tokenizer, folder / tokenizer)
+            if not tok.is_dir():
+                raise LdmExportError(f"diffusers folder {folder} has no {tok.name}/ (the tokenizer of {name}); copy it "
+                                     "from the model's release")
+            tokenizers[tokenizer] = tok
+    scale = modules["vae"].config.scaling_factor
+    if abs(float(scale) - float(spec.vae.get("scaling_factor", scale))) > 1e-6:
+        log.warning("%s/vae has scaling_factor %s, model %s %s; using the folder's", folder, scale, spec.name,
+                    spec.latent_scale)
+    return LoadedDiT(_finish(modules), "diffusers", files=files, tokenizer_dirs=tokenizers)
+
+
+def _check_structure(spec: ModelSpec, name: str, module: nn.Module, source: str) -> None:
+    with _parameters_on_meta():
+        reference = build_module(spec, name)
+    _compare_state_dicts(name, {k: v.shape for k, v in module.state_dict().items()}, reference.state_dict(), spec.name,
+                         source=source)
+
+
+# ------------------------------------------------------------------------------------------------- single file
+
+
+def _load_single_file(spec: ModelSpec, path: Path, trust_pickle: bool) -> LoadedDiT:
+    if not os.access(path, os.R_OK):
+        raise LdmExportError(f"cannot read {path} (permission denied); check the file's permissions")
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        if not trust_pickle:
+            raise LdmExportError(f"{path.name} is a pickle checkpoint, and loading pickle runs code from the file; pass "
+                                 "--trust-pickle if you trust its source, or convert it to .safetensors")
+        checkpoint = _PickleCheckpoint(path)
+    elif suffix in SAFETENSORS_SUFFIXES:
+        checkpoint = _SafetensorsCheckpoint(path)
+    else:
+        raise LdmExportError(f"{path.name}: unknown weights format '{suffix}'; pass a .safetensors file or a "
+                             "diffusers folder")
+    digest = _sha256(path)
+    with checkpoint:
+        modules = _convert_single_file(spec, path, checkpoint)
+    return LoadedDiT(_finish(modules), "single-file", sha256=digest, files={path.name: digest})
+
+
+def _convert_single_file(spec: ModelSpec, path: Path, checkpoint) -> dict[str, nn.Module]:
+    from diffusers.loaders import single_file_utils as sfu
+
+    keys = checkpoint.keys()
+    unet_key = next((k for k in keys if k.startswith(UNET_MARKER)), None)
+    if unet_key is not None:
+        raise LdmExportError(f"{path.name} holds a U-Net, not the transformer of '{spec.name}': its key '{unet_key}' "
+                             "has no place in a DiT checkpoint; pass the --model it belongs to (sd15, sd21, ...)")
+    family = spec.family_def
+    if family.module("transformer").class_name != "SD3Transformer2DModel" or len(family.text_encoders) != 3:
+        raise LdmExportError(f"{path.name}: single-file checkpoints are read in Stability's SD3 layout only; for "
+                             f"'{spec.name}' (FLUX's text encoders and VAE ship separately) pass a diffusers folder")
+    marker = "model.diffusion_model.joint_blocks."
+    if not any(k.startswith(marker) for k in keys):
+        other = next((f"'{k}' ({w})" for m, w in DIT_MARKERS.items() for k in keys if k.startswith(m)), None)
+        first = other or (f"'{keys[0]}'" if keys else "no keys at all")
+        raise LdmExportError(f"{path.name} is not an SD3 checkpoint: no key starts with '{marker}' (first key: "
+                             f"{first}); pass the --model it belongs to, or a diffusers folder")
+    modules: dict[str, nn.Module] = {}
+    state = checkpoint.take((SD3_PREFIX,))
+    converted = _convert("transformer", path, lambda: sfu.convert_sd3_transformer_checkpoint_to_diffusers(state))
+    modules["transformer"] = _adopt(spec, "transformer", converted)
+    if not any(k.startswith(VAE_PREFIX) for k in keys):
+        raise LdmExportError(f"{path.name} has no VAE weights (no key starts with '{VAE_PREFIX}'); pass a diffusers "
+                             "folder, or the single file that includes them")
+    state = checkpoint.take((VAE_PREFIX,))
+    modules["vae"] = _adopt(spec, "vae", _convert("vae", path, lambda: sfu.convert_ldm_vae_checkpoint(state, spec.vae)))
+    roles = dict(zip(family.text_encoders, ("clip_l", "clip_g", "t5xxl")))
+    for name, role in roles.items():
+        prefix = SD3_TEXT_PREFIXES[role]
+        if not any(k.startswith(prefix) for k in keys):
+            raise LdmExportError(f"{path.name} has no {role} weights (no key starts with '{prefix}'): it is the "
+                                 "transformer-only release; pass the single file that includes the text encoders "
+                                 "(sd3_medium_incl_clips_t5xxlfp16.safetensors) or a diffusers folder")
+        state = checkpoint.take((prefix,))
+        converted = {k[len(prefix):]: v for k, v in state.items()}
+        if role == "t5xxl":
+            converted.setdefault("encoder.embed_tokens.weight", converted.get("shared.weight"))
+        modules[name] = _adopt(spec, name, {k: v for k, v in converted.items() if v is not None})
+    return {m.name: modules[m.name] for m in family.modules}
+
+
+def _convert(name: str, path: Path, convert) -> dict[str, torch.Tensor]:
+    try:
+        converted = convert()
+    except (KeyError, IndexError, ValueError, RuntimeError, AttributeError) as exc:
+        raise LdmExportError(f"{path.name}: cannot convert the {name} weights ({type(exc).__name__}: "
+                             f"{_one_line(exc)}); the checkpoint is incomplete or of another architecture") from exc
+    return {k: v for k, v in converted.items() if v is not None}
+
+
+def _adopt(spec: ModelSpec, name: str, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Build ``name`` on meta, compare keys and shapes (naming the first difference), then adopt the tensors."""
+    with _parameters_on_meta():
+        module = build_module(spec, name)
+    expected = module.state_dict()
+    for key in [k for k in state if k not in expected and k.endswith("position_ids")]:
+        del state[key]  # CLIP's non-persistent buffer, stored by older exports
+    _compare_state_dicts(name, {k: v.shape for k, v in state.items()}, expected, spec.name, source="the checkpoint")
+    module.load_state_dict({k: v.to(torch.float32).contiguous() for k, v in state.items()}, strict=True, assign=True)
+    return module

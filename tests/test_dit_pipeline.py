@@ -1,0 +1,123 @@
+"""DiT families end to end: bundles of tiny-sd3 / tiny-flux run by the numpy Pipeline match diffusers' own
+StableDiffusion3Pipeline / FluxPipeline on the same weights, tokenizers and initial noise (PSNR >= 40 dB)."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ldm_export.export.build import BuildConfig, build  # noqa: E402
+from ldm_export.runtime import Pipeline  # noqa: E402
+from ldm_export.runtime.errors import LdmExportError  # noqa: E402
+from ldm_export.zoo import get_model  # noqa: E402
+from ldm_export.parity.pipelines import (CASES, PROMPT, PSNR_TARGET, TINY_SCHNELL, build_case,  # noqa: E402
+                                         compare_case)
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """name -> (bundle, diffusers folder, modules, spec) for tiny-sd3, tiny-flux (dev-like) and a schnell variant."""
+    out = {}
+    for spec in (get_model("tiny-sd3"), get_model("tiny-flux"), TINY_SCHNELL):
+        out[spec.name] = (*build_case(spec, tmp_path_factory.mktemp(spec.name)), spec)
+    return out
+
+
+@pytest.mark.parametrize("name,guidance,negative", CASES)
+def test_end_to_end_parity_with_diffusers_pipeline(built, name, guidance, negative):
+    bundle, folder, modules, spec = built[name]
+    r = compare_case(bundle, folder, modules, spec, guidance, negative)
+    assert r["latent_max_abs"] < 1e-4 * r["latent_ref_max"]
+    assert r["psnr_db"] >= PSNR_TARGET
+
+
+def test_guidance_changes_flux_dev_but_not_schnell(built):
+    latents = np.random.default_rng(1).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    run = lambda name, g: Pipeline.from_bundle(built[name][0])(PROMPT, num_inference_steps=2, guidance_scale=g,  # noqa: E731
+                                                               latents=latents, return_latents=True)
+    assert np.abs(run("tiny-flux", 1.5) - run("tiny-flux", 4.0)).max() > 1e-4  # dev: guidance is an input
+    np.testing.assert_array_equal(run("tiny-flux-schnell", 1.5), run("tiny-flux-schnell", 4.0))
+
+
+def test_images_carry_metadata_and_sizes_are_checked(built):
+    pipe = Pipeline.from_bundle(built["tiny-flux"][0])
+    image = pipe(PROMPT, num_inference_steps=2, seed=3, width=48, height=32)[0]
+    assert image.size == (48, 32) and "Steps: 2" in image.info["parameters"]
+    with pytest.raises(LdmExportError, match="multiple of 16"):
+        pipe(PROMPT, num_inference_steps=2, width=40)
+
+
+def test_t5_prompt_beyond_max_length_warns_with_the_cut_text(built, caplog):
+    pipe = Pipeline.from_bundle(built["tiny-sd3"][0])
+    long_prompt = " ".join(["a red circle on the left"] * 6) + " and finally a blue square"
+    with caplog.at_level(logging.WARNING, logger="ldm_export.runtime.tokenizer_t5"):
+        pipe.encode([long_prompt])
+    assert "truncated" in caplog.text and "blue square" in caplog.text
+
+
+def test_static_shape_bundle_matches_dynamic(built, tmp_path):
+    bundle, folder, _, spec = built["tiny-sd3"]
+    static = tmp_path / "static"
+    build(BuildConfig(model="tiny-sd3", precision="fp32", weights=folder, out=static, static_shape=True))
+    latents = np.random.default_rng(2).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    a = Pipeline.from_bundle(bundle)(PROMPT, num_inference_steps=3, guidance_scale=4.0, latents=latents,
+                                     return_latents=True)
+    b = Pipeline.from_bundle(static)(PROMPT, num_inference_steps=3, guidance_scale=4.0, latents=latents,
+                                     return_latents=True)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_demo_dit_folder_reuses_the_demo_models_clip_and_vae(tmp_path):
+    """A demo-dit folder as train_dit installs it (transformer + scheduler; CLIP, VAE, tokenizer shared from the
+    demo U-Net model's folder) builds, and the bundle generates 64 px images through the same Pipeline."""
+    import shutil
+    from pathlib import Path
+
+    import ldm_export
+    from ldm_export.demo import train_dit
+    from ldm_export.export.models import build_module
+
+    spec = get_model("demo-dit")
+    shutil.copytree(Path(ldm_export.__file__).parent / "assets" / "demo", tmp_path / "demo")
+    trained = tmp_path / "trained"
+    torch.manual_seed(0)
+    build_module(spec, "transformer").save_pretrained(str(trained / "transformer"))
+    (trained / "scheduler").mkdir()
+    (trained / "scheduler" / "scheduler_config.json").write_text(json.dumps(spec.scheduler))
+    folder = train_dit.install(trained, tmp_path / "demo-dit")
+    bundle = tmp_path / "bundle"
+    manifest = build(BuildConfig(model="demo-dit", precision="fp32", weights=folder, out=bundle))
+    assert manifest["model"]["family"] == "demo-dit" and manifest["model"]["max_length"] == 32
+    assert manifest["components"]["transformer"]["spec"]["inputs"][1]["shape"] == ["batch", "text_sequence", 64]
+    pipe = Pipeline.from_bundle(bundle)
+    assert pipe.tokenizers["tokenizer"]("a red circle").shape == (1, 32)
+    images = pipe(["a red circle on the left", "a blue square"], num_inference_steps=3, guidance_scale=5.0, seed=0)
+    assert [im.size for im in images] == [(64, 64), (64, 64)]
+    assert "Euler" in images[0].info["parameters"]
+
+
+def test_dit_bench_runs_every_backend_on_the_same_pipeline(built, tmp_path):
+    from ldm_export.bench.run import BenchConfig, run_bench
+
+    result = run_bench(BenchConfig(bundle=built["tiny-flux"][0], weights=built["tiny-flux"][1], device="cpu",
+                                   backends=("torch-eager", "ort"),
+                                   steps=2, repeats=1, e2e_repeats=1, warmup=0, out=tmp_path))
+    for name in ("torch-eager", "ort"):
+        entry = result["backends"][name]
+        assert "error" not in entry, entry
+        assert entry["components"]["unet_step"]["median_ms"] > 0 and entry["fidelity"]["psnr_db"] > 40
+    assert (tmp_path / "bench_tiny-flux_cpu.md").is_file()
+
+
+def test_missing_embedded_demo_dit_weights_is_one_line_error(tmp_path, monkeypatch):
+    import dataclasses
+
+    from ldm_export.zoo import MODELS
+
+    monkeypatch.setitem(MODELS, "demo-dit", dataclasses.replace(get_model("demo-dit"), embedded_weights="assets/absent"))
+    with pytest.raises(LdmExportError, match="embedded weights of 'demo-dit' are not installed.*--random-weights"):
+        build(BuildConfig(model="demo-dit", out=tmp_path / "b"))
+    assert not (tmp_path / "b").exists()
