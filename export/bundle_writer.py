@@ -10,12 +10,11 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 from pathlib import Path
 from typing import Iterator
 
 from ldm_export.runtime.bundle import FORMAT, MANIFEST
-from ldm_export.runtime.errors import LdmExportError
+from ldm_export.runtime.errors import LdmExportError, sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +85,6 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Let SIGTERM unwind like Ctrl-C so the staging folder is removed."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-@contextlib.contextmanager
 def staging(out: Path, force: bool, weights: Path | None = None) -> Iterator[Path]:
     """Yield an empty staging folder; on success rename it to ``out`` (replacing it with ``force``)."""
     out = Path(os.path.abspath(out))
@@ -114,7 +97,7 @@ def staging(out: Path, force: bool, weights: Path | None = None) -> Iterator[Pat
     except OSError as e:
         raise LdmExportError(f"cannot create {stage}: {e.strerror}; choose another --out") from None
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             yield stage
             _commit(stage, out, force)
     except OSError as e:

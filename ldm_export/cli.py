@@ -10,11 +10,11 @@ import click
 from rich.table import Table
 
 from ldm_export.cli_bench import bench
-from ldm_export.cli_common import _guard, _human, _sigterm_as_interrupt, console, out_console
+from ldm_export.cli_common import _guard, _human, console, out_console
 from ldm_export.cli_int8 import int8_config, int8_options, quantize
 from ldm_export.cli_lora import lora
 from ldm_export.cli_tensorrt import engines
-from ldm_export.runtime.errors import LdmExportError
+from ldm_export.runtime.errors import LdmExportError, sigterm_as_interrupt
 from ldm_export.serve.cli import loadtest, serve
 
 # diffusers warns at import about the optimum / optimum-onnx split distributions; users can't act on it
@@ -262,7 +262,7 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
     times: list[float] = []
     last = None
     try:
-        with _sigterm_as_interrupt(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        with sigterm_as_interrupt(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                                TimeElapsedColumn(), console=console, transient=True) as bar:
             task = bar.add_task("sampling", total=steps * len(paths))
             t1 = time.perf_counter()

@@ -1,12 +1,9 @@
 """What every `ldm-export` command shares: the consoles and the error guard (one line and an exit code)."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import signal
 import sys
-from typing import Iterator
 
 from rich.console import Console
 from rich.markup import escape
@@ -49,19 +46,3 @@ def _guard(fn):
             console.print("[red]error:[/red] out of memory; close other programs or build a smaller model", soft_wrap=True)
             sys.exit(3)
     return wrapper
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Let SIGTERM unwind like Ctrl-C, so a command cleans up and says what it kept."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)

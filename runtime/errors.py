@@ -1,4 +1,8 @@
 """The one error class users see: a one-line message that says what was wrong and what to do."""
+import contextlib
+import signal
+from typing import Iterator
+
 import numpy as np
 
 
@@ -25,3 +29,20 @@ class LdmExportError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Let SIGTERM unwind like Ctrl-C, so a command (a build's staging folder, generate's images) cleans up and says
+    what it kept."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
