@@ -147,3 +147,21 @@ def test_nine_channel_inpainting_unet_matches_diffusers(inpaint_bundle, monkeypa
     repaint = np.asarray(mask)[..., None].repeat(3, -1) > 0
     value = PARITY["tiny-inpaint (9-channel UNet), strength 1 (masked pixels)"] = psnr(got, to_uint8(theirs)[0], repaint)
     assert value >= 40
+
+
+def test_generate_hands_over_to_a_refiner_image_by_image(tmp_path):
+    """`generate --refiner`: the base runs the first part of the schedule, the refiner the rest, one image at a time
+    with seed + k, so image k of a batch equals the same command run alone with seed + k."""
+    base, refiner = tmp_path / "base", tmp_path / "refiner"
+    build(BuildConfig(model="tiny-sdxl", random_weights=True, seed=0, out=base))
+    build(BuildConfig(model="tiny-sdxl-refiner", random_weights=True, seed=1, out=refiner))
+    common = ("--refiner", str(refiner), "--refiner-start", "0.75", "--steps", "4", "--sampler", "Euler")
+    r = run_cli("generate", str(base), "a red circle", *common, "--seed", "3", "--num-images", "2",
+                "--out", str(tmp_path / "two.png"))
+    assert r.returncode == 0, r.stderr
+    alone = run_cli("generate", str(base), "a red circle", *common, "--seed", "4", "--out", str(tmp_path / "one.png"))
+    assert alone.returncode == 0, alone.stderr
+    second = Image.open(tmp_path / "two-2.png")
+    assert "Seed: 4" in second.info["parameters"]
+    assert np.array_equal(np.asarray(second), np.asarray(Image.open(tmp_path / "one.png")))
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "two-1.png")), np.asarray(second))
