@@ -10,7 +10,7 @@ import click
 from rich.table import Table
 
 from ldm_export.cli_bench import bench
-from ldm_export.cli_common import _guard, _human, console, out_console
+from ldm_export.cli_common import _guard, _human, console, out_console, signals_deferred
 from ldm_export.cli_int8 import int8_config, int8_options, quantize
 from ldm_export.cli_lora import lora
 from ldm_export.cli_tensorrt import engines
@@ -268,8 +268,9 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
             t1 = time.perf_counter()
             for k, image in images:
                 last = image.info["parameters"]
-                save_image(image, paths[k], last)
-                written.append(paths[k])
+                with signals_deferred():  # an interrupt between the rename and the count would misreport
+                    save_image(image, paths[k], last)
+                    written.append(paths[k])
                 times.append(time.perf_counter() - t1)
                 out_console.print(f"wrote {paths[k]}")
     except KeyboardInterrupt:

@@ -1,9 +1,12 @@
 """What every `ldm-export` command shares: the consoles and the error guard (one line and an exit code)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import sys
+from typing import Iterator
 
 from rich.console import Console
 from rich.markup import escape
@@ -46,3 +49,19 @@ def _guard(fn):
             console.print("[red]error:[/red] out of memory; close other programs or build a smaller model", soft_wrap=True)
             sys.exit(3)
     return wrapper
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done (they arrive after it), so a step that must finish whole
+    (write an image and count it) is never cut in two."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):  # no POSIX signal masks here: run the block as is
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
