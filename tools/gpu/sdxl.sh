@@ -6,7 +6,7 @@
 # 2. bench: `ldm-export bench` with torch-eager, torch-compile and ort-nhwc (the runtime's CUDA engine: static
 #    shapes, CUDA graphs, channels-last, fused kernels) side by side in one run, 30 steps, Euler, CFG 7.5.
 #    Targets: UNet step <= 30 ms; end to end >= 1.4x torch-compile and >= 2x eager.
-# Needs onnxruntime-gpu and diffusers importable (PYTHONPATH=/tmp/site as the lead stages them). Writes build.log,
+# Needs onnxruntime-gpu and diffusers importable (PYTHONPATH=/tmp/site, as tools/gpu/session.sh installs them). Writes build.log,
 # build_summary.json, bench.log and bench_sdxl_cuda.{json,md,png} to $OUT. Budget: about 12 minutes (build ~6,
 # bench ~6: torch.compile alone compiled the SDXL UNet in 152 s on an H200); each step has a hard timeout.
 set -o pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session, run in the background so that a lease's short calls can poll it.
+# A GPU machine's work, run in the background so that short commands can start it and poll it.
 #   bash tools/gpu/session.sh unpack PART...     reassemble staged wheel parts (core.NN, ray.NN) and install them
 #   bash tools/gpu/session.sh start STEP...      run the steps in order, in a new process session, and return
 #   bash tools/gpu/session.sh status             print each step's state and log tail; copy every log to $OUT
