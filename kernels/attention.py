@@ -72,12 +72,19 @@ def multi_head_attention(query, key, value, num_heads: int, scale: float):
     return _function().apply(query, key, value, num_heads, scale)
 
 
-class FusedAttnProcessor:
-    """diffusers attention processor equal to ``AttnProcessor2_0`` with the core as one fused op (no masks)."""
+class CoreAttnProcessor:
+    """diffusers attention processor equal to ``AttnProcessor2_0`` (no masks) with the scaled-dot-product core
+    replaced by ``core(query, key, value, heads, scale)``; subclasses name the core and say what they are."""
+
+    what = "this attention"
+
+    @staticmethod
+    def core(query, key, value, num_heads: int, scale: float):
+        raise NotImplementedError("CoreAttnProcessor needs a subclass that names its attention core")
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         if attention_mask is not None:
-            raise NotImplementedError("fused attention with an attention mask is not built (SD UNets pass none)")
+            raise NotImplementedError(f"{self.what} with an attention mask is not built (SD UNets pass none)")
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -95,10 +102,10 @@ class FusedAttnProcessor:
         key = attn.to_k(encoder_hidden_states)  # (B, L, D)
         value = attn.to_v(encoder_hidden_states)
         if attn.norm_q is not None or attn.norm_k is not None:
-            raise NotImplementedError("fused attention with q/k norms is not built (SD 1.x/2.x have none)")
+            raise NotImplementedError(f"{self.what} with q/k norms is not built (SD 1.x/2.x have none)")
         head_dim = key.shape[-1] // attn.heads
         scale = attn.scale if getattr(attn, "scale", None) is not None else 1.0 / math.sqrt(head_dim)
-        hidden_states = multi_head_attention(query, key, value, attn.heads, float(scale)).to(query.dtype)
+        hidden_states = self.core(query, key, value, attn.heads, float(scale)).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
@@ -106,6 +113,13 @@ class FusedAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class FusedAttnProcessor(CoreAttnProcessor):
+    """``AttnProcessor2_0`` with the core as one fused op (no masks)."""
+
+    what = "fused attention"
+    core = staticmethod(multi_head_attention)
 
 
 def install(module, skip_prefixes: tuple[str, ...] = ()) -> list[tuple[object, object]]:

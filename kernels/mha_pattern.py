@@ -16,7 +16,8 @@ ONNX Runtime's CPU provider (which verifies the build) both read the graph. Used
 from __future__ import annotations
 
 import logging
-import math
+
+from .attention import CoreAttnProcessor
 
 log = logging.getLogger(__name__)
 
@@ -32,40 +33,11 @@ def attention_core(query, key, value, heads: int, scale: float):
     return (probs @ v).transpose(1, 2).reshape(b, s, heads * hdv)
 
 
-class PatternAttnProcessor:
-    """diffusers attention processor equal to ``AttnProcessor2_0`` (no masks) with the core as :func:`attention_core`."""
+class PatternAttnProcessor(CoreAttnProcessor):
+    """``AttnProcessor2_0`` (no masks) with the core as :func:`attention_core` (TensorRT's attention pattern)."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        if attention_mask is not None:
-            raise NotImplementedError("TensorRT-pattern attention with an attention mask is not built (SD UNets pass none)")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        if attn.norm_q is not None or attn.norm_k is not None:
-            raise NotImplementedError("TensorRT-pattern attention with q/k norms is not built (SD 1.x/2.x have none)")
-        head_dim = key.shape[-1] // attn.heads
-        scale = attn.scale if getattr(attn, "scale", None) is not None else 1.0 / math.sqrt(head_dim)
-        hidden_states = attention_core(query, key, value, attn.heads, float(scale)).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+    what = "TensorRT-pattern attention"
+    core = staticmethod(attention_core)
 
 
 def install(module) -> list[tuple[object, object]]:
