@@ -22,7 +22,7 @@ from ldm_export.runtime.errors import LdmExportError
 from ldm_export.zoo import ModelSpec
 
 from .models import build_module
-from .weights import (PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, _check_config, _check_loading_info, _compare_state_dicts,
+from .weights import (_finish, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, _check_config, _check_loading_info, _compare_state_dicts,
                       _folder_weight_files, _one_line, _parameters_on_meta, _PickleCheckpoint, _read_json,
                       _SafetensorsCheckpoint, _sha256, _with_init_defaults)
 
@@ -95,12 +95,6 @@ def load_dit_weights(spec: ModelSpec, weights: str | Path | None, random_weights
     if path.is_dir():
         return _load_folder(spec, path, trust_pickle)
     return _load_single_file(spec, path, trust_pickle)
-
-
-def _finish(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    for m in modules.values():
-        m.float().eval()
-    return modules
 
 
 # ------------------------------------------------------------------------------------------------- folder

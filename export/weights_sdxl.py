@@ -18,7 +18,7 @@ from torch import nn
 from ldm_export.runtime.errors import LdmExportError
 
 from .models import build_module, build_random
-from .weights import (LDM_UNET_EMA_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES,
+from .weights import (_finish, LDM_UNET_EMA_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES,
                       LoadedWeights, _Checkpoint, _check_config, _check_loading_info, _compare_state_dicts, _convert,
                       _folder_weight_files, _one_line, _parameters_on_meta, _PickleCheckpoint, _read_json, _sha256,
                       _SafetensorsCheckpoint, _TEXT_ENCODER_ARCHITECTURE_KEYS, _with_init_defaults)
@@ -49,12 +49,6 @@ def load_sdxl_weights(spec, weights: str | Path | None, random_weights: bool = F
     if path.is_dir():
         return _load_folder(spec, path, trust_pickle)
     return _load_single_file(spec, path, trust_pickle)
-
-
-def _finish(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    for m in modules.values():
-        m.float().eval()
-    return modules
 
 
 def _load_folder(spec, folder: Path, trust_pickle: bool) -> LoadedWeights:
