@@ -158,17 +158,48 @@ def quantize_stage(stage: Path, manifest: dict, cfg: Int8Config, progress: Progr
     del pipe, pipe8, fp32_engine, int8_engine
     for f in fp32_files:
         f.unlink()
-    extra = sorted(p for p in folder.iterdir() if p.name.startswith(".int8.onnx") and p != tmp_out)  # external data
-    if extra:
-        raise NotImplementedError("an int8 UNet over 2 GB (external data) is not handled yet")
-    tmp_out.replace(folder / "model.onnx")
+    files = _commit_graph(tmp_out, folder)
     comp = manifest["components"]["unet"]
     comp["precision"] = "int8"
-    comp["files"] = ["unet/model.onnx"]
+    comp["files"] = [f"unet/{f.name}" for f in files]
     manifest["int8"] = {"components": list(cfg.components), "config": cfg.to_json(), "calibration": cap.info,
                         "ranges": "unet/int8_ranges.json", "quantisation": qinfo, "quality": quality}
     (stage / MANIFEST).unlink()
     log.info("int8 UNet: SQNR %.2f dB", quality["components"]["unet"]["sqnr_db"])
+
+
+def _commit_graph(tmp_out: Path, folder: Path) -> list[Path]:
+    """Move the quantised graph at ``tmp_out`` to ``folder/model.onnx``; a graph whose weights ONNX Runtime wrote
+    beside it (an fp32 source over 2 GB, as SD 1.5's UNet) keeps them as one ``model.onnx_data`` (Optimum's name),
+    with the graph's external-data locations rewritten to it. Returns the files, graph first."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    from ldm_export.export.onnx_export import EXTERNAL_DATA
+
+    model = onnx.load(str(tmp_out), load_external_data=False)
+    tensors = [t for t in _all_tensors(model) if uses_external_data(t)]
+    if not tensors:
+        tmp_out.replace(folder / "model.onnx")
+        return [folder / "model.onnx"]
+    sources = {ExternalDataInfo(t).location for t in tensors}
+    if len(sources) != 1:
+        raise LdmExportError(f"the int8 UNet's weights came in {len(sources)} files; expected one, no bundle was written")
+    (src,) = sources
+    (folder / src).replace(folder / EXTERNAL_DATA)
+    for t in tensors:  # the tensors' data are not loaded: rename the location entry in place
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = EXTERNAL_DATA
+    onnx.save_model(model, str(folder / "model.onnx"))
+    tmp_out.unlink()
+    return [folder / "model.onnx", folder / EXTERNAL_DATA]
+
+
+def _all_tensors(model):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return list(_get_all_tensors(model))
 
 
 def quantize_bundle(src: Path, out: Path, cfg: Int8Config, force: bool = False, progress: Progress = lambda *a: None,
@@ -195,12 +226,16 @@ def quantize_bundle(src: Path, out: Path, cfg: Int8Config, force: bool = False, 
     manifest = json.loads(json.dumps(fp32.manifest))
     manifest["files"] = {}
     manifest["int8_source"] = {"bundle": str(src), "created": fp32.manifest.get("created")}
+    quantised = {f for c in cfg.components for f in fp32.manifest["components"][c]["files"]}
     with staging(Path(out), force) as stage:
         for rel in fp32.manifest["files"]:
             if rel == MANIFEST:
                 continue
             dst = stage / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
+            if rel in quantised:  # copied: ONNX refuses external data with several hard links (a link attack)
+                shutil.copy2(src / rel, dst)
+                continue
             try:
                 os.link(src / rel, dst)  # the fp32 files stay untouched: the stage only drops its own links
             except OSError:

@@ -349,3 +349,44 @@ def test_sweep_table_and_plot(tmp_path):
     assert "| percentile | 2.5 | 25.0 | 17.50 | 27.50 / 25.00 | 97.5 | 90.0 | 100.0 | 88.0 | yes |" in md
     write_plot(rows, tmp_path / "p.png", "t")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_int8_of_an_external_data_unet(tiny_bundle, tmp_path):
+    """An fp32 UNet stored as model.onnx + model.onnx_data (every UNet over 2 GB, SD 1.5's too) gives an int8
+    bundle whose weights sit in one unet/model.onnx_data, opens, verifies and runs; the same graph as from a
+    single-file UNet."""
+    from onnx.external_data_helper import uses_external_data
+
+    from ldm_export.runtime.bundle import sha256_file
+
+    src = tmp_path / "ext-fp32"
+    shutil.copytree(tiny_bundle, src)
+    unet = src / "unet" / "model.onnx"
+    onnx.save_model(onnx.load(str(unet)), str(unet), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx_data", size_threshold=0)
+    m = json.loads((src / "ldm_export.json").read_text())
+    m["components"]["unet"]["files"] = ["unet/model.onnx", "unet/model.onnx_data"]
+    for rel in ("unet/model.onnx", "unet/model.onnx_data"):
+        m["files"][rel] = {"sha256": sha256_file(src / rel), "size": (src / rel).stat().st_size}
+    (src / "ldm_export.json").write_text(json.dumps(m))
+
+    out = tmp_path / "ext-int8"
+    manifest = quantize_bundle(src, out, Int8Config(**FAST))
+    assert manifest["components"]["unet"]["files"] == ["unet/model.onnx", "unet/model.onnx_data"]
+    assert sorted(p.name for p in (out / "unet").iterdir()) == ["config.json", "int8_ranges.json", "model.onnx",
+                                                            "model.onnx_data"]
+    graph = onnx.load(str(out / "unet" / "model.onnx"), load_external_data=False)
+    ext = [t for t in graph.graph.initializer if uses_external_data(t)]
+    assert ext and {e.value for t in ext for e in t.external_data if e.key == "location"} == {"model.onnx_data"}
+    b = Bundle.open(out, verify=True)
+    assert b.precision("unet") == "int8" and not list(out.parent.glob(".ext-int8*"))
+    image = Pipeline.from_bundle(out)("a red circle", num_inference_steps=2, seed=0)
+    assert np.asarray(image).std() > 0
+
+    plain = quantize_bundle(tiny_bundle, tmp_path / "plain-int8", Int8Config(**FAST))
+    a = onnx.load(str(out / "unet" / "model.onnx"))
+    p = onnx.load(str(tmp_path / "plain-int8" / "unet" / "model.onnx"))
+    wa = {i.name: onnx.numpy_helper.to_array(i) for i in a.graph.initializer}
+    wp = {i.name: onnx.numpy_helper.to_array(i) for i in p.graph.initializer}
+    assert wa.keys() == wp.keys() and all(np.array_equal(wa[k], wp[k]) for k in wa)
+    assert plain["int8"]["quantisation"]["quantised_nodes"] == manifest["int8"]["quantisation"]["quantised_nodes"]
