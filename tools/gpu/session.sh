@@ -6,12 +6,21 @@
 # Steps run the per-topic scripts of tools/gpu/ with OUT=/tmp/gpu/STEP and SD15_BUNDLE=/tmp/sd15-cuda-fp16.
 # Step names: sd15 (build the static fp16 cuda SD 1.5 bundle), first_image, tensorrt, int8 (int8_build, int8_probe),
 # serve, sdxl (sdxl_build, sdxl_bench), sd3;
-# "a+b" runs a and b at the same time (builds that load the CPU while the GPU is idle).
+# "a+b" runs a and b at the same time (builds that load the CPU while the GPU is idle); "STEP@N" runs a step on
+# GPU N alone (CUDA_VISIBLE_DEVICES=N) on a machine with several GPUs.
+#   bash tools/gpu/session.sh chains "a@0 b@0" "c@1 d@1"   runs each quoted chain in order, the chains side by side
+# A step waits for the steps named in its AFTER_<step> variable below (one chain's step needing another's bundle).
 set -u
 G=/tmp/gpu; mkdir -p $G
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=/tmp/site:$PWD SD15_BUNDLE=/tmp/sd15-cuda-fp16
+AFTER_int8_probe=int8_build
 run_step() {
-  local s=$1; mkdir -p $G/$s
+  local s=${1%@*} gpu=; [[ $1 == *@* ]] && gpu=${1#*@}; mkdir -p $G/$s
+  local after; after=$(eval echo "\${AFTER_$s:-}")
+  for a in $after; do  # wait up to 20 min for the step it needs to finish (or be skipped)
+    for _ in $(seq 240); do grep -qE "^(exit|skipped)" $G/$a.state 2>/dev/null && break; sleep 5; done
+  done
+  [ -n "$gpu" ] && export CUDA_VISIBLE_DEVICES=$gpu
   # `skip STEP...` (below) drops steps queued behind the one running
   if grep -qx "$s" $G/skip 2>/dev/null; then echo "skipped $(date +%T)" > $G/$s.state; return; fi
   echo "running $(date +%T)" > $G/$s.state
@@ -20,6 +29,7 @@ run_step() {
     sd15) OUT=$G/$s bash -c 'set -o pipefail; /usr/bin/time -v python3 -m ldm_export.cli build --model sd15 --random-weights --precision fp16 --target cuda --static-shape --out $SD15_BUNDLE --force 2>&1 | grep -v Warning | tail -40 > $OUT/build.log' ;;
     sdxl_build) OUT=$G/$s STAGE=build bash tools/gpu/sdxl.sh > $G/$s/run.log 2>&1 ;;
     sdxl_bench) OUT=$G/$s STAGE=bench bash tools/gpu/sdxl.sh > $G/$s/run.log 2>&1 ;;
+    sd3_build|sd3_bench|flux) OUT=$G/$s bash tools/gpu/sd3.sh ${s#sd3_} > $G/$s/run.log 2>&1 ;;
     int8_build) OUT=$G/$s STAGE=build bash tools/gpu/int8.sh > $G/$s/run.log 2>&1 ;;
     int8_probe) OUT=$G/$s STAGE=probe bash tools/gpu/int8.sh > $G/$s/run.log 2>&1 ;;
     *) OUT=$G/$s bash tools/gpu/$s.sh > $G/$s/run.log 2>&1 ;;
@@ -46,6 +56,13 @@ case "$1" in
     echo started "$@"
     ;;
   one) run_step "$2" ;;
+  chains)
+    shift
+    setsid bash -c "for c in \"\$@\"; do (for s in \$c; do bash $0 one \$s; done) & done; wait; echo all-done > $G/ALL" \
+      chains "$@" > $G/session.log 2>&1 < /dev/null &
+    echo $! > /tmp/gpu-session.pid
+    echo started chains "$@"
+    ;;
   skip) shift; for s in "$@"; do echo "$s" >> $G/skip; done; echo "will skip $*" ;;
   stop)  # the whole process group of the last start (setsid made it a group leader)
     [ -f /tmp/gpu-session.pid ] && kill -- -"$(cat /tmp/gpu-session.pid)" 2>/dev/null; sleep 2
@@ -54,7 +71,7 @@ case "$1" in
   status)
     for f in $G/*.state; do [ -f "$f" ] && echo "$(basename $f .state): $(cat $f)"; done
     [ -f $G/ALL ] && echo ALL DONE
-    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+    nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader; free -g | sed -n 2p
     for d in $G/*/; do for f in $d*.log; do [ -f "$f" ] && { echo "== $f"; tail -n ${TAIL:-6} "$f"; }; done; done
     [ -n "${OUT:-}" ] && find $G -type f -size -4M ! -name '*.onnx*' ! -name '*.safetensors' ! -name '*.plan' ! -name '*.engine' -printf '%P\n' | tar czf $OUT/gpu-logs.tgz -C $G -T - 2>/dev/null
     ;;
