@@ -25,7 +25,7 @@ if [ $# -eq 0 ]; then
 fi
 case "$1" in
   build)
-    /usr/bin/time -v timeout 420 python3 -m ldm_export.cli -v build --model sd3-medium --random-weights --precision fp16 \
+    /usr/bin/time -v timeout ${BUILD_TIMEOUT:-420} python3 -m ldm_export.cli -v build --model sd3-medium --random-weights --precision fp16 \
       --target cuda --static-shape --out $B --force 2>&1 | grep -v Warning | tee "$OUT/sd3_build.log"
     [ -f $B/ldm_export.json ] && python3 -c "
 import json; m = json.load(open('$B/ldm_export.json'))
