@@ -11,7 +11,7 @@
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/int8-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e . failed"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -c "import ldm_export" || { echo "pip install -e . failed"; exit 1; }  # steps side by side race on the install
 python3 -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'ort', o.__version__, o.get_available_providers())" | tee "$OUT/env.log"
 T0=$(date +%s)
 FP16=${SD15_BUNDLE:-/tmp/sd15-cuda-fp16}

@@ -13,7 +13,7 @@ set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=${PYTHONPATH:-/tmp/site}
 OUT=${OUT:-/tmp/sdxl-out}; mkdir -p "$OUT"
 B=${SDXL_BUNDLE:-/tmp/sdxl-cuda-fp16}
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e . failed"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -c "import ldm_export" || { echo "pip install -e . failed"; exit 1; }  # steps side by side race on the install
 python3 -c "import torch, onnxruntime as o, diffusers; print('torch', torch.__version__, 'ort', o.__version__, o.get_available_providers(), 'diffusers', diffusers.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/versions.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/versions.log"
 

@@ -16,7 +16,7 @@ B=${SD15_BUNDLE:-/tmp/sd15-cuda-fp16}
 if ! python3 -c "import ray.serve, fastapi, starlette, uvicorn, pydantic" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -3
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e . failed"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -c "import ldm_export" || { echo "pip install -e . failed"; exit 1; }  # steps side by side race on the install
 python3 -c "import ray, fastapi, pydantic, onnxruntime as o; print('ray', ray.__version__, 'fastapi', fastapi.__version__, 'pydantic', pydantic.__version__, 'ort', o.__version__, o.get_available_providers())" 2>&1 | tee "$OUT/versions.log"
 python3 -m pip check 2>&1 | grep -iE "ray|fastapi|starlette|uvicorn|pydantic|aiohttp|grpc|protobuf|opentelemetry" \
   | tee -a "$OUT/versions.log"  # a dependency of ray[serve] the image holds in a version too old shows here

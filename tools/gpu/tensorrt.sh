@@ -18,7 +18,7 @@ exec > >(tee "$OUT/tensorrt.log") 2>&1
 step() { echo; echo "=== $* ($(date -u +%T))"; }
 
 step install
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e . failed"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -c "import ldm_export" || { echo "pip install -e . failed"; exit 1; }  # steps side by side race on the install
 if ls .whl/tensorrt_rtx_cu13_*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-deps --no-index .whl/tensorrt_rtx_cu13_*.whl || echo "TensorRT-RTX wheels did not install"
 else

@@ -9,7 +9,7 @@
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-/tmp/site} HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/demo-dit-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e . failed"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -c "import ldm_export" || { echo "pip install -e . failed"; exit 1; }  # steps side by side race on the install
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, torch.cuda.get_device_name())" \
   | tee "$OUT/train.log"
 timeout 540 python3 -m ldm_export.demo.train_dit --out "$OUT" --device cuda --batch ${BATCH:-1024} --lr ${LR:-1e-3} \
