@@ -264,8 +264,13 @@ def load_text_encoder(folder: str | Path):
     state = {k: v.float() for k, v in load_file(folder / "model.safetensors").items()}
     model = CLIPTextModel(CLIPTextConfig(**config.TEXT_ENCODER))
     expected = set(model.state_dict())
-    if not set(state) <= expected:
-        state = {k if k in expected else f"text_model.{k}": v for k, v in state.items()}
+    def rekey(k: str) -> str:  # either version's keys onto this version's model
+        if k in expected:
+            return k
+        bare = k.removeprefix("text_model.")
+        return next((c for c in (f"text_model.{k}", bare) if c in expected), k)
+
+    state = {rekey(k): v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
