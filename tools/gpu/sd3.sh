@@ -42,7 +42,7 @@ print(json.dumps(rows, indent=1))" | tee "$OUT/sd3_verification.json"
       | grep -v Warning | tee "$OUT/sd3_bench.log"
     ;;
   flux)
-    /usr/bin/time -v timeout 360 python3 tools/gpu/flux_export.py --out "$OUT" --work /tmp/flux-dev-transformer 2>&1 \
+    /usr/bin/time -v timeout ${FLUX_TIMEOUT:-360} python3 tools/gpu/flux_export.py --out "$OUT" --work /tmp/flux-dev-transformer 2>&1 \
       | grep -v Warning | tee "$OUT/flux_export.log"
     ;;
   tests)
