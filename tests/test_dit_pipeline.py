@@ -121,3 +121,23 @@ def test_missing_embedded_demo_dit_weights_is_one_line_error(tmp_path, monkeypat
     with pytest.raises(LdmExportError, match="embedded weights of 'demo-dit' are not installed.*--random-weights"):
         build(BuildConfig(model="demo-dit", out=tmp_path / "b"))
     assert not (tmp_path / "b").exists()
+
+
+def test_embedded_demo_dit_builds_without_flags_and_draws_the_prompt(tmp_path):
+    """The trained demo DiT ships in the package: `build --model demo-dit` needs no weights flag, and the numpy
+    runtime draws each prompt's colour, shape and position at its default guidance (12 of the 120 checker cases,
+    every colour, shape and position; the full table is docs/dit.md's)."""
+    from ldm_export.demo import dit_config
+    from ldm_export.demo.adherence import initial_latents, read_image, score
+    from ldm_export.demo.data import prompt_cases
+    from ldm_export.runtime.pipeline import Pipeline
+
+    manifest = build(BuildConfig(model="demo-dit", out=tmp_path / "b"))
+    assert manifest["model"]["family"] == "demo-dit" and manifest["weights"]["source"] == "embedded"
+    pipe = Pipeline.from_bundle(tmp_path / "b")
+    cases = prompt_cases()[::10]
+    images = pipe([c[0] for c in cases], num_inference_steps=dit_config.DEFAULT_STEPS,
+                  guidance_scale=dit_config.DEFAULT_GUIDANCE, seed=0, latents=initial_latents(len(cases), 0))
+    readings = [read_image(im) for im in images]
+    acc = score(readings, cases)
+    assert acc["colour"] >= 90 and acc["position"] >= 90 and acc["shape"] >= 80, (acc, cases, readings)

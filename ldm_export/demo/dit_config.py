@@ -12,7 +12,7 @@ RESOLUTION = demo.RESOLUTION  # 64 px, 8x8 latents
 # CLIP's causal mask makes the first 32 outputs of a 77-token run equal to a 32-token run, and every caption of the
 # data (at most 20 tokens with bos/eos) fits: the DiT attends over 32 text tokens, not 77.
 MAX_LENGTH = 32
-EMBEDDED_WEIGHTS = "assets/demo-dit"  # transformer/ and scheduler/; text encoder, VAE, tokenizer from assets/demo
+EMBEDDED_WEIGHTS = "assets/demo_dit"  # transformer/ and scheduler/; text encoder, VAE, tokenizer from assets/demo
 
 # diffusers SD3Transformer2DModel config. Patch 1: 64 image tokens, one per latent pixel (2x2 patches would give a
 # 4x4 grid, too coarse for the shape the checker reads). pooled_projections is the CLIP pooler output (64).

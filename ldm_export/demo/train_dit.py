@@ -168,10 +168,10 @@ def load_demo_parts(device):
 
 
 def install(src: str | Path, dest: str | Path | None = None) -> Path:
-    """Copy a trained ``DIR/model`` (transformer/, scheduler/) into the package's ``assets/demo-dit`` with the
+    """Copy a trained ``DIR/model`` (transformer/, scheduler/) into the package's ``assets/demo_dit`` with the
     model_index.json that points the text encoder, VAE and tokenizer at the demo U-Net model's folders."""
     src = Path(src)
-    dest = Path(dest) if dest else DEMO_ASSETS.parent / "demo-dit"
+    dest = Path(dest) if dest else DEMO_ASSETS.parent / "demo_dit"
     for sub in ("transformer", "scheduler"):
         if not (src / sub / "config.json").is_file() and not (src / sub / "scheduler_config.json").is_file():
             raise SystemExit(f"{src / sub} is missing; pass the model/ folder train_dit.py wrote")
@@ -195,7 +195,7 @@ def install(src: str | Path, dest: str | Path | None = None) -> Path:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the embedded demo DiT (SD3-class MMDiT, flow matching).")
     p.add_argument("--out", help="output folder (model/, train_log.jsonl, grid.png)")
-    p.add_argument("--install", metavar="MODEL_DIR", help="only copy a trained DIR/model into ldm_export/assets/demo-dit")
+    p.add_argument("--install", metavar="MODEL_DIR", help="only copy a trained DIR/model into ldm_export/assets/demo_dit")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=60000)
