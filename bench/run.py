@@ -236,12 +236,12 @@ class OrtBackend(_Backend):
     """The bundle's graphs on ONNX Runtime: CudaEngine (IOBinding, CUDA graphs when static) or the CPU OrtEngine."""
 
     def __init__(self, bundle_path: Path, device: str, threads: int | None = None, prefer_nhwc: bool = False,
-                 cuda_options: dict[str, str] | None = None):
+                 cuda_options: dict[str, str] | None = None, native_tensorrt: bool = False):
         from ldm_export.runtime.bundle import Bundle
 
         self.bundle = Bundle.open(bundle_path)
         self.device = device
-        self.name = "ort-nhwc" if prefer_nhwc else "ort"
+        self.name = "tensorrt" if native_tensorrt else "ort-nhwc" if prefer_nhwc else "ort"
         self.cuda_options = dict(cuda_options or {})
         self.family = self.bundle.family
         self.denoiser = self.family.denoiser
@@ -250,7 +250,11 @@ class OrtBackend(_Backend):
         t0 = time.perf_counter()
         for c in _components(self.family):
             spec = self.bundle.spec(c)
-            if device == "cuda":
+            if native_tensorrt:  # the plans `ldm-export engines` stored for this GPU and builder, as generate runs them
+                from ldm_export.runtime.engine_tensorrt import load_tensorrt_engine
+
+                self.engines[c] = load_tensorrt_engine(self.bundle, c)
+            elif device == "cuda":
                 from ldm_export.runtime.pipeline import cuda_engine
 
                 # ort-nhwc: the runtime's own engine (channels-last, conv+bias fusion); ort: plain NCHW
@@ -487,7 +491,15 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
                 b.name = "ort-int8"
                 entry["load_s"] = b.load_s
             elif name == "tensorrt":
-                raise _Skip(_tensorrt_missing() or "the TensorRT backend of bench is not built yet")
+                if cfg.device != "cuda":
+                    raise _Skip("TensorRT engines run on a CUDA GPU: use --device cuda")
+                if cfg.bundle is None:
+                    raise _Skip("the tensorrt backend runs the engines stored in a bundle: give --bundle")
+                try:
+                    b = OrtBackend(cfg.bundle, "cuda", native_tensorrt=True)
+                except LdmExportError as e:  # no TensorRT, no engines for this GPU, a refused plan: say why
+                    raise _Skip(str(e)) from None
+                entry["load_s"] = b.load_s
             else:
                 raise LdmExportError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
             b.reset_memory()
@@ -552,14 +564,6 @@ def _check_int8_bundle(cfg: BenchConfig, bundle) -> None:
     if int8.model["name"] != bundle.model["name"] or int8.manifest["weights"] != bundle.manifest["weights"]:
         raise LdmExportError(f"{cfg.int8_bundle} holds another model or weights than {cfg.bundle}; give the int8 "
                              "bundle made from the same fp32 weights")
-
-
-def _tensorrt_missing() -> str | None:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "TensorRT is not installed on this machine (PyPI's tensorrt packages download from NVIDIA)"
-    return None
 
 
 def profile_unet(bundle_path: Path, runs: int = 5, warmup: int = 2, prefer_nhwc: bool = False,

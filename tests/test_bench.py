@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ldm_export.bench.run import image_fidelity, markdown, stats, write_reports
+from ldm_export.runtime.errors import LdmExportError
 
 from conftest import run_cli, torch_available
 
@@ -65,7 +66,7 @@ def test_tiny_cpu_bench_end_to_end(tiny_bundle, tmp_path):
                 "--steps", "2", "--repeats", "2", "--e2e-repeats", "1", "--warmup", "1", "--threads", "1", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "bench_tiny_cpu.json").read_text())
-    assert "skipped" in res["backends"]["tensorrt"]
+    assert res["backends"]["tensorrt"]["skipped"] == "TensorRT engines run on a CUDA GPU: use --device cuda"
     for name in ("torch-eager", "ort"):  # same weights, latents and sampler: the images agree with PyTorch fp32
         e = res["backends"][name]
         assert e["fidelity"]["cosine"] > 0.9999, e
@@ -120,3 +121,14 @@ def test_reports_show_the_host_side_fallback_profile_and_cuda_options():
     assert "host-timed nodes 20.80 ms a step" in md and "| Conv | 4.600 | 98 | 22.2% |" in md
     assert "CUDA provider options for the ort backends: fuse_conv_bias=1." in md
     assert "x" * 300 not in md and "xxx... |" in md  # long errors are cut in the table
+
+
+@pytest.mark.skipif(not torch_available(), reason="needs torch and diffusers")
+def test_tensorrt_backend_runs_the_bundles_engines_or_says_why(tiny_bundle):
+    """The tensorrt backend loads the plans `ldm-export engines` stored (as generate does); a bundle without engines
+    for this machine's GPU is refused in one line, which bench records as the backend's skip reason."""
+    from ldm_export.bench.run import OrtBackend
+
+    with pytest.raises(LdmExportError) as e:
+        OrtBackend(tiny_bundle, "cuda", native_tensorrt=True)
+    assert "\n" not in str(e.value) and str(e.value)
