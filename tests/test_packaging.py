@@ -1,4 +1,5 @@
-"""Packaging: the install prints no setuptools warnings, and the wheel carries the demo weights and CLIP's vocabulary."""
+"""Packaging: the install prints no setuptools warnings, and the wheel carries the demo models' weights and CLIP's
+vocabulary."""
 from __future__ import annotations
 
 import subprocess
@@ -33,5 +34,8 @@ def test_the_wheel_carries_the_demo_model_and_the_vocabulary(wheel_build):
     names = set(zipfile.ZipFile(whl).namelist())
     for f in ("ldm_export/assets/demo/unet/diffusion_pytorch_model.safetensors",
               "ldm_export/assets/demo/scheduler/scheduler_config.json", "ldm_export/assets/demo/tokenizer/merges.txt",
-              "ldm_export/runtime/data/vocab.json", "ldm_export/runtime/data/merges.txt"):
+              "ldm_export/runtime/data/vocab.json", "ldm_export/runtime/data/merges.txt",
+              "ldm_export/assets/demo_dit/model_index.json", "ldm_export/assets/demo_dit/scheduler/scheduler_config.json",
+              "ldm_export/assets/demo_dit/transformer/config.json",
+              "ldm_export/assets/demo_dit/transformer/diffusion_pytorch_model.safetensors"):
         assert f in names, f
