@@ -3,9 +3,10 @@
 `ldm-export bench` times one backend after the other; on a shared CPU whose load drifts, that makes the ratio noise.
 Alternating the two sessions call by call puts the same load on both, so the per-pair ratio stays honest:
 
-    python tools/int8_cpu_ratio.py FP32_BUNDLE INT8_BUNDLE [--pairs 10] [--threads 2] [--json OUT]
+    python tools/int8_cpu_ratio.py FP32_BUNDLE INT8_BUNDLE [--pairs 10] [--e2e-pairs 2] [--steps 10] [--threads 2]
 
-Prints each pair, then the median step of each and the median of the per-pair ratios (fp32 / int8).
+Prints each pair, then the median step of each and the median of the per-pair ratios (fp32 / int8); then the same
+for whole images (text encoder, ``--steps`` Euler steps with CFG, VAE decode) through the runtime's Pipeline.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--e2e-pairs", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", default=None)
     a = p.parse_args()
     b32, b8 = Bundle.open(a.fp32_bundle), Bundle.open(a.int8_bundle)
@@ -65,6 +68,24 @@ def main() -> None:
               "ratio_median": float(np.median(ratios)), "ratio_min": float(min(ratios)), "ratio_max": float(max(ratios)),
               "pairs": a.pairs, "threads": a.threads, "feeds": {k: list(v.shape) for k, v in feeds.items()},
               "int8": b8.manifest.get("int8", {}).get("quantisation")}
+    if a.e2e_pairs:
+        from ldm_export.runtime.pipeline import Pipeline
+
+        del engines
+        pipes = {"fp32": Pipeline.from_bundle(a.fp32_bundle, threads=a.threads),
+                 "int8": Pipeline.from_bundle(a.int8_bundle, threads=a.threads)}
+        e2e: dict[str, list[float]] = {"fp32": [], "int8": []}
+        for i in range(a.e2e_pairs):
+            for name in (("fp32", "int8") if i % 2 == 0 else ("int8", "fp32")):
+                t0 = time.perf_counter()
+                pipes[name]("a photograph of an astronaut riding a horse", num_inference_steps=a.steps, seed=i,
+                            scheduler="Euler")
+                e2e[name].append(time.perf_counter() - t0)
+            print(f"image pair {i}: fp32 {e2e['fp32'][-1]:.1f} s  int8 {e2e['int8'][-1]:.1f} s  "
+                  f"ratio {e2e['fp32'][-1] / e2e['int8'][-1]:.2f}", flush=True)
+        r2 = [f / q for f, q in zip(e2e["fp32"], e2e["int8"])]
+        result["end_to_end"] = {"steps": a.steps, "fp32_s": e2e["fp32"], "int8_s": e2e["int8"],
+                                "ratio_median": float(np.median(r2))}
     print(json.dumps({k: v for k, v in result.items() if k != "int8"}, indent=1))
     if a.json:
         with open(a.json, "w") as f:
