@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ldm_export import __version__
-from ldm_export.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from ldm_export.runtime.bundle import FORMAT, FORMAT_VERSION, GENERIC_DEFAULTS, MANIFEST, sha256_file
 from ldm_export.runtime.checks import cap_threads
 from ldm_export.runtime.errors import LdmExportError
 from ldm_export.zoo import DEFAULT_MODEL, ModelSpec, get_model
@@ -158,6 +158,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             "latent_scale": float(modules[family.vae_module].config.scaling_factor),
             "latent_channels": spec.vae["latent_channels"], "max_length": spec.max_length,
             "pad_token": _pad_token(spec),
+            "defaults": {**GENERIC_DEFAULTS, **spec.defaults},
             "modules": {m.name: _module_config(modules[m.name]) for m in family.modules},
         },
         "weights": embedded_weights_info(spec, loaded) if embedded else

@@ -190,9 +190,10 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("prompt", type=str)
 @click.option("--negative", "negative", default=None, help="Negative prompt.")
-@click.option("--steps", type=int, default=20, show_default=True)
-@click.option("--cfg", "cfg", type=float, default=7.5, show_default=True,
-              help="Guidance scale, 0 to 100 (<= 1 skips the unconditional pass).")
+@click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's; 20 for SD 1.x, 28 for SD3, 4 for FLUX-schnell).")
+@click.option("--cfg", "cfg", type=float, default=None,
+              help="Guidance scale, 0 to 100 (<= 1 skips the unconditional pass; default: the model's, 7.5 for SD 1.x, "
+                   "5 for SDXL, 7 for SD3, 3.5 for FLUX-dev).")
 @click.option("--sampler", default=None, help="Sampler (A1111 or diffusers name; `ldm-export samplers` lists them). Default: the bundle's.")
 @click.option("--seed", type=int, default=None, help="Seed; image k gets SEED+k (default or -1: random, printed and stored in the image).")
 @click.option("--size", default=None, help="WIDTHxHEIGHT (default: the model's resolution); a model's multiple comes from its UNet.")
@@ -246,6 +247,8 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
     pipe = Pipeline.from_bundle(bundle, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode,
                                 cudnn_search=cudnn_search.upper() if cudnn_search else None, low_memory=low_memory)
     t_load = time.perf_counter() - t0
+    steps = pipe.bundle.defaults["steps"] if steps is None else steps  # the model's own defaults
+    cfg = pipe.bundle.defaults["guidance_scale"] if cfg is None else cfg
     if init_image is None and mask is not None:
         raise LdmExportError("--mask needs --init-image (the image to inpaint)")
     edit = dict(init_image=init_image, strength=strength, mask_image=mask, mask_blur=mask_blur) if init_image else {}

@@ -30,6 +30,8 @@ class ModelSpec:
     embedded_weights: str | None = None
     # configs of the family's other modules by module name (text_encoder_2, transformer, text_encoder_3, ...)
     extra_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # sampling defaults written into the bundle ({"steps": N, "guidance_scale": G}); unset keys: 20 steps, 7.5
+    defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def family_def(self) -> Family:

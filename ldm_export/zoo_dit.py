@@ -90,18 +90,22 @@ def dit_models(ModelSpec) -> dict[str, Any]:
 
     SD3_MEDIUM = _sd3("sd3-medium", "Stable Diffusion 3 medium (MMDiT 2B; CLIP-L + CLIP-G penultimate + T5-XXL; "
                       "16-channel VAE; flow matching, shift 3)", CLIP_L, CLIP_G, T5_XXL, SD3_MEDIUM_TRANSFORMER, SD3_VAE,
-                      params_m={"transformer": 2000.0, **_SD3_TEXT_M})
+                      params_m={"transformer": 2000.0, **_SD3_TEXT_M},
+                      defaults={"steps": 28, "guidance_scale": 7.0})  # StableDiffusion3Pipeline's
     SD35_MEDIUM = _sd3("sd35-medium", "Stable Diffusion 3.5 medium (MMDiT-X 2.5B: the SD3 class with dual attention in "
                        "13 blocks and RMS q/k norms)", CLIP_L, CLIP_G, T5_XXL, SD35_MEDIUM_TRANSFORMER, SD3_VAE,
-                       params_m={"transformer": 2500.0, **_SD3_TEXT_M})
+                       params_m={"transformer": 2500.0, **_SD3_TEXT_M},
+                       defaults={"steps": 40, "guidance_scale": 4.5})  # Stability AI's model card
     FLUX_SCHNELL = _flux("flux-schnell", "FLUX.1 [schnell] (12B rectified-flow transformer, 19 double + 38 single "
                          "blocks; CLIP-L pooled + T5-XXL; packed 2x2 latents; timestep-distilled, no CFG)", CLIP_L, T5_XXL,
                          FLUX_TRANSFORMER_CONFIG, FLUX_VAE, FLUX_SCHNELL_SCHEDULER, 256,
-                         params_m={"transformer": 11900.0, **_FLUX_TEXT_M})
+                         params_m={"transformer": 11900.0, **_FLUX_TEXT_M},
+                         defaults={"steps": 4, "guidance_scale": 0.0})  # timestep-distilled: 4 steps, no guidance
     FLUX_DEV = _flux("flux-dev", "FLUX.1 [dev] (the FLUX.1 transformer with its guidance embedding: distilled guidance "
                      "as an input; T5 up to 512 tokens; resolution-dependent shift)", CLIP_L, T5_XXL,
                      FLUX_TRANSFORMER_CONFIG | {"guidance_embeds": True}, FLUX_VAE, FLUX_DEV_SCHEDULER, 512,
-                     params_m={"transformer": 11900.0, **_FLUX_TEXT_M})
+                     params_m={"transformer": 11900.0, **_FLUX_TEXT_M},
+                     defaults={"steps": 28, "guidance_scale": 3.5})  # FluxPipeline's
 
     # ------------------------------------------------------------------------------------------------- tiny models
 
@@ -139,6 +143,7 @@ def dit_models(ModelSpec) -> dict[str, Any]:
             description="Embedded demo DiT: an SD3-class MMDiT trained by this project by flow matching on generated "
                         "coloured shapes (64 px, 8x8 latents), with the demo model's CLIP text encoder and VAE",
             text_encoder=dict(demo.TEXT_ENCODER), unet=None, vae=dict(demo.VAE), scheduler=dict(dit.SCHEDULER),
+            defaults={"steps": dit.DEFAULT_STEPS, "guidance_scale": dit.DEFAULT_GUIDANCE},
             resolution=dit.RESOLUTION, max_length=dit.MAX_LENGTH, embedded_weights=dit.EMBEDDED_WEIGHTS,
             extra_configs={"transformer": dict(dit.TRANSFORMER)},
         )

@@ -82,13 +82,15 @@ def models() -> list:
             description="Stable Diffusion XL 1.0 base (CLIP ViT-L + OpenCLIP ViT-bigG text, 1024 px, epsilon prediction)",
             text_encoder=dict(CLIP_VIT_L14), unet=SDXL_UNET, vae=SDXL_VAE, scheduler=SDXL_SCHEDULER, resolution=1024,
             extra_configs={"text_encoder_2": dict(OPENCLIP_VIT_BIGG14)},
-            params_m={"text_encoder": 123.1, "text_encoder_2": 694.7, "unet": 2567.5, "vae": 83.7}),
+            params_m={"text_encoder": 123.1, "text_encoder_2": 694.7, "unet": 2567.5, "vae": 83.7},
+            defaults={"steps": 30, "guidance_scale": 5.0}),  # StableDiffusionXLPipeline's guidance; TensorRT demo's steps
         ModelSpec(
             name="sdxl-refiner", family="sdxl-refiner",
             description="Stable Diffusion XL 1.0 refiner (OpenCLIP ViT-bigG text, aesthetic score, 1024 px)",
             text_encoder=None, unet=SDXL_REFINER_UNET, vae=SDXL_VAE, scheduler=SDXL_SCHEDULER, resolution=1024,
             extra_configs={"text_encoder_2": dict(OPENCLIP_VIT_BIGG14)},
-            params_m={"text_encoder_2": 694.7, "unet": 2259.5, "vae": 83.7}),
+            params_m={"text_encoder_2": 694.7, "unet": 2259.5, "vae": 83.7},
+            defaults={"steps": 30, "guidance_scale": 5.0}),
         ModelSpec(
             name="tiny-sdxl", family="sdxl",
             description="Tiny model of the SDXL classes for tests (two text encoders, text-time UNet; random weights)",

@@ -28,6 +28,10 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+# sampling defaults of a model that names none (A1111's steps, SD 1.x's usual guidance)
+GENERIC_DEFAULTS = {"steps": 20, "guidance_scale": 7.5}
+
+
 @dataclass
 class Bundle:
     path: Path
@@ -114,6 +118,12 @@ class Bundle:
     @property
     def model(self) -> dict[str, Any]:
         return self.manifest["model"]
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The model's default sampling settings (``steps``, ``guidance_scale``) as its zoo entry gives them (SD3 28 /
+        7.0, FLUX-dev 28 / 3.5, FLUX-schnell 4 / 0, the demo DiT 20 / 5.0); bundles written before: 20 / 7.5."""
+        return {**GENERIC_DEFAULTS, **self.model.get("defaults", {})}
 
     @property
     def family(self):

@@ -151,7 +151,7 @@ class Pipeline:
 
     # -- text to image --------------------------------------------------------------------------------
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
-                 num_inference_steps: int = 20, guidance_scale: float = 7.5, seed: int | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
                  latents: np.ndarray | None = None, width: int | None = None, height: int | None = None,
                  scheduler: str | Mapping | None = None, num_images: int = 1,
                  callback: Callable[[int, int, np.ndarray], None] | None = None, guidance_rescale: float = 0.0,
@@ -161,7 +161,8 @@ class Pipeline:
                  keep_unmasked: bool = True, denoising_start: float | None = None,
                  denoising_end: float | None = None):
         """Generate ``num_images`` images per prompt; returns a list of PIL images with A1111 metadata in
-        ``image.info["parameters"]`` (or the final latents with ``return_latents``). Image k gets seed ``seed + k``
+        ``image.info["parameters"]`` (or the final latents with ``return_latents``). Steps and guidance default to
+        the model's (``Bundle.defaults``: 20 / 7.5 for SD 1.x, 28 / 7.0 for SD3, 4 / 0 for FLUX-schnell, ...). Image k gets seed ``seed + k``
         (``seed`` None or -1: random); they run in batches of ``batch_size`` images (default: what one call of a
         static-shape UNet takes, see ``images_per_batch``). Given ``latents`` (or ``return_latents``), all run as
         one batch.
@@ -181,8 +182,8 @@ class Pipeline:
         return [image for _, image in self._iter(req, callback, noise)]
 
     def iter_images(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
-                    num_inference_steps: int = 20, guidance_scale: float = 7.5, seed: int | None = None,
-                    width: int | None = None, height: int | None = None, scheduler: str | Mapping | None = None,
+                    num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                    seed: int | None = None, width: int | None = None, height: int | None = None, scheduler: str | Mapping | None = None,
                     num_images: int = 1, callback: Callable[[int, int, np.ndarray], None] | None = None,
                     guidance_rescale: float = 0.0, batch_size: int | None = None, init_image=None,
                     strength: float = 0.8, mask_image=None, mask_blur: float = 0.0, keep_unmasked: bool = True):
@@ -193,12 +194,14 @@ class Pipeline:
                             _Edit(init_image, strength, mask_image, mask_blur, keep_unmasked))
         return self._iter(req, callback, None)
 
-    def images_per_batch(self, guidance_scale: float = 7.5) -> int:
+    def images_per_batch(self, guidance_scale: float | None = None) -> int:
         """Images one UNet call takes: a static-shape UNet's batch (halved for batch-2 CFG), else DYNAMIC_BATCH.
         Larger requests run in batches of this size through the same warm engines, at the static batch's speed."""
         dim = self.engines[self.family.denoiser].spec.inputs[0].shape[0]
         if not isinstance(dim, int):
             return DYNAMIC_BATCH
+        if guidance_scale is None:
+            guidance_scale = self.bundle.defaults["guidance_scale"]
         halves = 2 if self.family.uses_cfg(guidance_scale) and self.cfg_mode == "batch2" else 1
         return max(1, dim // halves)
 
@@ -214,6 +217,10 @@ class Pipeline:
         the init image and mask of an edit."""
         from .schedulers import a1111_name, resolve_scheduler
 
+        if num_inference_steps is None:
+            num_inference_steps = self.bundle.defaults["steps"]
+        if guidance_scale is None:
+            guidance_scale = self.bundle.defaults["guidance_scale"]
         prompts = _as_prompts(prompt, "prompt")
         negatives = _as_prompts("" if negative_prompt is None else negative_prompt, "negative_prompt")
         if len(negatives) == 1 and len(prompts) > 1:

@@ -164,3 +164,14 @@ def test_fused_joint_attention_equals_diffusers_and_exports_one_mha_per_block(na
     X.save_onnx(model, path)
     result = X.verify(path, cspec, feeds, reference, "fp32", provider="cpu")
     assert result.passed, result.outputs
+
+
+def test_zoo_models_carry_their_pipelines_sampling_defaults():
+    """generate without --steps/--cfg uses the model's own settings (diffusers' pipeline defaults), not SD 1.5's."""
+    from ldm_export.runtime.bundle import GENERIC_DEFAULTS
+
+    want = {"sd3-medium": (28, 7.0), "sd35-medium": (40, 4.5), "flux-schnell": (4, 0.0), "flux-dev": (28, 3.5),
+            "sdxl": (30, 5.0), "demo-dit": (20, 5.0), "sd15": (20, 7.5), "demo": (20, 7.5)}
+    for name, (steps, cfg) in want.items():
+        got = {**GENERIC_DEFAULTS, **get_model(name).defaults}
+        assert (got["steps"], got["guidance_scale"]) == (steps, cfg), name

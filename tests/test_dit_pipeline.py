@@ -134,10 +134,12 @@ def test_embedded_demo_dit_builds_without_flags_and_draws_the_prompt(tmp_path):
 
     manifest = build(BuildConfig(model="demo-dit", out=tmp_path / "b"))
     assert manifest["model"]["family"] == "demo-dit" and manifest["weights"]["source"] == "embedded"
+    assert manifest["model"]["defaults"] == {"steps": dit_config.DEFAULT_STEPS, "guidance_scale": dit_config.DEFAULT_GUIDANCE}
     pipe = Pipeline.from_bundle(tmp_path / "b")
     cases = prompt_cases()[::10]
-    images = pipe([c[0] for c in cases], num_inference_steps=dit_config.DEFAULT_STEPS,
-                  guidance_scale=dit_config.DEFAULT_GUIDANCE, seed=0, latents=initial_latents(len(cases), 0))
+    images = pipe([c[0] for c in cases], seed=0, latents=initial_latents(len(cases), 0))  # the model's defaults
+    assert f"Steps: {dit_config.DEFAULT_STEPS}," in images[0].info["parameters"]
+    assert f"CFG scale: {dit_config.DEFAULT_GUIDANCE:g}," in images[0].info["parameters"]
     readings = [read_image(im) for im in images]
     acc = score(readings, cases)
     assert acc["colour"] >= 90 and acc["position"] >= 90 and acc["shape"] >= 80, (acc, cases, readings)

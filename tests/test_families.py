@@ -56,8 +56,10 @@ def test_bundles_written_before_families_still_open(tiny_bundle, tmp_path):
     modules = m["model"].pop("modules")
     m["model"]["configs"] = {"text_encoder": modules["text_encoder"], "unet": modules["unet"],
                              "vae_decoder": modules["vae"]}
+    del m["model"]["defaults"]  # sampling defaults came later too: such bundles sample as before
     (old / "ldm_export.json").write_text(json.dumps(m))
     assert Bundle.open(old).module_configs == modules
+    assert Bundle.open(old).defaults == {"steps": 20, "guidance_scale": 7.5}
     new_img = Pipeline.from_bundle(tiny_bundle)("a cat", num_inference_steps=2, seed=3)[0]
     old_img = Pipeline.from_bundle(old)("a cat", num_inference_steps=2, seed=3)[0]
     assert np.array_equal(np.asarray(new_img), np.asarray(old_img))
