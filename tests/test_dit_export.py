@@ -235,3 +235,15 @@ def test_fused_flux_graph_runs_other_image_and_text_lengths(flux_cuda_graph):
     got = sess.run(None, feeds)[0]
     cos = float(np.dot(got.ravel(), reference[0].ravel()) / np.linalg.norm(got) / np.linalg.norm(reference[0]))
     assert cos >= 0.99999, cos
+
+
+def test_cuda_target_flux_build_names_the_fused_attention_in_its_manifest(tmp_path, monkeypatch):
+    """``build --target cuda``: the transformer's kernels list names MultiHeadAttention, as SD3's does; verified on
+    ONNX Runtime's CPU provider (GroupNorm, the VAE's cuda kernel, has no CPU kernel, so it is left out here)."""
+    monkeypatch.setenv("LDM_EXPORT_DISABLE_KERNELS", "groupnorm")
+    m = build(BuildConfig(model="tiny-flux", random_weights=True, target="cuda", verify_provider="cpu",
+                          out=tmp_path / "b"))
+    cfg = get_model("tiny-flux").configs["transformer"]
+    info = m["components"]["transformer"]
+    assert info["kernels"] == [f"MultiHeadAttention x{cfg['num_layers'] + cfg['num_single_layers']}"]
+    assert all(o["cosine"] >= 0.99999 for o in info["verification"]["fp32"]["outputs"].values())
