@@ -3,8 +3,12 @@
 Diffusers folders (``model_index.json``, ``transformer/``, ``vae/``, ``text_encoder*/``, ``tokenizer*/``) load
 component by component with the zoo spec's architecture checked first. Single-file checkpoints in Stability's
 SD3 layout (``model.diffusion_model.joint_blocks.*``, ``first_stage_model.*``, ``text_encoders.clip_l/clip_g/
-t5xxl.transformer.*``) convert with diffusers' own ``single_file_utils`` converters. Either way the state dicts
-are compared with a meta-device build of the spec and the first key that differs is named: a U-Net checkpoint
+t5xxl.transformer.*``) convert with diffusers' own ``single_file_utils`` converters. FLUX.1 transformers load from
+Black Forest Labs' single file (``flux1-dev.safetensors``: ``double_blocks.N.img_attn.qkv.weight``, ...; also with
+ComfyUI's ``model.diffusion_model.`` prefix) through diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``;
+that file holds the transformer alone, so the text encoders, VAE and tokenizers come from the diffusers folder it
+sits in, as Black Forest Labs' release ships it (``flux1-dev.safetensors`` beside ``model_index.json``). Either way
+the state dicts are compared with a meta-device build of the spec and the first key that differs is named: a U-Net checkpoint
 given for a DiT model (or the reverse, through :func:`refuse_dit_for_unet`) fails with that key.
 """
 from __future__ import annotations
@@ -33,6 +37,10 @@ SD3_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD3_TEXT_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
                      "t5xxl": "text_encoders.t5xxl.transformer."}
+# Black Forest Labs' single-file FLUX.1 layout (transformer only); ComfyUI saves it under SD3_PREFIX
+FLUX_MARKER = "double_blocks."
+# diffusers' FLUX converter splits each single block's fused linear1 (q, k, v, MLP) at FLUX.1's width, 3072
+FLUX_CONVERTER_WIDTH = 3072
 # keys that say which kind of denoiser a checkpoint holds
 UNET_MARKER = "model.diffusion_model.input_blocks."
 DIT_MARKERS = {"model.diffusion_model.joint_blocks.": "an SD3-class MMDiT (--model sd3-medium or sd35-medium)",
@@ -100,7 +108,8 @@ def load_dit_weights(spec: ModelSpec, weights: str | Path | None, random_weights
 # ------------------------------------------------------------------------------------------------- folder
 
 
-def _load_folder(spec: ModelSpec, folder: Path, trust_pickle: bool) -> LoadedDiT:
+def _load_folder(spec: ModelSpec, folder: Path, trust_pickle: bool, skip: tuple[str, ...] = ()) -> LoadedDiT:
+    """``spec``'s modules from a diffusers folder, but those in ``skip`` (loaded from elsewhere by the caller)."""
     from diffusers.utils import is_accelerate_available
 
     family = spec.family_def
@@ -110,8 +119,8 @@ def _load_folder(spec: ModelSpec, folder: Path, trust_pickle: bool) -> LoadedDiT
     index = _read_json(folder / "model_index.json")
     shared = {k: (folder / v).resolve() for k, v in (index.get(SHARED_KEY) or {}).items()}
     files = {"model_index.json": _sha256(folder / "model_index.json")}
-    names = [m.name for m in family.modules]
-    if not (folder / "transformer").is_dir() and (folder / "unet").is_dir():
+    names = [m.name for m in family.modules if m.name not in skip]
+    if "transformer" not in skip and not (folder / "transformer").is_dir() and (folder / "unet").is_dir():
         raise LdmExportError(f"{folder} holds a U-Net pipeline (unet/), not a DiT: model '{spec.name}' needs "
                              "transformer/; pass the --model these weights belong to (sd15, sd21, ...)")
     subs = {name: shared.get(name, folder / name) for name in names}
@@ -199,22 +208,91 @@ def _load_single_file(spec: ModelSpec, path: Path, trust_pickle: bool) -> Loaded
                              "diffusers folder")
     digest = _sha256(path)
     with checkpoint:
+        if spec.family_def.module("transformer").class_name == "FluxTransformer2DModel":
+            return _load_flux_single_file(spec, path, checkpoint, digest, trust_pickle)
         modules = _convert_single_file(spec, path, checkpoint)
     return LoadedDiT(_finish(modules), "single-file", sha256=digest, files={path.name: digest})
+
+
+def _load_flux_single_file(spec: ModelSpec, path: Path, checkpoint, digest: str, trust_pickle: bool) -> LoadedDiT:
+    """The transformer from Black Forest Labs' single file; the other modules from the diffusers folder around it."""
+    keys = checkpoint.keys()
+    _refuse_unet(path, spec, keys)
+    if not any(k.startswith((FLUX_MARKER, SD3_PREFIX + FLUX_MARKER)) for k in keys):
+        other = next((f"'{k}' ({w})" for m, w in DIT_MARKERS.items() for k in keys if k.startswith(m)), None)
+        first = other or (f"'{keys[0]}'" if keys else "no keys at all")
+        raise LdmExportError(f"{path.name} is not a FLUX.1 transformer checkpoint: no key starts with '{FLUX_MARKER}' "
+                             f"(first key: {first}); pass the --model it belongs to, or a diffusers folder")
+    folder = path.parent
+    if not (folder / "model_index.json").is_file():
+        raise LdmExportError(f"{path.name} holds the FLUX.1 transformer alone (Black Forest Labs' layout); its text "
+                             "encoders, VAE and tokenizers ship separately: put the file in the model's diffusers folder "
+                             "beside model_index.json (as Black Forest Labs' release has it), or pass that folder")
+    prefixed = any(k.startswith(SD3_PREFIX + FLUX_MARKER) for k in keys)
+    state = checkpoint.take((SD3_PREFIX,) if prefixed else ("",))
+    if prefixed:
+        state = {k[len(SD3_PREFIX):]: v for k, v in state.items() if k.startswith(SD3_PREFIX)}
+    else:  # a file that also holds other parts keeps them under their own prefixes; take the transformer's keys
+        state = {k: v for k, v in state.items() if not k.startswith(("vae.", "text_encoders.", "first_stage_model."))}
+    transformer = _adopt(spec, "transformer", _convert("transformer", path,
+                                                       lambda: _convert_flux_transformer(spec, path, state)))
+    rest = _load_folder(spec, folder, trust_pickle, skip=("transformer",))
+    modules = {m.name: transformer if m.name == "transformer" else rest.modules[m.name] for m in spec.family_def.modules}
+    return LoadedDiT(_finish(modules), "single-file", sha256=digest, files={path.name: digest, **rest.files},
+                     tokenizer_dirs=rest.tokenizer_dirs)
+
+
+def _convert_flux_transformer(spec: ModelSpec, path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' ``convert_flux_transformer_checkpoint_to_diffusers`` on a BFL-layout state dict, at any width.
+
+    The converter splits each single block's fused ``linear1`` (q, k, v, MLP rows) at FLUX.1's width (3072, a
+    constant in diffusers 0.35 to 0.39), so any other width (the test models) fails there; every other key it maps by
+    name and chunks in thirds. So that split is done here at the config's width, for every width alike (one path,
+    the one the tests run), and the converter gets meta-device stand-ins of the shape it expects, whose outputs are
+    replaced: every other key's mapping stays diffusers' own."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    cfg = spec.configs["transformer"]
+    width = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+    mlp = int(width * 4.0)  # FluxSingleTransformerBlock's mlp_ratio
+    own: dict[str, torch.Tensor] = {}
+    for key in [k for k in state if k.startswith("single_blocks.") and ".linear1." in k]:
+        i, what = key.split(".")[1], key.rsplit(".", 1)[1]
+        tensor = state[key]
+        expected = (3 * width + mlp, width) if what == "weight" else (3 * width + mlp,)
+        if tuple(tensor.shape) != expected:
+            raise LdmExportError(f"transformer: '{key}' has shape {tuple(tensor.shape)} in {path.name} but model "
+                                 f"'{spec.name}' expects {expected}; pass the --model these weights belong to")
+        q, k, v, m = torch.split(tensor, (width, width, width, mlp), dim=0)
+        prefix = f"single_transformer_blocks.{i}."
+        own.update({f"{prefix}attn.to_q.{what}": q, f"{prefix}attn.to_k.{what}": k,
+                    f"{prefix}attn.to_v.{what}": v, f"{prefix}proj_mlp.{what}": m})
+        state[key] = torch.empty((3 * FLUX_CONVERTER_WIDTH + 4 * FLUX_CONVERTER_WIDTH, *tensor.shape[1:]),
+                                 device="meta")
+    converted = sfu.convert_flux_transformer_checkpoint_to_diffusers(state)
+    converted.update(own)
+    if state:  # the converter pops what it maps; diffusers' own loader drops the rest too
+        log.warning("%s: %d keys with no place in a FLUX transformer were ignored (first: '%s')", path.name, len(state),
+                    next(iter(state)))
+    return converted
+
+
+def _refuse_unet(path: Path, spec: ModelSpec, keys) -> None:
+    unet_key = next((k for k in keys if k.startswith(UNET_MARKER)), None)
+    if unet_key is not None:
+        raise LdmExportError(f"{path.name} holds a U-Net, not the transformer of '{spec.name}': its key '{unet_key}' "
+                             "has no place in a DiT checkpoint; pass the --model it belongs to (sd15, sd21, ...)")
 
 
 def _convert_single_file(spec: ModelSpec, path: Path, checkpoint) -> dict[str, nn.Module]:
     from diffusers.loaders import single_file_utils as sfu
 
     keys = checkpoint.keys()
-    unet_key = next((k for k in keys if k.startswith(UNET_MARKER)), None)
-    if unet_key is not None:
-        raise LdmExportError(f"{path.name} holds a U-Net, not the transformer of '{spec.name}': its key '{unet_key}' "
-                             "has no place in a DiT checkpoint; pass the --model it belongs to (sd15, sd21, ...)")
+    _refuse_unet(path, spec, keys)
     family = spec.family_def
     if family.module("transformer").class_name != "SD3Transformer2DModel" or len(family.text_encoders) != 3:
-        raise LdmExportError(f"{path.name}: single-file checkpoints are read in Stability's SD3 layout only; for "
-                             f"'{spec.name}' (FLUX's text encoders and VAE ship separately) pass a diffusers folder")
+        raise LdmExportError(f"{path.name}: single-file checkpoints are read in Stability's SD3 and Black Forest Labs' "
+                             f"FLUX.1 layouts; for '{spec.name}' pass a diffusers folder")
     marker = "model.diffusion_model.joint_blocks."
     if not any(k.startswith(marker) for k in keys):
         other = next((f"'{k}' ({w})" for m, w in DIT_MARKERS.items() for k in keys if k.startswith(m)), None)

@@ -21,7 +21,10 @@ vae_decoder    GroupNorm(+SiLU) NHWC; its single attention     standard ONNX ops
                10.33 ms: its sum kernel is slow at 512x512)
 text_encoder   nothing (causal mask, 77 tokens, one call)      standard ONNX ops
 transformer    SD3's joint attention as one MultiHeadAttention standard ONNX ops
-               per block (joint_attention.py); FLUX: nothing
+               per block (joint_attention.py); FLUX's
+               double- and single-stream attention as one
+               MultiHeadAttention each, rotary embeddings
+               in standard ops before it (flux_attention.py)
 =============  =============================================  ==========================================
 
 Target ``tensorrt`` keeps standard ONNX ops only (TensorRT's parser reads no ONNX Runtime contrib op) and emits
@@ -40,7 +43,7 @@ import os
 from collections import Counter
 
 from ldm_export.runtime.errors import LdmExportError
-from . import attention, geglu, groupnorm, joint_attention, mha_pattern, residual
+from . import attention, flux_attention, geglu, groupnorm, joint_attention, mha_pattern, residual
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def plan(component: str, target: str) -> tuple[str, ...]:
         return () if "attention" in disabled_kinds() or component not in ("unet", "vae_decoder") else ("attention",)
     kinds = {"unet": ("attention", "groupnorm", "geglu", "residual"),
              "vae_decoder": ("groupnorm",),
-             "transformer": ("attention",)}.get(component, ())  # SD3's joint attention; FLUX's is not covered
+             "transformer": ("attention",)}.get(component, ())  # SD3's joint attention, FLUX's attention
     off = disabled_kinds()
     return tuple(k for k in kinds if k not in off)
 
@@ -91,8 +94,10 @@ def export_patches(module, component: str, target: str):
     try:
         if "attention" in kinds and component == "transformer":
             saved = joint_attention.install(module)
-            _uncovered[(component, target)] = not saved  # a transformer without joint attention (FLUX)
             undo.append((joint_attention.uninstall, saved))
+            flux = flux_attention.install(module)
+            undo.append((flux_attention.uninstall, flux))
+            _uncovered[(component, target)] = not (saved or flux)  # a transformer of neither attention
         elif "attention" in kinds:
             fused = mha_pattern if target == "tensorrt" else attention
             undo.append((fused.uninstall, fused.install(module)))

@@ -6,7 +6,7 @@ RMS norms, a concat on the sequence axis, ``scaled_dot_product_attention``, tran
 TorchScript exporter turns into ~20 nodes around MatMul/Softmax/MatMul and which materialises the (B, heads,
 S + L, S + L) scores: at 1024² with 333 text tokens, 2 x 24 x 4429² fp16 = 1.9 GB per block. Emitted at export time
 as :mod:`attention` does (the same autograd function, so torch reference and graph agree); cuda target only.
-FLUX's attention (rotary embeddings on q and k) is not covered: its graph keeps the unfused ops.
+FLUX's attention (rotary embeddings on q and k) is :mod:`flux_attention`'s.
 """
 from __future__ import annotations
 

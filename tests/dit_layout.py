@@ -65,3 +65,62 @@ def to_sd3_single_file(modules: dict, transformer_config: dict, vae_config: dict
     for name in text_encoders:
         out |= {TEXT[name] + k: v for k, v in modules[name].state_dict().items()}
     return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def flux_transformer_to_bfl(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """diffusers FluxTransformer2DModel state dict -> Black Forest Labs' single-file layout (flux1-dev.safetensors).
+
+    The key table of diffusers' ``convert_flux_transformer_checkpoint_to_diffusers`` read backwards: q, k, v joined
+    into ``qkv`` (double blocks) or with the MLP input into ``linear1`` (single blocks), RMS norm weights as
+    ``*.norm.query_norm.scale``, the final AdaLN's scale/shift swapped. Every diffusers key is used exactly once."""
+    s = dict(state)
+    out: dict[str, torch.Tensor] = {}
+
+    def take(hf: str) -> torch.Tensor:
+        return s.pop(hf)
+
+    def cat(*hf: str) -> torch.Tensor:
+        return torch.cat([s.pop(k) for k in hf], dim=0)
+
+    for hf, bfl in {"time_text_embed.timestep_embedder.": "time_in.", "time_text_embed.text_embedder.": "vector_in.",
+                    "time_text_embed.guidance_embedder.": "guidance_in."}.items():
+        if f"{hf}linear_1.weight" in s:
+            for p in ("weight", "bias"):
+                out[f"{bfl}in_layer.{p}"] = take(f"{hf}linear_1.{p}")
+                out[f"{bfl}out_layer.{p}"] = take(f"{hf}linear_2.{p}")
+    for p in ("weight", "bias"):
+        out[f"txt_in.{p}"] = take(f"context_embedder.{p}")
+        out[f"img_in.{p}"] = take(f"x_embedder.{p}")
+        out[f"final_layer.linear.{p}"] = take(f"proj_out.{p}")
+        out[f"final_layer.adaLN_modulation.1.{p}"] = _swap(take(f"norm_out.linear.{p}"))
+    double = sorted({int(k.split(".")[1]) for k in s if k.startswith("transformer_blocks.")})
+    for i in double:
+        h, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"{b}img_mod.lin.{p}"] = take(f"{h}norm1.linear.{p}")
+            out[f"{b}txt_mod.lin.{p}"] = take(f"{h}norm1_context.linear.{p}")
+            out[f"{b}img_attn.qkv.{p}"] = cat(f"{h}attn.to_q.{p}", f"{h}attn.to_k.{p}", f"{h}attn.to_v.{p}")
+            out[f"{b}txt_attn.qkv.{p}"] = cat(f"{h}attn.add_q_proj.{p}", f"{h}attn.add_k_proj.{p}",
+                                              f"{h}attn.add_v_proj.{p}")
+            out[f"{b}img_mlp.0.{p}"] = take(f"{h}ff.net.0.proj.{p}")
+            out[f"{b}img_mlp.2.{p}"] = take(f"{h}ff.net.2.{p}")
+            out[f"{b}txt_mlp.0.{p}"] = take(f"{h}ff_context.net.0.proj.{p}")
+            out[f"{b}txt_mlp.2.{p}"] = take(f"{h}ff_context.net.2.{p}")
+            out[f"{b}img_attn.proj.{p}"] = take(f"{h}attn.to_out.0.{p}")
+            out[f"{b}txt_attn.proj.{p}"] = take(f"{h}attn.to_add_out.{p}")
+        out[f"{b}img_attn.norm.query_norm.scale"] = take(f"{h}attn.norm_q.weight")
+        out[f"{b}img_attn.norm.key_norm.scale"] = take(f"{h}attn.norm_k.weight")
+        out[f"{b}txt_attn.norm.query_norm.scale"] = take(f"{h}attn.norm_added_q.weight")
+        out[f"{b}txt_attn.norm.key_norm.scale"] = take(f"{h}attn.norm_added_k.weight")
+    single = sorted({int(k.split(".")[1]) for k in s if k.startswith("single_transformer_blocks.")})
+    for i in single:
+        h, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"{b}modulation.lin.{p}"] = take(f"{h}norm.linear.{p}")
+            out[f"{b}linear1.{p}"] = cat(f"{h}attn.to_q.{p}", f"{h}attn.to_k.{p}", f"{h}attn.to_v.{p}",
+                                         f"{h}proj_mlp.{p}")
+            out[f"{b}linear2.{p}"] = take(f"{h}proj_out.{p}")
+        out[f"{b}norm.query_norm.scale"] = take(f"{h}attn.norm_q.weight")
+        out[f"{b}norm.key_norm.scale"] = take(f"{h}attn.norm_k.weight")
+    assert not s, f"diffusers keys the BFL table does not map: {sorted(s)[:5]}"
+    return {prefix + k: v.contiguous() for k, v in out.items()}

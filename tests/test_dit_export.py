@@ -175,3 +175,86 @@ def test_zoo_models_carry_their_pipelines_sampling_defaults():
     for name, (steps, cfg) in want.items():
         got = {**GENERIC_DEFAULTS, **get_model(name).defaults}
         assert (got["steps"], got["guidance_scale"]) == (steps, cfg), name
+
+
+@pytest.fixture(scope="module")
+def flux_cuda_graph(tmp_path_factory):
+    """tiny-flux's transformer exported for the cuda target (fused attention) beside its torch fp32 reference."""
+    from ldm_export import kernels
+    from ldm_export.export import onnx_export as X
+    from ldm_export.export.dit_export import sample_inputs
+    from ldm_export.export.dit_models import export_patches, register_onnx_symbolics
+
+    spec = get_model("tiny-flux")
+    family = spec.family_def
+    wrapper = M.wrap("transformer", M.build_random(spec, 0), family)
+    cspec = spec.component_specs()["transformer"]
+    dims = spec.static_dims("transformer")
+    feeds = sample_inputs("flux_transformer", cspec, dims, 0, spec.configs["transformer"], family.latent_format(spec.configs))
+    reference = X.torch_outputs(wrapper, cspec, feeds)
+    register_onnx_symbolics(X.OPSET)
+    tmp = tmp_path_factory.mktemp("flux-cuda")
+    with export_patches("flux_transformer"), kernels.export_patches(wrapper, "transformer", "cuda"):
+        fused_torch = X.torch_outputs(wrapper, cspec, feeds)
+        model = X.export_onnx(wrapper, cspec, tmp, feeds)
+    model = kernels.rewrite(model, "transformer", "cuda")
+    path = tmp / "model.onnx"
+    X.save_onnx(model, path)
+    return dict(spec=spec, wrapper=wrapper, cspec=cspec, feeds=feeds, reference=reference, fused_torch=fused_torch,
+                model=model, path=path)
+
+
+def test_fused_flux_attention_equals_diffusers_and_exports_one_mha_per_attention(flux_cuda_graph):
+    """cuda target: every FLUX attention (double- and single-stream) as one MultiHeadAttention after the rotary
+    embedding; ONNX Runtime's CPU kernel of MultiHeadAttention runs the graph in fp32 against torch."""
+    from ldm_export import kernels
+    from ldm_export.export import onnx_export as X
+
+    g = flux_cuda_graph
+    cfg = g["spec"].configs["transformer"]
+    blocks = cfg["num_layers"] + cfg["num_single_layers"]
+    assert kernels.count_fused(g["model"]) == {"MultiHeadAttention": blocks}
+    assert kernels.describe("transformer", "cuda") == [f"MultiHeadAttention x{blocks}"]
+    mha = [n for n in g["model"].graph.node if n.op_type == "MultiHeadAttention"]
+    assert all(n.domain == "com.microsoft" and len(n.input) == 3 for n in mha)  # q, k, v (B, S, D): nothing packed
+    assert not [n for n in g["model"].graph.node if n.op_type == "Softmax"]  # no unfused attention left
+    np.testing.assert_allclose(g["fused_torch"][0], g["reference"][0], atol=1e-5)
+    result = X.verify(g["path"], g["cspec"], g["feeds"], g["reference"], "fp32", provider="cpu")
+    assert result.passed and all(o["cosine"] >= 0.99999 for o in result.to_json()["outputs"].values()), result.outputs
+
+
+def test_fused_flux_graph_runs_other_image_and_text_lengths(flux_cuda_graph):
+    """The fused graph is traced at one size; the rotary embedding and MultiHeadAttention take any token count."""
+    import onnxruntime as ort
+
+    from ldm_export.export import onnx_export as X
+    from ldm_export.export.dit_export import sample_inputs
+    from ldm_export.runtime.flux import image_ids
+
+    g = flux_cuda_graph
+    spec = g["spec"]
+    dims = dict(spec.static_dims("transformer"))
+    side = int(dims["height"]) + 2  # packed tokens (side/2)^2 and 3 more text tokens than traced
+    dims["height"] = dims["width"] = side
+    dims["image_sequence"] = (side // 2) ** 2
+    dims["text_sequence"] = int(dims["text_sequence"]) + 3
+    feeds = sample_inputs("flux_transformer", g["cspec"], dims, 3, spec.configs["transformer"],
+                          spec.family_def.latent_format(spec.configs))
+    assert feeds["img_ids"].shape == image_ids(side, side).shape != g["feeds"]["img_ids"].shape
+    reference = X.torch_outputs(g["wrapper"], g["cspec"], feeds)
+    sess = ort.InferenceSession(str(g["path"]), providers=["CPUExecutionProvider"])
+    got = sess.run(None, feeds)[0]
+    cos = float(np.dot(got.ravel(), reference[0].ravel()) / np.linalg.norm(got) / np.linalg.norm(reference[0]))
+    assert cos >= 0.99999, cos
+
+
+def test_cuda_target_flux_build_names_the_fused_attention_in_its_manifest(tmp_path, monkeypatch):
+    """``build --target cuda``: the transformer's kernels list names MultiHeadAttention, as SD3's does; verified on
+    ONNX Runtime's CPU provider (GroupNorm, the VAE's cuda kernel, has no CPU kernel, so it is left out here)."""
+    monkeypatch.setenv("LDM_EXPORT_DISABLE_KERNELS", "groupnorm")
+    m = build(BuildConfig(model="tiny-flux", random_weights=True, target="cuda", verify_provider="cpu",
+                          out=tmp_path / "b"))
+    cfg = get_model("tiny-flux").configs["transformer"]
+    info = m["components"]["transformer"]
+    assert info["kernels"] == [f"MultiHeadAttention x{cfg['num_layers'] + cfg['num_single_layers']}"]
+    assert all(o["cosine"] >= 0.99999 for o in info["verification"]["fp32"]["outputs"].values())

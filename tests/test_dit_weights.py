@@ -18,7 +18,7 @@ from ldm_export.runtime.tokenizer import write_tokenizer_files  # noqa: E402
 from ldm_export.zoo import TINY  # noqa: E402
 from ldm_export.zoo import get_model  # noqa: E402
 
-from dit_layout import to_sd3_single_file  # noqa: E402
+from dit_layout import flux_transformer_to_bfl, to_sd3_single_file  # noqa: E402
 from ldm_layout import to_ldm_checkpoint  # noqa: E402
 
 SPEC = get_model("tiny-sd3")
@@ -145,9 +145,121 @@ def test_transformer_only_single_file_says_what_is_missing(modules, tmp_path):
     assert "has no clip_l weights" in one_line(e)
 
 
-def test_flux_single_file_is_refused_with_what_to_do(tmp_path):
+def test_flux_single_file_without_its_folder_says_what_to_do(tmp_path):
     path = tmp_path / "flux.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 3)}, str(path))
     with pytest.raises(LdmExportError) as e:
         load_dit_weights(get_model("tiny-flux"), path)
-    assert "pass a diffusers folder" in one_line(e)
+    msg = one_line(e)
+    assert "holds the FLUX.1 transformer alone" in msg and "beside model_index.json" in msg
+
+
+# ------------------------------------------------------------------------------------------- FLUX single file
+
+FLUX = get_model("tiny-flux")
+
+
+@pytest.fixture(scope="module")
+def flux_modules():
+    return build_random(FLUX, seed=7)
+
+
+@pytest.fixture(scope="module")
+def flux_release(tmp_path_factory, flux_modules):
+    """Black Forest Labs' release layout: flux1-dev.safetensors (the transformer, BFL keys) beside a diffusers folder
+    that has every other module; its transformer/ holds a config only, so the weights can come from the file alone."""
+    folder = tmp_path_factory.mktemp("flux") / "FLUX.1-dev"
+    for name, module in flux_modules.items():
+        if name == "transformer":
+            module.save_config(str(folder / name))
+        else:
+            module.save_pretrained(str(folder / name))
+    write_tokenizer_files(folder / "tokenizer")
+    write_standin_t5_tokenizer(folder / "tokenizer_2", vocab_size=400)
+    (folder / "model_index.json").write_text(json.dumps(FLUX.model_index()))
+    save_file(flux_transformer_to_bfl(flux_modules["transformer"].state_dict()), str(folder / "flux1-dev.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_flux_single_file_round_trip_through_diffusers_converter(flux_release, flux_modules, prefix, tmp_path):
+    path = flux_release / "flux1-dev.safetensors"
+    if prefix:  # ComfyUI saves the same keys under model.diffusion_model.
+        path = flux_release / "flux1-dev-comfy.safetensors"
+        save_file(flux_transformer_to_bfl(flux_modules["transformer"].state_dict(), prefix), str(path))
+    loaded = load_dit_weights(FLUX, path)
+    assert loaded.source == "single-file" and len(loaded.sha256) == 64
+    assert path.name in loaded.files and "text_encoder_2/config.json" in loaded.files
+    assert not any(k.startswith("transformer/") for k in loaded.files)  # the transformer came from the file
+    assert set(loaded.tokenizer_dirs) == {"tokenizer", "tokenizer_2"}
+    assert_same(flux_modules, loaded.modules)
+
+
+def test_flux_single_file_builds_a_bundle_equal_to_the_original(flux_release, flux_modules, tmp_path):
+    """The bundle built from the BFL file: its transformer graph gives the original diffusers model's output."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from ldm_export.export import models as M
+    from ldm_export.export import onnx_export as X
+    from ldm_export.export.build import BuildConfig, build
+    from ldm_export.export.dit_export import sample_inputs
+
+    out = tmp_path / "bundle"
+    manifest = build(BuildConfig(model="tiny-flux", weights=flux_release / "flux1-dev.safetensors", out=out))
+    assert manifest["weights"]["source"] == "single-file" and manifest["weights"]["path"] == "flux1-dev.safetensors"
+    assert manifest["components"]["transformer"]["verification"]["fp32"]["passed"]
+    cspec = FLUX.component_specs()["transformer"]
+    dims = dict(FLUX.static_dims("transformer"))
+    feeds = sample_inputs("flux_transformer", cspec, dims, 11, FLUX.configs["transformer"],
+                          FLUX.family_def.latent_format(FLUX.configs))
+    original = X.torch_outputs(M.wrap("transformer", flux_modules, FLUX.family_def), cspec, feeds)[0]
+    got = ort.InferenceSession(str(out / "transformer" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    cos = float(np.dot(got.ravel(), original.ravel()) / np.linalg.norm(got) / np.linalg.norm(original))
+    assert cos >= 0.99999 and np.abs(got - original).max() < 1e-4, cos
+
+
+def test_flux_single_file_of_another_architecture_names_the_first_mismatching_key(flux_release, tmp_path):
+    import dataclasses
+
+    other = dataclasses.replace(FLUX, extra_configs={**FLUX.extra_configs, "transformer":
+                                                      FLUX.extra_configs["transformer"] | {"num_single_layers": 3}})
+    with pytest.raises(LdmExportError) as e:
+        load_dit_weights(other, flux_release / "flux1-dev.safetensors")
+    assert ("transformer: the checkpoint lacks 'single_transformer_blocks.2.norm.linear.weight' (expected shape "
+            "(96, 32))") in one_line(e)
+    schnell = dataclasses.replace(FLUX, extra_configs={**FLUX.extra_configs, "transformer":
+                                                        FLUX.extra_configs["transformer"] | {"guidance_embeds": False}})
+    with pytest.raises(LdmExportError) as e:
+        load_dit_weights(schnell, flux_release / "flux1-dev.safetensors")
+    assert "has unexpected 'time_text_embed.guidance_embedder.linear_1.weight'" in one_line(e)
+
+
+def test_flux_single_file_missing_a_key_names_it(flux_release, flux_modules):
+    state = flux_transformer_to_bfl(flux_modules["transformer"].state_dict())
+    del state["double_blocks.0.img_attn.qkv.bias"]
+    path = flux_release / "flux1-broken.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(LdmExportError) as e:
+        load_dit_weights(FLUX, path)
+    assert "cannot convert the transformer weights (KeyError: 'double_blocks.0.img_attn.qkv.bias')" in one_line(e)
+
+
+def test_flux_single_file_of_another_width_names_its_key(flux_release, tmp_path):
+    import dataclasses
+
+    wide = dataclasses.replace(FLUX, extra_configs={**FLUX.extra_configs, "transformer":
+                                                     FLUX.extra_configs["transformer"] | {"num_attention_heads": 3}})
+    path = flux_release / "flux1-dev.safetensors"
+    with pytest.raises(LdmExportError) as e:
+        load_dit_weights(wide, path)
+    assert "'single_blocks.0.linear1." in one_line(e) and "model 'tiny-flux' expects" in one_line(e)
+
+
+def test_sd3_single_file_for_flux_model_names_its_key(modules, tmp_path):
+    path = tmp_path / "sd3.safetensors"
+    save_file(to_sd3_single_file(modules, SPEC.configs["transformer"], SPEC.vae), str(path))
+    with pytest.raises(LdmExportError) as e:
+        load_dit_weights(FLUX, path)
+    msg = one_line(e)
+    assert "not a FLUX.1 transformer checkpoint" in msg and "'model.diffusion_model.joint_blocks." in msg

@@ -1,12 +1,14 @@
 """FLUX.1-dev transformer (11.9 B parameters, random weights) exported to ONNX on a GPU and one step verified.
 
-    python tools/gpu/flux_export.py --out DIR [--work /tmp/flux] [--side 128] [--text 512]
+    python tools/gpu/flux_export.py --out DIR [--work /tmp/flux] [--side 128] [--text 512] [--fused]
 
 The fp32 export path of ``ldm-export build`` would hold 48 GB of weights twice in host memory; here the module is
 built in fp16 directly on the GPU and traced there (the same wrapper, rotary export patch and opset as the build),
 with weights in one external-data file. Then ONNX Runtime's CUDA provider runs one step on the same inputs as
 torch. Writes ``flux_export.json`` to DIR: export seconds, file size, peak host RSS, peak GPU memory (torch's
 allocator during export; the device's used memory during the ORT run), ORT session load and step time, cosine.
+``--fused`` exports as ``--target cuda`` does (each attention one ``com.microsoft::MultiHeadAttention``,
+``kernels/flux_attention.py``) and writes ``flux_export_fused.json`` with the count of fused nodes.
 """
 from __future__ import annotations
 
@@ -41,10 +43,14 @@ def main() -> None:
     p.add_argument("--side", type=int, default=128, help="latent side (128: 1024 px)")
     p.add_argument("--text", type=int, default=512, help="T5 tokens")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of this script with --model tiny-flux, fp32")
+    p.add_argument("--fused", action="store_true", help="fused attention (MultiHeadAttention), as --target cuda")
     args = p.parse_args()
+    import contextlib
+
     import onnx
     import torch
 
+    from ldm_export import kernels
     from ldm_export.export import models as M
     from ldm_export.export.dit_models import export_patches, register_onnx_symbolics
     from ldm_export.export.onnx_export import OPSET, compare
@@ -60,7 +66,8 @@ def main() -> None:
     cuda = args.device == "cuda"
     half = np.float16 if cuda else np.float32
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    report: dict = {"model": spec.name, "latent_side": args.side, "text_tokens": args.text,
+    name = "flux_export_fused.json" if args.fused else "flux_export.json"
+    report: dict = {"model": spec.name, "latent_side": args.side, "text_tokens": args.text, "fused": args.fused,
                     "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__}
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -93,13 +100,15 @@ def main() -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    with export_patches("flux_transformer"), torch.inference_mode():
+    fused = kernels.export_patches(wrapper, "transformer", "cuda") if args.fused else contextlib.nullcontext()
+    with export_patches("flux_transformer"), fused, torch.inference_mode():
         torch.onnx.export(wrapper, tuple(tensors), str(path), input_names=names, output_names=["out_hidden_states"],
                           opset_version=OPSET, do_constant_folding=True, dynamo=False)
     report["torch_onnx_export_s"] = time.perf_counter() - t
     report["export_gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     t = time.perf_counter()
     model = onnx.load(str(path), load_external_data=True)
+    report["fused_nodes"] = kernels.count_fused(model)
     for f in work.iterdir():
         if f.name != "model.onnx":
             f.unlink()  # the exporter's many per-tensor files -> one model.onnx_data
@@ -113,7 +122,7 @@ def main() -> None:
     del wrapper, module, tensors
     if cuda:
         torch.cuda.empty_cache()
-    (out / "flux_export.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / name).write_text(json.dumps(report, indent=2) + "\n")
 
     import onnxruntime as ort
 
@@ -133,7 +142,7 @@ def main() -> None:
     report["ort_gpu_used_mb"] = None if used is None or base is None else used - base
     report["verification"] = compare("out_hidden_states", got.astype(np.float32), reference)
     report["peak_host_rss_gb"] = rss_gb()
-    (out / "flux_export.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / name).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 

@@ -11,6 +11,8 @@
 #   bash tools/gpu/sd3.sh flux    the FLUX.1-dev transformer (11.9 B) exported to ONNX (fp16 on the GPU, external
 #                                 data, static 1024²: 4096 image + 512 text tokens) and one step run by ONNX Runtime
 #                                 CUDA against torch: export time, peak host RSS and GPU memory, cosine
+#   bash tools/gpu/sd3.sh flux-fused  the same with fused attention (--target cuda: one MultiHeadAttention per
+#                                 attention, 57 in FLUX.1): flux_export_fused.json, to compare with flux's
 #   bash tools/gpu/sd3.sh tests   the DiT test files on the GPU machine
 # Needs onnxruntime-gpu and diffusers staged under /tmp/site (as for sd15.sh). Logs, JSON and tables go to $OUT.
 set -o pipefail
@@ -45,9 +47,13 @@ print(json.dumps(rows, indent=1))" | tee "$OUT/sd3_verification.json"
     /usr/bin/time -v timeout ${FLUX_TIMEOUT:-360} python3 tools/gpu/flux_export.py --out "$OUT" --work /tmp/flux-dev-transformer 2>&1 \
       | grep -v Warning | tee "$OUT/flux_export.log"
     ;;
+  flux-fused)
+    /usr/bin/time -v timeout ${FLUX_TIMEOUT:-360} python3 tools/gpu/flux_export.py --fused --out "$OUT" --work /tmp/flux-dev-fused 2>&1 \
+      | grep -v Warning | tee "$OUT/flux_export_fused.log"
+    ;;
   tests)
     timeout 500 python3 -m pytest -q -p no:cacheprovider tests/test_dit_export.py tests/test_dit_pipeline.py \
       tests/test_dit_runtime.py 2>&1 | tail -15 | tee "$OUT/dit_tests.log"
     ;;
-  *) echo "usage: bash tools/gpu/sd3.sh build|bench|flux|tests"; exit 2 ;;
+  *) echo "usage: bash tools/gpu/sd3.sh build|bench|flux|flux-fused|tests"; exit 2 ;;
 esac
