@@ -68,16 +68,22 @@ def check_guidance(guidance_scale: float, guidance_rescale: float) -> tuple[floa
     return float(guidance_scale), float(guidance_rescale)
 
 
-def check_size(width, height, model: Mapping[str, Any], multiple: int) -> tuple[int, int]:
+def check_size(width, height, model: Mapping[str, Any], multiple: int, largest: int | None = None) -> tuple[int, int]:
     """Refuse sizes the denoiser cannot take (not a multiple of ``multiple`` px: the family's ``size_multiple``, the
-    VAE's factor times the UNet's downsampling); warn once for sizes off the training size."""
+    VAE's factor times the UNet's downsampling; over ``largest`` px: the family's ``largest_side``); warn once for
+    sizes off the training size."""
     resolution = int(model["resolution"])
     for name, v in (("width", width), ("height", height)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
             near = max(multiple, int(round(v / multiple)) * multiple) if isinstance(v, (int, np.integer)) and v > 0 else multiple
+            if largest:
+                near = min(near, largest)
             raise LdmExportError(f"{name} must be a positive multiple of {multiple} px for this model (its denoiser "
                                  f"downsamples the {model['vae_scale_factor']}x latents {multiple // int(model['vae_scale_factor'])}x), "
                                  f"got {v!r}; try {near}")
+        if largest and v > largest:
+            raise LdmExportError(f"{name} must be at most {largest} px for this model (its transformer's position "
+                                 f"embedding covers {largest} px a side), got {v}; try {largest} or less")
     lo, hi = resolution * OFF_MODEL_LOW, resolution * OFF_MODEL_HIGH
     if not (lo <= width <= hi and lo <= height <= hi):
         warn_once(f"off-model {width}x{height}",

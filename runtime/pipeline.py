@@ -411,7 +411,9 @@ class Pipeline:
                 sample_shape[3] * f, sample_shape[2] * f):
             raise LdmExportError(f"this bundle was built with static shapes for {sample_shape[3] * f}x{sample_shape[2] * f}; "
                                  f"use that size or rebuild without --static-shape")
-        return checks.check_size(width, height, self.bundle.model, self.family.size_multiple(self.bundle.module_configs))
+        configs = self.bundle.module_configs
+        return checks.check_size(width, height, self.bundle.model, self.family.size_multiple(configs),
+                                 self.family.largest_side(configs))
 
 
 @dataclass(frozen=True)

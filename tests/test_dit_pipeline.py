@@ -143,3 +143,16 @@ def test_embedded_demo_dit_builds_without_flags_and_draws_the_prompt(tmp_path):
     readings = [read_image(im) for im in images]
     acc = score(readings, cases)
     assert acc["colour"] >= 90 and acc["position"] >= 90 and acc["shape"] >= 80, (acc, cases, readings)
+
+
+def test_sizes_past_the_sd3_position_table_are_refused_in_one_line(built):
+    """SD3's PatchEmbed crops a learned table of pos_embed_max_size patches a side (tiny-sd3: 16 patches of 2 latents
+    of 8 px = 256 px): a larger image is refused before any work, not an ONNX Runtime broadcast traceback."""
+    from ldm_export.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(built["tiny-sd3"][0])
+    with pytest.raises(LdmExportError) as e:
+        pipe("a cat", num_inference_steps=1, width=272, height=64)
+    assert str(e.value) == ("width must be at most 256 px for this model (its transformer's position embedding covers "
+                            "256 px a side), got 272; try 256 or less")
+    assert pipe("a cat", num_inference_steps=1, width=256, height=64, seed=0)[0].size == (256, 64)

@@ -152,6 +152,10 @@ class Family:
         """Image sides must be multiples of this many pixels (the VAE's factor times the denoiser's downsampling)."""
         return self.latent_format(configs).vae_scale_factor
 
+    def largest_side(self, configs: Mapping[str, Mapping[str, Any]]) -> int | None:
+        """The largest image side in pixels the denoiser can take (None: no limit but memory)."""
+        return None
+
     def component_specs(self, configs: Mapping[str, Mapping[str, Any]], resolution: int,
                         max_length: int) -> dict[str, ComponentSpec]:
         raise NotImplementedError(f"family {self.name} does not declare its component specs")

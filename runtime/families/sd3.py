@@ -84,6 +84,13 @@ class StableDiffusion3(TransformerFamily):
     def size_multiple(self, configs) -> int:
         return self.latent_format(configs).vae_scale_factor * int(configs["transformer"].get("patch_size", 2))
 
+    def largest_side(self, configs) -> int | None:
+        """SD3's PatchEmbed crops a learned position table of pos_embed_max_size patches a side: no larger latents."""
+        t = configs["transformer"]
+        if not t.get("pos_embed_max_size"):
+            return None
+        return int(t["pos_embed_max_size"]) * int(t.get("patch_size", 2)) * self.latent_format(configs).vae_scale_factor
+
     def component_specs(self, configs, resolution: int, max_length: int) -> dict[str, ComponentSpec]:
         hw = self.latent_profile(configs, resolution)
         lf = self.latent_format(configs)
