@@ -184,6 +184,28 @@ def test_smoothing_an_external_data_unet(pre, tiny_capture, tmp_path):
     assert max(float(np.abs(g - r).max()) for g, r in zip(got, ref)) < 1e-5
 
 
+def test_int8_of_an_external_data_unet_with_smoothquant(tiny_bundle, tiny_capture, tmp_path):
+    """quantize_unet on a UNet stored as model.onnx + model.onnx_data: smoothing, calibration and QDQ all go through
+    external data, and give the same int8 graph as the single-file UNet."""
+    from onnx.external_data_helper import uses_external_data
+
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    onnx.save_model(onnx.load(str(tiny_bundle / "unet" / "model.onnx")), str(folder / "model.onnx"),
+                    save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
+    results = {}
+    for name, src in (("ext", folder / "model.onnx"), ("plain", tiny_bundle / "unet" / "model.onnx")):
+        out = tmp_path / f"{name}-out" / "int8.onnx"
+        out.parent.mkdir()
+        info = Q.quantize_unet(src, out, tiny_capture, "minmax", 3, "onnxruntime", "u8", smoothquant=0.8)
+        assert info["smoothquant"]["layers"] == 40
+        results[name] = run_graph(out, tiny_capture)
+        if name == "ext":
+            assert any(uses_external_data(t) for t in onnx.load(str(out), load_external_data=False).graph.initializer)
+    for a, b in zip(results["ext"], results["plain"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- the int8 build
 
 def test_int8_bundle_with_smoothquant_records_it_and_inspect_shows_it(tiny_bundle, tmp_path):
