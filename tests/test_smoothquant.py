@@ -85,9 +85,8 @@ def test_smoothing_leaves_the_float_unet_unchanged(pre, tiny_capture, tmp_path, 
                and not np.allclose(after[n.input[1]], before.get(n.input[1], after[n.input[1]] * 0), rtol=1e-2)]
     assert len(changed) == 40
     ref, got = run_graph(pre, tiny_capture), run_graph(out, tiny_capture)
-    scale = max(float(np.abs(r).max()) for r in ref)
     diff = max(float(np.abs(g - r).max()) for g, r in zip(got, ref))
-    assert diff < 1e-5 * max(1.0, scale), diff
+    assert diff < 1e-5, diff  # the outputs' max |value| is about 1.7: rounding only
 
 
 def test_alpha_one_makes_every_smoothed_channel_max_one(pre, tiny_capture, tmp_path):
