@@ -271,3 +271,15 @@ def test_smoothquant_needs_int8(tmp_path):
     r = run_cli("build", "--model", "tiny", "--random-weights", "--smoothquant", "0.8", "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and "add --precision int8" in r.stderr, r.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_sweep_gives_rows_with_and_without_smoothquant(tiny_bundle):
+    from ldm_export.calibration.sweep import sweep, table_markdown
+
+    r = sweep(tiny_bundle, ["minmax"], [1.0, 3.0], size=1, steps=2, quality_prompts=1, adherence_prompts=0,
+              fmt="onnxruntime", smoothquant=(None, 0.8))
+    got = [(row["level"], row["smoothquant"] and row["smoothquant"]["alpha"]) for row in r["rows"]]
+    assert got == [(1.0, None), (3.0, None), (3.0, 0.8)]  # level 1 has no Linear layer to smooth: no row
+    assert all(np.isfinite(row["unet"]["sqnr_db"]) for row in r["rows"])
+    assert r["rows"][2]["smoothquant"]["layers"] == 40
+    assert "| minmax | 3 | 0.8 |" in table_markdown(r)
