@@ -37,6 +37,7 @@ class Int8Config:
     format: str = "onnxruntime"  # QDQ flavour: onnxruntime (int32 biases, CPU kernels) or tensorrt (float biases)
     activation_type: str | None = None  # s8 or u8; default: u8 for onnxruntime (its fast x86 int8 kernels), s8 for tensorrt
     step_share: float = 1.0  # the first share of the steps whose ranges are combined (noisiest first)
+    smoothquant: float | None = None  # SmoothQuant's alpha on the int8 Linear layers (0 < alpha <= 1); None: off
     sampler: str | None = None  # default: the bundle's
     guidance_scale: float = 7.5
     seed: int = 0
@@ -66,6 +67,13 @@ def validate(cfg: Int8Config, model_name: str, target: str) -> list[str]:
     if not cfg.components:
         raise LdmExportError(f"no component to quantise; int8 applies to: {', '.join(INT8_COMPONENTS)}")
     cfg.level = Q.parse_level(cfg.level)
+    if cfg.smoothquant is not None:
+        from .smooth import parse_alpha
+
+        cfg.smoothquant = parse_alpha(cfg.smoothquant)
+        if cfg.level < 2:
+            raise LdmExportError(f"--smoothquant smooths Linear layers and quant level {cfg.level:g} quantises convolutions "
+                                 "only; use --quant-level 2, 2.5 or 3, or leave --smoothquant out")
     if cfg.method not in Q.METHODS:
         raise LdmExportError(f"unknown calibration method {cfg.method!r}; choose one of: {', '.join(Q.METHODS)}")
     if cfg.format not in Q.FORMATS:
@@ -134,9 +142,10 @@ def quantize_stage(stage: Path, manifest: dict, cfg: Int8Config, progress: Progr
     folder = stage / "unet"
     fp32_files = [stage / f for f in manifest["components"]["unet"]["files"]]
     tmp_out = folder / ".int8.onnx"
-    progress("unet", "int8 calibrate + quantise", f"{cfg.method}, level {cfg.level:g}, {len(cap.steps)} steps")
+    smooth = f", SmoothQuant alpha {cfg.smoothquant:g}" if cfg.smoothquant is not None else ""
+    progress("unet", "int8 calibrate + quantise", f"{cfg.method}, level {cfg.level:g}{smooth}, {len(cap.steps)} steps")
     qinfo = Q.quantize_unet(fp32_files[0], tmp_out, cap, cfg.method, cfg.level, cfg.format, cfg.activation_type,
-                            cfg.step_share, table_out=folder / "int8_ranges.json")
+                            cfg.step_share, table_out=folder / "int8_ranges.json", smoothquant=cfg.smoothquant)
     pipe = Pipeline.from_bundle(stage, threads=threads)
     progress("unet", "int8 quality", "")
     fp32_engine = pipe.engines["unet"]

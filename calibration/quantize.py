@@ -218,11 +218,16 @@ def quantize_qdq(model_path: Path, out_path: Path, table: Path, method: str, nod
 
 def quantize_unet(fp32_path: Path, out_path: Path, capture, method: str = "percentile", level: float = 2.5,
                   fmt: str = "tensorrt", activation_type: str = "s8", step_share: float = 1.0, combine: str = "min",
-                  table_out: Path | None = None) -> dict:
-    """fp32 UNet graph -> int8 QDQ graph at ``out_path`` calibrated on ``capture``; returns what was done."""
+                  table_out: Path | None = None, smoothquant: float | None = None) -> dict:
+    """fp32 UNet graph -> int8 QDQ graph at ``out_path`` calibrated on ``capture`` (SmoothQuant first on the Linear
+    layers to quantise when ``smoothquant`` gives its alpha); returns what was done."""
     import onnx
 
+    from .smooth import parse_alpha, smooth_graph
+
     level = parse_level(level)
+    if smoothquant is not None:
+        smoothquant = parse_alpha(smoothquant)
     external = (fp32_path.parent / "model.onnx_data").exists() or fp32_path.stat().st_size > 2**31 - 1
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".int8-") as tmp:
         work = Path(tmp)
@@ -232,6 +237,13 @@ def quantize_unet(fp32_path: Path, out_path: Path, capture, method: str = "perce
         nodes, counts = select_nodes(model, level)
         if not nodes:
             raise LdmExportError(f"quant level {level:g} selects no layer of this UNet; nothing to quantise")
+        smooth = None
+        if smoothquant is not None:
+            del model
+            smoothed = work / "smoothed.onnx"
+            smooth = smooth_graph(pre, smoothed, capture, nodes, smoothquant, work, external)
+            pre = smoothed
+            model = onnx.load(str(pre), load_external_data=False)
         tensors = calibration_tensors(model, nodes)
         del model
         per_step = step_amax(pre, capture, method, tensors, work, external)
@@ -248,4 +260,4 @@ def quantize_unet(fp32_path: Path, out_path: Path, capture, method: str = "perce
             "weights": "int8 per-channel symmetric", "activations": f"{activation_type} per-tensor symmetric",
             "step_share": step_share, "combine": f"{combine} over steps", "steps": sorted(per_step),
             "layers": counts, "excluded_names": list(EXCLUDED), "quantised_nodes": len(nodes),
-            "tensors_with_zero_range": len(zero)}
+            "tensors_with_zero_range": len(zero), "smoothquant": smooth}

@@ -103,6 +103,10 @@ def quality_rows(manifest: dict) -> list[tuple[str, str]]:
                             f"{q['calibration']['seed']}), ranges {q['quantisation']['combine']}"),
             ("quant level", f"{q['quantisation']['level']:g} ({q['quantisation']['quantised_nodes']} layers int8, "
                             f"format {q['quantisation']['format']}, activations {q['quantisation']['activations']})")]
+    sq = q["quantisation"].get("smoothquant")
+    rows.append(("SmoothQuant", "off" if not sq else
+                 f"alpha {sq['alpha']:g} on {sq['layers']} Linear layers ({sq['groups']} inputs: {sq['folded_into_layernorm']} "
+                 f"folded into LayerNorm, {sq['mul_nodes']} Mul; s from {sq['scale_range'][0]:.3g} to {sq['scale_range'][1]:.3g})"))
     for comp, r in q["quality"]["components"].items():
         rows.append((f"{comp} SQNR vs fp32", "fp32 (not quantised)" if r.get("precision") != "int8"
                      else f"{r['sqnr_db']:.2f} dB over {r['calls']} recorded calls"))

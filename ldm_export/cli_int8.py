@@ -20,6 +20,9 @@ def int8_options(f):
                      help="int8: ONNX Runtime calibrator for each step's ranges; steps combine by their minimum [percentile]."),
         click.option("--quant-level", default=None,
                      help="int8: 1 convolutions; 2 + feed-forward; 2.5 + attention Q/K/V; 3 every Linear [2.5]."),
+        click.option("--smoothquant", "smoothquant", default=None, metavar="ALPHA",
+                     help="int8: SmoothQuant on the int8 Linear layers with migration strength 0 < ALPHA <= 1 "
+                          "(TensorRT's recipe: 0.8-1.0) [off]."),
         click.option("--calib-cache", type=click.Path(path_type=Path), default=None,
                      help="int8: folder keeping the captured UNet inputs; a later build of the same model reuses them."),
         click.option("--int8-format", type=click.Choice(["onnxruntime", "tensorrt"]), default=None,
@@ -62,11 +65,13 @@ def quantize(bundle, out, force, threads, **int8):
 
 
 def int8_config(calib_prompts=None, calib_size=None, calib_steps=None, calib_method=None, quant_level=None,
-                calib_cache=None, int8_format=None, int8_activations=None, int8_components=None, quality_prompts=None, adherence_prompts=None):
+                calib_cache=None, int8_format=None, int8_activations=None, int8_components=None, quality_prompts=None, adherence_prompts=None,
+                smoothquant=None):
     """An Int8Config from the options given, or None when none was."""
     given = {k: v for k, v in dict(prompts=calib_prompts, size=calib_size, steps=calib_steps, method=calib_method,
                                    level=quant_level, cache=calib_cache, format=int8_format, activation_type=int8_activations,
-                                   quality_prompts=quality_prompts, adherence_prompts=adherence_prompts).items()
+                                   quality_prompts=quality_prompts, adherence_prompts=adherence_prompts,
+                                   smoothquant=smoothquant).items()
              if v is not None}
     if int8_components is not None:
         given["components"] = tuple(c.strip() for c in int8_components.split(",") if c.strip())

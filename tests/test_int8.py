@@ -344,9 +344,11 @@ def test_sweep_table_and_plot(tmp_path):
              "image": {"psnr_db_mean": 30.0 - lvl, "psnr_db_min": 25.0},
              "adherence": {"fp32": adh(100.0), "int8": adh(97.5), "within_tolerance": True}}
             for m in ("minmax", "percentile") for lvl in (1.0, 2.5)]
+    rows[-1]["smoothquant"] = {"alpha": 0.8}
     md = table_markdown({"rows": rows})
-    assert "| fp32 | — | 0 | — | — | 100.0 | 90.0 | 100.0 | 88.0 | — |" in md
-    assert "| percentile | 2.5 | 25.0 | 17.50 | 27.50 / 25.00 | 97.5 | 90.0 | 100.0 | 88.0 | yes |" in md
+    assert "| fp32 | — | — | 0 | — | — | 100.0 | 90.0 | 100.0 | 88.0 | — |" in md
+    assert "| percentile | 1 | off | 10.0 | 19.00 | 29.00 / 25.00 | 97.5 | 90.0 | 100.0 | 88.0 | yes |" in md
+    assert "| percentile | 2.5 | 0.8 | 25.0 | 17.50 | 27.50 / 25.00 | 97.5 | 90.0 | 100.0 | 88.0 | yes |" in md
     write_plot(rows, tmp_path / "p.png", "t")
     assert (tmp_path / "p.png").stat().st_size > 1000
 
