@@ -176,7 +176,7 @@ import sys, numpy as np, onnxruntime as ort
 from ldm_export.runtime.lowmem import lean_session_options
 def hwm():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-s = ort.InferenceSession(sys.argv[1], lean_session_options(1), providers=["CPUExecutionProvider"])
+s = ort.InferenceSession(sys.argv[1], lean_session_options(1, weights_first=True), providers=["CPUExecutionProvider"])
 x = np.ones((8, 1024), np.float16)
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets the peak (VmHWM) to the current RSS
