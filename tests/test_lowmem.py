@@ -286,3 +286,34 @@ def test_low_memory_engines_fix_the_threshold_and_order_the_denoiser_only(tiny_b
         seen[c] = orders[len(orders) - 1]
     assert seen == {"text_encoder": ort.ExecutionOrder.DEFAULT, "unet": ort.ExecutionOrder.PRIORITY_BASED,
                     "vae_decoder": ort.ExecutionOrder.DEFAULT}
+
+
+def test_mha_rewrite_tool_keeps_the_unet_output(tiny_fp16_bundle, tmp_path):
+    """tools/mha_rewrite.py (the fused-attention measurement in docs/runtime.md) replaces every attention of an fp16
+    UNet with MultiHeadAttention and ONNX Runtime's CPU gives the same prediction within fp16 rounding."""
+    import importlib.util
+
+    import onnx
+    import onnxruntime as ort
+
+    from ldm_export.runtime.lowmem import lean_session_options
+
+    spec = importlib.util.spec_from_file_location("mha_rewrite", __import__("conftest").ROOT / "tools" / "mha_rewrite.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    src = tiny_fp16_bundle / "unet" / "model.onnx"
+    model = onnx.load(src)
+    softmaxes = sum(n.op_type == "Softmax" for n in model.graph.node)
+    assert tool.rewrite(model, heads=4) == softmaxes > 0  # the tiny UNet: 4 heads
+    assert not any(n.op_type == "Softmax" for n in model.graph.node)
+    onnx.save(model, tmp_path / "mha.onnx")
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((1, 4, 16, 16)).astype(np.float32), "timestep": np.array(500, np.float32),
+             "encoder_hidden_states": rng.standard_normal((1, 77, 32)).astype(np.float16)}
+
+    def run(path):
+        s = ort.InferenceSession(str(path), lean_session_options(weights_first=True), providers=["CPUExecutionProvider"])
+        return s.run(None, feeds)[0].astype(np.float32)
+
+    want, got = run(src), run(tmp_path / "mha.onnx")
+    assert np.abs(got - want).max() < 1e-2 * np.abs(want).max()
