@@ -5,8 +5,8 @@ The modes run as their own processes under GNU time (`/usr/bin/time -v`, "Maximu
 bundle's UNet weights beside them (the low-memory target is peak <= UNet weights + 600 MB). An sd15 bundle needs
 about 11 GB free for the normal mode: run it alone on the machine.
 
-``--phases`` (UNet bundles of one text encoder: SD 1.x, 2.x) loads and runs each component as low-memory mode does (lean ONNX Runtime sessions, text encoder and UNet
-at batch 1, tiled decode), resetting the process's peak RSS between phases (Linux: /proc/self/clear_refs), so the
+``--phases`` (UNet bundles of one text encoder: SD 1.x, 2.x) loads and runs each component as low-memory mode does
+(lean ONNX Runtime sessions, text encoder and UNet at batch 1, tiled decode), resetting the process's peak RSS between phases (Linux: /proc/self/clear_refs), so the
 table says which phase sets the peak; ``--default-order`` makes the sessions with ONNX Runtime's default execution
 order for the UNet too, to compare.
 """
