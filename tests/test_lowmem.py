@@ -298,7 +298,9 @@ def test_mha_rewrite_tool_keeps_the_unet_output(tiny_fp16_bundle, tmp_path):
 
     from ldm_export.runtime.lowmem import lean_session_options
 
-    spec = importlib.util.spec_from_file_location("mha_rewrite", __import__("conftest").ROOT / "tools" / "mha_rewrite.py")
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("mha_rewrite", ROOT / "tools" / "mha_rewrite.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     src = tiny_fp16_bundle / "unet" / "model.onnx"
@@ -312,7 +314,8 @@ def test_mha_rewrite_tool_keeps_the_unet_output(tiny_fp16_bundle, tmp_path):
              "encoder_hidden_states": rng.standard_normal((1, 77, 32)).astype(np.float16)}
 
     def run(path):
-        s = ort.InferenceSession(str(path), lean_session_options(weights_first=True), providers=["CPUExecutionProvider"])
+        so = lean_session_options(weights_first=True)
+        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         return s.run(None, feeds)[0].astype(np.float32)
 
     want, got = run(src), run(tmp_path / "mha.onnx")

@@ -6,9 +6,9 @@ bundle's UNet weights beside them (the low-memory target is peak <= UNet weights
 about 11 GB free for the normal mode: run it alone on the machine.
 
 ``--phases`` (UNet bundles of one text encoder: SD 1.x, 2.x) loads and runs each component as low-memory mode does
-(lean ONNX Runtime sessions, text encoder and UNet at batch 1, tiled decode), resetting the process's peak RSS between phases (Linux: /proc/self/clear_refs), so the
-table says which phase sets the peak; ``--default-order`` makes the sessions with ONNX Runtime's default execution
-order for the UNet too, to compare.
+(lean ONNX Runtime sessions, text encoder and UNet at batch 1, tiled decode), resetting the process's peak RSS
+between phases (Linux: /proc/self/clear_refs), so the table says which phase sets the peak; ``--default-order``
+makes the UNet's session with ONNX Runtime's default execution order, to compare.
 """
 from __future__ import annotations
 
@@ -117,11 +117,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp"))
     ap.add_argument("--mode", choices=("both", "normal", "low"), default="both", help="which generate modes to run")
     ap.add_argument("--phases", action="store_true", help="per-phase peak of the low-memory path, in one process")
-    ap.add_argument("--default-order", action="store_true", help="with --phases: the UNet in ONNX Runtime's default execution order")
+    ap.add_argument("--default-order", action="store_true",
+                    help="with --phases: the UNet in ONNX Runtime's default execution order")
     a = ap.parse_args()
     if a.phases:
-        return phases(a.bundle, int(a.size or json.loads((a.bundle / "ldm_export.json").read_text())["model"]["resolution"]),
-                      a.default_order)
+        size = a.size or json.loads((a.bundle / "ldm_export.json").read_text())["model"]["resolution"]
+        return phases(a.bundle, int(size), a.default_order)
     extra = (["--steps", a.steps] if a.steps else []) + (["--size", a.size] if a.size else [])
     unet = unet_weight_bytes(a.bundle) / 1e9
     print(f"| bundle | mode | peak RSS | UNet weights | target (UNet + 0.6 GB) | wall | command |")
