@@ -168,9 +168,9 @@ def lean_session_options(threads: int | None = None, weights_first: bool = False
 
     The extended level keeps fp32 copies of fp16 weights: SD 1.5's fp16 text encoder (246 MB file) held 0.60 GB after
     load with it and 0.31 GB without, its VAE decoder (106 MB) 0.51 against 0.16 GB (ONNX Runtime 1.32, a CPU).
-    The execution order matters for fp16 graphs on a CPU: ONNX Runtime's x86 CPU kernels for Conv, MatMul, Gemm, Add,
-    Mul and Div are fp32 only, so it inserts a Cast of every fp16 weight before its consumer, and its default order
-    runs those Casts long before their consumers, holding the fp32 copies together. The priority-based order runs
+    The execution order matters for fp16 graphs on a CPU: ONNX Runtime's x86 CPU has no fp16 Conv, MatMul, Gemm, Add,
+    Mul or Div kernels, so it inserts a Cast of every fp16 weight before its consumer, and its default order runs
+    those Casts long before their consumers, holding the fp32 copies together. The priority-based order runs
     each Cast when its consumer is next: one SD 1.5 fp16 UNet call at 8x8 latents peaked 1.77 GB above the loaded
     session (1.77 GB) in the default order and 0.34 GB in this one; at 64x64 latents (512 px), 2.98 against 1.73 GB.
     For a graph of small weights and large activations the default order is the leaner one: the SD 1.5 fp16 VAE
