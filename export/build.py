@@ -48,6 +48,7 @@ class BuildConfig:
     int8: "Int8Config | None" = None  # int8 builds: calibration and quantisation settings (None: the defaults)
     loras: tuple = ()  # LoraRef: fused into the weights before export (--lora FILE[:SCALE])
     vae_encoder: bool = False  # also export the VAE encoder (image-to-image, inpainting)
+    fused_attention: bool = False  # cpu target: the UNet's attention as ONNX Runtime's MultiHeadAttention (low memory)
 
     def component_precision(self, component: str, vae_config: dict | None = None) -> str:
         """fp32 for int8 builds (exported and verified in fp32; calibration/ then quantises the int8 components),
@@ -101,6 +102,10 @@ def validate(cfg: BuildConfig) -> ModelSpec:
         raise LdmExportError("--no-half-vae keeps the VAE decoder in fp32 in an fp16 build; it needs --precision fp16")
     if cfg.target not in TARGETS:
         raise LdmExportError(f"unknown target '{cfg.target}'; choose one of: {', '.join(TARGETS)}")
+    if cfg.fused_attention and (cfg.target != "cpu" or spec.unet is None):
+        raise LdmExportError("--fused-attention puts ONNX Runtime's CPU attention into a UNet's --target cpu graph; "
+                             + ("--target cuda fuses attention already and tensorrt fuses its own" if cfg.target != "cpu"
+                                else f"{spec.name} has no UNet"))
     from ldm_export.kernels import disabled_kinds
 
     disabled_kinds()  # a misspelt LDM_EXPORT_DISABLE_KERNELS fails here, before any work
@@ -167,10 +172,11 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                     "path": Path(weights_path).name if weights_path and loaded.source != "random" else None},
         **({"loras": loras} if loras else {}),
         "target": cfg.target, "static_shape": cfg.static_shape, "verify_provider": cfg.resolved_verify_provider(),
+        **({"fused_attention": True} if cfg.fused_attention else {}),
         "components": {}, "files": {},
         "tools": _tool_versions(),
     }
-    with staging(out, cfg.force, cfg.weights) as stage:
+    with staging(out, cfg.force, cfg.weights) as stage, kernels.cpu_kernels(("attention",) if cfg.fused_attention else ()):
         components = cfg.components(spec)
         for component in components:
             cspec = specs[component]

@@ -128,7 +128,9 @@ def engine_recipe(bundle: Bundle, component: str, options: EngineOptions, timing
     if facts["contrib_ops"]:
         raise LdmExportError(f"{component}: the graph holds ONNX Runtime contrib ops TensorRT cannot parse "
                              f"({', '.join(facts['contrib_ops'])}; the bundle was built with --target "
-                             f"{bundle.manifest.get('target', 'cuda')}); rebuild the bundle with --target tensorrt")
+                             f"{bundle.manifest.get('target', 'cuda')}"
+                             f"{' --fused-attention' if bundle.manifest.get('fused_attention') else ''}); "
+                             "rebuild the bundle with --target tensorrt")
     if options.precision == "fp16" and builder == "tensorrt-rtx":
         raise LdmExportError("--precision fp16 (TensorRT 10's weakly typed FP16 flag) does not exist in TensorRT-RTX, whose "
                              "networks are strongly typed: build an fp16 bundle (ldm-export build --precision fp16) and use "

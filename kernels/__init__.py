@@ -72,11 +72,30 @@ def disabled_kinds() -> set[str]:
     return names
 
 
+_cpu_kinds: tuple[str, ...] = ()  # opt-in kernels of the cpu target (``cpu_kernels``)
+
+
+@contextlib.contextmanager
+def cpu_kernels(kinds: tuple[str, ...]):
+    """Within the block, the cpu target also fuses ``kinds`` in the UNet: only ``attention`` (ONNX Runtime's CPU
+    MultiHeadAttention, fp32, computes attention in blocks instead of a tokens x tokens score matrix: the low-memory
+    mode's peak; TensorRT's parser cannot read it, so it is opt-in: ``build --fused-attention``)."""
+    global _cpu_kinds
+    bad = [k for k in kinds if k != "attention"]
+    if bad:
+        raise LdmExportError(f"the cpu target can fuse attention only, not {bad[0]} (its other fused ops have no CPU kernel)")
+    saved, _cpu_kinds = _cpu_kinds, tuple(kinds)
+    try:
+        yield
+    finally:
+        _cpu_kinds = saved
+
+
 def plan(component: str, target: str) -> tuple[str, ...]:
     """The kernels applied to ``component`` for ``target``."""
     _check_target(target)
     if target == "cpu":
-        return ()
+        return tuple(k for k in _cpu_kinds if k not in disabled_kinds()) if component == "unet" else ()
     if target == "tensorrt":
         return () if "attention" in disabled_kinds() or component not in ("unet", "vae_decoder") else ("attention",)
     kinds = {"unet": ("attention", "groupnorm", "geglu", "residual"),

@@ -43,6 +43,9 @@ def cli(verbose: bool, debug: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder (default: MODEL-PRECISION).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--static-shape", is_flag=True, help="Fix batch and size to the model's defaults (faster on GPUs).")
+@click.option("--fused-attention", is_flag=True,
+              help="--target cpu: the UNet's attention as ONNX Runtime's MultiHeadAttention (no full score matrices: "
+                   "the lowest memory with generate --low-memory; TensorRT cannot parse it).")
 @click.option("--target", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="Which backend the graphs are for (cuda puts ONNX Runtime's fused GPU kernels in; tensorrt keeps "
                    "standard ops in the patterns TensorRT fuses, for `ldm-export engines`).")
@@ -55,7 +58,7 @@ def cli(verbose: bool, debug: bool) -> None:
               help="Fuse a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) into the weights before export; repeatable.")
 @int8_options
 @_guard
-def build(model, precision, weights, random_weights, seed, out, force, static_shape, target, trust_pickle, threads,
+def build(model, precision, weights, random_weights, seed, out, force, static_shape, fused_attention, target, trust_pickle, threads,
           no_half_vae, vae_encoder, loras, **int8):
     """Export a model's components to ONNX, verify each against PyTorch, and write a bundle."""
     from ldm_export.export.build import BuildConfig, build as run_build, validate
@@ -63,6 +66,7 @@ def build(model, precision, weights, random_weights, seed, out, force, static_sh
 
     cfg = BuildConfig(model=model or DEFAULT_MODEL, precision=precision, weights=weights, random_weights=random_weights,
                       seed=seed, out=out, force=force, static_shape=static_shape, target=target,
+                      fused_attention=fused_attention,
                       trust_pickle=trust_pickle, threads=threads, no_half_vae=no_half_vae, int8=int8_config(**int8),
                       loras=tuple(_parse_loras(loras)), vae_encoder=vae_encoder)
     validate(cfg)  # fail fast, before torch is imported

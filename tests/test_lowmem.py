@@ -320,3 +320,54 @@ def test_mha_rewrite_tool_keeps_the_unet_output(tiny_fp16_bundle, tmp_path):
 
     want, got = run(src), run(tmp_path / "mha.onnx")
     assert np.abs(got - want).max() < 1e-2 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_fused_attention_cpu_build_draws_the_unfused_image(tiny_bundle, tmp_path, precision):
+    """`build --fused-attention` (cpu target): every UNet attention is ONNX Runtime's MultiHeadAttention (no tokens x
+    tokens score matrix: the low-memory peak), verified against torch, and the image equals the plain build's."""
+    import onnx
+
+    from ldm_export.export.build import BuildConfig, build
+
+    fused = tmp_path / "fused"
+    manifest = build(BuildConfig(model="tiny", precision=precision, random_weights=True, seed=0, out=fused,
+                                 fused_attention=True))
+    graph = onnx.load(str(fused / "unet" / "model.onnx"))
+    mha = [n for n in graph.graph.node if n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft"]
+    assert mha and manifest["components"]["unet"]["kernels"] == [f"MultiHeadAttention x{len(mha)}"]
+    assert not [n for n in graph.graph.node if n.op_type == "Softmax"]  # no unfused attention left
+    assert all(r["passed"] for r in manifest["components"]["unet"]["verification"].values())
+    plain = tiny_bundle if precision == "fp32" else tmp_path / "plain"
+    if precision == "fp16":
+        build(BuildConfig(model="tiny", precision="fp16", random_weights=True, seed=0, out=plain))
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, seed=3)
+    a = np.asarray(Pipeline.from_bundle(plain)("a red circle", **kw)[0]).astype(int)
+    b = np.asarray(Pipeline.from_bundle(fused, low_memory=True)("a red circle", **kw)[0]).astype(int)
+    assert np.abs(a - b).max() <= (1 if precision == "fp32" else 3)
+
+
+@pytest.mark.parametrize("args,text", [
+    (dict(target="cuda"), "--target cuda fuses attention already"),
+    (dict(model="tiny-sd3"), "tiny-sd3 has no UNet"),
+])
+def test_fused_attention_needs_a_cpu_unet_build(tmp_path, args, text):
+    from ldm_export.export.build import BuildConfig, validate
+    from ldm_export.runtime.errors import LdmExportError
+
+    cfg = BuildConfig(**{"model": "tiny", "random_weights": True, "out": tmp_path / "b", "fused_attention": True, **args})
+    with pytest.raises(LdmExportError, match=text):
+        validate(cfg)
+    assert not (tmp_path / "b").exists()
+
+
+def test_engines_refuse_a_fused_attention_cpu_bundle_in_one_line(tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "fused"
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--fused-attention", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("engines", str(out), "--components", "unet", "--compute-capability", "8.6")
+    line = r.stderr.strip()
+    assert r.returncode != 0 and "\n" not in line
+    assert "MultiHeadAttention" in line and "--target cpu --fused-attention" in line and "--target tensorrt" in line
