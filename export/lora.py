@@ -6,9 +6,17 @@ with diffusers' ``load_lora_into_unet`` / ``load_lora_into_text_encoder`` (PEFT)
 with PEFT's ``merge`` and the adapter layers removed, so the modules export as plain ones.
 
 Bundles get the same weights without re-export: at build time every torch parameter is matched to the ONNX
-initializer holding it (by content hash, also transposed, as the exporter folds ``W.T`` for MatMul); ``lora``
-computes each adapter's weight delta by merging it into a zero-weight copy of the architecture and adds it to
-those initializers (in their dtype: fp16 bundles too).
+initializer holding it (by content, also transposed, as the exporter folds ``W.T`` for MatMul, or as one slice of a
+packed initializer, the layout fused attention kernels take for q/k/v); ``lora`` computes each adapter's weight
+delta by merging it into a zero-weight copy of the architecture and adds it there, in the initializer's own layout
+and dtype (fp16 bundles too). ``--target cuda`` bundles work the same way: their fused kernels (MultiHeadAttention,
+BiasSplitGelu, the residual folds) take the weights as initializers of ordinary MatMul/Conv nodes or as packed ones.
+
+Verification is by tests against a fresh export with ``--lora`` of the same model. ONNX Runtime's CPU provider has
+no kernel for some fused ops of cuda-target graphs (GroupNorm, SkipGroupNorm, BiasSplitGelu), so without a GPU
+those bundles are compared per initializer (max abs difference against the fresh export) and their UNet run on
+onnx's reference evaluator with the contrib ops' numpy references (tests/test_lora.py); ``tools/gpu/lora.sh`` runs
+the same comparison on the CUDA provider.
 """
 from __future__ import annotations
 
