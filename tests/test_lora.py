@@ -407,3 +407,22 @@ def test_packed_initializers_take_each_weights_delta_in_its_slice():
         np.testing.assert_allclose(got[n], (x if n in "qkv" else t) @ (wt[n] + deltas[n].T), rtol=1e-4, atol=1e-4,
                                    err_msg=n)
         assert np.abs(got[n] - (x if n in "qkv" else t) @ wt[n]).max() > 0.1  # the delta is there
+
+
+def test_lora_names_a_weight_the_bundle_holds_in_no_initializer(tmp_path, tiny_bundle):
+    """A weight the build-time map does not place (equal weights, or a layout it does not know): a one-line error
+    naming it, and no new bundle."""
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    m = json.loads((bundle / "ldm_export.json").read_text())
+    param = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    del m["components"]["unet"]["initializers"][param]
+    (bundle / "ldm_export.json").write_text(json.dumps(m))
+    path = tmp_path / "l.safetensors"
+    make_lora(path, "peft")
+    r = run_cli("lora", str(bundle), str(path), "--out", str(tmp_path / "new"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "new").exists()
+    line = r.stderr.strip()
+    assert "\n" not in line and f"unet.{param}" in line and "build with --lora" in line
