@@ -6,9 +6,17 @@ with diffusers' ``load_lora_into_unet`` / ``load_lora_into_text_encoder`` (PEFT)
 with PEFT's ``merge`` and the adapter layers removed, so the modules export as plain ones.
 
 Bundles get the same weights without re-export: at build time every torch parameter is matched to the ONNX
-initializer holding it (by content hash, also transposed, as the exporter folds ``W.T`` for MatMul); ``lora``
-computes each adapter's weight delta by merging it into a zero-weight copy of the architecture and adds it to
-those initializers (in their dtype: fp16 bundles too).
+initializer holding it (by content, also transposed, as the exporter folds ``W.T`` for MatMul, or as one slice of a
+packed initializer, the layout fused attention kernels take for q/k/v); ``lora`` computes each adapter's weight
+delta by merging it into a zero-weight copy of the architecture and adds it there, in the initializer's own layout
+and dtype (fp16 bundles too). ``--target cuda`` bundles work the same way: their fused kernels (MultiHeadAttention,
+BiasSplitGelu, the residual folds) take the weights as initializers of ordinary MatMul/Conv nodes or as packed ones.
+
+Verification is by tests against a fresh export with ``--lora`` of the same model. ONNX Runtime's CPU provider has
+no kernel for some fused ops of cuda-target graphs (GroupNorm, SkipGroupNorm, BiasSplitGelu), so without a GPU
+those bundles are compared per initializer (max abs difference against the fresh export) and their UNet run on
+onnx's reference evaluator with the contrib ops' numpy references (tests/test_lora.py); ``tools/gpu/lora.sh`` runs
+the same comparison on the CUDA provider.
 """
 from __future__ import annotations
 
@@ -190,22 +198,24 @@ def _digest(a: np.ndarray) -> str:
 
 
 def initializer_map(module, model) -> dict[str, dict]:
-    """torch parameter name -> {"initializer": name, "transposed": bool} for every parameter whose values sit in
-    exactly one ONNX initializer (matched by content; ambiguous ones, e.g. LayerNorm weights of ones, are left
-    out: LoRA never targets them)."""
+    """torch parameter name -> where its values sit in the ONNX graph, matched by content: ``{"initializer": name,
+    "transposed": bool}`` for a whole initializer (the exporter folds ``W.T`` for MatMul), plus ``"view", "axis",
+    "index"`` for a slice of a packed one (fused kernels may pack q/k/v or k/v into one weight: contiguous blocks or
+    interleaved per head, as ONNX Runtime's packed MultiHeadAttention formats are). Ambiguous parameters (two with
+    equal values, e.g. LayerNorm weights of ones) are left out: LoRA never targets them."""
     from onnx import numpy_helper
 
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer
+               if i.data_type == 1 and len(i.dims) > 0}  # float32 tensors only (ints/scalars are not weights)
     by_hash: dict[str, list[str]] = {}
-    for init in model.graph.initializer:
-        if init.data_type != 1 or len(init.dims) == 0:  # float32 tensors only (ints/scalars are not weights)
-            continue
-        by_hash.setdefault(_digest(numpy_helper.to_array(init)), []).append(init.name)
+    for name, a in weights.items():
+        by_hash.setdefault(_digest(a), []).append(name)
     params = [(name, p.detach().numpy()) for name, p in module.named_parameters()]
     own = [_digest(a) for _, a in params]
     counts: dict[str, int] = {}
     for h in own:
         counts[h] = counts.get(h, 0) + 1
-    out = {}
+    out, loose = {}, {}
     for (name, a), h in zip(params, own):
         if counts[h] != 1:  # two parameters with equal values: no way to tell their initializers apart
             continue
@@ -213,7 +223,67 @@ def initializer_map(module, model) -> dict[str, dict]:
             if digest is not None and len(by_hash.get(digest, ())) == 1:
                 out[name] = {"initializer": by_hash[digest][0], "transposed": transposed}
                 break
+        else:
+            if a.ndim == 2:
+                loose[name] = a
+    if loose:
+        out.update(_packed_slices(loose, {n: a for n, a in weights.items() if a.ndim == 2}))
     return out
+
+
+def _packed_slices(params: dict[str, np.ndarray], weights: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Linear weights found as one slice of a packed 2-D initializer: ``init.reshape(view)[index along axis]``
+    reshaped is the weight (or its transpose). Candidates: k = 2..4 pieces along either axis, contiguous or
+    interleaved over N heads; a cheap test on the first values comes before the full comparison."""
+    want: dict[tuple, list[tuple[str, bool, np.ndarray]]] = {}
+    for name, a in params.items():
+        for transposed, x in ((False, a), (True, np.ascontiguousarray(a.T))):
+            want.setdefault(x.shape, []).append((name, transposed, x))
+    found: dict[str, list[dict]] = {}
+    for init, w in weights.items():
+        for view, axis, shape in _packings(w.shape, want.keys()):
+            v = w.reshape(view)
+            for j in range(view[axis]):
+                piece = v[(slice(None),) * axis + (j,)]
+                head = piece[(0,) * (piece.ndim - 1)]  # the first values in C order
+                for name, transposed, x in want[shape]:
+                    if np.array_equal(x.reshape(-1)[:head.size], head) and np.array_equal(x, piece.reshape(shape)):
+                        found.setdefault(name, []).append({"initializer": init, "transposed": transposed,
+                                                           "view": list(view), "axis": axis, "index": j})
+    return {name: hits[0] for name, hits in found.items() if len(hits) == 1}
+
+
+def _packings(shape: tuple[int, ...], wanted):
+    """(view, axis, piece shape) of every way a 2-D initializer of ``shape`` may pack k = 2..4 weights of a
+    ``wanted`` shape along one axis: as blocks (N = 1) or interleaved over N heads ((N, k, head) on that axis)."""
+    a, b = shape
+    for k in (2, 3, 4):
+        if b % k == 0 and (a, b // k) in wanted:
+            for n in _divisors(b // k):
+                yield (a, n, k, b // k // n), 2, (a, b // k)
+        if a % k == 0 and (a // k, b) in wanted:
+            for n in _divisors(a // k):
+                yield (n, k, a // k // n, b), 1, (a // k, b)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def add_delta(base: np.ndarray, delta: np.ndarray, entry: dict) -> np.ndarray:
+    """``base`` (float32, the initializer's shape) with ``delta`` (the torch parameter's layout) added where
+    ``entry`` (from :func:`initializer_map`) says the parameter sits: the whole tensor or one packed slice."""
+    d = delta.T if entry["transposed"] else delta
+    if "view" not in entry:
+        if base.shape != d.shape:
+            raise ValueError(f"initializer has shape {base.shape}, the delta {d.shape}")
+        return base + d
+    out = base.reshape(entry["view"]).copy()
+    piece = out[(slice(None),) * entry["axis"] + (entry["index"],)]
+    if piece.size != d.size:
+        raise ValueError(f"the slice of the packed initializer holds {piece.size} values, the delta {d.size}")
+    piece += d.reshape(piece.shape)  # a view: writes into out
+    return out.reshape(base.shape)
 
 
 def zero_modules(spec_modules_builder) -> dict[str, Any]:
@@ -282,20 +352,25 @@ def lora_bundle(bundle_path: str | Path, loras: list[LoraRef], out: str | Path, 
             path = stage / info["files"][0]
             model = onnx.load(str(path), load_external_data=True)
             inits = {i.name: i for i in model.graph.initializer}
+            summed: dict[str, np.ndarray] = {}  # initializer -> float32 values with every delta added (packed q/k/v)
             for param, delta in sorted(changed.items()):
                 entry = mapping.get(param)
                 if entry is None or entry["initializer"] not in inits:
-                    raise LdmExportError(f"{component}.{param}: the bundle's graph has no initializer for this weight "
-                                         "(a fused kernel packs it, e.g. --target cuda attention); build with --lora "
-                                         "instead")
+                    raise LdmExportError(f"{component}.{param}: the bundle's graph has no initializer that holds this "
+                                         "weight (or two hold the same values); build with --lora instead")
                 init = inits[entry["initializer"]]
-                base = numpy_helper.to_array(init)
-                d = delta.T if entry["transposed"] else delta
-                if base.shape != d.shape:
-                    raise LdmExportError(f"{component}.{param}: initializer {init.name} has shape {base.shape}, the "
-                                         f"LoRA delta {d.shape}; the bundle is not of model '{name}'")
-                new = (base.astype(np.float32) + d.astype(np.float32)).astype(base.dtype)
-                init.CopyFrom(numpy_helper.from_array(new, init.name))
+                if init.name not in summed:
+                    summed[init.name] = numpy_helper.to_array(init).astype(np.float32)
+                try:
+                    summed[init.name] = add_delta(summed[init.name], delta, entry)
+                except ValueError as e:
+                    raise LdmExportError(f"{component}.{param}: {e} in initializer {init.name}; the bundle is not of "
+                                         f"model '{name}'") from None
+            for init_name, values in summed.items():
+                # in the initializer's own dtype: an fp16 bundle stays fp16 (rounded once, after every delta)
+                init = inits[init_name]
+                dtype = numpy_helper.to_array(init).dtype
+                init.CopyFrom(numpy_helper.from_array(values.astype(dtype), init_name))
             for f in info["files"]:
                 (stage / f).unlink()
             files = save_onnx(model, path)

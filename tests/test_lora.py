@@ -173,3 +173,256 @@ def test_sdxl_lora_reaches_both_text_encoders_and_the_unet(tmp_path):
     for (component, module), delta in expected.items():
         got = modules[component].state_dict()[f"{module}.weight"] - before[component][f"{module}.weight"]
         torch.testing.assert_close(got, delta, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ cuda-target bundles
+# (module path, is a conv) adapted in the cuda-target tests: every LoRA target kind, each behind a fused kernel
+# where the cuda target has one: q/k/v feed MultiHeadAttention, to_out's bias moves into SkipLayerNormalization,
+# ff.net.0.proj feeds BiasSplitGelu, the convs sit between (Skip)GroupNorms
+CUDA_TARGETS = {
+    "unet": [f"down_blocks.0.attentions.0.transformer_blocks.0.{p}" for p in
+             ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+              "ff.net.0.proj", "ff.net.2")]
+            + ["down_blocks.0.attentions.0.proj_in", "down_blocks.0.attentions.0.proj_out", "down_blocks.0.resnets.0.conv1",
+               "down_blocks.0.resnets.0.time_emb_proj", "mid_block.attentions.0.transformer_blocks.0.attn1.to_v",
+               "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"],
+    "text_encoder": ["text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.0.self_attn.v_proj",
+                     "text_model.encoder.layers.1.mlp.fc1"],
+}
+
+
+def make_peft_lora(path, targets=CUDA_TARGETS, rank=4, seed=1):
+    """A diffusers/PEFT LoRA over ``targets`` of the tiny model, linear and conv layers (conv: k x k down, 1 x 1 up)."""
+    g = torch.Generator().manual_seed(seed)
+    modules, state = tiny_modules(), {}
+    for component, paths in targets.items():
+        layers = dict(modules[component].named_modules())
+        for p in paths:
+            w = layers[p].weight
+            state[f"{component}.{p}.lora_A.weight"] = torch.randn(rank, *w.shape[1:], generator=g) * 0.2
+            state[f"{component}.{p}.lora_B.weight"] = torch.randn(w.shape[0], rank, *([1] * (w.ndim - 2)), generator=g) * 0.2
+    save_file(state, str(path))
+
+
+def _toposorted(model):
+    """The graph in topological order (onnx's reference evaluator runs nodes as listed; the fp16 converter appends
+    its Casts at the end)."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    OnnxModel(model).topological_sort()
+    return model
+
+
+def _unet_on_reference(bundle, feeds):
+    """The bundle's UNet on onnx's reference evaluator, the fused contrib ops on their numpy references
+    (ONNX Runtime's CPU provider has no GroupNorm, SkipGroupNorm or BiasSplitGelu kernel)."""
+    from contrib_ref import run_reference
+
+    m = json.loads((bundle / "ldm_export.json").read_text())
+    model = _toposorted(onnx.load(str(bundle / m["components"]["unet"]["files"][0])))
+    typed = {t["name"]: feeds[t["name"]].astype(t["dtype"]) for t in m["components"]["unet"]["spec"]["inputs"]}
+    return run_reference(model, typed)[0].astype(np.float32)
+
+
+def pack_self_attention_qkv(model) -> int:
+    """Test-only graph pass: each self-attention's q/k/v MatMuls become one MatMul over a packed (C, 3C) weight in
+    ONNX Runtime's packed-QKV layout (interleaved per head: (C, N, 3, H)), then Reshape -> Split -> Reshape back.
+    The LoRA path must find each weight as a slice of the packed initializer."""
+    from onnx import helper
+
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name: i for i in g.initializer}
+    dead, packed = set(), 0
+    for mha in [n for n in g.node if n.op_type == "MultiHeadAttention"]:
+        mms = [producer.get(x) for x in mha.input[:3]]
+        if any(m is None or m.op_type != "MatMul" or m.input[1] not in inits for m in mms) or \
+                len({m.input[0] for m in mms}) != 1:  # cross-attention: k and v come from the text
+            continue
+        heads = next(a.i for a in mha.attribute if a.name == "num_heads")
+        ws = [numpy_helper.to_array(inits[m.input[1]]) for m in mms]  # each (C, D) = W.T
+        c, d = ws[0].shape
+        w = np.stack([x.reshape(c, heads, d // heads) for x in ws], axis=2).reshape(c, 3 * d)
+        base = f"packed_qkv_{packed}"
+        g.initializer.extend([numpy_helper.from_array(w, base + "_w"),
+                              numpy_helper.from_array(np.array([0, 0, heads, 3, d // heads], np.int64), base + "_s5"),
+                              numpy_helper.from_array(np.array([0, 0, d], np.int64), base + "_s3"),
+                              numpy_helper.from_array(np.array([1, 1, 1], np.int64), base + "_split")])
+        g.node.extend([helper.make_node("MatMul", [mms[0].input[0], base + "_w"], [base + "_y"], name=base + "_mm"),
+                       helper.make_node("Reshape", [base + "_y", base + "_s5"], [base + "_y5"], name=base + "_r5"),
+                       helper.make_node("Split", [base + "_y5", base + "_split"], [base + f"_{k}" for k in "qkv"],
+                                        axis=3, name=base + "_split"),
+                       *[helper.make_node("Reshape", [base + f"_{k}", base + "_s3"], [m.output[0]], name=base + f"_r{k}")
+                         for k, m in zip("qkv", mms)]])
+        dead.update(id(m) for m in mms)
+        for m in mms:
+            g.initializer.remove(inits[m.input[1]])
+        packed += 1
+    keep = [n for n in g.node if id(n) not in dead]
+    del g.node[:]
+    g.node.extend(keep)
+    return packed
+
+
+@pytest.fixture
+def cuda_target_builds(monkeypatch):
+    """``build --target cuda`` on this CPU: the build verifies cuda-target graphs on the CUDA provider, absent
+    here, so that verification runs on onnx's reference evaluator with the contrib ops' numpy references (the same
+    check, another runner); GEGLU is fused at the tiny model's widths too (ONNX Runtime's kernel takes SD's only),
+    so BiasSplitGelu is in the graph."""
+    import functools
+
+    from contrib_ref import run_reference
+
+    from ldm_export.export import onnx_export as X
+    from ldm_export.kernels import geglu
+
+    cpu_verify = X.verify
+
+    def verify(path, spec, feeds, reference, precision, threads=None, provider="cpu"):
+        if provider != "cuda":
+            return cpu_verify(path, spec, feeds, reference, precision, threads, provider)
+        outs = run_reference(_toposorted(onnx.load(str(path))), {t.name: feeds[t.name].astype(t.dtype) for t in spec.inputs})
+        results = {n: X.compare(n, o, r) for n, o, r in zip(spec.output_names, outs, reference)}
+        thr = X.COSINE_THRESHOLD[precision]
+        return X.Verification(spec.name, precision, "onnx reference evaluator", results, thr,
+                              all(v["cosine"] >= thr for v in results.values()))
+
+    monkeypatch.setattr(X, "verify", verify)
+    monkeypatch.setattr(geglu, "install", functools.partial(geglu.install, widths=(128, 256)))
+
+
+@pytest.mark.parametrize("precision,packed", [("fp32", False), ("fp16", False), ("fp16", True)],
+                         ids=["fp32", "fp16", "fp16-packed-qkv"])
+def test_lora_on_a_cuda_bundle_equals_a_fresh_cuda_export(tmp_path, cuda_target_builds, monkeypatch, precision, packed):
+    """``lora`` on a --target cuda bundle (fused attention, GroupNorm, BiasSplitGelu, residual folds; with packed
+    q/k/v weights too) gives the initializers of a fresh cuda-target export with --lora. ONNX Runtime's CPU provider
+    cannot run these graphs, so the comparison is per initializer (max abs difference) plus the UNet's output on
+    onnx's reference evaluator."""
+    from ldm_export import kernels
+
+    if packed:
+        rewrite = kernels.rewrite
+
+        def rewrite_and_pack(model, component, target):
+            model = rewrite(model, component, target)
+            if component == "unet":
+                assert pack_self_attention_qkv(model) == 4  # the tiny UNet's four self-attentions
+            return model
+
+        monkeypatch.setattr(kernels, "rewrite", rewrite_and_pack)
+    path = tmp_path / "cuda.safetensors"
+    make_peft_lora(path)
+    kw = dict(model="tiny", precision=precision, random_weights=True, target="cuda", static_shape=True)
+    plain, fresh, patched = tmp_path / "plain", tmp_path / "fresh", tmp_path / "patched"
+    build(BuildConfig(out=plain, **kw))
+    build(BuildConfig(out=fresh, loras=(LoraRef(path, 0.8),), **kw))
+    lora_bundle(plain, [LoraRef(path, 0.8)], patched)
+
+    m = json.loads((plain / "ldm_export.json").read_text())
+    assert m["target"] == "cuda"
+    fused = " ".join(m["components"]["unet"]["kernels"])
+    for op in ("MultiHeadAttention", "BiasSplitGelu", "SkipLayerNormalization", "SkipGroupNorm"):
+        assert op in fused
+    mapping = m["components"]["unet"]["initializers"]
+    slices = [k for k, v in mapping.items() if "view" in v]
+    assert len(slices) == (12 if packed else 0)  # q, k and v of four self-attentions, each a slice
+    tol = 1e-6 if precision == "fp32" else 2e-3  # fp16: base rounded, then the delta added, then rounded again
+    for component in ("unet", "text_encoder"):
+        a, _ = _initializers(patched, component)
+        b, _ = _initializers(fresh, component)
+        base, _ = _initializers(plain, component)
+        assert a.keys() == b.keys()
+        changed = sorted(k for k in a if not np.array_equal(a[k], base[k]))
+        assert changed == sorted(k for k in b if not np.array_equal(b[k], base[k]))
+        # with packed q/k/v, three adapted weights (attn1.to_q/k/v) share one initializer
+        n = len(CUDA_TARGETS[component]) - (2 if packed and component == "unet" else 0)
+        assert len(changed) == n
+        worst = {k: float(np.abs(a[k].astype(np.float32) - b[k].astype(np.float32)).max()) for k in a}
+        assert max(worst.values()) <= tol, max(worst.items(), key=lambda kv: kv[1])
+    # and the UNet computes the same, with the LoRA's effect clearly larger than the difference
+    from ldm_export.export import onnx_export as X
+    from ldm_export.export.build import static_dims
+
+    spec = TINY.component_specs()["unet"]
+    feeds = X.sample_inputs(spec, static_dims(TINY, "unet"))
+    out = {p.name: _unet_on_reference(p, feeds) for p in (patched, fresh, plain)}
+    diff = np.abs(out["patched"] - out["fresh"]).max()
+    effect = np.abs(out["patched"] - out["plain"]).max()
+    assert diff <= (1e-5 if precision == "fp32" else 2e-2) * np.abs(out["fresh"]).max() and effect > 20 * diff, (diff, effect)
+
+
+def test_packed_initializers_take_each_weights_delta_in_its_slice():
+    """initializer_map finds linear weights inside packed initializers (per-head interleaved q/k/v, contiguous k/v
+    blocks, blocks along the first axis), and add_delta writes each delta into its own slice: the packed graph run
+    by ONNX Runtime gives x @ (W + dW).T for every piece."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from ldm_export.export.lora import add_delta, initializer_map
+
+    unet = tiny_modules()["unet"]
+    layers = dict(unet.named_modules())
+    blk, mid = "down_blocks.0.attentions.0.transformer_blocks.0", "mid_block.attentions.0.transformer_blocks.0"
+    names = {"q": f"{blk}.attn1.to_q", "k": f"{blk}.attn1.to_k", "v": f"{blk}.attn1.to_v",
+             "k2": f"{blk}.attn2.to_k", "v2": f"{blk}.attn2.to_v", "k3": f"{mid}.attn2.to_k", "v3": f"{mid}.attn2.to_v"}
+    wt = {n: layers[p].weight.detach().numpy().T.copy() for n, p in names.items()}  # (in, out), as MatMul holds it
+    heads = layers[f"{blk}.attn1"].heads
+    c = wt["q"].shape[0]
+    packs = {
+        "qkv": np.stack([wt[n].reshape(c, heads, -1) for n in "qkv"], axis=2).reshape(c, -1),  # (C, N, 3, H)
+        "kv": np.concatenate([wt["k2"], wt["v2"]], axis=1),  # (Ctext, 2C): two blocks
+        "kv_rows": np.concatenate([wt["k3"].T, wt["v3"].T], axis=0),  # (2C, Ctext): W itself, blocks on axis 0 (Gemm)
+    }
+    t_dim = packs["kv"].shape[0]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "qkv"], ["y_qkv"]), helper.make_node("MatMul", ["t", "kv"], ["y_kv"]),
+         helper.make_node("Gemm", ["t", "kv_rows"], ["y_rows"], transB=1)], "packed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c]),
+         helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, t_dim])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y_qkv", "y_kv", "y_rows")],
+        [numpy_helper.from_array(a, n) for n, a in packs.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    mapping = initializer_map(unet, model)
+    where = {n: mapping[f"{p}.weight"] for n, p in names.items()}
+    assert {n: (w["initializer"], w["index"], w["transposed"]) for n, w in where.items()} == {
+        "q": ("qkv", 0, True), "k": ("qkv", 1, True), "v": ("qkv", 2, True), "k2": ("kv", 0, True),
+        "v2": ("kv", 1, True), "k3": ("kv_rows", 0, False), "v3": ("kv_rows", 1, False)}
+    assert where["q"]["view"] == [c, heads, 3, c // heads] and where["k2"]["view"][1] == 1  # interleaved; blocks
+
+    rng = np.random.default_rng(0)
+    deltas = {n: rng.normal(size=wt[n].T.shape).astype(np.float32) for n in wt}  # torch layout (out, in)
+    new = {k: v.copy() for k, v in packs.items()}
+    for n, w in where.items():
+        new[w["initializer"]] = add_delta(new[w["initializer"]], deltas[n], w)
+    for i in model.graph.initializer:  # make_model copied the graph
+        i.CopyFrom(numpy_helper.from_array(new[i.name], i.name))
+    x = rng.normal(size=(2, c)).astype(np.float32)
+    t = rng.normal(size=(2, t_dim)).astype(np.float32)
+    y_qkv, y_kv, y_rows = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "t": t})
+    got = {n: y_qkv.reshape(2, heads, 3, -1)[:, :, j].reshape(2, -1) for j, n in enumerate("qkv")}
+    got |= dict(zip(("k2", "v2"), np.split(y_kv, 2, axis=1))) | dict(zip(("k3", "v3"), np.split(y_rows, 2, axis=1)))
+    for n in names:
+        np.testing.assert_allclose(got[n], (x if n in "qkv" else t) @ (wt[n] + deltas[n].T), rtol=1e-4, atol=1e-4,
+                                   err_msg=n)
+        assert np.abs(got[n] - (x if n in "qkv" else t) @ wt[n]).max() > 0.1  # the delta is there
+
+
+def test_lora_names_a_weight_the_bundle_holds_in_no_initializer(tmp_path, tiny_bundle):
+    """A weight the build-time map does not place (equal weights, or a layout it does not know): a one-line error
+    naming it, and no new bundle."""
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    m = json.loads((bundle / "ldm_export.json").read_text())
+    param = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    del m["components"]["unet"]["initializers"][param]
+    (bundle / "ldm_export.json").write_text(json.dumps(m))
+    path = tmp_path / "l.safetensors"
+    make_lora(path, "peft")
+    r = run_cli("lora", str(bundle), str(path), "--out", str(tmp_path / "new"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "new").exists()
+    line = r.stderr.strip()
+    assert "\n" not in line and f"unet.{param}" in line and "build with --lora" in line
