@@ -541,8 +541,42 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
         result["backends"][name] = entry
         write_reports(result, cfg.out)  # after every backend: a run cut short keeps what it measured
         progress(f"{name}: done")
+    if all("components" in result["backends"].get(n, {}) for n in ("ort", "ort-int8")):
+        progress("ort vs ort-int8: in alternation")
+        result["int8_paired"] = int8_paired(cfg, ids, sample_x, cond_ref.astype(np.float32), latents, scheduler_config,
+                                            spec.resolution)
     write_reports(result, cfg.out)
     return result
+
+
+def int8_paired(cfg: BenchConfig, ids, sample, cond, latents, scheduler_config: dict, resolution: int) -> dict:
+    """The fp32 and int8 bundles timed call by call in alternation (A B, then B A), both loaded at once: on a machine
+    whose load drifts (a shared CPU), one backend after the other can differ by the drift alone, while a pair shares
+    it. UNet step: ``cfg.repeats`` pairs after ``cfg.warmup`` warm-up calls each; end to end: ``cfg.e2e_repeats`` pairs."""
+    backends = {"fp32": OrtBackend(cfg.bundle, cfg.device, cfg.threads, cuda_options=cfg.cuda_options),
+                "int8": OrtBackend(cfg.int8_bundle, cfg.device, cfg.threads, cuda_options=cfg.cuda_options)}
+    try:
+        step = lambda b: b.denoise(sample, 500.0, cond)  # noqa: E731
+        whole = lambda b: end_to_end(b, ids, latents, scheduler_config, cfg.steps, cfg.guidance_scale, resolution)  # noqa: E731
+        for _ in range(cfg.warmup):
+            for b in backends.values():
+                step(b)
+        out = {}
+        for what, fn, pairs in (("unet_step", step, cfg.repeats), ("end_to_end", whole, cfg.e2e_repeats)):
+            times: dict[str, list[float]] = {"fp32": [], "int8": []}
+            for i in range(max(pairs, 1)):
+                for name in (("fp32", "int8") if i % 2 == 0 else ("int8", "fp32")):  # who goes first alternates too
+                    t0 = time.perf_counter()
+                    fn(backends[name])
+                    times[name].append(time.perf_counter() - t0)
+            ratios = [a / b for a, b in zip(times["fp32"], times["int8"])]
+            out[what] = {"pairs": len(ratios), "fp32_ms": [t * 1e3 for t in times["fp32"]],
+                         "int8_ms": [t * 1e3 for t in times["int8"]], "ratio_median": float(np.median(ratios)),
+                         "ratio_min": float(min(ratios)), "ratio_max": float(max(ratios))}
+        return out
+    finally:
+        for b in backends.values():
+            b.close()
 
 
 class _Skip(Exception):
@@ -621,6 +655,13 @@ def markdown(result: dict) -> str:
     if ratio:
         lines.append(f"int8 against fp32 (ort-int8 vs ort, same run): UNet step {ratio['unet_step']:.2f}×, "
                      f"end to end {ratio['end_to_end']:.2f}× faster.")
+    paired = result.get("int8_paired")
+    if paired:
+        u, w = paired["unet_step"], paired["end_to_end"]
+        lines.append(f"int8 against fp32 timed in alternation (fp32/int8 per pair, both loaded, same feeds): UNet step "
+                     f"{u['ratio_median']:.2f}× (median of {u['pairs']} pairs, {u['ratio_min']:.2f} to {u['ratio_max']:.2f}), "
+                     f"end to end {w['ratio_median']:.2f}× (median of {w['pairs']} pairs, {w['ratio_min']:.2f} to "
+                     f"{w['ratio_max']:.2f}).")
     if result.get("cuda_options"):
         lines.append("CUDA provider options for the ort backends: "
                      + ", ".join(f"{k}={v}" for k, v in result["cuda_options"].items()) + ".")

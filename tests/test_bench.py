@@ -43,6 +43,10 @@ def test_int8_speedup_line():
     r["backends"]["ort-int8"]["end_to_end"]["median_ms"] = 400.0
     assert "int8 against fp32 (ort-int8 vs ort, same run): UNet step 2.50×, end to end 1.25× faster." in markdown(r)
     assert "int8 against fp32" not in markdown(_result())
+    r["int8_paired"] = {"unet_step": {"pairs": 4, "ratio_median": 1.8, "ratio_min": 1.5, "ratio_max": 2.1},
+                        "end_to_end": {"pairs": 2, "ratio_median": 1.4, "ratio_min": 1.3, "ratio_max": 1.5}}
+    assert ("int8 against fp32 timed in alternation (fp32/int8 per pair, both loaded, same feeds): UNet step 1.80× "
+            "(median of 4 pairs, 1.50 to 2.10), end to end 1.40× (median of 2 pairs, 1.30 to 1.50).") in markdown(r)
 
 
 def test_reports_table_and_files(tmp_path):

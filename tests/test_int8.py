@@ -325,6 +325,12 @@ def test_bench_runs_int8_beside_fp32(tiny_bundle, tiny_int8, tmp_path):
     assert res["backends"]["ort"]["precision"] == "fp32" and res["backends"]["ort-int8"]["precision"] == "int8"
     assert np.isfinite(res["backends"]["ort-int8"]["fidelity"]["psnr_db"])
     assert "int8 against fp32 (ort-int8 vs ort, same run): UNet step" in r.stdout
+    paired = res["int8_paired"]  # the alternating comparison: 2 UNet-step pairs and 1 end-to-end pair, all timed
+    assert paired["unet_step"]["pairs"] == 2 and paired["end_to_end"]["pairs"] == 1
+    ratios = [a / b for a, b in zip(paired["unet_step"]["fp32_ms"], paired["unet_step"]["int8_ms"])]
+    assert all(t > 0 for t in paired["unet_step"]["fp32_ms"] + paired["unet_step"]["int8_ms"])
+    assert paired["unet_step"]["ratio_median"] == pytest.approx(float(np.median(ratios)))
+    assert "int8 against fp32 timed in alternation" in r.stdout
 
 
 def test_bench_int8_needs_a_matching_int8_bundle(tiny_bundle, tmp_path):
