@@ -113,7 +113,7 @@ def quality_rows(manifest: dict) -> list[tuple[str, str]]:
     img = q["quality"].get("image")
     if img:
         rows.append(("image PSNR vs fp32", f"{img['psnr_db_mean']:.2f} dB mean, {img['psnr_db_min']:.2f} min "
-                                           f"({img['images']} images, {img['steps']} steps, same latents)"))
+                                           f"({img['images']} image{'s' if img['images'] != 1 else ''}, {img['steps']} steps, same latents)"))
     adh = q["quality"].get("adherence")
     if adh:
         f, i = adh["fp32"], adh["int8"]
