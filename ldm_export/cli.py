@@ -241,6 +241,11 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
     from ldm_export.runtime.pipeline import Pipeline
 
     width, height = _parse_size(size)
+    ctx = click.get_current_context()
+    for option, needs, value in (("strength", "--init-image", init_image), ("mask_blur", "--mask", mask),
+                                 ("refiner_start", "--refiner", refiner)):
+        if value is None and ctx.get_parameter_source(option) is click.core.ParameterSource.COMMANDLINE:
+            raise LdmExportError(f"--{option.replace('_', '-')} applies with {needs}; give {needs} too, or leave it out")
     if num_images < 1:
         raise LdmExportError(f"--num-images must be at least 1, got {num_images}")
     paths = output_paths(out, num_images)
@@ -264,6 +269,7 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
         if edit:
             raise LdmExportError("--refiner hands text-to-image latents over; it does not take --init-image yet")
         refine = Pipeline.from_bundle(refiner, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode)
+        _check_refiner(pipe, refine)
         images = _refined(pipe, refine, prompt, seed, num_images, refiner_start, common)
     written: list[Path] = []
     times: list[float] = []
@@ -294,6 +300,18 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
     else:  # one image a batch (static-shape bundles): the first carries the engines' warm-up, the others run warm
         per = (times[-1] - times[0]) / (len(times) - 1)
         console.print(f"[dim]load {t_load:.2f} s, first image {times[0]:.2f} s, then {per:.2f} s per image[/dim]")
+
+
+def _check_refiner(pipe, refine) -> None:
+    """A refiner continues the base's latents: refuse one that reads latents of another VAE (channels, scale, shift)."""
+    def latents(p):
+        f = p.latent_format
+        return (f"'{p.bundle.model.get('name')}' ({f.channels} latent channels, scale {f.scale:g}, shift {f.shift:g}, "
+                f"{f.vae_scale_factor} px a latent)")
+
+    if refine.latent_format != pipe.latent_format:
+        raise LdmExportError(f"refiner {refine.bundle.path} is {latents(refine)} but the base {pipe.bundle.path} is "
+                             f"{latents(pipe)}; a refiner must share the base's latents (sdxl-refiner for sdxl)")
 
 
 def _refined(pipe, refine, prompt, seed, num_images, start, common):

@@ -100,6 +100,16 @@ def test_bad_edit_input_one_line_errors(demo_edit, tiny_bundle, tmp_path):
     assert r.returncode == 0 and Image.open(tmp_path / "r.png").size == (64, 64), r.stderr
 
 
+
+def test_edit_options_without_their_partner_and_a_refiner_of_other_latents_are_refused(demo_edit, tiny_bundle):
+    # each was ignored without a word: text to image ran instead of the edit or hand-off the user asked for
+    assert "--strength applies with --init-image" in _cli_error("no-bundle", "x", "--strength", "0.3")
+    assert "--mask-blur applies with --mask" in _cli_error("no-bundle", "x", "--mask-blur", "2")
+    assert "--refiner-start applies with --refiner" in _cli_error("no-bundle", "x", "--refiner-start", "0.5")
+    err = _cli_error(str(tiny_bundle), "x", "--steps", "4", "--refiner", str(demo_edit))
+    assert "a refiner must share the base's latents" in err and "scale 0.18215" in err
+
+
 @pytest.fixture(scope="module")
 def inpaint_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("inpaint") / "tiny-inpaint"
