@@ -106,6 +106,14 @@ def validate(cfg: BuildConfig) -> ModelSpec:
         raise LdmExportError("--fused-attention puts ONNX Runtime's CPU attention into a UNet's --target cpu graph; "
                              + ("--target cuda fuses attention already and tensorrt fuses its own" if cfg.target != "cpu"
                                 else f"{spec.name} has no UNet"))
+    if cfg.vae_encoder and not any(c.name == "vae_encoder" for c in spec.family_def.components):
+        raise LdmExportError(f"--vae-encoder adds the VAE encoder for image-to-image and inpainting, which the "
+                             f"{spec.family_def.name} family of '{spec.name}' does not do yet; editing runs on the U-Net "
+                             "families (SD 1.x/2.x, SDXL)")
+    if cfg.loras:
+        from .lora import check_lora_model
+
+        check_lora_model(spec.name, spec.unet is not None)
     from ldm_export.kernels import disabled_kinds
 
     disabled_kinds()  # a misspelt LDM_EXPORT_DISABLE_KERNELS fails here, before any work

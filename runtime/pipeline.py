@@ -254,6 +254,11 @@ class Pipeline:
             sched_cfg = dict(scheduler)
             sampler_name = a1111_name(sched_cfg)
 
+        handoff = edit_args.denoising_start is not None or edit_args.denoising_end is not None
+        shape = (1, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if handoff and self.family.schedule_arguments(sched_cfg, int(num_inference_steps), shape):
+            raise LdmExportError(f"the {self.family.name} family's schedule depends on the image size, so it does not "
+                                 "hand latents between models (denoising_start / denoising_end, --refiner)")
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [p for p in negatives for _ in range(num_images)]
         per_batch = len(prompts) if latents is not None else min(len(prompts), batch_size or self.images_per_batch(guidance_scale))
@@ -375,6 +380,10 @@ class Pipeline:
         """Images (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f): the VAE posterior's mean, in the model's
         latent format (diffusers' ``retrieve_latents`` in ``argmax`` mode: no sampling noise)."""
         encoder = self.family.encoder
+        if not any(c.name == encoder for c in self.family.components):
+            raise LdmExportError(f"bundle {self.bundle.path} is of the {self.family.name} family, which does not edit "
+                                 "images yet (no VAE encoder); image-to-image and inpainting run on the U-Net families "
+                                 "(SD 1.x/2.x, SDXL)")
         if encoder not in self.engines:
             raise LdmExportError(f"bundle {self.bundle.path} has no {encoder} to encode images; rebuild it with "
                                  "`ldm-export build --vae-encoder` to edit images")
