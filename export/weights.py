@@ -118,6 +118,13 @@ def _finish(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
 # diffusers folder
 
 
+def refuse_dit_folder(folder: Path, model: str) -> None:
+    """A DiT pipeline folder (transformer/, no unet/) given for a U-Net model: say so, not which U-Net part it lacks."""
+    if (folder / "transformer").is_dir() and not (folder / "unet").is_dir():
+        raise LdmExportError(f"{folder} holds a DiT pipeline (transformer/), not a U-Net: model '{model}' needs unet/; "
+                             "pass the --model these weights belong to (sd3-medium, sd35-medium, flux-dev, flux-schnell)")
+
+
 def _load_diffusers_folder(spec: ModelSpec, folder: Path, trust_pickle: bool) -> LoadedWeights:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.utils import is_accelerate_available
@@ -129,6 +136,7 @@ def _load_diffusers_folder(spec: ModelSpec, folder: Path, trust_pickle: bool) ->
             "pipeline's top folder or a single-file .safetensors checkpoint")
     files = {"model_index.json": _sha256(folder / "model_index.json")}
     _read_json(folder / "model_index.json")  # refuse a corrupt index early
+    refuse_dit_folder(folder, spec.name)
 
     # check every component's config before reading any weights
     configs: dict[str, Any] = {}

@@ -21,7 +21,7 @@ from .models import build_module, build_random
 from .weights import (_finish, LDM_UNET_EMA_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES,
                       LoadedWeights, _Checkpoint, _check_config, _check_loading_info, _compare_state_dicts, _convert,
                       _folder_weight_files, _one_line, _parameters_on_meta, _PickleCheckpoint, _read_json, _sha256,
-                      _SafetensorsCheckpoint, _TEXT_ENCODER_ARCHITECTURE_KEYS, _with_init_defaults)
+                      _SafetensorsCheckpoint, _TEXT_ENCODER_ARCHITECTURE_KEYS, _with_init_defaults, refuse_dit_folder)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def _load_folder(spec, folder: Path, trust_pickle: bool) -> LoadedWeights:
         raise LdmExportError(f"{folder} is a directory without model_index.json, so not a diffusers pipeline folder; "
                              "pass the pipeline's top folder or a single-file .safetensors checkpoint")
     _read_json(folder / "model_index.json")
+    refuse_dit_folder(folder, spec.name)
     files = {"model_index.json": _sha256(folder / "model_index.json")}
     names = module_names(spec)
     for name in names:  # every config before any weights
