@@ -260,6 +260,9 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
     cfg = pipe.bundle.defaults["guidance_scale"] if cfg is None else cfg
     if init_image is None and mask is not None:
         raise LdmExportError("--mask needs --init-image (the image to inpaint)")
+    if mask is not None and paths[0].suffix.lower() != ".png":
+        console.print(f"[yellow]warning:[/yellow] {paths[0].suffix} is lossy: the pixels outside the mask stay the "
+                      "original ones exactly only in a .png", soft_wrap=True)
     edit = dict(init_image=init_image, strength=strength, mask_image=mask, mask_blur=mask_blur) if init_image else {}
     common = dict(negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
                   scheduler=sampler, guidance_rescale=guidance_rescale, callback=lambda i, n, x: bar.advance(task))

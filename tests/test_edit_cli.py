@@ -110,6 +110,19 @@ def test_edit_options_without_their_partner_and_a_refiner_of_other_latents_are_r
     assert "a refiner must share the base's latents" in err and "scale 0.18215" in err
 
 
+
+def test_lossy_inpaint_output_is_warned_about_and_the_demo_edits_tool_makes_its_folder(demo_edit, tmp_path):
+    from ldm_export.demo.edits import drawn, main, right_half_mask
+
+    drawn("red", "circle", "left").save(tmp_path / "init.png")
+    right_half_mask().save(tmp_path / "mask.png")
+    r = run_cli("generate", str(demo_edit), "x", "--init-image", str(tmp_path / "init.png"), "--mask",
+                str(tmp_path / "mask.png"), "--steps", "2", "--out", str(tmp_path / "out.jpg"))
+    assert r.returncode == 0 and "warning: .jpg is lossy" in r.stderr, r.stderr
+    main(["--bundle", str(demo_edit), "--out", str(tmp_path / "new" / "img"), "--seeds", "0"])  # was FileNotFoundError
+    assert (tmp_path / "new" / "img" / "edit_inpaint.png").is_file()
+
+
 @pytest.fixture(scope="module")
 def inpaint_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("inpaint") / "tiny-inpaint"
