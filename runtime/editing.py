@@ -355,11 +355,14 @@ class EditInputs:
 
     @classmethod
     def load(cls, pipe, init_image, strength: float, mask_image, mask_blur: float, width, height,
-             inpaint_unet: bool) -> "EditInputs":
+             inpaint_unet: bool, check_size=None) -> "EditInputs":
+        """``check_size(width, height)``: the request's size checks, run on the image's size before it is encoded."""
         multiple = pipe.family.size_multiple(pipe.bundle.module_configs)
         source = _open(init_image, "init image")
         pixels, image = fit_init_image(source, init_image, width, height, multiple)
         mask = None if mask_image is None else load_mask(mask_image, image.size, mask_blur, image_size=source.size)
+        if check_size is not None:
+            check_size(image.width, image.height)
         latents = pipe.encode_image(pixels)
         if mask is None:
             return cls(image, latents, strength)

@@ -242,12 +242,25 @@ class Pipeline:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                        or batch_size < 1):
             raise LdmExportError(f"batch_size must be a positive integer, got {batch_size!r}")
+        n_images = len(prompts) * num_images
+        per_batch = n_images if latents is not None else min(n_images, batch_size or self.images_per_batch(guidance_scale))
+        cfg_batch = per_batch * (2 if self.family.uses_cfg(guidance_scale) and self.cfg_mode == "batch2" else 1)
+
+        def sized(w, h) -> tuple[int, int]:
+            w, h = self._size(w, h)
+            checks.check_memory(self.bundle.model, self.bundle.module_configs, w, h, cfg_batch, self._fused_attention(),
+                                *self._memory())
+            return w, h
+
         edit_args = edit_args or _Edit()
+        if edit_args.init_image is not None and width is not None and height is not None:
+            sized(width, height)  # before the init image is resized to it
+        # the size checks run again on the init image's own size before the VAE encoder sees it
         edit = self._edit_inputs(edit_args.init_image, edit_args.strength, edit_args.mask_image, edit_args.mask_blur,
-                                 width, height, edit_args.denoising_start)
+                                 width, height, edit_args.denoising_start, sized)
         if edit is not None:
             width, height = edit.width, edit.height
-        width, height = self._size(width, height)
+        width, height = sized(width, height)
         seed = checks.resolve_seed(seed)
 
         base = self.bundle.scheduler_config
@@ -266,9 +279,6 @@ class Pipeline:
                                  "hand latents between models (denoising_start / denoising_end, --refiner)")
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [p for p in negatives for _ in range(num_images)]
-        per_batch = len(prompts) if latents is not None else min(len(prompts), batch_size or self.images_per_batch(guidance_scale))
-        cfg_batch = per_batch * (2 if self.family.uses_cfg(guidance_scale) and self.cfg_mode == "batch2" else 1)
-        checks.check_memory(self.bundle.model, self.bundle.module_configs, width, height, cfg_batch, self._fused_attention(), *self._memory())
         return _Request(prompts, negatives, checks.image_seeds(seed, len(prompts)), int(num_inference_steps),
                         guidance_scale, guidance_rescale, width, height, sched_cfg, sampler_name, per_batch,
                         negative_prompt is not None, edit, edit_args)
@@ -395,7 +405,7 @@ class Pipeline:
         params = self.run_component(encoder, {"sample": pixels.astype(np.float32)}, ["sample"])["latent_parameters"]
         return self.latent_format.from_vae(params[:, :self.latent_channels].astype(np.float64))
 
-    def _edit_inputs(self, init_image, strength, mask_image, mask_blur, width, height, denoising_start):
+    def _edit_inputs(self, init_image, strength, mask_image, mask_blur, width, height, denoising_start, check_size=None):
         """Load and check the init image and mask of an editing request; None for text to image."""
         from .editing import EditInputs, check_strength
 
@@ -413,7 +423,7 @@ class Pipeline:
         if inpaint_unet and mask_image is None:
             raise LdmExportError("this bundle's UNet is an inpainting UNet (9 input channels): give a mask (--mask)")
         return EditInputs.load(self, init_image, check_strength(strength), mask_image, mask_blur, width, height,
-                               inpaint_unet)
+                               inpaint_unet, check_size)
 
     def _size(self, width, height) -> tuple[int, int]:
         width = self.resolution if width is None else width

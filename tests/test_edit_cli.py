@@ -123,6 +123,24 @@ def test_lossy_inpaint_output_is_warned_about_and_the_demo_edits_tool_makes_its_
     assert (tmp_path / "new" / "img" / "edit_inpaint.png").is_file()
 
 
+
+def test_size_checks_run_before_the_init_image_is_resized_or_encoded(demo_edit, tmp_path):
+    # an init image with a huge --size (or of a huge size) was resized and encoded first: the VAE encoder ran out of
+    # memory (killed) where text to image refuses the size in one line
+    pipe = Pipeline.from_bundle(demo_edit)
+    pipe.encode_image = lambda pixels: pytest.fail(f"encoded {pixels.shape} before the size checks")
+    Image.new("RGB", (64, 64)).save(tmp_path / "small.png")
+    Image.new("RGB", (2048, 2048)).save(tmp_path / "big.png")
+    for path, size in ((tmp_path / "small.png", dict(width=8000, height=8000)), (tmp_path / "big.png", {})):
+        with pytest.raises(LdmExportError, match="GB of activations per UNet call"):
+            pipe("x", init_image=path, num_inference_steps=2, **size)
+    static = tmp_path / "static"
+    build(BuildConfig(model="tiny", random_weights=True, static_shape=True, vae_encoder=True, out=static))
+    Image.new("RGB", (96, 64)).save(tmp_path / "wide.png")
+    with pytest.raises(LdmExportError, match="built with static shapes for 64x64"):  # not the encoder's input check
+        Pipeline.from_bundle(static)("x", init_image=tmp_path / "wide.png", num_inference_steps=2)
+
+
 @pytest.fixture(scope="module")
 def inpaint_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("inpaint") / "tiny-inpaint"
