@@ -157,6 +157,43 @@ def test_an_inpainting_unet_needs_a_mask(inpaint_bundle, tmp_path):
         pipe("x")
 
 
+
+def test_nine_channel_weights_name_the_inpainting_models_and_sdxl_inpaints(tmp_path, monkeypatch):
+    import dataclasses
+
+    from ldm_export.export.models import build_random
+    from ldm_export.export.weights import load_weights
+    from ldm_export.runtime.tokenizer import write_tokenizer_files
+    from ldm_export.zoo import MODELS
+
+    # SD 1.5 / SDXL inpainting weights had no --model to go to: "pass the --model these weights belong to" led nowhere
+    assert MODELS["sd15-inpaint"].unet["in_channels"] == MODELS["sdxl-inpaint"].unet["in_channels"] == 9
+    folder = tmp_path / "inpaint-weights"
+    for name, module in build_random(MODELS["tiny-inpaint"], 2).items():
+        module.save_pretrained(str(folder / name))
+    write_tokenizer_files(folder / "tokenizer")
+    (folder / "model_index.json").write_text(json.dumps(MODELS["tiny-inpaint"].model_index()))
+    with pytest.raises(LdmExportError, match=r"in_channels=9 .* \(a 9-channel inpainting UNet: sd15-inpaint, "
+                                             r"sdxl-inpaint\)"):
+        load_weights(MODELS["tiny"], folder)
+    # the SDXL family runs a 9-channel UNet as SD 1.x does: mask and masked-image latents as extra channels
+    tiny = MODELS["tiny-sdxl"]
+    monkeypatch.setitem(MODELS, "tiny-sdxl-nine", dataclasses.replace(tiny, name="tiny-sdxl-nine",
+                                                                      unet=tiny.unet | {"in_channels": 9}))
+    out = tmp_path / "sdxl-nine"
+    build(BuildConfig(model="tiny-sdxl-nine", random_weights=True, vae_encoder=True, out=out))
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (24, 8, 56, 40))
+    pipe = Pipeline.from_bundle(out)
+    with pytest.raises(LdmExportError, match="inpainting UNet .9 input channels.: give a mask"):
+        pipe("x", init_image=init, num_inference_steps=3)
+    got = np.asarray(pipe("x", init_image=init, mask_image=mask, num_inference_steps=3, seed=1)[0]).astype(int)
+    keep = np.asarray(mask) == 0
+    np.testing.assert_array_equal(got[keep], np.asarray(init)[keep])
+    assert np.abs(got[~keep] - np.asarray(init)[~keep]).mean() > 10
+
+
 def test_nine_channel_inpainting_unet_matches_diffusers(inpaint_bundle, monkeypatch):
     import sys
 
