@@ -62,8 +62,10 @@ class BuildConfig:
         return self.precision
 
     def components(self, spec) -> list[str]:
-        """The components this build exports: the family's required ones, and the VAE encoder when asked for."""
-        return [c.name for c in spec.family_def.exported(("vae_encoder",) if self.vae_encoder else ())]
+        """The components this build exports: the family's required ones, and the VAE encoder when asked for or when
+        the UNet is an inpainting one (latents, mask, masked-image latents: it runs only on encoded images)."""
+        inpaint = (spec.unet or {}).get("in_channels") == 2 * spec.family_def.latent_format(spec.configs).channels + 1
+        return [c.name for c in spec.family_def.exported(("vae_encoder",) if self.vae_encoder or inpaint else ())]
 
     def resolved_verify_provider(self) -> str:
         # tensorrt-target graphs are standard ONNX ops: ONNX Runtime's CPU provider verifies them anywhere

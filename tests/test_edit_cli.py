@@ -168,6 +168,9 @@ def test_nine_channel_weights_name_the_inpainting_models_and_sdxl_inpaints(tmp_p
 
     # SD 1.5 / SDXL inpainting weights had no --model to go to: "pass the --model these weights belong to" led nowhere
     assert MODELS["sd15-inpaint"].unet["in_channels"] == MODELS["sdxl-inpaint"].unet["in_channels"] == 9
+    # an inpainting UNet runs only on encoded images: its bundle carries the VAE encoder without --vae-encoder
+    for name, encoder in (("sd15-inpaint", True), ("sdxl-inpaint", True), ("tiny-inpaint", True), ("sd15", False)):
+        assert ("vae_encoder" in BuildConfig(model=name).components(MODELS[name])) is encoder, name
     folder = tmp_path / "inpaint-weights"
     for name, module in build_random(MODELS["tiny-inpaint"], 2).items():
         module.save_pretrained(str(folder / name))
@@ -181,7 +184,7 @@ def test_nine_channel_weights_name_the_inpainting_models_and_sdxl_inpaints(tmp_p
     monkeypatch.setitem(MODELS, "tiny-sdxl-nine", dataclasses.replace(tiny, name="tiny-sdxl-nine",
                                                                       unet=tiny.unet | {"in_channels": 9}))
     out = tmp_path / "sdxl-nine"
-    build(BuildConfig(model="tiny-sdxl-nine", random_weights=True, vae_encoder=True, out=out))
+    build(BuildConfig(model="tiny-sdxl-nine", random_weights=True, out=out))
     init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (24, 8, 56, 40))
