@@ -65,7 +65,7 @@ def parse_lora(arg: str) -> LoraRef:
         raise LdmExportError(f"LoRA scale '{tail}' in '{arg}' is not a number; pass FILE[:SCALE] with a number, e.g. "
                              f"{head}:0.8")
     if not p.is_file():
-        raise LdmExportError(f"LoRA file {p} does not exist; pass --lora FILE[:SCALE] with a .safetensors file")
+        raise LdmExportError(f"LoRA file {p} does not exist; pass FILE[:SCALE] with a .safetensors file")
     if p.suffix.lower() != ".safetensors":
         raise LdmExportError(f"LoRA file {p.name} is not .safetensors; convert it (pickle files run code when loaded)")
     if scale == 0:

@@ -53,7 +53,8 @@ def cli(verbose: bool, debug: bool) -> None:
 @click.option("--threads", type=int, default=None, help="CPU threads for export and verification.")
 @click.option("--no-half-vae", is_flag=True, help="With --precision fp16: keep the VAE decoder in fp32 "
               "(for VAEs that overflow fp16 into NaN/black images, like SDXL's original one).")
-@click.option("--vae-encoder", is_flag=True, help="Also export the VAE encoder, for image-to-image and inpainting.")
+@click.option("--vae-encoder", is_flag=True, help="Also export the VAE encoder, for image-to-image and inpainting "
+              "(U-Net families; an inpainting UNet's bundle always has it).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Fuse a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) into the weights before export; repeatable.")
 @int8_options
