@@ -327,6 +327,9 @@ def _open(path, what: str):
         image.load()
     except FileNotFoundError:
         raise LdmExportError(f"{what} {path} does not exist") from None
+    except Image.DecompressionBombError as e:  # not an OSError: it escaped as a traceback
+        raise LdmExportError(f"{what} {path} is too large to read ({str(e).rstrip('.')}); shrink it to the size to "
+                             "generate") from None
     except (UnidentifiedImageError, OSError) as e:
         raise LdmExportError(f"cannot read {what} {path} as an image ({e}); give a PNG or JPEG") from None
     # upright as viewers show it (cameras store the turn in EXIF), as diffusers' load_image and A1111 read images

@@ -215,6 +215,17 @@ def test_mask_of_the_init_images_size_is_resized_with_it_and_an_empty_mask_is_re
     assert E.latent_mask(E.load_mask(tmp_path / "half.png", (64, 64)), 8).min() == 1
 
 
+
+def test_an_image_too_large_for_pil_is_a_one_line_error(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses more than twice this: a "decompression bomb"
+    for load in (lambda: E.load_init_image(tmp_path / "big.png", None, None, 8),
+                 lambda: E.load_mask(tmp_path / "big.png", (64, 64))):
+        with pytest.raises(LdmExportError, match="big.png is too large to read") as e:  # was a traceback
+            load()
+        assert "\n" not in str(e.value)
+
+
 def diffusers_handoff(config, steps, split, model, latents, noise):
     """diffusers' base (denoising_end) then refiner (denoising_start) loops, each with its own scheduler."""
     import diffusers
