@@ -128,7 +128,10 @@ def _load_single_file(spec, path: Path, trust_pickle: bool) -> LoadedWeights:
 def _convert_single_file(spec, path: Path, checkpoint: _Checkpoint) -> dict[str, nn.Module]:
     from diffusers.loaders import single_file_utils as sfu
 
+    from .dit_weights import refuse_dit_for_unet
+
     keys = checkpoint.keys()
+    refuse_dit_for_unet(keys, path)  # an SD3/FLUX single file names itself by its keys, as for SD 1.x/2.x models
     open_clip_prefix = SDXL_OPEN_CLIP_PREFIX if spec.text_encoder is not None else REFINER_OPEN_CLIP_PREFIX
     required = [(LDM_UNET_PREFIX, "UNet"), (LDM_VAE_PREFIX, "VAE"), (open_clip_prefix, "OpenCLIP bigG text encoder")]
     if spec.text_encoder is not None:
