@@ -272,7 +272,8 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
     else:
         if edit:
             raise LdmExportError("--refiner hands text-to-image latents over; it does not take --init-image yet")
-        refine = Pipeline.from_bundle(refiner, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode)
+        refine = Pipeline.from_bundle(refiner, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode,
+                                      cudnn_search=cudnn_search.upper() if cudnn_search else None, low_memory=low_memory)
         _check_refiner(pipe, refine)
         images = _refined(pipe, refine, prompt, seed, num_images, refiner_start, common)
     written: list[Path] = []

@@ -141,6 +141,29 @@ def test_size_checks_run_before_the_init_image_is_resized_or_encoded(demo_edit, 
         Pipeline.from_bundle(static)("x", init_image=tmp_path / "wide.png", num_inference_steps=2)
 
 
+
+def test_the_refiner_loads_with_the_bases_memory_and_cudnn_options(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from ldm_export.cli import cli
+
+    calls = []
+
+    def from_bundle(path, **options):
+        calls.append(options)
+        if len(calls) == 2:
+            raise LdmExportError("stop after the refiner's load")
+        return object()
+
+    monkeypatch.setattr(Pipeline, "from_bundle", from_bundle)
+    r = CliRunner().invoke(cli, ["generate", "base", "x", "--steps", "4", "--cfg", "5", "--refiner", "refiner",
+                                 "--low-memory", "--provider", "cuda", "--cudnn-search", "exhaustive",
+                                 "--out", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and len(calls) == 2, r.output
+    base, refiner = calls
+    assert refiner == base and refiner["low_memory"] is True and refiner["cudnn_search"] == "EXHAUSTIVE"
+
+
 @pytest.fixture(scope="module")
 def inpaint_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("inpaint") / "tiny-inpaint"
