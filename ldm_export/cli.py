@@ -324,10 +324,20 @@ def _refined(pipe, refine, prompt, seed, num_images, start, common):
     schedule and hands its latents over (diffusers' denoising_end / denoising_start)."""
     from ldm_export.runtime.checks import resolve_seed
 
+    from ldm_export.runtime.image import format_parameters, parse_parameters
+
     seed = resolve_seed(seed)
     for k in range(num_images):
         latents = pipe(prompt, seed=seed + k, denoising_end=start, return_latents=True, **common)
-        yield k, refine(prompt, seed=seed + k, latents=latents, denoising_start=start, **common)[0]
+        image = refine(prompt, seed=seed + k, latents=latents, denoising_start=start, **common)[0]
+        # A1111's infotext of a refined image: the base as Model, then "Refiner: NAME [HASH], Refiner switch at: F"
+        p = parse_parameters(image.info["parameters"])
+        extra = {**p.get("extra", {}), "Refiner": f"{refine.bundle.model.get('name')} [{refine.bundle.model_hash}]",
+                 "Refiner switch at": start}
+        image.info["parameters"] = format_parameters(
+            p["prompt"], p["negative_prompt"], p["steps"], p["sampler"], p["cfg_scale"], p["seed"], p["width"],
+            p["height"], pipe.bundle.model_hash, model_name=pipe.bundle.model.get("name"), extra=extra)
+        yield k, image
 
 
 @cli.command()

@@ -267,5 +267,8 @@ def test_generate_hands_over_to_a_refiner_image_by_image(tmp_path):
     assert alone.returncode == 0, alone.stderr
     second = Image.open(tmp_path / "two-2.png")
     assert "Seed: 4" in second.info["parameters"]
+    # A1111's infotext: the base is the Model (it named the refiner), the refiner and the switch follow
+    last = second.info["parameters"].splitlines()[-1]
+    assert ", Model: tiny-sdxl, Refiner: tiny-sdxl-refiner [" in last and last.endswith("Refiner switch at: 0.75"), last
     assert np.array_equal(np.asarray(second), np.asarray(Image.open(tmp_path / "one.png")))
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "two-1.png")), np.asarray(second))
