@@ -201,7 +201,8 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
                    "5 for SDXL, 7 for SD3, 3.5 for FLUX-dev).")
 @click.option("--sampler", default=None, help="Sampler (A1111 or diffusers name; `ldm-export samplers` lists them). Default: the bundle's.")
 @click.option("--seed", type=int, default=None, help="Seed; image k gets SEED+k (default or -1: random, printed and stored in the image).")
-@click.option("--size", default=None, help="WIDTHxHEIGHT (default: the model's resolution); a model's multiple comes from its UNet.")
+@click.option("--size", default=None, help="WIDTHxHEIGHT (default: the init image's size, else the model's resolution; "
+              "an init image of another size is resized); the multiple it must be comes from the model's denoiser.")
 @click.option("--num-images", type=int, default=1, show_default=True,
               help="Images to make; each is saved as soon as its batch is done.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("image.png"), show_default=True,
