@@ -62,8 +62,10 @@ class BuildConfig:
         return self.precision
 
     def components(self, spec) -> list[str]:
-        """The components this build exports: the family's required ones, and the VAE encoder when asked for."""
-        return [c.name for c in spec.family_def.exported(("vae_encoder",) if self.vae_encoder else ())]
+        """The components this build exports: the family's required ones, and the VAE encoder when asked for or when
+        the UNet is an inpainting one (latents, mask, masked-image latents: it runs only on encoded images)."""
+        inpaint = (spec.unet or {}).get("in_channels") == 2 * spec.family_def.latent_format(spec.configs).channels + 1
+        return [c.name for c in spec.family_def.exported(("vae_encoder",) if self.vae_encoder or inpaint else ())]
 
     def resolved_verify_provider(self) -> str:
         # tensorrt-target graphs are standard ONNX ops: ONNX Runtime's CPU provider verifies them anywhere
@@ -106,6 +108,14 @@ def validate(cfg: BuildConfig) -> ModelSpec:
         raise LdmExportError("--fused-attention puts ONNX Runtime's CPU attention into a UNet's --target cpu graph; "
                              + ("--target cuda fuses attention already and tensorrt fuses its own" if cfg.target != "cpu"
                                 else f"{spec.name} has no UNet"))
+    if cfg.vae_encoder and not any(c.name == "vae_encoder" for c in spec.family_def.components):
+        raise LdmExportError(f"--vae-encoder adds the VAE encoder for image-to-image and inpainting, which the "
+                             f"{spec.family_def.name} family of '{spec.name}' does not do yet; editing runs on the U-Net "
+                             "families (SD 1.x/2.x, SDXL)")
+    if cfg.loras:
+        from .lora import check_lora_model
+
+        check_lora_model(spec.name, spec.unet is not None)
     from ldm_export.kernels import disabled_kinds
 
     disabled_kinds()  # a misspelt LDM_EXPORT_DISABLE_KERNELS fails here, before any work

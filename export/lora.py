@@ -61,11 +61,30 @@ def parse_lora(arg: str) -> LoraRef:
     if not np.isfinite(scale):
         raise LdmExportError(f"LoRA scale must be a finite number, got '{tail}' in '{arg}'")
     p = Path(path).expanduser()
+    if not p.is_file() and path == arg and sep and head and Path(head).expanduser().is_file():
+        raise LdmExportError(f"LoRA scale '{tail}' in '{arg}' is not a number; pass FILE[:SCALE] with a number, e.g. "
+                             f"{head}:0.8")
     if not p.is_file():
-        raise LdmExportError(f"LoRA file {p} does not exist; pass --lora FILE[:SCALE] with a .safetensors file")
+        raise LdmExportError(f"LoRA file {p} does not exist; pass FILE[:SCALE] with a .safetensors file")
     if p.suffix.lower() != ".safetensors":
         raise LdmExportError(f"LoRA file {p.name} is not .safetensors; convert it (pickle files run code when loaded)")
+    if scale == 0:
+        log.warning("LoRA %s has scale 0: it changes no weight", p.name)
     return LoraRef(p, scale)
+
+
+def _one_line(e: BaseException) -> str:
+    from .weights import _one_line
+
+    return _one_line(e)
+
+
+def check_lora_model(model: str, has_unet: bool) -> None:
+    """Refuse LoRA for a model without a UNet before any work (the loaders and the initializer map are the U-Net
+    families')."""
+    if not has_unet:
+        raise LdmExportError(f"LoRA fuses into the UNet and text encoders of the U-Net families (SD 1.x/2.x, SDXL); "
+                             f"model '{model}' has no UNet (a DiT), which LoRA does not reach yet")
 
 
 def _mixin(modules: dict[str, Any]):
@@ -87,8 +106,8 @@ def read_lora(ref: LoraRef, modules: dict[str, Any]) -> tuple[dict, dict | None]
     try:
         state, alphas = _mixin(modules).lora_state_dict(raw, unet_config=modules["unet"].config)
     except (KeyError, ValueError, RuntimeError, IndexError) as e:
-        raise LdmExportError(f"LoRA file {ref.path.name}: diffusers cannot read its keys ({e}); it is not a kohya or "
-                             "diffusers/PEFT LoRA") from None
+        raise LdmExportError(f"LoRA file {ref.path.name}: diffusers cannot read its keys ({_one_line(e)}); it is not a "
+                             "kohya or diffusers/PEFT LoRA (LyCORIS LoHa/LoKr files are not read)") from None
     return state, alphas
 
 
@@ -107,7 +126,7 @@ def _peft_parts(state: dict, prefix: str, is_unet: bool) -> dict:
     except ValueError as e:  # "Could not automatically infer state dict type"
         first = next(iter(part))
         raise LdmExportError(f"diffusers cannot convert the {prefix} keys of this LoRA (e.g. '{prefix}.{first}'): "
-                             f"{e}") from None
+                             f"{_one_line(e)}") from None
 
 
 def check_lora(ref: LoraRef, state: dict, modules: dict[str, Any], model: str) -> dict[str, int]:
@@ -321,6 +340,7 @@ def lora_bundle(bundle_path: str | Path, loras: list[LoraRef], out: str | Path, 
     if not loras:
         raise LdmExportError("give at least one LoRA: ldm-export lora BUNDLE FILE[:SCALE] ... --out NEW")
     bundle = Bundle.open(bundle_path, verify=True)
+    check_lora_model(bundle.manifest["model"]["name"], "unet" in bundle.manifest["components"])
     out = Path(out)
     if out.resolve() == bundle.path.resolve():
         raise LdmExportError("--out must be a new folder, not the bundle itself (the original stays as it is)")

@@ -118,6 +118,13 @@ def _finish(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
 # diffusers folder
 
 
+def refuse_dit_folder(folder: Path, model: str) -> None:
+    """A DiT pipeline folder (transformer/, no unet/) given for a U-Net model: say so, not which U-Net part it lacks."""
+    if (folder / "transformer").is_dir() and not (folder / "unet").is_dir():
+        raise LdmExportError(f"{folder} holds a DiT pipeline (transformer/), not a U-Net: model '{model}' needs unet/; "
+                             "pass the --model these weights belong to (sd3-medium, sd35-medium, flux-dev, flux-schnell)")
+
+
 def _load_diffusers_folder(spec: ModelSpec, folder: Path, trust_pickle: bool) -> LoadedWeights:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.utils import is_accelerate_available
@@ -129,6 +136,7 @@ def _load_diffusers_folder(spec: ModelSpec, folder: Path, trust_pickle: bool) ->
             "pipeline's top folder or a single-file .safetensors checkpoint")
     files = {"model_index.json": _sha256(folder / "model_index.json")}
     _read_json(folder / "model_index.json")  # refuse a corrupt index early
+    refuse_dit_folder(folder, spec.name)
 
     # check every component's config before reading any weights
     configs: dict[str, Any] = {}
@@ -217,7 +225,14 @@ def _check_config(folder: Path, name: str, got_config: dict[str, Any], spec_conf
             continue
         raise LdmExportError(
             f"{folder}/{name}/config.json has {key}={got!r} but model '{model}' has {key}={want!r}; "
-            "pass the --model these weights belong to")
+            f"pass the --model these weights belong to{_inpaint_hint(name, key, got)}")
+
+
+def _inpaint_hint(name: str, key: str, got: Any) -> str:
+    """Where a U-Net's input channels say it is an inpainting one (latents, mask, masked-image latents)."""
+    from ldm_export.zoo import INPAINT_MODELS
+
+    return f" (a 9-channel inpainting UNet: {INPAINT_MODELS})" if (name, key, got) == ("unet", "in_channels", 9) else ""
 
 
 def _with_init_defaults(cls: type, config: dict[str, Any]) -> dict[str, Any]:
@@ -453,8 +468,10 @@ def _compare_state_dicts(name: str, got: dict[str, torch.Size], expected: dict[s
             raise LdmExportError(f"{name}: {source} lacks '{key}' (expected shape {tuple(tensor.shape)}); it is "
                                  f"incomplete or not a '{model}' model; pass the matching --model")
         if tuple(got[key]) != tuple(tensor.shape):
+            channels = got[key][1] if key == "conv_in.weight" and len(got[key]) == 4 else None
             raise LdmExportError(f"{name}: '{key}' has shape {tuple(got[key])} in {source} but model '{model}' "
-                                 f"expects {tuple(tensor.shape)}; pass the --model these weights belong to")
+                                 f"expects {tuple(tensor.shape)}; pass the --model these weights belong to"
+                                 f"{_inpaint_hint(name, 'in_channels', channels)}")
     for key in got:
         if key not in expected:
             raise LdmExportError(f"{name}: {source} has unexpected '{key}' that model '{model}' does not have; "

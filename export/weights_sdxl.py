@@ -21,7 +21,7 @@ from .models import build_module, build_random
 from .weights import (_finish, LDM_UNET_EMA_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES,
                       LoadedWeights, _Checkpoint, _check_config, _check_loading_info, _compare_state_dicts, _convert,
                       _folder_weight_files, _one_line, _parameters_on_meta, _PickleCheckpoint, _read_json, _sha256,
-                      _SafetensorsCheckpoint, _TEXT_ENCODER_ARCHITECTURE_KEYS, _with_init_defaults)
+                      _SafetensorsCheckpoint, _TEXT_ENCODER_ARCHITECTURE_KEYS, _with_init_defaults, refuse_dit_folder)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def _load_folder(spec, folder: Path, trust_pickle: bool) -> LoadedWeights:
         raise LdmExportError(f"{folder} is a directory without model_index.json, so not a diffusers pipeline folder; "
                              "pass the pipeline's top folder or a single-file .safetensors checkpoint")
     _read_json(folder / "model_index.json")
+    refuse_dit_folder(folder, spec.name)
     files = {"model_index.json": _sha256(folder / "model_index.json")}
     names = module_names(spec)
     for name in names:  # every config before any weights
@@ -127,7 +128,10 @@ def _load_single_file(spec, path: Path, trust_pickle: bool) -> LoadedWeights:
 def _convert_single_file(spec, path: Path, checkpoint: _Checkpoint) -> dict[str, nn.Module]:
     from diffusers.loaders import single_file_utils as sfu
 
+    from .dit_weights import refuse_dit_for_unet
+
     keys = checkpoint.keys()
+    refuse_dit_for_unet(keys, path)  # an SD3/FLUX single file names itself by its keys, as for SD 1.x/2.x models
     open_clip_prefix = SDXL_OPEN_CLIP_PREFIX if spec.text_encoder is not None else REFINER_OPEN_CLIP_PREFIX
     required = [(LDM_UNET_PREFIX, "UNet"), (LDM_VAE_PREFIX, "VAE"), (open_clip_prefix, "OpenCLIP bigG text encoder")]
     if spec.text_encoder is not None:

@@ -53,7 +53,8 @@ def cli(verbose: bool, debug: bool) -> None:
 @click.option("--threads", type=int, default=None, help="CPU threads for export and verification.")
 @click.option("--no-half-vae", is_flag=True, help="With --precision fp16: keep the VAE decoder in fp32 "
               "(for VAEs that overflow fp16 into NaN/black images, like SDXL's original one).")
-@click.option("--vae-encoder", is_flag=True, help="Also export the VAE encoder, for image-to-image and inpainting.")
+@click.option("--vae-encoder", is_flag=True, help="Also export the VAE encoder, for image-to-image and inpainting "
+              "(U-Net families; an inpainting UNet's bundle always has it).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Fuse a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) into the weights before export; repeatable.")
 @int8_options
@@ -200,7 +201,8 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
                    "5 for SDXL, 7 for SD3, 3.5 for FLUX-dev).")
 @click.option("--sampler", default=None, help="Sampler (A1111 or diffusers name; `ldm-export samplers` lists them). Default: the bundle's.")
 @click.option("--seed", type=int, default=None, help="Seed; image k gets SEED+k (default or -1: random, printed and stored in the image).")
-@click.option("--size", default=None, help="WIDTHxHEIGHT (default: the model's resolution); a model's multiple comes from its UNet.")
+@click.option("--size", default=None, help="WIDTHxHEIGHT (default: the init image's size, else the model's resolution; "
+              "an init image of another size is resized); the multiple it must be comes from the model's denoiser.")
 @click.option("--num-images", type=int, default=1, show_default=True,
               help="Images to make; each is saved as soon as its batch is done.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("image.png"), show_default=True,
@@ -241,6 +243,11 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
     from ldm_export.runtime.pipeline import Pipeline
 
     width, height = _parse_size(size)
+    ctx = click.get_current_context()
+    for option, needs, value in (("strength", "--init-image", init_image), ("mask_blur", "--mask", mask),
+                                 ("refiner_start", "--refiner", refiner)):
+        if value is None and ctx.get_parameter_source(option) is click.core.ParameterSource.COMMANDLINE:
+            raise LdmExportError(f"--{option.replace('_', '-')} applies with {needs}; give {needs} too, or leave it out")
     if num_images < 1:
         raise LdmExportError(f"--num-images must be at least 1, got {num_images}")
     paths = output_paths(out, num_images)
@@ -255,6 +262,9 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
     cfg = pipe.bundle.defaults["guidance_scale"] if cfg is None else cfg
     if init_image is None and mask is not None:
         raise LdmExportError("--mask needs --init-image (the image to inpaint)")
+    if mask is not None and paths[0].suffix.lower() != ".png":
+        console.print(f"[yellow]warning:[/yellow] {paths[0].suffix} is lossy: the pixels outside the mask stay the "
+                      "original ones exactly only in a .png", soft_wrap=True)
     edit = dict(init_image=init_image, strength=strength, mask_image=mask, mask_blur=mask_blur) if init_image else {}
     common = dict(negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
                   scheduler=sampler, guidance_rescale=guidance_rescale, callback=lambda i, n, x: bar.advance(task))
@@ -263,7 +273,9 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
     else:
         if edit:
             raise LdmExportError("--refiner hands text-to-image latents over; it does not take --init-image yet")
-        refine = Pipeline.from_bundle(refiner, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode)
+        refine = Pipeline.from_bundle(refiner, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode,
+                                      cudnn_search=cudnn_search.upper() if cudnn_search else None, low_memory=low_memory)
+        _check_refiner(pipe, refine)
         images = _refined(pipe, refine, prompt, seed, num_images, refiner_start, common)
     written: list[Path] = []
     times: list[float] = []
@@ -296,15 +308,37 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
         console.print(f"[dim]load {t_load:.2f} s, first image {times[0]:.2f} s, then {per:.2f} s per image[/dim]")
 
 
+def _check_refiner(pipe, refine) -> None:
+    """A refiner continues the base's latents: refuse one that reads latents of another VAE (channels, scale, shift)."""
+    def latents(p):
+        f = p.latent_format
+        return (f"'{p.bundle.model.get('name')}' ({f.channels} latent channels, scale {f.scale:g}, shift {f.shift:g}, "
+                f"{f.vae_scale_factor} px a latent)")
+
+    if refine.latent_format != pipe.latent_format:
+        raise LdmExportError(f"refiner {refine.bundle.path} is {latents(refine)} but the base {pipe.bundle.path} is "
+                             f"{latents(pipe)}; a refiner must share the base's latents (sdxl-refiner for sdxl)")
+
+
 def _refined(pipe, refine, prompt, seed, num_images, start, common):
     """SDXL base then refiner, one image at a time (image k: seed + k): the base runs the first ``start`` of the
     schedule and hands its latents over (diffusers' denoising_end / denoising_start)."""
     from ldm_export.runtime.checks import resolve_seed
 
+    from ldm_export.runtime.image import format_parameters, parse_parameters
+
     seed = resolve_seed(seed)
     for k in range(num_images):
         latents = pipe(prompt, seed=seed + k, denoising_end=start, return_latents=True, **common)
-        yield k, refine(prompt, seed=seed + k, latents=latents, denoising_start=start, **common)[0]
+        image = refine(prompt, seed=seed + k, latents=latents, denoising_start=start, **common)[0]
+        # A1111's infotext of a refined image: the base as Model, then "Refiner: NAME [HASH], Refiner switch at: F"
+        p = parse_parameters(image.info["parameters"])
+        extra = {**p.get("extra", {}), "Refiner": f"{refine.bundle.model.get('name')} [{refine.bundle.model_hash}]",
+                 "Refiner switch at": start}
+        image.info["parameters"] = format_parameters(
+            p["prompt"], p["negative_prompt"], p["steps"], p["sampler"], p["cfg_scale"], p["seed"], p["width"],
+            p["height"], pipe.bundle.model_hash, model_name=pipe.bundle.model.get("name"), extra=extra)
+        yield k, image
 
 
 @cli.command()

@@ -162,6 +162,16 @@ TINY = ModelSpec(
     resolution=64,
 )
 
+# SD 1.5 inpainting (runwayml/stable-diffusion-inpainting): the SD 1.5 classes with a 9-channel UNet input
+SD15_INPAINT = ModelSpec(
+    name="sd15-inpaint",
+    family="sd1",
+    description="Stable Diffusion 1.5 inpainting (UNet with 9 input channels: latents, mask, masked-image latents)",
+    text_encoder=dict(SD15.text_encoder), unet=SD15.unet | {"in_channels": 9}, vae=dict(SD15.vae),
+    scheduler=dict(SD15.scheduler), resolution=512,
+    params_m={"text_encoder": 123.1, "unet": 859.5, "vae": 83.7},
+)
+
 # A 9-channel inpainting UNet of the tiny classes (SD 1.5 inpainting's layout: latents, mask, masked-image latents)
 TINY_INPAINT = ModelSpec(
     name="tiny-inpaint",
@@ -171,7 +181,8 @@ TINY_INPAINT = ModelSpec(
     scheduler=dict(TINY.scheduler), resolution=64,
 )
 
-MODELS: dict[str, ModelSpec] = {m.name: m for m in (SD15, SD21, TINY, TINY_INPAINT)}
+MODELS: dict[str, ModelSpec] = {m.name: m for m in (SD15, SD21, TINY, TINY_INPAINT, SD15_INPAINT)}
+INPAINT_MODELS = "sd15-inpaint, sdxl-inpaint"  # what a 9-channel UNet's weights are built with
 DEFAULT_MODEL = "demo"  # the embedded demo model: real images on a CPU with no download
 
 

@@ -84,6 +84,14 @@ def models() -> list:
             extra_configs={"text_encoder_2": dict(OPENCLIP_VIT_BIGG14)},
             params_m={"text_encoder": 123.1, "text_encoder_2": 694.7, "unet": 2567.5, "vae": 83.7},
             defaults={"steps": 30, "guidance_scale": 5.0}),  # StableDiffusionXLPipeline's guidance; TensorRT demo's steps
+        ModelSpec(  # diffusers/stable-diffusion-xl-1.0-inpainting-0.1: the base UNet with 9 input channels
+            name="sdxl-inpaint", family="sdxl",
+            description="Stable Diffusion XL 1.0 inpainting (the base classes, UNet with 9 input channels: latents, "
+                        "mask, masked-image latents)",
+            text_encoder=dict(CLIP_VIT_L14), unet=SDXL_UNET | {"in_channels": 9}, vae=SDXL_VAE,
+            scheduler=SDXL_SCHEDULER, resolution=1024, extra_configs={"text_encoder_2": dict(OPENCLIP_VIT_BIGG14)},
+            params_m={"text_encoder": 123.1, "text_encoder_2": 694.7, "unet": 2567.5, "vae": 83.7},
+            defaults={"steps": 30, "guidance_scale": 5.0}),
         ModelSpec(
             name="sdxl-refiner", family="sdxl-refiner",
             description="Stable Diffusion XL 1.0 refiner (OpenCLIP ViT-bigG text, aesthetic score, 1024 px)",

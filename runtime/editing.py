@@ -215,9 +215,13 @@ def sample_edit(model, image_latents: np.ndarray, noise_latents: np.ndarray, sch
 def load_init_image(path: str | Path, width: int | None, height: int | None, multiple: int):
     """The init image as (1, 3, H, W) float32 in [-1, 1] and the PIL image; refuse non-RGB images, resize (with a
     warning) to ``width`` x ``height`` when given and different, refuse sizes that are not multiples of ``multiple``."""
+    return fit_init_image(_open(path, "init image"), path, width, height, multiple)
+
+
+def fit_init_image(image, path, width: int | None, height: int | None, multiple: int):
+    """:func:`load_init_image` for an opened image."""
     from PIL import Image
 
-    image = _open(path, "init image")
     if image.mode != "RGB":
         what = {"L": "grayscale", "LA": "grayscale with alpha", "RGBA": "RGBA (with alpha)", "P": "a palette image",
                 "1": "black-and-white", "CMYK": "CMYK"}.get(image.mode, f"mode {image.mode}")
@@ -239,17 +243,41 @@ def image_to_array(image) -> np.ndarray:
     return (a.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
 
 
-def load_mask(path: str | Path, size: tuple[int, int], blur: float = 0.0) -> np.ndarray:
+def load_mask(path: str | Path, size: tuple[int, int], blur: float = 0.0,
+              image_size: tuple[int, int] | None = None) -> np.ndarray:
     """The mask (white = repaint) as (H, W) float32 in [0, 1], blurred by ``blur`` pixels (Gaussian, radius as
-    A1111's mask blur); refuse a mask of another size than the image."""
+    A1111's mask blur); a mask of the init image's own size ``image_size`` is resized with it to ``size`` (with a
+    warning); refuse a mask of another size, and one with nothing to repaint."""
+    from PIL import Image
+
     image = _open(path, "mask")
-    if image.mode not in ("L", "1", "RGB", "I", "I;16"):
+    if image.mode not in ("L", "1", "RGB", "I", "I;16", "I;16B", "I;16L"):
         raise LdmExportError(f"mask {path} is mode {image.mode}; save it as a grayscale (L) image, white where to "
                              "repaint")
-    if image.size != tuple(size):
-        raise LdmExportError(f"mask {path} is {image.width}x{image.height} but the image is {size[0]}x{size[1]}; "
+    gray = _grayscale(image)
+    if gray.size != tuple(size) and image_size is not None and gray.size == tuple(image_size):
+        log.warning("mask %s is %dx%d, the init image's size; resizing it with the image to %dx%d", path, gray.width,
+                    gray.height, *size)
+        gray = gray.resize(tuple(size), Image.LANCZOS)
+    if gray.size != tuple(size):
+        raise LdmExportError(f"mask {path} is {gray.width}x{gray.height} but the image is {size[0]}x{size[1]}; "
                              "give a mask of the image's size")
-    return mask_array(image.convert("L"), blur)
+    if not (np.asarray(gray) >= 128).any():  # diffusers binarises at 0.5
+        raise LdmExportError(f"mask {path} has no pixel of 128 or more (white = repaint), so nothing would be "
+                             "repainted; paint the region white (a mask of 0 and 1 must be saved as 0 and 255)")
+    return mask_array(gray, blur)
+
+
+def _grayscale(image):
+    """A mask image as mode L. 16-bit masks (PNG: I;16, or I in older Pillow) scale 0..65535 to 0..255; PIL's own
+    conversion clips them at 255, which turns every grey above 255/65535 white."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):
+        a = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0  # I: 8-bit values kept as int32
+        return Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    return image.convert("L")
 
 
 def mask_array(mask_image, blur: float = 0.0) -> np.ndarray:
@@ -292,14 +320,20 @@ def _open(path, what: str):
 
     if isinstance(path, Image.Image):
         return path
+    from PIL import ImageOps
+
     try:
         image = Image.open(path)
         image.load()
     except FileNotFoundError:
         raise LdmExportError(f"{what} {path} does not exist") from None
+    except Image.DecompressionBombError as e:  # not an OSError: it escaped as a traceback
+        raise LdmExportError(f"{what} {path} is too large to read ({str(e).rstrip('.')}); shrink it to the size to "
+                             "generate") from None
     except (UnidentifiedImageError, OSError) as e:
         raise LdmExportError(f"cannot read {what} {path} as an image ({e}); give a PNG or JPEG") from None
-    return image
+    # upright as viewers show it (cameras store the turn in EXIF), as diffusers' load_image and A1111 read images
+    return ImageOps.exif_transpose(image)
 
 
 
@@ -324,13 +358,17 @@ class EditInputs:
 
     @classmethod
     def load(cls, pipe, init_image, strength: float, mask_image, mask_blur: float, width, height,
-             inpaint_unet: bool) -> "EditInputs":
+             inpaint_unet: bool, check_size=None) -> "EditInputs":
+        """``check_size(width, height)``: the request's size checks, run on the image's size before it is encoded."""
         multiple = pipe.family.size_multiple(pipe.bundle.module_configs)
-        pixels, image = load_init_image(init_image, width, height, multiple)
+        source = _open(init_image, "init image")
+        pixels, image = fit_init_image(source, init_image, width, height, multiple)
+        mask = None if mask_image is None else load_mask(mask_image, image.size, mask_blur, image_size=source.size)
+        if check_size is not None:
+            check_size(image.width, image.height)
         latents = pipe.encode_image(pixels)
-        if mask_image is None:
+        if mask is None:
             return cls(image, latents, strength)
-        mask = load_mask(mask_image, image.size, mask_blur)
         lmask = latent_mask(mask, pipe.vae_scale_factor)
         if not inpaint_unet:
             return cls(image, latents, strength, mask, blend_mask=lmask)

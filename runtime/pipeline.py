@@ -234,15 +234,33 @@ class Pipeline:
         if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= MAX_STEPS:
             raise LdmExportError(f"steps must be an integer from 1 to {MAX_STEPS}, got {num_inference_steps!r}")
         guidance_scale, guidance_rescale = checks.check_guidance(guidance_scale, guidance_rescale)
+        if any(negatives) and not self.family.uses_cfg(guidance_scale):
+            why = (f"guidance scale {guidance_scale:g} (1 or less) runs no unconditional pass"
+                   if self.family.uses_cfg(2.0) else f"the {self.family.name} family is guidance-distilled (no "
+                   "unconditional pass)")
+            log.warning("the negative prompt has no effect: %s", why)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                        or batch_size < 1):
             raise LdmExportError(f"batch_size must be a positive integer, got {batch_size!r}")
+        n_images = len(prompts) * num_images
+        per_batch = n_images if latents is not None else min(n_images, batch_size or self.images_per_batch(guidance_scale))
+        cfg_batch = per_batch * (2 if self.family.uses_cfg(guidance_scale) and self.cfg_mode == "batch2" else 1)
+
+        def sized(w, h) -> tuple[int, int]:
+            w, h = self._size(w, h)
+            checks.check_memory(self.bundle.model, self.bundle.module_configs, w, h, cfg_batch, self._fused_attention(),
+                                *self._memory())
+            return w, h
+
         edit_args = edit_args or _Edit()
+        if edit_args.init_image is not None and width is not None and height is not None:
+            sized(width, height)  # before the init image is resized to it
+        # the size checks run again on the init image's own size before the VAE encoder sees it
         edit = self._edit_inputs(edit_args.init_image, edit_args.strength, edit_args.mask_image, edit_args.mask_blur,
-                                 width, height, edit_args.denoising_start)
+                                 width, height, edit_args.denoising_start, sized)
         if edit is not None:
             width, height = edit.width, edit.height
-        width, height = self._size(width, height)
+        width, height = sized(width, height)
         seed = checks.resolve_seed(seed)
 
         base = self.bundle.scheduler_config
@@ -254,11 +272,13 @@ class Pipeline:
             sched_cfg = dict(scheduler)
             sampler_name = a1111_name(sched_cfg)
 
+        handoff = edit_args.denoising_start is not None or edit_args.denoising_end is not None
+        shape = (1, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if handoff and self.family.schedule_arguments(sched_cfg, int(num_inference_steps), shape):
+            raise LdmExportError(f"the {self.family.name} family's schedule depends on the image size, so it does not "
+                                 "hand latents between models (denoising_start / denoising_end, --refiner)")
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [p for p in negatives for _ in range(num_images)]
-        per_batch = len(prompts) if latents is not None else min(len(prompts), batch_size or self.images_per_batch(guidance_scale))
-        cfg_batch = per_batch * (2 if self.family.uses_cfg(guidance_scale) and self.cfg_mode == "batch2" else 1)
-        checks.check_memory(self.bundle.model, self.bundle.module_configs, width, height, cfg_batch, self._fused_attention(), *self._memory())
         return _Request(prompts, negatives, checks.image_seeds(seed, len(prompts)), int(num_inference_steps),
                         guidance_scale, guidance_rescale, width, height, sched_cfg, sampler_name, per_batch,
                         negative_prompt is not None, edit, edit_args)
@@ -375,13 +395,17 @@ class Pipeline:
         """Images (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f): the VAE posterior's mean, in the model's
         latent format (diffusers' ``retrieve_latents`` in ``argmax`` mode: no sampling noise)."""
         encoder = self.family.encoder
+        if not any(c.name == encoder for c in self.family.components):
+            raise LdmExportError(f"bundle {self.bundle.path} is of the {self.family.name} family, which does not edit "
+                                 "images yet (no VAE encoder); image-to-image and inpainting run on the U-Net families "
+                                 "(SD 1.x/2.x, SDXL)")
         if encoder not in self.engines:
             raise LdmExportError(f"bundle {self.bundle.path} has no {encoder} to encode images; rebuild it with "
                                  "`ldm-export build --vae-encoder` to edit images")
         params = self.run_component(encoder, {"sample": pixels.astype(np.float32)}, ["sample"])["latent_parameters"]
         return self.latent_format.from_vae(params[:, :self.latent_channels].astype(np.float64))
 
-    def _edit_inputs(self, init_image, strength, mask_image, mask_blur, width, height, denoising_start):
+    def _edit_inputs(self, init_image, strength, mask_image, mask_blur, width, height, denoising_start, check_size=None):
         """Load and check the init image and mask of an editing request; None for text to image."""
         from .editing import EditInputs, check_strength
 
@@ -399,7 +423,7 @@ class Pipeline:
         if inpaint_unet and mask_image is None:
             raise LdmExportError("this bundle's UNet is an inpainting UNet (9 input channels): give a mask (--mask)")
         return EditInputs.load(self, init_image, check_strength(strength), mask_image, mask_blur, width, height,
-                               inpaint_unet)
+                               inpaint_unet, check_size)
 
     def _size(self, width, height) -> tuple[int, int]:
         width = self.resolution if width is None else width

@@ -70,6 +70,12 @@ def _read_pad_token(folder: Path) -> str | None:
     return None
 
 
+def prompt_start(prompt: str, words: int = 6) -> str:
+    """How a warning names a prompt: its first words, quoted."""
+    head = prompt.split()
+    return repr(" ".join(head[:words]) + (" ..." if len(head) > words else ""))
+
+
 class ClipTokenizer:
     """CLIP BPE tokenizer (OpenAI's ids) padded and truncated to 77 the way SD 1.x/2.x pipelines do.
 
@@ -147,13 +153,17 @@ class ClipTokenizer:
             raise LdmExportError(f"prompts must be a non-empty list of strings, got {type(prompts).__name__}")
         input_ids = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int32)  # (B, 77)
         n_body = self.max_length - 2
+        warned = set()
         for b, prompt in enumerate(prompts):
             ids = self.encode(prompt)
             if len(ids) > n_body:
-                # As diffusers' pipelines do: say how much was cut and show the cut text.
-                logger.warning("prompt %d was truncated by %d tokens because CLIP can only handle sequences up to "
-                               "%d tokens; the cut text: %r", b, len(ids) - n_body, self.max_length,
-                               self.decode(ids[n_body:]))
+                # As diffusers' pipelines do: say how much was cut and show the cut text (once per prompt: a batch
+                # repeats it per image); named by its start, as negative prompts come through here too.
+                if prompt not in warned:
+                    logger.warning("the prompt %s was truncated by %d tokens because CLIP can only handle sequences up "
+                                   "to %d tokens; the cut text: %r", prompt_start(prompt), len(ids) - n_body,
+                                   self.max_length, self.decode(ids[n_body:]))
+                    warned.add(prompt)
                 ids = ids[:n_body]
             row = [self.bos_id, *ids, self.eos_id]
             input_ids[b, : len(row)] = row

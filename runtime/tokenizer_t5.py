@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import LdmExportError
+from .tokenizer import prompt_start
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +68,17 @@ class T5Tokenizer:
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise LdmExportError("prompts must be a non-empty list of strings")
         out = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int32)
+        warned = set()
         for b, prompt in enumerate(prompts):
             ids = self._tokenizer.encode(prompt).ids  # with the file's post-processor: ... </s>
             if len(ids) > self.max_length:
                 body = ids[:-1] if ids[-1] == self.eos_id else ids  # the post-processor's </s> goes back on last
                 keep = self.max_length - 1
-                logger.warning("prompt %d was truncated by %d tokens because T5 takes at most %d tokens here; the "
-                               "cut text: %r", b, len(body) - keep, self.max_length, self.decode(body[keep:]))
+                if prompt not in warned:  # once per prompt, named by its start (see ClipTokenizer)
+                    logger.warning("the prompt %s was truncated by %d tokens because T5 takes at most %d tokens here; "
+                                   "the cut text: %r", prompt_start(prompt), len(body) - keep, self.max_length,
+                                   self.decode(body[keep:]))
+                    warned.add(prompt)
                 ids = body[:keep] + [self.eos_id]
             out[b, :len(ids)] = ids
         return out

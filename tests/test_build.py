@@ -20,7 +20,7 @@ from ldm_export.export.build import BuildConfig, build  # noqa: E402
 from ldm_export.runtime.bundle import Bundle  # noqa: E402
 from ldm_export.runtime.errors import LdmExportError  # noqa: E402
 from ldm_export.runtime.pipeline import Pipeline  # noqa: E402
-from ldm_export.zoo import MODELS, SD15, SD21  # noqa: E402
+from ldm_export.zoo import MODELS, SD15, SD15_INPAINT, SD21  # noqa: E402
 
 OPTIMUM_FILES = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/model.onnx", "text_encoder/config.json",
                  "unet/model.onnx", "unet/config.json", "vae_decoder/model.onnx", "vae_decoder/config.json",
@@ -32,7 +32,7 @@ def no_leftovers(parent: Path, name: str) -> bool:
     return not (parent / name).exists() and not list(parent.glob(f".{name}.*"))
 
 
-@pytest.mark.parametrize("spec", [SD15, SD21], ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [SD15, SD21, SD15_INPAINT], ids=lambda s: s.name)
 def test_zoo_reproduces_published_parameter_counts(spec):
     from ldm_export.export import models as M
 

@@ -58,6 +58,38 @@ def test_t5_prompt_beyond_max_length_warns_with_the_cut_text(built, caplog):
     assert "truncated" in caplog.text and "blue square" in caplog.text
 
 
+
+def test_dit_families_refuse_editing_and_hand_off_in_one_line(built, tmp_path):
+    from PIL import Image
+
+    from ldm_export.export.build import validate
+
+    with pytest.raises(LdmExportError, match="sd3 family of 'tiny-sd3' does not do yet"):  # was silently ignored
+        validate(BuildConfig(model="tiny-sd3", random_weights=True, vae_encoder=True, out=tmp_path / "b"))
+    Image.new("RGB", (64, 64)).save(tmp_path / "i.png")
+    with pytest.raises(LdmExportError, match="sd3 family, which does not edit images yet"):  # not "rebuild it"
+        Pipeline.from_bundle(built["tiny-sd3"][0])(PROMPT, init_image=tmp_path / "i.png", num_inference_steps=2)
+    with pytest.raises(LdmExportError, match="flux family's schedule depends on the image size"):
+        Pipeline.from_bundle(built["tiny-flux"][0])(PROMPT, num_inference_steps=4, denoising_end=0.5,
+                                                    return_latents=True)
+
+
+
+def test_a_negative_prompt_that_cannot_act_is_warned_about(built, caplog):
+    flux, sd3 = Pipeline.from_bundle(built["tiny-flux"][0]), Pipeline.from_bundle(built["tiny-sd3"][0])
+    with caplog.at_level(logging.WARNING, logger="ldm_export.runtime.pipeline"):
+        flux(PROMPT, negative_prompt="blurry", num_inference_steps=1)
+    assert "negative prompt has no effect: the flux family is guidance-distilled" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ldm_export.runtime.pipeline"):
+        sd3(PROMPT, negative_prompt="blurry", num_inference_steps=1, guidance_scale=1.0)
+        assert "guidance scale 1 (1 or less) runs no unconditional pass" in caplog.text
+        caplog.clear()
+        sd3(PROMPT, negative_prompt="blurry", num_inference_steps=1, guidance_scale=4.0)
+        flux(PROMPT, num_inference_steps=1)
+    assert "negative prompt" not in caplog.text
+
+
 def test_static_shape_bundle_matches_dynamic(built, tmp_path):
     bundle, folder, _, spec = built["tiny-sd3"]
     static = tmp_path / "static"

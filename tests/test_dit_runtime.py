@@ -139,6 +139,14 @@ def test_t5_truncation_warns_with_the_cut_text(t5_folder, caplog):
     assert ids[0, -1] == tok.eos_id
     msg = caplog.text
     assert "truncated" in msg and "square" in msg and "T5 takes at most 6 tokens" in msg
+    # a batch repeats each prompt per image and holds the negative prompts too: one warning per prompt, named by
+    # its start (it said "prompt 0" for a negative prompt, once per image)
+    caplog.clear()
+    long_negative = "blurry low quality picture of many things " * 3
+    with caplog.at_level(logging.WARNING, logger="ldm_export.runtime.tokenizer_t5"):
+        tok([long_negative] * 3)
+    assert len(caplog.records) == 1
+    assert caplog.records[0].getMessage().startswith("the prompt 'blurry low quality picture of many ...' was truncated")
 
 
 def test_t5_tokenizer_missing_file_is_one_line_error(tmp_path):

@@ -111,18 +111,22 @@ def test_unet_single_file_for_dit_model_names_the_key(tmp_path):
 def test_dit_single_file_for_unet_model_names_the_key(sd3_file):
     from ldm_export.export.weights import load_weights
 
-    with pytest.raises(LdmExportError) as e:
-        load_weights(TINY, sd3_file)
-    msg = one_line(e)
-    assert "SD3-class MMDiT" in msg and "'model.diffusion_model.joint_blocks." in msg and "not a U-Net" in msg
+    # SDXL models said "has no OpenCLIP bigG text encoder weights" instead
+    for model in (TINY, get_model("tiny-sdxl"), get_model("tiny-sdxl-refiner")):
+        with pytest.raises(LdmExportError) as e:
+            load_weights(model, sd3_file)
+        msg = one_line(e)
+        assert "SD3-class MMDiT" in msg and "'model.diffusion_model.joint_blocks." in msg and "not a U-Net" in msg
 
 
 def test_dit_folder_for_unet_model_is_refused(sd3_folder):
     from ldm_export.export.weights import load_weights
 
-    with pytest.raises(LdmExportError) as e:
-        load_weights(TINY, sd3_folder)
-    assert "no text_encoder/" in one_line(e) or "no unet/" in one_line(e)
+    # said "has no unet/ subfolder" (SD 1.x) or named a text encoder's config value (SDXL): now what the folder is
+    for model in (TINY, get_model("tiny-sdxl")):
+        with pytest.raises(LdmExportError) as e:
+            load_weights(model, sd3_folder)
+        assert f"holds a DiT pipeline (transformer/), not a U-Net: model '{model.name}' needs unet/" in one_line(e)
 
 
 def test_wrong_architecture_names_the_first_mismatching_key(sd3_file, tmp_path):

@@ -100,6 +100,70 @@ def test_bad_edit_input_one_line_errors(demo_edit, tiny_bundle, tmp_path):
     assert r.returncode == 0 and Image.open(tmp_path / "r.png").size == (64, 64), r.stderr
 
 
+
+def test_edit_options_without_their_partner_and_a_refiner_of_other_latents_are_refused(demo_edit, tiny_bundle):
+    # each was ignored without a word: text to image ran instead of the edit or hand-off the user asked for
+    assert "--strength applies with --init-image" in _cli_error("no-bundle", "x", "--strength", "0.3")
+    assert "--mask-blur applies with --mask" in _cli_error("no-bundle", "x", "--mask-blur", "2")
+    assert "--refiner-start applies with --refiner" in _cli_error("no-bundle", "x", "--refiner-start", "0.5")
+    err = _cli_error(str(tiny_bundle), "x", "--steps", "4", "--refiner", str(demo_edit))
+    assert "a refiner must share the base's latents" in err and "scale 0.18215" in err
+
+
+
+def test_lossy_inpaint_output_is_warned_about_and_the_demo_edits_tool_makes_its_folder(demo_edit, tmp_path):
+    from ldm_export.demo.edits import drawn, main, right_half_mask
+
+    drawn("red", "circle", "left").save(tmp_path / "init.png")
+    right_half_mask().save(tmp_path / "mask.png")
+    r = run_cli("generate", str(demo_edit), "x", "--init-image", str(tmp_path / "init.png"), "--mask",
+                str(tmp_path / "mask.png"), "--steps", "2", "--out", str(tmp_path / "out.jpg"))
+    assert r.returncode == 0 and "warning: .jpg is lossy" in r.stderr, r.stderr
+    main(["--bundle", str(demo_edit), "--out", str(tmp_path / "new" / "img"), "--seeds", "0"])  # was FileNotFoundError
+    assert (tmp_path / "new" / "img" / "edit_inpaint.png").is_file()
+
+
+
+def test_size_checks_run_before_the_init_image_is_resized_or_encoded(demo_edit, tmp_path):
+    # an init image with a huge --size (or of a huge size) was resized and encoded first: the VAE encoder ran out of
+    # memory (killed) where text to image refuses the size in one line
+    pipe = Pipeline.from_bundle(demo_edit)
+    pipe.encode_image = lambda pixels: pytest.fail(f"encoded {pixels.shape} before the size checks")
+    Image.new("RGB", (64, 64)).save(tmp_path / "small.png")
+    Image.new("RGB", (2048, 2048)).save(tmp_path / "big.png")
+    for path, size in ((tmp_path / "small.png", dict(width=8000, height=8000)), (tmp_path / "big.png", {})):
+        with pytest.raises(LdmExportError, match="GB of activations per UNet call"):
+            pipe("x", init_image=path, num_inference_steps=2, **size)
+    static = tmp_path / "static"
+    build(BuildConfig(model="tiny", random_weights=True, static_shape=True, vae_encoder=True, out=static))
+    Image.new("RGB", (96, 64)).save(tmp_path / "wide.png")
+    with pytest.raises(LdmExportError, match="built with static shapes for 64x64"):  # not the encoder's input check
+        Pipeline.from_bundle(static)("x", init_image=tmp_path / "wide.png", num_inference_steps=2)
+
+
+
+def test_the_refiner_loads_with_the_bases_memory_and_cudnn_options(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from ldm_export.cli import cli
+
+    calls = []
+
+    def from_bundle(path, **options):
+        calls.append(options)
+        if len(calls) == 2:
+            raise LdmExportError("stop after the refiner's load")
+        return object()
+
+    monkeypatch.setattr(Pipeline, "from_bundle", from_bundle)
+    r = CliRunner().invoke(cli, ["generate", "base", "x", "--steps", "4", "--cfg", "5", "--refiner", "refiner",
+                                 "--low-memory", "--provider", "cuda", "--cudnn-search", "exhaustive",
+                                 "--out", str(tmp_path / "x.png")])
+    assert r.exit_code == 2 and len(calls) == 2, r.output
+    base, refiner = calls
+    assert refiner == base and refiner["low_memory"] is True and refiner["cudnn_search"] == "EXHAUSTIVE"
+
+
 @pytest.fixture(scope="module")
 def inpaint_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("inpaint") / "tiny-inpaint"
@@ -114,6 +178,46 @@ def test_an_inpainting_unet_needs_a_mask(inpaint_bundle, tmp_path):
         pipe("x", init_image=tmp_path / "i.png")
     with pytest.raises(LdmExportError, match="inpainting UNet"):
         pipe("x")
+
+
+
+def test_nine_channel_weights_name_the_inpainting_models_and_sdxl_inpaints(tmp_path, monkeypatch):
+    import dataclasses
+
+    from ldm_export.export.models import build_random
+    from ldm_export.export.weights import load_weights
+    from ldm_export.runtime.tokenizer import write_tokenizer_files
+    from ldm_export.zoo import MODELS
+
+    # SD 1.5 / SDXL inpainting weights had no --model to go to: "pass the --model these weights belong to" led nowhere
+    assert MODELS["sd15-inpaint"].unet["in_channels"] == MODELS["sdxl-inpaint"].unet["in_channels"] == 9
+    # an inpainting UNet runs only on encoded images: its bundle carries the VAE encoder without --vae-encoder
+    for name, encoder in (("sd15-inpaint", True), ("sdxl-inpaint", True), ("tiny-inpaint", True), ("sd15", False)):
+        assert ("vae_encoder" in BuildConfig(model=name).components(MODELS[name])) is encoder, name
+    folder = tmp_path / "inpaint-weights"
+    for name, module in build_random(MODELS["tiny-inpaint"], 2).items():
+        module.save_pretrained(str(folder / name))
+    write_tokenizer_files(folder / "tokenizer")
+    (folder / "model_index.json").write_text(json.dumps(MODELS["tiny-inpaint"].model_index()))
+    with pytest.raises(LdmExportError, match=r"in_channels=9 .* \(a 9-channel inpainting UNet: sd15-inpaint, "
+                                             r"sdxl-inpaint\)"):
+        load_weights(MODELS["tiny"], folder)
+    # the SDXL family runs a 9-channel UNet as SD 1.x does: mask and masked-image latents as extra channels
+    tiny = MODELS["tiny-sdxl"]
+    monkeypatch.setitem(MODELS, "tiny-sdxl-nine", dataclasses.replace(tiny, name="tiny-sdxl-nine",
+                                                                      unet=tiny.unet | {"in_channels": 9}))
+    out = tmp_path / "sdxl-nine"
+    build(BuildConfig(model="tiny-sdxl-nine", random_weights=True, out=out))
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (24, 8, 56, 40))
+    pipe = Pipeline.from_bundle(out)
+    with pytest.raises(LdmExportError, match="inpainting UNet .9 input channels.: give a mask"):
+        pipe("x", init_image=init, num_inference_steps=3)
+    got = np.asarray(pipe("x", init_image=init, mask_image=mask, num_inference_steps=3, seed=1)[0]).astype(int)
+    keep = np.asarray(mask) == 0
+    np.testing.assert_array_equal(got[keep], np.asarray(init)[keep])
+    assert np.abs(got[~keep] - np.asarray(init)[~keep]).mean() > 10
 
 
 def test_nine_channel_inpainting_unet_matches_diffusers(inpaint_bundle, monkeypatch):
@@ -163,5 +267,8 @@ def test_generate_hands_over_to_a_refiner_image_by_image(tmp_path):
     assert alone.returncode == 0, alone.stderr
     second = Image.open(tmp_path / "two-2.png")
     assert "Seed: 4" in second.info["parameters"]
+    # A1111's infotext: the base is the Model (it named the refiner), the refiner and the switch follow
+    last = second.info["parameters"].splitlines()[-1]
+    assert ", Model: tiny-sdxl, Refiner: tiny-sdxl-refiner [" in last and last.endswith("Refiner switch at: 0.75"), last
     assert np.array_equal(np.asarray(second), np.asarray(Image.open(tmp_path / "one.png")))
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "two-1.png")), np.asarray(second))

@@ -161,6 +161,71 @@ def test_image_bad_input_one_line_errors(tmp_path):
         E.load_mask(tmp_path / "junk.png", (64, 48))
 
 
+
+def test_exif_rotated_photos_are_read_upright(tmp_path):
+    # a camera's JPEG: pixels stored turned, EXIF orientation 6 says "turn 90 degrees clockwise to show"
+    upright = Image.new("RGB", (96, 64), (0, 0, 200))
+    upright.paste((220, 0, 0), (0, 0, 32, 64))  # red on the left as shown
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    upright.rotate(90, expand=True).save(path, exif=exif, quality=95)
+    assert Image.open(path).size == (64, 96)
+    arr, image = E.load_init_image(path, None, None, 32)
+    assert image.size == (96, 64) and arr.shape == (1, 3, 64, 96)
+    assert arr[0, 0, :, :16].mean() > 0.5 and arr[0, 0, :, -16:].mean() < -0.5  # red on the left, not at the top
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (48, 0, 96, 64))
+    mask.rotate(90, expand=True).save(tmp_path / "mask.jpg", exif=exif, quality=95)
+    m = E.load_mask(tmp_path / "mask.jpg", (96, 64))
+    assert m[:, :40].max() < 0.1 and m[:, 56:].min() > 0.9
+
+
+def test_16_bit_masks_keep_their_greys(tmp_path):
+    values = np.zeros((16, 16), np.uint16)
+    values[:, 8:] = 20000  # 31 % grey: kept, not repainted
+    values[:4, :4] = 65535
+    Image.fromarray(values).save(tmp_path / "m16.png")
+    assert Image.open(tmp_path / "m16.png").mode.startswith("I")
+    m = E.load_mask(tmp_path / "m16.png", (16, 16))
+    np.testing.assert_allclose(m[0, 8:], round(20000 / 65535 * 255) / 255)
+    assert m[0, 0] == 1.0 and m[8, 0] == 0.0
+    assert E.latent_mask(m, 4)[0, 0, :, 2:].max() == 0  # PIL's own conversion made the grey white (repainted)
+
+
+def test_mask_of_the_init_images_size_is_resized_with_it_and_an_empty_mask_is_refused(tmp_path, caplog):
+    Image.new("RGB", (65, 63), (10, 100, 10)).save(tmp_path / "odd.png")
+    mask = Image.new("L", (65, 63), 0)
+    mask.paste(255, (33, 0, 65, 63))
+    mask.save(tmp_path / "mask.png")
+    source = E._open(tmp_path / "odd.png", "init image")
+    _, image = E.fit_init_image(source, tmp_path / "odd.png", 64, 64, 8)
+    with caplog.at_level("WARNING"):
+        m = E.load_mask(tmp_path / "mask.png", image.size, image_size=source.size)
+    assert m.shape == (64, 64) and m[:, :30].max() == 0 and m[:, 36:].min() == 1
+    assert "resizing it with the image to 64x64" in caplog.text
+    with pytest.raises(LdmExportError, match="is 65x63 but the image is 64x64"):
+        E.load_mask(tmp_path / "mask.png", image.size)  # a mask of a third size stays refused
+    for name, value in (("black.png", 0), ("ones.png", 1), ("grey.png", 127)):
+        Image.new("L", (64, 64), value).save(tmp_path / name)
+        with pytest.raises(LdmExportError, match="nothing would be repainted") as e:
+            E.load_mask(tmp_path / name, (64, 64))
+        assert "\n" not in str(e.value)
+    Image.new("L", (64, 64), 128).save(tmp_path / "half.png")
+    assert E.latent_mask(E.load_mask(tmp_path / "half.png", (64, 64)), 8).min() == 1
+
+
+
+def test_an_image_too_large_for_pil_is_a_one_line_error(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses more than twice this: a "decompression bomb"
+    for load in (lambda: E.load_init_image(tmp_path / "big.png", None, None, 8),
+                 lambda: E.load_mask(tmp_path / "big.png", (64, 64))):
+        with pytest.raises(LdmExportError, match="big.png is too large to read") as e:  # was a traceback
+            load()
+        assert "\n" not in str(e.value)
+
+
 def diffusers_handoff(config, steps, split, model, latents, noise):
     """diffusers' base (denoising_end) then refiner (denoising_start) loops, each with its own scheduler."""
     import diffusers

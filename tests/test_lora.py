@@ -154,6 +154,30 @@ def test_lora_cli_refuses_to_overwrite_and_names_bad_input(tmp_path, tiny_bundle
     assert json.loads((tmp_path / "new" / "ldm_export.json").read_text())["weights"]["loras"][0]["file"] == "l.safetensors"
 
 
+
+def test_lora_input_errors_are_one_line_and_say_what_is_wrong(tmp_path, caplog):
+    from ldm_export.export.build import validate
+
+    f = tmp_path / "a.safetensors"
+    make_lora(f, "kohya")
+    with pytest.raises(LdmExportError, match=r"LoRA scale 'abc' in .* is not a number"):  # not "does not exist"
+        parse_lora(f"{f}:abc")
+    with caplog.at_level("WARNING"):
+        assert parse_lora(f"{f}:0").scale == 0
+    assert "scale 0: it changes no weight" in caplog.text
+    # diffusers' own message spans lines (alpha keys alone, LyCORIS keys): the error stays one line
+    for name, state in (("alpha.safetensors", {"lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(4.0)}),
+                        ("loha.safetensors", {"lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": torch.zeros(16, 4),
+                                              "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(4.0)})):
+        save_file(state, str(tmp_path / name))
+        with pytest.raises(LdmExportError, match="diffusers cannot read its keys") as e:
+            apply_loras(tiny_modules(), [LoraRef(tmp_path / name)], "tiny")
+        assert "\n" not in str(e.value)
+    # DiT models: refused before any work, not "diffusers cannot read its keys ('unet')"
+    with pytest.raises(LdmExportError, match="model 'tiny-sd3' has no UNet"):
+        validate(BuildConfig(model="tiny-sd3", random_weights=True, loras=(LoraRef(f),), out=tmp_path / "b"))
+
+
 def test_sdxl_lora_reaches_both_text_encoders_and_the_unet(tmp_path):
     from ldm_export.export.models import build_random
     from ldm_export.zoo import MODELS

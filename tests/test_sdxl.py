@@ -13,7 +13,7 @@ from ldm_export.zoo import MODELS  # noqa: E402
 SDXL, SDXL_REFINER, TINY_SDXL = MODELS["sdxl"], MODELS["sdxl-refiner"], MODELS["tiny-sdxl"]
 
 
-@pytest.mark.parametrize("spec", [SDXL, SDXL_REFINER], ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [SDXL, SDXL_REFINER, MODELS["sdxl-inpaint"]], ids=lambda s: s.name)
 def test_zoo_reproduces_published_parameter_counts(spec):
     with torch.device("meta"):
         modules = build_random(spec)

@@ -270,6 +270,12 @@ def test_truncation_warns_with_count_and_cut_text(tok, caplog):
     (rec,) = caplog.records
     msg = rec.getMessage()
     assert n > 75 and f"by {n - 75} tokens" in msg and "zulus" in msg and "alpha ," not in msg
+    # once per prompt, named by its start: a batch repeats a prompt per image and carries the negative prompts
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=tokmod.__name__):
+        tok([prompt] * 3)
+    (rec,) = caplog.records
+    assert rec.getMessage().startswith("the prompt 'alpha, bravo, charlie, delta, echo, foxtrot, ...' was truncated")
 
 
 def test_pad_token_read_from_folder(tmp_path):

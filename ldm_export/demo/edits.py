@@ -73,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     pipe = Pipeline.from_bundle(args.bundle)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     init, results = img2img(pipe, args.seeds)
     print(f"img2img '{IMG2IMG_PROMPT}', strength 0.6, from {read_image(init).colour} {read_image(init).shape} "
           f"{read_image(init).position}:")
