@@ -215,7 +215,7 @@ class Pipeline:
                  num_images, guidance_rescale, latents, batch_size, edit_args: "_Edit | None" = None) -> "_Request":
         """Check everything a request asks before any work (checks.py); expand prompts x num_images; load and check
         the init image and mask of an edit."""
-        from .schedulers import a1111_name, resolve_scheduler
+        from .schedulers import a1111_name, canonical_sampler, resolve_scheduler
 
         if num_inference_steps is None:
             num_inference_steps = self.bundle.defaults["steps"]
@@ -267,7 +267,7 @@ class Pipeline:
         if scheduler is None:
             sched_cfg, sampler_name = base, a1111_name(base)
         elif isinstance(scheduler, str):
-            sched_cfg, sampler_name = resolve_scheduler(scheduler, base), scheduler
+            sched_cfg, sampler_name = resolve_scheduler(scheduler, base), canonical_sampler(scheduler)
         else:
             sched_cfg = dict(scheduler)
             sampler_name = a1111_name(sched_cfg)

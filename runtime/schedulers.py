@@ -455,8 +455,27 @@ def sampler_names() -> list[str]:
     return list(_A1111) + sorted(DEFAULTS)
 
 
+# A1111's own aliases for its k-diffusion samplers (what older API clients and scripts send)
+_ALIASES = {"k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_lms": "LMS", "k_heun": "Heun",
+            "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a", "k_dpmpp_2s_a": "DPM++ 2S a", "k_dpmpp_2m": "DPM++ 2M",
+            "k_dpmpp_2m_sde": "DPM++ 2M SDE"}
+
+
+def canonical_sampler(name: str) -> str:
+    """The known spelling of a sampler name: case and runs of spaces do not matter ("euler a", "dpm++ 2m  karras"),
+    and A1111's k-diffusion aliases (``k_euler_a``) are accepted; an unknown name comes back unchanged."""
+    if name in _A1111 or name in DEFAULTS:
+        return name
+    key = " ".join(str(name).split()).lower()
+    for known in sampler_names():
+        if known.lower() == key:
+            return known
+    return _ALIASES.get(key, name)
+
+
 def resolve_scheduler(name: str, base_config: dict) -> dict:
     """scheduler_config for an A1111 sampler name or a class name, keeping the bundle's model-describing keys."""
+    name = canonical_sampler(name)
     if name in _A1111:
         class_name, overrides = _A1111[name]
     elif name in DEFAULTS:

@@ -16,7 +16,7 @@ from ldm_export.parity.samplers import (FLOW_BASE, SD15_BASE, NoiseSequence, com
                                               diffusers_reference, max_relative_error, reference, stand_in_model)
 from ldm_export.runtime import LdmExportError, resolve_scheduler, sample, sampler_names  # noqa: E402
 from ldm_export.runtime import schedules as sch  # noqa: E402
-from ldm_export.runtime.schedulers import build_plan  # noqa: E402
+from ldm_export.runtime.schedulers import canonical_sampler, build_plan  # noqa: E402
 
 # diffusers 0.35.2 code paths emit numpy 2 DeprecationWarnings by the thousand; they say nothing about us.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -402,6 +402,15 @@ def test_resolve_keeps_model_keys_and_drops_sampler_keys():
 def test_resolve_unknown_name_lists_known_ones():
     with pytest.raises(LdmExportError, match="unknown sampler 'Euler b'.*DPM\\+\\+ 2M Karras"):
         resolve_scheduler("Euler b", SD15_BASE)
+
+
+def test_sampler_names_ignore_case_and_spacing_and_take_a1111_aliases():
+    for given, known in (("euler a", "Euler a"), ("dpm++ 2m  karras", "DPM++ 2M Karras"), ("k_euler_a", "Euler a"),
+                         ("K_DPMPP_2M", "DPM++ 2M"), ("eulerdiscretescheduler", "EulerDiscreteScheduler"),
+                         ("ddim", "DDIM")):
+        assert canonical_sampler(given) == known
+        assert resolve_scheduler(given, SD15_BASE) == resolve_scheduler(known, SD15_BASE)
+    assert canonical_sampler("Euler b") == "Euler b"  # unknown names stay as given, for the error to name
 
 
 def test_resolve_flow_models():

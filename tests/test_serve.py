@@ -102,6 +102,8 @@ def test_sampler_and_scheduler_fields_map_to_our_sampler_names():
     assert a1111.sampler_for({"sampler_name": "DPM++ 2M", "scheduler": "Karras"}) == ("DPM++ 2M Karras", {})
     assert a1111.sampler_for({"sampler_name": None, "sampler_index": "Heun"}) == ("Heun", {})
     assert a1111.sampler_for({}) == ("Euler", {})  # A1111's default
+    assert a1111.sampler_for({"sampler_name": "euler a"}) == ("Euler a", {})  # any case, and A1111's k_ aliases
+    assert a1111.sampler_for({"sampler_name": "k_dpmpp_2m", "scheduler": "Karras"}) == ("DPM++ 2M Karras", {})
     assert a1111.sampler_for({"sampler_name": "Euler", "scheduler": "SGM Uniform"}) == ("Euler", {"scheduler": "SGM Uniform"})
 
 

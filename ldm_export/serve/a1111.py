@@ -87,7 +87,9 @@ class Job:
 
 def sampler_for(body: dict) -> tuple[str, dict]:
     """The sampler name from ``sampler_name`` (or ``sampler_index``) and A1111 1.9's ``scheduler``; what was ignored."""
-    name = body.get("sampler_name") or body.get("sampler_index") or "Euler"
+    from ldm_export.runtime.schedulers import canonical_sampler
+
+    name = canonical_sampler(body.get("sampler_name") or body.get("sampler_index") or "Euler")
     scheduler = body.get("scheduler")
     if scheduler is None or str(scheduler).lower() in ("", "automatic"):
         return name, {}
