@@ -69,7 +69,7 @@ class EngineOptions:
             raise LdmExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0 <= self.optimization_level <= 5:
             raise LdmExportError(f"the builder optimisation level must be 0 to 5, got {self.optimization_level}")
-        if self.workspace_gb is not None and not self.workspace_gb > 0:
+        if self.workspace_gb is not None and not 0 < self.workspace_gb < float("inf"):
             raise LdmExportError(f"--workspace must be a positive number of GB, got {self.workspace_gb}")
 
 
@@ -131,6 +131,11 @@ def engine_recipe(bundle: Bundle, component: str, options: EngineOptions, timing
                              f"{bundle.manifest.get('target', 'cuda')}"
                              f"{' --fused-attention' if bundle.manifest.get('fused_attention') else ''}); "
                              "rebuild the bundle with --target tensorrt")
+    int8_format = (bundle.manifest.get("int8") or {}).get("quantisation", {}).get("format")
+    if precision == "int8" and int8_format == "onnxruntime":
+        raise LdmExportError(f"{component}: the int8 graph is in the onnxruntime QDQ format (int32 biases, asymmetric u8 "
+                             "activations for ONNX Runtime's CPU kernels), which TensorRT's parser refuses; quantise for "
+                             "TensorRT with `ldm-export quantize FP32_BUNDLE --out DIR --int8-format tensorrt`")
     if options.precision == "fp16" and builder == "tensorrt-rtx":
         raise LdmExportError("--precision fp16 (TensorRT 10's weakly typed FP16 flag) does not exist in TensorRT-RTX, whose "
                              "networks are strongly typed: build an fp16 bundle (ldm-export build --precision fp16) and use "

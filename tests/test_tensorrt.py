@@ -131,8 +131,26 @@ def test_quantisation_is_read_from_the_graph_not_the_label(tiny_bundle):
     assert r.strongly_typed and r.bundle_precision == "int8" and r.quantization is None
 
 
+def test_onnxruntime_format_int8_is_refused_before_the_parser(tiny_bundle):
+    """The default int8 format (int32 biases, u8 activations with zero point 128) makes TensorRT's parser fail on a
+    zero point with a DLA hint; the recipe says which format TensorRT takes instead. The tensorrt format passes."""
+    from ldm_export.export.tensorrt_build import EngineOptions, engine_recipe
+
+    b = _fake_bundle(tiny_bundle, "int8")
+    for fmt in ("onnxruntime", "tensorrt"):
+        m = json.loads(json.dumps(b.manifest))
+        m["int8"] = {"quantisation": {"format": fmt, "activation_type": "u8" if fmt == "onnxruntime" else "s8"}}
+        if fmt == "tensorrt":
+            assert engine_recipe(Bundle(b.path, m), "unet", EngineOptions(), Path("tc")).bundle_precision == "int8"
+            continue
+        with pytest.raises(LdmExportError, match="onnxruntime QDQ format .* --int8-format tensorrt") as e:
+            engine_recipe(Bundle(b.path, m), "unet", EngineOptions(), Path("tc"))
+        assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("kwargs, match", [({"precision": "bf16"}, "precision"), ({"optimization_level": 6}, "0 to 5"),
-                                           ({"workspace_gb": 0}, "workspace")])
+                                           ({"workspace_gb": 0}, "workspace"), ({"workspace_gb": float("inf")}, "workspace"),
+                                           ({"workspace_gb": float("nan")}, "workspace")])
 def test_bad_options_are_one_line_errors(kwargs, match):
     from ldm_export.export.tensorrt_build import EngineOptions
 
@@ -317,13 +335,38 @@ def test_selection_refuses_changed_plans_and_stale_onnx(bundle_copy):
         locate_plan(b, "unet", H100)
 
 
+@needs_polygraphy
+@pytest.mark.parametrize("damage", [
+    lambda j: j["engines"]["unet"].__setitem__("size", "11980844"),
+    lambda j: j["engines"]["unet"].pop("sha256"),
+    lambda j: j["engines"]["unet"].pop("file"),
+    lambda j: j["engines"]["unet"].__setitem__("file", "../../unet/model.onnx"),
+    lambda j: j["engines"].__setitem__("unet", "unet.plan"),
+    lambda j: j.__setitem__("engines", []),
+])
+def test_a_hand_damaged_engines_index_is_one_line(bundle_copy, damage):
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    build_engines(bundle_copy, None, EngineOptions(), target=H100, serialize=_fake_plans)
+    index_path = engines_root(bundle_copy) / H100.dirname / ENGINES_JSON
+    index = json.loads(index_path.read_text())
+    damage(index)
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(LdmExportError, match="damaged") as e:
+        locate_plan(Bundle.open(bundle_copy), "unet", H100)
+    assert "\n" not in str(e.value)
+    index_path.write_text("[]")
+    with pytest.raises(LdmExportError, match="damaged"):
+        locate_plan(Bundle.open(bundle_copy), "unet", H100)
+
+
 def test_profile_bounds_are_checked_at_the_boundary():
     spec = unet_spec(4, 4, 32, latent_hw=(2, 8, 16), batch=(1, 2, 8))
     ok = {"sample": np.zeros((2, 4, 16, 2), np.float32), "timestep": np.float32(1.0),
           "encoder_hidden_states": np.zeros((2, 77, 32), np.float32)}
     check_profile_bounds(spec, ok)
     too_big = dict(ok, sample=np.zeros((2, 4, 17, 8), np.float32))
-    with pytest.raises(LdmExportError, match=r"dimension 'height' is 17, outside the range 2\.\.16"):
+    with pytest.raises(LdmExportError, match=r"dimension 'height' is 17, outside the range 2\.\.16 .*--provider cpu"):
         check_profile_bounds(spec, too_big)
     with pytest.raises(LdmExportError, match="'batch' is 9"):
         check_profile_bounds(spec, dict(ok, sample=np.zeros((9, 4, 8, 8), np.float32),
