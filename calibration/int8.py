@@ -86,8 +86,13 @@ def validate(cfg: Int8Config, model_name: str, target: str) -> list[str]:
         raise LdmExportError(f"unknown activation type {cfg.activation_type!r}; choose one of: {', '.join(Q.ACTIVATION_TYPES)}")
     if not isinstance(cfg.steps, int) or not 1 <= cfg.steps <= 1000:
         raise LdmExportError(f"--calib-steps must be an integer from 1 to 1000, got {cfg.steps!r}")
-    if cfg.quality_prompts < 0 or (cfg.quality_steps is not None and cfg.quality_steps < 1):
-        raise LdmExportError("--quality-prompts must be 0 or more and --quality-steps at least 1")
+    if cfg.quality_prompts < 0:
+        raise LdmExportError(f"--quality-prompts must be 0 (no PSNR images) or more, got {cfg.quality_prompts}")
+    if cfg.quality_steps is not None and cfg.quality_steps < 1:
+        raise LdmExportError(f"the quality images need at least 1 sampler step, got {cfg.quality_steps}")
+    if cfg.adherence_prompts is not None and cfg.adherence_prompts < 0:
+        raise LdmExportError(f"--adherence-prompts must be 0 (skip the check) or more, got {cfg.adherence_prompts}; "
+                             "leave it out for all 120 cases")
     if cfg.prompts is None and model_name != "demo":
         log.info("no --calib-prompts: using the prompt file shipped for the demo model")
     prompts = C.read_prompts(cfg.prompts, cfg.size)
@@ -95,15 +100,40 @@ def validate(cfg: Int8Config, model_name: str, target: str) -> list[str]:
         if not Path(cfg.cache).is_dir():
             raise LdmExportError(f"--calib-cache {cfg.cache} is not a folder; give a folder (made if missing)")
         if C.has_capture(cfg.cache):
-            info = json.loads((Path(cfg.cache) / "capture.json").read_text())
+            try:
+                info = json.loads((Path(cfg.cache) / "capture.json").read_text())
+            except (OSError, ValueError) as e:
+                raise LdmExportError(f"calibration cache {cfg.cache} is damaged ({e}); delete it to capture anew") from None
+            if not isinstance(info, dict) or not isinstance(info.get("model", {}), dict):
+                raise LdmExportError(f"calibration cache {cfg.cache} is damaged (capture.json is not a capture "
+                                     "manifest); delete it to capture anew")
             got = info.get("model", {}).get("name")
             if got != model_name:
                 raise LdmExportError(f"calibration cache {cfg.cache} was captured for model {got!r}, this build is "
                                      f"{model_name!r}; use another --calib-cache folder or delete it")
+            _check_cache_request(cfg, info, prompts)
         elif any(Path(cfg.cache).iterdir()):
             raise LdmExportError(f"--calib-cache {cfg.cache} is a folder with other files and no capture; give an empty "
                                  "or new folder")
     return prompts
+
+
+def _check_cache_request(cfg: Int8Config, info: dict, prompts: list[str]) -> None:
+    """Refuse a cache captured with other prompts, steps, seed, guidance or sampler than this build asks for: reusing
+    it would calibrate on something else than the options say (and the manifest would record the cache's)."""
+    asked = {"prompts": prompts, "num_inference_steps": cfg.steps, "seed": cfg.seed, "guidance_scale": cfg.guidance_scale}
+    if cfg.sampler is not None:
+        asked["sampler"] = cfg.sampler
+    for key, want in asked.items():
+        got = info.get(key)
+        if got != want:
+            what = (f"{len(got) if isinstance(got, list) else got!r} prompts, this build asks for {len(prompts)} "
+                    "(--calib-prompts, --calib-size)" if key == "prompts" and isinstance(got, list) and len(got) != len(prompts)
+                    else "other prompts than this build's --calib-prompts" if key == "prompts"
+                    else f"{got!r} steps, this build asks for {want!r} (--calib-steps)" if key == "num_inference_steps"
+                    else f"{key.replace('_', ' ')} {got!r}, this build asks for {want!r}")
+            raise LdmExportError(f"calibration cache {cfg.cache} was captured with {what}; use another --calib-cache "
+                                 "folder, delete it, or repeat the options it was captured with")
 
 
 Progress = Callable[[str, str, str], None]

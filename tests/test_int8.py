@@ -55,6 +55,9 @@ def test_bad_prompt_files(tmp_path):
     empty.write_text("# only a comment\n\n   \n")
     with pytest.raises(LdmExportError, match="has no prompts"):
         C.read_prompts(empty)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffa red circle\r\nblue square\r\n".encode("utf-8"))  # as Windows editors save it
+    assert C.read_prompts(bom) == ["a red circle", "blue square"]
 
 
 @pytest.mark.parametrize("level", ["4", "0", "two", None, 2.4])
@@ -249,6 +252,16 @@ def _one_line_error(r, text, after_progress=False):
     (["--int8-components", "unet,controlnet"], "unknown component 'controlnet' for int8"),
     (["--int8-format", "tensorrt", "--int8-activations", "u8"], "TensorRT takes symmetric int8 activations only"),
     (["--calib-size", "0"], "--calib-size must be at least 1"),
+    (["--calib-size", "-2"], "--calib-size must be at least 1"),
+    (["--calib-prompts", "FOLDER"], "is a folder; pass --calib-prompts FILE"),
+    (["--calib-prompts", "BLANK"], "has no prompts; write one prompt a line"),
+    (["--calib-prompts", "LATIN1"], "give a UTF-8 text file"),
+    (["--quality-prompts", "-1"], "--quality-prompts must be 0 (no PSNR images) or more, got -1"),
+    (["--adherence-prompts", "-1"], "--adherence-prompts must be 0 (skip the check) or more, got -1"),
+    (["--calib-cache", "DAMAGED"], "is damaged (capture.json is not a capture manifest)"),
+    (["--calib-cache", "BROKEN_JSON"], "is damaged (Expecting"),
+    (["--calib-cache", "OTHER_STEPS", "--calib-steps", "5", "--calib-size", "1"], "captured with 3 steps, this build asks for 5"),
+    (["--calib-cache", "OTHER_STEPS", "--calib-steps", "3", "--calib-size", "2"], "captured with 1 prompts, this build asks for 2"),
     (["--calib-cache", "OTHER_MODEL"], "was captured for model 'demo', this build is 'tiny'"),
     (["--target", "cuda"], "use --target cpu"),
 ])
@@ -258,7 +271,18 @@ def test_bad_int8_input_is_one_line_and_writes_nothing(tmp_path, extra, text):
     other.mkdir()
     (other / "capture.json").write_text(json.dumps({"version": 1, "model": {"name": "demo"}}))
     (other / "unet_inputs.npz").write_bytes(b"")
-    subst = {"MISSING": str(tmp_path / "nope.txt"), "EMPTY": str(tmp_path / "empty.txt"), "OTHER_MODEL": str(other)}
+    (tmp_path / "blank.txt").write_text("\n   \n\t\n")
+    (tmp_path / "latin1.txt").write_bytes("une pomme rouge à gauche\n".encode("latin-1"))
+    for name, content in (("damaged", "[]"), ("broken", "{"),
+                       ("steps", json.dumps({"version": 1, "model": {"name": "tiny"}, "num_inference_steps": 3, "seed": 0,
+                                             "guidance_scale": 7.5, "prompts": C.read_prompts(None, 1)}))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "capture.json").write_text(content)
+        (tmp_path / name / "unet_inputs.npz").write_bytes(b"")
+    subst = {"MISSING": str(tmp_path / "nope.txt"), "EMPTY": str(tmp_path / "empty.txt"), "OTHER_MODEL": str(other),
+             "FOLDER": str(tmp_path), "BLANK": str(tmp_path / "blank.txt"), "LATIN1": str(tmp_path / "latin1.txt"),
+             "DAMAGED": str(tmp_path / "damaged"), "BROKEN_JSON": str(tmp_path / "broken"),
+             "OTHER_STEPS": str(tmp_path / "steps")}
     extra = [subst.get(x, x) for x in extra]
     out = tmp_path / "b"
     r = run_cli("build", "--model", "tiny", "--random-weights", "--precision", "int8", "--out", str(out), *extra, timeout=300)
@@ -282,8 +306,11 @@ def test_cache_of_another_shape_fails_after_export_and_leaves_nothing(tiny_captu
     z["sample"] = np.zeros(z["sample"].shape[:2] + (4, 4, 4), np.float32)  # 32 px latents of 4x4
     np.savez(cache / "unet_inputs.npz", **z)
     info["shapes"]["sample"] = [2, 4, 4, 4]
+    info["seed"] = 0  # the build's seed; prompts and steps are given below as the capture's
     (cache / "capture.json").write_text(json.dumps(info))
+    (tmp_path / "prompts.txt").write_text("\n".join(info["prompts"]) + "\n")
     r = run_cli("build", "--model", "tiny", "--random-weights", "--precision", "int8", "--calib-cache", str(cache),
+                "--calib-prompts", str(tmp_path / "prompts.txt"), "--calib-steps", str(info["num_inference_steps"]),
                 "--out", str(tmp_path / "b"), timeout=300)
     _one_line_error(r, "holds sample of shape [2, 4, 4, 4], this build feeds [2, 4, 8, 8]", after_progress=True)
     assert no_leftovers(tmp_path, "b")
