@@ -54,8 +54,31 @@ class Int8Config:
         return d
 
 
+# the models whose denoiser the capture drives: one text encoder, a text-to-image UNet on sample, timestep and
+# encoder_hidden_states (SDXL's added conditioning, DiTs and inpainting UNets are not calibrated yet)
+INT8_FAMILIES = ("sd1", "sd2")
+
+
+def _check_model(model_name: str) -> None:
+    from ldm_export.zoo import get_model
+
+    try:
+        spec = get_model(model_name)
+    except LdmExportError:  # a bundle of a model this version does not know: the capture says what it lacks
+        return
+    if spec.family not in INT8_FAMILIES:
+        raise LdmExportError(f"int8 is built for SD 1.x/2.x-style UNets (one text encoder; sample, timestep and "
+                             f"encoder_hidden_states); {model_name} is a {spec.family} model ({', '.join(spec.components)}), "
+                             "which calibration does not drive yet: build it with --precision fp16 or fp32")
+    in_channels = (spec.unet or {}).get("in_channels", 4)
+    if in_channels != spec.vae.get("latent_channels", 4):
+        raise LdmExportError(f"int8 calibration samples text-to-image and {model_name}'s UNet takes {in_channels} input "
+                             "channels (an inpainting UNet); build it with --precision fp16 or fp32")
+
+
 def validate(cfg: Int8Config, model_name: str, target: str) -> list[str]:
     """Check an int8 request before any work; return the calibration prompts."""
+    _check_model(model_name)
     if target != "cpu":
         raise LdmExportError("int8 builds write standard-op QDQ graphs (ONNX Runtime and TensorRT both take them): "
                              "use --target cpu")

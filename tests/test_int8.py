@@ -264,6 +264,9 @@ def _one_line_error(r, text, after_progress=False):
     (["--calib-cache", "OTHER_STEPS", "--calib-steps", "3", "--calib-size", "2"], "captured with 1 prompts, this build asks for 2"),
     (["--calib-cache", "OTHER_MODEL"], "was captured for model 'demo', this build is 'tiny'"),
     (["--target", "cuda"], "use --target cpu"),
+    (["--model", "tiny-sdxl"], "tiny-sdxl is a sdxl model (text_encoder, text_encoder_2, unet, vae_decoder)"),
+    (["--model", "tiny-flux"], "tiny-flux is a flux model"),
+    (["--model", "tiny-inpaint"], "tiny-inpaint's UNet takes 9 input channels (an inpainting UNet)"),
 ])
 def test_bad_int8_input_is_one_line_and_writes_nothing(tmp_path, extra, text):
     (tmp_path / "empty.txt").write_text("\n# nothing\n")
@@ -285,7 +288,8 @@ def test_bad_int8_input_is_one_line_and_writes_nothing(tmp_path, extra, text):
              "OTHER_STEPS": str(tmp_path / "steps")}
     extra = [subst.get(x, x) for x in extra]
     out = tmp_path / "b"
-    r = run_cli("build", "--model", "tiny", "--random-weights", "--precision", "int8", "--out", str(out), *extra, timeout=300)
+    model = [] if "--model" in extra else ["--model", "tiny"]
+    r = run_cli("build", *model, "--random-weights", "--precision", "int8", "--out", str(out), *extra, timeout=300)
     _one_line_error(r, text)
     assert no_leftovers(tmp_path, "b")
 
