@@ -384,6 +384,26 @@ def test_sweep_table_and_plot(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("args, text", [
+    (["--levels", "2,4"], "quant level '4' does not exist"),
+    (["--methods", "minmax,kl"], "unknown calibration method 'kl'"),
+    (["--smoothquant", "off,2"], "is not a migration strength"),
+    (["--bundle", "MISSING"], "no bundle at"),
+])
+def test_sweep_bad_input_is_one_line_before_any_capture(tiny_bundle, tmp_path, args, text):
+    import subprocess
+    import sys
+
+    args = [str(tmp_path / "nope") if a == "MISSING" else a for a in args]
+    base = ["--bundle", str(tiny_bundle)] if "--bundle" not in args else []
+    r = subprocess.run([sys.executable, "-m", "ldm_export.calibration.sweep", *base, "--out", str(tmp_path / "o"),
+                        "--calib-size", "1", "--calib-steps", "1", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and text in last and "captured prompt" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_int8_of_an_external_data_unet(tiny_bundle, tmp_path):
     """An fp32 UNet stored as model.onnx + model.onnx_data (every UNet over 2 GB, SD 1.5's too) gives an int8
     bundle whose weights sit in one unet/model.onnx_data, opens, verifies and runs; the same graph as from a
