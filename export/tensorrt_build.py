@@ -113,7 +113,11 @@ def graph_facts(onnx_path: Path) -> dict[str, Any]:
         import onnx
     except ImportError:
         return {"contrib_ops": [], "qdq_nodes": None}
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: a damaged or cut-short file
+        raise LdmExportError(f"{onnx_path} is not a readable ONNX graph ({_first_line(e)}); the bundle is damaged: "
+                             "check it with `ldm-export inspect BUNDLE` and rebuild it") from None
     contrib = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     return {"contrib_ops": contrib, "qdq_nodes": len(qdq)}

@@ -148,6 +148,22 @@ def test_onnxruntime_format_int8_is_refused_before_the_parser(tiny_bundle):
         assert "\n" not in str(e.value)
 
 
+def test_a_damaged_model_onnx_is_one_line_before_the_builder(tiny_bundle, tmp_path):
+    from ldm_export.export.tensorrt_build import EngineOptions, engine_recipe
+
+    b = Bundle.open(tiny_bundle)
+    cut = tmp_path / "model.onnx"
+    cut.write_bytes(b.model_path("unet").read_bytes()[:5000])
+
+    class Cut(Bundle):
+        def model_path(self, component):
+            return cut
+
+    with pytest.raises(LdmExportError, match="is not a readable ONNX graph .* the bundle is damaged") as e:
+        engine_recipe(Cut(b.path, b.manifest), "unet", EngineOptions(), Path("tc"))
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("kwargs, match", [({"precision": "bf16"}, "precision"), ({"optimization_level": 6}, "0 to 5"),
                                            ({"workspace_gb": 0}, "workspace"), ({"workspace_gb": float("inf")}, "workspace"),
                                            ({"workspace_gb": float("nan")}, "workspace")])
