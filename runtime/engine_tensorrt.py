@@ -215,9 +215,9 @@ def find_engines_folder(bundle_path: str | os.PathLike, here: EngineTarget) -> P
     """The engines folder whose plans load on ``here``: its own name first, else a TensorRT-RTX folder built for
     any GPU of this compute capability; None when there is none."""
     root = engines_root(bundle_path)
-    if (root / here.dirname / ENGINES_JSON).is_file():
-        return root / here.dirname
-    for name in available_targets(bundle_path):
+    names = available_targets(bundle_path)
+    names.sort(key=lambda name: name != here.dirname)  # its own name first; but the index's target decides, not the
+    for name in names:  # name: a folder copied or renamed from another GPU's is no match
         index = read_engines_json(root / name)
         with contextlib.suppress(KeyError, ValueError, TypeError):
             if EngineTarget.from_json(index["target"]).runs_here(here):

@@ -352,6 +352,21 @@ def test_selection_refuses_changed_plans_and_stale_onnx(bundle_copy):
 
 
 @needs_polygraphy
+def test_a_folder_renamed_to_this_gpus_key_is_judged_by_its_index(bundle_copy):
+    """Engines built for an L4, their folder renamed (or copied) to the H100's key: the index's target decides, so
+    they are refused with the usual message instead of handed to TensorRT."""
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    build_engines(bundle_copy, ["unet"], EngineOptions(), target=L4, serialize=_fake_plans)
+    root = engines_root(bundle_copy)
+    (root / L4.dirname).rename(root / H100.dirname)
+    with pytest.raises(LdmExportError, match="no TensorRT engines for this GPU and builder"):
+        locate_plan(Bundle.open(bundle_copy), "unet", H100)
+    plan, _ = locate_plan(Bundle.open(bundle_copy), "unet", L4)  # where they do belong, the name does not matter
+    assert plan.parent.name == H100.dirname
+
+
+@needs_polygraphy
 @pytest.mark.parametrize("damage", [
     lambda j: j["engines"]["unet"].__setitem__("size", "11980844"),
     lambda j: j["engines"]["unet"].pop("sha256"),
