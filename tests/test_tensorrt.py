@@ -404,6 +404,34 @@ def test_profile_bounds_are_checked_at_the_boundary():
                                         encoder_hidden_states=np.zeros((9, 77, 32), np.float32)))
 
 
+@needs_polygraphy
+def test_ctrl_c_during_a_build_stops_it_and_keeps_the_earlier_engines(bundle_copy):
+    """TensorRT calls back into Python (its logger) from native code and swallows a KeyboardInterrupt raised there,
+    so Ctrl-C during a build was lost and every component built anyway. The stand-in builder below swallows it the
+    same way; the interrupt must still end `engines` with exit code 130 after the plans already written."""
+    import signal
+    import time
+
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    def swallowing(loader):
+        if loader._network.path.endswith("unet/model.onnx"):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+            except KeyboardInterrupt:  # what TensorRT's native callback does with it
+                pass
+        return _fake_plans(loader)
+
+    with pytest.raises(LdmExportError, match="interrupted while building unet; .* keeps the engines it had: text_encoder") as e:
+        build_engines(bundle_copy, None, EngineOptions(), target=H100, serialize=swallowing)
+    assert e.value.exit_code == 130
+    folder = engines_root(bundle_copy) / H100.dirname
+    assert sorted(p.name for p in folder.glob("*.plan")) == ["text_encoder.plan"]
+    assert list(json.loads((folder / ENGINES_JSON).read_text())["engines"]) == ["text_encoder"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 # ---------------------------------------------------------------- atomic writes
 
 def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
