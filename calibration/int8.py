@@ -117,7 +117,8 @@ def validate(cfg: Int8Config, model_name: str, target: str) -> list[str]:
         raise LdmExportError(f"--adherence-prompts must be 0 (skip the check) or more, got {cfg.adherence_prompts}; "
                              "leave it out for all 120 cases")
     if cfg.prompts is None and model_name != "demo":
-        log.info("no --calib-prompts: using the prompt file shipped for the demo model")
+        log.warning("no --calib-prompts: calibrating %s on the prompt file shipped for the demo model (simple shapes "
+                    "and colours); pass prompts like the ones you will generate with --calib-prompts FILE", model_name)
     prompts = C.read_prompts(cfg.prompts, cfg.size)
     if cfg.cache is not None and Path(cfg.cache).exists():
         if not Path(cfg.cache).is_dir():

@@ -294,6 +294,17 @@ def test_bad_int8_input_is_one_line_and_writes_nothing(tmp_path, extra, text):
     assert no_leftovers(tmp_path, "b")
 
 
+def test_a_real_model_without_calib_prompts_is_warned(caplog):
+    from ldm_export.calibration.int8 import validate
+
+    with caplog.at_level("WARNING"):
+        validate(Int8Config(size=2), "demo", "cpu")
+    assert "--calib-prompts" not in caplog.text
+    with caplog.at_level("WARNING"):
+        validate(Int8Config(size=2), "sd15", "cpu")
+    assert "calibrating sd15 on the prompt file shipped for the demo model" in caplog.text
+
+
 def test_calibration_options_need_int8(tmp_path):
     r = run_cli("build", "--model", "tiny", "--random-weights", "--quant-level", "2", "--out", str(tmp_path / "b"))
     _one_line_error(r, "add --precision int8")
