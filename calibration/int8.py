@@ -116,9 +116,6 @@ def validate(cfg: Int8Config, model_name: str, target: str) -> list[str]:
     if cfg.adherence_prompts is not None and cfg.adherence_prompts < 0:
         raise LdmExportError(f"--adherence-prompts must be 0 (skip the check) or more, got {cfg.adherence_prompts}; "
                              "leave it out for all 120 cases")
-    if cfg.prompts is None and model_name != "demo":
-        log.warning("no --calib-prompts: calibrating %s on the prompt file shipped for the demo model (simple shapes "
-                    "and colours); pass prompts like the ones you will generate with --calib-prompts FILE", model_name)
     prompts = C.read_prompts(cfg.prompts, cfg.size)
     if cfg.cache is not None and Path(cfg.cache).exists():
         if not Path(cfg.cache).is_dir():
@@ -139,6 +136,9 @@ def validate(cfg: Int8Config, model_name: str, target: str) -> list[str]:
         elif any(Path(cfg.cache).iterdir()):
             raise LdmExportError(f"--calib-cache {cfg.cache} is a folder with other files and no capture; give an empty "
                                  "or new folder")
+    if cfg.prompts is None and model_name != "demo":  # after the checks: a bad request gets its one line alone
+        log.warning("no --calib-prompts: calibrating %s on the prompt file shipped for the demo model (simple shapes "
+                    "and colours); pass prompts like the ones you will generate with --calib-prompts FILE", model_name)
     return prompts
 
 
@@ -150,14 +150,18 @@ def _check_cache_request(cfg: Int8Config, info: dict, prompts: list[str]) -> Non
         asked["sampler"] = cfg.sampler
     for key, want in asked.items():
         got = info.get(key)
-        if got != want:
-            what = (f"{len(got) if isinstance(got, list) else got!r} prompts, this build asks for {len(prompts)} "
-                    "(--calib-prompts, --calib-size)" if key == "prompts" and isinstance(got, list) and len(got) != len(prompts)
-                    else "other prompts than this build's --calib-prompts" if key == "prompts"
-                    else f"{got!r} steps, this build asks for {want!r} (--calib-steps)" if key == "num_inference_steps"
-                    else f"{key.replace('_', ' ')} {got!r}, this build asks for {want!r}")
-            raise LdmExportError(f"calibration cache {cfg.cache} was captured with {what}; use another --calib-cache "
-                                 "folder, delete it, or repeat the options it was captured with")
+        if got == want:
+            continue
+        if key == "prompts" and isinstance(got, list) and len(got) != len(prompts):
+            what = f"{len(got)} prompts, this build asks for {len(prompts)} (--calib-prompts, --calib-size)"
+        elif key == "prompts":
+            what = "other prompts than this build's --calib-prompts"
+        elif key == "num_inference_steps":
+            what = f"{got!r} steps, this build asks for {want!r} (--calib-steps)"
+        else:
+            what = f"{key.replace('_', ' ')} {got!r}, this build asks for {want!r}"
+        raise LdmExportError(f"calibration cache {cfg.cache} was captured with {what}; use another --calib-cache "
+                             "folder, delete it, or repeat the options it was captured with")
 
 
 Progress = Callable[[str, str, str], None]
