@@ -494,6 +494,15 @@ def _cli_without_tensorrt(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=env)
 
 
+def test_engines_help_says_which_builder_reads_the_timing_cache():
+    from conftest import run_cli
+
+    r = run_cli("engines", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "Full TensorRT: tactic timing cache" in text and "TensorRT-RTX keeps none and ignores it" in text
+
+
 def test_engines_without_tensorrt_is_one_line_naming_the_install(tiny_bundle):
     r = _cli_without_tensorrt("engines", str(tiny_bundle))
     assert r.returncode == 2, r.stderr
