@@ -245,7 +245,7 @@ def locate_plan(bundle: Bundle, component: str, target: EngineTarget) -> tuple[P
             f"{engines_root(bundle.path)}; found: {', '.join(found) if found else 'none'}; {_rebuild(bundle)}")
     index = read_engines_json(folder)
     entry = index.get("engines", {}).get(component)
-    if entry is None:
+    if component not in index.get("engines", {}):
         raise LdmExportError(f"{folder} has no engine for {component} (it has: {', '.join(index.get('engines', {})) or 'none'}); "
                              f"{_rebuild(bundle, component)}")
     if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and Path(entry["file"]).name == entry["file"]

@@ -373,6 +373,7 @@ def test_a_folder_renamed_to_this_gpus_key_is_judged_by_its_index(bundle_copy):
     lambda j: j["engines"]["unet"].pop("file"),
     lambda j: j["engines"]["unet"].__setitem__("file", "../../unet/model.onnx"),
     lambda j: j["engines"].__setitem__("unet", "unet.plan"),
+    lambda j: j["engines"].__setitem__("unet", None),
     lambda j: j.__setitem__("engines", []),
 ])
 def test_a_hand_damaged_engines_index_is_one_line(bundle_copy, damage):
