@@ -294,6 +294,10 @@ def quantize_bundle(src: Path, out: Path, cfg: Int8Config, force: bool = False, 
     manifest["files"] = {}
     manifest["int8_source"] = {"bundle": str(src), "created": fp32.manifest.get("created")}
     quantised = {f for c in cfg.components for f in fp32.manifest["components"][c]["files"]}
+    for rel in sorted(quantised):  # a cut or replaced graph would fail later, named by its staging copy's path
+        if not (Path(src) / rel).is_file() or (Path(src) / rel).stat().st_size != fp32.manifest["files"][rel]["size"]:
+            raise LdmExportError(f"{Path(src) / rel} is missing or not the size its manifest records; the fp32 bundle "
+                                 f"is damaged: check it with `ldm-export inspect {src}` and rebuild it")
     with staging(Path(out), force) as stage:
         for rel in fp32.manifest["files"]:
             if rel == MANIFEST:

@@ -348,6 +348,17 @@ def test_build_int8_cli_reuses_its_cache(tmp_path):
     assert a["files"]["unet/model.onnx"]["sha256"] == b["files"]["unet/model.onnx"]["sha256"]
 
 
+def test_quantize_refuses_a_cut_unet_before_staging(tiny_bundle, tmp_path):
+    src = tmp_path / "cut"
+    shutil.copytree(tiny_bundle, src)
+    graph = src / "unet" / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:5000])
+    r = run_cli("quantize", str(src), "--out", str(tmp_path / "q"), "--calib-size", "1", "--calib-steps", "1")
+    _one_line_error(r, f"{graph} is missing or not the size its manifest records; the fp32 bundle is damaged",
+                    after_progress=True)
+    assert no_leftovers(tmp_path, "q")
+
+
 def test_quantize_refuses_a_non_fp32_bundle(tiny_int8, tmp_path):
     out, _ = tiny_int8
     with pytest.raises(LdmExportError, match="is not an fp32 bundle"):
