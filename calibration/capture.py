@@ -29,10 +29,12 @@ def read_prompts(path: str | Path | None, limit: int | None = None) -> list[str]
     """Prompts from a text file, one a line (blank lines and lines starting with # skipped); the default file
     ships for the embedded demo model."""
     path = Path(path) if path is not None else DEFAULT_PROMPTS
+    if path.is_dir():
+        raise LdmExportError(f"calibration prompt file {path} is a folder; pass --calib-prompts FILE with one prompt a line")
     if not path.is_file():
         raise LdmExportError(f"calibration prompt file {path} does not exist; pass --calib-prompts FILE with one prompt a line")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is not part of a prompt
     except (OSError, UnicodeDecodeError) as e:
         raise LdmExportError(f"cannot read calibration prompt file {path}: {e}; give a UTF-8 text file, one prompt a line") from None
     prompts = [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]

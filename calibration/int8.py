@@ -54,8 +54,31 @@ class Int8Config:
         return d
 
 
+# the models whose denoiser the capture drives: one text encoder, a text-to-image UNet on sample, timestep and
+# encoder_hidden_states (SDXL's added conditioning, DiTs and inpainting UNets are not calibrated yet)
+INT8_FAMILIES = ("sd1", "sd2")
+
+
+def _check_model(model_name: str) -> None:
+    from ldm_export.zoo import get_model
+
+    try:
+        spec = get_model(model_name)
+    except LdmExportError:  # a bundle of a model this version does not know: the capture says what it lacks
+        return
+    if spec.family not in INT8_FAMILIES:
+        raise LdmExportError(f"int8 is built for SD 1.x/2.x-style UNets (one text encoder; sample, timestep and "
+                             f"encoder_hidden_states); {model_name} is a {spec.family} model ({', '.join(spec.components)}), "
+                             "which calibration does not drive yet: build it with --precision fp16 or fp32")
+    in_channels = (spec.unet or {}).get("in_channels", 4)
+    if in_channels != spec.vae.get("latent_channels", 4):
+        raise LdmExportError(f"int8 calibration samples text-to-image and {model_name}'s UNet takes {in_channels} input "
+                             "channels (an inpainting UNet); build it with --precision fp16 or fp32")
+
+
 def validate(cfg: Int8Config, model_name: str, target: str) -> list[str]:
     """Check an int8 request before any work; return the calibration prompts."""
+    _check_model(model_name)
     if target != "cpu":
         raise LdmExportError("int8 builds write standard-op QDQ graphs (ONNX Runtime and TensorRT both take them): "
                              "use --target cpu")
@@ -86,24 +109,59 @@ def validate(cfg: Int8Config, model_name: str, target: str) -> list[str]:
         raise LdmExportError(f"unknown activation type {cfg.activation_type!r}; choose one of: {', '.join(Q.ACTIVATION_TYPES)}")
     if not isinstance(cfg.steps, int) or not 1 <= cfg.steps <= 1000:
         raise LdmExportError(f"--calib-steps must be an integer from 1 to 1000, got {cfg.steps!r}")
-    if cfg.quality_prompts < 0 or (cfg.quality_steps is not None and cfg.quality_steps < 1):
-        raise LdmExportError("--quality-prompts must be 0 or more and --quality-steps at least 1")
-    if cfg.prompts is None and model_name != "demo":
-        log.info("no --calib-prompts: using the prompt file shipped for the demo model")
+    if cfg.quality_prompts < 0:
+        raise LdmExportError(f"--quality-prompts must be 0 (no PSNR images) or more, got {cfg.quality_prompts}")
+    if cfg.quality_steps is not None and cfg.quality_steps < 1:
+        raise LdmExportError(f"the quality images need at least 1 sampler step, got {cfg.quality_steps}")
+    if cfg.adherence_prompts is not None and cfg.adherence_prompts < 0:
+        raise LdmExportError(f"--adherence-prompts must be 0 (skip the check) or more, got {cfg.adherence_prompts}; "
+                             "leave it out for all 120 cases")
     prompts = C.read_prompts(cfg.prompts, cfg.size)
     if cfg.cache is not None and Path(cfg.cache).exists():
         if not Path(cfg.cache).is_dir():
             raise LdmExportError(f"--calib-cache {cfg.cache} is not a folder; give a folder (made if missing)")
         if C.has_capture(cfg.cache):
-            info = json.loads((Path(cfg.cache) / "capture.json").read_text())
+            try:
+                info = json.loads((Path(cfg.cache) / "capture.json").read_text())
+            except (OSError, ValueError) as e:
+                raise LdmExportError(f"calibration cache {cfg.cache} is damaged ({e}); delete it to capture anew") from None
+            if not isinstance(info, dict) or not isinstance(info.get("model", {}), dict):
+                raise LdmExportError(f"calibration cache {cfg.cache} is damaged (capture.json is not a capture "
+                                     "manifest); delete it to capture anew")
             got = info.get("model", {}).get("name")
             if got != model_name:
                 raise LdmExportError(f"calibration cache {cfg.cache} was captured for model {got!r}, this build is "
                                      f"{model_name!r}; use another --calib-cache folder or delete it")
+            _check_cache_request(cfg, info, prompts)
         elif any(Path(cfg.cache).iterdir()):
             raise LdmExportError(f"--calib-cache {cfg.cache} is a folder with other files and no capture; give an empty "
                                  "or new folder")
+    if cfg.prompts is None and model_name != "demo":  # after the checks: a bad request gets its one line alone
+        log.warning("no --calib-prompts: calibrating %s on the prompt file shipped for the demo model (simple shapes "
+                    "and colours); pass prompts like the ones you will generate with --calib-prompts FILE", model_name)
     return prompts
+
+
+def _check_cache_request(cfg: Int8Config, info: dict, prompts: list[str]) -> None:
+    """Refuse a cache captured with other prompts, steps, seed, guidance or sampler than this build asks for: reusing
+    it would calibrate on something else than the options say (and the manifest would record the cache's)."""
+    asked = {"prompts": prompts, "num_inference_steps": cfg.steps, "seed": cfg.seed, "guidance_scale": cfg.guidance_scale}
+    if cfg.sampler is not None:
+        asked["sampler"] = cfg.sampler
+    for key, want in asked.items():
+        got = info.get(key)
+        if got == want:
+            continue
+        if key == "prompts" and isinstance(got, list) and len(got) != len(prompts):
+            what = f"{len(got)} prompts, this build asks for {len(prompts)} (--calib-prompts, --calib-size)"
+        elif key == "prompts":
+            what = "other prompts than this build's --calib-prompts"
+        elif key == "num_inference_steps":
+            what = f"{got!r} steps, this build asks for {want!r} (--calib-steps)"
+        else:
+            what = f"{key.replace('_', ' ')} {got!r}, this build asks for {want!r}"
+        raise LdmExportError(f"calibration cache {cfg.cache} was captured with {what}; use another --calib-cache "
+                             "folder, delete it, or repeat the options it was captured with")
 
 
 Progress = Callable[[str, str, str], None]
@@ -236,6 +294,10 @@ def quantize_bundle(src: Path, out: Path, cfg: Int8Config, force: bool = False, 
     manifest["files"] = {}
     manifest["int8_source"] = {"bundle": str(src), "created": fp32.manifest.get("created")}
     quantised = {f for c in cfg.components for f in fp32.manifest["components"][c]["files"]}
+    for rel in sorted(quantised):  # a cut or replaced graph would fail later, named by its staging copy's path
+        if not (Path(src) / rel).is_file() or (Path(src) / rel).stat().st_size != fp32.manifest["files"][rel]["size"]:
+            raise LdmExportError(f"{Path(src) / rel} is missing or not the size its manifest records; the fp32 bundle "
+                                 f"is damaged: check it with `ldm-export inspect {src}` and rebuild it")
     with staging(Path(out), force) as stage:
         for rel in fp32.manifest["files"]:
             if rel == MANIFEST:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
+
+from ldm_export.runtime.errors import LdmExportError
 
 from . import capture as C
 from . import quantize as Q
@@ -135,9 +138,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from .smooth import parse_alpha
 
-    alphas = [None if x.strip() == "off" else parse_alpha(x) for x in a.smoothquant.split(",")]
-    result = sweep(Path(a.bundle), a.methods.split(","), [Q.parse_level(x) for x in a.levels.split(",")], a.calib_size,
-                   a.calib_steps, a.quality_prompts, a.adherence_prompts, a.format, a.threads, a.combine, alphas)
+    try:  # bad input: one line and exit code 2, as the ldm-export commands
+        alphas = [None if x.strip() == "off" else parse_alpha(x) for x in a.smoothquant.split(",")]
+        methods, levels = a.methods.split(","), [Q.parse_level(x) for x in a.levels.split(",")]
+        unknown = [m for m in methods if m not in Q.METHODS]
+        if unknown:  # before the capture, not after it
+            raise LdmExportError(f"unknown calibration method {unknown[0]!r}; choose from: {', '.join(Q.METHODS)}")
+        result = sweep(Path(a.bundle), methods, levels, a.calib_size, a.calib_steps, a.quality_prompts,
+                       a.adherence_prompts, a.format, a.threads, a.combine, alphas)
+    except LdmExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"int8_{result['model']}_{a.format}_{a.combine}" + ("" if alphas == [None] else "_smoothquant")

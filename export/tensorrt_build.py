@@ -27,7 +27,9 @@ import errno
 import json
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -69,7 +71,7 @@ class EngineOptions:
             raise LdmExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0 <= self.optimization_level <= 5:
             raise LdmExportError(f"the builder optimisation level must be 0 to 5, got {self.optimization_level}")
-        if self.workspace_gb is not None and not self.workspace_gb > 0:
+        if self.workspace_gb is not None and not 0 < self.workspace_gb < float("inf"):
             raise LdmExportError(f"--workspace must be a positive number of GB, got {self.workspace_gb}")
 
 
@@ -113,7 +115,11 @@ def graph_facts(onnx_path: Path) -> dict[str, Any]:
         import onnx
     except ImportError:
         return {"contrib_ops": [], "qdq_nodes": None}
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: a damaged or cut-short file
+        raise LdmExportError(f"{onnx_path} is not a readable ONNX graph ({_first_line(e)}); the bundle is damaged: "
+                             "check it with `ldm-export inspect BUNDLE` and rebuild it") from None
     contrib = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     return {"contrib_ops": contrib, "qdq_nodes": len(qdq)}
@@ -131,6 +137,11 @@ def engine_recipe(bundle: Bundle, component: str, options: EngineOptions, timing
                              f"{bundle.manifest.get('target', 'cuda')}"
                              f"{' --fused-attention' if bundle.manifest.get('fused_attention') else ''}); "
                              "rebuild the bundle with --target tensorrt")
+    int8_format = (bundle.manifest.get("int8") or {}).get("quantisation", {}).get("format")
+    if precision == "int8" and int8_format == "onnxruntime":
+        raise LdmExportError(f"{component}: the int8 graph is in the onnxruntime QDQ format (int32 biases, asymmetric u8 "
+                             "activations for ONNX Runtime's CPU kernels), which TensorRT's parser refuses; quantise for "
+                             "TensorRT with `ldm-export quantize FP32_BUNDLE --out DIR --int8-format tensorrt`")
     if options.precision == "fp16" and builder == "tensorrt-rtx":
         raise LdmExportError("--precision fp16 (TensorRT 10's weakly typed FP16 flag) does not exist in TensorRT-RTX, whose "
                              "networks are strongly typed: build an fp16 bundle (ldm-export build --precision fp16) and use "
@@ -199,7 +210,9 @@ class RtxEngineBytes:
             raise LdmExportError(f"{r.component}: TensorRT-RTX's ONNX parser rejected {r.onnx_path.name}: "
                                  f"{_first_line(errs[0]) if errs else 'no reason given'}; run with -v for TensorRT's log")
         config = self.config(trt, builder, network)
-        with _native_stderr_to_log():
+        with interrupts_held() as interrupted, _native_stderr_to_log():
+            if hasattr(trt, "IProgressMonitor"):
+                config.progress_monitor = _cancelling_monitor(trt, interrupted)  # Ctrl-C ends the build at its next step
             plan = builder.build_serialized_network(network, config)
         if plan is None:
             why = _first_line(logger.errors[-1]) if logger.errors else "no reason given"
@@ -207,6 +220,45 @@ class RtxEngineBytes:
                     "or without --refit") if r.refit and self.target.gpu_name == ANY_GPU else "; run with -v for TensorRT's log"
             raise LdmExportError(f"{r.component}: TensorRT-RTX could not build the engine: {why}{hint}")
         return plan
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[threading.Event]:
+    """Record Ctrl-C (SIGINT) while TensorRT builds and raise KeyboardInterrupt once the build call returns.
+
+    TensorRT calls our logger (and progress monitor) from native code; a KeyboardInterrupt raised inside such a
+    callback is swallowed there, so the build went on and the interrupt was lost. The yielded event is set on SIGINT
+    (for a progress monitor to cancel the build); outside the main thread nothing is changed."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+    old = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if interrupted.is_set():
+        raise KeyboardInterrupt
+
+
+def _cancelling_monitor(trt, interrupted: threading.Event):
+    """A TensorRT progress monitor that cancels the build (``step_complete`` returns False) once ``interrupted``."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            pass
+
+        def step_complete(self, phase_name, step):
+            return not interrupted.is_set()
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return Monitor()
 
 
 @contextlib.contextmanager
@@ -361,7 +413,11 @@ def build_engines(bundle_path: str | os.PathLike, components: Sequence[str] | No
                                               f"{r.bundle_precision} graph{', ' + r.quantization if r.quantization else ''})")
             t0 = time.perf_counter()
             try:
-                plan = serialize(engine_loader(r, trt, target))
+                with interrupts_held():  # full TensorRT through Polygraphy: Ctrl-C is raised once the build returns
+                    plan = serialize(engine_loader(r, trt, target))
+            except KeyboardInterrupt:
+                raise LdmExportError(f"interrupted while building {r.component}; {folder} keeps the engines it had: "
+                                     f"{', '.join(index['engines']) or 'none'}", exit_code=130) from None
             except PolygraphyException as e:
                 if isinstance(e, LdmExportError):
                     raise

@@ -17,7 +17,8 @@ from ldm_export.cli_common import _guard
                    "fp16: TensorRT 10's FP16 builder flag on any bundle.")
 @click.option("--workspace", type=float, default=None, help="Builder workspace limit in GB (default: TensorRT's).")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
-              help="Tactic timing cache to reuse and extend (default: timing.cache in the engines folder).")
+              help="Full TensorRT: tactic timing cache to reuse and extend (default: timing.cache in the engines "
+                   "folder). TensorRT-RTX keeps none and ignores it, with a warning.")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimisation level (higher: longer builds, maybe faster engines).")
 @click.option("--compute-capability", default=None,

@@ -194,6 +194,8 @@ def read_engines_json(folder: Path) -> dict:
         return {}
     except (OSError, ValueError) as e:
         raise LdmExportError(f"cannot read {p}: {e}; delete {folder} and rebuild with `ldm-export engines`") from None
+    if not isinstance(index, dict) or not isinstance(index.get("engines", {}), dict):
+        raise LdmExportError(f"{p} is damaged (not an engines index); delete {folder} and rebuild with `ldm-export engines`")
     if index.get("format") != ENGINES_FORMAT or not isinstance(index.get("format_version"), int) \
             or index["format_version"] > ENGINES_FORMAT_VERSION:
         raise LdmExportError(f"{p} is not an engines index this ldm-export reads (format {index.get('format')!r} "
@@ -213,9 +215,9 @@ def find_engines_folder(bundle_path: str | os.PathLike, here: EngineTarget) -> P
     """The engines folder whose plans load on ``here``: its own name first, else a TensorRT-RTX folder built for
     any GPU of this compute capability; None when there is none."""
     root = engines_root(bundle_path)
-    if (root / here.dirname / ENGINES_JSON).is_file():
-        return root / here.dirname
-    for name in available_targets(bundle_path):
+    names = available_targets(bundle_path)
+    names.sort(key=lambda name: name != here.dirname)  # its own name first; but the index's target decides, not the
+    for name in names:  # name: a folder copied or renamed from another GPU's is no match
         index = read_engines_json(root / name)
         with contextlib.suppress(KeyError, ValueError, TypeError):
             if EngineTarget.from_json(index["target"]).runs_here(here):
@@ -243,9 +245,13 @@ def locate_plan(bundle: Bundle, component: str, target: EngineTarget) -> tuple[P
             f"{engines_root(bundle.path)}; found: {', '.join(found) if found else 'none'}; {_rebuild(bundle)}")
     index = read_engines_json(folder)
     entry = index.get("engines", {}).get(component)
-    if entry is None:
+    if component not in index.get("engines", {}):
         raise LdmExportError(f"{folder} has no engine for {component} (it has: {', '.join(index.get('engines', {})) or 'none'}); "
                              f"{_rebuild(bundle, component)}")
+    if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and Path(entry["file"]).name == entry["file"]
+            and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
+        raise LdmExportError(f"{folder / ENGINES_JSON}: the entry for {component} is damaged (it needs file, size and "
+                             f"sha256); {_rebuild(bundle, component)}")
     plan = folder / entry["file"]
     if not plan.is_file():
         raise LdmExportError(f"{plan} is missing; {_rebuild(bundle, component)}")
@@ -270,8 +276,8 @@ def check_profile_bounds(spec: ComponentSpec, feeds: Mapping[str, np.ndarray]) -
                 lo, _, hi = spec.profile[d]
                 if not lo <= n <= hi:
                     raise LdmExportError(f"{spec.name}.{t.name}: dimension '{d}' is {n}, outside the range {lo}..{hi} "
-                                         "the TensorRT engine was built for; use sizes within it or rebuild the bundle "
-                                         "with a wider profile")
+                                         "the TensorRT engine was built for (the model's profile); use sizes within it, "
+                                         "or ONNX Runtime (--provider cpu or cuda) for this size")
 
 
 def _first_line(e: BaseException | str) -> str:

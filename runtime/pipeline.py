@@ -74,6 +74,7 @@ class Pipeline:
                            for k, name in enumerate(self.family.tokenizers)}
         self.tokenizer = self.tokenizers[self.family.tokenizers[0]]
         self.cfg_mode = cfg_mode
+        self.low_memory = False
         self.latent_format = self.family.latent_format(bundle.module_configs)
         self.latent_scale = self.latent_format.scale
         self.vae_scale_factor = self.latent_format.vae_scale_factor
@@ -94,7 +95,9 @@ class Pipeline:
         if low_memory:
             from .lowmem import low_memory_engines
 
-            return cls(bundle, low_memory_engines(bundle, provider, threads), cfg_mode="sequential")
+            pipe = cls(bundle, low_memory_engines(bundle, provider, threads), cfg_mode="sequential")
+            pipe.low_memory = True  # one image per batch: each UNet call at batch 1, whatever --num-images
+            return pipe
         engines = {c: make_engine(bundle, c, provider, threads, cudnn_search=search) for c in bundle.components}
         return cls(bundle, engines, cfg_mode=cfg_mode)
 
@@ -195,11 +198,12 @@ class Pipeline:
         return self._iter(req, callback, None)
 
     def images_per_batch(self, guidance_scale: float | None = None) -> int:
-        """Images one UNet call takes: a static-shape UNet's batch (halved for batch-2 CFG), else DYNAMIC_BATCH.
-        Larger requests run in batches of this size through the same warm engines, at the static batch's speed."""
+        """Images one UNet call takes: a static-shape UNet's batch (halved for batch-2 CFG), else DYNAMIC_BATCH (1 in
+        low-memory mode, whose UNet calls are batch 1). Larger requests run in batches of this size through the same
+        warm engines, at the static batch's speed."""
         dim = self.engines[self.family.denoiser].spec.inputs[0].shape[0]
         if not isinstance(dim, int):
-            return DYNAMIC_BATCH
+            return 1 if self.low_memory else DYNAMIC_BATCH
         if guidance_scale is None:
             guidance_scale = self.bundle.defaults["guidance_scale"]
         halves = 2 if self.family.uses_cfg(guidance_scale) and self.cfg_mode == "batch2" else 1

@@ -22,11 +22,12 @@ def base_dependencies() -> list[str]:
 
 @pytest.mark.parametrize("python", ["3.10", "3.12"])
 def test_base_install_has_aarch64_wheels(tmp_path, python):
-    """`pip download --only-binary=:all:` for aarch64: a wheel for every base dependency, none built from source."""
+    """`pip download --only-binary=:all:` for aarch64, dependencies of dependencies included (what `pip install`
+    resolves on the Jetson): a wheel for every package, none built from source."""
     deps = base_dependencies()
     platforms = [a for p in AARCH64 for a in ("--platform", p)]
     r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", *platforms,
-                        "--python-version", python, "--no-deps", "-d", str(tmp_path), *deps],
+                        "--python-version", python, "-d", str(tmp_path), *deps],
                        capture_output=True, text=True, timeout=600)
     if r.returncode and re.search(r"Could not fetch URL|Failed to establish|NewConnectionError|Temporary failure in name",
                                   r.stderr):
@@ -35,7 +36,8 @@ def test_base_install_has_aarch64_wheels(tmp_path, python):
     wheels = sorted(p.name for p in tmp_path.iterdir())
     names = {re.split(r"[<>=!~; \[]", d)[0].lower().replace("-", "_") for d in deps}
     got = {w.split("-")[0].lower() for w in wheels}
-    assert got == names, (names - got, wheels)
+    assert names <= got, (names - got, wheels)
+    assert len(got) > len(names)  # their own dependencies (onnxruntime's protobuf, ...) were resolved too
     for w in wheels:
         assert w.endswith("-none-any.whl") or "aarch64" in w, w
 

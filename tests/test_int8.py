@@ -55,6 +55,9 @@ def test_bad_prompt_files(tmp_path):
     empty.write_text("# only a comment\n\n   \n")
     with pytest.raises(LdmExportError, match="has no prompts"):
         C.read_prompts(empty)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffa red circle\r\nblue square\r\n".encode("utf-8"))  # as Windows editors save it
+    assert C.read_prompts(bom) == ["a red circle", "blue square"]
 
 
 @pytest.mark.parametrize("level", ["4", "0", "two", None, 2.4])
@@ -249,8 +252,21 @@ def _one_line_error(r, text, after_progress=False):
     (["--int8-components", "unet,controlnet"], "unknown component 'controlnet' for int8"),
     (["--int8-format", "tensorrt", "--int8-activations", "u8"], "TensorRT takes symmetric int8 activations only"),
     (["--calib-size", "0"], "--calib-size must be at least 1"),
+    (["--calib-size", "-2"], "--calib-size must be at least 1"),
+    (["--calib-prompts", "FOLDER"], "is a folder; pass --calib-prompts FILE"),
+    (["--calib-prompts", "BLANK"], "has no prompts; write one prompt a line"),
+    (["--calib-prompts", "LATIN1"], "give a UTF-8 text file"),
+    (["--quality-prompts", "-1"], "--quality-prompts must be 0 (no PSNR images) or more, got -1"),
+    (["--adherence-prompts", "-1"], "--adherence-prompts must be 0 (skip the check) or more, got -1"),
+    (["--calib-cache", "DAMAGED"], "is damaged (capture.json is not a capture manifest)"),
+    (["--calib-cache", "BROKEN_JSON"], "is damaged (Expecting"),
+    (["--calib-cache", "OTHER_STEPS", "--calib-steps", "5", "--calib-size", "1"], "captured with 3 steps, this build asks for 5"),
+    (["--calib-cache", "OTHER_STEPS", "--calib-steps", "3", "--calib-size", "2"], "captured with 1 prompts, this build asks for 2"),
     (["--calib-cache", "OTHER_MODEL"], "was captured for model 'demo', this build is 'tiny'"),
     (["--target", "cuda"], "use --target cpu"),
+    (["--model", "tiny-sdxl"], "tiny-sdxl is a sdxl model (text_encoder, text_encoder_2, unet, vae_decoder)"),
+    (["--model", "tiny-flux"], "tiny-flux is a flux model"),
+    (["--model", "tiny-inpaint"], "tiny-inpaint's UNet takes 9 input channels (an inpainting UNet)"),
 ])
 def test_bad_int8_input_is_one_line_and_writes_nothing(tmp_path, extra, text):
     (tmp_path / "empty.txt").write_text("\n# nothing\n")
@@ -258,12 +274,35 @@ def test_bad_int8_input_is_one_line_and_writes_nothing(tmp_path, extra, text):
     other.mkdir()
     (other / "capture.json").write_text(json.dumps({"version": 1, "model": {"name": "demo"}}))
     (other / "unet_inputs.npz").write_bytes(b"")
-    subst = {"MISSING": str(tmp_path / "nope.txt"), "EMPTY": str(tmp_path / "empty.txt"), "OTHER_MODEL": str(other)}
+    (tmp_path / "blank.txt").write_text("\n   \n\t\n")
+    (tmp_path / "latin1.txt").write_bytes("une pomme rouge à gauche\n".encode("latin-1"))
+    for name, content in (("damaged", "[]"), ("broken", "{"),
+                       ("steps", json.dumps({"version": 1, "model": {"name": "tiny"}, "num_inference_steps": 3, "seed": 0,
+                                             "guidance_scale": 7.5, "prompts": C.read_prompts(None, 1)}))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "capture.json").write_text(content)
+        (tmp_path / name / "unet_inputs.npz").write_bytes(b"")
+    subst = {"MISSING": str(tmp_path / "nope.txt"), "EMPTY": str(tmp_path / "empty.txt"), "OTHER_MODEL": str(other),
+             "FOLDER": str(tmp_path), "BLANK": str(tmp_path / "blank.txt"), "LATIN1": str(tmp_path / "latin1.txt"),
+             "DAMAGED": str(tmp_path / "damaged"), "BROKEN_JSON": str(tmp_path / "broken"),
+             "OTHER_STEPS": str(tmp_path / "steps")}
     extra = [subst.get(x, x) for x in extra]
     out = tmp_path / "b"
-    r = run_cli("build", "--model", "tiny", "--random-weights", "--precision", "int8", "--out", str(out), *extra, timeout=300)
+    model = [] if "--model" in extra else ["--model", "tiny"]
+    r = run_cli("build", *model, "--random-weights", "--precision", "int8", "--out", str(out), *extra, timeout=300)
     _one_line_error(r, text)
     assert no_leftovers(tmp_path, "b")
+
+
+def test_a_real_model_without_calib_prompts_is_warned(caplog):
+    from ldm_export.calibration.int8 import validate
+
+    with caplog.at_level("WARNING"):
+        validate(Int8Config(size=2), "demo", "cpu")
+    assert "--calib-prompts" not in caplog.text
+    with caplog.at_level("WARNING"):
+        validate(Int8Config(size=2), "sd15", "cpu")
+    assert "calibrating sd15 on the prompt file shipped for the demo model" in caplog.text
 
 
 def test_calibration_options_need_int8(tmp_path):
@@ -282,8 +321,11 @@ def test_cache_of_another_shape_fails_after_export_and_leaves_nothing(tiny_captu
     z["sample"] = np.zeros(z["sample"].shape[:2] + (4, 4, 4), np.float32)  # 32 px latents of 4x4
     np.savez(cache / "unet_inputs.npz", **z)
     info["shapes"]["sample"] = [2, 4, 4, 4]
+    info["seed"] = 0  # the build's seed; prompts and steps are given below as the capture's
     (cache / "capture.json").write_text(json.dumps(info))
+    (tmp_path / "prompts.txt").write_text("\n".join(info["prompts"]) + "\n")
     r = run_cli("build", "--model", "tiny", "--random-weights", "--precision", "int8", "--calib-cache", str(cache),
+                "--calib-prompts", str(tmp_path / "prompts.txt"), "--calib-steps", str(info["num_inference_steps"]),
                 "--out", str(tmp_path / "b"), timeout=300)
     _one_line_error(r, "holds sample of shape [2, 4, 4, 4], this build feeds [2, 4, 8, 8]", after_progress=True)
     assert no_leftovers(tmp_path, "b")
@@ -304,6 +346,17 @@ def test_build_int8_cli_reuses_its_cache(tmp_path):
     a, b = (json.loads((tmp_path / x / "ldm_export.json").read_text()) for x in "ab")
     assert a["components"]["unet"]["precision"] == "int8" and a["int8"]["quantisation"]["level"] == 3.0
     assert a["files"]["unet/model.onnx"]["sha256"] == b["files"]["unet/model.onnx"]["sha256"]
+
+
+def test_quantize_refuses_a_cut_unet_before_staging(tiny_bundle, tmp_path):
+    src = tmp_path / "cut"
+    shutil.copytree(tiny_bundle, src)
+    graph = src / "unet" / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:5000])
+    r = run_cli("quantize", str(src), "--out", str(tmp_path / "q"), "--calib-size", "1", "--calib-steps", "1")
+    _one_line_error(r, f"{graph} is missing or not the size its manifest records; the fp32 bundle is damaged",
+                    after_progress=True)
+    assert no_leftovers(tmp_path, "q")
 
 
 def test_quantize_refuses_a_non_fp32_bundle(tiny_int8, tmp_path):
@@ -357,6 +410,26 @@ def test_sweep_table_and_plot(tmp_path):
     assert "| percentile | 2.5 | 0.8 | 25.0 | 17.50 | 27.50 / 25.00 | 97.5 | 90.0 | 100.0 | 88.0 | yes |" in md
     write_plot(rows, tmp_path / "p.png", "t")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--levels", "2,4"], "quant level '4' does not exist"),
+    (["--methods", "minmax,kl"], "unknown calibration method 'kl'"),
+    (["--smoothquant", "off,2"], "is not a migration strength"),
+    (["--bundle", "MISSING"], "no bundle at"),
+])
+def test_sweep_bad_input_is_one_line_before_any_capture(tiny_bundle, tmp_path, args, text):
+    import subprocess
+    import sys
+
+    args = [str(tmp_path / "nope") if a == "MISSING" else a for a in args]
+    base = ["--bundle", str(tiny_bundle)] if "--bundle" not in args else []
+    r = subprocess.run([sys.executable, "-m", "ldm_export.calibration.sweep", *base, "--out", str(tmp_path / "o"),
+                        "--calib-size", "1", "--calib-steps", "1", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and text in last and "captured prompt" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_int8_of_an_external_data_unet(tiny_bundle, tmp_path):

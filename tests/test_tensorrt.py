@@ -131,8 +131,42 @@ def test_quantisation_is_read_from_the_graph_not_the_label(tiny_bundle):
     assert r.strongly_typed and r.bundle_precision == "int8" and r.quantization is None
 
 
+def test_onnxruntime_format_int8_is_refused_before_the_parser(tiny_bundle):
+    """The default int8 format (int32 biases, u8 activations with zero point 128) makes TensorRT's parser fail on a
+    zero point with a DLA hint; the recipe says which format TensorRT takes instead. The tensorrt format passes."""
+    from ldm_export.export.tensorrt_build import EngineOptions, engine_recipe
+
+    b = _fake_bundle(tiny_bundle, "int8")
+    for fmt in ("onnxruntime", "tensorrt"):
+        m = json.loads(json.dumps(b.manifest))
+        m["int8"] = {"quantisation": {"format": fmt, "activation_type": "u8" if fmt == "onnxruntime" else "s8"}}
+        if fmt == "tensorrt":
+            assert engine_recipe(Bundle(b.path, m), "unet", EngineOptions(), Path("tc")).bundle_precision == "int8"
+            continue
+        with pytest.raises(LdmExportError, match="onnxruntime QDQ format .* --int8-format tensorrt") as e:
+            engine_recipe(Bundle(b.path, m), "unet", EngineOptions(), Path("tc"))
+        assert "\n" not in str(e.value)
+
+
+def test_a_damaged_model_onnx_is_one_line_before_the_builder(tiny_bundle, tmp_path):
+    from ldm_export.export.tensorrt_build import EngineOptions, engine_recipe
+
+    b = Bundle.open(tiny_bundle)
+    cut = tmp_path / "model.onnx"
+    cut.write_bytes(b.model_path("unet").read_bytes()[:5000])
+
+    class Cut(Bundle):
+        def model_path(self, component):
+            return cut
+
+    with pytest.raises(LdmExportError, match="is not a readable ONNX graph .* the bundle is damaged") as e:
+        engine_recipe(Cut(b.path, b.manifest), "unet", EngineOptions(), Path("tc"))
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("kwargs, match", [({"precision": "bf16"}, "precision"), ({"optimization_level": 6}, "0 to 5"),
-                                           ({"workspace_gb": 0}, "workspace")])
+                                           ({"workspace_gb": 0}, "workspace"), ({"workspace_gb": float("inf")}, "workspace"),
+                                           ({"workspace_gb": float("nan")}, "workspace")])
 def test_bad_options_are_one_line_errors(kwargs, match):
     from ldm_export.export.tensorrt_build import EngineOptions
 
@@ -317,17 +351,86 @@ def test_selection_refuses_changed_plans_and_stale_onnx(bundle_copy):
         locate_plan(b, "unet", H100)
 
 
+@needs_polygraphy
+def test_a_folder_renamed_to_this_gpus_key_is_judged_by_its_index(bundle_copy):
+    """Engines built for an L4, their folder renamed (or copied) to the H100's key: the index's target decides, so
+    they are refused with the usual message instead of handed to TensorRT."""
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    build_engines(bundle_copy, ["unet"], EngineOptions(), target=L4, serialize=_fake_plans)
+    root = engines_root(bundle_copy)
+    (root / L4.dirname).rename(root / H100.dirname)
+    with pytest.raises(LdmExportError, match="no TensorRT engines for this GPU and builder"):
+        locate_plan(Bundle.open(bundle_copy), "unet", H100)
+    plan, _ = locate_plan(Bundle.open(bundle_copy), "unet", L4)  # where they do belong, the name does not matter
+    assert plan.parent.name == H100.dirname
+
+
+@needs_polygraphy
+@pytest.mark.parametrize("damage", [
+    lambda j: j["engines"]["unet"].__setitem__("size", "11980844"),
+    lambda j: j["engines"]["unet"].pop("sha256"),
+    lambda j: j["engines"]["unet"].pop("file"),
+    lambda j: j["engines"]["unet"].__setitem__("file", "../../unet/model.onnx"),
+    lambda j: j["engines"].__setitem__("unet", "unet.plan"),
+    lambda j: j["engines"].__setitem__("unet", None),
+    lambda j: j.__setitem__("engines", []),
+])
+def test_a_hand_damaged_engines_index_is_one_line(bundle_copy, damage):
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    build_engines(bundle_copy, None, EngineOptions(), target=H100, serialize=_fake_plans)
+    index_path = engines_root(bundle_copy) / H100.dirname / ENGINES_JSON
+    index = json.loads(index_path.read_text())
+    damage(index)
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(LdmExportError, match="damaged") as e:
+        locate_plan(Bundle.open(bundle_copy), "unet", H100)
+    assert "\n" not in str(e.value)
+    index_path.write_text("[]")
+    with pytest.raises(LdmExportError, match="damaged"):
+        locate_plan(Bundle.open(bundle_copy), "unet", H100)
+
+
 def test_profile_bounds_are_checked_at_the_boundary():
     spec = unet_spec(4, 4, 32, latent_hw=(2, 8, 16), batch=(1, 2, 8))
     ok = {"sample": np.zeros((2, 4, 16, 2), np.float32), "timestep": np.float32(1.0),
           "encoder_hidden_states": np.zeros((2, 77, 32), np.float32)}
     check_profile_bounds(spec, ok)
     too_big = dict(ok, sample=np.zeros((2, 4, 17, 8), np.float32))
-    with pytest.raises(LdmExportError, match=r"dimension 'height' is 17, outside the range 2\.\.16"):
+    with pytest.raises(LdmExportError, match=r"dimension 'height' is 17, outside the range 2\.\.16 .*--provider cpu"):
         check_profile_bounds(spec, too_big)
     with pytest.raises(LdmExportError, match="'batch' is 9"):
         check_profile_bounds(spec, dict(ok, sample=np.zeros((9, 4, 8, 8), np.float32),
                                         encoder_hidden_states=np.zeros((9, 77, 32), np.float32)))
+
+
+@needs_polygraphy
+def test_ctrl_c_during_a_build_stops_it_and_keeps_the_earlier_engines(bundle_copy):
+    """TensorRT calls back into Python (its logger) from native code and swallows a KeyboardInterrupt raised there,
+    so Ctrl-C during a build was lost and every component built anyway. The stand-in builder below swallows it the
+    same way; the interrupt must still end `engines` with exit code 130 after the plans already written."""
+    import signal
+    import time
+
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    def swallowing(loader):
+        if loader._network.path.endswith("unet/model.onnx"):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+            except KeyboardInterrupt:  # what TensorRT's native callback does with it
+                pass
+        return _fake_plans(loader)
+
+    with pytest.raises(LdmExportError, match="interrupted while building unet; .* keeps the engines it had: text_encoder") as e:
+        build_engines(bundle_copy, None, EngineOptions(), target=H100, serialize=swallowing)
+    assert e.value.exit_code == 130
+    folder = engines_root(bundle_copy) / H100.dirname
+    assert sorted(p.name for p in folder.glob("*.plan")) == ["text_encoder.plan"]
+    assert list(json.loads((folder / ENGINES_JSON).read_text())["engines"]) == ["text_encoder"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -390,6 +493,15 @@ def _cli_without_tensorrt(*args: str) -> subprocess.CompletedProcess:
             "from ldm_export.cli import main; main()")
     env = {k: v for k, v in os.environ.items() if k != "LDM_EXPORT_DEBUG"}
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_engines_help_says_which_builder_reads_the_timing_cache():
+    from conftest import run_cli
+
+    r = run_cli("engines", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "Full TensorRT: tactic timing cache" in text and "TensorRT-RTX keeps none and ignores it" in text
 
 
 def test_engines_without_tensorrt_is_one_line_naming_the_install(tiny_bundle):

@@ -57,6 +57,36 @@ def build_and_check(bundle: Path, *extra: str, components: tuple[str, ...] | Non
     return index
 
 
+def test_an_interrupt_cancels_a_real_build_through_the_progress_monitor(tiny_bundle):
+    """Ctrl-C sets the event `interrupts_held` yields; TensorRT-RTX's builder then stops at its next step (the
+    monitor's step_complete returns False) instead of finishing the engine."""
+    import threading
+
+    from ldm_export.export.tensorrt_build import _cancelling_monitor
+
+    logger = rtx.Logger()
+    builder = rtx.Builder(logger)
+    network = builder.create_network(1 << int(rtx.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    assert rtx.OnnxParser(network, logger).parse_from_file(str(tiny_bundle / "vae_decoder" / "model.onnx"))
+    spec = Bundle.open(tiny_bundle).spec("vae_decoder")
+    plans = {}
+    for stop in (False, True):
+        config = builder.create_builder_config()
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(rtx.ComputeCapability.SM86, 0)
+        config.builder_optimization_level = 0
+        profile = builder.create_optimization_profile()
+        for t in spec.inputs:
+            profile.set_shape(t.name, *(spec.concrete_shape(t, which=w) for w in ("min", "opt", "max")))
+        config.add_optimization_profile(profile)
+        interrupted = threading.Event()
+        if stop:
+            interrupted.set()
+        config.progress_monitor = _cancelling_monitor(rtx, interrupted)
+        plans[stop] = builder.build_serialized_network(network, config)
+    assert plans[False] is not None and plans[True] is None
+
+
 def test_tiny_bundle_builds(tiny_bundle, tmp_path):
     build_and_check(_copy(tiny_bundle, tmp_path, "tiny"))
 
