@@ -43,8 +43,15 @@ def read_prompts(path: str | Path | None, limit: int | None = None) -> list[str]
     if limit is not None:
         if limit < 1:
             raise LdmExportError(f"--calib-size must be at least 1, got {limit}")
+        if limit > len(prompts) and (str(path), limit) not in _WARNED_SHORT:
+            _WARNED_SHORT.add((str(path), limit))
+            log.warning(
+                f"--calib-size {limit} asks for more prompts than {path.name} holds: calibrating on its {len(prompts)}")
         prompts = prompts[:limit]
     return prompts
+
+
+_WARNED_SHORT: set = set()
 
 
 @dataclass

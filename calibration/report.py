@@ -98,7 +98,7 @@ def quality_rows(manifest: dict) -> list[tuple[str, str]]:
     q = manifest.get("int8")
     if not q:
         return []
-    rows = [("calibration", f"{q['quantisation']['method']}, {len(q['calibration']['prompts'])} prompts x "
+    rows = [("calibration", f"{q['quantisation']['method']}, {len(q['calibration']['prompts'])} prompt{'s' if len(q['calibration']['prompts']) != 1 else ''} x "
                             f"{q['calibration']['num_inference_steps']} steps ({q['calibration']['sampler']}, seed "
                             f"{q['calibration']['seed']}), ranges {q['quantisation']['combine']}"),
             ("quant level", f"{q['quantisation']['level']:g} ({q['quantisation']['quantised_nodes']} layers int8, "

@@ -250,6 +250,8 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
             raise LdmExportError(f"--{option.replace('_', '-')} applies with {needs}; give {needs} too, or leave it out")
     if num_images < 1:
         raise LdmExportError(f"--num-images must be at least 1, got {num_images}")
+    if low_memory and cfg_mode == "batch2" and ctx.get_parameter_source("cfg_mode") is click.core.ParameterSource.COMMANDLINE:
+        logging.getLogger("ldm_export").warning("--low-memory runs CFG as two batch-1 UNet calls: --cfg-mode batch2 is ignored")
     paths = output_paths(out, num_images)
     check_writable(paths[0])  # before any work: a bad --out fails now, not after the images are made
     if cudnn_search and provider != "cuda":

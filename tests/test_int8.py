@@ -60,6 +60,16 @@ def test_bad_prompt_files(tmp_path):
     assert C.read_prompts(bom) == ["a red circle", "blue square"]
 
 
+def test_calib_size_beyond_the_file_warns_once(tmp_path, caplog):
+    short = tmp_path / "short.txt"
+    short.write_text("a red circle\nblue square\n")
+    with caplog.at_level("WARNING"):
+        assert C.read_prompts(short, 8) == ["a red circle", "blue square"]
+        C.read_prompts(short, 8)  # the build reads the file twice: one warning
+    warned = [r.getMessage() for r in caplog.records if "--calib-size" in r.getMessage()]
+    assert warned == ["--calib-size 8 asks for more prompts than short.txt holds: calibrating on its 2"]
+
+
 @pytest.mark.parametrize("level", ["4", "0", "two", None, 2.4])
 def test_nonexistent_quant_level(level):
     with pytest.raises(LdmExportError, match="does not exist; choose one of 1, 2, 2.5, 3"):

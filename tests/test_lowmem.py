@@ -196,6 +196,11 @@ def test_generate_cli_low_memory(tiny_bundle, tmp_path):
     r = run_cli("generate", str(tiny_bundle), "a cat", "--steps", "2", "--seed", "1", "--low-memory", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert out.stat().st_size > 0
+    assert "cfg-mode" not in r.stderr  # the default says nothing
+    r = run_cli("generate", str(tiny_bundle), "a cat", "--steps", "2", "--seed", "1", "--low-memory", "--cfg-mode",
+                "batch2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "--low-memory runs CFG as two batch-1 UNet calls: --cfg-mode batch2 is ignored" in r.stderr
 
 
 def _fp16_matmul_chain(path, n: int = 40, width: int = 1024) -> int:
