@@ -268,8 +268,15 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
         console.print(f"[yellow]warning:[/yellow] {paths[0].suffix} is lossy: the pixels outside the mask stay the "
                       "original ones exactly only in a .png", soft_wrap=True)
     edit = dict(init_image=init_image, strength=strength, mask_image=mask, mask_blur=mask_blur) if init_image else {}
+    runs = -(-len(paths) // pipe.images_per_batch(cfg))  # sampling runs: one per batch of images
+
+    def tick(i, n, x):
+        if i == 0 and refiner is None:  # n: the steps this run takes (fewer than --steps for img2img's strength)
+            bar.update(task, total=n * runs)
+        bar.advance(task)
+
     common = dict(negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
-                  scheduler=sampler, guidance_rescale=guidance_rescale, callback=lambda i, n, x: bar.advance(task))
+                  scheduler=sampler, guidance_rescale=guidance_rescale, callback=tick)
     if refiner is None:
         images = pipe.iter_images(prompt, seed=seed, num_images=num_images, **common, **edit)
     else:
@@ -285,7 +292,7 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
     try:
         with sigterm_as_interrupt(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                                TimeElapsedColumn(), console=console, transient=True) as bar:
-            task = bar.add_task("sampling", total=steps * len(paths))
+            task = bar.add_task("sampling", total=steps * (len(paths) if refiner is not None else runs))
             t1 = time.perf_counter()
             for k, image in images:
                 last = image.info["parameters"]

@@ -44,6 +44,30 @@ def test_demo_inpaint_repaints_the_right_half_and_keeps_the_left_exactly(demo_ed
         assert (r.colour, r.shape, r.position) == ("green", "square", "right"), r
 
 
+def test_generate_progress_counts_the_steps_img2img_runs(demo_edit, tmp_path, monkeypatch):
+    """strength 0.6 of 20 steps runs 12: the bar's total says 12 a run and ends full."""
+    import rich.progress
+    from click.testing import CliRunner
+
+    from ldm_export.cli import cli
+    from ldm_export.demo.edits import drawn
+
+    ends = []
+    orig_exit = rich.progress.Progress.__exit__
+
+    def record(self, *a):
+        ends.extend((t.total, t.completed) for t in self.tasks)
+        return orig_exit(self, *a)
+
+    monkeypatch.setattr(rich.progress.Progress, "__exit__", record)
+    init = tmp_path / "init.png"
+    drawn("red", "circle", "left").save(init)
+    r = CliRunner().invoke(cli, ["generate", str(demo_edit), IMG2IMG_PROMPT, "--init-image", str(init), "--strength",
+                                 "0.6", "--steps", "20", "--seed", "1", "--out", str(tmp_path / "a.png")])
+    assert r.exit_code == 0, r.output
+    assert ends == [(12, 12)]
+
+
 def test_generate_edits_from_the_command_line(demo_edit, tmp_path):
     from ldm_export.demo.edits import drawn, right_half_mask
 
