@@ -49,6 +49,39 @@ def test_int8_speedup_line():
             "(median of 4 pairs, 1.50 to 2.10), end to end 1.40× (median of 2 pairs, 1.30 to 1.50).") in markdown(r)
 
 
+def test_int8_pairs_alternate_and_divide_fp32_by_int8(monkeypatch):
+    """Two stand-in backends of fixed speeds: the pairs alternate who goes first, every timed call is after the
+    warm-up, and the ratio is fp32 time / int8 time."""
+    import time as _time
+
+    from ldm_export.bench import run as R
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name, seconds):
+            self.name, self.seconds = name, seconds
+
+        def denoise(self, *a):
+            calls.append(self.name)
+            _time.sleep(self.seconds)
+
+    monkeypatch.setattr(R, "end_to_end", lambda b, *a: b.denoise())
+    cfg = R.BenchConfig(repeats=4, e2e_repeats=2, warmup=1, steps=2)
+    out = R._pairs({"fp32": Fake("fp32", 0.03), "int8": Fake("int8", 0.01)}, cfg, None, None, None, None, {}, 64)
+    assert calls[:2] == ["fp32", "int8"]  # warm-up
+    assert calls[2:10] == ["fp32", "int8", "int8", "fp32", "fp32", "int8", "int8", "fp32"]
+    assert calls[10:12] == ["fp32", "int8"] and len(calls) == 16  # the end-to-end warm-up, then 2 pairs
+    assert out["unet_step"]["pairs"] == 4 and out["end_to_end"]["pairs"] == 2
+    assert 2.0 < out["unet_step"]["ratio_median"] < 3.5  # 30 ms / 10 ms, give or take the sleep's slack
+
+
+def test_int8_pairing_failure_keeps_the_table(tmp_path):
+    r = _result()
+    r["int8_paired"] = {"error": "RuntimeError: out of memory"}
+    assert "int8 against fp32 timed in alternation: failed (RuntimeError: out of memory)." in markdown(r)
+
+
 def test_reports_table_and_files(tmp_path):
     md = markdown(_result())
     assert "| ort | fp16 | 2.00 (2.20) | 10.00 (11.00) | 5.00 (5.50) | 0.500 (0.500) | 4.00× |" in md
