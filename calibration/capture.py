@@ -25,9 +25,9 @@ _ARRAYS = "unet_inputs.npz"
 _MANIFEST = "capture.json"
 
 
-def read_prompts(path: str | Path | None, limit: int | None = None) -> list[str]:
+def read_prompts(path: str | Path | None, limit: int | None = None, warn_short: bool = False) -> list[str]:
     """Prompts from a text file, one a line (blank lines and lines starting with # skipped); the default file
-    ships for the embedded demo model."""
+    ships for the embedded demo model. The first ``limit``; ``warn_short``: warn (once) when the file has fewer."""
     path = Path(path) if path is not None else DEFAULT_PROMPTS
     if path.is_dir():
         raise LdmExportError(f"calibration prompt file {path} is a folder; pass --calib-prompts FILE with one prompt a line")
@@ -43,7 +43,7 @@ def read_prompts(path: str | Path | None, limit: int | None = None) -> list[str]
     if limit is not None:
         if limit < 1:
             raise LdmExportError(f"--calib-size must be at least 1, got {limit}")
-        if limit > len(prompts) and (str(path), limit) not in _WARNED_SHORT:
+        if warn_short and limit > len(prompts) and (str(path), limit) not in _WARNED_SHORT:
             _WARNED_SHORT.add((str(path), limit))
             log.warning(
                 f"--calib-size {limit} asks for more prompts than {path.name} holds: calibrating on its {len(prompts)}")

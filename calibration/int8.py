@@ -45,9 +45,11 @@ class Int8Config:
     quality_prompts: int = 4  # images for the PSNR against fp32
     quality_steps: int | None = None  # sampler steps for those images (default: ``steps``)
     adherence_prompts: int | None = None  # demo model: prompt cases for the adherence check (None: all 120; 0: skip)
+    size_given: bool = False  # --calib-size was asked for: a prompt file shorter than it is warned about
 
     def to_json(self) -> dict:
         d = asdict(self)
+        d.pop("size_given")
         d["prompts"] = str(self.prompts) if self.prompts else None
         d["cache"] = str(self.cache) if self.cache else None
         d["components"] = list(self.components)
@@ -116,7 +118,7 @@ def validate(cfg: Int8Config, model_name: str, target: str) -> list[str]:
     if cfg.adherence_prompts is not None and cfg.adherence_prompts < 0:
         raise LdmExportError(f"--adherence-prompts must be 0 (skip the check) or more, got {cfg.adherence_prompts}; "
                              "leave it out for all 120 cases")
-    prompts = C.read_prompts(cfg.prompts, cfg.size)
+    prompts = C.read_prompts(cfg.prompts, cfg.size, warn_short=cfg.size_given)
     if cfg.cache is not None and Path(cfg.cache).exists():
         if not Path(cfg.cache).is_dir():
             raise LdmExportError(f"--calib-cache {cfg.cache} is not a folder; give a folder (made if missing)")
@@ -147,9 +149,15 @@ def _check_cache_request(cfg: Int8Config, info: dict, prompts: list[str]) -> Non
     it would calibrate on something else than the options say (and the manifest would record the cache's)."""
     asked = {"prompts": prompts, "num_inference_steps": cfg.steps, "seed": cfg.seed, "guidance_scale": cfg.guidance_scale}
     if cfg.sampler is not None:
-        asked["sampler"] = cfg.sampler
+        from ldm_export.runtime.schedulers import canonical_sampler
+
+        asked["sampler"] = canonical_sampler(cfg.sampler)
     for key, want in asked.items():
         got = info.get(key)
+        if key == "sampler" and isinstance(got, str):
+            from ldm_export.runtime.schedulers import canonical_sampler
+
+            got = canonical_sampler(got)
         if got == want:
             continue
         if key == "prompts" and isinstance(got, list) and len(got) != len(prompts):

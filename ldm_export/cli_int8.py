@@ -73,6 +73,8 @@ def int8_config(calib_prompts=None, calib_size=None, calib_steps=None, calib_met
                                    quality_prompts=quality_prompts, adherence_prompts=adherence_prompts,
                                    smoothquant=smoothquant).items()
              if v is not None}
+    if calib_size is not None:
+        given["size_given"] = True
     if int8_components is not None:
         given["components"] = tuple(c.strip() for c in int8_components.split(",") if c.strip())
     if not given:

@@ -64,8 +64,9 @@ def test_calib_size_beyond_the_file_warns_once(tmp_path, caplog):
     short = tmp_path / "short.txt"
     short.write_text("a red circle\nblue square\n")
     with caplog.at_level("WARNING"):
-        assert C.read_prompts(short, 8) == ["a red circle", "blue square"]
-        C.read_prompts(short, 8)  # the build reads the file twice: one warning
+        assert C.read_prompts(short, 32) == ["a red circle", "blue square"]  # the default size: no warning
+        assert C.read_prompts(short, 8, warn_short=True) == ["a red circle", "blue square"]
+        C.read_prompts(short, 8, warn_short=True)  # asked twice: one warning
     warned = [r.getMessage() for r in caplog.records if "--calib-size" in r.getMessage()]
     assert warned == ["--calib-size 8 asks for more prompts than short.txt holds: calibrating on its 2"]
 
