@@ -68,6 +68,20 @@ def test_generate_progress_counts_the_steps_img2img_runs(demo_edit, tmp_path, mo
     assert ends == [(12, 12)]
 
 
+def test_a_mask_thinner_than_the_latent_grid_is_warned_about(demo_edit, tmp_path):
+    from ldm_export.demo.edits import drawn
+
+    init, mask = tmp_path / "init.png", tmp_path / "thin.png"
+    drawn("red", "circle", "left").save(init)
+    thin = Image.new("L", (64, 64), 0)
+    thin.paste(255, (3, 0, 6, 64))  # columns 3-5: the latent grid samples columns 0, 8, 16, ...
+    thin.save(mask)
+    r = run_cli("generate", str(demo_edit), INPAINT_PROMPT, "--init-image", str(init), "--mask", str(mask), "--steps",
+                "2", "--out", str(tmp_path / "a.png"))
+    assert r.returncode == 0, r.stderr
+    assert "misses the latent grid (every 8 px)" in r.stderr
+
+
 def test_generate_edits_from_the_command_line(demo_edit, tmp_path):
     from ldm_export.demo.edits import drawn, right_half_mask
 
