@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -233,7 +234,12 @@ def interrupts_held() -> Iterator[threading.Event]:
     if threading.current_thread() is not threading.main_thread():
         yield interrupted
         return
-    old = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+    def on_sigint(signum, frame):
+        if not interrupted.is_set():
+            interrupted.set()
+            print("interrupt: stopping the engine build (the engines already written stay)", file=sys.stderr, flush=True)
+
+    old = signal.signal(signal.SIGINT, on_sigint)
     try:
         yield interrupted
     finally:
