@@ -279,8 +279,9 @@ class Pipeline:
         handoff = edit_args.denoising_start is not None or edit_args.denoising_end is not None
         shape = (1, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if handoff and self.family.schedule_arguments(sched_cfg, int(num_inference_steps), shape):
-            raise LdmExportError(f"the {self.family.name} family's schedule depends on the image size, so it does not "
-                                 "hand latents between models (denoising_start / denoising_end, --refiner)")
+            raise LdmExportError(f"the {self.family.name} family does not hand latents between models "
+                                 "(denoising_start / denoising_end, --refiner): its sampler takes arguments from the "
+                                 "image (FLUX's size-dependent shift); run the model alone")
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [p for p in negatives for _ in range(num_images)]
         return _Request(prompts, negatives, checks.image_seeds(seed, len(prompts)), int(num_inference_steps),

@@ -69,7 +69,7 @@ def test_dit_families_refuse_editing_and_hand_off_in_one_line(built, tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "i.png")
     with pytest.raises(LdmExportError, match="sd3 family, which does not edit images yet"):  # not "rebuild it"
         Pipeline.from_bundle(built["tiny-sd3"][0])(PROMPT, init_image=tmp_path / "i.png", num_inference_steps=2)
-    with pytest.raises(LdmExportError, match="flux family's schedule depends on the image size"):
+    with pytest.raises(LdmExportError, match="flux family does not hand latents between models"):
         Pipeline.from_bundle(built["tiny-flux"][0])(PROMPT, num_inference_steps=4, denoising_end=0.5,
                                                     return_latents=True)
 
