@@ -105,6 +105,11 @@ def models() -> list:
             text_encoder=dict(TINY_TEXT), unet=TINY_UNET, vae=TINY_VAE, scheduler=SDXL_SCHEDULER, resolution=64,
             extra_configs={"text_encoder_2": dict(TINY_TEXT)}),
         ModelSpec(
+            name="tiny-sdxl-inpaint", family="sdxl",
+            description="Tiny model of the SDXL inpainting classes for tests (UNet with 9 input channels)",
+            text_encoder=dict(TINY_TEXT), unet=TINY_UNET | {"in_channels": 9}, vae=TINY_VAE, scheduler=SDXL_SCHEDULER,
+            resolution=64, extra_configs={"text_encoder_2": dict(TINY_TEXT)}),
+        ModelSpec(
             name="tiny-sdxl-refiner", family="sdxl-refiner",
             description="Tiny model of the SDXL refiner classes for tests",
             text_encoder=None, unet=TINY_UNET | {"projection_class_embeddings_input_dim": 72,  # 32 + 5 x 8

@@ -167,6 +167,34 @@ def test_tiny_sdxl_inpaint_matches_diffusers(sdxl, monkeypatch, strength):
     np.testing.assert_array_equal(got[~repaint], np.asarray(init)[~repaint])  # the kept half, pixel-exact
 
 
+def test_tiny_sdxl_nine_channel_inpaint_matches_diffusers(tmp_path, monkeypatch):
+    """An SDXL inpainting UNet (9 input channels: latents, mask, masked-image latents) against diffusers'
+    StableDiffusionXLInpaintPipeline on the same weights and noise."""
+    from transformers import CLIPTokenizer
+
+    spec = MODELS["tiny-sdxl-inpaint"]
+    out = tmp_path / "tiny-sdxl-inpaint"
+    build(BuildConfig(model="tiny-sdxl-inpaint", random_weights=True, seed=4, out=out))
+    m = build_random(spec, 4)
+    ref = diffusers.StableDiffusionXLInpaintPipeline(
+        vae=m["vae"], text_encoder=m["text_encoder"], text_encoder_2=m["text_encoder_2"], unet=m["unet"],
+        tokenizer=CLIPTokenizer.from_pretrained(str(out / "tokenizer")),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(out / "tokenizer_2")), requires_aesthetics_score=False,
+        scheduler=diffusers.EulerDiscreteScheduler.from_config(json.loads((out / "scheduler/scheduler_config.json").read_text())))
+    ref.set_progress_bar_config(disable=True)
+    argmax_latents(monkeypatch, "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint")
+    init, mask = scene(), right_half_mask()
+    theirs = ref("a green square", image=init, mask_image=mask, strength=1.0, num_inference_steps=10, guidance_scale=5.0,
+                 height=64, width=64, generator=torch.Generator().manual_seed(6), output_type="np").images
+    got = np.asarray(Pipeline.from_bundle(out)("a green square", init_image=init, mask_image=mask, strength=1.0,
+                                               num_inference_steps=10, guidance_scale=5.0, latents=_noise(6).numpy())[0])
+    repaint = np.asarray(mask)[..., None].repeat(3, -1) > 0
+    value = PARITY["tiny-sdxl-inpaint (9-channel UNet), strength 1 (masked pixels)"] = psnr(got, to_uint8(theirs)[0], repaint)
+    assert value >= PSNR_MIN
+    assert np.abs(got[repaint].astype(int) - np.asarray(init)[repaint]).mean() > 5  # it did repaint
+    np.testing.assert_array_equal(got[~repaint], np.asarray(init)[~repaint])
+
+
 @pytest.mark.parametrize("model", ["tiny", "demo"])
 def test_sd1_img2img_and_inpaint_match_diffusers(sd1, monkeypatch, model):
     ours, pipes = sd1[model]
