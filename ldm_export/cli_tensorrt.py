@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ldm_export.cli_common import _guard
+from ldm_export.runtime.errors import LdmExportError
 
 
 @click.command()
@@ -40,7 +41,10 @@ def engines(bundle: Path, components: str | None, precision: str, workspace: flo
 
     options = EngineOptions(precision=precision, optimization_level=opt_level, workspace_gb=workspace,
                             timing_cache=timing_cache, compute_capability=compute_capability, refit=refit)
-    comps = [c.strip() for c in components.split(",") if c.strip()] if components else None
+    comps = [c.strip() for c in components.split(",") if c.strip()] if components is not None else None
+    if comps == []:
+        raise LdmExportError(f"--components {components!r} names no component; give e.g. --components unet, or leave "
+                             "it out for all of the bundle's")
     from ldm_export.runtime.bundle import Bundle
 
     Bundle.open(bundle)  # a wrong path says so before TensorRT is looked for

@@ -576,3 +576,13 @@ def test_end_to_end_engines_match_onnxruntime_cpu(bundle_copy):
                 assert got[name].shape == ref[name].shape, (comp, name, which)
                 cos = _cosine(got[name], ref[name])
                 assert cos >= 0.999, f"{comp}.{name} at {which}: cosine {cos:.6f}"
+
+
+def test_engines_with_an_empty_component_list_is_one_line(tiny_bundle):
+    """`--components ""` (or ",,") named nothing and built every component; now it says so, before any build."""
+    from conftest import run_cli
+
+    for value in ("", ",,"):
+        r = run_cli("engines", str(tiny_bundle), "--components", value)
+        assert r.returncode == 2, r.stderr
+        assert "names no component" in r.stderr and "\n" not in r.stderr.strip()
