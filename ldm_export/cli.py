@@ -268,7 +268,8 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
         console.print(f"[yellow]warning:[/yellow] {paths[0].suffix} is lossy: the pixels outside the mask stay the "
                       "original ones exactly only in a .png", soft_wrap=True)
     edit = dict(init_image=init_image, strength=strength, mask_image=mask, mask_blur=mask_blur) if init_image else {}
-    runs = -(-len(paths) // pipe.images_per_batch(cfg))  # sampling runs: one per batch of images
+    # sampling runs: one per batch of images (a refiner hand-off goes image by image, each run in two parts)
+    runs = len(paths) if refiner is not None else -(-len(paths) // pipe.images_per_batch(cfg))
 
     def tick(i, n, x):
         if i == 0 and refiner is None:  # n: the steps this run takes (fewer than --steps for img2img's strength)
@@ -292,7 +293,7 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
     try:
         with sigterm_as_interrupt(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                                TimeElapsedColumn(), console=console, transient=True) as bar:
-            task = bar.add_task("sampling", total=steps * (len(paths) if refiner is not None else runs))
+            task = bar.add_task("sampling", total=steps * runs)
             t1 = time.perf_counter()
             for k, image in images:
                 last = image.info["parameters"]
