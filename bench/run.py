@@ -577,17 +577,26 @@ def _pairs(backends: dict, cfg: BenchConfig, ids, sample, cond, latents, schedul
         for _ in range(warmup):
             for b in backends.values():
                 fn(b)
-        times: dict[str, list[float]] = {"fp32": [], "int8": []}
-        for i in range(max(pairs, 1)):
-            for name in (("fp32", "int8") if i % 2 == 0 else ("int8", "fp32")):  # who goes first alternates too
-                t0 = time.perf_counter()
-                fn(backends[name])
-                times[name].append(time.perf_counter() - t0)
-        ratios = [a / b for a, b in zip(times["fp32"], times["int8"])]
-        out[what] = {"pairs": len(ratios), "fp32_ms": [t * 1e3 for t in times["fp32"]],
-                     "int8_ms": [t * 1e3 for t in times["int8"]], "ratio_median": float(np.median(ratios)),
-                     "ratio_min": float(min(ratios)), "ratio_max": float(max(ratios))}
+        out[what] = alternate({name: (lambda b=b: fn(b)) for name, b in backends.items()}, pairs)
     return out
+
+
+def alternate(calls: dict[str, Callable[[], object]], pairs: int,
+              on_pair: Callable[[int, float, float], None] | None = None) -> dict:
+    """Time ``calls["fp32"]`` and ``calls["int8"]`` in alternation, ``pairs`` pairs (at least one), who goes first
+    alternating too; ``on_pair(i, fp32_s, int8_s)`` after each. Per-pair times (ms) and the fp32 / int8 ratios."""
+    times: dict[str, list[float]] = {"fp32": [], "int8": []}
+    for i in range(max(pairs, 1)):
+        for name in (("fp32", "int8") if i % 2 == 0 else ("int8", "fp32")):
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t0)
+        if on_pair is not None:
+            on_pair(i, times["fp32"][-1], times["int8"][-1])
+    ratios = [a / b for a, b in zip(times["fp32"], times["int8"])]
+    return {"pairs": len(ratios), "fp32_ms": [t * 1e3 for t in times["fp32"]],
+            "int8_ms": [t * 1e3 for t in times["int8"]], "ratio_median": float(np.median(ratios)),
+            "ratio_min": float(min(ratios)), "ratio_max": float(max(ratios))}
 
 
 class _Skip(Exception):

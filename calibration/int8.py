@@ -147,16 +147,14 @@ def validate(cfg: Int8Config, model_name: str, target: str) -> list[str]:
 def _check_cache_request(cfg: Int8Config, info: dict, prompts: list[str]) -> None:
     """Refuse a cache captured with other prompts, steps, seed, guidance or sampler than this build asks for: reusing
     it would calibrate on something else than the options say (and the manifest would record the cache's)."""
+    from ldm_export.runtime.schedulers import canonical_sampler
+
     asked = {"prompts": prompts, "num_inference_steps": cfg.steps, "seed": cfg.seed, "guidance_scale": cfg.guidance_scale}
     if cfg.sampler is not None:
-        from ldm_export.runtime.schedulers import canonical_sampler
-
         asked["sampler"] = canonical_sampler(cfg.sampler)
     for key, want in asked.items():
         got = info.get(key)
         if key == "sampler" and isinstance(got, str):
-            from ldm_export.runtime.schedulers import canonical_sampler
-
             got = canonical_sampler(got)
         if got == want:
             continue

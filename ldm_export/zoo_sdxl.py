@@ -74,9 +74,9 @@ TINY_VAE = SDXL_VAE | {"block_out_channels": [8, 16, 16, 16], "layers_per_block"
 
 def models() -> list:
     """The SDXL-family ModelSpecs of the zoo."""
-    from ldm_export.zoo import ModelSpec
+    from ldm_export.zoo import ModelSpec, inpainting
 
-    return [
+    specs = [
         ModelSpec(
             name="sdxl", family="sdxl",
             description="Stable Diffusion XL 1.0 base (CLIP ViT-L + OpenCLIP ViT-bigG text, 1024 px, epsilon prediction)",
@@ -84,14 +84,6 @@ def models() -> list:
             extra_configs={"text_encoder_2": dict(OPENCLIP_VIT_BIGG14)},
             params_m={"text_encoder": 123.1, "text_encoder_2": 694.7, "unet": 2567.5, "vae": 83.7},
             defaults={"steps": 30, "guidance_scale": 5.0}),  # StableDiffusionXLPipeline's guidance; TensorRT demo's steps
-        ModelSpec(  # diffusers/stable-diffusion-xl-1.0-inpainting-0.1: the base UNet with 9 input channels
-            name="sdxl-inpaint", family="sdxl",
-            description="Stable Diffusion XL 1.0 inpainting (the base classes, UNet with 9 input channels: latents, "
-                        "mask, masked-image latents)",
-            text_encoder=dict(CLIP_VIT_L14), unet=SDXL_UNET | {"in_channels": 9}, vae=SDXL_VAE,
-            scheduler=SDXL_SCHEDULER, resolution=1024, extra_configs={"text_encoder_2": dict(OPENCLIP_VIT_BIGG14)},
-            params_m={"text_encoder": 123.1, "text_encoder_2": 694.7, "unet": 2567.5, "vae": 83.7},
-            defaults={"steps": 30, "guidance_scale": 5.0}),
         ModelSpec(
             name="sdxl-refiner", family="sdxl-refiner",
             description="Stable Diffusion XL 1.0 refiner (OpenCLIP ViT-bigG text, aesthetic score, 1024 px)",
@@ -105,14 +97,17 @@ def models() -> list:
             text_encoder=dict(TINY_TEXT), unet=TINY_UNET, vae=TINY_VAE, scheduler=SDXL_SCHEDULER, resolution=64,
             extra_configs={"text_encoder_2": dict(TINY_TEXT)}),
         ModelSpec(
-            name="tiny-sdxl-inpaint", family="sdxl",
-            description="Tiny model of the SDXL inpainting classes for tests (UNet with 9 input channels)",
-            text_encoder=dict(TINY_TEXT), unet=TINY_UNET | {"in_channels": 9}, vae=TINY_VAE, scheduler=SDXL_SCHEDULER,
-            resolution=64, extra_configs={"text_encoder_2": dict(TINY_TEXT)}),
-        ModelSpec(
             name="tiny-sdxl-refiner", family="sdxl-refiner",
             description="Tiny model of the SDXL refiner classes for tests",
             text_encoder=None, unet=TINY_UNET | {"projection_class_embeddings_input_dim": 72,  # 32 + 5 x 8
                                                  "cross_attention_dim": 32},
             vae=TINY_VAE, scheduler=SDXL_SCHEDULER, resolution=64, extra_configs={"text_encoder_2": dict(TINY_TEXT)}),
+    ]
+    by_name = {m.name: m for m in specs}
+    return specs + [
+        # diffusers/stable-diffusion-xl-1.0-inpainting-0.1: the base UNet with 9 input channels
+        inpainting(by_name["sdxl"], "sdxl-inpaint", "Stable Diffusion XL 1.0 inpainting (the base classes, UNet with 9 "
+                                                    "input channels: latents, mask, masked-image latents)"),
+        inpainting(by_name["tiny-sdxl"], "tiny-sdxl-inpaint",
+                   "Tiny model of the SDXL inpainting classes for tests (UNet with 9 input channels)"),
     ]

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 
+from ldm_export.bench.run import alternate
 from ldm_export.runtime.bundle import Bundle
 from ldm_export.runtime.engine import OrtEngine
 
@@ -53,19 +53,11 @@ def main() -> None:
     for _ in range(a.warmup):
         for e in engines.values():
             e.run(feeds)
-    times: dict[str, list[float]] = {"fp32": [], "int8": []}
-    for i in range(a.pairs):
-        order = ("fp32", "int8") if i % 2 == 0 else ("int8", "fp32")  # alternate which goes first, too
-        for name in order:
-            t0 = time.perf_counter()
-            engines[name].run(feeds)
-            times[name].append(time.perf_counter() - t0)
-        print(f"pair {i}: fp32 {times['fp32'][-1] * 1e3:.0f} ms  int8 {times['int8'][-1] * 1e3:.0f} ms  "
-              f"ratio {times['fp32'][-1] / times['int8'][-1]:.2f}", flush=True)
-    ratios = [f / q for f, q in zip(times["fp32"], times["int8"])]
-    result = {"fp32_step_ms_median": 1e3 * float(np.median(times["fp32"])),
-              "int8_step_ms_median": 1e3 * float(np.median(times["int8"])),
-              "ratio_median": float(np.median(ratios)), "ratio_min": float(min(ratios)), "ratio_max": float(max(ratios)),
+    step = alternate({name: (lambda e=e: e.run(feeds)) for name, e in engines.items()}, a.pairs, on_pair=lambda i, f, q: print(
+        f"pair {i}: fp32 {f * 1e3:.0f} ms  int8 {q * 1e3:.0f} ms  ratio {f / q:.2f}", flush=True))
+    result = {"fp32_step_ms_median": float(np.median(step["fp32_ms"])),
+              "int8_step_ms_median": float(np.median(step["int8_ms"])),
+              "ratio_median": step["ratio_median"], "ratio_min": step["ratio_min"], "ratio_max": step["ratio_max"],
               "pairs": a.pairs, "threads": a.threads, "feeds": {k: list(v.shape) for k, v in feeds.items()},
               "int8": b8.manifest.get("int8", {}).get("quantisation")}
     if a.e2e_pairs:
@@ -74,18 +66,19 @@ def main() -> None:
         del engines
         pipes = {"fp32": Pipeline.from_bundle(a.fp32_bundle, threads=a.threads),
                  "int8": Pipeline.from_bundle(a.int8_bundle, threads=a.threads)}
-        e2e: dict[str, list[float]] = {"fp32": [], "int8": []}
-        for i in range(a.e2e_pairs):
-            for name in (("fp32", "int8") if i % 2 == 0 else ("int8", "fp32")):
-                t0 = time.perf_counter()
-                pipes[name]("a photograph of an astronaut riding a horse", num_inference_steps=a.steps, seed=i,
-                            scheduler="Euler")
-                e2e[name].append(time.perf_counter() - t0)
-            print(f"image pair {i}: fp32 {e2e['fp32'][-1]:.1f} s  int8 {e2e['int8'][-1]:.1f} s  "
-                  f"ratio {e2e['fp32'][-1] / e2e['int8'][-1]:.2f}", flush=True)
-        r2 = [f / q for f, q in zip(e2e["fp32"], e2e["int8"])]
-        result["end_to_end"] = {"steps": a.steps, "fp32_s": e2e["fp32"], "int8_s": e2e["int8"],
-                                "ratio_median": float(np.median(r2))}
+        pair = {"i": 0}  # both images of pair i use seed i
+
+        def image(pipe):
+            pipe("a photograph of an astronaut riding a horse", num_inference_steps=a.steps, seed=pair["i"],
+                 scheduler="Euler")
+
+        def done(i, f, q):
+            pair["i"] = i + 1
+            print(f"image pair {i}: fp32 {f:.1f} s  int8 {q:.1f} s  ratio {f / q:.2f}", flush=True)
+
+        e2e = alternate({name: (lambda p=p: image(p)) for name, p in pipes.items()}, a.e2e_pairs, on_pair=done)
+        result["end_to_end"] = {"steps": a.steps, "fp32_s": [t / 1e3 for t in e2e["fp32_ms"]],
+                                "int8_s": [t / 1e3 for t in e2e["int8_ms"]], "ratio_median": e2e["ratio_median"]}
     print(json.dumps({k: v for k, v in result.items() if k != "int8"}, indent=1))
     if a.json:
         with open(a.json, "w") as f:
