@@ -17,7 +17,7 @@ timed() {  # timed LABEL LIMIT CMD...: wall seconds into timings.log
   timeout "$limit" "$@" 2>&1 | grep -v Warning | tail -5 | tee -a "$OUT/$label.log"; local rc=${PIPESTATUS[0]}
   echo "$label: exit $rc, $(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s" | tee -a "$OUT/timings.log"
 }
-for MODEL in tiny sd15; do
+for MODEL in ${LORA_MODELS:-tiny sd15}; do  # LORA_MODELS=sd15: one model
   [ "$MODEL" = sd15 ] && [ "${SKIP_SD15:-0}" = 1 ] && break
   ARGS="--model $MODEL --random-weights --precision fp16 --target cuda --static-shape --force"
   PLAIN=$W/$MODEL-plain; [ "$MODEL" = sd15 ] && [ -f "${SD15_BUNDLE:-/nonexistent}/ldm_export.json" ] && PLAIN=$SD15_BUNDLE

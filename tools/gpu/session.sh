@@ -5,7 +5,7 @@
 #   bash tools/gpu/session.sh status             print each step's state and log tail; copy every log to $OUT
 # Steps run the per-topic scripts of tools/gpu/ with OUT=/tmp/gpu/STEP and SD15_BUNDLE=/tmp/sd15-cuda-fp16.
 # Step names: sd15 (build the static fp16 cuda SD 1.5 bundle), first_image, tensorrt, int8 (int8_build, int8_probe),
-# serve, sdxl (sdxl_build, sdxl_bench), sd3;
+# serve, sdxl (sdxl_build, sdxl_bench), sd3 (sd3_build, sd3_bench), flux, flux_fused;
 # "a+b" runs a and b at the same time (builds that load the CPU while the GPU is idle); "STEP@N" runs a step on
 # GPU N alone (CUDA_VISIBLE_DEVICES=N) on a machine with several GPUs.
 #   bash tools/gpu/session.sh chains "a@0 b@0" "c@1 d@1"   runs each quoted chain in order, the chains side by side
@@ -33,6 +33,7 @@ run_step() {
     sdxl_build) OUT=$G/$s STAGE=build bash tools/gpu/sdxl.sh > $G/$s/run.log 2>&1 ;;
     sdxl_bench) OUT=$G/$s STAGE=bench bash tools/gpu/sdxl.sh > $G/$s/run.log 2>&1 ;;
     sd3_build|sd3_bench|flux) OUT=$G/$s bash tools/gpu/sd3.sh ${s#sd3_} > $G/$s/run.log 2>&1 ;;
+    flux_fused) OUT=$G/$s bash tools/gpu/sd3.sh flux-fused > $G/$s/run.log 2>&1 ;;
     int8_build) OUT=$G/$s STAGE=build bash tools/gpu/int8.sh > $G/$s/run.log 2>&1 ;;
     int8_probe) OUT=$G/$s STAGE=probe bash tools/gpu/int8.sh > $G/$s/run.log 2>&1 ;;
     *) OUT=$G/$s bash tools/gpu/$s.sh > $G/$s/run.log 2>&1 ;;
