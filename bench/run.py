@@ -670,7 +670,9 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {e['precision']} | {f(c['text_encoder'])} | {f(c['unet_step'])} | {f(c['vae_decode'])} | "
                      f"{e2e['median_ms'] / 1e3:.3f} ({e2e['p90_ms'] / 1e3:.3f}) | {speed} | {mem} | "
                      f"{e['fidelity']['cosine']:.6f} | {e['fidelity']['psnr_db']:.1f} |")
-    lines += ["", f"Host work per step (numpy sampler + CFG + casts, UNet excluded): {result['host_step_overhead_ms']:.3f} ms."]
+    lines.append("")
+    if result.get("host_step_overhead_ms") is not None:
+        lines.append(f"Host work per step (numpy sampler + CFG + casts, UNet excluded): {result['host_step_overhead_ms']:.3f} ms.")
     ratio = int8_speedup(result)
     if ratio:
         lines.append(f"int8 against fp32 (ort-int8 vs ort, same run): UNet step {ratio['unet_step']:.2f}×, "

@@ -5,7 +5,7 @@
 #                                 1024² (CLIP-L, CLIP-G, T5-XXL, MMDiT with fused joint attention = one
 #                                 MultiHeadAttention per block, 16-channel VAE fp32 by force_upcast); each component
 #                                 verified on the CUDA provider; /usr/bin/time for wall time and peak RSS
-#   bash tools/gpu/sd3.sh bench   `ldm-export bench` on that bundle: torch-eager, torch-compile, ort side by side,
+#   bash tools/gpu/sd3.sh bench   `ldm-export bench` on that bundle (BENCH_TIMEOUT s, 540): torch-eager, torch-compile, ort,
 #                                 28 steps, CFG 7.0 (transformer batch 2, 333 text tokens); targets: transformer
 #                                 step <= 36 ms (ort), end to end faster than torch-compile in the same run
 #   bash tools/gpu/sd3.sh flux    the FLUX.1-dev transformer (11.9 B) exported to ONNX (fp16 on the GPU, external
@@ -27,7 +27,7 @@ if [ $# -eq 0 ]; then
 fi
 case "$1" in
   build)
-    /usr/bin/time -v timeout ${BUILD_TIMEOUT:-420} python3 -m ldm_export.cli -v build --model sd3-medium --random-weights --precision fp16 \
+    /usr/bin/time -v timeout ${BUILD_TIMEOUT:-1500} python3 -m ldm_export.cli -v build --model sd3-medium --random-weights --precision fp16 \
       --target cuda --static-shape --out $B --force 2>&1 | grep -v Warning | tee "$OUT/sd3_build.log"
     [ -f $B/ldm_export.json ] && python3 -c "
 import json; m = json.load(open('$B/ldm_export.json'))
@@ -39,7 +39,7 @@ print(json.dumps(rows, indent=1))" | tee "$OUT/sd3_verification.json"
     ;;
   bench)
     [ -d $B ] || { echo "no bundle at $B: run 'bash tools/gpu/sd3.sh build' first"; exit 1; }
-    timeout 300 python3 -m ldm_export.cli bench --bundle $B --device cuda --backends ${BACKENDS:-torch-eager,torch-compile,ort} \
+    timeout ${BENCH_TIMEOUT:-540} python3 -m ldm_export.cli bench --bundle $B --device cuda --backends ${BACKENDS:-torch-eager,torch-compile,ort} \
       --steps 28 --guidance-scale 7.0 --repeats ${REPEATS:-10} --e2e-repeats ${E2E_REPEATS:-1} --warmup 3 --out "$OUT" 2>&1 \
       | grep -v Warning | tee "$OUT/sd3_bench.log"
     ;;
