@@ -18,15 +18,15 @@ B=${SD15_BUNDLE:-/tmp/sd15-cuda-fp16-static}
 if [ -z "$SD15_BUNDLE" ]; then
   t0=$(date +%s)
   timeout 270 python3 -m ldm_export.cli build --model sd15 --random-weights --precision fp16 --target cuda --static-shape \
-    --out "$B" --force 2>&1 | grep -v Warning | tail -8 | tee "$OUT/build.log"
+    --out "$B" --force 2>&1 | grep --line-buffered -v Warning | tail -8 | tee "$OUT/build.log"
   echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build.log"
 fi
 [ -f "$B/ldm_export.json" ] || { echo "no bundle at $B"; exit 1; }
 for S in HEURISTIC DEFAULT EXHAUSTIVE; do
-  timeout 60 python3 tools/gpu/first_image.py pipeline "$B" $S "$OUT/pipeline_$S.json" 2>&1 | grep -v Warning \
+  timeout 60 python3 tools/gpu/first_image.py pipeline "$B" $S "$OUT/pipeline_$S.json" 2>&1 | grep --line-buffered -v Warning \
     | tee "$OUT/pipeline_$S.log"
   timeout 60 python3 -m ldm_export.cli generate "$B" "a photograph of an astronaut riding a horse" --provider cuda \
-    --cudnn-search $S --steps 50 --num-images 3 --seed 0 --out "$OUT/gen_$S/image.png" 2>&1 | grep -v Warning \
+    --cudnn-search $S --steps 50 --num-images 3 --seed 0 --out "$OUT/gen_$S/image.png" 2>&1 | grep --line-buffered -v Warning \
     | tee "$OUT/generate_$S.log"
   # the CLI's last line on a static bundle (one image a batch): "load X s, first image Y s, then Z s per image"
   python3 - "$OUT/generate_$S.log" "$S" "$OUT/generate_$S.json" <<'PY'

@@ -18,15 +18,15 @@ FP16=${SD15_BUNDLE:-/tmp/sd15-cuda-fp16}
 if [ "${STAGE:-all}" != build ] && [ ! -f "$FP16/ldm_export.json" ]; then
   FP16=/tmp/sd15-cuda-fp16
   timeout 240 python3 -m ldm_export.cli build --model sd15 --random-weights --precision fp16 --target cuda --static-shape \
-    --out $FP16 --force 2>&1 | grep -v Warning | tail -4 | tee "$OUT/build_fp16.log"
+    --out $FP16 --force 2>&1 | grep --line-buffered -v Warning | tail -4 | tee "$OUT/build_fp16.log"
 fi
 INT8=/tmp/sd15-int8
 # a short calibration (1 prompt x 3 steps): enough for speed and memory; the quality table comes from the demo model
 # STAGE=build builds only; STAGE=probe measures bundles built before (a GPU session builds while other work runs)
 [ "${STAGE:-all}" = probe ] && [ -f $INT8/ldm_export.json ] || timeout ${BUILD_TIMEOUT:-600} /usr/bin/time -v python3 -m ldm_export.cli build --model sd15 --random-weights --precision int8 \
   --int8-format tensorrt --calib-size 1 --calib-steps 3 --quality-prompts 0 --threads 16 --out $INT8 --force 2>&1 \
-  | grep -v Warning | grep -E "✓|error|Elapsed|Maximum resident|SQNR|layers int8" | tee "$OUT/build_int8.log"
+  | grep --line-buffered -v Warning | grep -E "✓|error|Elapsed|Maximum resident|SQNR|layers int8" | tee "$OUT/build_int8.log"
 echo "builds took $(( $(date +%s) - T0 )) s" | tee -a "$OUT/build_int8.log"
 [ "${STAGE:-all}" = build ] && exit 0
-timeout 240 python3 tools/gpu/int8_probe.py "$OUT" $FP16 $INT8 --steps 20 2>&1 | grep -v Warning | tee "$OUT/int8_probe.log"
+timeout 240 python3 tools/gpu/int8_probe.py "$OUT" $FP16 $INT8 --steps 20 2>&1 | grep --line-buffered -v Warning | tee "$OUT/int8_probe.log"
 echo "total $(( $(date +%s) - T0 )) s" | tee -a "$OUT/int8_probe.log"

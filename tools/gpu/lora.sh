@@ -14,7 +14,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 ||
 python3 -c "import torch, onnxruntime as o; print('torch', torch.__version__, 'ort', o.__version__, o.get_available_providers())" | tee "$OUT/versions.log"
 timed() {  # timed LABEL LIMIT CMD...: wall seconds into timings.log
   local label=$1 limit=$2; shift 2; local t0; t0=$(date +%s.%N)
-  timeout "$limit" "$@" 2>&1 | grep -v Warning | tail -5 | tee -a "$OUT/$label.log"; local rc=${PIPESTATUS[0]}
+  timeout "$limit" "$@" 2>&1 | grep --line-buffered -v Warning | tail -5 | tee -a "$OUT/$label.log"; local rc=${PIPESTATUS[0]}
   echo "$label: exit $rc, $(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s" | tee -a "$OUT/timings.log"
 }
 for MODEL in ${LORA_MODELS:-tiny sd15}; do  # LORA_MODELS=sd15: one model
@@ -26,7 +26,7 @@ for MODEL in ${LORA_MODELS:-tiny sd15}; do  # LORA_MODELS=sd15: one model
   timed build_fresh_$MODEL 300 python3 -m ldm_export.cli build $ARGS --lora $W/$MODEL-lora.safetensors:0.8 --out $W/$MODEL-fresh
   timed lora_$MODEL 120 python3 -m ldm_export.cli lora $PLAIN $W/$MODEL-lora.safetensors:0.8 --out $W/$MODEL-patched --force
   timeout 200 python3 tools/gpu/lora_check.py compare $W/$MODEL-patched $W/$MODEL-fresh $PLAIN "$OUT/lora_$MODEL.json" 2>&1 \
-    | grep -v Warning | tee "$OUT/compare_$MODEL.log"
+    | grep --line-buffered -v Warning | tee "$OUT/compare_$MODEL.log"
   rm -rf $W/$MODEL-fresh $W/$MODEL-patched
 done
 cat "$OUT/timings.log"

@@ -16,19 +16,19 @@ B=${BUNDLE:-/tmp/sd15-cuda-fp16}
 case "$1" in
   build)
     /usr/bin/time -v python3 -m ldm_export.cli -v build --model sd15 --random-weights --precision fp16 --target cuda \
-      --static-shape --out $B --force 2>&1 | grep -v Warning | tee "$OUT/build.log"
+      --static-shape --out $B --force 2>&1 | grep --line-buffered -v Warning | tee "$OUT/build.log"
     python3 -c "import json; m=json.load(open('$B/ldm_export.json')); print(json.dumps({c: (v['precision'], v['kernels'], {p: min(o['cosine'] for o in r['outputs'].values()) for p, r in v['verification'].items()}) for c, v in m['components'].items()}))" | tee -a "$OUT/build.log"
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine_cuda.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
     [ -d $B ] && timeout 240 python3 tools/gpu/check_graphs.py $B --nhwc 2>&1 | tee "$OUT/graphs.log"
     # the bundle as built against the CUDA provider's conv+bias fusion (cuDNN runtime fusion, which the runtime uses)
     [ -d $B ] && timeout 200 python3 tools/gpu/probe.py "$OUT/probe" bundle=$B --option-variant fuse_conv_bias=1 2>&1 \
-      | grep -v Warning | tee "$OUT/probe.log"; rm -rf "$OUT/probe/graphs"
+      | grep --line-buffered -v Warning | tee "$OUT/probe.log"; rm -rf "$OUT/probe/graphs"
     ;;
   bench)
     BK=torch-eager,torch-compile,tensorrt; BA=""
     [ -d $B ] && { BK=${BACKENDS:-torch-eager,torch-compile,ort,ort-nhwc,tensorrt}; BA="--bundle $B"; }
     python3 -m ldm_export.cli bench $BA --device cuda --backends $BK --steps 50 --repeats ${REPEATS:-10} \
-      --e2e-repeats 2 --warmup 3 --profile --out "$OUT" 2>&1 | grep -v Warning | tee "$OUT/bench.log"
+      --e2e-repeats 2 --warmup 3 --profile --out "$OUT" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/bench.log"
     ;;
   check)  # the GPU tests alone (kernels, engine, the runtime's CUDA path on tiny bundles): no sd15 build
     timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine_cuda.py \
@@ -37,8 +37,8 @@ case "$1" in
   probe)
     B0=/tmp/sd15-cuda-fp16-nores
     LDM_EXPORT_DISABLE_KERNELS=residual python3 -m ldm_export.cli build --model sd15 --random-weights --precision fp16 \
-      --target cuda --static-shape --out $B0 --force 2>&1 | grep -v Warning | tail -3 | tee "$OUT/build_nores.log"
+      --target cuda --static-shape --out $B0 --force 2>&1 | grep --line-buffered -v Warning | tail -3 | tee "$OUT/build_nores.log"
     timeout 330 python3 tools/gpu/probe.py "$OUT/probe" residual=$B no-residual=$B0 --pad-channels --cudnn-attention \
-      2>&1 | grep -v Warning | tee "$OUT/probe.log"; rm -rf "$OUT/probe/graphs"
+      2>&1 | grep --line-buffered -v Warning | tee "$OUT/probe.log"; rm -rf "$OUT/probe/graphs"
     ;;
 esac

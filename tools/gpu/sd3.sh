@@ -28,7 +28,7 @@ fi
 case "$1" in
   build)
     /usr/bin/time -v timeout ${BUILD_TIMEOUT:-1500} python3 -m ldm_export.cli -v build --model sd3-medium --random-weights --precision fp16 \
-      --target cuda --static-shape --out $B --force 2>&1 | grep -v Warning | tee "$OUT/sd3_build.log"
+      --target cuda --static-shape --out $B --force 2>&1 | grep --line-buffered -v Warning | tee "$OUT/sd3_build.log"
     [ -f $B/ldm_export.json ] && python3 -c "
 import json; m = json.load(open('$B/ldm_export.json'))
 rows = {c: {'precision': v['precision'], 'kernels': v['kernels'],
@@ -41,15 +41,15 @@ print(json.dumps(rows, indent=1))" | tee "$OUT/sd3_verification.json"
     [ -d $B ] || { echo "no bundle at $B: run 'bash tools/gpu/sd3.sh build' first"; exit 1; }
     timeout ${BENCH_TIMEOUT:-540} python3 -m ldm_export.cli bench --bundle $B --device cuda --backends ${BACKENDS:-torch-eager,torch-compile,ort} \
       --steps 28 --guidance-scale 7.0 --repeats ${REPEATS:-10} --e2e-repeats ${E2E_REPEATS:-1} --warmup 3 --out "$OUT" 2>&1 \
-      | grep -v Warning | tee "$OUT/sd3_bench.log"
+      | grep --line-buffered -v Warning | tee "$OUT/sd3_bench.log"
     ;;
   flux)
     /usr/bin/time -v timeout ${FLUX_TIMEOUT:-360} python3 tools/gpu/flux_export.py --out "$OUT" --work /tmp/flux-dev-transformer 2>&1 \
-      | grep -v Warning | tee "$OUT/flux_export.log"
+      | grep --line-buffered -v Warning | tee "$OUT/flux_export.log"
     ;;
   flux-fused)
     /usr/bin/time -v timeout ${FLUX_TIMEOUT:-360} python3 tools/gpu/flux_export.py --fused --out "$OUT" --work /tmp/flux-dev-fused 2>&1 \
-      | grep -v Warning | tee "$OUT/flux_export_fused.log"
+      | grep --line-buffered -v Warning | tee "$OUT/flux_export_fused.log"
     ;;
   tests)
     timeout 500 python3 -m pytest -q -p no:cacheprovider tests/test_dit_export.py tests/test_dit_pipeline.py \

@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 t0=$(date +%s)
 # STAGE=build builds only; STAGE=bench benches a bundle built before (a GPU session builds while other work runs)
 [ "${STAGE:-all}" != bench ] && timeout ${BUILD_TIMEOUT:-1200} /usr/bin/time -v python3 -m ldm_export.cli -v build --model sdxl --random-weights \
-  --precision fp16 --target cuda --static-shape --out $B --force 2>&1 | grep -v Warning | tee "$OUT/build.log"
+  --precision fp16 --target cuda --static-shape --out $B --force 2>&1 | grep --line-buffered -v Warning | tee "$OUT/build.log"
 echo "build exit ${PIPESTATUS[0]} after $(( $(date +%s) - t0 )) s" | tee -a "$OUT/build.log"
 grep -E "Elapsed \(wall clock\)|Maximum resident set size" "$OUT/build.log"
 [ -f $B/ldm_export.json ] && python3 - "$B" "$OUT" <<'PY' | tee -a "$OUT/build.log"
@@ -41,5 +41,5 @@ BA=""; BK=torch-eager,torch-compile
 [ -f $B/ldm_export.json ] && { BA="--bundle $B"; BK=${BACKENDS:-torch-eager,torch-compile,ort-nhwc}; }
 [ -z "$BA" ] && echo "no bundle (build failed or timed out): benching the PyTorch backends alone" | tee "$OUT/bench.log"
 timeout ${BENCH_TIMEOUT:-420} python3 -m ldm_export.cli bench $BA --model sdxl --device cuda --backends $BK --steps 30 \
-  --repeats ${REPEATS:-5} --e2e-repeats ${E2E_REPEATS:-1} --warmup 2 --out "$OUT" 2>&1 | grep -v Warning | tee -a "$OUT/bench.log"
+  --repeats ${REPEATS:-5} --e2e-repeats ${E2E_REPEATS:-1} --warmup 2 --out "$OUT" 2>&1 | grep --line-buffered -v Warning | tee -a "$OUT/bench.log"
 echo "bench exit ${PIPESTATUS[0]} after $(( $(date +%s) - t1 )) s; total $(( $(date +%s) - t0 )) s" | tee -a "$OUT/bench.log"

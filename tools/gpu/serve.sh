@@ -27,7 +27,7 @@ NGPU=$(nvidia-smi -L | wc -l); echo "GPUs: $NGPU" | tee -a "$OUT/versions.log"
 SAMPLER=$!
 timeout 170 python3 -m ldm_export.cli loadtest "$B" --provider cuda --replicas "$NGPU" --max-batch 4 --max-queued 64 \
   --clients 1,2,4,8 --requests ${REQUESTS:-24} --steps 20 --sampler "Euler a" --out "$OUT/loadtest.json" 2>&1 \
-  | grep -v Warning | tee "$OUT/loadtest.log"
+  | grep --line-buffered -v Warning | tee "$OUT/loadtest.log"
 RC=$?
 kill $SAMPLER 2>/dev/null
 sleep 3

@@ -29,7 +29,7 @@ run_step() {
   echo "running $(date +%T)" > $G/$s.state
   local t0=$(date +%s)
   case $s in
-    sd15) OUT=$G/$s bash -c 'set -o pipefail; /usr/bin/time -v python3 -m ldm_export.cli build --model sd15 --random-weights --precision fp16 --target cuda --static-shape --out $SD15_BUNDLE --force 2>&1 | grep -v Warning | tail -40 > $OUT/build.log' ;;
+    sd15) OUT=$G/$s bash -c 'set -o pipefail; /usr/bin/time -v python3 -m ldm_export.cli build --model sd15 --random-weights --precision fp16 --target cuda --static-shape --out $SD15_BUNDLE --force 2>&1 | grep --line-buffered -v Warning | tail -40 > $OUT/build.log' ;;
     sdxl_build) OUT=$G/$s STAGE=build bash tools/gpu/sdxl.sh > $G/$s/run.log 2>&1 ;;
     sdxl_bench) OUT=$G/$s STAGE=bench bash tools/gpu/sdxl.sh > $G/$s/run.log 2>&1 ;;
     sd3_build|sd3_bench|flux) OUT=$G/$s bash tools/gpu/sd3.sh ${s#sd3_} > $G/$s/run.log 2>&1 ;;

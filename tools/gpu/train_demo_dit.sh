@@ -14,7 +14,7 @@ python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffuser
   | tee "$OUT/train.log"
 timeout 540 python3 -m ldm_export.demo.train_dit --out "$OUT" --device cuda --batch ${BATCH:-1024} --lr ${LR:-1e-3} \
   --seconds ${SECONDS_BUDGET:-240} --steps 100000 --log-every 200 --eval --eval-shifts 1 3 2>&1 \
-  | grep -v Warning | tee -a "$OUT/train.log"
+  | grep --line-buffered -v Warning | tee -a "$OUT/train.log"
 ls -la "$OUT" "$OUT/model/transformer" | tee -a "$OUT/train.log"
 # the weights again in 3 MB parts (log collectors that skip large or .safetensors files keep these):
 #   cat weights.part-* > model/transformer/diffusion_pytorch_model.safetensors; sha256sum -c weights.sha256
