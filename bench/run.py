@@ -186,10 +186,13 @@ class TorchBackend(_Backend):
 
     def time_components(self, ids, sample, timestep, cond, latent_sample, repeats, warmup):
         torch = self.torch
-        text_feeds = {c: self.device_feeds(c, {"input_ids": ids}) for c in self.family.text_encoders}
-        unet_feeds = self.device_feeds(self.denoiser, self.family.denoiser_feeds(
-            sample, np.full((sample.shape[0],), float(timestep)), cond))
-        z = self.device_feeds(self.family.decoder, {"latent_sample": latent_sample})
+        # made under inference_mode as run() makes the sampler loop's: a tensor made outside it fails torch.compile's
+        # dispatch-key guard there, and the loop would run a second compilation of every component
+        with torch.inference_mode():
+            text_feeds = {c: self.device_feeds(c, {"input_ids": ids}) for c in self.family.text_encoders}
+            unet_feeds = self.device_feeds(self.denoiser, self.family.denoiser_feeds(
+                sample, np.full((sample.shape[0],), float(timestep)), cond))
+            z = self.device_feeds(self.family.decoder, {"latent_sample": latent_sample})
 
         def run(fn):
             def call():

@@ -169,3 +169,38 @@ def test_tensorrt_backend_runs_the_bundles_engines_or_says_why(tiny_bundle):
     with pytest.raises(LdmExportError) as e:
         OrtBackend(tiny_bundle, "cuda", native_tensorrt=True)
     assert "\n" not in str(e.value) and str(e.value)
+
+
+@pytest.mark.skipif(not torch_available(), reason="needs torch")
+def test_torch_backend_feeds_the_same_kind_of_tensor_in_components_and_the_sampler_loop():
+    """torch.compile guards on a tensor's dispatch keys: feeds made outside inference_mode in the component timing
+    and inside it in the sampler loop compiled every component twice, and the loop ran the second compilation."""
+    import torch
+
+    from ldm_export.bench.run import TorchBackend, end_to_end
+    from ldm_export.export.weights import load_weights
+    from ldm_export.zoo import get_model
+
+    spec = get_model("tiny")
+    modules = load_weights(spec, None, random_weights=True, seed=0).modules
+    b = TorchBackend(modules, "cpu", "fp32", spec=spec)
+    seen = []
+    inner = b.w[b.denoiser]
+
+    def recording(*args):
+        seen.append(tuple(a.is_inference() for a in args if isinstance(a, torch.Tensor)))
+        return inner(*args)
+
+    b.w[b.denoiser] = recording
+    side, ch = spec.latent_side, spec.vae["latent_channels"]
+    rng = np.random.default_rng(0)
+    ids = np.full((2, spec.max_length), 49407, np.int32)
+    ids[:, 0] = 49406
+    cond = spec.family_def.prepare(b.text(ids), width=spec.resolution, height=spec.resolution, guidance_scale=7.5)
+    b.time_components(ids, rng.standard_normal((2, ch, side, side)).astype(np.float32), 500.0, cond,
+                      rng.standard_normal((1, ch, side, side)).astype(np.float32), 1, 0)
+    n_components = len(seen)
+    end_to_end(b, ids, rng.standard_normal((1, ch, side, side)).astype(np.float32), dict(spec.scheduler), 2, 7.5,
+               spec.resolution)
+    assert n_components >= 2 and len(seen) > n_components
+    assert {flags for flags in seen} == {seen[0]} and all(seen[0]), seen
