@@ -90,6 +90,24 @@ def test_a_negative_prompt_that_cannot_act_is_warned_about(built, caplog):
     assert "negative prompt" not in caplog.text
 
 
+def test_a_guidance_scale_or_rescale_that_cannot_act_is_warned_about(built, caplog):
+    """FLUX-schnell takes no guidance at all, and no family rescales without CFG: say so (they were ignored silently)."""
+    schnell, dev = Pipeline.from_bundle(built["tiny-flux-schnell"][0]), Pipeline.from_bundle(built["tiny-flux"][0])
+    default = schnell.bundle.defaults["guidance_scale"]
+    with caplog.at_level(logging.WARNING, logger="ldm_export.runtime.pipeline"):
+        schnell(PROMPT, num_inference_steps=1, guidance_scale=default + 2.0)
+    assert "guidance scale has no effect: this flux model takes no guidance" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ldm_export.runtime.pipeline"):
+        dev(PROMPT, num_inference_steps=1, guidance_rescale=0.7)
+    assert "guidance rescale has no effect: the flux family is guidance-distilled" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ldm_export.runtime.pipeline"):
+        schnell(PROMPT, num_inference_steps=1)  # the model's own guidance scale: nothing asked, nothing to say
+        dev(PROMPT, num_inference_steps=1, guidance_scale=default + 2.0)  # dev's guidance is an input
+    assert "no effect" not in caplog.text
+
+
 def test_static_shape_bundle_matches_dynamic(built, tmp_path):
     bundle, folder, _, spec = built["tiny-sd3"]
     static = tmp_path / "static"
