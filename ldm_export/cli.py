@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from ldm_export.cli_bench import bench
@@ -103,7 +104,7 @@ def _parse_loras(loras):
 
 
 def _print_summary(out: Path, manifest: dict, seconds: float) -> None:
-    t = Table(title=f"bundle {out}  ({manifest['model']['name']}, {seconds:.1f} s)")
+    t = Table(title=escape(f"bundle {out}  ({manifest['model']['name']}, {seconds:.1f} s)"))
     for col in ("component", "precision", "files", "size", "verification (vs torch fp32)"):
         t.add_column(col)
     for comp, info in manifest["components"].items():
@@ -301,12 +302,12 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
                     save_image(image, paths[k], last)
                     written.append(paths[k])
                 times.append(time.perf_counter() - t1)
-                out_console.print(f"wrote {paths[k]}")
+                out_console.print(f"wrote {escape(str(paths[k]))}", soft_wrap=True)
     except KeyboardInterrupt:
         done = f"{len(written)} of {len(paths)} images were written ({', '.join(map(str, written))})" if written else \
             "no image was written"
         raise LdmExportError(f"interrupted: {done}; each written image is complete", exit_code=130) from None
-    out_console.print(last.splitlines()[-1], soft_wrap=True)
+    out_console.print(escape(last.splitlines()[-1]), soft_wrap=True)  # "Refiner: NAME [HASH]" is no markup
     per_batch = pipe.images_per_batch(cfg)
     if len(times) == 1:
         console.print(f"[dim]load {t_load:.2f} s, generate {times[0]:.2f} s[/dim]")

@@ -308,5 +308,16 @@ def test_generate_hands_over_to_a_refiner_image_by_image(tmp_path):
     # A1111's infotext: the base is the Model (it named the refiner), the refiner and the switch follow
     last = second.info["parameters"].splitlines()[-1]
     assert ", Model: tiny-sdxl, Refiner: tiny-sdxl-refiner [" in last and last.endswith("Refiner switch at: 0.75"), last
+    assert last in alone.stdout  # printed as written: "[HASH]" is no console markup
     assert np.array_equal(np.asarray(second), np.asarray(Image.open(tmp_path / "one.png")))
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "two-1.png")), np.asarray(second))
+
+
+def test_generate_prints_paths_and_parameters_with_brackets_as_they_are(tmp_path, tiny_bundle):
+    """Square brackets (an --out path, a refiner's "[HASH]") are text: they were read as console markup, which
+    dropped them from the output or, for a closing tag, ended in a traceback after the image was written."""
+    for name in ("x[red]y.png", "x[/red]y.png"):
+        out = tmp_path / name
+        r = run_cli("generate", str(tiny_bundle), "a red circle", "--steps", "1", "--seed", "1", "--out", str(out))
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert f"wrote {out}" in r.stdout and out.exists()
