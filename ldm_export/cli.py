@@ -78,7 +78,7 @@ def build(model, precision, weights, random_weights, seed, out, force, static_sh
     def progress(component: str, stage: str, detail: str) -> None:
         now = time.perf_counter()
         if last[1] is not None:
-            console.print(f"  [green]✓[/green] {last[1]} [dim]({now - last[0]:.1f} s)[/dim]")
+            console.print(f"  [green]✓[/green] {escape(last[1])} [dim]({now - last[0]:.1f} s)[/dim]")
         last[0], last[1] = now, f"{component}: {stage}" + (f" {detail}" if detail else "")
         if stage == "done" and component == "bundle":
             last[1] = None
@@ -87,7 +87,7 @@ def build(model, precision, weights, random_weights, seed, out, force, static_sh
         with console.status("building...", spinner="dots") as status:
             def shown(component, stage, detail=""):
                 progress(component, stage, detail)
-                status.update(f"{component}: {stage} {detail}")
+                status.update(escape(f"{component}: {stage} {detail}"))
             manifest = run_build(cfg, shown)
     except KeyboardInterrupt:  # the staging folder is gone by now (bundle_writer.staging)
         raise LdmExportError(f"interrupted: the build stopped; nothing was written to {cfg.resolved_out()}",

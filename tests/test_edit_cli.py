@@ -313,11 +313,14 @@ def test_generate_hands_over_to_a_refiner_image_by_image(tmp_path):
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "two-1.png")), np.asarray(second))
 
 
-def test_generate_prints_paths_and_parameters_with_brackets_as_they_are(tmp_path, tiny_bundle):
+def test_build_and_generate_print_paths_and_parameters_with_brackets_as_they_are(tmp_path):
     """Square brackets (an --out path, a refiner's "[HASH]") are text: they were read as console markup, which
-    dropped them from the output or, for a closing tag, ended in a traceback after the image was written."""
+    dropped them from the output or, for a closing tag, ended in a traceback after the bundle or image was written."""
+    bundle = tmp_path / "b[/x]"
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--out", str(bundle))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     for name in ("x[red]y.png", "x[/red]y.png"):
         out = tmp_path / name
-        r = run_cli("generate", str(tiny_bundle), "a red circle", "--steps", "1", "--seed", "1", "--out", str(out))
+        r = run_cli("generate", str(bundle), "a red circle", "--steps", "1", "--seed", "1", "--out", str(out))
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
         assert f"wrote {out}" in r.stdout and out.exists()
