@@ -370,9 +370,11 @@ class EditInputs:
         if mask is None:
             return cls(image, latents, strength)
         lmask = latent_mask(mask, pipe.vae_scale_factor)
-        if not lmask.any():
-            log.warning("mask %s: its white region misses the latent grid (every %d px), so the model repaints nothing "
-                        "there; widen the region or give --mask-blur", mask_image, pipe.vae_scale_factor)
+        if not lmask.any():  # a blur only shrinks what stays at or above the latents' 0.5 threshold
+            log.warning("mask %s: its white region%s misses the latent grid (every %d px), so the model repaints nothing "
+                        "there; widen the region to %d px or more%s", mask_image,
+                        f" blurred by {mask_blur:g} px" if mask_blur else "", pipe.vae_scale_factor,
+                        pipe.vae_scale_factor, " or lower --mask-blur" if mask_blur else "")
         if not inpaint_unet:
             return cls(image, latents, strength, mask, blend_mask=lmask)
         masked = pipe.encode_image(masked_image(pixels, mask))  # diffusers: the image with the masked region zeroed

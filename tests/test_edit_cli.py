@@ -80,6 +80,14 @@ def test_a_mask_thinner_than_the_latent_grid_is_warned_about(demo_edit, tmp_path
                 "2", "--out", str(tmp_path / "a.png"))
     assert r.returncode == 0, r.stderr
     assert "misses the latent grid (every 8 px)" in r.stderr
+    assert "widen the region to 8 px or more" in r.stderr and "--mask-blur" not in r.stderr  # a blur never helps
+    wide, square = tmp_path / "wide.png", Image.new("L", (64, 64), 0)
+    square.paste(255, (16, 16, 48, 48))
+    square.save(wide)
+    r = run_cli("generate", str(demo_edit), INPAINT_PROMPT, "--init-image", str(init), "--mask", str(wide), "--mask-blur",
+                "1000", "--steps", "2", "--out", str(tmp_path / "b.png"))
+    assert r.returncode == 0, r.stderr
+    assert "blurred by 1000 px misses the latent grid" in r.stderr and "lower --mask-blur" in r.stderr
 
 
 def test_generate_edits_from_the_command_line(demo_edit, tmp_path):
