@@ -332,6 +332,10 @@ def _open(path, what: str):
                              "generate") from None
     except (UnidentifiedImageError, OSError) as e:
         raise LdmExportError(f"cannot read {what} {path} as an image ({e}); give a PNG or JPEG") from None
+    # an animation (GIF, APNG, WebP) is read as its first frame, as diffusers' load_image does; a phone's MPO photo
+    # holds more frames too (previews, depth), not an animation
+    if getattr(image, "is_animated", False) and image.format in ("GIF", "PNG", "WEBP"):
+        log.warning("%s %s is an animation of %d frames; using its first frame", what, path, image.n_frames)
     # upright as viewers show it (cameras store the turn in EXIF), as diffusers' load_image and A1111 read images
     return ImageOps.exif_transpose(image)
 

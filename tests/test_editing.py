@@ -162,6 +162,25 @@ def test_image_bad_input_one_line_errors(tmp_path):
 
 
 
+def test_an_animated_init_image_or_mask_is_read_as_its_first_frame_with_a_warning(tmp_path, caplog):
+    frames = [Image.new("RGB", (16, 16), c) for c in ((200, 0, 0), (0, 200, 0), (0, 0, 200))]
+    for ext in ("webp", "png", "gif"):
+        path = tmp_path / f"anim.{ext}"
+        frames[0].save(path, save_all=True, append_images=frames[1:], lossless=True)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ldm_export.runtime.editing"):
+            image = E._open(path, "init image")
+        assert f"anim.{ext} is an animation of 3 frames; using its first frame" in caplog.text
+        assert image.convert("RGB").getpixel((8, 8))[0] > 150  # the first (red) frame
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ldm_export.runtime.editing"):
+        E.load_init_image(tmp_path / "anim.webp", None, None, 8)
+        E._open(Image.new("RGB", (8, 8)), "init image")
+        Image.new("RGB", (8, 8)).save(tmp_path / "still.webp")
+        E.load_init_image(tmp_path / "still.webp", None, None, 8)
+    assert caplog.text.count("animation") == 1
+
+
 def test_exif_rotated_photos_are_read_upright(tmp_path):
     # a camera's JPEG: pixels stored turned, EXIF orientation 6 says "turn 90 degrees clockwise to show"
     upright = Image.new("RGB", (96, 64), (0, 0, 200))
