@@ -400,7 +400,9 @@ def lora_bundle(bundle_path: str | Path, loras: list[LoraRef], out: str | Path, 
             files = save_onnx(model, path)
             info["files"] = [str(f.relative_to(stage)) for f in files]
             del model
-        manifest["weights"] = dict(manifest["weights"], loras=manifest["weights"].get("loras", []) + fused,
+        # a bundle built with --lora by an earlier ldm-export keeps them at the manifest's top level
+        earlier = manifest["weights"].get("loras", []) or manifest.pop("loras", [])
+        manifest["weights"] = dict(manifest["weights"], loras=earlier + fused,
                                    lora_base_bundle=bundle.manifest["files"][bundle.manifest["components"]["unet"]["files"][0]]["sha256"])
         manifest["files"] = {str(p.relative_to(stage)): {"sha256": sha256_file(p), "size": p.stat().st_size}
                              for p in sorted(stage.rglob("*")) if p.is_file() and p.name != MANIFEST}
