@@ -441,12 +441,16 @@ class Pipeline:
         width = self.resolution if width is None else width
         height = self.resolution if height is None else height
         f = self.vae_scale_factor
-        uspec: ComponentSpec = self.engines[self.family.denoiser].spec
-        sample_shape = uspec.inputs[0].shape
-        if len(sample_shape) == 4 and isinstance(sample_shape[2], int) and isinstance(sample_shape[3], int) and (width, height) != (
-                sample_shape[3] * f, sample_shape[2] * f):
-            raise LdmExportError(f"this bundle was built with static shapes for {sample_shape[3] * f}x{sample_shape[2] * f}; "
-                                 f"use that size or rebuild without --static-shape")
+        # the first (N, C, h, w) latent input that fixes its size: the UNet's sample, else the VAE decoder's latents
+        # (FLUX's transformer takes packed (N, hw/4, C*4) tokens)
+        for component in (self.family.denoiser, self.family.decoder):
+            spec: ComponentSpec = self.engines[component].spec
+            sample_shape = spec.inputs[0].shape
+            if len(sample_shape) == 4 and isinstance(sample_shape[2], int) and isinstance(sample_shape[3], int):
+                if (width, height) != (sample_shape[3] * f, sample_shape[2] * f):
+                    raise LdmExportError(f"this bundle was built with static shapes for {sample_shape[3] * f}x"
+                                         f"{sample_shape[2] * f}; use that size or rebuild without --static-shape")
+                break
         configs = self.bundle.module_configs
         return checks.check_size(width, height, self.bundle.model, self.family.size_multiple(configs),
                                  self.family.largest_side(configs))

@@ -120,6 +120,19 @@ def test_static_shape_bundle_matches_dynamic(built, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def test_a_static_flux_bundle_refuses_another_size_before_any_work(tmp_path, monkeypatch):
+    """FLUX's transformer takes packed tokens, so the size check reads the decoder's latents: another size was a
+    shape error from the transformer's boundary after the text encoders had run."""
+    static = tmp_path / "static"
+    build(BuildConfig(model="tiny-flux", precision="fp32", random_weights=True, out=static, static_shape=True))
+    pipe = Pipeline.from_bundle(static)
+    monkeypatch.setattr(Pipeline, "encode", lambda *a: pytest.fail("encoded before the size check"))
+    with pytest.raises(LdmExportError, match="built with static shapes for 64x64; use that size or rebuild"):
+        pipe(PROMPT, num_inference_steps=1, width=80, height=80)
+    with pytest.raises(LdmExportError, match="built with static shapes for 64x64"):
+        pipe.iter_images(PROMPT, num_inference_steps=1, width=64, height=96)
+
+
 def test_demo_dit_folder_reuses_the_demo_models_clip_and_vae(tmp_path):
     """A demo-dit folder as train_dit installs it (transformer + scheduler; CLIP, VAE, tokenizer shared from the
     demo U-Net model's folder) builds, and the bundle generates 64 px images through the same Pipeline."""
