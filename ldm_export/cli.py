@@ -286,7 +286,7 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
             raise LdmExportError("--refiner hands text-to-image latents over; it does not take --init-image yet")
         refine = Pipeline.from_bundle(refiner, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode,
                                       cudnn_search=cudnn_search.upper() if cudnn_search else None, low_memory=low_memory)
-        _check_refiner(pipe, refine)
+        _check_refiner(pipe, refine, width, height)
         images = _refined(pipe, refine, prompt, seed, num_images, refiner_start, common)
     written: list[Path] = []
     times: list[float] = []
@@ -319,8 +319,9 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
         console.print(f"[dim]load {t_load:.2f} s, first image {times[0]:.2f} s, then {per:.2f} s per image[/dim]")
 
 
-def _check_refiner(pipe, refine) -> None:
-    """A refiner continues the base's latents: refuse one that reads latents of another VAE (channels, scale, shift)."""
+def _check_refiner(pipe, refine, width, height) -> None:
+    """A refiner continues the base's latents: refuse one that reads latents of another VAE (channels, scale, shift),
+    or that cannot take the image's size (a static-shape bundle), before the base has run."""
     def latents(p):
         f = p.latent_format
         return (f"'{p.bundle.model.get('name')}' ({f.channels} latent channels, scale {f.scale:g}, shift {f.shift:g}, "
@@ -329,6 +330,7 @@ def _check_refiner(pipe, refine) -> None:
     if refine.latent_format != pipe.latent_format:
         raise LdmExportError(f"refiner {refine.bundle.path} is {latents(refine)} but the base {pipe.bundle.path} is "
                              f"{latents(pipe)}; a refiner must share the base's latents (sdxl-refiner for sdxl)")
+    refine._size(*pipe._size(width, height))
 
 
 def _refined(pipe, refine, prompt, seed, num_images, start, common):

@@ -448,7 +448,7 @@ class Pipeline:
             sample_shape = spec.inputs[0].shape
             if len(sample_shape) == 4 and isinstance(sample_shape[2], int) and isinstance(sample_shape[3], int):
                 if (width, height) != (sample_shape[3] * f, sample_shape[2] * f):
-                    raise LdmExportError(f"this bundle was built with static shapes for {sample_shape[3] * f}x"
+                    raise LdmExportError(f"bundle {self.bundle.path} was built with static shapes for {sample_shape[3] * f}x"
                                          f"{sample_shape[2] * f}; use that size or rebuild without --static-shape")
                 break
         configs = self.bundle.module_configs

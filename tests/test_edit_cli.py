@@ -321,6 +321,22 @@ def test_generate_hands_over_to_a_refiner_image_by_image(tmp_path):
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "two-1.png")), np.asarray(second))
 
 
+def test_a_refiner_that_cannot_take_the_size_is_refused_before_the_base_runs(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from ldm_export.cli import cli
+
+    base, refiner = tmp_path / "base", tmp_path / "refiner"
+    build(BuildConfig(model="tiny-sdxl", random_weights=True, seed=0, out=base))
+    build(BuildConfig(model="tiny-sdxl-refiner", random_weights=True, seed=1, out=refiner, static_shape=True))
+    monkeypatch.setattr(Pipeline, "_generate", lambda *a: pytest.fail("the base ran before the refiner's size check"))
+    r = CliRunner().invoke(cli, ["generate", str(base), "x", "--steps", "4", "--size", "128x128", "--refiner",
+                                 str(refiner), "--out", str(tmp_path / "x.png")])
+    assert r.exit_code == 2, r.output
+    assert f"bundle {refiner} was built with static shapes for 64x64" in r.output.replace("\n", "")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_build_and_generate_print_paths_and_parameters_with_brackets_as_they_are(tmp_path):
     """Square brackets (an --out path, a refiner's "[HASH]") are text: they were read as console markup, which
     dropped them from the output or, for a closing tag, ended in a traceback after the bundle or image was written."""
