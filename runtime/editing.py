@@ -47,8 +47,14 @@ def edit_plan(scheduler_config: dict, num_inference_steps: int, strength: float)
     """The schedule of ``num_inference_steps`` steps, cut to the steps ``strength`` runs; returns (plan, t_start)."""
     t_start = start_step(num_inference_steps, check_strength(strength))
     if t_start >= num_inference_steps:
-        raise LdmExportError(f"strength {strength} with {num_inference_steps} steps runs no step; raise the strength "
-                             "or the steps")
+        # the least steps, and the least strength (to 3 decimals), for which int(steps * strength) >= 1
+        steps = math.ceil(1.0 / strength)
+        steps += int(steps * strength) < 1
+        least = math.ceil(1000 / num_inference_steps) / 1000
+        least = min(1.0, least + 0.001 * (int(num_inference_steps * least) < 1))
+        raise LdmExportError(f"strength {strength:g} with {num_inference_steps} step{'s' * (num_inference_steps > 1)} "
+                             f"runs no step (it runs int(steps x strength) of them); use --steps {steps} or more, or "
+                             f"a strength of at least {least:g}")
     return plan_range(scheduler_config, num_inference_steps, t_start), t_start
 
 

@@ -87,8 +87,16 @@ def test_inpaint_latent_blend_matches_diffusers(name, strength):
 def test_strength_picks_the_start_step_as_diffusers():
     assert E.start_step(50, 0.8) == 10 and E.start_step(20, 1.0) == 0 and E.start_step(10, 0.05) == 10
     assert E.start_step(100, 0.29) == 72  # int(28.999999999999996): diffusers' float truncation, kept
+    euler = resolve_scheduler("Euler", {"_class_name": "EulerDiscreteScheduler"})
     with pytest.raises(LdmExportError, match="runs no step"):
-        E.edit_plan(resolve_scheduler("Euler", {"_class_name": "EulerDiscreteScheduler"}), 10, 0.05)
+        E.edit_plan(euler, 10, 0.05)
+    # the advice is the exact way out: the least steps and the least strength that run a step
+    for steps, strength, need, least in ((1, 0.5, 2, 1.0), (3, 0.01, 100, 0.334), (7, 0.1, 10, 0.143),
+                                         (40, 0.02, 50, 0.025)):
+        with pytest.raises(LdmExportError, match=f"use --steps {need} or more, or a strength of at least {least:g}$"):
+            E.edit_plan(euler, steps, strength)
+        assert E.start_step(need, strength) < need and E.start_step(need - 1, strength) == need - 1
+        assert E.start_step(steps, least) < steps and E.start_step(steps, least - 0.001) == steps
     for bad in (0, -0.1, 1.5, float("nan"), "0.5", True):
         with pytest.raises(LdmExportError, match=r"strength must be a number in \(0, 1\]"):
             E.check_strength(bad)
