@@ -176,11 +176,12 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             "defaults": {**GENERIC_DEFAULTS, **spec.defaults},
             "modules": {m.name: _module_config(modules[m.name]) for m in family.modules},
         },
-        "weights": embedded_weights_info(spec, loaded) if embedded else
-                   {"source": loaded.source, "sha256": loaded.sha256, "seed": loaded.seed,
-                    # the name alone: a full path would name the build machine's folders
-                    "path": Path(weights_path).name if weights_path and loaded.source != "random" else None},
-        **({"loras": loras} if loras else {}),
+        "weights": {**(embedded_weights_info(spec, loaded) if embedded else
+                       {"source": loaded.source, "sha256": loaded.sha256, "seed": loaded.seed,
+                        # the name alone: a full path would name the build machine's folders
+                        "path": Path(weights_path).name if weights_path and loaded.source != "random" else None}),
+                    # where `ldm-export lora` appends its own: inspect shows them, in the order they were fused
+                    **({"loras": loras} if loras else {})},
         "target": cfg.target, "static_shape": cfg.static_shape, "verify_provider": cfg.resolved_verify_provider(),
         **({"fused_attention": True} if cfg.fused_attention else {}),
         "components": {}, "files": {},

@@ -375,6 +375,10 @@ def lora_bundle(bundle_path: str | Path, loras: list[LoraRef], out: str | Path, 
             summed: dict[str, np.ndarray] = {}  # initializer -> float32 values with every delta added (packed q/k/v)
             for param, delta in sorted(changed.items()):
                 entry = mapping.get(param)
+                if (entry is None or entry["initializer"] not in inits) and info.get("precision") == "int8":
+                    raise LdmExportError(f"the {component} of bundle {bundle.path} is int8: its weights are quantised, so "
+                                         f"a LoRA cannot be added to them ({component}.{param}); add the LoRA to the fp32 "
+                                         "bundle and quantise that (ldm-export quantize), or build with --lora")
                 if entry is None or entry["initializer"] not in inits:
                     raise LdmExportError(f"{component}.{param}: the bundle's graph has no initializer that holds this "
                                          "weight (or two hold the same values); build with --lora instead")
@@ -396,7 +400,9 @@ def lora_bundle(bundle_path: str | Path, loras: list[LoraRef], out: str | Path, 
             files = save_onnx(model, path)
             info["files"] = [str(f.relative_to(stage)) for f in files]
             del model
-        manifest["weights"] = dict(manifest["weights"], loras=manifest["weights"].get("loras", []) + fused,
+        # a bundle built with --lora by an earlier ldm-export keeps them at the manifest's top level
+        earlier = manifest["weights"].get("loras", []) or manifest.pop("loras", [])
+        manifest["weights"] = dict(manifest["weights"], loras=earlier + fused,
                                    lora_base_bundle=bundle.manifest["files"][bundle.manifest["components"]["unet"]["files"][0]]["sha256"])
         manifest["files"] = {str(p.relative_to(stage)): {"sha256": sha256_file(p), "size": p.stat().st_size}
                              for p in sorted(stage.rglob("*")) if p.is_file() and p.name != MANIFEST}

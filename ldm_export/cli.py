@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from ldm_export.cli_bench import bench
@@ -77,7 +78,7 @@ def build(model, precision, weights, random_weights, seed, out, force, static_sh
     def progress(component: str, stage: str, detail: str) -> None:
         now = time.perf_counter()
         if last[1] is not None:
-            console.print(f"  [green]✓[/green] {last[1]} [dim]({now - last[0]:.1f} s)[/dim]")
+            console.print(f"  [green]✓[/green] {escape(last[1])} [dim]({now - last[0]:.1f} s)[/dim]")
         last[0], last[1] = now, f"{component}: {stage}" + (f" {detail}" if detail else "")
         if stage == "done" and component == "bundle":
             last[1] = None
@@ -86,7 +87,7 @@ def build(model, precision, weights, random_weights, seed, out, force, static_sh
         with console.status("building...", spinner="dots") as status:
             def shown(component, stage, detail=""):
                 progress(component, stage, detail)
-                status.update(f"{component}: {stage} {detail}")
+                status.update(escape(f"{component}: {stage} {detail}"))
             manifest = run_build(cfg, shown)
     except KeyboardInterrupt:  # the staging folder is gone by now (bundle_writer.staging)
         raise LdmExportError(f"interrupted: the build stopped; nothing was written to {cfg.resolved_out()}",
@@ -103,7 +104,7 @@ def _parse_loras(loras):
 
 
 def _print_summary(out: Path, manifest: dict, seconds: float) -> None:
-    t = Table(title=f"bundle {out}  ({manifest['model']['name']}, {seconds:.1f} s)")
+    t = Table(title=escape(f"bundle {out}  ({manifest['model']['name']}, {seconds:.1f} s)"))
     for col in ("component", "precision", "files", "size", "verification (vs torch fp32)"):
         t.add_column(col)
     for comp, info in manifest["components"].items():
@@ -285,7 +286,7 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
             raise LdmExportError("--refiner hands text-to-image latents over; it does not take --init-image yet")
         refine = Pipeline.from_bundle(refiner, provider=provider, verify=verify, threads=threads, cfg_mode=cfg_mode,
                                       cudnn_search=cudnn_search.upper() if cudnn_search else None, low_memory=low_memory)
-        _check_refiner(pipe, refine)
+        _check_refiner(pipe, refine, width, height)
         images = _refined(pipe, refine, prompt, seed, num_images, refiner_start, common)
     written: list[Path] = []
     times: list[float] = []
@@ -301,12 +302,12 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
                     save_image(image, paths[k], last)
                     written.append(paths[k])
                 times.append(time.perf_counter() - t1)
-                out_console.print(f"wrote {paths[k]}")
+                out_console.print(f"wrote {escape(str(paths[k]))}", soft_wrap=True)
     except KeyboardInterrupt:
         done = f"{len(written)} of {len(paths)} images were written ({', '.join(map(str, written))})" if written else \
             "no image was written"
         raise LdmExportError(f"interrupted: {done}; each written image is complete", exit_code=130) from None
-    out_console.print(last.splitlines()[-1], soft_wrap=True)
+    out_console.print(escape(last.splitlines()[-1]), soft_wrap=True)  # "Refiner: NAME [HASH]" is no markup
     per_batch = pipe.images_per_batch(cfg)
     if len(times) == 1:
         console.print(f"[dim]load {t_load:.2f} s, generate {times[0]:.2f} s[/dim]")
@@ -318,8 +319,9 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
         console.print(f"[dim]load {t_load:.2f} s, first image {times[0]:.2f} s, then {per:.2f} s per image[/dim]")
 
 
-def _check_refiner(pipe, refine) -> None:
-    """A refiner continues the base's latents: refuse one that reads latents of another VAE (channels, scale, shift)."""
+def _check_refiner(pipe, refine, width, height) -> None:
+    """A refiner continues the base's latents: refuse one that reads latents of another VAE (channels, scale, shift),
+    or that cannot take the image's size (a static-shape bundle), before the base has run."""
     def latents(p):
         f = p.latent_format
         return (f"'{p.bundle.model.get('name')}' ({f.channels} latent channels, scale {f.scale:g}, shift {f.shift:g}, "
@@ -328,6 +330,7 @@ def _check_refiner(pipe, refine) -> None:
     if refine.latent_format != pipe.latent_format:
         raise LdmExportError(f"refiner {refine.bundle.path} is {latents(refine)} but the base {pipe.bundle.path} is "
                              f"{latents(pipe)}; a refiner must share the base's latents (sdxl-refiner for sdxl)")
+    refine._size(*pipe._size(width, height))
 
 
 def _refined(pipe, refine, prompt, seed, num_images, start, common):

@@ -17,6 +17,8 @@ from ldm_export.cli_common import _guard
 @_guard
 def lora(bundle: Path, loras: tuple[str, ...], out: Path, force: bool) -> None:
     """Write BUNDLE with each LoRA (kohya/A1111 or diffusers/PEFT .safetensors) fused in as a new bundle at --out."""
+    from rich.markup import escape
+
     from ldm_export.cli_common import console
     from ldm_export.export.lora import lora_bundle, parse_lora
 
@@ -26,4 +28,4 @@ def lora(bundle: Path, loras: tuple[str, ...], out: Path, force: bool) -> None:
         manifest = lora_bundle(bundle, refs, out, force)
     fused = ", ".join(f"{x['file']} x{x['scale']:g} ({sum(x['layers'].values())} layers)"
                       for x in manifest["weights"]["loras"][-len(refs):])
-    console.print(f"[green]✓[/green] {out}: {fused} [dim]({time.perf_counter() - t0:.1f} s)[/dim]")
+    console.print(f"[green]✓[/green] {escape(f'{out}: {fused}')} [dim]({time.perf_counter() - t0:.1f} s)[/dim]")

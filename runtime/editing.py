@@ -47,8 +47,14 @@ def edit_plan(scheduler_config: dict, num_inference_steps: int, strength: float)
     """The schedule of ``num_inference_steps`` steps, cut to the steps ``strength`` runs; returns (plan, t_start)."""
     t_start = start_step(num_inference_steps, check_strength(strength))
     if t_start >= num_inference_steps:
-        raise LdmExportError(f"strength {strength} with {num_inference_steps} steps runs no step; raise the strength "
-                             "or the steps")
+        # the least steps, and the least strength (to 3 decimals), for which int(steps * strength) >= 1
+        steps = math.ceil(1.0 / strength)
+        steps += int(steps * strength) < 1
+        least = math.ceil(1000 / num_inference_steps) / 1000
+        least = min(1.0, least + 0.001 * (int(num_inference_steps * least) < 1))
+        raise LdmExportError(f"strength {strength:g} with {num_inference_steps} step{'s' * (num_inference_steps > 1)} "
+                             f"runs no step (it runs int(steps x strength) of them); use --steps {steps} or more, or "
+                             f"a strength of at least {least:g}")
     return plan_range(scheduler_config, num_inference_steps, t_start), t_start
 
 
@@ -332,6 +338,10 @@ def _open(path, what: str):
                              "generate") from None
     except (UnidentifiedImageError, OSError) as e:
         raise LdmExportError(f"cannot read {what} {path} as an image ({e}); give a PNG or JPEG") from None
+    # an animation (GIF, APNG, WebP) is read as its first frame, as diffusers' load_image does; a phone's MPO photo
+    # holds more frames too (previews, depth), not an animation
+    if getattr(image, "is_animated", False) and image.format in ("GIF", "PNG", "WEBP"):
+        log.warning("%s %s is an animation of %d frames; using its first frame", what, path, image.n_frames)
     # upright as viewers show it (cameras store the turn in EXIF), as diffusers' load_image and A1111 read images
     return ImageOps.exif_transpose(image)
 
@@ -370,9 +380,11 @@ class EditInputs:
         if mask is None:
             return cls(image, latents, strength)
         lmask = latent_mask(mask, pipe.vae_scale_factor)
-        if not lmask.any():
-            log.warning("mask %s: its white region misses the latent grid (every %d px), so the model repaints nothing "
-                        "there; widen the region or give --mask-blur", mask_image, pipe.vae_scale_factor)
+        if not lmask.any():  # a blur only shrinks what stays at or above the latents' 0.5 threshold
+            log.warning("mask %s: its white region%s misses the latent grid (every %d px), so the model repaints nothing "
+                        "there; widen the region to %d px or more%s", mask_image,
+                        f" blurred by {mask_blur:g} px" if mask_blur else "", pipe.vae_scale_factor,
+                        pipe.vae_scale_factor, " or lower --mask-blur" if mask_blur else "")
         if not inpaint_unet:
             return cls(image, latents, strength, mask, blend_mask=lmask)
         masked = pipe.encode_image(masked_image(pixels, mask))  # diffusers: the image with the masked region zeroed

@@ -238,11 +238,18 @@ class Pipeline:
         if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= MAX_STEPS:
             raise LdmExportError(f"steps must be an integer from 1 to {MAX_STEPS}, got {num_inference_steps!r}")
         guidance_scale, guidance_rescale = checks.check_guidance(guidance_scale, guidance_rescale)
-        if any(negatives) and not self.family.uses_cfg(guidance_scale):
+        if not self.family.uses_cfg(guidance_scale):
             why = (f"guidance scale {guidance_scale:g} (1 or less) runs no unconditional pass"
                    if self.family.uses_cfg(2.0) else f"the {self.family.name} family is guidance-distilled (no "
                    "unconditional pass)")
-            log.warning("the negative prompt has no effect: %s", why)
+            if any(negatives):
+                log.warning("the negative prompt has no effect: %s", why)
+            if guidance_rescale:
+                log.warning("the guidance rescale has no effect: %s", why)
+        denoiser_inputs = [x.name for x in self.engines[self.family.denoiser].spec.inputs]
+        if guidance_scale != self.bundle.defaults["guidance_scale"] and not self.family.takes_guidance(denoiser_inputs):
+            log.warning("the guidance scale has no effect: this %s model takes no guidance (timestep-distilled, as "
+                        "FLUX.1 [schnell]); leave --cfg out", self.family.name)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                        or batch_size < 1):
             raise LdmExportError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -434,12 +441,16 @@ class Pipeline:
         width = self.resolution if width is None else width
         height = self.resolution if height is None else height
         f = self.vae_scale_factor
-        uspec: ComponentSpec = self.engines[self.family.denoiser].spec
-        sample_shape = uspec.inputs[0].shape
-        if len(sample_shape) == 4 and isinstance(sample_shape[2], int) and isinstance(sample_shape[3], int) and (width, height) != (
-                sample_shape[3] * f, sample_shape[2] * f):
-            raise LdmExportError(f"this bundle was built with static shapes for {sample_shape[3] * f}x{sample_shape[2] * f}; "
-                                 f"use that size or rebuild without --static-shape")
+        # the first (N, C, h, w) latent input that fixes its size: the UNet's sample, else the VAE decoder's latents
+        # (FLUX's transformer takes packed (N, hw/4, C*4) tokens)
+        for component in (self.family.denoiser, self.family.decoder):
+            spec: ComponentSpec = self.engines[component].spec
+            sample_shape = spec.inputs[0].shape
+            if len(sample_shape) == 4 and isinstance(sample_shape[2], int) and isinstance(sample_shape[3], int):
+                if (width, height) != (sample_shape[3] * f, sample_shape[2] * f):
+                    raise LdmExportError(f"bundle {self.bundle.path} was built with static shapes for {sample_shape[3] * f}x"
+                                         f"{sample_shape[2] * f}; use that size or rebuild without --static-shape")
+                break
         configs = self.bundle.module_configs
         return checks.check_size(width, height, self.bundle.model, self.family.size_multiple(configs),
                                  self.family.largest_side(configs))

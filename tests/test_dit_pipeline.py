@@ -90,6 +90,24 @@ def test_a_negative_prompt_that_cannot_act_is_warned_about(built, caplog):
     assert "negative prompt" not in caplog.text
 
 
+def test_a_guidance_scale_or_rescale_that_cannot_act_is_warned_about(built, caplog):
+    """FLUX-schnell takes no guidance at all, and no family rescales without CFG: say so (they were ignored silently)."""
+    schnell, dev = Pipeline.from_bundle(built["tiny-flux-schnell"][0]), Pipeline.from_bundle(built["tiny-flux"][0])
+    default = schnell.bundle.defaults["guidance_scale"]
+    with caplog.at_level(logging.WARNING, logger="ldm_export.runtime.pipeline"):
+        schnell(PROMPT, num_inference_steps=1, guidance_scale=default + 2.0)
+    assert "guidance scale has no effect: this flux model takes no guidance" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ldm_export.runtime.pipeline"):
+        dev(PROMPT, num_inference_steps=1, guidance_rescale=0.7)
+    assert "guidance rescale has no effect: the flux family is guidance-distilled" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ldm_export.runtime.pipeline"):
+        schnell(PROMPT, num_inference_steps=1)  # the model's own guidance scale: nothing asked, nothing to say
+        dev(PROMPT, num_inference_steps=1, guidance_scale=default + 2.0)  # dev's guidance is an input
+    assert "no effect" not in caplog.text
+
+
 def test_static_shape_bundle_matches_dynamic(built, tmp_path):
     bundle, folder, _, spec = built["tiny-sd3"]
     static = tmp_path / "static"
@@ -100,6 +118,19 @@ def test_static_shape_bundle_matches_dynamic(built, tmp_path):
     b = Pipeline.from_bundle(static)(PROMPT, num_inference_steps=3, guidance_scale=4.0, latents=latents,
                                      return_latents=True)
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_a_static_flux_bundle_refuses_another_size_before_any_work(tmp_path, monkeypatch):
+    """FLUX's transformer takes packed tokens, so the size check reads the decoder's latents: another size was a
+    shape error from the transformer's boundary after the text encoders had run."""
+    static = tmp_path / "static"
+    build(BuildConfig(model="tiny-flux", precision="fp32", random_weights=True, out=static, static_shape=True))
+    pipe = Pipeline.from_bundle(static)
+    monkeypatch.setattr(Pipeline, "encode", lambda *a: pytest.fail("encoded before the size check"))
+    with pytest.raises(LdmExportError, match="built with static shapes for 64x64; use that size or rebuild"):
+        pipe(PROMPT, num_inference_steps=1, width=80, height=80)
+    with pytest.raises(LdmExportError, match="built with static shapes for 64x64"):
+        pipe.iter_images(PROMPT, num_inference_steps=1, width=64, height=96)
 
 
 def test_demo_dit_folder_reuses_the_demo_models_clip_and_vae(tmp_path):

@@ -80,6 +80,14 @@ def test_a_mask_thinner_than_the_latent_grid_is_warned_about(demo_edit, tmp_path
                 "2", "--out", str(tmp_path / "a.png"))
     assert r.returncode == 0, r.stderr
     assert "misses the latent grid (every 8 px)" in r.stderr
+    assert "widen the region to 8 px or more" in r.stderr and "--mask-blur" not in r.stderr  # a blur never helps
+    wide, square = tmp_path / "wide.png", Image.new("L", (64, 64), 0)
+    square.paste(255, (16, 16, 48, 48))
+    square.save(wide)
+    r = run_cli("generate", str(demo_edit), INPAINT_PROMPT, "--init-image", str(init), "--mask", str(wide), "--mask-blur",
+                "1000", "--steps", "2", "--out", str(tmp_path / "b.png"))
+    assert r.returncode == 0, r.stderr
+    assert "blurred by 1000 px misses the latent grid" in r.stderr and "lower --mask-blur" in r.stderr
 
 
 def test_generate_edits_from_the_command_line(demo_edit, tmp_path):
@@ -308,5 +316,35 @@ def test_generate_hands_over_to_a_refiner_image_by_image(tmp_path):
     # A1111's infotext: the base is the Model (it named the refiner), the refiner and the switch follow
     last = second.info["parameters"].splitlines()[-1]
     assert ", Model: tiny-sdxl, Refiner: tiny-sdxl-refiner [" in last and last.endswith("Refiner switch at: 0.75"), last
+    assert last in alone.stdout  # printed as written: "[HASH]" is no console markup
     assert np.array_equal(np.asarray(second), np.asarray(Image.open(tmp_path / "one.png")))
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "two-1.png")), np.asarray(second))
+
+
+def test_a_refiner_that_cannot_take_the_size_is_refused_before_the_base_runs(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from ldm_export.cli import cli
+
+    base, refiner = tmp_path / "base", tmp_path / "refiner"
+    build(BuildConfig(model="tiny-sdxl", random_weights=True, seed=0, out=base))
+    build(BuildConfig(model="tiny-sdxl-refiner", random_weights=True, seed=1, out=refiner, static_shape=True))
+    monkeypatch.setattr(Pipeline, "_generate", lambda *a: pytest.fail("the base ran before the refiner's size check"))
+    r = CliRunner().invoke(cli, ["generate", str(base), "x", "--steps", "4", "--size", "128x128", "--refiner",
+                                 str(refiner), "--out", str(tmp_path / "x.png")])
+    assert r.exit_code == 2, r.output
+    assert f"bundle {refiner} was built with static shapes for 64x64" in r.output.replace("\n", "")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_build_and_generate_print_paths_and_parameters_with_brackets_as_they_are(tmp_path):
+    """Square brackets (an --out path, a refiner's "[HASH]") are text: they were read as console markup, which
+    dropped them from the output or, for a closing tag, ended in a traceback after the bundle or image was written."""
+    bundle = tmp_path / "b[/x]"
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--out", str(bundle))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    for name in ("x[red]y.png", "x[/red]y.png"):
+        out = tmp_path / name
+        r = run_cli("generate", str(bundle), "a red circle", "--steps", "1", "--seed", "1", "--out", str(out))
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert f"wrote {out}" in r.stdout and out.exists()

@@ -87,8 +87,16 @@ def test_inpaint_latent_blend_matches_diffusers(name, strength):
 def test_strength_picks_the_start_step_as_diffusers():
     assert E.start_step(50, 0.8) == 10 and E.start_step(20, 1.0) == 0 and E.start_step(10, 0.05) == 10
     assert E.start_step(100, 0.29) == 72  # int(28.999999999999996): diffusers' float truncation, kept
+    euler = resolve_scheduler("Euler", {"_class_name": "EulerDiscreteScheduler"})
     with pytest.raises(LdmExportError, match="runs no step"):
-        E.edit_plan(resolve_scheduler("Euler", {"_class_name": "EulerDiscreteScheduler"}), 10, 0.05)
+        E.edit_plan(euler, 10, 0.05)
+    # the advice is the exact way out: the least steps and the least strength that run a step
+    for steps, strength, need, least in ((1, 0.5, 2, 1.0), (3, 0.01, 100, 0.334), (7, 0.1, 10, 0.143),
+                                         (40, 0.02, 50, 0.025)):
+        with pytest.raises(LdmExportError, match=f"use --steps {need} or more, or a strength of at least {least:g}$"):
+            E.edit_plan(euler, steps, strength)
+        assert E.start_step(need, strength) < need and E.start_step(need - 1, strength) == need - 1
+        assert E.start_step(steps, least) < steps and E.start_step(steps, least - 0.001) == steps
     for bad in (0, -0.1, 1.5, float("nan"), "0.5", True):
         with pytest.raises(LdmExportError, match=r"strength must be a number in \(0, 1\]"):
             E.check_strength(bad)
@@ -160,6 +168,25 @@ def test_image_bad_input_one_line_errors(tmp_path):
     with pytest.raises(LdmExportError, match="cannot read"):
         E.load_mask(tmp_path / "junk.png", (64, 48))
 
+
+
+def test_an_animated_init_image_or_mask_is_read_as_its_first_frame_with_a_warning(tmp_path, caplog):
+    frames = [Image.new("RGB", (16, 16), c) for c in ((200, 0, 0), (0, 200, 0), (0, 0, 200))]
+    for ext in ("webp", "png", "gif"):
+        path = tmp_path / f"anim.{ext}"
+        frames[0].save(path, save_all=True, append_images=frames[1:], lossless=True)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ldm_export.runtime.editing"):
+            image = E._open(path, "init image")
+        assert f"anim.{ext} is an animation of 3 frames; using its first frame" in caplog.text
+        assert image.convert("RGB").getpixel((8, 8))[0] > 150  # the first (red) frame
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ldm_export.runtime.editing"):
+        E.load_init_image(tmp_path / "anim.webp", None, None, 8)
+        E._open(Image.new("RGB", (8, 8)), "init image")
+        Image.new("RGB", (8, 8)).save(tmp_path / "still.webp")
+        E.load_init_image(tmp_path / "still.webp", None, None, 8)
+    assert caplog.text.count("animation") == 1
 
 
 def test_exif_rotated_photos_are_read_upright(tmp_path):

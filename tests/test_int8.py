@@ -370,6 +370,23 @@ def test_quantize_refuses_a_cut_unet_before_staging(tiny_bundle, tmp_path):
     assert no_leftovers(tmp_path, "q")
 
 
+def test_lora_on_an_int8_bundle_reaches_its_float_text_encoder_and_refuses_its_quantised_unet(tiny_int8, tmp_path):
+    from test_lora import LAYERS, make_lora
+
+    from ldm_export.export.lora import LoraRef, lora_bundle
+
+    both, text = tmp_path / "both.safetensors", tmp_path / "text.safetensors"
+    make_lora(both)
+    make_lora(text, layers=[x for x in LAYERS if x[1] == "text_encoder"])
+    with pytest.raises(LdmExportError, match=r"the unet of bundle .* is int8: its weights are quantised.*quantize"):
+        lora_bundle(tiny_int8[0], [LoraRef(both)], tmp_path / "a")
+    assert no_leftovers(tmp_path, "a")
+    manifest = lora_bundle(tiny_int8[0], [LoraRef(text)], tmp_path / "b")
+    assert manifest["weights"]["loras"][0]["layers"] == {"unet": 0, "text_encoder": 5}
+    unet = tiny_int8[1]["components"]["unet"]["files"]
+    assert [manifest["files"][f]["sha256"] for f in unet] == [tiny_int8[1]["files"][f]["sha256"] for f in unet]
+
+
 def test_quantize_refuses_a_non_fp32_bundle(tiny_int8, tmp_path):
     out, _ = tiny_int8
     with pytest.raises(LdmExportError, match="is not an fp32 bundle"):

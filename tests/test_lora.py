@@ -142,6 +142,27 @@ def test_lora_on_a_bundle_equals_a_fresh_export_with_lora(tmp_path, precision):
     assert np.abs(images[0] - images[2]).max() > 4  # the LoRA changes the image
 
 
+def test_a_built_in_lora_and_a_later_negative_one_are_both_recorded_and_cancel(tmp_path, tiny_bundle):
+    """`build --lora` records its LoRA where `lora` appends (weights.loras: inspect shows it; it was a top-level key
+    that inspect left out); the same file at -0.8 on top undoes it."""
+    path = tmp_path / "style.safetensors"
+    make_lora(path, "kohya")
+    fresh, undone = tmp_path / "fresh", tmp_path / "undone"
+    build(BuildConfig(model="tiny", precision="fp32", random_weights=True, out=fresh, loras=(LoraRef(path, 0.8),)))
+    r = run_cli("inspect", str(fresh), "--no-hashes")
+    assert r.returncode == 0 and "style.safetensors" in r.stdout, r.stdout
+    manifest = lora_bundle(fresh, [LoraRef(path, -0.8)], undone)
+    assert [(x["file"], x["scale"]) for x in manifest["weights"]["loras"]] == [("style.safetensors", 0.8),
+                                                                              ("style.safetensors", -0.8)]
+    assert "loras" not in manifest
+    for component in ("unet", "text_encoder"):
+        plain, _ = _initializers(tiny_bundle, component)
+        styled, _ = _initializers(fresh, component)
+        back, _ = _initializers(undone, component)
+        assert max(float(np.abs(styled[k] - plain[k]).max()) for k in plain) > 1e-2
+        assert max(float(np.abs(back[k] - plain[k]).max()) for k in plain) < 1e-5
+
+
 def test_lora_cli_refuses_to_overwrite_and_names_bad_input(tmp_path, tiny_bundle):
     path = tmp_path / "l.safetensors"
     make_lora(path, "peft")

@@ -219,6 +219,11 @@ class Family:
         (FLUX) take it as an input instead."""
         return guidance_scale > 1.0
 
+    def takes_guidance(self, denoiser_inputs: Sequence[str]) -> bool:
+        """Whether a guidance scale changes what this model draws: CFG for every family that has it; a distilled
+        model only where its denoiser has a guidance input (FLUX-dev's ``guidance``; FLUX-schnell has none)."""
+        return True
+
     def scheduler_config(self, config: Mapping[str, Any], *, width: int, height: int) -> dict[str, Any]:
         """The scheduler config for one request (FLUX's resolution-dependent shift is resolved here)."""
         return dict(config)

@@ -77,6 +77,9 @@ class Flux(TransformerFamily):
     def uses_cfg(self, guidance_scale: float) -> bool:
         return False  # distilled: dev's guidance is an input, schnell has none
 
+    def takes_guidance(self, denoiser_inputs) -> bool:
+        return "guidance" in denoiser_inputs  # schnell is timestep-distilled: no guidance at all
+
     def prepare(self, cond: Conditioning, *, width: int, height: int, guidance_scale: float) -> Conditioning:
         # the distilled guidance scale as an input (FLUX-dev); schnell's graph has no such input and ignores it
         guidance = np.full((cond.batch,), guidance_scale, np.float32)
