@@ -358,6 +358,22 @@ def _folder_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _removed_if_unused(folders: Sequence[Path]) -> Iterator[None]:
+    """On failure, remove the folders this build created (innermost first) where they hold nothing but the builders'
+    lock: a build refused or stopped before its first plan leaves no empty engines folder behind."""
+    try:
+        yield
+    except BaseException:
+        for f in reversed(folders):
+            with contextlib.suppress(OSError):
+                if {p.name for p in f.iterdir()} <= {".lock"}:
+                    with contextlib.suppress(FileNotFoundError):
+                        (f / ".lock").unlink()
+                    f.rmdir()
+        raise
+
+
 def _serialize(loader) -> Any:
     if isinstance(loader, RtxEngineBytes):
         return loader()
@@ -397,6 +413,7 @@ def build_engines(bundle_path: str | os.PathLike, components: Sequence[str] | No
         log.warning("TensorRT-RTX keeps no timing cache (its timing cache calls are no-ops): --timing-cache is ignored; "
                     "its runtime cache of JIT-compiled kernels is written beside each plan when the engine runs")
     recipes = [engine_recipe(bundle, c, options, timing_cache, target.builder) for c in comps]  # fail before any build
+    created = [p for p in (folder.parent, folder) if not p.exists()]  # removed again if no engine lands in them
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if timing_cache is not None:
@@ -409,7 +426,7 @@ def build_engines(bundle_path: str | os.PathLike, components: Sequence[str] | No
     except ImportError:  # a TensorRT-RTX-only install (the edge path) has no Polygraphy
         PolygraphyException = LdmExportError  # noqa: N806
 
-    with _folder_lock(folder):
+    with _removed_if_unused(created), _folder_lock(folder):
         index = read_engines_json(folder) or {"format": ENGINES_FORMAT, "format_version": ENGINES_FORMAT_VERSION,
                                               "target": target.to_json(), "engines": {}}
         for r in recipes:

@@ -482,6 +482,30 @@ def test_failed_build_leaves_earlier_engines_and_a_valid_index(bundle_copy):
     assert not (engines_root(bundle_copy) / H100.dirname / "vae_decoder.plan").exists()
 
 
+
+@needs_polygraphy
+def test_a_build_failing_before_its_first_plan_leaves_no_engines_folder(bundle_copy):
+    """A refused or failed first component used to leave an empty engines/<target>/ (holding only the lock file)."""
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+    from polygraphy.exception import PolygraphyException
+
+    def fails(loader):
+        raise PolygraphyException("Failed to parse ONNX model.")
+
+    with pytest.raises(LdmExportError, match="could not build the engine"):
+        build_engines(bundle_copy, ["unet"], EngineOptions(), target=H100, serialize=fails)
+    assert not engines_root(bundle_copy).exists()
+    build_engines(bundle_copy, ["vae_decoder"], EngineOptions(), target=H100, serialize=_fake_plans)
+    with pytest.raises(LdmExportError, match="could not build the engine"):  # another GPU's folder, beside one kept
+        build_engines(bundle_copy, ["unet"], EngineOptions(), target=L4, serialize=fails)
+    assert available_targets(bundle_copy) == [H100.dirname]
+    assert sorted(p.name for p in engines_root(bundle_copy).iterdir()) == [H100.dirname]
+    with pytest.raises(LdmExportError, match="could not build the engine"):  # a folder that has engines stays whole
+        build_engines(bundle_copy, ["unet"], EngineOptions(), target=H100, serialize=fails)
+    assert list(json.loads((engines_root(bundle_copy) / H100.dirname / ENGINES_JSON).read_text())["engines"]) == \
+        ["vae_decoder"]
+
+
 # ---------------------------------------------------------------- missing TensorRT, through the CLI
 
 NO_TENSORRT = "import sys; sys.modules['tensorrt'] = None; sys.modules['tensorrt_rtx_bindings'] = None"

@@ -292,7 +292,7 @@ def test_bad_engine_options_are_one_line(tiny_bundle, tmp_path, args, match):
     r = run_cli("engines", str(bundle), "--components", "vae_decoder", *args)
     assert r.returncode == 2, r.stderr
     assert "\n" not in r.stderr.strip() and match in r.stderr
-    assert not list(engines_root(bundle).glob("*/*.plan"))
+    assert not engines_root(bundle).exists()  # no engines folder left empty (a refused compute capability made one)
 
 
 def test_refit_without_a_gpu_is_one_line(tiny_bundle, tmp_path):
@@ -302,7 +302,7 @@ def test_refit_without_a_gpu_is_one_line(tiny_bundle, tmp_path):
     assert r.returncode == 2, r.stderr
     line = r.stderr.strip()
     assert "\n" not in line and "could not build the engine" in line and "--refit" in line
-    assert not list(engines_root(bundle).glob("*/*.plan"))
+    assert not engines_root(bundle).exists()
 
 
 def test_timing_cache_is_ignored_with_a_warning_on_tensorrt_rtx(tiny_bundle, tmp_path):
