@@ -392,7 +392,7 @@ def build_engines(bundle_path: str | os.PathLike, components: Sequence[str] | No
     any GPU of that compute capability); ``serialize`` runs a loader and returns the plan (default: the loader's own
     builder). Both are parameters so that the folder, index and atomicity logic is testable without TensorRT."""
     bundle = Bundle.open(bundle_path)
-    comps = list(components) if components else bundle.components
+    comps = list(dict.fromkeys(components)) if components else bundle.components  # a name given twice builds once
     unknown = [c for c in comps if c not in bundle.components]
     if unknown:
         raise LdmExportError(f"bundle {bundle.path} has no component {unknown[0]!r}; it has: {', '.join(bundle.components)}")

@@ -506,6 +506,15 @@ def test_a_build_failing_before_its_first_plan_leaves_no_engines_folder(bundle_c
         ["vae_decoder"]
 
 
+@needs_polygraphy
+def test_a_component_named_twice_builds_once(bundle_copy):
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    built = []
+    build_engines(bundle_copy, ["unet", "vae_decoder", "unet"], EngineOptions(), target=H100,
+                  progress=lambda c, s, d: built.append(c) if s == "done" else None, serialize=_fake_plans)
+    assert built == ["unet", "vae_decoder"]
+
 # ---------------------------------------------------------------- missing TensorRT, through the CLI
 
 NO_TENSORRT = "import sys; sys.modules['tensorrt'] = None; sys.modules['tensorrt_rtx_bindings'] = None"
