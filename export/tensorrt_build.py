@@ -138,7 +138,9 @@ def engine_recipe(bundle: Bundle, component: str, options: EngineOptions, timing
                              f"{bundle.manifest.get('target', 'cuda')}"
                              f"{' --fused-attention' if bundle.manifest.get('fused_attention') else ''}); "
                              "rebuild the bundle with --target tensorrt")
-    int8_format = (bundle.manifest.get("int8") or {}).get("quantisation", {}).get("format")
+    int8 = bundle.manifest.get("int8")
+    quantisation = int8.get("quantisation") if isinstance(int8, dict) else None  # a damaged section: the graph decides
+    int8_format = quantisation.get("format") if isinstance(quantisation, dict) else None
     if precision == "int8" and int8_format == "onnxruntime":
         raise LdmExportError(f"{component}: the int8 graph is in the onnxruntime QDQ format (int32 biases, asymmetric u8 "
                              "activations for ONNX Runtime's CPU kernels), which TensorRT's parser refuses; quantise for "

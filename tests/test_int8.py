@@ -202,6 +202,42 @@ def test_inspect_shows_the_int8_report(tiny_int8):
     assert "fp32 (not quantised)" in r.stdout
 
 
+
+@pytest.mark.parametrize("damage,text", [
+    (lambda q: q.pop("quality"), "no 'quality'"),
+    (lambda q: q["quantisation"].pop("level"), "no 'level'"),
+    (lambda q: q.__setitem__("quantisation", None), "is damaged ("),
+    (lambda q: q["quality"]["components"]["unet"].__setitem__("sqnr_db", None), "is damaged ("),
+], ids=["no-quality", "no-level", "quantisation-null", "sqnr-null"])
+def test_inspect_of_a_damaged_int8_section_is_one_line(tiny_int8, tmp_path, damage, text):
+    """A hand-edited or cut int8 section of the manifest gave a traceback (KeyError, TypeError) in `inspect`."""
+    out, _ = tiny_int8
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    m = json.loads((bad / "ldm_export.json").read_text())
+    damage(m["int8"])
+    (bad / "ldm_export.json").write_text(json.dumps(m))
+    r = run_cli("inspect", str(bad), timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "the int8 section of the bundle's ldm_export.json is damaged" in line and text in line
+    assert "ldm-export quantize" in line
+
+
+def test_engines_reads_a_damaged_int8_section_without_a_traceback(tiny_int8, tmp_path):
+    """`engines` looked the QDQ format up in the manifest with chained .get() calls: a non-dict int8 section raised
+    AttributeError. The graph itself then decides (its Q/DQ nodes), as for a bundle without the section."""
+    from ldm_export.export.tensorrt_build import EngineOptions, engine_recipe
+
+    out, _ = tiny_int8
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    m = json.loads((bad / "ldm_export.json").read_text())
+    m["int8"]["quantisation"] = None
+    (bad / "ldm_export.json").write_text(json.dumps(m))
+    recipe = engine_recipe(Bundle.open(bad), "unet", EngineOptions(), None, "tensorrt-rtx")
+    assert recipe.quantization.startswith("int8 QDQ (") and recipe.bundle_precision == "int8"
+
 def test_unet_sqnr_falls_with_cruder_ranges(tiny_bundle, tiny_capture, tmp_path):
     """The quality report measures what it claims: ranges shrunk 100x (heavy clipping) lose SQNR."""
     from ldm_export.calibration.report import unet_sqnr
