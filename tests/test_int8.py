@@ -441,6 +441,16 @@ def test_bench_int8_needs_a_matching_int8_bundle(tiny_bundle, tmp_path):
     _one_line_error(r, "is not an int8 bundle")
 
 
+def test_bench_int8_refuses_an_int8_bundle_as_the_fp32_side(tiny_int8, tmp_path):
+    """`--bundle INT8 --int8-bundle INT8` timed the int8 UNet against itself and reported it as int8 against fp32."""
+    out, _ = tiny_int8
+    r = run_cli("bench", "--bundle", str(out), "--int8-bundle", str(out), "--device", "cpu", "--backends",
+                "ort,ort-int8", "--steps", "1", "--repeats", "1", "--e2e-repeats", "1", "--warmup", "0",
+                "--out", str(tmp_path / "bench"))
+    _one_line_error(r, "is itself an int8 bundle; pass the fp32 bundle it was quantised from as --bundle")
+    assert not (tmp_path / "bench").exists()
+
+
 def test_sweep_table_and_plot(tmp_path):
     from ldm_export.calibration.report import write_plot
     from ldm_export.calibration.sweep import table_markdown
