@@ -341,6 +341,23 @@ def test_bad_int8_input_is_one_line_and_writes_nothing(tmp_path, extra, text):
     assert no_leftovers(tmp_path, "b")
 
 
+@pytest.mark.parametrize("where", ["b/calib", "b"])
+def test_a_calib_cache_inside_the_out_folder_is_refused_before_any_work(tmp_path, monkeypatch, where):
+    """`--calib-cache OUT/calib` made OUT during the capture, so the finished build could not be renamed into place:
+    every step ran, then 'OUT appeared during the build', and OUT/calib was left."""
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--precision", "int8", "--calib-size", "1",
+                "--calib-steps", "1", "--quality-prompts", "0", "--calib-cache", where, "--out", "b", timeout=300)
+    _one_line_error(r, f"--calib-cache {where} is inside the bundle folder b")
+    assert no_leftovers(tmp_path, "b")
+
+
+def test_quantize_refuses_a_calib_cache_inside_its_out(tiny_bundle, tmp_path):
+    with pytest.raises(LdmExportError, match="is inside the bundle folder"):
+        quantize_bundle(tiny_bundle, tmp_path / "q", Int8Config(**FAST, cache=tmp_path / "q" / "calib"))
+    assert no_leftovers(tmp_path, "q")
+
+
 def test_a_real_model_without_calib_prompts_is_warned(caplog):
     from ldm_export.calibration.int8 import validate
 
