@@ -85,7 +85,8 @@ def validate(cfg: Int8Config, model_name: str, target: str, out: Path | None = N
     _check_model(model_name)
     if target != "cpu":
         raise LdmExportError("int8 builds write standard-op QDQ graphs (ONNX Runtime and TensorRT both take them): "
-                             "use --target cpu")
+                             "use --target cpu" + (", with --int8-format tensorrt for `ldm-export engines`"
+                                                   if target == "tensorrt" else ""))
     for comp in cfg.components:
         if comp in _NOT_INT8:
             raise LdmExportError(f"{comp} cannot be int8: {_NOT_INT8[comp]}; int8 applies to: {', '.join(INT8_COMPONENTS)}")

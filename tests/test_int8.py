@@ -311,6 +311,7 @@ def _one_line_error(r, text, after_progress=False):
     (["--calib-cache", "OTHER_STEPS", "--calib-steps", "3", "--calib-size", "2"], "captured with 1 prompts, this build asks for 2"),
     (["--calib-cache", "OTHER_MODEL"], "was captured for model 'demo', this build is 'tiny'"),
     (["--target", "cuda"], "use --target cpu"),
+    (["--target", "tensorrt"], "use --target cpu, with --int8-format tensorrt for `ldm-export engines`"),
     (["--model", "tiny-sdxl"], "tiny-sdxl is a sdxl model (text_encoder, text_encoder_2, unet, vae_decoder)"),
     (["--model", "tiny-flux"], "tiny-flux is a flux model"),
     (["--model", "tiny-inpaint"], "tiny-inpaint's UNet takes 9 input channels (an inpainting UNet)"),
