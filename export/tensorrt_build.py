@@ -326,6 +326,7 @@ def atomic_write_bytes(path: Path, data) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the plans from the user that serves them
         with os.fdopen(fd, "wb") as f:
             f.write(memoryview(data))
             f.flush()
@@ -335,6 +336,12 @@ def atomic_write_bytes(path: Path, data) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

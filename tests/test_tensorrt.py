@@ -448,6 +448,25 @@ def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["engines.json", "unet.plan"]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_atomic_writes_get_the_modes_of_every_other_bundle_file(tmp_path):
+    """Plans and engines.json were 0600 (mkstemp's mode) while the bundle's other files follow the umask, so engines
+    built by one user (root in a container) could not be read by the one that serves them."""
+    from ldm_export.export.tensorrt_build import atomic_write_bytes, atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "unet.plan", b"plan")
+        atomic_write_json(tmp_path / "engines.json", {})
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "private.plan", b"plan")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "unet.plan").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "engines.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.plan").stat().st_mode & 0o777 == 0o600
+
+
 def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
     from ldm_export.export import tensorrt_build
 
