@@ -408,7 +408,7 @@ def build_engines(bundle_path: str | os.PathLike, components: Sequence[str] | No
     if (target is None or serialize is None) and trt is None:
         trt = require_tensorrt()
     if target is None:
-        target = current_target(trt, compute_capability=options.compute_capability)
+        target = current_target(trt, compute_capability=options.compute_capability, building=True)
     serialize = serialize or _serialize
     if options.precision == "fp16" and target.builder == "tensorrt" and int(target.tensorrt_version.split(".")[0]) >= 11:
         raise LdmExportError(f"TensorRT {target.tensorrt_version} has no FP16 builder flag (weak typing was removed in 11); "

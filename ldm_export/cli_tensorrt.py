@@ -49,7 +49,7 @@ def engines(bundle: Path, components: str | None, precision: str, workspace: flo
 
     Bundle.open(bundle)  # a wrong path says so before TensorRT is looked for
     trt = require_tensorrt(None if builder == "auto" else builder)  # one line when TensorRT is missing
-    target = current_target(trt, compute_capability=compute_capability)  # and when there is no GPU to build for
+    target = current_target(trt, compute_capability=compute_capability, building=True)  # and when there is no GPU
     t0 = time.perf_counter()
     with console.status("building engines...", spinner="dots") as status:
         def progress(component: str, stage: str, detail: str) -> None:

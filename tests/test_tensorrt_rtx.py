@@ -280,6 +280,18 @@ def test_no_gpu_and_no_compute_capability_is_one_line(tiny_bundle):
     assert r.returncode == 2
     line = r.stderr.strip()
     assert "\n" not in line and "no NVIDIA driver" in line and "--compute-capability" in line
+    assert "--provider" not in line  # generate's option: `engines` has none
+
+
+@pytest.mark.skipif(_has_nvidia_driver(), reason="there is a GPU here: the engines would load")
+def test_generate_on_engines_without_a_gpu_says_to_run_on_the_cpu(built, tmp_path):
+    """generate's refusal named `engines`' --compute-capability, and `engines`' named generate's --provider cpu."""
+    r = run_cli("generate", str(built), "a cat", "--provider", "tensorrt-native", "--steps", "1",
+                "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "no NVIDIA driver" in line and line.endswith("run on the CPU with --provider cpu")
+    assert "--compute-capability" not in line and not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize("args, match", [
