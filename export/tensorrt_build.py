@@ -418,6 +418,9 @@ def build_engines(bundle_path: str | os.PathLike, components: Sequence[str] | No
     folder = engines_root(bundle.path) / target.dirname
     rtx = target.builder == "tensorrt-rtx"
     timing_cache = None if rtx else Path(options.timing_cache) if options.timing_cache else folder / "timing.cache"
+    if timing_cache is not None and timing_cache.exists() and not timing_cache.is_file():
+        raise LdmExportError(f"--timing-cache {timing_cache} is a folder; give the cache file's path (e.g. "
+                             f"{timing_cache / 'timing.cache'}), which is made if missing")
     if rtx and options.timing_cache:
         log.warning("TensorRT-RTX keeps no timing cache (its timing cache calls are no-ops): --timing-cache is ignored; "
                     "its runtime cache of JIT-compiled kernels is written beside each plan when the engine runs")

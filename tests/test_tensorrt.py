@@ -208,6 +208,18 @@ def test_polygraphy_chain_carries_profile_flags_and_timing_cache(tiny_bundle, tm
     assert tuple(profile["timestep"].min) == ()
 
 
+def test_a_timing_cache_that_is_a_folder_is_one_line_before_any_build(bundle_copy, tmp_path):
+    """Polygraphy opens the timing cache path as a file: a folder raised IsADirectoryError (a traceback) mid-build."""
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    def never(loader):
+        raise AssertionError("no build should start")
+
+    with pytest.raises(LdmExportError, match="--timing-cache .* is a folder; give the cache file's path"):
+        build_engines(bundle_copy, ["unet"], EngineOptions(timing_cache=tmp_path), target=H100, serialize=never)
+    assert not engines_root(bundle_copy).exists()
+
+
 @needs_polygraphy
 def test_workspace_limit_goes_to_the_workspace_pool(tiny_bundle, tmp_path):
     from types import SimpleNamespace
