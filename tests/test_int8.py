@@ -459,6 +459,15 @@ def test_bench_int8_needs_a_matching_int8_bundle(tiny_bundle, tmp_path):
     _one_line_error(r, "is not an int8 bundle")
 
 
+def test_bench_int8_bundle_without_the_ort_int8_backend_is_one_line(tiny_bundle, tiny_int8, tmp_path):
+    """--int8-bundle with backends that leave out ort-int8 (the default list) was ignored: no int8 row, no word."""
+    out, _ = tiny_int8
+    r = run_cli("bench", "--bundle", str(tiny_bundle), "--int8-bundle", str(out), "--device", "cpu", "--backends", "ort",
+                "--steps", "1", "--repeats", "1", "--e2e-repeats", "1", "--warmup", "0", "--out", str(tmp_path / "bench"))
+    _one_line_error(r, "--int8-bundle is timed by the ort-int8 backend: add it to --backends")
+    assert not (tmp_path / "bench").exists()
+
+
 def test_bench_int8_refuses_an_int8_bundle_as_the_fp32_side(tiny_int8, tmp_path):
     """`--bundle INT8 --int8-bundle INT8` timed the int8 UNet against itself and reported it as int8 against fp32."""
     out, _ = tiny_int8
