@@ -146,10 +146,14 @@ def validate(cfg: Int8Config, model_name: str, target: str, out: Path | None = N
         elif any(Path(cfg.cache).iterdir()):
             raise LdmExportError(f"--calib-cache {cfg.cache} is a folder with other files and no capture; give an empty "
                                  "or new folder")
-    if cfg.prompts is None and model_name != "demo":  # after the checks: a bad request gets its one line alone
+    if cfg.prompts is None and model_name != "demo" and model_name not in _WARNED_NO_PROMPTS:  # after the checks
+        _WARNED_NO_PROMPTS.add(model_name)  # once: `build` validates twice (before torch is imported, then in build())
         log.warning("no --calib-prompts: calibrating %s on the prompt file shipped for the demo model (simple shapes "
                     "and colours); pass prompts like the ones you will generate with --calib-prompts FILE", model_name)
     return prompts
+
+
+_WARNED_NO_PROMPTS: set = set()
 
 
 def _check_cache_request(cfg: Int8Config, info: dict, prompts: list[str]) -> None:

@@ -370,6 +370,14 @@ def test_a_real_model_without_calib_prompts_is_warned(caplog):
     assert "calibrating sd15 on the prompt file shipped for the demo model" in caplog.text
 
 
+def test_build_warns_once_about_the_demo_prompt_file(tmp_path):
+    """`build` checks its options twice (before torch is imported, then in build()): the warning came twice."""
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--precision", "int8", "--calib-size", "1",
+                "--calib-steps", "1", "--quality-prompts", "0", "--out", str(tmp_path / "b"), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("no --calib-prompts: calibrating tiny on the prompt file shipped for the demo model") == 1
+
+
 def test_calibration_options_need_int8(tmp_path):
     r = run_cli("build", "--model", "tiny", "--random-weights", "--quant-level", "2", "--out", str(tmp_path / "b"))
     _one_line_error(r, "add --precision int8")
