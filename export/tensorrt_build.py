@@ -451,8 +451,10 @@ def build_engines(bundle_path: str | os.PathLike, components: Sequence[str] | No
                 with interrupts_held():  # full TensorRT through Polygraphy: Ctrl-C is raised once the build returns
                     plan = serialize(engine_loader(r, trt, target))
             except KeyboardInterrupt:
-                raise LdmExportError(f"interrupted while building {r.component}; {folder} keeps the engines it had: "
-                                     f"{', '.join(index['engines']) or 'none'}", exit_code=130) from None
+                kept = ", ".join(index["engines"])
+                raise LdmExportError(f"interrupted while building {r.component}; " + (
+                    f"{folder} keeps the engines it had: {kept}" if kept else "no engine was written"),
+                    exit_code=130) from None
             except PolygraphyException as e:
                 if isinstance(e, LdmExportError):
                     raise

@@ -446,6 +446,28 @@ def test_ctrl_c_during_a_build_stops_it_and_keeps_the_earlier_engines(bundle_cop
     assert signal.getsignal(signal.SIGINT) is before  # the build's own handler is gone
 
 
+@needs_polygraphy
+def test_ctrl_c_during_the_first_build_leaves_no_engines_folder(bundle_copy):
+    """Stopped before any plan: the message named the (now removed) folder as keeping 'none'."""
+    import signal
+    import time
+
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    def interrupted(loader):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        return _fake_plans(loader)
+
+    with pytest.raises(LdmExportError) as e:
+        build_engines(bundle_copy, None, EngineOptions(), target=H100, serialize=interrupted)
+    assert e.value.exit_code == 130 and str(e.value) == "interrupted while building text_encoder; no engine was written"
+    assert not engines_root(bundle_copy).exists()
+
+
 # ---------------------------------------------------------------- atomic writes
 
 def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
