@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -170,6 +171,33 @@ def save_capture(cap: Capture, folder: str | Path) -> Path:
     return folder
 
 
+_KEYS = ("sample", "timestep", "step", "prompt", "encoder_hidden_states")
+
+
+def _damaged_arrays(folder: Path, e: BaseException) -> LdmExportError:
+    why = f"no array {e}" if isinstance(e, KeyError) else "cut short or not an array file"
+    return LdmExportError(f"calibration cache {folder} is damaged ({_ARRAYS}: {why}); delete it to capture anew")
+
+
+def _open_arrays(folder: Path):
+    """The capture's .npz, its member list checked (cheap: the zip directory only); one line when it is damaged."""
+    try:
+        z = np.load(Path(folder) / _ARRAYS, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # cut short (no zip directory), or not a .npz
+        raise _damaged_arrays(Path(folder), e) from None
+    missing = [k for k in _KEYS if k not in getattr(z, "files", ())]
+    if missing:
+        if hasattr(z, "close"):
+            z.close()
+        raise _damaged_arrays(Path(folder), KeyError(missing[0]))
+    return z
+
+
+def check_arrays(folder: str | Path) -> None:
+    """Refuse a cache whose arrays file is damaged, before a build that would reuse it does any work."""
+    _open_arrays(Path(folder)).close()
+
+
 def has_capture(folder: str | Path) -> bool:
     return (Path(folder) / _MANIFEST).is_file() and (Path(folder) / _ARRAYS).is_file()
 
@@ -182,10 +210,13 @@ def load_capture(folder: str | Path, expect_model: dict | None = None, expect_sh
                              "--calib-cache at an empty folder to capture anew")
     try:
         info = json.loads((folder / _MANIFEST).read_text())
-        with np.load(folder / _ARRAYS) as z:
-            arrays = {k: z[k] for k in ("sample", "timestep", "step", "prompt", "encoder_hidden_states")}
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError) as e:
         raise LdmExportError(f"calibration cache {folder} is damaged ({e}); delete it to capture anew") from None
+    try:
+        with _open_arrays(folder) as z:
+            arrays = {k: z[k] for k in _KEYS}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a member cut short inside the archive
+        raise _damaged_arrays(folder, e) from None
     if info.get("version") != CAPTURE_VERSION:
         raise LdmExportError(f"calibration cache {folder} has format version {info.get('version')}, this ldm-export "
                              f"writes {CAPTURE_VERSION}; delete it to capture anew")

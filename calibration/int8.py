@@ -143,6 +143,7 @@ def validate(cfg: Int8Config, model_name: str, target: str, out: Path | None = N
                 raise LdmExportError(f"calibration cache {cfg.cache} was captured for model {got!r}, this build is "
                                      f"{model_name!r}; use another --calib-cache folder or delete it")
             _check_cache_request(cfg, info, prompts)
+            C.check_arrays(cfg.cache)
         elif any(Path(cfg.cache).iterdir()):
             raise LdmExportError(f"--calib-cache {cfg.cache} is a folder with other files and no capture; give an empty "
                                  "or new folder")

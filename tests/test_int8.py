@@ -404,6 +404,28 @@ def test_cache_of_another_shape_fails_after_export_and_leaves_nothing(tiny_captu
     assert no_leftovers(tmp_path, "b")
 
 
+@pytest.mark.parametrize("damage", ["cut", "garbage"])
+def test_a_damaged_cache_arrays_file_is_one_line_before_any_work(tiny_capture, tmp_path, damage):
+    """A cut unet_inputs.npz raised zipfile.BadZipFile (a traceback) after the whole export; a foreign file gave numpy's
+    advice to load pickles unsafely. Both are now one line, before the export."""
+    cache = tmp_path / "cache"
+    C.save_capture(tiny_capture, cache)
+    arrays = cache / "unet_inputs.npz"
+    arrays.write_bytes(arrays.read_bytes()[:2000] if damage == "cut" else b"not an npz" * 10)
+    info = json.loads((cache / "capture.json").read_text())
+    info["seed"] = 0  # the build's seed; prompts and steps are given below as the capture's
+    (cache / "capture.json").write_text(json.dumps(info))
+    (tmp_path / "prompts.txt").write_text("\n".join(info["prompts"]) + "\n")
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--precision", "int8", "--calib-cache", str(cache),
+                "--calib-prompts", str(tmp_path / "prompts.txt"), "--calib-steps", str(info["num_inference_steps"]),
+                "--out", str(tmp_path / "b"), timeout=300)
+    _one_line_error(r, "is damaged (unet_inputs.npz: cut short or not an array file); delete it to capture anew")
+    assert "pickle" not in r.stderr
+    assert no_leftovers(tmp_path, "b")
+    with pytest.raises(LdmExportError, match="cut short or not an array file"):
+        C.load_capture(cache)
+
+
 def test_build_int8_cli_reuses_its_cache(tmp_path):
     """`build --precision int8` end to end on the tiny model; the second build reuses the captured inputs and
     gives the same int8 graph."""
