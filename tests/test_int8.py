@@ -461,6 +461,17 @@ def test_quantize_refuses_a_non_fp32_bundle(tiny_int8, tmp_path):
     assert no_leftovers(tmp_path, "again")
 
 
+def test_lora_on_an_int8_bundle_says_to_fuse_into_the_fp32_one(tiny_int8, tmp_path):
+    """The int8 UNet keeps no float weight initializers: the refusal said 'build with --lora instead', not how."""
+    from test_lora import make_lora
+
+    out, _ = tiny_int8
+    make_lora(tmp_path / "style.safetensors")
+    r = run_cli("lora", str(out), str(tmp_path / "style.safetensors"), "--out", str(tmp_path / "l8"), timeout=300)
+    _one_line_error(r, "'s unet is int8 (quantised weights); fuse the LoRA into the fp32 bundle it was quantised from")
+    assert no_leftovers(tmp_path, "l8")
+
+
 # ---------------------------------------------------------------- bench: int8 beside fp32 in one run
 
 def test_bench_runs_int8_beside_fp32(tiny_bundle, tiny_int8, tmp_path):
