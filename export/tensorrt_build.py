@@ -493,13 +493,15 @@ def _tool_versions() -> dict[str, str]:
     return out
 
 
-def engines_summary(index: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Rows for the CLI's summary table, one per component."""
+def engines_summary(index: Mapping[str, Any], manifest: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows for the CLI's summary table, one per component; with the bundle's ``manifest``, ``stale`` says whether the
+    plan was built from another ``model.onnx`` than the bundle's (the runtime refuses it)."""
     rows = []
     for comp, e in index.get("engines", {}).items():
         prof = ", ".join(f"{k} {'x'.join(map(str, v['min']))}..{'x'.join(map(str, v['max']))}"
                          for k, v in e["profile"].items() if v["min"] != v["max"])
+        onnx = (manifest or {}).get("files", {}).get(e.get("onnx"), {}).get("sha256")
         rows.append({"component": comp, "file": e["file"], "size": e["size"], "network": e["network"],
                      "flags": ",".join(e["builder_flags"]) or "-", "dynamic": prof or "static",
-                     "seconds": e["build_seconds"]})
+                     "seconds": e["build_seconds"], "stale": manifest is not None and e.get("onnx_sha256") != onnx})
     return rows

@@ -317,6 +317,23 @@ def test_refit_without_a_gpu_is_one_line(tiny_bundle, tmp_path):
     assert not engines_root(bundle).exists()
 
 
+def test_an_earlier_engine_of_another_model_onnx_is_flagged_when_building_others(tiny_bundle, tmp_path):
+    """The summary listed an engine built from another model.onnx (a bundle remade by `ldm-export lora` around an
+    engines folder copied in) as a plain "(earlier)" one; the runtime refuses it, so `engines` says so now."""
+    bundle = _copy(tiny_bundle, tmp_path, "stale")
+    build_and_check(bundle, components=("text_encoder",))
+    index_path = next(engines_root(bundle).glob("*/engines.json"))
+    index = json.loads(index_path.read_text())
+    index["engines"]["text_encoder"]["onnx_sha256"] = "0" * 64
+    index_path.write_text(json.dumps(index))
+    r = run_cli("engines", str(bundle), "--components", "vae_decoder", "--compute-capability", CC, *FAST)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("STALE") == 1  # the text_encoder row, not the vae_decoder just built
+    assert ("warning: the text_encoder engine was built from another model.onnx than this bundle's and will not load; "
+            f"rebuild with `ldm-export engines {bundle} --components text_encoder --compute-capability {CC}`") in \
+        " ".join(r.stderr.split())
+
+
 def test_timing_cache_is_ignored_with_a_warning_on_tensorrt_rtx(tiny_bundle, tmp_path):
     bundle = _copy(tiny_bundle, tmp_path, "tc")
     r = run_cli("engines", str(bundle), "--components", "text_encoder", "--compute-capability", CC,
