@@ -74,6 +74,9 @@ class EngineOptions:
             raise LdmExportError(f"the builder optimisation level must be 0 to 5, got {self.optimization_level}")
         if self.workspace_gb is not None and not 0 < self.workspace_gb < float("inf"):
             raise LdmExportError(f"--workspace must be a positive number of GB, got {self.workspace_gb}")
+        if self.workspace_gb is not None and self.workspace_gb * (1 << 30) >= 1 << 63:  # TensorRT's limit is a size_t
+            raise LdmExportError(f"--workspace is a number of GB (e.g. 8); {self.workspace_gb:g} GB is more than TensorRT "
+                                 "can take")
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,8 @@ def test_a_damaged_model_onnx_is_one_line_before_the_builder(tiny_bundle, tmp_pa
 
 @pytest.mark.parametrize("kwargs, match", [({"precision": "bf16"}, "precision"), ({"optimization_level": 6}, "0 to 5"),
                                            ({"workspace_gb": 0}, "workspace"), ({"workspace_gb": float("inf")}, "workspace"),
-                                           ({"workspace_gb": float("nan")}, "workspace")])
+                                           ({"workspace_gb": float("nan")}, "workspace"),
+                                           ({"workspace_gb": 1e12}, "1e\\+12 GB is more than TensorRT can take")])
 def test_bad_options_are_one_line_errors(kwargs, match):
     from ldm_export.export.tensorrt_build import EngineOptions
 
