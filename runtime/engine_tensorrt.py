@@ -262,7 +262,12 @@ def locate_plan(bundle: Bundle, component: str, target: EngineTarget) -> tuple[P
     size = plan.stat().st_size
     if size < entry["size"]:
         raise LdmExportError(f"{plan} is truncated ({size} of {entry['size']} bytes); {_rebuild(bundle, component)}")
-    if size != entry["size"] or sha256_file(plan) != entry["sha256"]:
+    try:
+        digest = sha256_file(plan) if size == entry["size"] else None
+    except OSError as e:  # e.g. a plan another user wrote with mode 0600 (as `engines` did before)
+        raise LdmExportError(f"cannot read {plan}: {e.strerror}; let this user read the engines folder (chmod a+r) or "
+                             f"{_rebuild(bundle, component)}") from None
+    if digest != entry["sha256"]:
         raise LdmExportError(f"{plan}: sha256 mismatch (the file was changed or damaged); {_rebuild(bundle, component)}")
     onnx_rel = bundle.manifest["components"][component]["files"][0]
     onnx_sha = bundle.manifest["files"][onnx_rel]["sha256"]

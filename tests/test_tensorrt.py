@@ -365,6 +365,22 @@ def test_selection_refuses_changed_plans_and_stale_onnx(bundle_copy):
 
 
 @needs_polygraphy
+def test_an_unreadable_plan_is_one_line(bundle_copy, monkeypatch):
+    """A plan another user wrote with mode 0600 raised PermissionError (a traceback) when its sha256 was checked."""
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+    from ldm_export.runtime import engine_tensorrt
+
+    build_engines(bundle_copy, ["unet"], EngineOptions(), target=H100, serialize=_fake_plans)
+
+    def denied(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(engine_tensorrt, "sha256_file", denied)
+    with pytest.raises(LdmExportError, match=r"cannot read .*unet\.plan: Permission denied; let this user read the "
+                                             r"engines folder \(chmod a\+r\) or rebuild with"):
+        locate_plan(Bundle.open(bundle_copy), "unet", H100)
+
+
+@needs_polygraphy
 def test_a_folder_renamed_to_this_gpus_key_is_judged_by_its_index(bundle_copy):
     """Engines built for an L4, their folder renamed (or copied) to the H100's key: the index's target decides, so
     they are refused with the usual message instead of handed to TensorRT."""
