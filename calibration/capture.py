@@ -32,6 +32,9 @@ def read_prompts(path: str | Path | None, limit: int | None = None, warn_short: 
     path = Path(path) if path is not None else DEFAULT_PROMPTS
     if path.is_dir():
         raise LdmExportError(f"calibration prompt file {path} is a folder; pass --calib-prompts FILE with one prompt a line")
+    if path.exists() and not path.is_file():  # a pipe, e.g. --calib-prompts <(grep cat prompts.txt): read more than once
+        raise LdmExportError(f"calibration prompt file {path} is not a regular file (a pipe or device); write the prompts "
+                             "to a file and pass --calib-prompts FILE")
     if not path.is_file():
         raise LdmExportError(f"calibration prompt file {path} does not exist; pass --calib-prompts FILE with one prompt a line")
     try:

@@ -60,6 +60,18 @@ def test_bad_prompt_files(tmp_path):
     assert C.read_prompts(bom) == ["a red circle", "blue square"]
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="POSIX named pipes")
+def test_a_prompt_pipe_is_refused_as_not_a_file(tmp_path):
+    """`--calib-prompts <(grep cat prompts.txt)` names a pipe, which exists but was reported as not existing (and the
+    prompts are read more than once during a build)."""
+    import os
+
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(LdmExportError, match="is not a regular file \\(a pipe or device\\); write the prompts to a file"):
+        C.read_prompts(fifo)
+
+
 def test_calib_size_beyond_the_file_warns_once(tmp_path, caplog):
     short = tmp_path / "short.txt"
     short.write_text("a red circle\nblue square\n")
