@@ -155,8 +155,11 @@ def model_identity(bundle) -> dict:
     """What a capture belongs to: model name, weights (source, hash or seed) and the UNet's input spec (a cache of
     another model or shape is refused). Not the graph's sha256: exports need not be byte-identical."""
     unet = bundle.manifest["components"]["unet"]
+    weights = bundle.manifest.get("weights")
+    if bundle.manifest.get("loras"):  # `build --lora` records its LoRAs beside the weights (`ldm-export lora`, inside)
+        weights = {"weights": weights, "loras": bundle.manifest["loras"]}
     return {"name": bundle.model["name"],
-            "weights": hashlib.sha256(json.dumps(bundle.manifest.get("weights"), sort_keys=True).encode()).hexdigest()[:16],
+            "weights": hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()[:16],
             "unet_inputs": unet["spec"]["inputs"]}
 
 

@@ -145,6 +145,16 @@ def test_capture_at_chosen_steps(tiny_bundle):
         C.capture_unet_inputs(pipe, ["a red circle"], num_inference_steps=2, record_steps=[7])
 
 
+def test_a_build_with_lora_has_another_capture_identity(tiny_bundle):
+    """`build --lora` records its LoRAs beside the weights, not in them: a cache captured without the LoRA was reused
+    for a build with it (and the reverse), calibrating on another model's activations."""
+    b = Bundle.open(tiny_bundle)
+    plain = C.model_identity(b)
+    lora = {**b.manifest, "loras": [{"file": "style.safetensors", "scale": 1.0, "sha256": "ab" * 32}]}
+    assert C.model_identity(Bundle(b.path, lora))["weights"] != plain["weights"]
+    assert C.model_identity(Bundle(b.path, {**b.manifest}))["weights"] == plain["weights"]  # caches made before still match
+
+
 def test_capture_cache_round_trip_and_refusals(tiny_capture, tmp_path):
     C.save_capture(tiny_capture, tmp_path / "cache")
     ident = tiny_capture.info["model"]
@@ -519,6 +529,19 @@ def test_bench_int8_bundle_without_the_ort_int8_backend_is_one_line(tiny_bundle,
                 "--steps", "1", "--repeats", "1", "--e2e-repeats", "1", "--warmup", "0", "--out", str(tmp_path / "bench"))
     _one_line_error(r, "--int8-bundle is timed by the ort-int8 backend: add it to --backends")
     assert not (tmp_path / "bench").exists()
+
+
+def test_bench_int8_refuses_an_int8_bundle_built_with_a_lora_the_fp32_one_lacks(tiny_bundle, tiny_int8, tmp_path):
+    out, _ = tiny_int8
+    styled = tmp_path / "styled-int8"
+    shutil.copytree(out, styled)
+    m = json.loads((styled / "ldm_export.json").read_text())
+    m["loras"] = [{"file": "style.safetensors", "scale": 1.0, "sha256": "ab" * 32}]  # as `build --lora` records them
+    (styled / "ldm_export.json").write_text(json.dumps(m))
+    r = run_cli("bench", "--bundle", str(tiny_bundle), "--int8-bundle", str(styled), "--device", "cpu", "--backends",
+                "ort,ort-int8", "--steps", "1", "--repeats", "1", "--e2e-repeats", "1", "--warmup", "0",
+                "--out", str(tmp_path / "bench"))
+    _one_line_error(r, "holds another model or weights than")
 
 
 def test_bench_int8_refuses_an_int8_bundle_as_the_fp32_side(tiny_int8, tmp_path):
