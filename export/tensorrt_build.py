@@ -378,10 +378,11 @@ def _removed_if_unused(folders: Sequence[Path]) -> Iterator[None]:
         yield
     except BaseException:
         for f in reversed(folders):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, LdmExportError):  # LdmExportError: another builder holds it; it stays
                 if {p.name for p in f.iterdir()} <= {".lock"}:
-                    with contextlib.suppress(FileNotFoundError):
-                        (f / ".lock").unlink()
+                    if (f / ".lock").exists():
+                        with _folder_lock(f):
+                            (f / ".lock").unlink()
                     f.rmdir()
         raise
 

@@ -576,6 +576,28 @@ def test_a_build_failing_before_its_first_plan_leaves_no_engines_folder(bundle_c
         ["vae_decoder"]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="the folder lock is POSIX flock")
+def test_a_failed_build_leaves_a_folder_another_builder_holds(bundle_copy):
+    """Two first builds into one new folder: the one that fails must not remove the folder the other is writing."""
+    import fcntl
+
+    from ldm_export.export.tensorrt_build import _removed_if_unused
+
+    root = engines_root(bundle_copy)
+    folder = root / H100.dirname
+    folder.mkdir(parents=True)
+    with open(folder / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the other builder
+        with pytest.raises(LdmExportError, match="another"):
+            with _removed_if_unused([root, folder]):
+                raise LdmExportError("another `ldm-export engines` is building into the folder")
+        assert (folder / ".lock").is_file()
+    with pytest.raises(LdmExportError):  # once it is free (and still empty), a failure removes both
+        with _removed_if_unused([root, folder]):
+            raise LdmExportError("refused")
+    assert not root.exists()
+
+
 @needs_polygraphy
 def test_a_component_named_twice_builds_once(bundle_copy):
     from ldm_export.export.tensorrt_build import EngineOptions, build_engines
