@@ -483,6 +483,25 @@ def test_quantize_refuses_a_non_fp32_bundle(tiny_int8, tmp_path):
     assert no_leftovers(tmp_path, "again")
 
 
+def test_low_memory_runs_the_int8_unet_on_int8_kernels(tiny_int8):
+    """--low-memory made every session at the basic optimisation level, which leaves QDQ unfused: the int8 UNet ran as
+    dequantised fp32 (several times slower, more memory) and drew other images than the normal pipeline."""
+    import onnxruntime as ort
+
+    from ldm_export.runtime.lowmem import low_memory_engines
+
+    out, _ = tiny_int8
+    bundle = Bundle.open(out)
+    slot = low_memory_engines(bundle)["unet"].slot
+    levels = {c: slot.get(c).session.get_session_options().graph_optimization_level for c in ("text_encoder", "unet")}
+    assert levels == {"text_encoder": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                      "unet": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
+    kw = dict(num_inference_steps=4, seed=5, scheduler="UniPC")
+    normal = np.asarray(Pipeline.from_bundle(out, cfg_mode="sequential")("a red circle", **kw)[0], np.int16)
+    low = np.asarray(Pipeline.from_bundle(out, low_memory=True)("a red circle", **kw)[0], np.int16)
+    assert np.abs(normal - low).max() <= 2
+
+
 def test_lora_on_an_int8_bundle_says_to_fuse_into_the_fp32_one(tiny_int8, tmp_path):
     """The int8 UNet keeps no float weight initializers: the refusal said 'build with --lora instead', not how."""
     from test_lora import make_lora
