@@ -7,7 +7,7 @@ engine it holds first. So the text encoder is freed when the UNet loads (after e
 decoder loads, and the decoder after it has run; the peak is the largest component plus the runtime, not the sum.
 ONNX Runtime sessions are made without the CPU memory arena and memory patterns (both keep freed memory for
 reuse, which a process that swaps components should hand back) and with basic graph optimisations only (the
-extended ones keep fp32 copies of fp16 weights); the denoiser's in the priority-based execution order (ONNX Runtime
+extended ones keep fp32 copies of fp16 weights; an int8 QDQ UNet keeps them, to run on int8 kernels); the denoiser's in the priority-based execution order (ONNX Runtime
 then casts each fp16 weight to fp32 next to its consumer), and glibc hands freed tensors back to the OS
 (:func:`return_large_blocks`). Where the memory goes, per phase: docs/runtime.md. CFG runs the UNet twice at batch 1
 (``cfg_mode="sequential"``) instead of once at batch 2, halving its activations.
