@@ -618,7 +618,11 @@ def _check_int8_bundle(cfg: BenchConfig, bundle) -> None:
         raise LdmExportError(f"{cfg.int8_bundle} is not an int8 bundle; build one with --precision int8")
     if bundle is None:
         raise LdmExportError("the ort-int8 backend is compared with --bundle (the fp32 bundle of the same model)")
-    if int8.model["name"] != bundle.model["name"] or int8.manifest["weights"] != bundle.manifest["weights"]:
+    if "int8" in bundle.manifest:  # ort would time the int8 UNet too, and the report would compare int8 with itself
+        raise LdmExportError(f"--bundle {cfg.bundle} is itself an int8 bundle; pass the fp32 bundle it was quantised from "
+                             "as --bundle and the int8 one as --int8-bundle")
+    if int8.model["name"] != bundle.model["name"] or int8.manifest["weights"] != bundle.manifest["weights"] \
+            or int8.manifest.get("loras") != bundle.manifest.get("loras"):  # `build --lora` keeps them beside the weights
         raise LdmExportError(f"{cfg.int8_bundle} holds another model or weights than {cfg.bundle}; give the int8 "
                              "bundle made from the same fp32 weights")
 

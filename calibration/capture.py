@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +32,9 @@ def read_prompts(path: str | Path | None, limit: int | None = None, warn_short: 
     path = Path(path) if path is not None else DEFAULT_PROMPTS
     if path.is_dir():
         raise LdmExportError(f"calibration prompt file {path} is a folder; pass --calib-prompts FILE with one prompt a line")
+    if path.exists() and not path.is_file():  # a pipe, e.g. --calib-prompts <(grep cat prompts.txt): read more than once
+        raise LdmExportError(f"calibration prompt file {path} is not a regular file (a pipe or device); write the prompts "
+                             "to a file and pass --calib-prompts FILE")
     if not path.is_file():
         raise LdmExportError(f"calibration prompt file {path} does not exist; pass --calib-prompts FILE with one prompt a line")
     try:
@@ -151,8 +155,11 @@ def model_identity(bundle) -> dict:
     """What a capture belongs to: model name, weights (source, hash or seed) and the UNet's input spec (a cache of
     another model or shape is refused). Not the graph's sha256: exports need not be byte-identical."""
     unet = bundle.manifest["components"]["unet"]
+    weights = bundle.manifest.get("weights")
+    if bundle.manifest.get("loras"):  # `build --lora` records its LoRAs beside the weights (`ldm-export lora`, inside)
+        weights = {"weights": weights, "loras": bundle.manifest["loras"]}
     return {"name": bundle.model["name"],
-            "weights": hashlib.sha256(json.dumps(bundle.manifest.get("weights"), sort_keys=True).encode()).hexdigest()[:16],
+            "weights": hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()[:16],
             "unet_inputs": unet["spec"]["inputs"]}
 
 
@@ -170,6 +177,33 @@ def save_capture(cap: Capture, folder: str | Path) -> Path:
     return folder
 
 
+_KEYS = ("sample", "timestep", "step", "prompt", "encoder_hidden_states")
+
+
+def _damaged_arrays(folder: Path, e: BaseException) -> LdmExportError:
+    why = f"no array {e}" if isinstance(e, KeyError) else "cut short or not an array file"
+    return LdmExportError(f"calibration cache {folder} is damaged ({_ARRAYS}: {why}); delete it to capture anew")
+
+
+def _open_arrays(folder: Path):
+    """The capture's .npz, its member list checked (cheap: the zip directory only); one line when it is damaged."""
+    try:
+        z = np.load(Path(folder) / _ARRAYS, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # cut short (no zip directory), or not a .npz
+        raise _damaged_arrays(Path(folder), e) from None
+    missing = [k for k in _KEYS if k not in getattr(z, "files", ())]
+    if missing:
+        if hasattr(z, "close"):
+            z.close()
+        raise _damaged_arrays(Path(folder), KeyError(missing[0]))
+    return z
+
+
+def check_arrays(folder: str | Path) -> None:
+    """Refuse a cache whose arrays file is damaged, before a build that would reuse it does any work."""
+    _open_arrays(Path(folder)).close()
+
+
 def has_capture(folder: str | Path) -> bool:
     return (Path(folder) / _MANIFEST).is_file() and (Path(folder) / _ARRAYS).is_file()
 
@@ -182,10 +216,13 @@ def load_capture(folder: str | Path, expect_model: dict | None = None, expect_sh
                              "--calib-cache at an empty folder to capture anew")
     try:
         info = json.loads((folder / _MANIFEST).read_text())
-        with np.load(folder / _ARRAYS) as z:
-            arrays = {k: z[k] for k in ("sample", "timestep", "step", "prompt", "encoder_hidden_states")}
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError) as e:
         raise LdmExportError(f"calibration cache {folder} is damaged ({e}); delete it to capture anew") from None
+    try:
+        with _open_arrays(folder) as z:
+            arrays = {k: z[k] for k in _KEYS}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a member cut short inside the archive
+        raise _damaged_arrays(folder, e) from None
     if info.get("version") != CAPTURE_VERSION:
         raise LdmExportError(f"calibration cache {folder} has format version {info.get('version')}, this ldm-export "
                              f"writes {CAPTURE_VERSION}; delete it to capture anew")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,12 +79,14 @@ def _check_model(model_name: str) -> None:
                              "channels (an inpainting UNet); build it with --precision fp16 or fp32")
 
 
-def validate(cfg: Int8Config, model_name: str, target: str) -> list[str]:
-    """Check an int8 request before any work; return the calibration prompts."""
+def validate(cfg: Int8Config, model_name: str, target: str, out: Path | None = None) -> list[str]:
+    """Check an int8 request before any work (``out``: the bundle folder the build writes); return the calibration
+    prompts."""
     _check_model(model_name)
     if target != "cpu":
         raise LdmExportError("int8 builds write standard-op QDQ graphs (ONNX Runtime and TensorRT both take them): "
-                             "use --target cpu")
+                             "use --target cpu" + (", with --int8-format tensorrt for `ldm-export engines`"
+                                                   if target == "tensorrt" else ""))
     for comp in cfg.components:
         if comp in _NOT_INT8:
             raise LdmExportError(f"{comp} cannot be int8: {_NOT_INT8[comp]}; int8 applies to: {', '.join(INT8_COMPONENTS)}")
@@ -119,6 +122,11 @@ def validate(cfg: Int8Config, model_name: str, target: str) -> list[str]:
         raise LdmExportError(f"--adherence-prompts must be 0 (skip the check) or more, got {cfg.adherence_prompts}; "
                              "leave it out for all 120 cases")
     prompts = C.read_prompts(cfg.prompts, cfg.size, warn_short=cfg.size_given)
+    if cfg.cache is not None and out is not None:
+        cache, bundle = Path(os.path.abspath(cfg.cache)), Path(os.path.abspath(out))
+        if cache == bundle or bundle in cache.parents:  # the finished bundle is renamed into place over its folder
+            raise LdmExportError(f"--calib-cache {cfg.cache} is inside the bundle folder {out}, which the build replaces "
+                                 "whole; keep the cache outside it (e.g. beside it)")
     if cfg.cache is not None and Path(cfg.cache).exists():
         if not Path(cfg.cache).is_dir():
             raise LdmExportError(f"--calib-cache {cfg.cache} is not a folder; give a folder (made if missing)")
@@ -135,13 +143,18 @@ def validate(cfg: Int8Config, model_name: str, target: str) -> list[str]:
                 raise LdmExportError(f"calibration cache {cfg.cache} was captured for model {got!r}, this build is "
                                      f"{model_name!r}; use another --calib-cache folder or delete it")
             _check_cache_request(cfg, info, prompts)
+            C.check_arrays(cfg.cache)
         elif any(Path(cfg.cache).iterdir()):
             raise LdmExportError(f"--calib-cache {cfg.cache} is a folder with other files and no capture; give an empty "
                                  "or new folder")
-    if cfg.prompts is None and model_name != "demo":  # after the checks: a bad request gets its one line alone
+    if cfg.prompts is None and model_name != "demo" and model_name not in _WARNED_NO_PROMPTS:  # after the checks
+        _WARNED_NO_PROMPTS.add(model_name)  # once: `build` validates twice (before torch is imported, then in build())
         log.warning("no --calib-prompts: calibrating %s on the prompt file shipped for the demo model (simple shapes "
                     "and colours); pass prompts like the ones you will generate with --calib-prompts FILE", model_name)
     return prompts
+
+
+_WARNED_NO_PROMPTS: set = set()
 
 
 def _check_cache_request(cfg: Int8Config, info: dict, prompts: list[str]) -> None:
@@ -279,8 +292,6 @@ def quantize_bundle(src: Path, out: Path, cfg: Int8Config, force: bool = False, 
                     threads: int | None = None) -> dict:
     """An int8 bundle from an fp32 bundle of this project (no re-export): the same steps as
     ``build --precision int8`` after its export; written atomically to ``out``."""
-    import os
-
     from ldm_export.export.build import _write_json
     from ldm_export.export.bundle_writer import check_out_dir, staging
     from ldm_export.runtime.bundle import MANIFEST, Bundle, sha256_file
@@ -292,7 +303,7 @@ def quantize_bundle(src: Path, out: Path, cfg: Int8Config, force: bool = False, 
                              "bundle (`ldm-export build --precision fp32`)")
     if fp32.manifest.get("target", "cpu") != "cpu":
         raise LdmExportError(f"{src} is a {fp32.manifest.get('target')}-target bundle; int8 needs a --target cpu bundle")
-    validate(cfg, fp32.model["name"], "cpu")
+    validate(cfg, fp32.model["name"], "cpu", out)
     if Path(out).resolve() == Path(src).resolve():
         raise LdmExportError("--out must differ from the fp32 bundle")
     check_out_dir(Path(out), force)

@@ -9,6 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ldm_export.runtime.errors import LdmExportError
+
 log = logging.getLogger(__name__)
 
 ADHERENCE_TOLERANCE = 5.0  # points: int8 may lose at most this much on colour, position and shape
@@ -94,10 +96,20 @@ def demo_adherence(pipe_fp32, pipe_int8, n_prompts: int | None = None, steps: in
 
 
 def quality_rows(manifest: dict) -> list[tuple[str, str]]:
-    """(label, value) lines of an int8 bundle's quality report, for `inspect` (empty when there is none)."""
+    """(label, value) lines of an int8 bundle's quality report, for `inspect` (empty when there is none); one line
+    naming what is missing when the manifest's int8 section is damaged."""
     q = manifest.get("int8")
     if not q:
         return []
+    try:
+        return _quality_rows(q)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        what = f"no {e}" if isinstance(e, KeyError) else (str(e).splitlines() or [type(e).__name__])[0]
+        raise LdmExportError(f"the int8 section of the bundle's ldm_export.json is damaged ({what}); quantise the fp32 "
+                             "bundle again (`ldm-export quantize FP32_BUNDLE --out DIR`)") from None
+
+
+def _quality_rows(q: dict) -> list[tuple[str, str]]:
     rows = [("calibration", f"{q['quantisation']['method']}, {len(q['calibration']['prompts'])} prompt{'s' if len(q['calibration']['prompts']) != 1 else ''} x "
                             f"{q['calibration']['num_inference_steps']} steps ({q['calibration']['sampler']}, seed "
                             f"{q['calibration']['seed']}), ranges {q['quantisation']['combine']}"),

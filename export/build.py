@@ -97,7 +97,7 @@ def validate(cfg: BuildConfig) -> ModelSpec:
         from ldm_export.calibration.int8 import Int8Config, validate as validate_int8
 
         cfg.int8 = cfg.int8 or Int8Config()
-        validate_int8(cfg.int8, spec.name, cfg.target)
+        validate_int8(cfg.int8, spec.name, cfg.target, cfg.resolved_out())
     elif cfg.int8 is not None:
         raise LdmExportError("calibration and quant-level options apply to int8 builds: add --precision int8")
     if cfg.no_half_vae and cfg.precision != "fp16":

@@ -364,6 +364,10 @@ def lora_bundle(bundle_path: str | Path, loras: list[LoraRef], out: str | Path, 
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(bundle.path / rel, stage / rel)
         for component, changed in deltas.items():
+            if bundle.precision(component) == "int8":  # its weights are quantised initializers: nothing to add to
+                raise LdmExportError(f"{bundle.path}'s {component} is int8 (quantised weights); fuse the LoRA into the fp32 "
+                                     "bundle it was quantised from (`ldm-export lora FP32_BUNDLE ... --out DIR`), then "
+                                     "`ldm-export quantize DIR --out INT8_DIR`")
             info = manifest["components"].get(component)
             mapping = (info or {}).get("initializers")
             if not mapping:

@@ -74,6 +74,9 @@ class EngineOptions:
             raise LdmExportError(f"the builder optimisation level must be 0 to 5, got {self.optimization_level}")
         if self.workspace_gb is not None and not 0 < self.workspace_gb < float("inf"):
             raise LdmExportError(f"--workspace must be a positive number of GB, got {self.workspace_gb}")
+        if self.workspace_gb is not None and self.workspace_gb * (1 << 30) >= 1 << 63:  # TensorRT's limit is a size_t
+            raise LdmExportError(f"--workspace is a number of GB (e.g. 8); {self.workspace_gb:g} GB is more than TensorRT "
+                                 "can take")
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,9 @@ def engine_recipe(bundle: Bundle, component: str, options: EngineOptions, timing
                              f"{bundle.manifest.get('target', 'cuda')}"
                              f"{' --fused-attention' if bundle.manifest.get('fused_attention') else ''}); "
                              "rebuild the bundle with --target tensorrt")
-    int8_format = (bundle.manifest.get("int8") or {}).get("quantisation", {}).get("format")
+    int8 = bundle.manifest.get("int8")
+    quantisation = int8.get("quantisation") if isinstance(int8, dict) else None  # a damaged section: the graph decides
+    int8_format = quantisation.get("format") if isinstance(quantisation, dict) else None
     if precision == "int8" and int8_format == "onnxruntime":
         raise LdmExportError(f"{component}: the int8 graph is in the onnxruntime QDQ format (int32 biases, asymmetric u8 "
                              "activations for ONNX Runtime's CPU kernels), which TensorRT's parser refuses; quantise for "
@@ -324,6 +329,7 @@ def atomic_write_bytes(path: Path, data) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the plans from the user that serves them
         with os.fdopen(fd, "wb") as f:
             f.write(memoryview(data))
             f.flush()
@@ -333,6 +339,12 @@ def atomic_write_bytes(path: Path, data) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -358,6 +370,23 @@ def _folder_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _removed_if_unused(folders: Sequence[Path]) -> Iterator[None]:
+    """On failure, remove the folders this build created (innermost first) where they hold nothing but the builders'
+    lock: a build refused or stopped before its first plan leaves no empty engines folder behind."""
+    try:
+        yield
+    except BaseException:
+        for f in reversed(folders):
+            with contextlib.suppress(OSError, LdmExportError):  # LdmExportError: another builder holds it; it stays
+                if {p.name for p in f.iterdir()} <= {".lock"}:
+                    if (f / ".lock").exists():
+                        with _folder_lock(f):
+                            (f / ".lock").unlink()
+                    f.rmdir()
+        raise
+
+
 def _serialize(loader) -> Any:
     if isinstance(loader, RtxEngineBytes):
         return loader()
@@ -376,14 +405,14 @@ def build_engines(bundle_path: str | os.PathLike, components: Sequence[str] | No
     any GPU of that compute capability); ``serialize`` runs a loader and returns the plan (default: the loader's own
     builder). Both are parameters so that the folder, index and atomicity logic is testable without TensorRT."""
     bundle = Bundle.open(bundle_path)
-    comps = list(components) if components else bundle.components
+    comps = list(dict.fromkeys(components)) if components else bundle.components  # a name given twice builds once
     unknown = [c for c in comps if c not in bundle.components]
     if unknown:
         raise LdmExportError(f"bundle {bundle.path} has no component {unknown[0]!r}; it has: {', '.join(bundle.components)}")
     if (target is None or serialize is None) and trt is None:
         trt = require_tensorrt()
     if target is None:
-        target = current_target(trt, compute_capability=options.compute_capability)
+        target = current_target(trt, compute_capability=options.compute_capability, building=True)
     serialize = serialize or _serialize
     if options.precision == "fp16" and target.builder == "tensorrt" and int(target.tensorrt_version.split(".")[0]) >= 11:
         raise LdmExportError(f"TensorRT {target.tensorrt_version} has no FP16 builder flag (weak typing was removed in 11); "
@@ -393,10 +422,14 @@ def build_engines(bundle_path: str | os.PathLike, components: Sequence[str] | No
     folder = engines_root(bundle.path) / target.dirname
     rtx = target.builder == "tensorrt-rtx"
     timing_cache = None if rtx else Path(options.timing_cache) if options.timing_cache else folder / "timing.cache"
+    if timing_cache is not None and timing_cache.exists() and not timing_cache.is_file():
+        raise LdmExportError(f"--timing-cache {timing_cache} is a folder; give the cache file's path (e.g. "
+                             f"{timing_cache / 'timing.cache'}), which is made if missing")
     if rtx and options.timing_cache:
         log.warning("TensorRT-RTX keeps no timing cache (its timing cache calls are no-ops): --timing-cache is ignored; "
                     "its runtime cache of JIT-compiled kernels is written beside each plan when the engine runs")
     recipes = [engine_recipe(bundle, c, options, timing_cache, target.builder) for c in comps]  # fail before any build
+    created = [p for p in (folder.parent, folder) if not p.exists()]  # removed again if no engine lands in them
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if timing_cache is not None:
@@ -409,7 +442,7 @@ def build_engines(bundle_path: str | os.PathLike, components: Sequence[str] | No
     except ImportError:  # a TensorRT-RTX-only install (the edge path) has no Polygraphy
         PolygraphyException = LdmExportError  # noqa: N806
 
-    with _folder_lock(folder):
+    with _removed_if_unused(created), _folder_lock(folder):
         index = read_engines_json(folder) or {"format": ENGINES_FORMAT, "format_version": ENGINES_FORMAT_VERSION,
                                               "target": target.to_json(), "engines": {}}
         for r in recipes:
@@ -422,8 +455,10 @@ def build_engines(bundle_path: str | os.PathLike, components: Sequence[str] | No
                 with interrupts_held():  # full TensorRT through Polygraphy: Ctrl-C is raised once the build returns
                     plan = serialize(engine_loader(r, trt, target))
             except KeyboardInterrupt:
-                raise LdmExportError(f"interrupted while building {r.component}; {folder} keeps the engines it had: "
-                                     f"{', '.join(index['engines']) or 'none'}", exit_code=130) from None
+                kept = ", ".join(index["engines"])
+                raise LdmExportError(f"interrupted while building {r.component}; " + (
+                    f"{folder} keeps the engines it had: {kept}" if kept else "no engine was written"),
+                    exit_code=130) from None
             except PolygraphyException as e:
                 if isinstance(e, LdmExportError):
                     raise
@@ -462,13 +497,15 @@ def _tool_versions() -> dict[str, str]:
     return out
 
 
-def engines_summary(index: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Rows for the CLI's summary table, one per component."""
+def engines_summary(index: Mapping[str, Any], manifest: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows for the CLI's summary table, one per component; with the bundle's ``manifest``, ``stale`` says whether the
+    plan was built from another ``model.onnx`` than the bundle's (the runtime refuses it)."""
     rows = []
     for comp, e in index.get("engines", {}).items():
         prof = ", ".join(f"{k} {'x'.join(map(str, v['min']))}..{'x'.join(map(str, v['max']))}"
                          for k, v in e["profile"].items() if v["min"] != v["max"])
+        onnx = (manifest or {}).get("files", {}).get(e.get("onnx"), {}).get("sha256")
         rows.append({"component": comp, "file": e["file"], "size": e["size"], "network": e["network"],
                      "flags": ",".join(e["builder_flags"]) or "-", "dynamic": prof or "static",
-                     "seconds": e["build_seconds"]})
+                     "seconds": e["build_seconds"], "stale": manifest is not None and e.get("onnx_sha256") != onnx})
     return rows

@@ -46,6 +46,9 @@ def bench(model, bundle, int8_bundle, weights, device, backends, steps, repeats,
     unknown = [b for b in names if b not in BACKENDS]
     if unknown:
         raise LdmExportError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
+    if int8_bundle is not None and "ort-int8" not in names:  # it would be ignored, and no int8 row come out
+        raise LdmExportError("--int8-bundle is timed by the ort-int8 backend: add it to --backends "
+                             "(e.g. --backends ort,ort-int8), or leave --int8-bundle out")
     if steps < 1 or repeats < 1 or e2e_repeats < 1:
         raise LdmExportError("--steps, --repeats and --e2e-repeats must be at least 1")
     bad = [o for o in cuda_options if "=" not in o or not o.split("=", 1)[0].strip()]

@@ -47,9 +47,9 @@ def engines(bundle: Path, components: str | None, precision: str, workspace: flo
                              "it out for all of the bundle's")
     from ldm_export.runtime.bundle import Bundle
 
-    Bundle.open(bundle)  # a wrong path says so before TensorRT is looked for
+    manifest = Bundle.open(bundle).manifest  # a wrong path says so before TensorRT is looked for
     trt = require_tensorrt(None if builder == "auto" else builder)  # one line when TensorRT is missing
-    target = current_target(trt, compute_capability=compute_capability)  # and when there is no GPU to build for
+    target = current_target(trt, compute_capability=compute_capability, building=True)  # and when there is no GPU
     t0 = time.perf_counter()
     with console.status("building engines...", spinner="dots") as status:
         def progress(component: str, stage: str, detail: str) -> None:
@@ -65,8 +65,18 @@ def engines(bundle: Path, components: str | None, precision: str, workspace: flo
     t = Table(title=f"{engines_root(bundle) / target.dirname}  ({time.perf_counter() - t0:.1f} s)")
     for col in ("component", "plan", "size", "network", "flags", "dynamic dims", "build"):
         t.add_column(col)
-    for row in engines_summary(index):
-        t.add_row(row["component"] + ("" if row["component"] in built else " (earlier)"), row["file"], _human(row["size"]),
-                  row["network"], row["flags"], row["dynamic"], f"{row['seconds']:.1f} s")
+    rows = engines_summary(index, manifest)
+    for row in rows:
+        label = "" if row["component"] in built else " (earlier, STALE)" if row["stale"] else " (earlier)"
+        t.add_row(row["component"] + label, row["file"], _human(row["size"]), row["network"], row["flags"], row["dynamic"],
+                  f"{row['seconds']:.1f} s")
     t.caption = target.describe()
     out_console.print(t)
+    stale = [r["component"] for r in rows if r["stale"]]
+    if stale:  # e.g. a bundle remade with `ldm-export lora` around an engines folder copied in
+        from rich.markup import escape
+
+        console.print(f"[yellow]warning:[/yellow] the {', '.join(stale)} engine{'s were' if len(stale) > 1 else ' was'} built "
+                      f"from another model.onnx than this bundle's and will not load; rebuild with `ldm-export engines "
+                      f"{escape(str(bundle))} --components {','.join(stale)}" + (f" --compute-capability {compute_capability}`"
+                                                                     if compute_capability else "`"), soft_wrap=True)

@@ -20,14 +20,17 @@ _CU_STREAM_NON_BLOCKING = 1
 _CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1
 
 
-def load_libcuda():
+RUN_ON_CPU = "run on the CPU with --provider cpu"
+
+
+def load_libcuda(hint: str = RUN_ON_CPU):
+    """The CUDA driver library; one line ending in ``hint`` (what to do instead) where there is none."""
     for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
         try:
             return ctypes.CDLL(name)
         except OSError:
             continue
-    raise LdmExportError("no NVIDIA driver on this machine (libcuda not found): TensorRT engines need an NVIDIA GPU; "
-                         "run on the CPU with --provider cpu")
+    raise LdmExportError(f"no NVIDIA driver on this machine (libcuda not found): TensorRT engines need an NVIDIA GPU; {hint}")
 
 
 class CudaDriver:

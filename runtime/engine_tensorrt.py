@@ -79,24 +79,26 @@ class GpuInfo:
     compute_capability: tuple[int, int]
 
 
-def current_gpu(device: int = 0) -> GpuInfo:
-    """Name and compute capability of CUDA device ``device`` from the driver API, or one line saying why not."""
-    from .cuda_driver import load_libcuda
+def current_gpu(device: int = 0, hint: str | None = None) -> GpuInfo:
+    """Name and compute capability of CUDA device ``device`` from the driver API, or one line saying why not and,
+    ``hint``, what to do instead (default: run on the CPU)."""
+    from .cuda_driver import RUN_ON_CPU, load_libcuda
 
-    lib = load_libcuda()
+    hint = hint or RUN_ON_CPU
+    lib = load_libcuda(hint)
 
     def call(fn: str, *args) -> None:
         rc = getattr(lib, fn)(*args)
         if rc != 0:
             raise LdmExportError(f"no usable NVIDIA GPU: the CUDA driver returned error {rc} from {fn}; "
-                                 "check nvidia-smi and CUDA_VISIBLE_DEVICES, or run with --provider cpu")
+                                 f"check nvidia-smi and CUDA_VISIBLE_DEVICES, or {hint}")
 
     call("cuInit", 0)
     count = ctypes.c_int(0)
     call("cuDeviceGetCount", ctypes.byref(count))
     if count.value <= device:
         raise LdmExportError(f"no CUDA device {device} (the driver sees {count.value}); check CUDA_VISIBLE_DEVICES, "
-                             "or run with --provider cpu")
+                             f"or {hint}")
     dev = ctypes.c_int(0)
     call("cuDeviceGet", ctypes.byref(dev), device)
     buf = ctypes.create_string_buffer(256)
@@ -160,9 +162,11 @@ class EngineTarget:
         return cls(d["gpu"], (major, minor), d["tensorrt"], d.get("builder", "tensorrt"))
 
 
-def current_target(trt=None, device: int = 0, compute_capability: str | tuple[int, int] | None = None) -> EngineTarget:
+def current_target(trt=None, device: int = 0, compute_capability: str | tuple[int, int] | None = None,
+                   building: bool = False) -> EngineTarget:
     """The target of this machine: its GPU and the installed TensorRT. With ``compute_capability`` (TensorRT-RTX only)
-    no GPU is needed: the plan is built for any GPU of that compute capability."""
+    no GPU is needed: the plan is built for any GPU of that compute capability. ``building``: for `ldm-export engines`,
+    whose way round a missing GPU is --compute-capability, not the CPU provider of `generate`."""
     trt = trt or require_tensorrt()
     builder = builder_of(trt)
     version = str(trt.__version__)
@@ -172,13 +176,13 @@ def current_target(trt=None, device: int = 0, compute_capability: str | tuple[in
             raise LdmExportError("--compute-capability needs TensorRT-RTX (pip install 'ldm-export[tensorrt-rtx]'); "
                                  "full TensorRT builds for the GPU it runs on: leave it out")
         return EngineTarget(ANY_GPU, cc, version, builder)
-    try:
-        gpu = current_gpu(device)
-    except LdmExportError as e:
-        if builder == "tensorrt-rtx":
-            raise LdmExportError(f"{e}; or, with TensorRT-RTX, build for another machine's GPU with "
-                                 "--compute-capability (e.g. 8.6 for an RTX 30, 8.9 for an L4/RTX 40)") from None
-        raise
+    hint = None
+    if building:
+        hint = ("build for another machine's GPU with --compute-capability (e.g. 8.6 for an RTX 30, 8.9 for an L4/RTX 40)"
+                if builder == "tensorrt-rtx" else
+                "run `ldm-export engines` on the GPU that will run the engines (full TensorRT builds for the GPU it runs "
+                "on), or build here with TensorRT-RTX (pip install 'ldm-export[tensorrt-rtx]') and --compute-capability")
+    gpu = current_gpu(device, hint)
     return EngineTarget(gpu.name, gpu.compute_capability, version, builder)
 
 
@@ -258,7 +262,12 @@ def locate_plan(bundle: Bundle, component: str, target: EngineTarget) -> tuple[P
     size = plan.stat().st_size
     if size < entry["size"]:
         raise LdmExportError(f"{plan} is truncated ({size} of {entry['size']} bytes); {_rebuild(bundle, component)}")
-    if size != entry["size"] or sha256_file(plan) != entry["sha256"]:
+    try:
+        digest = sha256_file(plan) if size == entry["size"] else None
+    except OSError as e:  # e.g. a plan another user wrote with mode 0600 (as `engines` did before)
+        raise LdmExportError(f"cannot read {plan}: {e.strerror}; let this user read the engines folder (chmod a+r) or "
+                             f"{_rebuild(bundle, component)}") from None
+    if digest != entry["sha256"]:
         raise LdmExportError(f"{plan}: sha256 mismatch (the file was changed or damaged); {_rebuild(bundle, component)}")
     onnx_rel = bundle.manifest["components"][component]["files"][0]
     onnx_sha = bundle.manifest["files"][onnx_rel]["sha256"]

@@ -60,6 +60,18 @@ def test_bad_prompt_files(tmp_path):
     assert C.read_prompts(bom) == ["a red circle", "blue square"]
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="POSIX named pipes")
+def test_a_prompt_pipe_is_refused_as_not_a_file(tmp_path):
+    """`--calib-prompts <(grep cat prompts.txt)` names a pipe, which exists but was reported as not existing (and the
+    prompts are read more than once during a build)."""
+    import os
+
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(LdmExportError, match="is not a regular file \\(a pipe or device\\); write the prompts to a file"):
+        C.read_prompts(fifo)
+
+
 def test_calib_size_beyond_the_file_warns_once(tmp_path, caplog):
     short = tmp_path / "short.txt"
     short.write_text("a red circle\nblue square\n")
@@ -133,6 +145,16 @@ def test_capture_at_chosen_steps(tiny_bundle):
         C.capture_unet_inputs(pipe, ["a red circle"], num_inference_steps=2, record_steps=[7])
 
 
+def test_a_build_with_lora_has_another_capture_identity(tiny_bundle):
+    """`build --lora` records its LoRAs beside the weights, not in them: a cache captured without the LoRA was reused
+    for a build with it (and the reverse), calibrating on another model's activations."""
+    b = Bundle.open(tiny_bundle)
+    plain = C.model_identity(b)
+    lora = {**b.manifest, "loras": [{"file": "style.safetensors", "scale": 1.0, "sha256": "ab" * 32}]}
+    assert C.model_identity(Bundle(b.path, lora))["weights"] != plain["weights"]
+    assert C.model_identity(Bundle(b.path, {**b.manifest}))["weights"] == plain["weights"]  # caches made before still match
+
+
 def test_capture_cache_round_trip_and_refusals(tiny_capture, tmp_path):
     C.save_capture(tiny_capture, tmp_path / "cache")
     ident = tiny_capture.info["model"]
@@ -201,6 +223,42 @@ def test_inspect_shows_the_int8_report(tiny_int8):
     assert "int8 quality" in r.stdout and "unet SQNR vs fp32" in r.stdout and "image PSNR vs fp32" in r.stdout
     assert "fp32 (not quantised)" in r.stdout
 
+
+
+@pytest.mark.parametrize("damage,text", [
+    (lambda q: q.pop("quality"), "no 'quality'"),
+    (lambda q: q["quantisation"].pop("level"), "no 'level'"),
+    (lambda q: q.__setitem__("quantisation", None), "is damaged ("),
+    (lambda q: q["quality"]["components"]["unet"].__setitem__("sqnr_db", None), "is damaged ("),
+], ids=["no-quality", "no-level", "quantisation-null", "sqnr-null"])
+def test_inspect_of_a_damaged_int8_section_is_one_line(tiny_int8, tmp_path, damage, text):
+    """A hand-edited or cut int8 section of the manifest gave a traceback (KeyError, TypeError) in `inspect`."""
+    out, _ = tiny_int8
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    m = json.loads((bad / "ldm_export.json").read_text())
+    damage(m["int8"])
+    (bad / "ldm_export.json").write_text(json.dumps(m))
+    r = run_cli("inspect", str(bad), timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "the int8 section of the bundle's ldm_export.json is damaged" in line and text in line
+    assert "ldm-export quantize" in line
+
+
+def test_engines_reads_a_damaged_int8_section_without_a_traceback(tiny_int8, tmp_path):
+    """`engines` looked the QDQ format up in the manifest with chained .get() calls: a non-dict int8 section raised
+    AttributeError. The graph itself then decides (its Q/DQ nodes), as for a bundle without the section."""
+    from ldm_export.export.tensorrt_build import EngineOptions, engine_recipe
+
+    out, _ = tiny_int8
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    m = json.loads((bad / "ldm_export.json").read_text())
+    m["int8"]["quantisation"] = None
+    (bad / "ldm_export.json").write_text(json.dumps(m))
+    recipe = engine_recipe(Bundle.open(bad), "unet", EngineOptions(), None, "tensorrt-rtx")
+    assert recipe.quantization.startswith("int8 QDQ (") and recipe.bundle_precision == "int8"
 
 def test_unet_sqnr_falls_with_cruder_ranges(tiny_bundle, tiny_capture, tmp_path):
     """The quality report measures what it claims: ranges shrunk 100x (heavy clipping) lose SQNR."""
@@ -275,6 +333,7 @@ def _one_line_error(r, text, after_progress=False):
     (["--calib-cache", "OTHER_STEPS", "--calib-steps", "3", "--calib-size", "2"], "captured with 1 prompts, this build asks for 2"),
     (["--calib-cache", "OTHER_MODEL"], "was captured for model 'demo', this build is 'tiny'"),
     (["--target", "cuda"], "use --target cpu"),
+    (["--target", "tensorrt"], "use --target cpu, with --int8-format tensorrt for `ldm-export engines`"),
     (["--model", "tiny-sdxl"], "tiny-sdxl is a sdxl model (text_encoder, text_encoder_2, unet, vae_decoder)"),
     (["--model", "tiny-flux"], "tiny-flux is a flux model"),
     (["--model", "tiny-inpaint"], "tiny-inpaint's UNet takes 9 input channels (an inpainting UNet)"),
@@ -305,6 +364,23 @@ def test_bad_int8_input_is_one_line_and_writes_nothing(tmp_path, extra, text):
     assert no_leftovers(tmp_path, "b")
 
 
+@pytest.mark.parametrize("where", ["b/calib", "b"])
+def test_a_calib_cache_inside_the_out_folder_is_refused_before_any_work(tmp_path, monkeypatch, where):
+    """`--calib-cache OUT/calib` made OUT during the capture, so the finished build could not be renamed into place:
+    every step ran, then 'OUT appeared during the build', and OUT/calib was left."""
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--precision", "int8", "--calib-size", "1",
+                "--calib-steps", "1", "--quality-prompts", "0", "--calib-cache", where, "--out", "b", timeout=300)
+    _one_line_error(r, f"--calib-cache {where} is inside the bundle folder b")
+    assert no_leftovers(tmp_path, "b")
+
+
+def test_quantize_refuses_a_calib_cache_inside_its_out(tiny_bundle, tmp_path):
+    with pytest.raises(LdmExportError, match="is inside the bundle folder"):
+        quantize_bundle(tiny_bundle, tmp_path / "q", Int8Config(**FAST, cache=tmp_path / "q" / "calib"))
+    assert no_leftovers(tmp_path, "q")
+
+
 def test_a_real_model_without_calib_prompts_is_warned(caplog):
     from ldm_export.calibration.int8 import validate
 
@@ -314,6 +390,14 @@ def test_a_real_model_without_calib_prompts_is_warned(caplog):
     with caplog.at_level("WARNING"):
         validate(Int8Config(size=2), "sd15", "cpu")
     assert "calibrating sd15 on the prompt file shipped for the demo model" in caplog.text
+
+
+def test_build_warns_once_about_the_demo_prompt_file(tmp_path):
+    """`build` checks its options twice (before torch is imported, then in build()): the warning came twice."""
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--precision", "int8", "--calib-size", "1",
+                "--calib-steps", "1", "--quality-prompts", "0", "--out", str(tmp_path / "b"), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("no --calib-prompts: calibrating tiny on the prompt file shipped for the demo model") == 1
 
 
 def test_calibration_options_need_int8(tmp_path):
@@ -340,6 +424,28 @@ def test_cache_of_another_shape_fails_after_export_and_leaves_nothing(tiny_captu
                 "--out", str(tmp_path / "b"), timeout=300)
     _one_line_error(r, "holds sample of shape [2, 4, 4, 4], this build feeds [2, 4, 8, 8]", after_progress=True)
     assert no_leftovers(tmp_path, "b")
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbage"])
+def test_a_damaged_cache_arrays_file_is_one_line_before_any_work(tiny_capture, tmp_path, damage):
+    """A cut unet_inputs.npz raised zipfile.BadZipFile (a traceback) after the whole export; a foreign file gave numpy's
+    advice to load pickles unsafely. Both are now one line, before the export."""
+    cache = tmp_path / "cache"
+    C.save_capture(tiny_capture, cache)
+    arrays = cache / "unet_inputs.npz"
+    arrays.write_bytes(arrays.read_bytes()[:2000] if damage == "cut" else b"not an npz" * 10)
+    info = json.loads((cache / "capture.json").read_text())
+    info["seed"] = 0  # the build's seed; prompts and steps are given below as the capture's
+    (cache / "capture.json").write_text(json.dumps(info))
+    (tmp_path / "prompts.txt").write_text("\n".join(info["prompts"]) + "\n")
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--precision", "int8", "--calib-cache", str(cache),
+                "--calib-prompts", str(tmp_path / "prompts.txt"), "--calib-steps", str(info["num_inference_steps"]),
+                "--out", str(tmp_path / "b"), timeout=300)
+    _one_line_error(r, "is damaged (unet_inputs.npz: cut short or not an array file); delete it to capture anew")
+    assert "pickle" not in r.stderr
+    assert no_leftovers(tmp_path, "b")
+    with pytest.raises(LdmExportError, match="cut short or not an array file"):
+        C.load_capture(cache)
 
 
 def test_build_int8_cli_reuses_its_cache(tmp_path):
@@ -394,6 +500,36 @@ def test_quantize_refuses_a_non_fp32_bundle(tiny_int8, tmp_path):
     assert no_leftovers(tmp_path, "again")
 
 
+def test_low_memory_runs_the_int8_unet_on_int8_kernels(tiny_int8):
+    """--low-memory made every session at the basic optimisation level, which leaves QDQ unfused: the int8 UNet ran as
+    dequantised fp32 (several times slower, more memory) and drew other images than the normal pipeline."""
+    import onnxruntime as ort
+
+    from ldm_export.runtime.lowmem import low_memory_engines
+
+    out, _ = tiny_int8
+    bundle = Bundle.open(out)
+    slot = low_memory_engines(bundle)["unet"].slot
+    levels = {c: slot.get(c).session.get_session_options().graph_optimization_level for c in ("text_encoder", "unet")}
+    assert levels == {"text_encoder": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                      "unet": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
+    kw = dict(num_inference_steps=4, seed=5, scheduler="UniPC")
+    normal = np.asarray(Pipeline.from_bundle(out, cfg_mode="sequential")("a red circle", **kw)[0], np.int16)
+    low = np.asarray(Pipeline.from_bundle(out, low_memory=True)("a red circle", **kw)[0], np.int16)
+    assert np.abs(normal - low).max() <= 2
+
+
+def test_lora_on_an_int8_bundle_says_to_fuse_into_the_fp32_one(tiny_int8, tmp_path):
+    """The int8 UNet keeps no float weight initializers: the refusal said 'build with --lora instead', not how."""
+    from test_lora import make_lora
+
+    out, _ = tiny_int8
+    make_lora(tmp_path / "style.safetensors")
+    r = run_cli("lora", str(out), str(tmp_path / "style.safetensors"), "--out", str(tmp_path / "l8"), timeout=300)
+    _one_line_error(r, "'s unet is int8 (quantised weights); fuse the LoRA into the fp32 bundle it was quantised from")
+    assert no_leftovers(tmp_path, "l8")
+
+
 # ---------------------------------------------------------------- bench: int8 beside fp32 in one run
 
 def test_bench_runs_int8_beside_fp32(tiny_bundle, tiny_int8, tmp_path):
@@ -420,6 +556,38 @@ def test_bench_int8_needs_a_matching_int8_bundle(tiny_bundle, tmp_path):
     r = run_cli("bench", "--bundle", str(tiny_bundle), "--int8-bundle", str(tiny_bundle), "--device", "cpu", "--backends",
                 "ort-int8", "--out", str(tmp_path))
     _one_line_error(r, "is not an int8 bundle")
+
+
+def test_bench_int8_bundle_without_the_ort_int8_backend_is_one_line(tiny_bundle, tiny_int8, tmp_path):
+    """--int8-bundle with backends that leave out ort-int8 (the default list) was ignored: no int8 row, no word."""
+    out, _ = tiny_int8
+    r = run_cli("bench", "--bundle", str(tiny_bundle), "--int8-bundle", str(out), "--device", "cpu", "--backends", "ort",
+                "--steps", "1", "--repeats", "1", "--e2e-repeats", "1", "--warmup", "0", "--out", str(tmp_path / "bench"))
+    _one_line_error(r, "--int8-bundle is timed by the ort-int8 backend: add it to --backends")
+    assert not (tmp_path / "bench").exists()
+
+
+def test_bench_int8_refuses_an_int8_bundle_built_with_a_lora_the_fp32_one_lacks(tiny_bundle, tiny_int8, tmp_path):
+    out, _ = tiny_int8
+    styled = tmp_path / "styled-int8"
+    shutil.copytree(out, styled)
+    m = json.loads((styled / "ldm_export.json").read_text())
+    m["loras"] = [{"file": "style.safetensors", "scale": 1.0, "sha256": "ab" * 32}]  # as `build --lora` records them
+    (styled / "ldm_export.json").write_text(json.dumps(m))
+    r = run_cli("bench", "--bundle", str(tiny_bundle), "--int8-bundle", str(styled), "--device", "cpu", "--backends",
+                "ort,ort-int8", "--steps", "1", "--repeats", "1", "--e2e-repeats", "1", "--warmup", "0",
+                "--out", str(tmp_path / "bench"))
+    _one_line_error(r, "holds another model or weights than")
+
+
+def test_bench_int8_refuses_an_int8_bundle_as_the_fp32_side(tiny_int8, tmp_path):
+    """`--bundle INT8 --int8-bundle INT8` timed the int8 UNet against itself and reported it as int8 against fp32."""
+    out, _ = tiny_int8
+    r = run_cli("bench", "--bundle", str(out), "--int8-bundle", str(out), "--device", "cpu", "--backends",
+                "ort,ort-int8", "--steps", "1", "--repeats", "1", "--e2e-repeats", "1", "--warmup", "0",
+                "--out", str(tmp_path / "bench"))
+    _one_line_error(r, "is itself an int8 bundle; pass the fp32 bundle it was quantised from as --bundle")
+    assert not (tmp_path / "bench").exists()
 
 
 def test_sweep_table_and_plot(tmp_path):

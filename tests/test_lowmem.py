@@ -301,8 +301,8 @@ def test_low_memory_engines_fix_the_threshold_and_order_the_denoiser_only(tiny_b
     monkeypatch.setattr(lowmem, "return_large_blocks", lambda: calls.append(1) or True)
     real = lowmem.lean_session_options
 
-    def recording(threads=None, weights_first=False):
-        so = real(threads, weights_first)
+    def recording(threads=None, weights_first=False, **kwargs):
+        so = real(threads, weights_first, **kwargs)
         orders[len(orders)] = so.execution_order
         return so
 

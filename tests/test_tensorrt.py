@@ -166,7 +166,8 @@ def test_a_damaged_model_onnx_is_one_line_before_the_builder(tiny_bundle, tmp_pa
 
 @pytest.mark.parametrize("kwargs, match", [({"precision": "bf16"}, "precision"), ({"optimization_level": 6}, "0 to 5"),
                                            ({"workspace_gb": 0}, "workspace"), ({"workspace_gb": float("inf")}, "workspace"),
-                                           ({"workspace_gb": float("nan")}, "workspace")])
+                                           ({"workspace_gb": float("nan")}, "workspace"),
+                                           ({"workspace_gb": 1e12}, "1e\\+12 GB is more than TensorRT can take")])
 def test_bad_options_are_one_line_errors(kwargs, match):
     from ldm_export.export.tensorrt_build import EngineOptions
 
@@ -206,6 +207,18 @@ def test_polygraphy_chain_carries_profile_flags_and_timing_cache(tiny_bundle, tm
     assert tuple(profile["sample"].max) == (spec.profile["batch"][2], 4, hi, hi)
     assert tuple(profile["encoder_hidden_states"].opt)[0] == spec.profile["batch"][1]
     assert tuple(profile["timestep"].min) == ()
+
+
+def test_a_timing_cache_that_is_a_folder_is_one_line_before_any_build(bundle_copy, tmp_path):
+    """Polygraphy opens the timing cache path as a file: a folder raised IsADirectoryError (a traceback) mid-build."""
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    def never(loader):
+        raise AssertionError("no build should start")
+
+    with pytest.raises(LdmExportError, match="--timing-cache .* is a folder; give the cache file's path"):
+        build_engines(bundle_copy, ["unet"], EngineOptions(timing_cache=tmp_path), target=H100, serialize=never)
+    assert not engines_root(bundle_copy).exists()
 
 
 @needs_polygraphy
@@ -352,6 +365,22 @@ def test_selection_refuses_changed_plans_and_stale_onnx(bundle_copy):
 
 
 @needs_polygraphy
+def test_an_unreadable_plan_is_one_line(bundle_copy, monkeypatch):
+    """A plan another user wrote with mode 0600 raised PermissionError (a traceback) when its sha256 was checked."""
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+    from ldm_export.runtime import engine_tensorrt
+
+    build_engines(bundle_copy, ["unet"], EngineOptions(), target=H100, serialize=_fake_plans)
+
+    def denied(path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(engine_tensorrt, "sha256_file", denied)
+    with pytest.raises(LdmExportError, match=r"cannot read .*unet\.plan: Permission denied; let this user read the "
+                                             r"engines folder \(chmod a\+r\) or rebuild with"):
+        locate_plan(Bundle.open(bundle_copy), "unet", H100)
+
+
+@needs_polygraphy
 def test_a_folder_renamed_to_this_gpus_key_is_judged_by_its_index(bundle_copy):
     """Engines built for an L4, their folder renamed (or copied) to the H100's key: the index's target decides, so
     they are refused with the usual message instead of handed to TensorRT."""
@@ -434,6 +463,28 @@ def test_ctrl_c_during_a_build_stops_it_and_keeps_the_earlier_engines(bundle_cop
     assert signal.getsignal(signal.SIGINT) is before  # the build's own handler is gone
 
 
+@needs_polygraphy
+def test_ctrl_c_during_the_first_build_leaves_no_engines_folder(bundle_copy):
+    """Stopped before any plan: the message named the (now removed) folder as keeping 'none'."""
+    import signal
+    import time
+
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    def interrupted(loader):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+        return _fake_plans(loader)
+
+    with pytest.raises(LdmExportError) as e:
+        build_engines(bundle_copy, None, EngineOptions(), target=H100, serialize=interrupted)
+    assert e.value.exit_code == 130 and str(e.value) == "interrupted while building text_encoder; no engine was written"
+    assert not engines_root(bundle_copy).exists()
+
+
 # ---------------------------------------------------------------- atomic writes
 
 def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
@@ -446,6 +497,25 @@ def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
     atomic_write_json(tmp_path / "engines.json", {"a": [1, 2]})
     assert json.loads((tmp_path / "engines.json").read_text()) == {"a": [1, 2]}
     assert sorted(x.name for x in tmp_path.iterdir()) == ["engines.json", "unet.plan"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_atomic_writes_get_the_modes_of_every_other_bundle_file(tmp_path):
+    """Plans and engines.json were 0600 (mkstemp's mode) while the bundle's other files follow the umask, so engines
+    built by one user (root in a container) could not be read by the one that serves them."""
+    from ldm_export.export.tensorrt_build import atomic_write_bytes, atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "unet.plan", b"plan")
+        atomic_write_json(tmp_path / "engines.json", {})
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "private.plan", b"plan")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "unet.plan").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "engines.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.plan").stat().st_mode & 0o777 == 0o600
 
 
 def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
@@ -481,6 +551,61 @@ def test_failed_build_leaves_earlier_engines_and_a_valid_index(bundle_copy):
     assert sorted(index["engines"]) == ["text_encoder", "unet"]
     assert not (engines_root(bundle_copy) / H100.dirname / "vae_decoder.plan").exists()
 
+
+
+@needs_polygraphy
+def test_a_build_failing_before_its_first_plan_leaves_no_engines_folder(bundle_copy):
+    """A refused or failed first component used to leave an empty engines/<target>/ (holding only the lock file)."""
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+    from polygraphy.exception import PolygraphyException
+
+    def fails(loader):
+        raise PolygraphyException("Failed to parse ONNX model.")
+
+    with pytest.raises(LdmExportError, match="could not build the engine"):
+        build_engines(bundle_copy, ["unet"], EngineOptions(), target=H100, serialize=fails)
+    assert not engines_root(bundle_copy).exists()
+    build_engines(bundle_copy, ["vae_decoder"], EngineOptions(), target=H100, serialize=_fake_plans)
+    with pytest.raises(LdmExportError, match="could not build the engine"):  # another GPU's folder, beside one kept
+        build_engines(bundle_copy, ["unet"], EngineOptions(), target=L4, serialize=fails)
+    assert available_targets(bundle_copy) == [H100.dirname]
+    assert sorted(p.name for p in engines_root(bundle_copy).iterdir()) == [H100.dirname]
+    with pytest.raises(LdmExportError, match="could not build the engine"):  # a folder that has engines stays whole
+        build_engines(bundle_copy, ["unet"], EngineOptions(), target=H100, serialize=fails)
+    assert list(json.loads((engines_root(bundle_copy) / H100.dirname / ENGINES_JSON).read_text())["engines"]) == \
+        ["vae_decoder"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the folder lock is POSIX flock")
+def test_a_failed_build_leaves_a_folder_another_builder_holds(bundle_copy):
+    """Two first builds into one new folder: the one that fails must not remove the folder the other is writing."""
+    import fcntl
+
+    from ldm_export.export.tensorrt_build import _removed_if_unused
+
+    root = engines_root(bundle_copy)
+    folder = root / H100.dirname
+    folder.mkdir(parents=True)
+    with open(folder / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the other builder
+        with pytest.raises(LdmExportError, match="another"):
+            with _removed_if_unused([root, folder]):
+                raise LdmExportError("another `ldm-export engines` is building into the folder")
+        assert (folder / ".lock").is_file()
+    with pytest.raises(LdmExportError):  # once it is free (and still empty), a failure removes both
+        with _removed_if_unused([root, folder]):
+            raise LdmExportError("refused")
+    assert not root.exists()
+
+
+@needs_polygraphy
+def test_a_component_named_twice_builds_once(bundle_copy):
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    built = []
+    build_engines(bundle_copy, ["unet", "vae_decoder", "unet"], EngineOptions(), target=H100,
+                  progress=lambda c, s, d: built.append(c) if s == "done" else None, serialize=_fake_plans)
+    assert built == ["unet", "vae_decoder"]
 
 # ---------------------------------------------------------------- missing TensorRT, through the CLI
 

@@ -280,6 +280,18 @@ def test_no_gpu_and_no_compute_capability_is_one_line(tiny_bundle):
     assert r.returncode == 2
     line = r.stderr.strip()
     assert "\n" not in line and "no NVIDIA driver" in line and "--compute-capability" in line
+    assert "--provider" not in line  # generate's option: `engines` has none
+
+
+@pytest.mark.skipif(_has_nvidia_driver(), reason="there is a GPU here: the engines would load")
+def test_generate_on_engines_without_a_gpu_says_to_run_on_the_cpu(built, tmp_path):
+    """generate's refusal named `engines`' --compute-capability, and `engines`' named generate's --provider cpu."""
+    r = run_cli("generate", str(built), "a cat", "--provider", "tensorrt-native", "--steps", "1",
+                "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "no NVIDIA driver" in line and line.endswith("run on the CPU with --provider cpu")
+    assert "--compute-capability" not in line and not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize("args, match", [
@@ -292,7 +304,7 @@ def test_bad_engine_options_are_one_line(tiny_bundle, tmp_path, args, match):
     r = run_cli("engines", str(bundle), "--components", "vae_decoder", *args)
     assert r.returncode == 2, r.stderr
     assert "\n" not in r.stderr.strip() and match in r.stderr
-    assert not list(engines_root(bundle).glob("*/*.plan"))
+    assert not engines_root(bundle).exists()  # no engines folder left empty (a refused compute capability made one)
 
 
 def test_refit_without_a_gpu_is_one_line(tiny_bundle, tmp_path):
@@ -302,7 +314,24 @@ def test_refit_without_a_gpu_is_one_line(tiny_bundle, tmp_path):
     assert r.returncode == 2, r.stderr
     line = r.stderr.strip()
     assert "\n" not in line and "could not build the engine" in line and "--refit" in line
-    assert not list(engines_root(bundle).glob("*/*.plan"))
+    assert not engines_root(bundle).exists()
+
+
+def test_an_earlier_engine_of_another_model_onnx_is_flagged_when_building_others(tiny_bundle, tmp_path):
+    """The summary listed an engine built from another model.onnx (a bundle remade by `ldm-export lora` around an
+    engines folder copied in) as a plain "(earlier)" one; the runtime refuses it, so `engines` says so now."""
+    bundle = _copy(tiny_bundle, tmp_path, "stale")
+    build_and_check(bundle, components=("text_encoder",))
+    index_path = next(engines_root(bundle).glob("*/engines.json"))
+    index = json.loads(index_path.read_text())
+    index["engines"]["text_encoder"]["onnx_sha256"] = "0" * 64
+    index_path.write_text(json.dumps(index))
+    r = run_cli("engines", str(bundle), "--components", "vae_decoder", "--compute-capability", CC, *FAST)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("STALE") == 1  # the text_encoder row, not the vae_decoder just built
+    assert ("warning: the text_encoder engine was built from another model.onnx than this bundle's and will not load; "
+            f"rebuild with `ldm-export engines {bundle} --components text_encoder --compute-capability {CC}`") in \
+        " ".join(r.stderr.split())
 
 
 def test_timing_cache_is_ignored_with_a_warning_on_tensorrt_rtx(tiny_bundle, tmp_path):
