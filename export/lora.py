@@ -379,10 +379,6 @@ def lora_bundle(bundle_path: str | Path, loras: list[LoraRef], out: str | Path, 
             summed: dict[str, np.ndarray] = {}  # initializer -> float32 values with every delta added (packed q/k/v)
             for param, delta in sorted(changed.items()):
                 entry = mapping.get(param)
-                if (entry is None or entry["initializer"] not in inits) and info.get("precision") == "int8":
-                    raise LdmExportError(f"the {component} of bundle {bundle.path} is int8: its weights are quantised, so "
-                                         f"a LoRA cannot be added to them ({component}.{param}); add the LoRA to the fp32 "
-                                         "bundle and quantise that (ldm-export quantize), or build with --lora")
                 if entry is None or entry["initializer"] not in inits:
                     raise LdmExportError(f"{component}.{param}: the bundle's graph has no initializer that holds this "
                                          "weight (or two hold the same values); build with --lora instead")

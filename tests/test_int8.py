@@ -484,7 +484,7 @@ def test_lora_on_an_int8_bundle_reaches_its_float_text_encoder_and_refuses_its_q
     both, text = tmp_path / "both.safetensors", tmp_path / "text.safetensors"
     make_lora(both)
     make_lora(text, layers=[x for x in LAYERS if x[1] == "text_encoder"])
-    with pytest.raises(LdmExportError, match=r"the unet of bundle .* is int8: its weights are quantised.*quantize"):
+    with pytest.raises(LdmExportError, match=r"'s unet is int8 \(quantised weights\); fuse the LoRA into the fp32 .*quantize"):
         lora_bundle(tiny_int8[0], [LoraRef(both)], tmp_path / "a")
     assert no_leftovers(tmp_path, "a")
     manifest = lora_bundle(tiny_int8[0], [LoraRef(text)], tmp_path / "b")
