@@ -83,6 +83,8 @@ def _build_for_bench(model, device, seed, out: Path, console) -> Path:
 
 def _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale, seed,
          threads, profile, cuda_options, out):
+    from rich.markup import escape
+
     from ldm_export.bench.run import BenchConfig, markdown, run_bench
     from ldm_export.cli_common import console, out_console
     from ldm_export.zoo import DEFAULT_MODEL
@@ -92,6 +94,6 @@ def _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e
                       profile=profile, out=out, int8_bundle=int8_bundle,
                       cuda_options={k.strip(): v.strip() for k, v in (o.split("=", 1) for o in cuda_options)})
     with console.status("benchmarking...", spinner="dots") as status:
-        result = run_bench(cfg, lambda s: (status.update(s), console.print(f"  {s}")))
+        result = run_bench(cfg, lambda s: (status.update(escape(s)), console.print(f"  {escape(s)}")))
     out_console.print(markdown(result), soft_wrap=True)
-    console.print(f"wrote {out}/bench_{result['model']}_{result['device']}.json, .md, .png")
+    console.print(escape(f"wrote {out}/bench_{result['model']}_{result['device']}.json, .md, .png"), soft_wrap=True)

@@ -50,6 +50,8 @@ def quantize(bundle, out, force, threads, **int8):
     """int8 bundle from an fp32 bundle (no re-export): the calibration and quantisation of `build --precision int8`."""
     import time
 
+    from rich.markup import escape
+
     from ldm_export.calibration.int8 import Int8Config, quantize_bundle
     from ldm_export.cli import _print_int8, _print_summary
     from ldm_export.cli_common import console
@@ -58,8 +60,8 @@ def quantize(bundle, out, force, threads, **int8):
     t0 = time.perf_counter()
     with console.status("quantising...", spinner="dots") as status:
         def shown(component, stage, detail=""):
-            console.print(f"  {component}: {stage} {detail}")
-            status.update(f"{component}: {stage} {detail}")
+            console.print(escape(f"  {component}: {stage} {detail}"))
+            status.update(escape(f"{component}: {stage} {detail}"))
         manifest = quantize_bundle(bundle, out, cfg, force, shown, threads)
     _print_summary(out, manifest, time.perf_counter() - t0)
 

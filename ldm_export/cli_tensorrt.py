@@ -33,6 +33,8 @@ def engines(bundle: Path, components: str | None, precision: str, workspace: flo
     """Build TensorRT engines into BUNDLE/engines/<gpu>_sm<cc>_<trt|trtrtx><version>/."""
     from rich.table import Table
 
+    from rich.markup import escape
+
     from ldm_export.cli_common import _human, console, out_console
     from ldm_export.export.tensorrt_build import EngineOptions, build_engines, engines_summary
     from ldm_export.runtime.engine_tensorrt import current_target, engines_root
@@ -54,15 +56,15 @@ def engines(bundle: Path, components: str | None, precision: str, workspace: flo
     with console.status("building engines...", spinner="dots") as status:
         def progress(component: str, stage: str, detail: str) -> None:
             if stage == "done":
-                console.print(f"  [green]✓[/green] {component} [dim]{detail}[/dim]")
+                console.print(f"  [green]✓[/green] {component} [dim]{escape(detail)}[/dim]")
             else:
-                status.update(f"{component}: {stage} {detail} (minutes for a full-size UNet)")
+                status.update(escape(f"{component}: {stage} {detail} (minutes for a full-size UNet)"))
         from ldm_export.export.tensorrt_build import _serialize
 
         index = build_engines(bundle, comps, options, progress=progress, target=target, serialize=_serialize,
                               trt=trt)
     built = set(comps or index["engines"])
-    t = Table(title=f"{engines_root(bundle) / target.dirname}  ({time.perf_counter() - t0:.1f} s)")
+    t = Table(title=escape(f"{engines_root(bundle) / target.dirname}  ({time.perf_counter() - t0:.1f} s)"))
     for col in ("component", "plan", "size", "network", "flags", "dynamic dims", "build"):
         t.add_column(col)
     rows = engines_summary(index, manifest)
@@ -74,8 +76,6 @@ def engines(bundle: Path, components: str | None, precision: str, workspace: flo
     out_console.print(t)
     stale = [r["component"] for r in rows if r["stale"]]
     if stale:  # e.g. a bundle remade with `ldm-export lora` around an engines folder copied in
-        from rich.markup import escape
-
         console.print(f"[yellow]warning:[/yellow] the {', '.join(stale)} engine{'s were' if len(stale) > 1 else ' was'} built "
                       f"from another model.onnx than this bundle's and will not load; rebuild with `ldm-export engines "
                       f"{escape(str(bundle))} --components {','.join(stale)}" + (f" --compute-capability {compute_capability}`"

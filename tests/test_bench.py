@@ -204,3 +204,13 @@ def test_torch_backend_feeds_the_same_kind_of_tensor_in_components_and_the_sampl
                spec.resolution)
     assert n_components >= 2 and len(seen) > n_components
     assert {flags for flags in seen} == {seen[0]} and all(seen[0]), seen
+
+
+def test_bench_prints_an_out_path_with_brackets_as_it_is(tiny_bundle, tmp_path):
+    """Square brackets in --out are text, not console markup: '[/x]' (a closing tag) ended in a traceback after the
+    reports were written."""
+    out = tmp_path / "o[/x]"
+    r = run_cli("bench", "--bundle", str(tiny_bundle), "--device", "cpu", "--backends", "ort", "--steps", "1",
+                "--repeats", "1", "--e2e-repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert f"wrote {out}/bench_tiny_cpu.json" in r.stderr.replace("\n", "")

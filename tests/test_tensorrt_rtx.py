@@ -342,3 +342,11 @@ def test_timing_cache_is_ignored_with_a_warning_on_tensorrt_rtx(tiny_bundle, tmp
     assert "keeps no timing cache" in r.stderr and not (tmp_path / "t.cache").exists()
     e = json.loads(next(engines_root(bundle).glob("*/engines.json")).read_text())["engines"]["text_encoder"]
     assert e["workspace_bytes"] == 2**30
+
+
+def test_engines_prints_a_bundle_path_with_brackets_as_it_is(tiny_bundle, tmp_path):
+    """Square brackets in a path are text, not console markup: '[/x]' (a closing tag) ended in a traceback."""
+    bundle = _copy(tiny_bundle, tmp_path, "b[/x]")
+    r = run_cli("engines", str(bundle), "--compute-capability", CC, *FAST, "--components", "vae_decoder")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "b[/x]" in (r.stdout + r.stderr).replace("\n", "")

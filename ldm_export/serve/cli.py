@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from ldm_export.cli_common import _guard, console, out_console
 from ldm_export.runtime.errors import LdmExportError
@@ -87,11 +88,11 @@ def serve(bundle, replicas, host, port, provider, max_batch, batch_wait_ms, max_
         check_bundle(bundle, provider)
         try:
             config_path = write_config(cfg, host, port, serve_config or bundle / "serve.yaml")
-            console.print(f"[dim]serve deploy config: {config_path}[/dim]", soft_wrap=True)
+            console.print(f"[dim]serve deploy config: {escape(str(config_path))}[/dim]", soft_wrap=True)
         except LdmExportError as e:
             if serve_config is not None or dry_run:
                 raise
-            console.print(f"[yellow]warning:[/yellow] {e}", soft_wrap=True)  # a read-only bundle still serves
+            console.print(f"[yellow]warning:[/yellow] {escape(str(e))}", soft_wrap=True)  # a read-only bundle still serves
         if dry_run:
             return
         if address is None:
@@ -113,7 +114,7 @@ def _run(service, bundle: Path, host: str, port: int, replicas: int, provider: s
         with console.status("starting Ray Serve...", spinner="dots"):
             service.start()
         shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        out_console.print(f"serving {bundle.name} at http://{shown}:{port} (POST /sdapi/v1/txt2img), "
+        out_console.print(f"serving {escape(bundle.name)} at http://{shown}:{port} (POST /sdapi/v1/txt2img), "
                           f"{replicas} replica(s) on {provider}, ready in {time.perf_counter() - t0:.1f} s; "
                           "Ctrl-C stops", soft_wrap=True)
         service.wait()
