@@ -454,6 +454,8 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
                     "repeats": cfg.repeats, "e2e_repeats": cfg.e2e_repeats, "warmup": cfg.warmup,
                     "scheduler": scheduler_config.get("_class_name"), "bundle": str(cfg.bundle) if cfg.bundle else None,
                     "bundle_target": bundle.manifest.get("target") if bundle else None,
+                    # what ort-int8 is compared with: the --bundle's denoiser precision (fp16 on a GPU, fp32 on a CPU)
+                    "bundle_precision": bundle.precision(spec.family_def.denoiser) if bundle else None,
                     "bundle_kernels": {c: bundle.manifest["components"][c].get("kernels") for c in bundle.components} if bundle else None,
                     "torch": torch.__version__, "backends": {}, "notes": list(cfg.notes),
                     "cuda_options": dict(cfg.cuda_options)}
@@ -681,15 +683,16 @@ def markdown(result: dict) -> str:
     if result.get("host_step_overhead_ms") is not None:
         lines.append(f"Host work per step (numpy sampler + CFG + casts, UNet excluded): {result['host_step_overhead_ms']:.3f} ms.")
     ratio = int8_speedup(result)
+    base = result.get("bundle_precision") or "fp32"  # the --bundle int8 is compared with (fp16 on a GPU)
     if ratio:
-        lines.append(f"int8 against fp32 (ort-int8 vs ort, same run): UNet step {ratio['unet_step']:.2f}×, "
+        lines.append(f"int8 against {base} (ort-int8 vs ort, same run): UNet step {ratio['unet_step']:.2f}×, "
                      f"end to end {ratio['end_to_end']:.2f}× faster.")
     paired = result.get("int8_paired")
     if paired and "error" in paired:
-        lines.append(f"int8 against fp32 timed in alternation: failed ({paired['error']}).")
+        lines.append(f"int8 against {base} timed in alternation: failed ({paired['error']}).")
     elif paired:
         u, w = paired["unet_step"], paired["end_to_end"]
-        lines.append(f"int8 against fp32 timed in alternation (fp32/int8 per pair, both loaded, same feeds): UNet step "
+        lines.append(f"int8 against {base} timed in alternation ({base}/int8 per pair, both loaded, same feeds): UNet step "
                      f"{u['ratio_median']:.2f}× (median of {u['pairs']} pairs, {u['ratio_min']:.2f} to {u['ratio_max']:.2f}), "
                      f"end to end {w['ratio_median']:.2f}× (median of {w['pairs']} pairs, {w['ratio_min']:.2f} to "
                      f"{w['ratio_max']:.2f}).")

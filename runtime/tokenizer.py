@@ -70,6 +70,12 @@ def _read_pad_token(folder: Path) -> str | None:
     return None
 
 
+def cut_shown(text: str, limit: int = 300) -> str:
+    """The cut part of a prompt as a warning shows it: whole up to ``limit`` characters (as diffusers prints it), else
+    its start and how much more was cut (a pasted page would fill the terminal)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text) - limit} more characters)"
+
+
 def prompt_start(prompt: str, words: int = 6) -> str:
     """How a warning names a prompt: its first words, quoted."""
     head = prompt.split()
@@ -161,8 +167,8 @@ class ClipTokenizer:
                 # repeats it per image); named by its start, as negative prompts come through here too.
                 if prompt not in warned:
                     logger.warning("the prompt %s was truncated by %d tokens because CLIP can only handle sequences up "
-                                   "to %d tokens; the cut text: %r", prompt_start(prompt), len(ids) - n_body,
-                                   self.max_length, self.decode(ids[n_body:]))
+                                   "to %d tokens; the cut text: %s", prompt_start(prompt), len(ids) - n_body,
+                                   self.max_length, cut_shown(self.decode(ids[n_body:])))
                     warned.add(prompt)
                 ids = ids[:n_body]
             row = [self.bos_id, *ids, self.eos_id]

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import LdmExportError
-from .tokenizer import prompt_start
+from .tokenizer import cut_shown, prompt_start
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ class T5Tokenizer:
                 keep = self.max_length - 1
                 if prompt not in warned:  # once per prompt, named by its start (see ClipTokenizer)
                     logger.warning("the prompt %s was truncated by %d tokens because T5 takes at most %d tokens here; "
-                                   "the cut text: %r", prompt_start(prompt), len(body) - keep, self.max_length,
-                                   self.decode(body[keep:]))
+                                   "the cut text: %s", prompt_start(prompt), len(body) - keep, self.max_length,
+                                   cut_shown(self.decode(body[keep:])))
                     warned.add(prompt)
                 ids = body[:keep] + [self.eos_id]
             out[b, :len(ids)] = ids

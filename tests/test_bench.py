@@ -47,6 +47,8 @@ def test_int8_speedup_line():
                         "end_to_end": {"pairs": 2, "ratio_median": 1.4, "ratio_min": 1.3, "ratio_max": 1.5}}
     assert ("int8 against fp32 timed in alternation (fp32/int8 per pair, both loaded, same feeds): UNet step 1.80× "
             "(median of 4 pairs, 1.50 to 2.10), end to end 1.40× (median of 2 pairs, 1.30 to 1.50).") in markdown(r)
+    r["bundle_precision"] = "fp16"  # on a GPU the int8 graphs are compared with the fp16 bundle: named as such
+    assert "int8 against fp16 (ort-int8 vs ort, same run)" in markdown(r) and "fp32" not in markdown(r).split("| ort-int8")[-1]
 
 
 def test_int8_pairs_alternate_and_divide_fp32_by_int8(monkeypatch):

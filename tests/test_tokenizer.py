@@ -331,3 +331,19 @@ def test_transformers_loads_written_files_and_agrees(tmp_path, pad_token, pad_id
     want = hf(prompts, padding="max_length", max_length=hf.model_max_length, truncation=True,
               return_tensors="np").input_ids
     np.testing.assert_array_equal(ours(prompts), want)
+
+
+def test_the_truncation_warning_shows_a_long_cut_text_by_its_start(caplog):
+    """A pasted page as a prompt: the warning showed all of the cut text (25 KB for a long calibration prompt)."""
+    import logging
+
+    from ldm_export.runtime import tokenizer as tokmod
+
+    tok = ClipTokenizer()
+    prompt = " ".join(f"word{i}" for i in range(3000))
+    with caplog.at_level(logging.WARNING, logger=tokmod.__name__):
+        tok([prompt])
+    (rec,) = caplog.records
+    msg = rec.getMessage()
+    assert len(msg) < 600 and "'... (" in msg and "more characters)" in msg
+    assert "word 5 2" in msg and "2 9 9 9" not in msg  # (CLIP's decode spaces out the digits it read one by one)
