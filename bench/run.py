@@ -47,6 +47,35 @@ class BenchConfig:
     cuda_options: dict[str, str] = field(default_factory=dict)  # extra CUDA provider options for the ort backends
     weights: Path | None = None  # the weights a bundle was built from (bundles record their name, not their path)
     int8_bundle: Path | None = None  # the ort-int8 backend: an int8 bundle of the same model and weights as ``bundle``
+    loras: tuple[str, ...] = ()  # FILE[:SCALE] of the LoRAs ``bundle`` holds (bundles record their names, not paths)
+
+
+def _bundle_loras(cfg: BenchConfig, bundle, modules: dict, spec) -> list[str]:
+    """Fuse ``cfg.loras`` into the PyTorch modules when they are the LoRAs the bundle holds (same files by sha256,
+    same scales, same order), so every backend and the fidelity reference run the same weights; without them, a
+    bundle that holds LoRAs is benched with a warning and a note in the report."""
+    manifest = bundle.manifest if bundle is not None else {}
+    recorded = (manifest.get("weights") or {}).get("loras") or manifest.get("loras") or []  # (top level: older bundles)
+    names = ", ".join(f"{x['file']} x{x['scale']:g}" for x in recorded)
+    if not cfg.loras:
+        if not recorded:
+            return []
+        note = (f"the bundle holds LoRAs ({names}) that the PyTorch backends and the fidelity reference run without; "
+                "pass each with --lora FILE[:SCALE] to bench the same weights")
+        log.warning(note)
+        return [note]
+    if bundle is None:
+        raise LdmExportError("--lora names the LoRAs a --bundle holds; build one with `ldm-export build --lora ...` "
+                             "and pass --bundle DIR")
+    if not recorded:
+        raise LdmExportError(f"bundle {bundle.path} holds no LoRA; leave --lora out (or bench a bundle built with --lora)")
+    from ldm_export.export.lora import apply_loras, parse_lora
+
+    fused = apply_loras(modules, [parse_lora(a) for a in cfg.loras], spec.name)
+    if [(x["sha256"], float(x["scale"])) for x in fused] != [(x.get("sha256"), float(x["scale"])) for x in recorded]:
+        raise LdmExportError(f"--lora {' '.join(cfg.loras)} are not the LoRAs bundle {bundle.path} holds ({names}, in "
+                             "this order, with these scales)")
+    return []
 
 
 def stats(times_s: list[float]) -> dict[str, float]:
@@ -408,6 +437,8 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
     if wanted_ort and cfg.bundle is None:
         raise LdmExportError("the ort backends need a bundle: build one with `ldm-export build ... --out DIR` and pass --bundle DIR")
     bundle = Bundle.open(cfg.bundle) if cfg.bundle else None
+    if bundle is not None and bundle.family.denoiser != "unet" and cfg.loras:
+        raise LdmExportError("--lora: LoRAs reach the U-Net families only; a DiT bundle holds none")
     if bundle is not None and bundle.family.denoiser != "unet":  # SD3 / FLUX / demo DiT: the family's own loop
         from .dit import run_dit_bench
 
@@ -434,6 +465,7 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
         if weights_info.get("sha256") and loaded.sha256 and loaded.sha256 != weights_info["sha256"]:
             raise LdmExportError(f"--weights {cfg.weights} are not the weights the bundle was built from (sha256 differs)")
     modules = loaded.modules
+    lora_notes = _bundle_loras(cfg, bundle, modules, spec)
     torch.set_grad_enabled(False)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -457,7 +489,7 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
                     # what ort-int8 is compared with: the --bundle's denoiser precision (fp16 on a GPU, fp32 on a CPU)
                     "bundle_precision": bundle.precision(spec.family_def.denoiser) if bundle else None,
                     "bundle_kernels": {c: bundle.manifest["components"][c].get("kernels") for c in bundle.components} if bundle else None,
-                    "torch": torch.__version__, "backends": {}, "notes": list(cfg.notes),
+                    "torch": torch.__version__, "backends": {}, "notes": list(cfg.notes) + lora_notes,
                     "cuda_options": dict(cfg.cuda_options)}
     try:
         import onnxruntime

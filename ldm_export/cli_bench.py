@@ -20,6 +20,9 @@ from ldm_export.cli_common import _guard
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
 @click.option("--backends", default="torch-eager,torch-compile,ort,tensorrt", show_default=True,
               help="Comma-separated: torch-eager, torch-compile, ort, ort-nhwc, ort-int8 (needs --int8-bundle), tensorrt.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="A LoRA the --bundle holds (build --lora / ldm-export lora), for the PyTorch backends and the "
+                   "fidelity reference; repeat in the bundle's order (a bundle keeps only their names).")
 @click.option("--int8-bundle", type=click.Path(path_type=Path), default=None,
               help="An int8 bundle of the same model and weights as --bundle, for the ort-int8 backend.")
 @click.option("--steps", type=int, default=50, show_default=True, help="Sampler steps end to end.")
@@ -35,8 +38,8 @@ from ldm_export.cli_common import _guard
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True,
               help="Folder for bench_<model>_<device>.json/.md/.png.")
 @_guard
-def bench(model, bundle, int8_bundle, weights, device, backends, steps, repeats, e2e_repeats, warmup, guidance_scale, seed, threads, profile,
-          cuda_options, out):
+def bench(model, bundle, loras, int8_bundle, weights, device, backends, steps, repeats, e2e_repeats, warmup, guidance_scale, seed,
+          threads, profile, cuda_options, out):
     """Time text encoder, UNet step, VAE decode and end to end on each backend; write JSON, markdown and a chart."""
     from ldm_export.cli_common import console, out_console
     from ldm_export.bench.run import BACKENDS
@@ -55,13 +58,16 @@ def bench(model, bundle, int8_bundle, weights, device, backends, steps, repeats,
     if bad:
         raise LdmExportError(f"--cuda-option takes KEY=VALUE (an ONNX Runtime CUDA provider option), got {bad[0]!r}")
     if bundle is None:
+        if loras:  # before the build: a bundle made here holds none
+            raise LdmExportError("--lora names the LoRAs a --bundle holds; build one with `ldm-export build --lora ...` "
+                                 "and pass --bundle DIR")
         with tempfile.TemporaryDirectory(prefix="ldm-export-bench-") as tmp:
             bundle = _build_for_bench(model, device, seed, Path(tmp) / "bundle", console)
             _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale, seed,
-                 threads, profile, cuda_options, out)
+                 threads, profile, cuda_options, out, loras)
         return
     _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale, seed,
-         threads, profile, cuda_options, out)
+         threads, profile, cuda_options, out, loras)
 
 
 def _build_for_bench(model, device, seed, out: Path, console) -> Path:
@@ -82,7 +88,7 @@ def _build_for_bench(model, device, seed, out: Path, console) -> Path:
 
 
 def _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale, seed,
-         threads, profile, cuda_options, out):
+         threads, profile, cuda_options, out, loras=()):
     from rich.markup import escape
 
     from ldm_export.bench.run import BenchConfig, markdown, run_bench
@@ -91,7 +97,7 @@ def _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e
 
     cfg = BenchConfig(model=model or DEFAULT_MODEL, bundle=bundle, weights=weights, device=device, backends=names, steps=steps, repeats=repeats,
                       e2e_repeats=e2e_repeats, warmup=warmup, guidance_scale=guidance_scale, seed=seed, threads=threads,
-                      profile=profile, out=out, int8_bundle=int8_bundle,
+                      profile=profile, out=out, int8_bundle=int8_bundle, loras=tuple(loras),
                       cuda_options={k.strip(): v.strip() for k, v in (o.split("=", 1) for o in cuda_options)})
     with console.status("benchmarking...", spinner="dots") as status:
         result = run_bench(cfg, lambda s: (status.update(escape(s)), console.print(f"  {escape(s)}")))

@@ -471,3 +471,28 @@ def test_lora_names_a_weight_the_bundle_holds_in_no_initializer(tmp_path, tiny_b
     assert r.returncode == 2 and "Traceback" not in r.stderr and not (tmp_path / "new").exists()
     line = r.stderr.strip()
     assert "\n" not in line and f"unet.{param}" in line and "build with --lora" in line
+
+
+def test_bench_of_a_lora_bundle_runs_pytorch_with_the_same_loras(tmp_path, tiny_bundle):
+    """A bundle keeps its LoRAs' names, not their files: the PyTorch backends and the fidelity reference ran the
+    weights without them (without a word), so the bundle's images 'disagreed' with PyTorch."""
+    path = tmp_path / "l.safetensors"
+    make_lora(path, "peft")
+    patched = tmp_path / "patched"
+    assert run_cli("lora", str(tiny_bundle), f"{path}:0.8", "--out", str(patched)).returncode == 0
+    args = ("bench", "--bundle", str(patched), "--device", "cpu", "--backends", "ort", "--steps", "2", "--repeats", "1",
+            "--e2e-repeats", "1", "--warmup", "0", "--threads", "1")
+    r = run_cli(*args, "--out", str(tmp_path / "without"))
+    assert r.returncode == 0 and "holds LoRAs (l.safetensors x0.8)" in r.stderr, r.stderr
+    without = json.loads((tmp_path / "without" / "bench_tiny_cpu.json").read_text())
+    assert any("l.safetensors x0.8" in n for n in without["notes"])
+    r = run_cli(*args, "--lora", f"{path}:0.8", "--out", str(tmp_path / "with"))
+    assert r.returncode == 0 and "holds LoRAs" not in r.stderr, r.stderr
+    with_ = json.loads((tmp_path / "with" / "bench_tiny_cpu.json").read_text())
+    assert with_["backends"]["ort"]["fidelity"]["psnr_db"] > 60 > without["backends"]["ort"]["fidelity"]["psnr_db"]
+    assert not any("LoRA" in n for n in with_["notes"])
+    for bad, why in (((f"{path}:0.5",), "are not the LoRAs bundle"), ((f"{path}:0.8", f"{path}:0.8"), "are not the LoRAs")):
+        r = run_cli(*args, *[x for b in bad for x in ("--lora", b)], "--out", str(tmp_path / "bad"))
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run_cli(*args[:2], str(tiny_bundle), *args[3:], "--lora", str(path), "--out", str(tmp_path / "plain"))
+    assert r.returncode == 2 and "holds no LoRA" in r.stderr, r.stderr
