@@ -656,7 +656,7 @@ def _check_int8_bundle(cfg: BenchConfig, bundle) -> None:
         raise LdmExportError(f"--bundle {cfg.bundle} is itself an int8 bundle; pass the fp32 bundle it was quantised from "
                              "as --bundle and the int8 one as --int8-bundle")
     if int8.model["name"] != bundle.model["name"] or int8.manifest["weights"] != bundle.manifest["weights"] \
-            or int8.manifest.get("loras") != bundle.manifest.get("loras"):  # `build --lora` keeps them beside the weights
+            or int8.manifest.get("loras") != bundle.manifest.get("loras"):  # weights hold the LoRAs; older bundles: top level
         raise LdmExportError(f"{cfg.int8_bundle} holds another model or weights than {cfg.bundle}; give the int8 "
                              "bundle made from the same fp32 weights")
 
