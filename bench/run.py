@@ -437,9 +437,9 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
     if wanted_ort and cfg.bundle is None:
         raise LdmExportError("the ort backends need a bundle: build one with `ldm-export build ... --out DIR` and pass --bundle DIR")
     bundle = Bundle.open(cfg.bundle) if cfg.bundle else None
-    if bundle is not None and bundle.family.denoiser != "unet" and cfg.loras:
-        raise LdmExportError("--lora: LoRAs reach the U-Net families only; a DiT bundle holds none")
     if bundle is not None and bundle.family.denoiser != "unet":  # SD3 / FLUX / demo DiT: the family's own loop
+        if cfg.loras:
+            raise LdmExportError("--lora: LoRAs reach the U-Net families only; a DiT bundle holds none")
         from .dit import run_dit_bench
 
         return run_dit_bench(cfg, bundle, progress)

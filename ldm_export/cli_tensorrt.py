@@ -31,9 +31,8 @@ from ldm_export.runtime.errors import LdmExportError
 def engines(bundle: Path, components: str | None, precision: str, workspace: float | None, timing_cache: Path | None,
             opt_level: int, compute_capability: str | None, refit: bool, builder: str) -> None:
     """Build TensorRT engines into BUNDLE/engines/<gpu>_sm<cc>_<trt|trtrtx><version>/."""
-    from rich.table import Table
-
     from rich.markup import escape
+    from rich.table import Table
 
     from ldm_export.cli_common import _human, console, out_console
     from ldm_export.export.tensorrt_build import EngineOptions, build_engines, engines_summary
