@@ -128,6 +128,21 @@ def end_to_end(pipe, latents, steps: int, guidance_scale: float, device: str) ->
     return image, time.perf_counter() - t0
 
 
+def _profile(engines, denoiser: str, runs: int = 5) -> dict:
+    """GPU kernels of one transformer step and one decode as benchmarked (CUDA graph replays included), from CUPTI:
+    ``{"profile": {component: profile}}``, or ``{"profile_skipped": why}``. The engines replay what their last run
+    bound: the CFG-batch step and the decode of ``time_components``."""
+    from .kernel_profile import profile_kernels
+
+    comps = [c for c in (denoiser, "vae_decoder") if c in engines]
+    if not all(getattr(engines[c], "static", False) for c in comps):
+        return {"profile_skipped": "the kernel profile replays bound inputs: it needs a static-shape bundle (--static-shape)"}
+    out = {c: profile_kernels(engines[c].replay, runs) for c in comps}
+    if not out[denoiser]["kernels_per_run"]:
+        return {"profile_skipped": "the profiler saw no GPU kernels (CUPTI unavailable?)"}
+    return {"profile": out}
+
+
 def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None) -> dict:
     """The bench of a DiT bundle: same report files as the U-Net bench."""
     import torch
@@ -198,6 +213,9 @@ def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None)
             entry["components"], first = time_components(pipe, cfg.repeats, cfg.warmup, cfg.guidance_scale, cfg.device)
             if name == "torch-compile":
                 entry["compile_s"] = first
+            if name.startswith("ort") and cfg.profile and cfg.device == "cuda":
+                progress(f"{name}: profile")
+                entry.update(_profile(engines, bundle.family.denoiser))
             progress(f"{name}: end to end")
             end_to_end(pipe, latents, cfg.steps, cfg.guidance_scale, cfg.device)  # warm-up
             runs = [end_to_end(pipe, latents, cfg.steps, cfg.guidance_scale, cfg.device) for _ in range(cfg.e2e_repeats)]

@@ -739,6 +739,8 @@ def markdown(result: dict) -> str:
                          + (f" ({e['end_to_end_unet_calls']} UNet calls of {e['end_to_end_unet_call_ms']:.2f} ms, "
                             f"{e['end_to_end_host_per_step_ms']:.2f} ms a step on the host around them)."
                             if "end_to_end_unet_calls" in e else "."))
+        if "profile_skipped" in e:
+            lines.append(f"{name}: no kernel profile: {e['profile_skipped']}")
         if "profile" in e:
             for comp, p in e["profile"].items():
                 if comp == "ort_unet_ops":

@@ -24,7 +24,9 @@ transformer    SD3's joint attention as one MultiHeadAttention standard ONNX ops
                per block (joint_attention.py); FLUX's
                double- and single-stream attention as one
                MultiHeadAttention each, rotary embeddings
-               in standard ops before it (flux_attention.py)
+               in standard ops before it (flux_attention.py);
+               each feed-forward's bias + tanh GELU as one
+               FastGelu (fast_gelu.py)
 =============  =============================================  ==========================================
 
 Target ``tensorrt`` keeps standard ONNX ops only (TensorRT's parser reads no ONNX Runtime contrib op) and emits
@@ -32,7 +34,7 @@ attention in the unet and vae_decoder as the BMM1 -> Softmax -> BMM2 graph with 
 builder fuses itself (``mha_pattern``); GroupNorm stays InstanceNormalization and LayerNorm LayerNormalization,
 which TensorRT's parser maps onto its own normalisation layer.
 
-``LDM_EXPORT_DISABLE_KERNELS`` (comma-separated kinds: attention, groupnorm, geglu, residual) leaves kinds out
+``LDM_EXPORT_DISABLE_KERNELS`` (comma-separated kinds: attention, groupnorm, geglu, gelu, residual) leaves kinds out
 of a build, to bisect a numerical or speed problem to one kernel.
 """
 from __future__ import annotations
@@ -43,14 +45,15 @@ import os
 from collections import Counter
 
 from ldm_export.runtime.errors import LdmExportError
-from . import attention, flux_attention, geglu, groupnorm, joint_attention, mha_pattern, residual
+from . import attention, fast_gelu, flux_attention, geglu, groupnorm, joint_attention, mha_pattern, residual
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("cpu", "cuda", "tensorrt")
-KINDS = ("attention", "groupnorm", "geglu", "residual")
+KINDS = ("attention", "groupnorm", "geglu", "gelu", "residual")
 FUSED_OPS = {(attention.DOMAIN, attention.OP), (groupnorm.DOMAIN, groupnorm.OP), (geglu.DOMAIN, geglu.OP),
-             (residual.DOMAIN, residual.SKIP_GROUP_NORM), (residual.DOMAIN, residual.SKIP_LAYER_NORM)}
+             (fast_gelu.DOMAIN, fast_gelu.OP), (residual.DOMAIN, residual.SKIP_GROUP_NORM),
+             (residual.DOMAIN, residual.SKIP_LAYER_NORM)}
 # fused ops that have no ONNX Runtime CPU kernel: graphs holding them are verified on the CUDA provider
 GPU_ONLY_OPS = (groupnorm.OP, geglu.OP, residual.SKIP_GROUP_NORM)
 
@@ -100,7 +103,7 @@ def plan(component: str, target: str) -> tuple[str, ...]:
         return () if "attention" in disabled_kinds() or component not in ("unet", "vae_decoder") else ("attention",)
     kinds = {"unet": ("attention", "groupnorm", "geglu", "residual"),
              "vae_decoder": ("groupnorm",),
-             "transformer": ("attention",)}.get(component, ())  # SD3's joint attention, FLUX's attention
+             "transformer": ("attention", "gelu")}.get(component, ())  # SD3's joint / FLUX's attention, tanh GELUs
     off = disabled_kinds()
     return tuple(k for k in kinds if k not in off)
 
@@ -124,6 +127,8 @@ def export_patches(module, component: str, target: str):
             undo.append((groupnorm.uninstall, groupnorm.install(module)))
         if "geglu" in kinds:
             undo.append((geglu.uninstall, geglu.install(module)))
+        if "gelu" in kinds:
+            undo.append((fast_gelu.uninstall, fast_gelu.install(module)))
         yield
     finally:
         for fn, saved in reversed(undo):

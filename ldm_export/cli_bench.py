@@ -32,7 +32,7 @@ from ldm_export.cli_common import _guard
 @click.option("--guidance-scale", type=float, default=7.5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads (cpu device).")
-@click.option("--profile", is_flag=True, help="Add a GPU kernel profile (device time by kind of kernel) of the UNet and VAE decoder (cuda).")
+@click.option("--profile", is_flag=True, help="Add a GPU kernel profile (device time by kind of kernel) of the UNet or DiT transformer and the VAE decoder (cuda, static-shape bundles).")
 @click.option("--cuda-option", "cuda_options", multiple=True, metavar="KEY=VALUE",
               help="An ONNX Runtime CUDA provider option for the ort backends (repeatable), e.g. fuse_conv_bias=1.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench-out"), show_default=True,

@@ -40,13 +40,15 @@ class CudaEngine:
     ``conv_algo_search`` is cuDNN's convolution algorithm search (EXHAUSTIVE: slower first run, fastest kernels);
     ``prefer_nhwc`` lets ONNX Runtime run convolutions channels-last (fewer layout transposes around the NHWC
     GroupNorm kernels); ``check_finite`` raises, naming the component, when an output holds NaN or Inf;
-    ``provider_options`` adds or overrides CUDA provider options (e.g. ``{"sdpa_kernel": "8"}``: cuDNN attention).
+    ``provider_options`` adds or overrides CUDA provider options (e.g. ``{"sdpa_kernel": "8"}``: cuDNN attention);
+    ``graph_fallback``: where ONNX Runtime refuses to capture the graph (nodes it keeps on the CPU, or a kernel that
+    cannot be captured), run without a CUDA graph instead of failing, with a warning.
     """
 
     def __init__(self, model_path: str | os.PathLike, spec: ComponentSpec, device_id: int = 0,
                  cuda_graph: bool | None = None, conv_algo_search: str = "EXHAUSTIVE", prefer_nhwc: bool = False,
                  check_finite: bool | None = None, session_options=None, profile_prefix: str | None = None,
-                 provider_options: Mapping[str, str] | None = None):
+                 provider_options: Mapping[str, str] | None = None, graph_fallback: bool = False):
         import onnxruntime as ort
 
         own = sorted(set(provider_options or {}) & set(_OWN_OPTIONS))
@@ -66,21 +68,25 @@ class CudaEngine:
             raise LdmExportError(f"{spec.name}: CUDA graphs need a static-shape bundle; rebuild with --static-shape "
                                  "or pass cuda_graph=False")
         self.cuda_graph = self.static if cuda_graph is None else bool(cuda_graph)
+        self.graph_fallback = graph_fallback
         self.check_finite = (spec.name == "vae_decoder") if check_finite is None else check_finite
-        options = {"device_id": str(device_id), "cudnn_conv_algo_search": conv_algo_search,
-                   "cudnn_conv_use_max_workspace": "1", "do_copy_in_default_stream": "1",
-                   "enable_cuda_graph": "1" if self.cuda_graph else "0", "prefer_nhwc": "1" if prefer_nhwc else "0",
-                   **{k: str(v) for k, v in (provider_options or {}).items()}}
+        self._options = {"device_id": str(device_id), "cudnn_conv_algo_search": conv_algo_search,
+                         "cudnn_conv_use_max_workspace": "1", "do_copy_in_default_stream": "1",
+                         "prefer_nhwc": "1" if prefer_nhwc else "0",
+                         **{k: str(v) for k, v in (provider_options or {}).items()}}
         so = session_options or ort.SessionOptions()
         so.log_severity_level = 3
         if profile_prefix:
             so.enable_profiling = True
             so.profile_file_prefix = profile_prefix
+        self._session_options = so
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=so,
-                                                providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-            raise LdmExportError(f"cannot load {self.path} on CUDA: {str(e).splitlines()[0]}") from e
+            self.session = self._open()
+        except LdmExportError as e:
+            if not (self.cuda_graph and graph_fallback):
+                raise
+            self._no_graph(e)
+            self.session = self._open()
         spec.check_graph(self.session, self.path)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
@@ -92,6 +98,31 @@ class CudaEngine:
         if self.static:
             self._allocate({t.name: spec.concrete_shape(t) for t in spec.inputs},
                            {t.name: (spec.concrete_shape(t), np.dtype(t.dtype)) for t in spec.outputs})
+
+    def _open(self):
+        import onnxruntime as ort
+
+        options = {**self._options, "enable_cuda_graph": "1" if self.cuda_graph else "0"}
+        try:
+            return ort.InferenceSession(str(self.path), sess_options=self._session_options,
+                                        providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for unreadable models
+            raise LdmExportError(f"cannot load {self.path} on CUDA: {str(e).splitlines()[0]}") from e
+
+    def _no_graph(self, why: Exception) -> None:
+        log.warning("%s: running without a CUDA graph (ONNX Runtime could not capture this graph: %s)", self.spec.name,
+                    " ".join(str(why).split())[:200])
+        self.cuda_graph = False
+
+    def _reopen_without_graph(self, why: Exception) -> None:
+        """The first run failed while capturing: a new session without the graph, bound to the same device buffers."""
+        self._no_graph(why)
+        self.session = self._open()
+        self._binding = self.session.io_binding()
+        for name, v in self._inputs.items():
+            self._binding.bind_ortvalue_input(name, v)
+        for name, v in self._outputs.items():
+            self._binding.bind_ortvalue_output(name, v)
 
     def _allocate(self, in_shapes: Mapping[str, tuple], out_shapes: Mapping[str, tuple]) -> None:
         import onnxruntime as ort
@@ -139,7 +170,13 @@ class CudaEngine:
             if tuple(a.shape) != tuple(buf.shape()):
                 raise LdmExportError(f"{self.spec.name}.{name}: expected shape {tuple(buf.shape())}, got {tuple(a.shape)}")
             buf.update_inplace(a)
-        self._run()
+        try:
+            self._run()
+        except LdmExportError as e:
+            if self._ran or not (self.cuda_graph and self.graph_fallback):
+                raise
+            self._reopen_without_graph(e)
+            self._run()
         self._ran = True
         out = {n: self._outputs[n].numpy() for n in self.output_names}
         self._guard(out)

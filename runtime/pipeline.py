@@ -527,10 +527,14 @@ def cuda_engine(bundle: Bundle, component: str, tuned: bool = True, extra_option
                 cudnn_search: str | None = None):
     """The CUDA engine for one component. ``tuned`` (the runtime's choice) runs the UNet and VAE decoder
     channels-last: on an H100 that took the SD 1.5 UNet step from 12.3 to 8.8 ms (docs/gpu.md). The text encoder runs
-    once an image and keeps a few nodes on the CPU, so it gets no CUDA graph. ``extra_options`` adds CUDA provider options; ``cudnn_search`` see ``resolve_cudnn_search``."""
+    once an image and keeps a few nodes on the CPU, so it gets no CUDA graph. A DiT's transformer (static shapes) runs
+    as a CUDA graph too (a step is many small kernels, which a graph launches without the host),
+    falling back to none, with a warning, where ONNX Runtime cannot capture it. ``extra_options`` adds CUDA provider options;
+    ``cudnn_search`` see ``resolve_cudnn_search``."""
     from .engine_cuda import CudaEngine
 
     conv = component in CONVOLUTIONAL
+    graph = conv or component == bundle.family.denoiser
     spec = bundle.spec(component)
     # No cuDNN conv+bias runtime fusion by default: its kernels are compiled at first use, which made the first SD 1.5
     # image of a process 17.7 s (6.3 s with a warm CUDA JIT cache) against 5.2 s (1.9 s) without it, for 1.4 ms a
@@ -539,7 +543,7 @@ def cuda_engine(bundle: Bundle, component: str, tuned: bool = True, extra_option
     if "cudnn_conv_algo_search" in options:  # ONNX Runtime's name for it (bench --cuda-option) is accepted too
         cudnn_search = options.pop("cudnn_conv_algo_search")
     return CudaEngine(bundle.model_path(component), spec, prefer_nhwc=tuned and conv,
-                      cuda_graph=None if conv else False, provider_options=options,
+                      cuda_graph=None if graph else False, graph_fallback=graph and not conv, provider_options=options,
                       conv_algo_search=resolve_cudnn_search(cudnn_search))
 
 

@@ -143,6 +143,43 @@ def test_reports_show_the_kernel_profile():
     assert format_profile(prof, "x").count("\n") == 5
 
 
+def test_dit_bench_profiles_the_transformer_and_decoder_or_says_why_not(monkeypatch):
+    """``bench --profile`` of a DiT bundle: the transformer step and the decode as the engines replay them; a
+    dynamic-shape bundle, or a profiler that sees no kernel, gives the reason in the report instead."""
+    from ldm_export.bench import dit, kernel_profile
+
+    class Engine:
+        def __init__(self, static):
+            self.static, self.replays = static, 0
+
+        def replay(self):
+            self.replays += 1
+
+    def fake_profile(fn, runs):
+        for _ in range(runs):
+            fn()
+        return {"runs": runs, "kernels_per_run": 900, "device_ms_per_run": 31.0,
+                "by_kind": [{"kind": "gemm", "ms_per_run": 20.0, "calls_per_run": 300, "share": 0.65}], "top_kernels": []}
+
+    monkeypatch.setattr(kernel_profile, "profile_kernels", fake_profile)
+    engines = {"text_encoder": Engine(False), "transformer": Engine(True), "vae_decoder": Engine(True)}
+    got = dit._profile(engines, "transformer", runs=3)
+    assert set(got["profile"]) == {"transformer", "vae_decoder"} and engines["transformer"].replays == 3
+    assert engines["text_encoder"].replays == 0
+    r = _result()
+    r["backends"]["ort"].update(got)
+    assert "GPU kernels of one transformer run (ort, as benchmarked): 31.000 ms of kernels a run, 900 kernels" in markdown(r)
+    engines["transformer"].static = False
+    skipped = dit._profile(engines, "transformer")
+    assert "static-shape" in skipped["profile_skipped"]
+    r["backends"]["ort"].pop("profile")
+    r["backends"]["ort"].update(skipped)
+    assert "ort: no kernel profile: the kernel profile replays bound inputs" in markdown(r)
+    engines["transformer"].static = True
+    monkeypatch.setattr(kernel_profile, "profile_kernels", lambda fn, runs: {"kernels_per_run": 0})
+    assert "no GPU kernels" in dit._profile(engines, "transformer")["profile_skipped"]
+
+
 def test_cli_cuda_option_needs_key_value_and_a_cuda_device(tiny_bundle):
     r = run_cli("bench", "--bundle", str(tiny_bundle), "--device", "cpu", "--cuda-option", "fuse_conv_bias")
     assert r.returncode == 2 and "--cuda-option takes KEY=VALUE" in r.stderr

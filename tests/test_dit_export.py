@@ -158,7 +158,11 @@ def test_fused_joint_attention_equals_diffusers_and_exports_one_mha_per_block(na
         fused_torch = X.torch_outputs(wrapper, cspec, feeds)
         model = X.export_onnx(wrapper, cspec, tmp_path, feeds)
     model = kernels.rewrite(model, "transformer", "cuda")
-    assert kernels.count_fused(model) == {"MultiHeadAttention": spec.configs["transformer"]["num_layers"]}
+    blocks = spec.configs["transformer"]["num_layers"]
+    # one FastGelu a feed-forward: the image stream's in every block, the text stream's in all but the last
+    # (context_pre_only); no tanh GELU left unfused
+    assert kernels.count_fused(model) == {"MultiHeadAttention": blocks, "FastGelu": 2 * blocks - 1}
+    assert not [n for n in model.graph.node if n.op_type == "Tanh"]
     np.testing.assert_allclose(fused_torch[0], reference[0], atol=1e-5)
     path = tmp_path / "model.onnx"
     X.save_onnx(model, path)
@@ -213,8 +217,10 @@ def test_fused_flux_attention_equals_diffusers_and_exports_one_mha_per_attention
     g = flux_cuda_graph
     cfg = g["spec"].configs["transformer"]
     blocks = cfg["num_layers"] + cfg["num_single_layers"]
-    assert kernels.count_fused(g["model"]) == {"MultiHeadAttention": blocks}
-    assert kernels.describe("transformer", "cuda") == [f"MultiHeadAttention x{blocks}"]
+    gelus = 2 * cfg["num_layers"] + cfg["num_single_layers"]  # double blocks: ff, ff_context; single: act_mlp
+    assert kernels.count_fused(g["model"]) == {"FastGelu": gelus, "MultiHeadAttention": blocks}
+    assert kernels.describe("transformer", "cuda") == [f"FastGelu x{gelus}", f"MultiHeadAttention x{blocks}"]
+    assert not [n for n in g["model"].graph.node if n.op_type == "Tanh"]
     mha = [n for n in g["model"].graph.node if n.op_type == "MultiHeadAttention"]
     assert all(n.domain == "com.microsoft" and len(n.input) == 3 for n in mha)  # q, k, v (B, S, D): nothing packed
     assert not [n for n in g["model"].graph.node if n.op_type == "Softmax"]  # no unfused attention left
@@ -256,5 +262,6 @@ def test_cuda_target_flux_build_names_the_fused_attention_in_its_manifest(tmp_pa
                           out=tmp_path / "b"))
     cfg = get_model("tiny-flux").configs["transformer"]
     info = m["components"]["transformer"]
-    assert info["kernels"] == [f"MultiHeadAttention x{cfg['num_layers'] + cfg['num_single_layers']}"]
+    assert info["kernels"] == [f"FastGelu x{2 * cfg['num_layers'] + cfg['num_single_layers']}",
+                               f"MultiHeadAttention x{cfg['num_layers'] + cfg['num_single_layers']}"]
     assert all(o["cosine"] >= 0.99999 for o in info["verification"]["fp32"]["outputs"].values())

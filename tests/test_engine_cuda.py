@@ -74,6 +74,137 @@ def test_engine_without_cuda_says_what_to_install(tmp_path):
         CudaEngine(tmp_path / "m.onnx", spec)
 
 
+class _CpuBackedSession:
+    """Stands in for a CUDA session on a machine without a GPU: runs the graph on ONNX Runtime's CPU provider and,
+    with ``enable_cuda_graph`` on, refuses the way ``refuse`` says: at creation or at the first (capturing) run."""
+    made: list = []
+
+    def __init__(self, path, sess_options=None, providers=()):
+        self.graph = providers[0][1]["enable_cuda_graph"] == "1"
+        type(self).made.append(self.graph)
+        if self.graph and self.refuse == "create":
+            raise RuntimeError("This session cannot use the graph capture feature as requested by the user as all "
+                               "compute graph nodes have not been partitioned to the CUDA execution provider")
+        self.real = _REAL_SESSION(str(path), providers=["CPUExecutionProvider"])
+
+    def get_inputs(self):
+        return self.real.get_inputs()
+
+    def get_outputs(self):
+        return self.real.get_outputs()
+
+    def io_binding(self):
+        return _Binding()
+
+    def run_with_iobinding(self, binding, run_options=None):
+        if self.graph and self.refuse == "run":
+            raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing")
+        outs = self.real.run(list(binding.outputs), {k: v.numpy() for k, v in binding.inputs.items()})
+        for v, o in zip(binding.outputs.values(), outs):
+            v.update_inplace(o)
+
+
+class _Binding:
+    def __init__(self):
+        self.inputs, self.outputs = {}, {}
+
+    def clear_binding_inputs(self):
+        self.inputs.clear()
+
+    def clear_binding_outputs(self):
+        self.outputs.clear()
+
+    def bind_ortvalue_input(self, name, v):
+        self.inputs[name] = v
+
+    def bind_ortvalue_output(self, name, v):
+        self.outputs[name] = v
+
+
+_REAL_SESSION = ort.InferenceSession
+
+
+@pytest.mark.parametrize("refuse", ["create", "run"])
+def test_graph_fallback_runs_without_a_cuda_graph_where_capture_is_refused(tmp_path, monkeypatch, caplog, refuse):
+    """A DiT transformer's engine asks for a CUDA graph with ``graph_fallback``: where ONNX Runtime refuses the
+    capture (at session creation, or in the first run), it warns and runs without one, on the same buffers, with
+    the right outputs; without ``graph_fallback`` the refusal stays an error, and a failure after the first run is
+    never retried."""
+    import ldm_export.runtime.engine_cuda as EC
+
+    spec = _model(tmp_path / "m.onnx", name="transformer", dtype=TensorProto.FLOAT)
+    spec = spec.with_dtype("float32")
+    monkeypatch.setattr(EC, "cuda_available", lambda: True)
+    monkeypatch.setattr(_CpuBackedSession, "refuse", refuse, raising=False)
+    monkeypatch.setattr(_CpuBackedSession, "made", [])
+    monkeypatch.setattr(ort, "InferenceSession", _CpuBackedSession)
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_shape_and_type",
+                        staticmethod(lambda shape, dtype, device, device_id: _REAL_ORTVALUE(np.zeros(shape, dtype))))
+    rng = np.random.default_rng(0)
+    x, ehs = rng.standard_normal((2, 4, 8, 8)).astype(np.float32), rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    feeds = {"sample": x, "timestep": np.asarray(3.0, np.float32), "encoder_hidden_states": ehs}
+
+    e = CudaEngine(tmp_path / "m.onnx", spec, cuda_graph=True, graph_fallback=True)
+    with caplog.at_level("WARNING"):
+        out = e.run(feeds)["out_sample"]
+    np.testing.assert_allclose(out, x * 3 + ehs, rtol=1e-6)
+    assert e.cuda_graph is False and _CpuBackedSession.made == [True, False]
+    assert "running without a CUDA graph" in caplog.text
+    assert ("graph capture" if refuse == "create" else "stream is capturing") in caplog.text
+    np.testing.assert_allclose(e.run({**feeds, "timestep": np.asarray(0.5, np.float32)})["out_sample"], x * 0.5 + ehs,
+                               rtol=1e-6)
+
+    if refuse == "create":
+        with pytest.raises(LdmExportError, match="graph capture"):
+            CudaEngine(tmp_path / "m.onnx", spec, cuda_graph=True)
+    else:
+        strict = CudaEngine(tmp_path / "m.onnx", spec, cuda_graph=True)
+        with pytest.raises(LdmExportError, match="stream is capturing"):
+            strict.run(feeds)
+        monkeypatch.setattr(_CpuBackedSession, "refuse", None)
+        ok = CudaEngine(tmp_path / "m.onnx", spec, cuda_graph=True, graph_fallback=True)
+        ok.run(feeds)
+        monkeypatch.setattr(_CpuBackedSession, "refuse", "run")  # a failure after the first run is not a capture
+        with pytest.raises(LdmExportError, match="stream is capturing"):
+            ok.run(feeds)
+        assert ok.cuda_graph is True
+
+
+def test_cuda_engine_asks_a_graph_for_the_dit_transformer_only_with_fallback(monkeypatch):
+    """``cuda_engine``: UNet and VAE decoder get CUDA graphs (strict), the DiT transformer a graph with fallback,
+    text encoders none."""
+    import ldm_export.runtime.engine_cuda as EC
+    from ldm_export.runtime import pipeline as P
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, path, spec, **kw):
+            seen[spec] = (kw["cuda_graph"], kw["graph_fallback"], kw["prefer_nhwc"])
+
+    class FakeBundle:
+        class family:
+            denoiser = "transformer"
+
+        def spec(self, c):
+            return c
+
+        def model_path(self, c):
+            return c
+
+    monkeypatch.setattr(EC, "CudaEngine", Recorder)
+    for c in ("transformer", "vae_decoder", "text_encoder_3"):
+        P.cuda_engine(FakeBundle(), c)
+    assert seen == {"transformer": (None, True, False), "vae_decoder": (None, False, True),
+                    "text_encoder_3": (False, False, False)}
+    FakeBundle.family.denoiser = "unet"
+    P.cuda_engine(FakeBundle(), "unet")
+    assert seen["unet"] == (None, False, True)
+
+
+_REAL_ORTVALUE = ort.OrtValue.ortvalue_from_numpy
+
+
 @needs_cuda
 @pytest.mark.parametrize("graph", [True, False])
 def test_engine_runs_and_partial_updates(tmp_path, graph):

@@ -17,7 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
 
 from ldm_export import kernels  # noqa: E402
-from ldm_export.kernels import attention, geglu, groupnorm, residual  # noqa: E402
+from ldm_export.kernels import attention, fast_gelu, geglu, groupnorm, residual  # noqa: E402
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="GroupNorm/BiasSplitGelu/fp16 MultiHeadAttention have ONNX Runtime "
@@ -61,6 +61,57 @@ def test_bias_split_gelu_ref_matches_torch():
     x, bias = rng.standard_normal((2, 3, 10)), rng.standard_normal(10)
     a, g = (torch.from_numpy(x) + torch.from_numpy(bias)).chunk(2, -1)
     np.testing.assert_allclose(geglu.bias_split_gelu_ref(x, bias), (a * torch.nn.functional.gelu(g)).numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_fast_gelu_ref_matches_torch():
+    rng = np.random.default_rng(4)
+    x, bias = rng.standard_normal((2, 3, 10)) * 3, rng.standard_normal(10)
+    want = torch.nn.functional.gelu(torch.from_numpy(x) + torch.from_numpy(bias), approximate="tanh").numpy()
+    np.testing.assert_allclose(fast_gelu.fast_gelu_ref(x, bias), want, rtol=1e-9, atol=1e-12)
+    exact = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()  # the erf GELU differs: the check can fail
+    assert np.abs(fast_gelu.fast_gelu_ref(x) - exact).max() > 1e-5
+
+
+class _FeedForwards(torch.nn.Module):
+    """SD3/FLUX's tanh feed-forward (diffusers GELU with and without bias), FLUX's bare nn.GELU(tanh), and two
+    GELUs the patch must leave alone (erf GELU module and nn.GELU())."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers.models.activations import GELU
+
+        self.ff = GELU(8, 24, approximate="tanh")
+        self.ff_nobias = GELU(8, 24, approximate="tanh", bias=False)
+        self.mlp, self.act = torch.nn.Linear(8, 24), torch.nn.GELU(approximate="tanh")
+        self.erf_ff, self.erf_act = GELU(8, 24), torch.nn.GELU()
+
+    def forward(self, x):
+        return (self.ff(x) + self.ff_nobias(x) + self.act(self.mlp(x)) + self.erf_ff(x) + self.erf_act(self.mlp(x)))
+
+
+def test_fast_gelu_export_fuses_tanh_gelus_only_and_matches_on_cpu(tmp_path):
+    """FastGelu(x, bias) for a projection with bias, FastGelu(x) without; erf GELUs untouched; the graph, run by ONNX
+    Runtime's CPU FastGelu kernel, equals the unpatched torch module; the modules get their own forward back."""
+
+    torch.manual_seed(0)
+    m = _FeedForwards().eval()
+    x = torch.randn(2, 5, 8) * 2
+    want = m(x).detach().numpy()
+    saved = fast_gelu.install(m)
+    try:
+        assert {id(s) for s in saved} == {id(m.ff), id(m.ff_nobias), id(m.act)}
+        np.testing.assert_allclose(m(x).detach().numpy(), want, rtol=1e-5, atol=1e-6)
+        path = tmp_path / "ff.onnx"
+        torch.onnx.export(m, (x,), str(path), input_names=["x"], output_names=["y"], opset_version=17, dynamo=False)
+    finally:
+        fast_gelu.uninstall(saved)
+    assert "forward" not in vars(m.ff) and "forward" not in vars(m.act)
+    model = onnx.load(str(path))
+    fg = [n for n in model.graph.node if n.op_type == "FastGelu"]
+    assert sorted(len(n.input) for n in fg) == [1, 1, 2] and all(n.domain == "com.microsoft" for n in fg)
+    assert not [n for n in model.graph.node if n.op_type == "Tanh"] and [n for n in model.graph.node if n.op_type == "Erf"]
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 class _AttnBlock(torch.nn.Module):
@@ -343,6 +394,22 @@ def test_cuda_bias_split_gelu_matches_reference():
     got = ort.InferenceSession(m.SerializeToString(), providers=CUDA).run(None, {"x": x})[0]
     want = geglu.bias_split_gelu_ref(x, bias)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_cuda_fast_gelu_matches_reference(dtype):
+    rng = np.random.default_rng(5)
+    x, bias = (rng.standard_normal((2, 16, 6144)) * 3).astype(dtype), rng.standard_normal(6144).astype(dtype)
+    t = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    b = helper.make_tensor("b", t, [6144], vals=bias.tobytes(), raw=True)
+    graph = helper.make_graph([helper.make_node("FastGelu", ["x", "b"], ["y"], domain="com.microsoft")], "g",
+                              [helper.make_tensor_value_info("x", t, list(x.shape))],
+                              [helper.make_tensor_value_info("y", t, list(x.shape))], [b])
+    m = helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    got = ort.InferenceSession(m.SerializeToString(), providers=CUDA).run(None, {"x": x})[0].astype(np.float64)
+    want = fast_gelu.fast_gelu_ref(x, bias)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < (2e-3 if dtype == np.float16 else 1e-6)
 
 
 def _model(nodes, inputs, outputs, inits=()):

@@ -267,17 +267,19 @@ def test_cuda_engine_choices_per_component(tiny_bundle, tmp_path, monkeypatch):
     for comp in ("text_encoder", "unet", "vae_decoder"):
         cuda_engine(Bundle.open(b16), comp, extra_options={"sdpa_kernel": "8"})
     search = {"conv_algo_search": "HEURISTIC"}
-    assert seen["unet"] == seen["vae_decoder"] == {"prefer_nhwc": True, "cuda_graph": None, **search,
-                                                   "provider_options": {"sdpa_kernel": "8"}}
-    assert seen["text_encoder"] == {"prefer_nhwc": False, "cuda_graph": False, **search,
+    assert seen["unet"] == seen["vae_decoder"] == {"prefer_nhwc": True, "cuda_graph": None, "graph_fallback": False,
+                                                   **search, "provider_options": {"sdpa_kernel": "8"}}
+    assert seen["text_encoder"] == {"prefer_nhwc": False, "cuda_graph": False, "graph_fallback": False, **search,
                                     "provider_options": {"sdpa_kernel": "8"}}
     # conv+bias fusion only when asked for (its kernels compile at first use); fp32 and dynamic bundles likewise
     cuda_engine(Bundle.open(b16), "unet", extra_options={"fuse_conv_bias": "1"})
     assert seen["unet"]["provider_options"] == {"fuse_conv_bias": "1"}
     cuda_engine(Bundle.open(tiny_bundle), "unet")
-    assert seen["unet"] == {"prefer_nhwc": True, "cuda_graph": None, **search, "provider_options": {}}
+    assert seen["unet"] == {"prefer_nhwc": True, "cuda_graph": None, "graph_fallback": False, **search,
+                            "provider_options": {}}
     cuda_engine(Bundle.open(b16), "unet", tuned=False)  # the bench's plain `ort` backend
-    assert seen["unet"] == {"prefer_nhwc": False, "cuda_graph": None, **search, "provider_options": {}}
+    assert seen["unet"] == {"prefer_nhwc": False, "cuda_graph": None, "graph_fallback": False, **search,
+                            "provider_options": {}}
     # cuDNN's search: an argument, ONNX Runtime's option name (bench --cuda-option), or the environment
     cuda_engine(Bundle.open(b16), "unet", cudnn_search="exhaustive")
     assert seen["unet"]["conv_algo_search"] == "EXHAUSTIVE"

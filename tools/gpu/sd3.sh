@@ -3,11 +3,13 @@
 # bench and flux in order, about 12 minutes in all. One phase per call:
 #   bash tools/gpu/sd3.sh build   the sd3-medium architecture with random weights as a static fp16 cuda bundle at
 #                                 1024² (CLIP-L, CLIP-G, T5-XXL, MMDiT with fused joint attention = one
-#                                 MultiHeadAttention per block, 16-channel VAE fp32 by force_upcast); each component
+#                                 MultiHeadAttention per block, bias + tanh GELU = one FastGelu per feed-forward, 16-channel VAE fp32 by force_upcast); each component
 #                                 verified on the CUDA provider; /usr/bin/time for wall time and peak RSS
-#   bash tools/gpu/sd3.sh bench   `ldm-export bench` on that bundle (BENCH_TIMEOUT s, 540): torch-eager, torch-compile, ort,
-#                                 28 steps, CFG 7.0 (transformer batch 2, 333 text tokens); targets: transformer
-#                                 step <= 36 ms (ort), end to end faster than torch-compile in the same run
+#   bash tools/gpu/sd3.sh bench   `ldm-export bench` on that bundle (BENCH_TIMEOUT s, 540): ort first (the figure the
+#                                 run exists for, safe from the timeout), torch-eager, torch-compile,
+#                                 28 steps, CFG 7.0 (transformer batch 2, 333 text tokens), GPU kernel profile of
+#                                 ort's transformer step; targets: transformer step <= 36 ms (ort), end to end faster
+#                                 than torch-compile in the same run
 #   bash tools/gpu/sd3.sh flux    the FLUX.1-dev transformer (11.9 B) exported to ONNX (fp16 on the GPU, external
 #                                 data, static 1024²: 4096 image + 512 text tokens) and one step run by ONNX Runtime
 #                                 CUDA against torch: export time, peak host RSS and GPU memory, cosine
@@ -39,8 +41,8 @@ print(json.dumps(rows, indent=1))" | tee "$OUT/sd3_verification.json"
     ;;
   bench)
     [ -d $B ] || { echo "no bundle at $B: run 'bash tools/gpu/sd3.sh build' first"; exit 1; }
-    timeout ${BENCH_TIMEOUT:-540} python3 -m ldm_export.cli bench --bundle $B --device cuda --backends ${BACKENDS:-torch-eager,torch-compile,ort} \
-      --steps 28 --guidance-scale 7.0 --repeats ${REPEATS:-10} --e2e-repeats ${E2E_REPEATS:-1} --warmup 3 --out "$OUT" 2>&1 \
+    timeout ${BENCH_TIMEOUT:-540} python3 -m ldm_export.cli bench --bundle $B --device cuda --backends ${BACKENDS:-ort,torch-eager,torch-compile} \
+      --steps 28 --guidance-scale 7.0 --repeats ${REPEATS:-10} --e2e-repeats ${E2E_REPEATS:-1} --warmup 3 --profile --out "$OUT" 2>&1 \
       | grep --line-buffered -v Warning | tee "$OUT/sd3_bench.log"
     ;;
   flux)
