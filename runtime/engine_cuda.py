@@ -33,6 +33,13 @@ def cuda_available() -> bool:
 _OWN_OPTIONS = ("device_id", "enable_cuda_graph", "prefer_nhwc", "cudnn_conv_algo_search")
 
 
+def _about_capture(e: Exception) -> bool:
+    """ONNX Runtime's refusals of a CUDA graph ("cannot use the graph capture feature", "operation not permitted
+    when stream is capturing"): other failures (out of memory, a bad model) are not retried without the graph."""
+    msg = str(e.__cause__ or e).lower()  # ONNX Runtime's own message, not ours around it (paths may say "graph")
+    return "graph" in msg or "captur" in msg
+
+
 class CudaEngine:
     """One component on ONNX Runtime's CUDA provider, inputs and outputs bound to preallocated device buffers.
 
@@ -83,7 +90,7 @@ class CudaEngine:
         try:
             self.session = self._open()
         except LdmExportError as e:
-            if not (self.cuda_graph and graph_fallback):
+            if not (self.cuda_graph and graph_fallback and _about_capture(e)):
                 raise
             self._no_graph(e)
             self.session = self._open()
@@ -173,7 +180,7 @@ class CudaEngine:
         try:
             self._run()
         except LdmExportError as e:
-            if self._ran or not (self.cuda_graph and self.graph_fallback):
+            if self._ran or not (self.cuda_graph and self.graph_fallback and _about_capture(e)):
                 raise
             self._reopen_without_graph(e)
             self._run()

@@ -82,6 +82,8 @@ class _CpuBackedSession:
     def __init__(self, path, sess_options=None, providers=()):
         self.graph = providers[0][1]["enable_cuda_graph"] == "1"
         type(self).made.append(self.graph)
+        if self.graph and self.refuse == "oom":
+            raise RuntimeError("CUDA failure 2: out of memory")
         if self.graph and self.refuse == "create":
             raise RuntimeError("This session cannot use the graph capture feature as requested by the user as all "
                                "compute graph nodes have not been partitioned to the CUDA execution provider")
@@ -157,6 +159,11 @@ def test_graph_fallback_runs_without_a_cuda_graph_where_capture_is_refused(tmp_p
     if refuse == "create":
         with pytest.raises(LdmExportError, match="graph capture"):
             CudaEngine(tmp_path / "m.onnx", spec, cuda_graph=True)
+        monkeypatch.setattr(_CpuBackedSession, "refuse", "oom")  # not about the graph: no second try without it
+        monkeypatch.setattr(_CpuBackedSession, "made", [])
+        with pytest.raises(LdmExportError, match="out of memory"):
+            CudaEngine(tmp_path / "m.onnx", spec, cuda_graph=True, graph_fallback=True)
+        assert _CpuBackedSession.made == [True]
     else:
         strict = CudaEngine(tmp_path / "m.onnx", spec, cuda_graph=True)
         with pytest.raises(LdmExportError, match="stream is capturing"):
