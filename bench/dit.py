@@ -20,7 +20,7 @@ import numpy as np
 
 from ldm_export.runtime.errors import LdmExportError
 
-from .run import BenchConfig, Progress, _gpu_used_mb, _Skip, image_fidelity, stats, timed, write_reports
+from .run import BenchConfig, Progress, _gpu_used_mb, _Skip, graphed, image_fidelity, stats, timed, write_reports
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,8 @@ def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None)
             runs = [end_to_end(pipe, latents, cfg.steps, cfg.guidance_scale, cfg.device) for _ in range(cfg.e2e_repeats)]
             entry["end_to_end"] = stats([s for _, s in runs])
             entry["fidelity"] = image_fidelity(runs[-1][0], ref_image)
+            if name.startswith("ort") and cfg.device == "cuda":
+                entry["cuda_graphs"] = graphed(engines)
             if cfg.device == "cuda":
                 torch_mb = torch.cuda.max_memory_allocated() / 2**20
                 used = _gpu_used_mb()

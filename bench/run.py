@@ -358,6 +358,12 @@ class OrtBackend(_Backend):
         self.engines = {}
 
 
+def graphed(engines) -> list[str]:
+    """The components whose CUDA engine replays a CUDA graph, read after the runs (an engine that fell back to none
+    at its first run says so here, not only in a warning)."""
+    return [c for c, e in engines.items() if getattr(e, "cuda_graph", False) is True]
+
+
 def _gpu_used_mb() -> float | None:
     """Device memory in use (all processes), from NVML; None where NVML is missing."""
     try:
@@ -560,6 +566,8 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
             entry["end_to_end_host_per_step_ms"] = float(np.median([(r["loop_s"] - r["unet_s"]) for r in runs])) / cfg.steps * 1e3
             entry["fidelity"] = image_fidelity(image, ref_image)
             entry["gpu_memory_peak_mb"] = b.memory_mb()
+            if name.startswith("ort") and cfg.device == "cuda":
+                entry["cuda_graphs"] = graphed(b.engines)
             if name.startswith("ort") and cfg.profile and cfg.device == "cuda":
                 progress(f"{name}: profile")
                 try:
@@ -739,6 +747,8 @@ def markdown(result: dict) -> str:
                          + (f" ({e['end_to_end_unet_calls']} UNet calls of {e['end_to_end_unet_call_ms']:.2f} ms, "
                             f"{e['end_to_end_host_per_step_ms']:.2f} ms a step on the host around them)."
                             if "end_to_end_unet_calls" in e else "."))
+        if "cuda_graphs" in e:
+            lines.append(f"{name}: CUDA graphs: {', '.join(e['cuda_graphs']) or 'none'}.")
         if "profile_skipped" in e:
             lines.append(f"{name}: no kernel profile: {e['profile_skipped']}")
         if "profile" in e:

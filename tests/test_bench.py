@@ -143,6 +143,22 @@ def test_reports_show_the_kernel_profile():
     assert format_profile(prof, "x").count("\n") == 5
 
 
+def test_report_names_the_components_that_ran_as_cuda_graphs():
+    from ldm_export.bench.run import graphed
+
+    class E:
+        def __init__(self, g):
+            self.cuda_graph = g
+
+    engines = {"text_encoder": E(False), "transformer": E(True), "vae_decoder": E(True), "cpu_engine": object()}
+    assert graphed(engines) == ["transformer", "vae_decoder"]
+    r = _result()
+    r["backends"]["ort"]["cuda_graphs"] = graphed(engines)
+    assert "ort: CUDA graphs: transformer, vae_decoder." in markdown(r)
+    r["backends"]["ort"]["cuda_graphs"] = graphed({"transformer": E(False)})  # fell back at its first run
+    assert "ort: CUDA graphs: none." in markdown(r)
+
+
 def test_dit_bench_profiles_the_transformer_and_decoder_or_says_why_not(monkeypatch):
     """``bench --profile`` of a DiT bundle: the transformer step and the decode as the engines replay them; a
     dynamic-shape bundle, or a profiler that sees no kernel, gives the reason in the report instead."""
