@@ -358,6 +358,17 @@ class OrtBackend(_Backend):
         self.engines = {}
 
 
+def check_device_options(device: str, cuda_options, profile: bool, backends) -> None:
+    """Options that mean nothing on this device or without an ort backend: refused before any work (the CLI calls
+    this before it builds a bundle for the bench), instead of ignored."""
+    if cuda_options and device != "cuda":
+        raise LdmExportError("--cuda-option sets ONNX Runtime CUDA provider options; it needs --device cuda")
+    if profile and device != "cuda":
+        raise LdmExportError("--profile records the GPU kernels of the ort backends; it needs --device cuda")
+    if profile and not any(b in ("ort", "ort-nhwc") for b in backends):
+        raise LdmExportError("--profile records the kernels of the ort backends: add ort (or ort-nhwc) to --backends")
+
+
 def graphed(engines) -> list[str]:
     """The components whose CUDA engine replays a CUDA graph, read after the runs (an engine that fell back to none
     at its first run says so here, not only in a warning)."""
@@ -435,8 +446,7 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
 
     if cfg.device not in ("cuda", "cpu"):
         raise LdmExportError(f"--device must be cuda or cpu, got {cfg.device!r}")
-    if cfg.cuda_options and cfg.device != "cuda":
-        raise LdmExportError("--cuda-option sets ONNX Runtime CUDA provider options; it needs --device cuda")
+    check_device_options(cfg.device, cfg.cuda_options, cfg.profile, cfg.backends)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise LdmExportError("no CUDA device visible to PyTorch: run on a GPU machine, or pass --device cpu")
     wanted_ort = [b for b in cfg.backends if b.startswith("ort")]

@@ -57,6 +57,9 @@ def bench(model, bundle, loras, int8_bundle, weights, device, backends, steps, r
     bad = [o for o in cuda_options if "=" not in o or not o.split("=", 1)[0].strip()]
     if bad:
         raise LdmExportError(f"--cuda-option takes KEY=VALUE (an ONNX Runtime CUDA provider option), got {bad[0]!r}")
+    from ldm_export.bench.run import check_device_options
+
+    check_device_options(device, cuda_options, profile, names)  # before any bundle is built for the bench
     if bundle is None:
         if loras:  # before the build: a bundle made here holds none
             raise LdmExportError("--lora names the LoRAs a --bundle holds; build one with `ldm-export build --lora ...` "

@@ -203,6 +203,18 @@ def test_cli_cuda_option_needs_key_value_and_a_cuda_device(tiny_bundle):
     assert r.returncode == 2 and "it needs --device cuda" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_refuses_profile_where_it_would_be_ignored_before_building_anything(tmp_path):
+    """--profile on the CPU, or without an ort backend, is refused at once: without --bundle the bench would
+    otherwise build a model first (seconds here, many minutes for a large one) and then drop the profile."""
+    for args, want in [(["--device", "cpu", "--profile"], "--profile records the GPU kernels"),
+                       (["--device", "cpu", "--cuda-option", "fuse_conv_bias=1"], "it needs --device cuda"),
+                       (["--device", "cuda", "--profile", "--backends", "torch-eager"], "add ort (or ort-nhwc)")]:
+        r = run_cli("bench", "--model", "tiny", *args, "--out", str(tmp_path / "o"))
+        assert r.returncode == 2 and want in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr and "building" not in r.stdout + r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_reports_show_the_host_side_fallback_profile_and_cuda_options():
     r = _result()
     r["cuda_options"] = {"fuse_conv_bias": "1"}

@@ -25,10 +25,10 @@ case "$1" in
       | grep --line-buffered -v Warning | tee "$OUT/probe.log"; rm -rf "$OUT/probe/graphs"
     ;;
   bench)
-    BK=torch-eager,torch-compile,tensorrt; BA=""
-    [ -d $B ] && { BK=${BACKENDS:-torch-eager,torch-compile,ort,ort-nhwc,tensorrt}; BA="--bundle $B"; }
+    BK=torch-eager,torch-compile,tensorrt; BA=""; PROF=""  # --profile records the ort backends' kernels only
+    [ -d $B ] && { BK=${BACKENDS:-torch-eager,torch-compile,ort,ort-nhwc,tensorrt}; BA="--bundle $B"; PROF=--profile; }
     python3 -m ldm_export.cli bench $BA --device cuda --backends $BK --steps 50 --repeats ${REPEATS:-10} \
-      --e2e-repeats 2 --warmup 3 --profile --out "$OUT" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/bench.log"
+      --e2e-repeats 2 --warmup 3 $PROF --out "$OUT" 2>&1 | grep --line-buffered -v Warning | tee "$OUT/bench.log"
     ;;
   check)  # the GPU tests alone (kernels, engine, the runtime's CUDA path on tiny bundles): no sd15 build
     timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine_cuda.py \
