@@ -406,6 +406,17 @@ def test_calibration_options_need_int8(tmp_path):
     assert no_leftovers(tmp_path, "b")
 
 
+def _build_int8_from_cache(cache, info, tmp_path):
+    """`build --precision int8` reusing ``cache``, asking for what it holds: its ``info`` (capture.json, written back
+    with the build's seed 0), its prompts and its step count. Returns the CLI result."""
+    info["seed"] = 0  # the build's seed; prompts and steps are given below as the capture's
+    (cache / "capture.json").write_text(json.dumps(info))
+    (tmp_path / "prompts.txt").write_text("\n".join(info["prompts"]) + "\n")
+    return run_cli("build", "--model", "tiny", "--random-weights", "--precision", "int8", "--calib-cache", str(cache),
+                   "--calib-prompts", str(tmp_path / "prompts.txt"), "--calib-steps", str(info["num_inference_steps"]),
+                   "--out", str(tmp_path / "b"), timeout=300)
+
+
 def test_cache_of_another_shape_fails_after_export_and_leaves_nothing(tiny_capture, tmp_path):
     """A cache of the same model whose inputs have another shape is found only once the model is loaded: the
     build still fails with one line and leaves neither bundle nor staging folder."""
@@ -416,12 +427,7 @@ def test_cache_of_another_shape_fails_after_export_and_leaves_nothing(tiny_captu
     z["sample"] = np.zeros(z["sample"].shape[:2] + (4, 4, 4), np.float32)  # 32 px latents of 4x4
     np.savez(cache / "unet_inputs.npz", **z)
     info["shapes"]["sample"] = [2, 4, 4, 4]
-    info["seed"] = 0  # the build's seed; prompts and steps are given below as the capture's
-    (cache / "capture.json").write_text(json.dumps(info))
-    (tmp_path / "prompts.txt").write_text("\n".join(info["prompts"]) + "\n")
-    r = run_cli("build", "--model", "tiny", "--random-weights", "--precision", "int8", "--calib-cache", str(cache),
-                "--calib-prompts", str(tmp_path / "prompts.txt"), "--calib-steps", str(info["num_inference_steps"]),
-                "--out", str(tmp_path / "b"), timeout=300)
+    r = _build_int8_from_cache(cache, info, tmp_path)
     _one_line_error(r, "holds sample of shape [2, 4, 4, 4], this build feeds [2, 4, 8, 8]", after_progress=True)
     assert no_leftovers(tmp_path, "b")
 
@@ -434,13 +440,7 @@ def test_a_damaged_cache_arrays_file_is_one_line_before_any_work(tiny_capture, t
     C.save_capture(tiny_capture, cache)
     arrays = cache / "unet_inputs.npz"
     arrays.write_bytes(arrays.read_bytes()[:2000] if damage == "cut" else b"not an npz" * 10)
-    info = json.loads((cache / "capture.json").read_text())
-    info["seed"] = 0  # the build's seed; prompts and steps are given below as the capture's
-    (cache / "capture.json").write_text(json.dumps(info))
-    (tmp_path / "prompts.txt").write_text("\n".join(info["prompts"]) + "\n")
-    r = run_cli("build", "--model", "tiny", "--random-weights", "--precision", "int8", "--calib-cache", str(cache),
-                "--calib-prompts", str(tmp_path / "prompts.txt"), "--calib-steps", str(info["num_inference_steps"]),
-                "--out", str(tmp_path / "b"), timeout=300)
+    r = _build_int8_from_cache(cache, json.loads((cache / "capture.json").read_text()), tmp_path)
     _one_line_error(r, "is damaged (unet_inputs.npz: cut short or not an array file); delete it to capture anew")
     assert "pickle" not in r.stderr
     assert no_leftovers(tmp_path, "b")
