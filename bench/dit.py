@@ -20,7 +20,8 @@ import numpy as np
 
 from ldm_export.runtime.errors import LdmExportError
 
-from .run import BenchConfig, Progress, _gpu_used_mb, _Skip, graphed, image_fidelity, stats, timed, write_reports
+from .run import (BenchConfig, Progress, _gpu_used_mb, _Skip, graphed, image_fidelity, profile_engines, stats, timed,
+                  write_reports)
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +133,10 @@ def _profile(engines, denoiser: str, runs: int = 5) -> dict:
     """GPU kernels of one transformer step and one decode as benchmarked (CUDA graph replays included), from CUPTI:
     ``{"profile": {component: profile}}``, or ``{"profile_skipped": why}``. The engines replay what their last run
     bound: the CFG-batch step and the decode of ``time_components``."""
-    from .kernel_profile import profile_kernels
-
-    comps = [c for c in (denoiser, "vae_decoder") if c in engines]
-    if not all(getattr(engines[c], "static", False) for c in comps):
-        return {"profile_skipped": "the kernel profile replays bound inputs: it needs a static-shape bundle (--static-shape)"}
-    out = {c: profile_kernels(engines[c].replay, runs) for c in comps}
+    try:
+        out = profile_engines(engines, [c for c in (denoiser, "vae_decoder") if c in engines], runs)
+    except _Skip as e:
+        return {"profile_skipped": str(e)}
     if not out[denoiser]["kernels_per_run"]:
         return {"profile_skipped": "the profiler saw no GPU kernels (CUPTI unavailable?)"}
     return {"profile": out}

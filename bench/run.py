@@ -343,11 +343,7 @@ class OrtBackend(_Backend):
         """Device time by kind of kernel for one UNet step and one VAE decode, as they run here (CUDA graphs
         included), from CUPTI; where it sees no kernels, ONNX Runtime's own per-op profile of the UNet instead.
         Needs a static-shape bundle (the engines replay their bound inputs)."""
-        from .kernel_profile import profile_kernels
-
-        if not all(getattr(self.engines[c], "static", False) for c in ("unet", "vae_decoder")):
-            raise _Skip("the kernel profile replays bound inputs: it needs a static-shape bundle (--static-shape)")
-        out = {c: profile_kernels(self.engines[c].replay, runs) for c in ("unet", "vae_decoder")}
+        out = profile_engines(self.engines, ("unet", "vae_decoder"), runs)
         if not out["unet"]["kernels_per_run"]:
             log.warning("the profiler saw no GPU kernels (CUPTI unavailable?); falling back to ONNX Runtime's profiler")
             out = {"ort_unet_ops": profile_unet(self.bundle.path, runs=runs, prefer_nhwc=self.name == "ort-nhwc",
@@ -356,6 +352,16 @@ class OrtBackend(_Backend):
 
     def close(self):
         self.engines = {}
+
+
+def profile_engines(engines, components, runs: int = 5) -> dict:
+    """CUPTI kernel profile of each of ``components``' engines replaying its last bound run (the U-Net and DiT
+    benches' ``--profile``); raises _Skip for engines that cannot replay (dynamic shapes)."""
+    from .kernel_profile import profile_kernels
+
+    if not all(getattr(engines[c], "static", False) for c in components):
+        raise _Skip("the kernel profile replays bound inputs: it needs a static-shape bundle (--static-shape)")
+    return {c: profile_kernels(engines[c].replay, runs) for c in components}
 
 
 def check_device_options(device: str, cuda_options, profile: bool, backends) -> None:
