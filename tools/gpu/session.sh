@@ -25,7 +25,9 @@ run_step() {
   # every core ran their CPU phases 3-8x slower than alone (CLIP-G export 139 s there against 16 s on a 2-core CPU).
   # a light step (dit_smoke: tiny models) takes 2 threads and leaves the rest to the heavy step beside it
   if [ "$s" = dit_smoke ]; then export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
-  elif [ "${SESSION_PAR:-1}" -gt 1 ]; then export OMP_NUM_THREADS=$(( ($(nproc) - 2 * ${SESSION_LIGHT:-0}) / SESSION_PAR )) MKL_NUM_THREADS=$(( ($(nproc) - 2 * ${SESSION_LIGHT:-0}) / SESSION_PAR )); fi
+  elif [ "${SESSION_PAR:-1}" -gt 1 ]; then
+    local share=$(( ($(nproc) - 2 * ${SESSION_LIGHT:-0}) / SESSION_PAR )); export OMP_NUM_THREADS=$share MKL_NUM_THREADS=$share
+  fi
   # `skip STEP...` (below) drops steps queued behind the one running
   if grep -qx "$s" $G/skip 2>/dev/null; then echo "skipped $(date +%T)" > $G/$s.state; return; fi
   echo "running $(date +%T)" > $G/$s.state
