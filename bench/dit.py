@@ -148,9 +148,9 @@ def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None)
 
     from ldm_export.export.weights import load_weights
     from ldm_export.runtime.pipeline import Pipeline
-    from ldm_export.zoo import get_model
+    from ldm_export.zoo import spec_of_bundle
 
-    spec = get_model(bundle.model["name"])
+    spec = spec_of_bundle(bundle)
     info = bundle.manifest["weights"]
     if info["source"] == "random":
         loaded = load_weights(spec, None, random_weights=True, seed=info.get("seed") or 0)

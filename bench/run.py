@@ -446,7 +446,7 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
     import torch
 
     from ldm_export.runtime.bundle import Bundle
-    from ldm_export.zoo import get_model
+    from ldm_export.zoo import get_model, spec_of_bundle
 
     from ldm_export.export.weights import load_weights
 
@@ -467,7 +467,7 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
         return run_dit_bench(cfg, bundle, progress)
     if "ort-int8" in cfg.backends:
         _check_int8_bundle(cfg, bundle)
-    spec = get_model(bundle.model["name"] if bundle else cfg.model)
+    spec = spec_of_bundle(bundle) if bundle else get_model(cfg.model)
     if "unet" not in spec.configs:
         raise LdmExportError(f"bench of the DiT model '{spec.name}' runs over a bundle: build one with `ldm-export "
                              f"build --model {spec.name} ... --out DIR` and pass --bundle DIR")

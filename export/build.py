@@ -14,7 +14,7 @@ from ldm_export import __version__
 from ldm_export.runtime.bundle import FORMAT, FORMAT_VERSION, GENERIC_DEFAULTS, MANIFEST, sha256_file
 from ldm_export.runtime.checks import cap_threads
 from ldm_export.runtime.errors import LdmExportError
-from ldm_export.zoo import DEFAULT_MODEL, ModelSpec, get_model
+from ldm_export.zoo import AUTO_MODEL, DEFAULT_MODEL, ModelSpec, get_model
 
 from .bundle_writer import check_out_dir, staging
 from .precision import PRECISIONS
@@ -72,7 +72,13 @@ class BuildConfig:
         return self.verify_provider or ("cuda" if self.target == "cuda" else "cpu")
 
     def resolved_out(self) -> Path:
-        return Path(self.out) if self.out else Path(f"{self.model}-{self.precision}")
+        if self.out:
+            return Path(self.out)
+        if self.model == AUTO_MODEL and self.weights is not None:  # named after the folder the architecture came from
+            from .folder_spec import folder_model_name
+
+            return Path(f"{folder_model_name(self.weights)}-{self.precision}")
+        return Path(f"{self.model}-{self.precision}")
 
 
 # (component, stage, detail) -> None; the CLI turns these into its progress display
@@ -90,7 +96,18 @@ def static_dims(spec: ModelSpec, component: str) -> dict[str, int]:
 
 def validate(cfg: BuildConfig) -> ModelSpec:
     """Check everything that can be checked before loading weights; return the model spec."""
-    spec = get_model(cfg.model)
+    if cfg.model == AUTO_MODEL:
+        from .folder_spec import spec_from_folder
+
+        if cfg.random_weights:
+            raise LdmExportError(f"--model {AUTO_MODEL} reads the architecture from the diffusers folder given as "
+                                 "--weights; for random weights name a zoo model with --model")
+        if cfg.weights is None:
+            raise LdmExportError(f"--model {AUTO_MODEL} reads the architecture from a diffusers pipeline folder: pass it "
+                                 "as --weights FOLDER")
+        spec = spec_from_folder(cfg.weights)
+    else:
+        spec = get_model(cfg.model)
     if cfg.precision not in PRECISIONS + ("int8",):
         raise LdmExportError(f"unknown precision '{cfg.precision}'; choose one of: {', '.join(PRECISIONS + ('int8',))}")
     if cfg.precision == "int8":
@@ -201,7 +218,13 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             feeds = sample_inputs(decl.kind, cspec, dims, cfg.seed, spec.configs.get(decl.module, {}),
                                   family.latent_format(spec.configs))
             progress(component, "torch reference", "")
-            reference = X.torch_outputs(wrapper, cspec, feeds)
+            try:
+                reference = X.torch_outputs(wrapper, cspec, feeds)
+            except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # the model itself fails: say which
+                raise LdmExportError(
+                    f"{component}: the PyTorch model fails on sample inputs of its own spec ({type(exc).__name__}: "
+                    f"{' '.join(str(exc).split())[:200]}); its config is inconsistent or of a variant ldm-export does "
+                    "not export (run with --debug for the traceback)") from exc
             progress(component, "export", "")
             register_onnx_symbolics(X.OPSET)
             with dit_export_patches(decl.kind), kernels.export_patches(wrapper, component, cfg.target):

@@ -122,7 +122,7 @@ def _load_folder(spec: ModelSpec, folder: Path, trust_pickle: bool, skip: tuple[
     names = [m.name for m in family.modules if m.name not in skip]
     if "transformer" not in skip and not (folder / "transformer").is_dir() and (folder / "unet").is_dir():
         raise LdmExportError(f"{folder} holds a U-Net pipeline (unet/), not a DiT: model '{spec.name}' needs "
-                             "transformer/; pass the --model these weights belong to (sd15, sd21, ...)")
+                             "transformer/; pass the --model these weights belong to (sd15, sd21, ...) or --model auto")
     subs = {name: shared.get(name, folder / name) for name in names}
     for name in names:  # every folder and config first, before any weights
         sub = subs[name]

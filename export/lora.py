@@ -347,7 +347,7 @@ def lora_bundle(bundle_path: str | Path, loras: list[LoraRef], out: str | Path, 
     check_out_dir(out, force)
     manifest = json.loads(json.dumps(bundle.manifest))
     name = manifest["model"]["name"]
-    builder = _architecture(name)
+    builder = _architecture(bundle)
     torch.set_grad_enabled(False)
     modules = zero_modules(builder)
     fused = apply_loras(modules, loras, name)
@@ -410,14 +410,13 @@ def lora_bundle(bundle_path: str | Path, loras: list[LoraRef], out: str | Path, 
     return manifest
 
 
-def _architecture(name: str):
-    """A builder of the torch modules a LoRA adapts (text encoders and UNet) of the zoo model ``name``."""
-    from ldm_export.zoo import MODELS
+def _architecture(bundle):
+    """A builder of the torch modules a LoRA adapts (text encoders and UNet) of the bundle's model: the zoo's, or the
+    one its manifest records (a bundle built from a folder's own architecture)."""
+    from ldm_export.zoo import spec_of_bundle
 
     from .models import build_module
 
-    if name not in MODELS:
-        raise LdmExportError(f"bundle of unknown model '{name}'; LoRA needs a bundle of a model this ldm-export knows")
-    spec = MODELS[name]
+    spec = spec_of_bundle(bundle)
     names = [m.name for m in spec.family_def.modules if m.name in ("unet", *TEXT_ENCODERS)]
     return lambda: {n: build_module(spec, n) for n in names}

@@ -122,7 +122,7 @@ def refuse_dit_folder(folder: Path, model: str) -> None:
     """A DiT pipeline folder (transformer/, no unet/) given for a U-Net model: say so, not which U-Net part it lacks."""
     if (folder / "transformer").is_dir() and not (folder / "unet").is_dir():
         raise LdmExportError(f"{folder} holds a DiT pipeline (transformer/), not a U-Net: model '{model}' needs unet/; "
-                             "pass the --model these weights belong to (sd3-medium, sd35-medium, flux-dev, flux-schnell)")
+                             "pass the --model these weights belong to (sd3-medium, sd35-medium, flux-dev, flux-schnell) or --model auto")
 
 
 def _load_diffusers_folder(spec: ModelSpec, folder: Path, trust_pickle: bool) -> LoadedWeights:
@@ -225,7 +225,8 @@ def _check_config(folder: Path, name: str, got_config: dict[str, Any], spec_conf
             continue
         raise LdmExportError(
             f"{folder}/{name}/config.json has {key}={got!r} but model '{model}' has {key}={want!r}; "
-            f"pass the --model these weights belong to{_inpaint_hint(name, key, got)}")
+            f"pass the --model these weights belong to{_inpaint_hint(name, key, got)}, or --model auto to build the "
+            "folder's own architecture")
 
 
 def _inpaint_hint(name: str, key: str, got: Any) -> str:

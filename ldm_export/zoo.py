@@ -178,13 +178,29 @@ TINY_INPAINT = inpainting(TINY, "tiny-inpaint", "Tiny SD 1.x inpainting model fo
 MODELS: dict[str, ModelSpec] = {m.name: m for m in (SD15, SD21, TINY, TINY_INPAINT, SD15_INPAINT)}
 INPAINT_MODELS = "sd15-inpaint, sdxl-inpaint"  # what a 9-channel UNet's weights are built with
 DEFAULT_MODEL = "demo"  # the embedded demo model: real images on a CPU with no download
+AUTO_MODEL = "auto"  # `build --model auto`: the architecture a diffusers folder's own configs say (export/folder_spec.py)
 
 
 def get_model(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except KeyError:
-        raise LdmExportError(f"unknown model '{name}'; known models: {', '.join(sorted(MODELS))}") from None
+        raise LdmExportError(f"unknown model '{name}'; known models: {', '.join(sorted(MODELS))}, or {AUTO_MODEL} "
+                             "(the architecture of the diffusers folder given as --weights)") from None
+
+
+def spec_of_bundle(bundle) -> ModelSpec:
+    """The spec a bundle was built from: the zoo's for a zoo model; for a bundle built from a folder's own architecture
+    (``--model auto``), the one its manifest records (module configs, scheduler, resolution, token count)."""
+    m = bundle.model
+    if m["name"] in MODELS and MODELS[m["name"]].family == m["family"]:
+        return MODELS[m["name"]]
+    configs = {name: {k: v for k, v in config.items() if not k.startswith("_")}
+               for name, config in m["modules"].items()}
+    main = {k: configs.pop(k, None) for k in ("text_encoder", "unet", "vae")}
+    return ModelSpec(name=m["name"], family=m["family"], description=m.get("description", ""), **main,
+                     scheduler=dict(bundle.scheduler_config), resolution=int(m["resolution"]),
+                     max_length=int(m["max_length"]), extra_configs=configs, defaults=dict(m.get("defaults") or {}))
 
 
 def _demo_spec() -> ModelSpec:

@@ -1,0 +1,225 @@
+"""`build --weights FOLDER` with no --model (or --model auto): the diffusers folder says its own architecture, so a
+model outside the zoo builds and runs; a folder of a zoo architecture gives that model's spec; bad folders fail on
+one line before any work."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, torch_available
+from ldm_export.export.build import BuildConfig, validate
+from ldm_export.export.folder_spec import spec_from_folder
+from ldm_export.runtime.errors import LdmExportError
+from ldm_export.zoo import get_model
+
+# a U-Net and a DiT family each, the SDXL base and refiner, FLUX with guidance, SD 2.x (pads with '!')
+ZOO = ["tiny", "tiny-sdxl", "tiny-sdxl-refiner", "tiny-sd3", "tiny-flux", "sd15", "sd21", "sdxl", "sd3-medium"]
+TRANSFORMERS_META = {"architectures": ["X"], "transformers_version": "4.57.0", "torch_dtype": "float32",
+                     "model_type": "clip_text_model", "_name_or_path": "/somewhere/else"}
+
+
+def one_line(exc_info) -> str:
+    message = str(exc_info.value)
+    assert message and "\n" not in message
+    return message
+
+
+def write_config_folder(spec, root: Path, drop: tuple[str, ...] = ()) -> Path:
+    """What save_pretrained writes, configs only: model_index.json, each module's config.json with the libraries'
+    own metadata keys, the tokenizer's pad token, the scheduler."""
+    folder = root / spec.name
+    family = spec.family_def
+    index = spec.model_index()
+    if family.name == "sdxl-refiner":
+        index["text_encoder"] = [None, None]
+    (folder / "scheduler").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**spec.scheduler, "_diffusers_version": "0.35.2"}))
+    for m in family.modules:
+        if m.name in drop:
+            continue
+        meta = TRANSFORMERS_META if m.library == "transformers" else {"_class_name": m.class_name,
+                                                                       "_diffusers_version": "0.35.2"}
+        (folder / m.name).mkdir()
+        (folder / m.name / "config.json").write_text(json.dumps({**meta, **spec.configs[m.name]}))
+    for tok, pad in family.tokenizer_pads().items():
+        if pad is not None:
+            (folder / tok).mkdir()
+            (folder / tok / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad}))
+    return folder
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_a_folder_of_a_zoo_architecture_gives_that_models_spec(tmp_path, name):
+    zoo = get_model(name)
+    spec = spec_from_folder(write_config_folder(zoo, tmp_path))
+    assert spec.family == zoo.family and spec.name == name
+    assert set(spec.configs) == set(zoo.configs)
+    for module, config in zoo.configs.items():
+        assert {k: spec.configs[module].get(k) for k in config} == config, module
+        assert not set(TRANSFORMERS_META) & set(spec.configs[module]), module  # the files' metadata is not architecture
+    assert spec.scheduler == zoo.scheduler
+    assert spec.resolution == zoo.resolution
+    assert spec.component_specs().keys() == zoo.component_specs().keys()
+    if zoo.unet is not None:  # CLIP's count is in its config; T5's (SD3, FLUX) is the family reference's
+        assert spec.max_length == zoo.max_length
+        assert spec.component_specs() == zoo.component_specs()
+    # what a folder cannot say (steps, guidance) is the family's published model's
+    published = {"tiny": "sd15", "sd15": "sd15", "sd21": "sd21", "tiny-sdxl": "sdxl", "sdxl": "sdxl",
+                 "tiny-sdxl-refiner": "sdxl-refiner", "tiny-sd3": "sd3-medium", "sd3-medium": "sd3-medium",
+                 "tiny-flux": "flux-dev"}[name]
+    assert spec.defaults == get_model(published).defaults
+
+
+def test_missing_config_keys_come_from_the_family_reference(tmp_path):
+    """SD 1.5's original vae/config.json predates scaling_factor: the SD 1.x value, as with --model sd15."""
+    folder = write_config_folder(get_model("sd15"), tmp_path)
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    del vae["scaling_factor"]
+    (folder / "vae" / "config.json").write_text(json.dumps(vae))
+    assert spec_from_folder(folder).configs["vae"]["scaling_factor"] == 0.18215
+
+
+@pytest.mark.parametrize("name,saved,decoder", [("tiny", True, "fp16"), ("tiny-sdxl", True, "fp32"),
+                                                ("tiny-sdxl", False, "fp16")])
+def test_force_upcast_counts_where_the_pipeline_acts_on_it(tmp_path, name, saved, decoder):
+    """diffusers writes force_upcast=true into every VAE config it saves; only the SDXL pipelines act on it (the
+    fp16-fix SDXL VAE says false). An SD 1.x folder keeps its fp16 decoder, as with --model."""
+    folder = write_config_folder(get_model(name), tmp_path)
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    (folder / "vae" / "config.json").write_text(json.dumps({**vae, "force_upcast": saved}))
+    spec = spec_from_folder(folder)
+    assert BuildConfig(precision="fp16").component_precision("vae_decoder", spec.configs["vae"]) == decoder
+
+
+def test_sd2_is_told_by_the_text_encoder_width_without_tokenizer_files(tmp_path):
+    folder = write_config_folder(get_model("sd21"), tmp_path)
+    for f in (folder / "tokenizer").iterdir():
+        f.unlink()
+    assert spec_from_folder(folder).family == "sd2"
+
+
+def test_flux_without_guidance_embedding_is_schnell_like(tmp_path):
+    zoo = get_model("tiny-flux")
+    spec = replace(zoo, extra_configs={**zoo.extra_configs,
+                                       "transformer": zoo.extra_configs["transformer"] | {"guidance_embeds": False}})
+    got = spec_from_folder(write_config_folder(spec, tmp_path))
+    assert got.defaults == get_model("flux-schnell").defaults and got.max_length == 256
+    assert spec_from_folder(write_config_folder(zoo, tmp_path / "dev")).max_length == 512
+
+
+@pytest.mark.parametrize("case,match", [
+    ("pipeline", "names the pipeline 'PixArtAlphaPipeline', which ldm-export does not export"),
+    ("config", "has no transformer/config.json; a StableDiffusion3Pipeline folder needs"),
+    ("json", "is not readable JSON"),
+    ("not-a-folder", "is not one; for a single-file checkpoint pass the --model"),
+])
+def test_bad_folders_fail_on_one_line(tmp_path, case, match):
+    spec = get_model("tiny-sd3")
+    folder = write_config_folder(spec, tmp_path, drop=("transformer",) if case == "config" else ())
+    if case == "pipeline":
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    if case == "json":
+        (folder / "vae" / "config.json").write_text("{not json")
+    if case == "not-a-folder":
+        folder = folder / "vae" / "config.json"
+    with pytest.raises(LdmExportError) as e:
+        validate(BuildConfig(model="auto", weights=folder, out=tmp_path / "out"))
+    assert match in one_line(e)
+    assert not (tmp_path / "out").exists()
+
+
+def test_auto_needs_a_folder_and_not_random_weights(tmp_path):
+    with pytest.raises(LdmExportError, match="pass it as --weights FOLDER"):
+        validate(BuildConfig(model="auto", out=tmp_path / "o"))
+    with pytest.raises(LdmExportError, match="for random weights name a zoo model"):
+        validate(BuildConfig(model="auto", random_weights=True, out=tmp_path / "o"))
+
+
+def test_default_out_is_named_after_the_folder(tmp_path):
+    folder = write_config_folder(get_model("tiny"), tmp_path)
+    assert BuildConfig(model="auto", weights=folder, precision="fp16").resolved_out() == Path("tiny-fp16")
+
+
+# ------------------------------------------------------------------------------------------ built and run (torch)
+
+needs_torch = pytest.mark.skipif(not torch_available(), reason="needs torch and diffusers")
+
+
+def _sd3_outside_the_zoo():
+    """tiny-sd3's classes at sizes the zoo does not have: one block, 2 heads of 16, RMS q/k norms (SD 3.5 large's)."""
+    base = get_model("tiny-sd3")
+    transformer = base.extra_configs["transformer"] | {"num_layers": 1, "num_attention_heads": 2,
+                                                       "attention_head_dim": 16, "qk_norm": "rms_norm"}
+    return replace(base, name="my-sd3", extra_configs={**base.extra_configs, "transformer": transformer})
+
+
+@needs_torch
+def test_an_sd3_outside_the_zoo_builds_and_matches_diffusers(tmp_path):
+    from ldm_export.export.build import build
+    from ldm_export.parity.pipelines import PSNR_TARGET, compare_case, diffusers_folder
+    from ldm_export.runtime.bundle import Bundle
+    from ldm_export.zoo import spec_of_bundle
+
+    variant = _sd3_outside_the_zoo()
+    folder, modules = diffusers_folder(variant, tmp_path)
+    cfg = BuildConfig(model="auto", weights=folder, out=tmp_path / "bundle")
+    manifest = build(cfg)
+    assert manifest["model"]["name"] == "pipe" and manifest["model"]["resolution"] == 64
+    assert manifest["model"]["modules"]["transformer"]["num_layers"] == 1
+    # diffusers' SD3 pipeline on the same weights and noise; T5 at the count the bundle uses (the reference's 256)
+    r = compare_case(tmp_path / "bundle", folder, modules, replace(variant, max_length=manifest["model"]["max_length"]),
+                     4.0, None)
+    assert r["psnr_db"] >= PSNR_TARGET and r["latent_max_abs"] < 1e-4 * r["latent_ref_max"]
+    spec = spec_of_bundle(Bundle.open(tmp_path / "bundle"))  # bench and lora rebuild the modules from the manifest
+    assert spec.family == "sd3" and spec.configs["transformer"]["num_layers"] == 1
+    from ldm_export.export.models import build_module
+
+    assert {k: v.shape for k, v in build_module(spec, "transformer").state_dict().items()} == \
+           {k: v.shape for k, v in modules["transformer"].state_dict().items()}
+
+
+@needs_torch
+def test_cli_builds_a_unet_folder_outside_the_zoo_without_model_and_names_auto_on_mismatch(tmp_path):
+    from ldm_export.parity.pipelines import diffusers_folder
+
+    base = get_model("tiny")
+    variant = replace(base, name="my-sd", unet=base.unet | {
+        "block_out_channels": [16, 24], "layers_per_block": 2, "sample_size": 16})
+    folder, _ = diffusers_folder(variant, tmp_path)
+    (folder / "model_index.json").write_text(json.dumps(variant.model_index()))
+    named = run_cli("build", "--model", "tiny", "--weights", str(folder), "--out", str(tmp_path / "named"))
+    assert named.returncode != 0 and "or --model auto to build the folder's own architecture" in named.stderr
+    assert "Traceback" not in named.stdout + named.stderr and not (tmp_path / "named").exists()
+    r = run_cli("build", "--weights", str(folder), "--precision", "fp16", "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    manifest = json.loads((tmp_path / "b" / "ldm_export.json").read_text())
+    assert manifest["model"]["family"] == "sd1" and manifest["model"]["resolution"] == 128
+    assert manifest["components"]["vae_decoder"]["precision"] == "fp16"
+    g = run_cli("generate", str(tmp_path / "b"), "a red circle", "--steps", "2", "--out", str(tmp_path / "x.png"))
+    assert g.returncode == 0, g.stdout + g.stderr
+    from PIL import Image
+    import numpy as np
+
+    image = np.asarray(Image.open(tmp_path / "x.png"))
+    assert image.shape == (128, 128, 3) and image.std() > 0
+
+
+@needs_torch
+def test_a_folder_whose_model_fails_in_torch_fails_on_one_line(tmp_path):
+    """A config diffusers accepts but whose forward pass cannot run (2 heads of 8 against a 32-wide caption
+    projection): the build names the component and the error, and leaves nothing."""
+    from ldm_export.export.build import build
+    from ldm_export.parity.pipelines import diffusers_folder
+
+    base = get_model("tiny-sd3")
+    broken = replace(base, extra_configs={**base.extra_configs, "transformer": base.extra_configs["transformer"] | {
+        "num_attention_heads": 2}})
+    folder, _ = diffusers_folder(broken, tmp_path)
+    with pytest.raises(LdmExportError) as e:
+        build(BuildConfig(model="auto", weights=folder, out=tmp_path / "b"))
+    assert one_line(e).startswith("transformer: the PyTorch model fails on sample inputs of its own spec (RuntimeError")
+    assert not (tmp_path / "b").exists()
