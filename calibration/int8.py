@@ -306,7 +306,7 @@ def quantize_bundle(src: Path, out: Path, cfg: Int8Config, force: bool = False, 
     validate(cfg, fp32.model["name"], "cpu", out)
     if Path(out).resolve() == Path(src).resolve():
         raise LdmExportError("--out must differ from the fp32 bundle")
-    check_out_dir(Path(out), force)
+    check_out_dir(Path(out), force, source=Path(src))
     manifest = json.loads(json.dumps(fp32.manifest))
     manifest["files"] = {}
     manifest["int8_source"] = {"bundle": str(src), "created": fp32.manifest.get("created")}

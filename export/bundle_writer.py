@@ -32,10 +32,11 @@ def is_replaceable(out: Path) -> bool:
     return not any(out.iterdir())
 
 
-def check_out_dir(out: Path, force: bool, weights: Path | None = None) -> None:
-    """Refuse, before any work: ``out`` holding the weights being read or the current folder; an existing ``out``
-    without ``force``, or with ``force`` when it is not a bundle or an empty folder (nothing else is ever deleted);
-    an unwritable parent."""
+def check_out_dir(out: Path, force: bool, weights: Path | None = None, source: Path | None = None) -> None:
+    """Refuse, before any work: ``out`` holding the weights being read or the current folder; ``out`` being the
+    bundle ``source`` a command reads (``lora``, ``quantize``), holding it or inside it (a bundle stays as written);
+    an existing ``out`` without ``force``, or with ``force`` when it is not a bundle or an empty folder (nothing else
+    is ever deleted); an unwritable parent."""
     out = Path(os.path.abspath(out))
     cwd = Path.cwd()
     if out == cwd or out in cwd.parents:
@@ -44,6 +45,12 @@ def check_out_dir(out: Path, force: bool, weights: Path | None = None) -> None:
         w = Path(os.path.abspath(weights))
         if out == w or out in w.parents:
             raise LdmExportError(f"--out {out} is the weights folder being read (or holds it); choose another --out")
+    if source is not None:
+        src = Path(os.path.realpath(source))
+        real = Path(os.path.realpath(out))
+        if real == src or real in src.parents or src in real.parents:
+            raise LdmExportError(f"--out {out} is the bundle being read, holds it or lies inside it; write the new bundle "
+                                 "to a folder of its own")
     if out.exists() and not force:
         raise LdmExportError(f"{out} already exists; pass --force to replace it or choose another --out")
     if out.exists() and not out.is_dir():

@@ -93,6 +93,11 @@ def _mixin(modules: dict[str, Any]):
     return StableDiffusionXLLoraLoaderMixin if "text_encoder_2" in modules else StableDiffusionLoraLoaderMixin
 
 
+# the down/up matrix names of kohya/A1111, diffusers/PEFT and diffusers' older attention-processor files
+_PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
+          (".lora.down.weight", ".lora.up.weight"))
+
+
 def read_lora(ref: LoraRef, modules: dict[str, Any]) -> tuple[dict, dict | None]:
     """The LoRA's state dict in diffusers' layout (keys prefixed ``unet.`` / ``text_encoder[_2].``) and alphas."""
     from safetensors.torch import load_file
@@ -103,6 +108,15 @@ def read_lora(ref: LoraRef, modules: dict[str, Any]) -> tuple[dict, dict | None]
         raise LdmExportError(f"LoRA file {ref.path.name} is not a readable safetensors file ({e})") from None
     if not raw:
         raise LdmExportError(f"LoRA file {ref.path.name} holds no tensors")
+    bad = next((k for k, t in raw.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
+    if bad is not None:
+        raise LdmExportError(f"LoRA file {ref.path.name}: tensor '{bad}' holds NaN or infinite values; the file is damaged")
+    for key in raw:  # a matrix without its partner: name it here (diffusers' converter fails on it with less to go on)
+        for down, up in _PAIRS:
+            for have, want, what in ((down, up, "up"), (up, down, "down")):
+                if key.endswith(have) and key[:-len(have)] + want not in raw:
+                    raise LdmExportError(f"LoRA file {ref.path.name}: '{key}' has no {what} matrix "
+                                         f"('{key[:-len(have)] + want}'); the file is incomplete")
     try:
         state, alphas = _mixin(modules).lora_state_dict(raw, unet_config=modules["unet"].config)
     except (KeyError, ValueError, RuntimeError, IndexError) as e:
@@ -160,6 +174,12 @@ def check_lora(ref: LoraRef, state: dict, modules: dict[str, Any], model: str) -
             else:
                 raise LdmExportError(f"LoRA file {ref.path.name} adapts '{component}.{path}', a "
                                      f"{type(layer).__name__}; only linear and convolution layers take LoRA")
+            dims = 2 if isinstance(layer, torch.nn.Linear) else 4
+            if down.ndim != dims or up.ndim != dims or down.shape[0] != up.shape[1]:
+                raise LdmExportError(
+                    f"LoRA file {ref.path.name}: '{component}.{path}' has down {tuple(down.shape)} and up "
+                    f"{tuple(up.shape)}; a {type(layer).__name__} takes {dims}-D down and up matrices of one rank "
+                    "(down's first size equal to up's second); the file is damaged")
             if down.shape[1] != fan_in or up.shape[0] != fan_out:
                 raise LdmExportError(
                     f"LoRA file {ref.path.name}: '{component}.{path}' has down {tuple(down.shape)} and up "
@@ -344,7 +364,7 @@ def lora_bundle(bundle_path: str | Path, loras: list[LoraRef], out: str | Path, 
     out = Path(out)
     if out.resolve() == bundle.path.resolve():
         raise LdmExportError("--out must be a new folder, not the bundle itself (the original stays as it is)")
-    check_out_dir(out, force)
+    check_out_dir(out, force, source=bundle.path)
     manifest = json.loads(json.dumps(bundle.manifest))
     name = manifest["model"]["name"]
     builder = _architecture(bundle)

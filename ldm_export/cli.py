@@ -260,6 +260,10 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
         logging.getLogger("ldm_export").warning("--low-memory runs CFG as two batch-1 UNet calls: --cfg-mode batch2 is ignored")
     paths = output_paths(out, num_images)
     check_writable(paths[0])  # before any work: a bad --out fails now, not after the images are made
+    for option, source in (("--init-image", init_image), ("--mask", mask)):
+        hit = next((p for p in paths if source is not None and Path(os.path.realpath(p)) == Path(os.path.realpath(source))), None)
+        if hit is not None:  # writing the image would replace the input it is made from
+            raise LdmExportError(f"--out would write {hit}, the {option} file itself; choose another --out")
     if cudnn_search and provider != "cuda":
         raise LdmExportError("--cudnn-search applies to --provider cuda")
     t0 = time.perf_counter()
@@ -335,6 +339,20 @@ def _check_refiner(pipe, refine, width, height) -> None:
     if refine.latent_format != pipe.latent_format:
         raise LdmExportError(f"refiner {refine.bundle.path} is {latents(refine)} but the base {pipe.bundle.path} is "
                              f"{latents(pipe)}; a refiner must share the base's latents (sdxl-refiner for sdxl)")
+    def flow(p):
+        return p.bundle.scheduler_config.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
+
+    if flow(refine) != flow(pipe):  # mid-schedule latents differ: (1-s) x0 + s e against x0 + s e
+        kinds = {True: "flow matching", False: "noise prediction"}
+        raise LdmExportError(f"the base {pipe.bundle.path} samples by {kinds[flow(pipe)]} but the refiner "
+                             f"{refine.bundle.path} by {kinds[flow(refine)]}; their latents mid-schedule differ, so "
+                             "hand over between models of one kind (sdxl and sdxl-refiner)")
+    for p, role in ((refine, "refiner"), (pipe, "base")):
+        channels = p.engines[p.family.denoiser].spec.inputs[0].shape[1]
+        if channels == 2 * p.latent_channels + 1:
+            raise LdmExportError(f"the {role} {p.bundle.path} is an inpainting UNet ({channels} input channels: latents, "
+                                 "mask, masked-image latents); a base + refiner hand-off runs text-to-image UNets "
+                                 "(sdxl and sdxl-refiner)")
     refine._size(*pipe._size(width, height))
 
 

@@ -91,6 +91,8 @@ def plan_range(scheduler_config: dict, num_inference_steps: int, start: int = 0,
             options["euler_at_final"] = False
     if plan.class_name == "UniPCMultistepScheduler" and cut_end:
         options["lower_order_final"] = False
+    if plan.class_name == "HeunDiscreteScheduler" and cut_end:  # its last step's second evaluation would be past the cut
+        options["euler_at_cut"] = True
     return dataclasses.replace(plan, levels=plan.levels[start:stop + 1], timesteps=plan.timesteps[start:stop],
                                options=options)
 
@@ -289,8 +291,8 @@ def _grayscale(image):
 def mask_array(mask_image, blur: float = 0.0) -> np.ndarray:
     from PIL import ImageFilter
 
-    if blur < 0:
-        raise LdmExportError(f"mask blur must be 0 or more pixels, got {blur}")
+    if not math.isfinite(blur) or blur < 0:
+        raise LdmExportError(f"mask blur must be a finite number of pixels, 0 or more, got {blur}")
     if blur:
         mask_image = mask_image.filter(ImageFilter.GaussianBlur(blur))
     return np.asarray(mask_image, dtype=np.float32) / 255.0

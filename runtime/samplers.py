@@ -207,14 +207,17 @@ def sample_euler_ancestral(denoiser, x, sigmas, timesteps, *, noise=None, callba
     return x
 
 
-def sample_heun(denoiser, x, sigmas, timesteps, *, noise=None, callback=None):
-    """Heun's 2nd-order method, Algorithm 1 of Karras et al. (2022) (diffusers HeunDiscreteScheduler)."""
+def sample_heun(denoiser, x, sigmas, timesteps, *, noise=None, callback=None, euler_at_cut=False):
+    """Heun's 2nd-order method, Algorithm 1 of Karras et al. (2022) (diffusers HeunDiscreteScheduler).
+    ``euler_at_cut``: the schedule is cut before its end (a base model's ``denoising_end``), and its last step is the
+    first-order half alone, as diffusers' loop, which keeps the timesteps at or above the cut, ends it (the second
+    evaluation would fall below the cut; the refiner takes over from there)."""
     n = len(timesteps)
     for i in range(n):
         denoised = denoiser(x, sigmas[i], timesteps[i]).denoised
         d = to_d(x, sigmas[i], denoised)
         dt = sigmas[i + 1] - sigmas[i]
-        if sigmas[i + 1] == 0:
+        if sigmas[i + 1] == 0 or (euler_at_cut and i == n - 1):
             x = x + d * dt
         else:
             x_2 = x + d * dt

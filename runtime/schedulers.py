@@ -478,8 +478,8 @@ def resolve_scheduler(name: str, base_config: dict) -> dict:
     name = canonical_sampler(name)
     if name in _A1111:
         class_name, overrides = _A1111[name]
-    elif name in DEFAULTS:
-        class_name, overrides = name, {}
+    elif name in DEFAULTS:  # PNDMScheduler by class: as Stable Diffusion's configs set it (PLMS; no PRK warm-up)
+        class_name, overrides = name, ({"skip_prk_steps": True} if name == "PNDMScheduler" else {})
     else:
         raise LdmExportError(f"unknown sampler {name!r}; known: {', '.join(sampler_names())}")
     base_is_flow = base_config.get("_class_name") == "FlowMatchEulerDiscreteScheduler"

@@ -348,3 +348,41 @@ def test_build_and_generate_print_paths_and_parameters_with_brackets_as_they_are
         r = run_cli("generate", str(bundle), "a red circle", "--steps", "1", "--seed", "1", "--out", str(out))
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
         assert f"wrote {out}" in r.stdout and out.exists()
+
+
+def test_generate_refuses_to_write_over_its_own_inputs_and_odd_mask_blurs(demo_edit, tmp_path):
+    """`--out` naming the --init-image or --mask replaced the input with the result; --mask-blur nan/inf was PIL's
+    traceback."""
+    from ldm_export.demo.edits import drawn, right_half_mask
+
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    drawn("red", "circle", "left").save(init)
+    right_half_mask().save(mask)
+    before = init.read_bytes(), mask.read_bytes()
+    edit = ("--init-image", str(init), "--mask", str(mask), "--steps", "2")
+    assert "the --init-image file itself" in _cli_error(str(demo_edit), "x", *edit, "--out", str(init))
+    assert "the --mask file itself" in _cli_error(str(demo_edit), "x", *edit, "--out", str(tmp_path / "." / "mask.png"))
+    numbered = tmp_path / "m-2.png"  # image 2 of `--num-images 2 --out m.png`
+    numbered.write_bytes(mask.read_bytes())
+    assert "the --mask file itself" in _cli_error(str(demo_edit), "x", *edit[:2], "--mask", str(numbered), "--steps",
+                                                  "2", "--num-images", "2", "--out", str(tmp_path / "m.png"))
+    assert (init.read_bytes(), mask.read_bytes(), numbered.read_bytes()) == (*before, before[1])
+    for blur in ("nan", "inf"):
+        assert "mask blur must be a finite number of pixels" in _cli_error(str(demo_edit), "x", *edit, "--mask-blur",
+                                                                           blur, "--out", str(tmp_path / "o.png"))
+
+
+def test_a_refiner_of_another_kind_or_an_inpainting_unet_is_refused(demo_edit, tiny_bundle, inpaint_bundle, tmp_path):
+    """An inpainting UNet as refiner got "give an init image and a mask", which --refiner refuses; a flow-matching base
+    handed its latents to a noise-prediction refiner (same VAE) without a word."""
+    err = _cli_error(str(tiny_bundle), "x", "--steps", "4", "--refiner", str(inpaint_bundle))
+    assert "the refiner" in err and "is an inpainting UNet (9 input channels" in err
+    from ldm_export.export.build import embedded_weights_path
+    from ldm_export.zoo import get_model
+
+    if not embedded_weights_path(get_model("demo-dit")).exists():
+        pytest.skip("the demo DiT's weights are not installed")
+    dit = tmp_path / "demo-dit"
+    build(BuildConfig(model="demo-dit", out=dit))
+    err = _cli_error(str(dit), "a red circle", "--steps", "4", "--refiner", str(demo_edit))
+    assert "samples by flow matching but the refiner" in err and "by noise prediction" in err

@@ -496,3 +496,57 @@ def test_bench_of_a_lora_bundle_runs_pytorch_with_the_same_loras(tmp_path, tiny_
         assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = run_cli(*args[:2], str(tiny_bundle), *args[3:], "--lora", str(path), "--out", str(tmp_path / "plain"))
     assert r.returncode == 2 and "holds no LoRA" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("rank", r"has down \(4, \d+\) and up \(\d+, 8\); a Linear takes 2-D down and up matrices of one rank"),
+    ("3d", r"has down \(4, \d+, 1\) and up .* a Linear takes 2-D down and up matrices"),
+    ("inf", r"tensor '.*lora_up.weight' holds NaN or infinite values; the file is damaged"),
+    ("nan-alpha", r"tensor '.*\.alpha' holds NaN or infinite values"),
+    ("no-up", r"'.*\.lora_down\.weight' has no up matrix \('.*\.lora_up\.weight'\); the file is incomplete"),
+    ("no-down", r"'.*\.lora_up\.weight' has no down matrix"),
+    ("peft-no-A", r"'.*\.lora_B\.weight' has no down matrix \('.*\.lora_A\.weight'\)"),
+])
+def test_damaged_lora_files_are_named_on_one_line(tmp_path, damage, match):
+    """Each of these was a traceback from PEFT's loader, a misleading "not a kohya LoRA", or (non-finite values) a
+    bundle that made NaN images."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "l.safetensors"
+    make_lora(path, "peft" if damage == "peft-no-A" else "kohya")
+    state = load_file(str(path))
+    key = sorted(k for k in state if k.endswith(("lora_up.weight", "lora_B.weight")))[0]
+    down = key.replace("lora_up", "lora_down").replace("lora_B", "lora_A")
+    if damage == "rank":
+        state[key] = torch.zeros(state[key].shape[0], 8)
+    elif damage == "3d":
+        state[down] = state[down][..., None]
+    elif damage == "inf":
+        state[key][0, 0] = float("inf")
+    elif damage == "nan-alpha":
+        state[key.replace(".lora_up.weight", ".alpha")] = torch.tensor(float("nan"))
+    elif damage == "no-up":
+        del state[key]
+    else:
+        del state[down]
+    save_file(state, str(path))
+    with pytest.raises(LdmExportError, match=match) as e:
+        apply_loras(tiny_modules(), [LoraRef(path)], "tiny")
+    assert "\n" not in str(e.value)
+
+
+def test_lora_and_quantize_refuse_an_out_that_holds_or_lies_in_the_source_bundle(tmp_path, tiny_bundle):
+    """`lora SRC --out PARENT_OF_SRC --force` deleted the source bundle; --out inside it wrote into it."""
+    import shutil
+
+    src = tmp_path / "nest" / "src"
+    shutil.copytree(tiny_bundle, src)
+    path = tmp_path / "l.safetensors"
+    make_lora(path, "peft")
+    for out in (tmp_path / "nest", src / "sub"):
+        r = run_cli("lora", str(src), str(path), "--out", str(out), "--force")
+        assert r.returncode == 2 and "is the bundle being read, holds it or lies inside it" in r.stderr, r.stderr
+        assert (src / "ldm_export.json").is_file() and not (src / "sub").exists()
+    r = run_cli("quantize", str(src), "--out", str(tmp_path / "nest"), "--force")
+    assert r.returncode == 2 and "is the bundle being read, holds it or lies inside it" in r.stderr, r.stderr
+    assert (src / "ldm_export.json").is_file()

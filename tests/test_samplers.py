@@ -397,6 +397,8 @@ def test_resolve_keeps_model_keys_and_drops_sampler_keys():
     assert config["steps_offset"] == 1
     assert resolve_scheduler("DPM++ 2M SDE", base)["algorithm_type"] == "sde-dpmsolver++"
     assert resolve_scheduler("PLMS", base)["skip_prk_steps"] is True
+    # the class name, as `ldm-export samplers` lists it, is PNDM as Stable Diffusion's configs set it (it was refused)
+    assert resolve_scheduler("PNDMScheduler", base) == resolve_scheduler("PLMS", base)
 
 
 def test_resolve_unknown_name_lists_known_ones():
