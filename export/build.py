@@ -173,6 +173,9 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                                  "and install them (docs/dit.md), or pass --weights PATH or --random-weights")
     loaded = load_weights(spec, weights_path, random_weights=cfg.random_weights, seed=cfg.seed,
                           trust_pickle=cfg.trust_pickle)
+    _check_t5_tokenizers(spec, loaded)  # before the exports: a bad file would otherwise fail at the first generate
+    if loaded.source != "random":
+        _check_finite(loaded.modules)
     modules = loaded.modules
     loras = _fuse_loras(modules, cfg, spec)
     torch.set_grad_enabled(False)
@@ -359,6 +362,36 @@ def _write_side_files(stage: Path, spec: ModelSpec, loaded=None) -> None:
                                 spec.configs[family.text_encoders[family.tokenizers.index(folder)]]["vocab_size"])
         else:
             write_tokenizer_files(stage / folder, pad_token=pad)
+
+
+def _check_finite(modules: dict) -> None:
+    """Refuse weights holding NaN or infinities (a damaged download): they would fail verification later as if the
+    export were wrong, after minutes of work."""
+    import torch
+
+    for name, module in modules.items():
+        for key, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise LdmExportError(f"the {name} weights hold NaN or infinite values (first: '{key}'); the checkpoint "
+                                     "is damaged: download or save it again")
+
+
+def _check_t5_tokenizers(spec: ModelSpec, loaded) -> None:
+    """The T5 tokenizers a build copies from the weights' folder load, and their ids fit the encoder's vocabulary (an
+    mT5/umT5 tokenizer beside T5-XXL gives ids past its embedding table: ONNX Runtime's Gather fails on them)."""
+    from ldm_export.runtime.tokenizer_t5 import T5Tokenizer
+
+    family = spec.family_def
+    for folder, cls in zip(family.tokenizers, family.tokenizer_classes):
+        source = (getattr(loaded, "tokenizer_dirs", None) or {}).get(folder)
+        if cls != "T5TokenizerFast" or source is None or not (source / "tokenizer.json").is_file():
+            continue  # a missing file is named when it is copied
+        tokens = T5Tokenizer(source).vocab_size  # a malformed file is refused here, in one line
+        encoder = family.text_encoders[family.tokenizers.index(folder)]
+        vocab = int(loaded.modules[family.component(encoder).module].config.vocab_size)
+        if tokens > vocab:
+            raise LdmExportError(f"{source}/tokenizer.json has {tokens} tokens but {encoder}'s vocabulary holds {vocab}; "
+                                 "ids past it cannot be embedded: use the tokenizer that came with these weights")
 
 
 def _write_t5_tokenizer(dest: Path, source: Path | None, vocab_size: int) -> None:

@@ -123,6 +123,7 @@ def _load_folder(spec: ModelSpec, folder: Path, trust_pickle: bool, skip: tuple[
     if "transformer" not in skip and not (folder / "transformer").is_dir() and (folder / "unet").is_dir():
         raise LdmExportError(f"{folder} holds a U-Net pipeline (unet/), not a DiT: model '{spec.name}' needs "
                              "transformer/; pass the --model these weights belong to (sd15, sd21, ...) or --model auto")
+    _refuse_other_pipeline(spec, folder, index)
     subs = {name: shared.get(name, folder / name) for name in names}
     for name in names:  # every folder and config first, before any weights
         sub = subs[name]
@@ -180,6 +181,22 @@ def _load_folder(spec: ModelSpec, folder: Path, trust_pickle: bool, skip: tuple[
         log.warning("%s/vae has scaling_factor %s, model %s %s; using the folder's", folder, scale, spec.name,
                     spec.latent_scale)
     return LoadedDiT(_finish(modules), "diffusers", files=files, tokenizer_dirs=tokenizers)
+
+
+_DIT_KINDS = {"sd3": "sd3", "demo-dit": "sd3", "flux": "flux"}
+_DIT_MODELS = {"sd3": "sd3-medium or sd35-medium", "flux": "flux-dev or flux-schnell"}
+
+
+def _refuse_other_pipeline(spec: ModelSpec, folder: Path, index: dict) -> None:
+    """A FLUX folder given for an SD3 model (or the reverse): name the folder's pipeline, not a part it lacks."""
+    from .folder_spec import PIPELINE_KINDS
+
+    got = PIPELINE_KINDS.get(index.get("_class_name"))
+    want = _DIT_KINDS.get(spec.family)
+    if got in _DIT_MODELS and want is not None and got != want:
+        raise LdmExportError(f"{folder} holds a {index['_class_name']} (its model_index.json), not the "
+                             f"{spec.family_def.pipeline_class} of model '{spec.name}'; pass the --model it belongs to "
+                             f"({_DIT_MODELS[got]}) or --model auto")
 
 
 def _check_structure(spec: ModelSpec, name: str, module: nn.Module, source: str) -> None:

@@ -21,7 +21,7 @@ from ldm_export.runtime.families import get_family
 from ldm_export.zoo import AUTO_MODEL, ModelSpec, get_model
 
 # diffusers pipeline classes (text-to-image and their editing variants, saved from any of them) -> family kind
-_PIPELINES = {
+PIPELINE_KINDS = {
     **dict.fromkeys(("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
                      "StableDiffusionInpaintPipelineLegacy"), "sd"),
     **dict.fromkeys(("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
@@ -69,9 +69,9 @@ def _family(folder: Path, index: dict[str, Any]) -> str:
     cls = index.get("_class_name")
     if SHARED_KEY in index:  # this project's demo DiT folder: one CLIP, the SD3-class transformer
         return "demo-dit"
-    kind = _PIPELINES.get(cls)
+    kind = PIPELINE_KINDS.get(cls)
     if kind is None:
-        known = ", ".join(sorted({k for k in _PIPELINES if not k.endswith(("Img2ImgPipeline", "InpaintPipeline", "Legacy"))}))
+        known = ", ".join(sorted({k for k in PIPELINE_KINDS if not k.endswith(("Img2ImgPipeline", "InpaintPipeline", "Legacy"))}))
         raise LdmExportError(f"{folder}/model_index.json names the pipeline {cls!r}, which ldm-export does not export; "
                              f"it exports folders of {known} (and their img2img/inpaint variants)")
     if kind == "sd":

@@ -136,8 +136,8 @@ def verify(onnx_path: Path, spec: ComponentSpec, feeds: Mapping[str, np.ndarray]
         so.intra_op_num_threads = threads
     if provider == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise LdmExportError("verifying a cuda-target graph needs onnxruntime-gpu (its fused GroupNorm and "
-                                 "BiasSplitGelu kernels have no CPU version): build on a CUDA machine, or use --target cpu")
+            raise LdmExportError("verifying a cuda-target graph needs onnxruntime-gpu (ONNX Runtime's fused GPU kernels "
+                                 "in it have no CPU version, or none for fp16): build on a CUDA machine, or use --target cpu")
         providers = [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]  # true fp32, not TF32
     else:
         providers = ["CPUExecutionProvider"]

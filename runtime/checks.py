@@ -108,13 +108,33 @@ def estimate_memory(model: Mapping[str, Any], configs: Mapping[str, Any], width:
     vae = configs.get("vae") or {}
     f = int(model["vae_scale_factor"])
     tokens = (height // f) * (width // f)
-    c0 = int((unet.get("block_out_channels") or [320])[0])
-    attn_first = "CrossAttn" in str((unet.get("down_block_types") or ["CrossAttnDownBlock2D"])[0])
-    scores = 0 if fused_attention or not attn_first else batch * _heads(unet) * tokens * tokens
-    unet_peak = scores + 6 * batch * c0 * tokens
+    if configs.get("transformer"):  # a DiT: joint attention over patch tokens and text tokens
+        unet_peak = _dit_peak(model, configs["transformer"], tokens, batch, fused_attention)
+    else:
+        c0 = int((unet.get("block_out_channels") or [320])[0])
+        attn_first = "CrossAttn" in str((unet.get("down_block_types") or ["CrossAttnDownBlock2D"])[0])
+        scores = 0 if fused_attention or not attn_first else batch * _heads(unet) * tokens * tokens
+        unet_peak = scores + 6 * batch * c0 * tokens
     vae_c = int((vae.get("block_out_channels") or [128])[0])
     vae_peak = 4 * vae_c * height * width + tokens * tokens  # the mid-block attention is single-head over the latents
     return int(max(unet_peak, vae_peak) * bytes_per_value)
+
+
+def _dit_peak(model: Mapping[str, Any], transformer: Mapping[str, Any], latents: int, batch: int,
+              fused_attention: bool) -> int:
+    """Values alive at a DiT block's peak: the attention scores (batch x heads x tokens^2, absent with fused
+    attention), a few hidden states and the MLP's 4x-wide one. Tokens: the latents in 2x2 patches (SD3's patch size;
+    FLUX packs 2x2 latents into one token, its config's patch size 1 over 4x the channels), plus the text's (SD3: 77
+    CLIP and the T5 count; FLUX: T5's)."""
+    patch = int(transformer.get("patch_size") or 1)
+    if patch == 1 and int(transformer.get("in_channels") or 0) == 4 * int(model.get("latent_channels") or 0):
+        patch = 2
+    text = int(model.get("max_length") or 0) + (77 if model.get("family") == "sd3" else 0)
+    tokens = latents // (patch * patch) + text
+    heads = int(transformer.get("num_attention_heads") or 8)
+    inner = heads * int(transformer.get("attention_head_dim") or 64)
+    scores = 0 if fused_attention else batch * heads * tokens * tokens
+    return scores + 10 * batch * inner * tokens
 
 
 def available_memory() -> int | None:
@@ -137,7 +157,8 @@ def check_memory(model: Mapping[str, Any], configs: Mapping[str, Any], width: in
     """Refuse a request whose estimated activations exceed ``MEMORY_SHARE`` of ``available`` bytes."""
     need = estimate_memory(model, configs, width, height, batch, fused_attention)
     if available is not None and need > MEMORY_SHARE * available:
-        raise LdmExportError(f"{width}x{height} needs about {_gb(need)} of activations per UNet call ({batch} latents), "
+        what = "transformer" if configs.get("transformer") else "UNet"
+        raise LdmExportError(f"{width}x{height} needs about {_gb(need)} of activations per {what} call ({batch} latents), "
                              f"more than the {_gb(available)} available {where}; use a smaller --size "
                              f"(the model's own is {model['resolution']} px)")
 

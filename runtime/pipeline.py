@@ -115,8 +115,12 @@ class Pipeline:
         return out
 
     def encode(self, prompts: Sequence[str]) -> Conditioning:
-        """The family's conditioning for ``prompts`` (text embeddings, pooled vectors, extras), float32."""
-        return self.family.encode(self, list(prompts))
+        """The family's conditioning for ``prompts`` (text embeddings, pooled vectors, extras), float32. A prompt cut
+        by two CLIP tokenizers alike (SDXL, SD3) is warned about once."""
+        from .tokenizer import one_warning_per_prompt
+
+        with one_warning_per_prompt():
+            return self.family.encode(self, list(prompts))
 
     def encode_prompt(self, prompts: Sequence[str]) -> np.ndarray:
         """Text embeddings (B, 77, D) float32: the cross-attention context of :meth:`encode`."""
@@ -246,6 +250,7 @@ class Pipeline:
                 log.warning("the negative prompt has no effect: %s", why)
             if guidance_rescale:
                 log.warning("the guidance rescale has no effect: %s", why)
+                guidance_rescale = 0.0  # nor does the image's metadata claim it
         denoiser_inputs = [x.name for x in self.engines[self.family.denoiser].spec.inputs]
         if guidance_scale != self.bundle.defaults["guidance_scale"] and not self.family.takes_guidance(denoiser_inputs):
             log.warning("the guidance scale has no effect: this %s model takes no guidance (timestep-distilled, as "
@@ -326,8 +331,11 @@ class Pipeline:
         cond = conditioning(prompts)
         uncond = None
         if do_cfg:
-            uncond = family.prepare_negative(family.encode_negative(self, negatives, cond, req.negative_given),
-                                             width=req.width, height=req.height, guidance_scale=guidance_scale)
+            from .tokenizer import one_warning_per_prompt
+
+            with one_warning_per_prompt():
+                negative = family.encode_negative(self, negatives, cond, req.negative_given)
+            uncond = family.prepare_negative(negative, width=req.width, height=req.height, guidance_scale=guidance_scale)
         edit, args = req.edit, req.edit_args
         if edit is not None and edit.unet_channels is not None:  # 9-channel inpainting UNet: mask + masked latents
             cond, uncond = (None if c is None else edit.with_unet_channels(c) for c in (cond, uncond))

@@ -11,6 +11,8 @@ ftfy is a dependency of the base install (OpenAI's clean-up is defined by it).
 """
 from __future__ import annotations
 
+import contextlib
+
 import html
 import json
 import logging
@@ -76,10 +78,36 @@ def cut_shown(text: str, limit: int = 300) -> str:
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text) - limit} more characters)"
 
 
-def prompt_start(prompt: str, words: int = 6) -> str:
-    """How a warning names a prompt: its first words, quoted."""
+def prompt_start(prompt: str, words: int = 6, chars: int = 60) -> str:
+    """How a warning names a prompt: its first words (at most ``chars`` characters: a prompt without spaces, in
+    Chinese or emoji, is one long word), quoted."""
     head = prompt.split()
-    return repr(" ".join(head[:words]) + (" ..." if len(head) > words else ""))
+    start = " ".join(head[:words])
+    cut = len(head) > words or len(start) > chars
+    return repr(start[:chars] + (" ..." if cut else ""))
+
+
+_SHARED_WARNINGS: list[set] = []  # while `one_warning_per_prompt` runs: the cuts warned about so far
+
+
+@contextlib.contextmanager
+def one_warning_per_prompt():
+    """Within the block, a prompt cut the same way by several CLIP tokenizers (SDXL's and SD3's two) is warned about
+    once."""
+    _SHARED_WARNINGS.append(set())
+    try:
+        yield
+    finally:
+        _SHARED_WARNINGS.pop()
+
+
+def _first_warning(key) -> bool:
+    if not _SHARED_WARNINGS:
+        return True
+    if key in _SHARED_WARNINGS[-1]:
+        return False
+    _SHARED_WARNINGS[-1].add(key)
+    return True
 
 
 class ClipTokenizer:
@@ -165,7 +193,7 @@ class ClipTokenizer:
             if len(ids) > n_body:
                 # As diffusers' pipelines do: say how much was cut and show the cut text (once per prompt: a batch
                 # repeats it per image); named by its start, as negative prompts come through here too.
-                if prompt not in warned:
+                if prompt not in warned and _first_warning((prompt, self.max_length)):
                     logger.warning("the prompt %s was truncated by %d tokens because CLIP can only handle sequences up "
                                    "to %d tokens; the cut text: %s", prompt_start(prompt), len(ids) - n_body,
                                    self.max_length, cut_shown(self.decode(ids[n_body:])))

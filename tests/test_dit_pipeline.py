@@ -224,3 +224,18 @@ def test_sizes_past_the_sd3_position_table_are_refused_in_one_line(built):
     assert str(e.value) == ("width must be at most 256 px for this model (its transformer's position embedding covers "
                             "256 px a side), got 272; try 256 or less")
     assert pipe("a cat", num_inference_steps=1, width=256, height=64, seed=0)[0].size == (256, 64)
+
+
+def test_a_cut_prompt_is_warned_about_once_and_unused_options_stay_out_of_the_metadata(built, caplog):
+    """SD3's two CLIP tokenizers each warned about the same cut; a prompt without spaces (emoji) was quoted whole in
+    the warning; FLUX's image metadata recorded a guidance rescale it had just said has no effect."""
+    from ldm_export.runtime.tokenizer import prompt_start
+
+    pipe = Pipeline.from_bundle(built["tiny-sd3"][0])
+    with caplog.at_level(logging.WARNING, logger="ldm_export.runtime.tokenizer"):
+        pipe.encode([" ".join(["a red circle on the left"] * 20)])
+    assert sum("because CLIP can only handle" in r.getMessage() for r in caplog.records) == 1
+    assert prompt_start("🔴" * 300) == repr("🔴" * 60 + " ...")
+    flux = Pipeline.from_bundle(built["tiny-flux"][0])
+    image = flux(PROMPT, num_inference_steps=1, seed=0, guidance_rescale=0.7)[0]
+    assert "Rescale" not in image.info["parameters"]

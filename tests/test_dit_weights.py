@@ -267,3 +267,40 @@ def test_sd3_single_file_for_flux_model_names_its_key(modules, tmp_path):
         load_dit_weights(FLUX, path)
     msg = one_line(e)
     assert "not a FLUX.1 transformer checkpoint" in msg and "'model.diffusion_model.joint_blocks." in msg
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("vocab", r"tokenizer_3/tokenizer.json has 1522 tokens but text_encoder_3's vocabulary holds 1000"),
+    ("tokenizer", r"cannot load .*tokenizer_3/tokenizer.json"),
+    ("nan", r"the transformer weights hold NaN or infinite values \(first: '.*'\); the checkpoint is damaged"),
+    ("flux-index", r"holds a FluxPipeline \(its model_index.json\), not the StableDiffusion3Pipeline of model "
+                   r"'tiny-sd3'; pass the --model it belongs to \(flux-dev or flux-schnell\) or --model auto"),
+])
+def test_folder_damage_is_named_before_any_export(sd3_folder, modules, tmp_path, damage, match):
+    """Each built a bundle that failed at its first generate (a traceback from ONNX Runtime's Gather, or an
+    unreadable tokenizer), failed verification as if the export were wrong (NaN weights), or advised adding a text
+    encoder to a FLUX folder."""
+    from ldm_export.export.build import BuildConfig, build
+
+    folder = tmp_path / "w"
+    shutil.copytree(sd3_folder, folder)
+    if damage == "vocab":  # an mT5-sized tokenizer beside the T5 encoder: ids past its embedding table
+        from tokenizers import Tokenizer
+
+        path = folder / "tokenizer_3" / "tokenizer.json"
+        tok = Tokenizer.from_file(str(path))
+        tok.add_tokens([f"piece{k}" for k in range(1522 - tok.get_vocab_size())])
+        tok.save(str(path))
+    elif damage == "tokenizer":
+        (folder / "tokenizer_3" / "tokenizer.json").write_text('{"bad": 1')
+    elif damage == "nan":
+        broken = type(modules["transformer"]).from_pretrained(str(folder / "transformer"))
+        with torch.no_grad():
+            next(iter(broken.parameters()))[0] = float("nan")
+        broken.save_pretrained(str(folder / "transformer"))
+    else:
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(LdmExportError, match=match) as e:
+        build(BuildConfig(model="tiny-sd3", weights=folder, out=tmp_path / "b"))
+    one_line(e)
+    assert not (tmp_path / "b").exists()

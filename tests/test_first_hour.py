@@ -113,6 +113,27 @@ def test_memory_estimate_scales_and_fused_attention_drops_the_scores():
     checks.check_memory(model, configs, 512, 512, 2, False, 8 * 2**30, "on this machine")
 
 
+@pytest.mark.parametrize("name,tokens", [("sd3-medium", 64 * 64 + 77 + 256), ("flux-dev", 64 * 64 + 512)])
+def test_dit_memory_estimate_counts_patch_and_text_tokens(name, tokens):
+    """DiTs were estimated as U-Nets (8 heads over every latent, no patches): a tiny FLUX at 1536 px was refused as
+    needing 40 GB. Now: joint attention over 2x2 patches (SD3's patch size, FLUX's packing) and the text tokens."""
+    from ldm_export.zoo import get_model
+
+    spec = get_model(name)
+    model = {"vae_scale_factor": spec.vae_scale_factor, "latent_channels": spec.vae["latent_channels"],
+             "max_length": spec.max_length, "family": spec.family, "resolution": spec.resolution}
+    heads = spec.configs["transformer"]["num_attention_heads"]
+    scores = 2 * heads * tokens ** 2 * 4  # the fp32 scores of one joint attention, CFG batch 2
+    full = checks.estimate_memory(model, spec.configs, 1024, 1024, 2, fused_attention=False)
+    assert scores < full < 1.5 * scores
+    assert checks.estimate_memory(model, spec.configs, 1024, 1024, 2, fused_attention=True) < 0.8 * full
+    tiny = get_model("tiny-" + name.split("-")[0])  # the reported case: tiny-flux at 1536 px was "40.8 GB"
+    model_tiny = {**model, "max_length": tiny.max_length}
+    assert checks.estimate_memory(model_tiny, tiny.configs, 1536, 1536, 2, False) < 12 * 2**30
+    with pytest.raises(LdmExportError, match="activations per transformer call"):
+        checks.check_memory(model, spec.configs, 2048, 2048, 2, False, 8 * 2**30, "on this machine")
+
+
 # --- guidance, seeds, text -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,message", [
