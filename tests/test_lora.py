@@ -98,7 +98,8 @@ def test_bad_lora_files_name_the_first_mismatch(tmp_path):
     make_lora(tmp_path / "b.safetensors", "kohya", layers=wrong_shape)
     with pytest.raises(LdmExportError, match=r"attn1\.to_q' has down \(4, 320\) and up \(320, 4\) but the layer maps 16 to 16"):
         apply_loras(tiny_modules(), [LoraRef(tmp_path / "b.safetensors")], "tiny")
-    save_file({"transformer.blocks.0.lora_A.weight": torch.zeros(2, 2)}, str(tmp_path / "c.safetensors"))
+    save_file({"transformer.blocks.0.lora_A.weight": torch.zeros(2, 2), "transformer.blocks.0.lora_B.weight":
+               torch.zeros(2, 2)}, str(tmp_path / "c.safetensors"))
     with pytest.raises(LdmExportError, match="is for no component of model 'tiny'"):
         apply_loras(tiny_modules(), [LoraRef(tmp_path / "c.safetensors")], "tiny")
 

@@ -42,7 +42,7 @@ def demo_bundle(tmp_path_factory) -> Path:
     from ldm_export.export.build import BuildConfig, build
 
     out = tmp_path_factory.mktemp("serve") / "demo-fp32"
-    build(BuildConfig(model="demo", precision="fp32", out=out))
+    build(BuildConfig(model="demo", precision="fp32", out=out, vae_encoder=True))  # the encoder: img2img
     return out
 
 
@@ -123,6 +123,80 @@ def test_seeds_batches_and_limits_follow_a1111():
         a1111.check_limits({**body, "width": 256}, max_images=6, max_side=(128, 128))
     with pytest.raises(LdmExportError, match="batch_size must be at least 1"):
         a1111.check_limits({**body, "batch_size": 0}, max_images=6, max_side=(128, 128))
+
+
+def _b64_png(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _edit_images():
+    from ldm_export.demo.edits import drawn, right_half_mask
+
+    return drawn("red", "circle", "left"), right_half_mask()
+
+
+def test_img2img_request_model_and_what_it_reports():
+    model = a1111.request_model(img2img=True)
+    body = model.model_validate({"prompt": "p", "init_images": ["x"], "steps": 4}).model_dump()
+    assert body["denoising_strength"] == 0.75 and body["mask_blur_x"] == 4 and body["inpainting_fill"] == 0
+    assert "enable_hr" not in body and {n for n, _, _ in a1111.IMG2IMG_FIELDS} <= set(body)
+    # what webuiapi's img2img sends by default: without a mask nothing is reported; with one, A1111's "fill" of the
+    # masked region and its "only masked" crop, which we do not do (we inpaint from the original, whole picture)
+    plain = {"resize_mode": 0, "denoising_strength": 0.75, "image_cfg_scale": 1.5, "mask_blur": 4,
+             "inpainting_fill": 0, "inpaint_full_res": True, "inpaint_full_res_padding": 0,
+             "inpainting_mask_invert": 0, "initial_noise_multiplier": 1, "styles": [], "seed": -1, "eta": 1.0,
+             "include_init_images": False, "sampler_name": "Euler a", "init_images": ["x"]}
+    body = model.model_validate(plain).model_dump()
+    assert a1111.ignored_fields(body, "Euler a", set(), img2img=True) == {}
+    masked = model.model_validate({**plain, "mask": "m"}).model_dump()
+    assert a1111.ignored_fields(masked, "Euler a", set(), img2img=True) == {"inpainting_fill": 0, "inpaint_full_res": True}
+    masked = model.model_validate({**plain, "mask": "m", "inpainting_fill": 1, "inpaint_full_res": False,
+                                   "resize_mode": 2}).model_dump()
+    assert a1111.ignored_fields(masked, "Euler a", set(), img2img=True) == {"resize_mode": 2}
+    for bad, match in (([], "init_images must hold at least one"), (["bm90IGFuIGltYWdl"], r"init_images\[0\] is not a "
+                       "base64-encoded image PIL can read"), ([None], "init_images.0. must be a base64-encoded image")):
+        with pytest.raises(LdmExportError, match=match):
+            a1111.edit_fields({"init_images": bad})
+    init, mask = _edit_images()
+    edit = a1111.edit_fields({"init_images": ["data:image/png;base64," + _b64_png(init)], "mask": _b64_png(mask),
+                              "denoising_strength": 0.5, "mask_blur_x": 2, "mask_blur_y": 6, "inpainting_mask_invert": 1})
+    assert edit["strength"] == 0.5 and edit["mask_blur"] == 6.0 and edit["invert_mask"] is True
+    rows = a1111.jobs_for({"prompt": "p", "steps": 4, "cfg_scale": 7.0, "batch_size": 2}, "Euler", 5, edit)
+    assert [j.seed for j in rows[0]] == [5, 6] and rows[0][0].init_image == rows[0][1].init_image
+    assert rows[0][0].group_key() != rows[0][1].group_key()  # an edit runs alone
+
+
+def test_img2img_and_inpainting_jobs_equal_generate(pipe):
+    """A served edit is the image `generate --init-image/--mask` draws with the same seed; an inverted mask (white
+    = keep) equals the complementary mask, and an RGBA mask is read by its alpha, as A1111 reads them."""
+    from PIL import Image, ImageOps
+
+    from ldm_export.serve.app import run_jobs
+
+    init, mask = _edit_images()
+    png = lambda im: base64.b64decode(_b64_png(im))  # noqa: E731
+    job = a1111.Job("a blue circle on the left", "", 3, 8, 7.5, "Euler a", None, None, init_image=png(init), strength=0.6)
+    inverted = a1111.Job("a green square on the right", "", 4, 8, 7.5, "Euler", None, None, init_image=png(init),
+                         mask=png(ImageOps.invert(mask)), strength=1.0, mask_blur=2.0, invert_mask=True)
+    rgba = Image.new("RGBA", mask.size, (0, 0, 0, 0))
+    rgba.putalpha(mask)
+    alpha = a1111.Job("a green square on the right", "", 4, 8, 7.5, "Euler", None, None, init_image=png(init),
+                      mask=png(rgba), strength=1.0, mask_blur=2.0)
+    served = [Image.open(io.BytesIO(r["png"])) for r in run_jobs(pipe, [job, inverted, alpha])]
+    alone = pipe("a blue circle on the left", num_inference_steps=8, guidance_scale=7.5, seed=3, scheduler="Euler a",
+                 init_image=init, strength=0.6)[0]
+    assert np.array_equal(pixels(served[0]), pixels(alone))
+    assert "Denoising strength: 0.6" in served[0].info["parameters"]
+    painted = pipe("a green square on the right", num_inference_steps=8, guidance_scale=7.5, seed=4, scheduler="Euler",
+                   init_image=init, strength=1.0, mask_image=mask, mask_blur=2.0)[0]
+    assert np.array_equal(pixels(served[1]), pixels(painted)) and np.array_equal(pixels(served[2]), pixels(painted))
+    assert np.array_equal(pixels(served[1])[:, :24], pixels(init)[:, :24])  # outside the mask: the original pixels
+    bad = a1111.Job("x", "", 1, 4, 7.5, "Euler", None, None, init_image=png(init), mask=png(Image.new("L", (64, 64))),
+                    strength=1.0)
+    (error,) = run_jobs(pipe, [bad])
+    assert error["error"].startswith("mask in the request has no pixel of 128 or more"), error
 
 
 def test_a_batched_image_equals_the_same_image_drawn_alone(pipe):
@@ -326,6 +400,36 @@ def test_bad_bodies_get_422_naming_the_field_or_generates_message(service, pipe)
         raise AssertionError("accepted a body that is not JSON")
     except __import__("urllib.error").error.HTTPError as e:
         assert e.code == 422 and "not JSON" in json.loads(e.read())["detail"]
+
+
+def test_an_unchanged_a1111_client_edits_images(service, pipe):
+    """webuiapi's img2img, as A1111 users call it: image to image, then inpainting with its defaults but for the
+    fill and area we implement (from the original, whole picture); each equals `generate` with the same seed."""
+    webuiapi = pytest.importorskip("webuiapi")
+
+    init, mask = _edit_images()
+    user, password = AUTH.split(":")
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=int(service.url.rsplit(":", 1)[1]), username=user, password=password)
+    result = api.img2img(images=[init], prompt="a blue circle on the left", denoising_strength=0.6, seed=7, steps=8,
+                         cfg_scale=7.5, width=64, height=64, sampler_name="Euler a", batch_size=2)
+    assert result.info["all_seeds"] == [7, 8] and result.info["denoising_strength"] == 0.6
+    assert result.info["ldm_export"]["ignored"] == {} and result.parameters["init_images"] is None
+    for k, image in enumerate(result.images):
+        alone = pipe("a blue circle on the left", num_inference_steps=8, guidance_scale=7.5, seed=7 + k,
+                     scheduler="Euler a", init_image=init, strength=0.6, width=64, height=64)[0]
+        assert np.abs(pixels(image) - pixels(alone)).max() <= 1 and image.info["parameters"] == result.info["infotexts"][k]
+    result = api.img2img(images=[init], mask_image=mask, prompt="a green square on the right", denoising_strength=1.0,
+                         inpainting_fill=1, inpaint_full_res=False, mask_blur=2, seed=3, steps=8, cfg_scale=7.5,
+                         width=64, height=64, sampler_name="Euler")
+    painted = pipe("a green square on the right", num_inference_steps=8, guidance_scale=7.5, seed=3, scheduler="Euler",
+                   init_image=init, strength=1.0, mask_image=mask, mask_blur=2.0, width=64, height=64)[0]
+    assert np.array_equal(pixels(result.image), pixels(painted)) and result.info["ldm_export"]["ignored"] == {}
+    status, body, _ = post(service.url + "/sdapi/v1/img2img", {"prompt": "x", "init_images": ["bm90"], "steps": 2},
+                           auth=AUTH, timeout=60)
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "init_images"]
+    status, body, _ = post(service.url + "/sdapi/v1/img2img", {"prompt": "x", "init_images": [_b64_png(init)],
+                                                                "steps": 2, "denoising_strength": 0}, auth=AUTH, timeout=60)
+    assert status == 422 and "strength" in body["detail"]
 
 
 def test_unsupported_fields_are_accepted_and_reported_in_info(service):

@@ -1,9 +1,10 @@
-"""AUTOMATIC1111's txt2img API: the request body, what of it we honour, and the response's ``info`` JSON.
+"""AUTOMATIC1111's txt2img and img2img API: the request bodies, what of them we honour, and the response's ``info``.
 
 Field names, types and defaults are stable-diffusion-webui's (``modules/api/models.py``:
-``StableDiffusionTxt2ImgProcessingAPI``, generated from ``modules/processing.py``'s
-``StableDiffusionProcessing`` and ``StableDiffusionProcessingTxt2Img``); ``info`` is ``Processed.js()``.
-Fields we do not support are accepted and listed under ``info["ldm_export"]["ignored"]``, not refused.
+``StableDiffusionTxt2ImgProcessingAPI`` and ``StableDiffusionImg2ImgProcessingAPI``, generated from
+``modules/processing.py``'s ``StableDiffusionProcessing``, ``...Txt2Img`` and ``...Img2Img``); ``info`` is
+``Processed.js()``. Fields we do not support are accepted and listed under ``info["ldm_export"]["ignored"]``, not
+refused.
 """
 from __future__ import annotations
 
@@ -38,6 +39,28 @@ FIELDS: tuple[tuple[str, Any, Any], ...] = (
 )
 # A1111 defaults width/height to 512; here an absent size is the bundle's own resolution (512 for SD 1.5).
 
+# img2img's own fields (A1111 1.10), after the shared ones less the hires pass's; denoising_strength defaults to 0.75
+IMG2IMG_FIELDS: tuple[tuple[str, Any, Any], ...] = (
+    ("init_images", list[str], None), ("resize_mode", int, 0), ("image_cfg_scale", float, None),
+    ("mask", str, None), ("mask_blur_x", int, 4), ("mask_blur_y", int, 4), ("mask_blur", int, None),
+    ("mask_round", bool, True), ("inpainting_fill", int, 0), ("inpaint_full_res", bool, True),
+    ("inpaint_full_res_padding", int, 0), ("inpainting_mask_invert", int, 0), ("initial_noise_multiplier", float, None),
+    ("latent_mask", str, None), ("include_init_images", bool, False),
+)
+_TXT2IMG_ONLY = {"enable_hr", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
+                 "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
+                 "hr_scheduler", "hr_prompt", "hr_negative_prompt", "firstpass_image"}
+IMG2IMG_ALL: tuple[tuple[str, Any, Any], ...] = tuple(
+    (n, t, 0.75 if n == "denoising_strength" else d) for n, t, d in FIELDS if n not in _TXT2IMG_ONLY) + IMG2IMG_FIELDS
+# img2img fields honoured, or without effect here (image_cfg_scale is instruct-pix2pix's, a model this does not run)
+_IMG2IMG_HANDLED = {"init_images", "mask", "mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_mask_invert",
+                    "include_init_images", "image_cfg_scale", "mask_round", "latent_mask"}
+_IMG2IMG_NEUTRAL: dict[str, tuple] = {"resize_mode": (None, 0), "initial_noise_multiplier": (None, 1, 1.0),
+                                      "inpaint_full_res_padding": (None, 0)}
+# honoured with a mask only as these values: the masked region starts from the original image's latents ("original"),
+# and the whole picture is inpainted ("Inpaint area: Whole picture")
+_INPAINT_ONLY = {"inpainting_fill": (1,), "inpaint_full_res": (False, 0)}
+
 # Values of unsupported fields that leave a txt2img result unchanged (A1111's option defaults), so a client that
 # sends every field with its defaults (most do) sees nothing reported.
 _NEUTRAL: dict[str, tuple] = {
@@ -59,12 +82,14 @@ _HIRES = {"hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_
 _SCHEDULER_SUFFIX = {"karras": " Karras"}  # A1111 1.9's separate scheduler field, as our combined names spell it
 
 
-def request_model():
-    """The pydantic model of a txt2img body: A1111's fields and types, every one optional, unknown keys kept."""
+def request_model(img2img: bool = False):
+    """The pydantic model of a txt2img (or img2img) body: A1111's fields and types, every one optional, unknown keys
+    kept."""
     from pydantic import ConfigDict, Field, create_model
 
-    fields = {name: (Optional[tp], Field(default=default)) for name, tp, default in FIELDS}
-    return create_model("StableDiffusionTxt2ImgProcessingAPI", __config__=ConfigDict(extra="allow"), **fields)
+    fields = {name: (Optional[tp], Field(default=default)) for name, tp, default in (IMG2IMG_ALL if img2img else FIELDS)}
+    name = "StableDiffusionImg2ImgProcessingAPI" if img2img else "StableDiffusionTxt2ImgProcessingAPI"
+    return create_model(name, __config__=ConfigDict(extra="allow"), **fields)
 
 
 @dataclass(frozen=True)
@@ -79,9 +104,17 @@ class Job:
     sampler: str
     width: int | None
     height: int | None
+    # img2img: the init image and mask as sent (PNG/JPEG/WebP bytes), the strength, the mask blur in pixels
+    init_image: bytes | None = None
+    mask: bytes | None = None
+    strength: float | None = None
+    mask_blur: float = 0.0
+    invert_mask: bool = False
 
     def group_key(self) -> tuple:
-        """Jobs with equal keys run as one UNet batch (one ``Pipeline`` call)."""
+        """Jobs with equal keys run as one UNet batch (one ``Pipeline`` call); an image edit runs alone."""
+        if self.init_image is not None:
+            return ("edit", self.seed, id(self))
         return (self.width, self.height, self.steps, self.sampler, self.cfg_scale)
 
 
@@ -99,11 +132,21 @@ def sampler_for(body: dict) -> tuple[str, dict]:
     return name, {"scheduler": scheduler}
 
 
-def ignored_fields(body: dict, sampler: str, model_titles: set[str]) -> dict:
+def ignored_fields(body: dict, sampler: str, model_titles: set[str], img2img: bool = False) -> dict:
     """The request's fields that change A1111's result but not ours (unsupported), with their values."""
-    defaults = {name: default for name, _, default in FIELDS}
+    defaults = {name: default for name, _, default in (IMG2IMG_ALL if img2img else FIELDS)}
     out = {}
     for key, value in body.items():
+        if img2img and key in _IMG2IMG_HANDLED:
+            continue
+        if img2img and key in _INPAINT_ONLY:
+            if body.get("mask") and value not in _INPAINT_ONLY[key]:
+                out[key] = value
+            continue
+        if img2img and key in _IMG2IMG_NEUTRAL:
+            if value not in _IMG2IMG_NEUTRAL[key]:
+                out[key] = value
+            continue
         if key in _HIRES:  # the hires pass's settings matter only when it is asked for
             if body.get("enable_hr") and value not in (None, defaults[key]):
                 out[key] = value
@@ -138,19 +181,65 @@ def fixed_seed(seed) -> int:
     return int(seed)
 
 
-def jobs_for(body: dict, sampler: str, seed) -> list[list[Job]]:
+def jobs_for(body: dict, sampler: str, seed, edit: dict | None = None) -> list[list[Job]]:
     """``n_iter`` batches of ``batch_size`` images; image k of the request gets seed + k, as A1111 and ``generate``
-    do (the runtime's ``resolve_seed`` and ``image_seeds``: -1 draws a random seed, others are checked)."""
+    do (the runtime's ``resolve_seed`` and ``image_seeds``: -1 draws a random seed, others are checked). ``edit``:
+    img2img's init image, mask and their settings (``edit_fields``), the same for every image (A1111 cycles through
+    several init images: image k takes init image k modulo their count)."""
     from ldm_export.runtime.checks import image_seeds, resolve_seed
 
     batch, n_iter = body.get("batch_size") or 1, body.get("n_iter") or 1
     seeds = iter(image_seeds(resolve_seed(seed), batch * n_iter))
+    edit = edit or {}
+    inits = edit.pop("init_images", None) or [None]
+    count = iter(range(batch * n_iter))
     return [[Job(prompt=body.get("prompt") or "", negative_prompt=body.get("negative_prompt") or "", seed=next(seeds),
                  steps=body["steps"], cfg_scale=float(body["cfg_scale"]), sampler=sampler, width=body.get("width"),
-                 height=body.get("height")) for _ in range(batch)] for _ in range(n_iter)]
+                 height=body.get("height"), init_image=inits[next(count) % len(inits)], **edit)
+             for _ in range(batch)] for _ in range(n_iter)]
 
 
-def check_limits(body: dict, max_images: int, max_side: tuple[int, int]) -> None:
+def decode_image(data: str, field: str) -> bytes:
+    """An image field of a request (base64, optionally a ``data:image/...;base64,`` URL) as the file's bytes; a
+    one-line error naming the field when it is not base64 of an image PIL reads."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, str) or not data:
+        raise LdmExportError(f"{field} must be a base64-encoded image")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=False)
+        with Image.open(io.BytesIO(raw)) as image:
+            image.verify()
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise LdmExportError(f"{field} is not a base64-encoded image PIL can read ({type(e).__name__}); send a PNG, "
+                             "JPEG or WebP") from None
+    return raw
+
+
+def edit_fields(body: dict) -> dict:
+    """img2img's inputs as ``Job`` fields: the init images and mask decoded, the strength, the mask blur (A1111's
+    ``mask_blur`` sets both axes; ours is one radius, the larger), the inversion."""
+    inits = body.get("init_images") or []
+    if not inits:
+        raise LdmExportError("init_images must hold at least one base64-encoded image")
+    images = [decode_image(x, f"init_images[{k}]") for k, x in enumerate(inits)]
+    mask = decode_image(body["mask"], "mask") if body.get("mask") else None
+    strength = body.get("denoising_strength")
+    blur = body.get("mask_blur")
+    if blur is None:
+        blur = max(body.get("mask_blur_x") or 0, body.get("mask_blur_y") or 0)
+    return {"init_images": images, "mask": mask, "strength": 0.75 if strength is None else float(strength),
+            "mask_blur": float(blur) if mask is not None else 0.0,
+            "invert_mask": bool(body.get("inpainting_mask_invert")) and mask is not None}
+
+
+def check_limits(body: dict, max_images: int, max_side: tuple[int, int], what: str = "") -> None:
     """The server's own limits on a request: images per request and image size (``--max-images``, ``--max-size``)."""
     batch, n_iter = body.get("batch_size"), body.get("n_iter")
     for name, value in (("batch_size", batch), ("n_iter", n_iter)):
@@ -162,11 +251,11 @@ def check_limits(body: dict, max_images: int, max_side: tuple[int, int]) -> None
                              f"{max_images}; send fewer images per request")
     for name, value, limit in (("width", body.get("width"), max_side[0]), ("height", body.get("height"), max_side[1])):
         if value is not None and value > limit:
-            raise LdmExportError(f"{name} {value} is larger than this server's --max-size {max_side[0]}x{max_side[1]}")
+            raise LdmExportError(f"{what}{name} {value} is larger than this server's --max-size {max_side[0]}x{max_side[1]}")
 
 
 def info_json(body: dict, jobs: list[Job], infotexts: list[str], model_name: str, model_hash: str,
-              width: int, height: int, extra: dict) -> str:
+              width: int, height: int, extra: dict, inpainting: bool = False) -> str:
     """The response's ``info``: ``Processed.js()`` of stable-diffusion-webui (``modules/processing.py``)."""
     first = jobs[0]
     subseed = fixed_seed(body.get("subseed"))
@@ -183,7 +272,7 @@ def info_json(body: dict, jobs: list[Job], infotexts: list[str], model_name: str
         "seed_resize_from_h": body.get("seed_resize_from_h", -1), "denoising_strength": body.get("denoising_strength"),
         "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts,
         "styles": body.get("styles") or [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
-        "is_using_inpainting_conditioning": False, "version": "ldm-export",
+        "is_using_inpainting_conditioning": inpainting, "version": "ldm-export",
         "ldm_export": extra,
     }
     return json.dumps(obj)

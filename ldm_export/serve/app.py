@@ -54,15 +54,18 @@ def run_group(pipe, jobs: list[a1111.Job]) -> list[dict]:
 
     def done(job, image, batch):
         w, h = image.size
-        text = format_parameters(job.prompt, job.negative_prompt or None, job.steps, job.sampler, job.cfg_scale,
-                                 job.seed, w, h, pipe.bundle.model_hash, model_name=pipe.bundle.model.get("name"))
+        if job.init_image is not None:  # the edit's own infotext (denoising strength, mask blur), drawn alone
+            text = image.info["parameters"]
+        else:
+            text = format_parameters(job.prompt, job.negative_prompt or None, job.steps, job.sampler, job.cfg_scale,
+                                     job.seed, w, h, pipe.bundle.model_hash, model_name=pipe.bundle.model.get("name"))
         return {"png": _png(image, text), "infotext": text, "width": w, "height": h, "unet_batch": batch}
 
     def call(js, **kw):
         j = js[0]
         return pipe([x.prompt for x in js], negative_prompt=[x.negative_prompt for x in js],
                     num_inference_steps=j.steps, guidance_scale=j.cfg_scale, width=j.width, height=j.height,
-                    scheduler=j.sampler, **kw)
+                    scheduler=j.sampler, **kw, **_edit_arguments(j))
 
     if len(jobs) == 1:
         try:
@@ -82,6 +85,42 @@ def run_group(pipe, jobs: list[a1111.Job]) -> list[dict]:
     except (LdmExportError, ValueError, TypeError):
         return [r for j in jobs for r in run_group(pipe, [j])]
     return [done(j, im, len(jobs)) for j, im in zip(jobs, images)]
+
+
+class _Sent(io.BytesIO):
+    """An image of the request as ``Pipeline`` opens it: its messages name it by where it came from."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.label = name
+
+    def __str__(self) -> str:
+        return self.label
+
+    __repr__ = __str__
+
+
+def _edit_arguments(job: a1111.Job) -> dict:
+    """``Pipeline``'s editing arguments for an img2img job; none for txt2img. The mask as A1111 reads one: an
+    RGBA or LA mask with transparency by its alpha, else its grey levels; inverted for ``inpainting_mask_invert``."""
+    if job.init_image is None:
+        return {}
+    from PIL import Image, ImageOps
+
+    out = {"init_image": _Sent(job.init_image, "in the request"), "strength": job.strength}
+    if job.mask is not None:
+        mask = Image.open(io.BytesIO(job.mask))
+        if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+            alpha = mask.convert("RGBA").getchannel("A")
+            mask = alpha if alpha.getextrema()[0] < 255 else mask.convert("L")
+        elif mask.mode not in ("L", "I", "I;16", "I;16B", "I;16L", "1"):
+            mask = mask.convert("L")
+        if job.invert_mask:
+            mask = ImageOps.invert(mask.convert("L"))
+        buf = io.BytesIO()
+        mask.save(buf, format="PNG")
+        out.update(mask_image=_Sent(buf.getvalue(), "in the request"), mask_blur=job.mask_blur)
+    return out
 
 
 def run_jobs(pipe, jobs: list[a1111.Job]) -> list[dict]:
@@ -116,6 +155,7 @@ class Generator:
 # -- the HTTP ingress -------------------------------------------------------------------------------------
 api = FastAPI(title="ldm-export (AUTOMATIC1111 API)", docs_url=None, redoc_url=None, openapi_url=None)
 Txt2ImgRequest = a1111.request_model()
+Img2ImgRequest = a1111.request_model(img2img=True)
 
 
 def _parse_auth(spec: str | None) -> dict[str, str]:
@@ -159,6 +199,9 @@ class Ingress:
         self.model_sha256 = next((f["sha256"] for f in bundle.manifest["files"].values()
                                   if f["sha256"].startswith(self.model_hash)), None)
         self.model_title = f"{self.model_name} [{self.model_hash}]"
+        denoiser = bundle.spec(bundle.family.denoiser).inputs[0].shape
+        self.inpainting_unet = len(denoiser) == 4 and denoiser[1] == 2 * int(bundle.model["latent_channels"]) + 1
+        self.edits = bundle.family.encoder in bundle.components  # a VAE encoder: the bundle edits images
         res = int(bundle.model["resolution"])
         self.max_size = tuple(self.cfg.max_size or (2 * res, 2 * res))
         base = bundle.scheduler_config
@@ -238,27 +281,37 @@ class Ingress:
 
     @api.post("/sdapi/v1/txt2img")
     async def txt2img(self, request: Request):
+        return await self._answer(request, img2img=False)
+
+    @api.post("/sdapi/v1/img2img")
+    async def img2img(self, request: Request):
+        """A1111's img2img: init_images with denoising_strength (image to image), and a mask (white, or opaque, =
+        repaint; inpainting_mask_invert) with mask_blur for inpainting, as `generate --init-image/--mask` runs them."""
+        return await self._answer(request, img2img=True)
+
+    async def _answer(self, request: Request, img2img: bool):
         if not self._authorized(request):
             return _unauthorized()
         if self.draining:
             return _error(503, "the server is shutting down; retry on another one", headers={"Retry-After": "10"})
         self.inflight += 1
         try:
-            return await self._txt2img(request)
+            return await self._generate(request, img2img)
         finally:
             self.inflight -= 1
 
-    async def _txt2img(self, request: Request):
+    async def _generate(self, request: Request, img2img: bool):
         from pydantic import ValidationError
 
+        route = "img2img" if img2img else "txt2img"
         try:
             raw = await request.json()
         except ValueError:
-            return _error(422, "the request body is not JSON; send A1111's txt2img fields as a JSON object")
+            return _error(422, f"the request body is not JSON; send A1111's {route} fields as a JSON object")
         if not isinstance(raw, dict):
             return _error(422, f"the request body must be a JSON object, got {type(raw).__name__}")
         try:
-            body = Txt2ImgRequest.model_validate(raw).model_dump()
+            body = (Img2ImgRequest if img2img else Txt2ImgRequest).model_validate(raw).model_dump()
         except ValidationError as e:
             errors = [{"loc": ["body", *map(str, err["loc"])], "msg": err["msg"], "type": err["type"]}
                       for err in e.errors()]
@@ -269,9 +322,25 @@ class Ingress:
         except LdmExportError as e:
             return _error(422, str(e))
         sampler, ignored = a1111.sampler_for(body)
-        ignored.update(a1111.ignored_fields(body, sampler, {self.model_title, self.model_name}))
+        ignored.update(a1111.ignored_fields(body, sampler, {self.model_title, self.model_name}, img2img))
+        edit = None
+        if img2img:
+            if not self.edits:
+                return _error(422, f"this bundle ({self.model_name}) has no VAE encoder, so it does not edit images; "
+                                   "rebuild it with `ldm-export build ... --vae-encoder`")
+            try:
+                edit = a1111.edit_fields(body)
+                if body.get("width") is None or body.get("height") is None:  # the image's own size: the same limits
+                    from PIL import Image
+
+                    for k, data in enumerate(edit["init_images"]):
+                        w, h = Image.open(io.BytesIO(data)).size
+                        a1111.check_limits({"width": body.get("width") or w, "height": body.get("height") or h},
+                                           self.cfg.max_images, self.max_size, f"init_images[{k}] ")
+            except LdmExportError as e:
+                return _error(422, str(e), "mask" if str(e).startswith("mask") else "init_images")
         try:
-            rows = a1111.jobs_for(body, sampler, body.get("seed"))
+            rows = a1111.jobs_for(body, sampler, body.get("seed"), edit)
         except LdmExportError as e:  # a seed generate refuses, with its message
             return _error(422, str(e), "seed")
         jobs = [j for row in rows for j in row]
@@ -289,8 +358,10 @@ class Ingress:
         infotexts = [r["infotext"] for r in results]
         extra = {"ignored": ignored, "unet_batch": [r["unet_batch"] for r in results]}
         info = a1111.info_json(body, jobs, infotexts, self.model_name, self.model_hash, results[0]["width"],
-                               results[0]["height"], extra)
+                               results[0]["height"], extra, inpainting=img2img and self.inpainting_unet)
         images = [base64.b64encode(r["png"]).decode("ascii") for r in results] if body.get("send_images", True) else []
+        if img2img and not body.get("include_init_images"):  # A1111 answers without the images it was sent
+            body = {**body, "init_images": None, "mask": None}
         return {"images": images, "parameters": body, "info": info}
 
     def _failure(self, e: Exception) -> JSONResponse:
@@ -307,7 +378,7 @@ class Ingress:
         if isinstance(e, asyncio.TimeoutError):
             return _error(504, f"generation took longer than {self.cfg.request_timeout_s:g} s; "
                                "ask for fewer steps or images")
-        logger.exception("txt2img failed")
+        logger.exception("generation failed")
         return _error(500, f"generation failed: {type(e).__name__}: {e}")
 
 
