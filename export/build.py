@@ -74,10 +74,11 @@ class BuildConfig:
     def resolved_out(self) -> Path:
         if self.out:
             return Path(self.out)
-        if self.model == AUTO_MODEL and self.weights is not None:  # named after the folder the architecture came from
+        if self.model == AUTO_MODEL and self.weights is not None:  # named after the folder or file the weights are in
             from .folder_spec import folder_model_name
 
-            return Path(f"{folder_model_name(self.weights)}-{self.precision}")
+            weights = Path(self.weights)
+            return Path(f"{folder_model_name(weights if weights.is_dir() else weights.with_suffix(''))}-{self.precision}")
         return Path(f"{self.model}-{self.precision}")
 
 
@@ -97,15 +98,16 @@ def static_dims(spec: ModelSpec, component: str) -> dict[str, int]:
 def validate(cfg: BuildConfig) -> ModelSpec:
     """Check everything that can be checked before loading weights; return the model spec."""
     if cfg.model == AUTO_MODEL:
-        from .folder_spec import spec_from_folder
+        from .folder_spec import is_pipeline_folder, model_of_checkpoint, spec_from_folder
 
         if cfg.random_weights:
-            raise LdmExportError(f"--model {AUTO_MODEL} reads the architecture from the diffusers folder given as "
-                                 "--weights; for random weights name a zoo model with --model")
+            raise LdmExportError(f"--model {AUTO_MODEL} reads the architecture from the weights given as --weights; "
+                                 "for random weights name a zoo model with --model")
         if cfg.weights is None:
-            raise LdmExportError(f"--model {AUTO_MODEL} reads the architecture from a diffusers pipeline folder: pass it "
-                                 "as --weights FOLDER")
-        spec = spec_from_folder(cfg.weights)
+            raise LdmExportError(f"--model {AUTO_MODEL} reads the architecture from the weights: pass a diffusers "
+                                 "pipeline folder or a single-file .safetensors checkpoint as --weights PATH")
+        path = Path(cfg.weights).expanduser()
+        spec = spec_from_folder(path) if path.is_dir() or is_pipeline_folder(path) else get_model(model_of_checkpoint(path))
     else:
         spec = get_model(cfg.model)
     if cfg.precision not in PRECISIONS + ("int8",):

@@ -1,4 +1,7 @@
-"""A model spec read from a diffusers pipeline folder (``build --weights FOLDER`` with no ``--model``, or ``--model auto``).
+"""The model a build's weights say they are (``build --weights PATH`` with no ``--model``, or ``--model auto``).
+
+A single-file checkpoint (.safetensors) names its zoo model by its keys and a few shapes (``model_of_checkpoint``),
+as A1111 and ComfyUI tell checkpoints apart. A diffusers pipeline folder gives a spec of its own (below).
 
 The zoo names architectures; a user's folder may hold one the zoo does not (SD 2.x base at 512 px, SDXL-turbo,
 SD 3.5 large, a fine-tune saved at another size, a small test pipeline). As Optimum does, the folder then
@@ -11,6 +14,7 @@ same spec as its ``--model``. Reads JSON only: no torch.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +23,8 @@ from typing import Any
 from ldm_export.runtime.errors import LdmExportError
 from ldm_export.runtime.families import get_family
 from ldm_export.zoo import AUTO_MODEL, ModelSpec, get_model
+
+log = logging.getLogger(__name__)
 
 # diffusers pipeline classes (text-to-image and their editing variants, saved from any of them) -> family kind
 PIPELINE_KINDS = {
@@ -179,3 +185,111 @@ def _max_length(spec: ModelSpec, reference: ModelSpec) -> int:
         return reference.max_length
     encoder = spec.text_encoder or spec.extra_configs.get("text_encoder_2") or {}
     return int(encoder.get("max_position_embeddings") or reference.max_length)
+
+
+# ------------------------------------------------------------------------------------------------- single files
+
+_U = "model.diffusion_model."  # Stability's layout (SD 1.x/2.x, SDXL, SD3; ComfyUI's FLUX)
+_TEXT_MARKERS = (  # (key prefix, family): the text encoders a U-Net checkpoint carries say its family
+    ("conditioner.embedders.1.model.", "sdxl"), ("conditioner.embedders.0.model.", "sdxl-refiner"),
+    ("cond_stage_model.model.", "sd2"), ("cond_stage_model.transformer.", "sd1"))
+_TOKEN_EMBEDDINGS = {"sd1": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+                     "sd2": "cond_stage_model.model.token_embedding.weight",
+                     "sdxl": "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"}
+
+
+def read_safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Every tensor's shape from a safetensors file's header (no tensor is read, no torch)."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= size <= 100 * 2**20:
+                raise ValueError(f"a header of {size} bytes")
+            header = json.loads(f.read(size))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+        raise LdmExportError(f"{path.name} is not a readable safetensors file ({type(e).__name__}: {e}); check that "
+                             "the download is complete") from None
+    return {k: list(v.get("shape") or []) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+
+
+def _count(keys, prefix: str) -> int:
+    return len({k[len(prefix):].split(".", 1)[0] for k in keys if k.startswith(prefix)})
+
+
+def _describe(path: Path, shapes: dict[str, list[int]]) -> tuple[str, dict[str, Any]] | None:
+    """(family, facts to match a zoo model on) of a single file, None when its keys match no layout we read."""
+    keys = shapes.keys()
+    if any(k.startswith(_U + "joint_blocks.") for k in keys):
+        x = shapes.get(_U + "x_embedder.proj.weight") or [None]
+        return "sd3", {"num_layers": _count(keys, _U + "joint_blocks."), "width": x[0],
+                       "dual attention": any(".x_block.attn2." in k for k in keys)}
+    for p in ("", _U):
+        if any(k.startswith(p + "double_blocks.") for k in keys):
+            return "flux", {"num_layers": _count(keys, p + "double_blocks."),
+                            "num_single_layers": _count(keys, p + "single_blocks."),
+                            "width": (shapes.get(p + "img_in.weight") or [None])[0],
+                            "guidance_embeds": any(k.startswith(p + "guidance_in.") for k in keys)}
+    conv_in = shapes.get(_U + "input_blocks.0.0.weight")
+    if conv_in is None or len(conv_in) != 4:
+        return None
+    family = next((f for prefix, f in _TEXT_MARKERS if any(k.startswith(prefix) for k in keys)), None)
+    if family is None:
+        return None
+    token = shapes.get(_TOKEN_EMBEDDINGS.get(family, ""))
+    return family, {"in_channels": conv_in[1], "block_out_channels[0]": conv_in[0],
+                    "text width": token[1] if token else None}
+
+
+def _facts(spec: ModelSpec) -> dict[str, Any]:
+    """The same facts of a zoo model, from its configs."""
+    t = spec.extra_configs.get("transformer") or {}
+    if spec.family == "sd3":
+        return {"num_layers": t["num_layers"], "width": t["num_attention_heads"] * t["attention_head_dim"],
+                "dual attention": bool(t.get("dual_attention_layers"))}
+    if spec.family == "flux":
+        return {"num_layers": t["num_layers"], "num_single_layers": t["num_single_layers"],
+                "width": t["num_attention_heads"] * t["attention_head_dim"],
+                "guidance_embeds": bool(t.get("guidance_embeds"))}
+    text = spec.text_encoder or {}
+    return {"in_channels": spec.unet["in_channels"], "block_out_channels[0]": spec.unet["block_out_channels"][0],
+            "text width": text.get("hidden_size") if spec.family != "sdxl-refiner" else None}
+
+
+def model_of_checkpoint(path: Path | str) -> str:
+    """The zoo model a single-file .safetensors checkpoint holds, told by its keys (which family) and a few shapes
+    (which model of it); a one-line error naming what was found when no zoo model fits."""
+    from ldm_export.zoo import MODELS
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise LdmExportError(f"weights path {path} does not exist; pass a diffusers folder or a .safetensors file")
+    if path.suffix.lower() != ".safetensors":
+        raise LdmExportError(f"--model {AUTO_MODEL} tells a single file's model by its safetensors keys; for "
+                             f"{path.name} pass the --model it belongs to (`ldm-export build --help` lists them)")
+    shapes = read_safetensors_shapes(path)
+    found = _describe(path, shapes)
+    if found is None:
+        if any(k.endswith((".lora_down.weight", ".lora_A.weight", ".lora.down.weight")) for k in shapes):
+            raise LdmExportError(f"{path.name} holds a LoRA, not a model: pass it as --lora FILE[:SCALE] with the "
+                                 "model's --weights (or --model), or to `ldm-export lora BUNDLE FILE`")
+        raise LdmExportError(f"{path.name} is no checkpoint layout ldm-export reads (Stability's SD 1.x/2.x/SDXL/SD3, "
+                             "Black Forest Labs' FLUX.1); pass a diffusers folder, or the --model it belongs to")
+    family, facts = found
+    fits = [name for name, spec in MODELS.items() if spec.family == family and _facts(spec) == facts]
+    if not fits:
+        said = ", ".join(f"{k} {v}" for k, v in facts.items())
+        raise LdmExportError(f"{path.name} is a {get_family(family).description.split(':')[0]} checkpoint ({said}) "
+                             "that no zoo model matches; save it as a diffusers folder (which says its own "
+                             "architecture) or pass the --model it belongs to")
+    if len(fits) > 1:
+        raise LdmExportError(f"{path.name} fits the zoo models {', '.join(sorted(fits))} alike; pass the --model it "
+                             "belongs to")
+    name = fits[0]
+    if family == "sd2":
+        log.warning("%s: SD 2.x single files do not say their prediction type; building it as %s (v-prediction, "
+                    "%d px); an SD 2.x base model (epsilon, 512 px) needs its diffusers folder", path.name, name,
+                    MODELS[name].resolution)
+    log.info("%s holds the model %s (%s)", path.name, name, ", ".join(f"{k} {v}" for k, v in facts.items()))
+    return name

@@ -35,8 +35,9 @@ def cli(verbose: bool, debug: bool) -> None:
 
 @cli.command()
 @click.option("--model", "model", default=None,
-              help="Model name from the zoo, or 'auto': the architecture the diffusers folder given as --weights "
-                   "says (the default with such a folder; else the embedded demo model).")
+              help="Model name from the zoo, or 'auto': the architecture the --weights say (a diffusers folder's "
+                   "configs, a .safetensors checkpoint's keys); the default with such --weights, else the embedded "
+                   "demo model.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
               help="int8: the UNet as QDQ int8 calibrated on the sampler's own inputs (text encoder and VAE stay fp32).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
@@ -66,11 +67,10 @@ def build(model, precision, weights, random_weights, seed, out, force, static_sh
           no_half_vae, vae_encoder, loras, **int8):
     """Export a model's components to ONNX, verify each against PyTorch, and write a bundle."""
     from ldm_export.export.build import BuildConfig, build as run_build, validate
-    from ldm_export.export.folder_spec import is_pipeline_folder
     from ldm_export.zoo import AUTO_MODEL, DEFAULT_MODEL
 
-    if model is None:  # a diffusers folder says its own architecture, as Optimum reads it; else the demo model
-        model = AUTO_MODEL if is_pipeline_folder(weights) else DEFAULT_MODEL
+    if model is None:  # weights say their own architecture (a folder's configs, a single file's keys); else the demo
+        model = AUTO_MODEL if weights is not None else DEFAULT_MODEL
     cfg = BuildConfig(model=model, precision=precision, weights=weights, random_weights=random_weights,
                       seed=seed, out=out, force=force, static_shape=static_shape, target=target,
                       fused_attention=fused_attention,

@@ -11,10 +11,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `ldm-export ARGS` in a fresh interpreter, as a user would."""
+def run_cli(*args: str, timeout: int = 600, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `ldm-export ARGS` in a fresh interpreter, as a user would (in ``cwd`` if given)."""
     return subprocess.run([sys.executable, "-m", "ldm_export.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
 
 
 @pytest.fixture(scope="session")

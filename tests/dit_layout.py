@@ -52,8 +52,15 @@ def sd3_transformer_to_sai(state: dict[str, torch.Tensor], num_layers: int) -> d
                         ("norm_added_k", c + "attn.ln_k")):
             if b + f"attn.{hf}.weight" in s:
                 out[sai + ".weight"] = s.pop(b + f"attn.{hf}.weight")
+        if b + "attn2.to_q.weight" in s:  # SD 3.5's dual attention (MMDiT-X): the image stream's second attention
+            for p in ("weight", "bias"):
+                out[x + f"attn2.qkv.{p}"] = torch.cat([s.pop(b + f"attn2.to_{n}.{p}") for n in "qkv"])
+                out[x + f"attn2.proj.{p}"] = s.pop(b + f"attn2.to_out.0.{p}")
+            for n in "qk":
+                if b + f"attn2.norm_{n}.weight" in s:
+                    out[x + f"attn2.ln_{n}.weight"] = s.pop(b + f"attn2.norm_{n}.weight")
     if s:
-        raise KeyError(f"no SAI name for {sorted(s)[:3]} (dual attention is not in this helper)")
+        raise KeyError(f"no SAI name for {sorted(s)[:3]}")
     return {SD3 + k: v for k, v in out.items()}
 
 

@@ -115,7 +115,7 @@ def test_flux_without_guidance_embedding_is_schnell_like(tmp_path):
     ("pipeline", "names the pipeline 'PixArtAlphaPipeline', which ldm-export does not export"),
     ("config", "has no transformer/config.json; a StableDiffusion3Pipeline folder needs"),
     ("json", "is not readable JSON"),
-    ("not-a-folder", "is not one; for a single-file checkpoint pass the --model"),
+    ("not-a-folder", "tells a single file's model by its safetensors keys; for config.json pass the --model"),
 ])
 def test_bad_folders_fail_on_one_line(tmp_path, case, match):
     spec = get_model("tiny-sd3")
@@ -133,7 +133,7 @@ def test_bad_folders_fail_on_one_line(tmp_path, case, match):
 
 
 def test_auto_needs_a_folder_and_not_random_weights(tmp_path):
-    with pytest.raises(LdmExportError, match="pass it as --weights FOLDER"):
+    with pytest.raises(LdmExportError, match="pass a diffusers pipeline folder or a single-file .safetensors checkpoint"):
         validate(BuildConfig(model="auto", out=tmp_path / "o"))
     with pytest.raises(LdmExportError, match="for random weights name a zoo model"):
         validate(BuildConfig(model="auto", random_weights=True, out=tmp_path / "o"))
@@ -223,3 +223,98 @@ def test_a_folder_whose_model_fails_in_torch_fails_on_one_line(tmp_path):
         build(BuildConfig(model="auto", weights=folder, out=tmp_path / "b"))
     assert one_line(e).startswith("transformer: the PyTorch model fails on sample inputs of its own spec (RuntimeError")
     assert not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------------------------------ single files
+
+def _single_file_state(name: str, meta: bool):
+    """``name``'s modules (random, or on the meta device for the full-size ones) in its single-file layout."""
+    import torch
+
+    from ldm_layout import sdxl_to_ldm_checkpoint, to_ldm_checkpoint
+    from dit_layout import flux_transformer_to_bfl, to_sd3_single_file
+    from ldm_export.export.models import build_random
+
+    spec = get_model(name)
+    if meta:
+        with torch.device("meta"):
+            modules = build_random(spec)
+    else:
+        modules = build_random(spec, seed=1)
+    if spec.family in ("sd1", "sd2"):
+        return to_ldm_checkpoint(modules, spec.unet, spec.vae, "clip" if spec.family == "sd1" else "open_clip")
+    if spec.family.startswith("sdxl"):
+        return sdxl_to_ldm_checkpoint(modules, spec.unet, spec.vae)
+    if spec.family == "sd3":
+        return to_sd3_single_file(modules, spec.extra_configs["transformer"], spec.vae)
+    return flux_transformer_to_bfl(modules["transformer"].state_dict())
+
+
+def _write_header(path: Path, state) -> Path:
+    """A safetensors header of ``state``'s keys and shapes, no data: what the detection reads of a file."""
+    import struct
+
+    header = json.dumps({k: {"dtype": "F32", "shape": list(v.shape), "data_offsets": [0, 0]} for k, v in state.items()})
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode())
+    return path
+
+
+@needs_torch
+@pytest.mark.parametrize("name", ["sd15", "sd15-inpaint", "sd21", "sdxl", "sdxl-inpaint", "sdxl-refiner", "sd3-medium",
+                                  "sd35-medium", "flux-dev", "flux-schnell", "tiny", "tiny-inpaint", "tiny-sdxl",
+                                  "tiny-sdxl-refiner", "tiny-sd3", "tiny-flux"])
+def test_a_single_file_names_its_zoo_model_by_keys_and_shapes(tmp_path, name):
+    """The full-size layouts are built on the meta device and written as headers alone (the detection reads nothing
+    else); SD 2.x files say no prediction type, so they build as sd21 with a warning."""
+    from ldm_export.export.folder_spec import model_of_checkpoint
+
+    path = _write_header(tmp_path / f"{name}.safetensors", _single_file_state(name, meta=True))
+    assert model_of_checkpoint(path) == name
+
+
+@needs_torch
+def test_build_without_model_takes_a_single_files_model_and_names_the_bundle_after_it(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "my-sd3-finetune.safetensors"
+    save_file(_single_file_state("tiny-sd3", meta=False), str(path))
+    r = run_cli("build", "--weights", str(path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "my-sd3-finetune-fp32" / "ldm_export.json").read_text())
+    assert manifest["model"]["name"] == "tiny-sd3" and manifest["weights"]["source"] == "single-file"
+
+
+@needs_torch
+@pytest.mark.parametrize("case,match", [
+    ("lora", "holds a LoRA, not a model: pass it as --lora FILE"),
+    ("other", "is no checkpoint layout ldm-export reads"),
+    ("sizes", r"is a Stable Diffusion 1.x checkpoint \(in_channels 4, block_out_channels\[0\] 24, text width 32\) that "
+              "no zoo model matches"),
+    ("ckpt", "tells a single file's model by its safetensors keys; for x.ckpt pass the --model"),
+    ("truncated", "is not a readable safetensors file"),
+])
+def test_single_files_no_zoo_model_fits_fail_on_one_line(tmp_path, case, match):
+    import torch
+
+    from ldm_export.export.models import build_random
+    from ldm_layout import to_ldm_checkpoint
+
+    path = tmp_path / ("x.ckpt" if case == "ckpt" else "x.safetensors")
+    if case == "lora":
+        _write_header(path, {"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+                             "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4)})
+    elif case == "other":
+        _write_header(path, {"encoder.layer.0.weight": torch.zeros(2, 2)})
+    elif case == "sizes":  # the tiny classes at a width no zoo model has
+        base = get_model("tiny")
+        spec = replace(base, unet=base.unet | {"block_out_channels": [24, 32]})
+        with torch.device("meta"):
+            modules = build_random(spec)
+        _write_header(path, to_ldm_checkpoint(modules, spec.unet, spec.vae))
+    elif case == "truncated":
+        path.write_bytes(b"\x10")
+    else:
+        path.write_bytes(b"not read")
+    with pytest.raises(LdmExportError, match=match) as e:
+        validate(BuildConfig(model="auto", weights=path, out=tmp_path / "out"))
+    one_line(e)
