@@ -189,14 +189,26 @@ def get_model(name: str) -> ModelSpec:
                              "(the architecture of the diffusers folder given as --weights)") from None
 
 
+_SET_BY_CLASS = {"is_encoder_decoder", "use_cache"}  # config keys a class sets itself (T5EncoderModel: no decoder)
+
+
+def _same(a, b) -> bool:
+    """Config values equal as JSON has them (tuples read back as lists)."""
+    norm = lambda v: [norm(x) for x in v] if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return norm(a) == norm(b)
+
+
 def spec_of_bundle(bundle) -> ModelSpec:
     """The spec a bundle was built from: the zoo's for a zoo model; for a bundle built from a folder's own architecture
     (``--model auto``), the one its manifest records (module configs, scheduler, resolution, token count)."""
     m = bundle.model
-    if m["name"] in MODELS and MODELS[m["name"]].family == m["family"]:
-        return MODELS[m["name"]]
     configs = {name: {k: v for k, v in config.items() if not k.startswith("_")}
                for name, config in m["modules"].items()}
+    zoo = MODELS.get(m["name"])
+    if zoo is not None and zoo.family == m["family"] and all(
+            _same(configs.get(module, {}).get(k, "<absent>"), v)
+            for module, config in zoo.configs.items() for k, v in config.items() if k not in _SET_BY_CLASS):
+        return zoo  # a zoo model's bundle (a folder named like one, of other sizes, is not: its configs differ)
     main = {k: configs.pop(k, None) for k in ("text_encoder", "unet", "vae")}
     return ModelSpec(name=m["name"], family=m["family"], description=m.get("description", ""), **main,
                      scheduler=dict(bundle.scheduler_config), resolution=int(m["resolution"]),

@@ -199,6 +199,18 @@ def test_cli_builds_a_unet_folder_outside_the_zoo_without_model_and_names_auto_o
     manifest = json.loads((tmp_path / "b" / "ldm_export.json").read_text())
     assert manifest["model"]["family"] == "sd1" and manifest["model"]["resolution"] == 128
     assert manifest["components"]["vae_decoder"]["precision"] == "fp16"
+    # a folder named like a zoo model keeps its own architecture in the commands that rebuild it from the bundle
+    import shutil
+
+    from ldm_export.export.build import build
+    from ldm_export.runtime.bundle import Bundle
+    from ldm_export.zoo import MODELS, spec_of_bundle
+
+    named = shutil.copytree(folder, tmp_path / "tiny")
+    build(BuildConfig(model="auto", weights=named, out=tmp_path / "named-bundle"))
+    spec = spec_of_bundle(Bundle.open(tmp_path / "named-bundle"))
+    assert spec.name == "tiny" and spec is not MODELS["tiny"] and spec.unet["block_out_channels"] == [16, 24]
+    assert spec_of_bundle(Bundle.open(tmp_path / "b")).unet["layers_per_block"] == 2
     g = run_cli("generate", str(tmp_path / "b"), "a red circle", "--steps", "2", "--out", str(tmp_path / "x.png"))
     assert g.returncode == 0, g.stdout + g.stderr
     from PIL import Image

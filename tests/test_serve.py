@@ -199,6 +199,44 @@ def test_img2img_and_inpainting_jobs_equal_generate(pipe):
     assert error["error"].startswith("mask in the request has no pixel of 128 or more"), error
 
 
+def test_img2img_takes_what_a1111_takes(pipe, tmp_path):
+    """RGBA, grayscale and palette init images are flattened on white (A1111's img2img background), as A1111 does,
+    not refused as `generate` refuses them; an RGBA mask's alpha is rounded at 128 (mask_round); an inpainting UNet
+    without a mask repaints the whole image."""
+    from PIL import Image
+
+    from ldm_export.export.build import BuildConfig, build
+    from ldm_export.runtime.pipeline import Pipeline
+    from ldm_export.serve.app import _flatten, run_jobs
+
+    init, mask = _edit_images()
+    png = lambda im: base64.b64decode(_b64_png(im))  # noqa: E731
+    rgba = init.convert("RGBA")
+    rgba.putalpha(128)
+    flat = np.asarray(_flatten(rgba), dtype=np.int16)
+    expected = (np.asarray(init, dtype=np.float32) * 128 + 255 * 127) / 255
+    assert np.abs(flat - expected).max() <= 1
+    for image in (rgba, init.convert("L"), init.convert("P")):
+        job = a1111.Job("x", "", 1, 2, 7.5, "Euler", None, None, init_image=png(image), strength=0.5)
+        (r,) = run_jobs(pipe, [job])
+        assert "png" in r, r
+    soft = Image.new("RGBA", mask.size, (0, 0, 0, 0))
+    soft.putalpha(mask.point(lambda v: 200 if v else 60))  # alpha 200 where to repaint, 60 elsewhere
+    hard = a1111.Job("x", "", 2, 4, 7.5, "Euler", None, None, init_image=png(init), mask=png(soft), strength=1.0)
+    ref = a1111.Job("x", "", 2, 4, 7.5, "Euler", None, None, init_image=png(init), mask=png(mask), strength=1.0)
+    a, b = (Image.open(io.BytesIO(r["png"])) for r in run_jobs(pipe, [hard, ref]))
+    assert np.array_equal(pixels(a), pixels(b))
+    inpaint = tmp_path / "inpaint"
+    build(BuildConfig(model="tiny-inpaint", random_weights=True, seed=2, out=inpaint, vae_encoder=True))
+    tiny = Pipeline.from_bundle(inpaint)
+    square = Image.new("RGB", (64, 64), (200, 30, 30))
+    job = a1111.Job("x", "", 3, 4, 7.5, "Euler", None, None, init_image=png(square), strength=0.8, whole_mask=True)
+    (r,) = run_jobs(tiny, [job])
+    alone = tiny("x", num_inference_steps=4, guidance_scale=7.5, seed=3, scheduler="Euler", init_image=square,
+                 strength=0.8, mask_image=Image.new("L", (64, 64), 255))[0]
+    assert np.array_equal(pixels(Image.open(io.BytesIO(r["png"]))), pixels(alone))
+
+
 def test_a_batched_image_equals_the_same_image_drawn_alone(pipe):
     from ldm_export.serve.app import run_jobs
 
@@ -429,7 +467,8 @@ def test_an_unchanged_a1111_client_edits_images(service, pipe):
     assert status == 422 and body["detail"][0]["loc"] == ["body", "init_images"]
     status, body, _ = post(service.url + "/sdapi/v1/img2img", {"prompt": "x", "init_images": [_b64_png(init)],
                                                                 "steps": 2, "denoising_strength": 0}, auth=AUTH, timeout=60)
-    assert status == 422 and "strength" in body["detail"]
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "denoising_strength"]
+    assert "denoising_strength must be more than 0" in body["error"]
 
 
 def test_unsupported_fields_are_accepted_and_reported_in_info(service):

@@ -110,6 +110,8 @@ class Job:
     strength: float | None = None
     mask_blur: float = 0.0
     invert_mask: bool = False
+    round_mask: bool = True  # A1111's mask_round: an alpha mask rounded at 128
+    whole_mask: bool = False  # an inpainting UNet without a mask: repaint everything (A1111's conditioning)
 
     def group_key(self) -> tuple:
         """Jobs with equal keys run as one UNet batch (one ``Pipeline`` call); an image edit runs alone."""
@@ -222,21 +224,27 @@ def decode_image(data: str, field: str) -> bytes:
     return raw
 
 
-def edit_fields(body: dict) -> dict:
+def edit_fields(body: dict, whole_mask: bool = False) -> dict:
     """img2img's inputs as ``Job`` fields: the init images and mask decoded, the strength, the mask blur (A1111's
-    ``mask_blur`` sets both axes; ours is one radius, the larger), the inversion."""
+    ``mask_blur`` sets both axes; ours is one radius, the larger), the inversion and rounding; ``whole_mask``: the
+    bundle's UNet is an inpainting one, which repaints the whole image when no mask is sent."""
     inits = body.get("init_images") or []
     if not inits:
         raise LdmExportError("init_images must hold at least one base64-encoded image")
     images = [decode_image(x, f"init_images[{k}]") for k, x in enumerate(inits)]
     mask = decode_image(body["mask"], "mask") if body.get("mask") else None
     strength = body.get("denoising_strength")
+    strength = 0.75 if strength is None else float(strength)
+    if not 0.0 < strength <= 1.0:  # NaN fails too
+        raise LdmExportError(f"denoising_strength must be more than 0 and at most 1, got {strength} (at 0 nothing would "
+                             "change: the result is the init image)")
     blur = body.get("mask_blur")
     if blur is None:
         blur = max(body.get("mask_blur_x") or 0, body.get("mask_blur_y") or 0)
-    return {"init_images": images, "mask": mask, "strength": 0.75 if strength is None else float(strength),
+    return {"init_images": images, "mask": mask, "strength": strength,
             "mask_blur": float(blur) if mask is not None else 0.0,
-            "invert_mask": bool(body.get("inpainting_mask_invert")) and mask is not None}
+            "invert_mask": bool(body.get("inpainting_mask_invert")) and mask is not None,
+            "round_mask": body.get("mask_round") is not False, "whole_mask": whole_mask and mask is None}
 
 
 def check_limits(body: dict, max_images: int, max_side: tuple[int, int], what: str = "") -> None:

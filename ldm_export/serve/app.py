@@ -107,20 +107,49 @@ def _edit_arguments(job: a1111.Job) -> dict:
         return {}
     from PIL import Image, ImageOps
 
-    out = {"init_image": _Sent(job.init_image, "in the request"), "strength": job.strength}
+    init = _flatten(Image.open(io.BytesIO(job.init_image)))
+    out = {"init_image": _Sent(_png_bytes(init), "in the request"), "strength": job.strength}
+    mask = None
     if job.mask is not None:
         mask = Image.open(io.BytesIO(job.mask))
         if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
             alpha = mask.convert("RGBA").getchannel("A")
-            mask = alpha if alpha.getextrema()[0] < 255 else mask.convert("L")
+            if alpha.getextrema()[0] < 255:  # A1111's create_binary_mask: the alpha, rounded at 128 by mask_round
+                mask = alpha.point(lambda x: 255 if x > 128 else 0) if job.round_mask else alpha
+            else:
+                mask = mask.convert("L")
         elif mask.mode not in ("L", "I", "I;16", "I;16B", "I;16L", "1"):
             mask = mask.convert("L")
         if job.invert_mask:
             mask = ImageOps.invert(mask.convert("L"))
-        buf = io.BytesIO()
-        mask.save(buf, format="PNG")
-        out.update(mask_image=_Sent(buf.getvalue(), "in the request"), mask_blur=job.mask_blur)
+    elif job.whole_mask:  # an inpainting UNet without a mask repaints the whole image, as A1111 conditions it
+        mask = Image.new("L", init.size, 255)
+    if mask is not None:
+        out.update(mask_image=_Sent(_png_bytes(mask), "in the request"), mask_blur=job.mask_blur)
     return out
+
+
+def _png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _flatten(image):
+    """An init image as A1111 takes it: RGB, any transparency composited on white (its default img2img background),
+    16-bit grey scaled to 8 bits."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        return Image.fromarray((np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def run_jobs(pipe, jobs: list[a1111.Job]) -> list[dict]:
@@ -202,6 +231,8 @@ class Ingress:
         denoiser = bundle.spec(bundle.family.denoiser).inputs[0].shape
         self.inpainting_unet = len(denoiser) == 4 and denoiser[1] == 2 * int(bundle.model["latent_channels"]) + 1
         self.edits = bundle.family.encoder in bundle.components  # a VAE encoder: the bundle edits images
+        self.family_edits = any(c.name == bundle.family.encoder for c in bundle.family.components)
+        self.family_name = bundle.family.name
         res = int(bundle.model["resolution"])
         self.max_size = tuple(self.cfg.max_size or (2 * res, 2 * res))
         base = bundle.scheduler_config
@@ -326,10 +357,12 @@ class Ingress:
         edit = None
         if img2img:
             if not self.edits:
+                why = ("rebuild it with `ldm-export build ... --vae-encoder`" if self.family_edits else
+                       f"the {self.family_name} family does not edit images yet (img2img runs on SD 1.x/2.x and SDXL)")
                 return _error(422, f"this bundle ({self.model_name}) has no VAE encoder, so it does not edit images; "
-                                   "rebuild it with `ldm-export build ... --vae-encoder`")
+                                   f"{why}")
             try:
-                edit = a1111.edit_fields(body)
+                edit = a1111.edit_fields(body, whole_mask=self.inpainting_unet)
                 if body.get("width") is None or body.get("height") is None:  # the image's own size: the same limits
                     from PIL import Image
 
@@ -338,7 +371,8 @@ class Ingress:
                         a1111.check_limits({"width": body.get("width") or w, "height": body.get("height") or h},
                                            self.cfg.max_images, self.max_size, f"init_images[{k}] ")
             except LdmExportError as e:
-                return _error(422, str(e), "mask" if str(e).startswith("mask") else "init_images")
+                field = next((f for f in ("mask", "denoising_strength") if str(e).startswith(f)), "init_images")
+                return _error(422, str(e), field)
         try:
             rows = a1111.jobs_for(body, sampler, body.get("seed"), edit)
         except LdmExportError as e:  # a seed generate refuses, with its message
