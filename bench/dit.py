@@ -201,7 +201,10 @@ def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None)
             if name in ("torch-eager", "torch-compile"):
                 engines = torch_engines(bundle, modules, cfg.device, half, name == "torch-compile")
                 entry["precision"] = "fp16" if half else "fp32"
-            elif name in ("ort", "ort-nhwc"):
+            elif name == "ort-nhwc":  # not a second, identical row of the same engine
+                raise _Skip("on DiT bundles, ort is the runtime's engine (on CUDA its VAE decoder runs channels-last "
+                            "already); ort-nhwc is the U-Net bench's name for that")
+            elif name == "ort":
                 engines = ort_engines(bundle, cfg.device, cfg.threads, cfg.cuda_options)
                 entry["precision"] = bundle.precision(bundle.family.denoiser)
             else:
@@ -230,7 +233,10 @@ def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None)
         except _Skip as e:
             entry = {"skipped": str(e)}
         except Exception as e:  # one backend failing must not lose the others' numbers
-            log.exception("backend %s failed", name)
+            if isinstance(e, LdmExportError):  # a damaged bundle, a bad option: its one line, no traceback
+                log.error("backend %s failed: %s", name, e)
+            else:
+                log.exception("backend %s failed", name)
             entry = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
         finally:
             engines = pipe = None

@@ -471,8 +471,15 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
     if "unet" not in spec.configs:
         raise LdmExportError(f"bench of the DiT model '{spec.name}' runs over a bundle: build one with `ldm-export "
                              f"build --model {spec.name} ... --out DIR` and pass --bundle DIR")
+    if spec.unet["in_channels"] != spec.vae["latent_channels"]:
+        raise LdmExportError(f"bench times text to image, and {spec.name}'s UNet is an inpainting UNet "
+                             f"({spec.unet['in_channels']} input channels: latents, mask, masked-image latents); bench "
+                             "its text-to-image model, or time edits with `generate --init-image/--mask`")
     weights_info = bundle.manifest["weights"] if bundle else {"source": "random", "seed": cfg.seed}
     source = weights_info["source"]
+    if cfg.weights is not None and source in ("random", "embedded"):
+        log.warning("--weights %s is not used: the bundle was built from %s weights, which bench makes again",
+                    cfg.weights, source)
     if source == "random":
         loaded = load_weights(spec, None, random_weights=True, seed=weights_info.get("seed", cfg.seed))
     elif source == "embedded" or weights_info.get("path") is None:
@@ -593,7 +600,10 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
         except _Skip as e:
             entry = {"skipped": str(e)}
         except Exception as e:  # one backend failing must not lose the others' numbers; the error is reported
-            log.exception("backend %s failed", name)
+            if isinstance(e, LdmExportError):  # a damaged bundle, a bad option: its one line, no traceback
+                log.error("backend %s failed: %s", name, e)
+            else:
+                log.exception("backend %s failed", name)
             entry = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
         finally:  # a failed backend must not keep its device memory (the next backend's reading would be off)
             if b is not None:

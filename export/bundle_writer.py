@@ -59,6 +59,9 @@ def check_out_dir(out: Path, force: bool, weights: Path | None = None, source: P
         raise LdmExportError(f"{out} is not an ldm-export bundle (no {MANIFEST}) and not empty; --force replaces only "
                              "bundles and empty folders, so choose another --out")
     parent = out.parent
+    blocking = next((a for a in (parent, *parent.parents) if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise LdmExportError(f"--out {out} lies under {blocking}, which is a file, not a folder; choose another --out")
     if not parent.exists():
         try:
             parent.mkdir(parents=True)

@@ -230,7 +230,7 @@ class RtxEngineBytes:
 
 @contextlib.contextmanager
 def interrupts_held() -> Iterator[threading.Event]:
-    """Record Ctrl-C (SIGINT) while TensorRT builds and raise KeyboardInterrupt once the build call returns.
+    """Record Ctrl-C (SIGINT) or SIGTERM while TensorRT builds and raise KeyboardInterrupt once the build call returns.
 
     TensorRT calls our logger (and progress monitor) from native code; a KeyboardInterrupt raised inside such a
     callback is swallowed there, so the build went on and the interrupt was lost. The yielded event is set on SIGINT
@@ -245,10 +245,12 @@ def interrupts_held() -> Iterator[threading.Event]:
             print("interrupt: stopping the engine build (the engines already written stay)", file=sys.stderr, flush=True)
 
     old = signal.signal(signal.SIGINT, on_sigint)
+    old_term = signal.signal(signal.SIGTERM, on_sigint)  # `kill`, a job scheduler: the same clean stop as Ctrl-C
     try:
         yield interrupted
     finally:
         signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGTERM, old_term)
     if interrupted.is_set():
         raise KeyboardInterrupt
 

@@ -96,6 +96,7 @@ def _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e
 
     from ldm_export.bench.run import BenchConfig, markdown, run_bench
     from ldm_export.cli_common import console, out_console
+    from ldm_export.runtime.errors import LdmExportError
     from ldm_export.zoo import DEFAULT_MODEL
 
     cfg = BenchConfig(model=model or DEFAULT_MODEL, bundle=bundle, weights=weights, device=device, backends=names, steps=steps, repeats=repeats,
@@ -106,3 +107,8 @@ def _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e
         result = run_bench(cfg, lambda s: (status.update(escape(s)), console.print(f"  {escape(s)}")))
     out_console.print(markdown(result), soft_wrap=True)
     console.print(escape(f"wrote {out}/bench_{result['model']}_{result['device']}.json, .md, .png"), soft_wrap=True)
+    failed = {n: e["error"] for n, e in result["backends"].items() if "error" in e}
+    if failed:  # the others' numbers are in the report; the command still says it did not all work
+        name, error = next(iter(failed.items()))
+        raise LdmExportError(f"backend {name} failed: {error}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1
+                                                                   else "") + "; the report holds the other backends")

@@ -281,3 +281,23 @@ def test_bench_prints_an_out_path_with_brackets_as_it_is(tiny_bundle, tmp_path):
                 "--repeats", "1", "--e2e-repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(out))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert f"wrote {out}/bench_tiny_cpu.json" in r.stderr.replace("\n", "")
+
+
+@pytest.mark.skipif(not torch_available(), reason="needs torch and diffusers")
+def test_bench_refuses_inpainting_and_names_a_damaged_bundle_on_one_line_with_a_failing_exit(tiny_bundle, tmp_path):
+    """An inpainting bundle crashed in the PyTorch reference (9 input channels fed 4); a damaged bundle printed two
+    chained tracebacks and exited 0."""
+    import shutil
+
+    r = run_cli("bench", "--model", "tiny-inpaint", "--device", "cpu", "--steps", "1", "--repeats", "1",
+                "--backends", "torch-eager", "--out", str(tmp_path / "a"))
+    assert r.returncode == 2 and "is an inpainting UNet (9 input channels" in r.stderr and "Traceback" not in r.stderr
+    damaged = shutil.copytree(tiny_bundle, tmp_path / "damaged")
+    with open(damaged / "unet" / "model.onnx", "r+b") as f:
+        f.truncate(1000)
+    r = run_cli("bench", "--bundle", str(damaged), "--device", "cpu", "--backends", "torch-eager,ort", "--steps", "1",
+                "--repeats", "1", "--e2e-repeats", "1", "--warmup", "0", "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "backend ort failed: LdmExportError: cannot load" in r.stderr and "the report holds the other backends" in r.stderr
+    report = json.loads(next((tmp_path / "b").glob("*.json")).read_text())
+    assert "components" in report["backends"]["torch-eager"] and "error" in report["backends"]["ort"]

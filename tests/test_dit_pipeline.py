@@ -239,3 +239,17 @@ def test_a_cut_prompt_is_warned_about_once_and_unused_options_stay_out_of_the_me
     flux = Pipeline.from_bundle(built["tiny-flux"][0])
     image = flux(PROMPT, num_inference_steps=1, seed=0, guidance_rescale=0.7)[0]
     assert "Rescale" not in image.info["parameters"]
+
+
+def test_dit_bench_runs_ort_once_and_says_why_ort_nhwc_is_not_a_second_row(built, tmp_path):
+    """ort-nhwc ran the very engine ort runs and reported it as a second row."""
+    from conftest import run_cli
+
+    bundle, folder, _, _ = built["tiny-sd3"]
+    r = run_cli("bench", "--bundle", str(bundle), "--weights", str(folder), "--device", "cpu", "--backends",
+                "ort,ort-nhwc", "--steps", "1", "--repeats", "1", "--e2e-repeats", "1", "--warmup", "0",
+                "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert "components" in report["backends"]["ort"]
+    assert report["backends"]["ort-nhwc"]["skipped"].startswith("on DiT bundles, ort is the runtime's engine")

@@ -454,13 +454,38 @@ def test_ctrl_c_during_a_build_stops_it_and_keeps_the_earlier_engines(bundle_cop
         return _fake_plans(loader)
 
     before = signal.getsignal(signal.SIGINT)  # Python's default handler; SIG_IGN where the suite runs in the background
+    before_term = signal.getsignal(signal.SIGTERM)
     with pytest.raises(LdmExportError, match="interrupted while building unet; .* keeps the engines it had: text_encoder") as e:
         build_engines(bundle_copy, None, EngineOptions(), target=H100, serialize=swallowing)
     assert e.value.exit_code == 130
     folder = engines_root(bundle_copy) / H100.dirname
     assert sorted(p.name for p in folder.glob("*.plan")) == ["text_encoder.plan"]
     assert list(json.loads((folder / ENGINES_JSON).read_text())["engines"]) == ["text_encoder"]
-    assert signal.getsignal(signal.SIGINT) is before  # the build's own handler is gone
+    assert signal.getsignal(signal.SIGINT) is before  # the build's own handlers are gone
+    assert signal.getsignal(signal.SIGTERM) is before_term
+
+
+@needs_polygraphy
+def test_sigterm_stops_an_engine_build_as_ctrl_c_does(bundle_copy):
+    """SIGTERM (`kill`, a scheduler) killed `engines` with no message; now it stops as Ctrl-C does, keeping the
+    engines already written."""
+    import signal
+    import time
+
+    from ldm_export.export.tensorrt_build import EngineOptions, build_engines
+
+    def terminated(loader):
+        if loader._network.path.endswith("unet/model.onnx"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+        return _fake_plans(loader)
+
+    with pytest.raises(LdmExportError, match="interrupted while building unet") as e:
+        build_engines(bundle_copy, None, EngineOptions(), target=H100, serialize=terminated)
+    assert e.value.exit_code == 130
+    folder = engines_root(bundle_copy) / H100.dirname
+    assert sorted(p.name for p in folder.glob("*.plan")) == ["text_encoder.plan"]
+    assert list(json.loads((folder / ENGINES_JSON).read_text())["engines"]) == ["text_encoder"]
 
 
 @needs_polygraphy
