@@ -109,7 +109,11 @@ def validate(cfg: BuildConfig) -> ModelSpec:
         path = Path(cfg.weights).expanduser()
         spec = spec_from_folder(path) if path.is_dir() or is_pipeline_folder(path) else get_model(model_of_checkpoint(path))
     else:
-        spec = get_model(cfg.model)
+        try:
+            spec = get_model(cfg.model)
+        except LdmExportError as e:
+            raise LdmExportError(f"{e}; or {AUTO_MODEL}: the architecture the --weights say (a diffusers folder, a "
+                                 ".safetensors checkpoint)") from None
     if cfg.precision not in PRECISIONS + ("int8",):
         raise LdmExportError(f"unknown precision '{cfg.precision}'; choose one of: {', '.join(PRECISIONS + ('int8',))}")
     if cfg.precision == "int8":

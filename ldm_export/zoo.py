@@ -185,8 +185,7 @@ def get_model(name: str) -> ModelSpec:
     try:
         return MODELS[name]
     except KeyError:
-        raise LdmExportError(f"unknown model '{name}'; known models: {', '.join(sorted(MODELS))}, or {AUTO_MODEL} "
-                             "(the architecture of the diffusers folder given as --weights)") from None
+        raise LdmExportError(f"unknown model '{name}'; known models: {', '.join(sorted(MODELS))}") from None
 
 
 _SET_BY_CLASS = {"is_encoder_decoder", "use_cache"}  # config keys a class sets itself (T5EncoderModel: no decoder)
