@@ -107,7 +107,12 @@ def validate(cfg: BuildConfig) -> ModelSpec:
             raise LdmExportError(f"--model {AUTO_MODEL} reads the architecture from the weights: pass a diffusers "
                                  "pipeline folder or a single-file .safetensors checkpoint as --weights PATH")
         path = Path(cfg.weights).expanduser()
-        spec = spec_from_folder(path) if path.is_dir() or is_pipeline_folder(path) else get_model(model_of_checkpoint(path))
+        if path.is_dir() or is_pipeline_folder(path):
+            spec = spec_from_folder(path)
+        else:  # a single file names a zoo model: resolved once (build validates again), the bundle still named after it
+            cfg.out = cfg.resolved_out()
+            cfg.model = model_of_checkpoint(path)
+            spec = get_model(cfg.model)
     else:
         try:
             spec = get_model(cfg.model)
