@@ -152,11 +152,9 @@ def spec_from_folder(weights: Path | str) -> ModelSpec:
         scheduler = {k: v for k, v in raw.items() if k != "_diffusers_version"}
         if "_class_name" not in scheduler:
             scheduler = {"_class_name": reference.scheduler["_class_name"], **scheduler}
-    base = {"text_encoder": None, "unet": None}
-    main = {k: configs.pop(k) for k in ("text_encoder", "unet", "vae") if k in configs}
     spec = replace(reference, name=folder_model_name(folder), embedded_weights=None, params_m={},
                    description=f"{pipeline} from the folder '{folder_model_name(folder)}' ({fam.description})",
-                   **(base | main), extra_configs=configs, scheduler=scheduler)
+                   **ModelSpec.config_fields(configs), scheduler=scheduler)
     return replace(spec, resolution=_resolution(spec, reference),
                    max_length=_max_length(spec, reference))
 
@@ -164,18 +162,16 @@ def spec_from_folder(weights: Path | str) -> ModelSpec:
 def _resolution(spec: ModelSpec, reference: ModelSpec) -> int:
     """The default image side: the denoiser's sample size (in latents) times the VAE's factor; FLUX's transformer has
     none, so its VAE's sample size; else the reference model's."""
+    def side(config) -> int | None:  # a sample_size, or the larger of a (height, width) one
+        v = config.get("sample_size")
+        v = max(v) if isinstance(v, (list, tuple)) and v else v
+        return v if isinstance(v, int) and v > 0 else None
+
     configs = spec.configs
-    factor = spec.vae_scale_factor
-    denoiser = configs.get("unet") or configs.get("transformer") or {}
-    side = denoiser.get("sample_size")
-    if isinstance(side, (list, tuple)) and side:
-        side = max(side)
-    if isinstance(side, int) and side > 0:
-        return side * factor
-    vae_side = configs["vae"].get("sample_size")
-    if isinstance(vae_side, (list, tuple)) and vae_side:
-        vae_side = max(vae_side)
-    return vae_side if isinstance(vae_side, int) and vae_side > 0 else reference.resolution
+    latents = side(configs.get("unet") or configs.get("transformer") or {})
+    if latents is not None:
+        return latents * spec.vae_scale_factor
+    return side(configs["vae"]) or reference.resolution
 
 
 def _max_length(spec: ModelSpec, reference: ModelSpec) -> int:

@@ -44,6 +44,13 @@ class ModelSpec:
         base = {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
         return {k: v for k, v in (base | self.extra_configs).items() if v is not None}
 
+    @staticmethod
+    def config_fields(configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The inverse of ``configs``: the spec's config fields (``text_encoder``, ``unet``, ``vae``, None where
+        absent; ``extra_configs`` the rest) from every module's config by module name."""
+        rest = dict(configs)
+        return {**{k: rest.pop(k, None) for k in ("text_encoder", "unet", "vae")}, "extra_configs": rest}
+
     @property
     def components(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.family_def.exported())
@@ -208,10 +215,10 @@ def spec_of_bundle(bundle) -> ModelSpec:
             _same(configs.get(module, {}).get(k, "<absent>"), v)
             for module, config in zoo.configs.items() for k, v in config.items() if k not in _SET_BY_CLASS):
         return zoo  # a zoo model's bundle (a folder named like one, of other sizes, is not: its configs differ)
-    main = {k: configs.pop(k, None) for k in ("text_encoder", "unet", "vae")}
-    return ModelSpec(name=m["name"], family=m["family"], description=m.get("description", ""), **main,
-                     scheduler=dict(bundle.scheduler_config), resolution=int(m["resolution"]),
-                     max_length=int(m["max_length"]), extra_configs=configs, defaults=dict(m.get("defaults") or {}))
+    return ModelSpec(name=m["name"], family=m["family"], description=m.get("description", ""),
+                     **ModelSpec.config_fields(configs), scheduler=dict(bundle.scheduler_config),
+                     resolution=int(m["resolution"]), max_length=int(m["max_length"]),
+                     defaults=dict(m.get("defaults") or {}))
 
 
 def _demo_spec() -> ModelSpec:
