@@ -11,19 +11,16 @@ The report has the U-Net bench's table (its "UNet step" column is the transforme
 from __future__ import annotations
 
 import gc
-import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-
 from ldm_export.runtime.errors import LdmExportError
 
-from .run import (BenchConfig, Progress, _gpu_used_mb, _Skip, graphed, image_fidelity, profile_engines, stats, timed,
-                  write_reports)
+from .run import (BenchConfig, Progress, _gpu_used_mb, _Skip, failed_entry, graphed, image_fidelity, profile_engines,
+                  stats, timed, write_reports)
 
-log = logging.getLogger(__name__)
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 
@@ -233,11 +230,7 @@ def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None)
         except _Skip as e:
             entry = {"skipped": str(e)}
         except Exception as e:  # one backend failing must not lose the others' numbers
-            if isinstance(e, LdmExportError):  # a damaged bundle, a bad option: its one line, no traceback
-                log.error("backend %s failed: %s", name, e)
-            else:
-                log.exception("backend %s failed", name)
-            entry = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            entry = failed_entry(name, e)
         finally:
             engines = pipe = None
             gc.collect()

@@ -441,6 +441,16 @@ def host_step_overhead(scheduler_config: dict, steps: int, latents: np.ndarray, 
 
 # ---------------------------------------------------------------- the run
 
+def failed_entry(name: str, e: Exception) -> dict:
+    """A failed backend's report entry, logged: an LdmExportError (a damaged bundle, a bad option) as its one line,
+    anything else with its traceback."""
+    if isinstance(e, LdmExportError):
+        log.error("backend %s failed: %s", name, e)
+    else:
+        log.exception("backend %s failed", name)
+    return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
 def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
     """Run every backend of ``cfg`` on the same work; write bench.json, bench.md and a PNG chart to ``cfg.out``."""
     import torch
@@ -600,11 +610,7 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
         except _Skip as e:
             entry = {"skipped": str(e)}
         except Exception as e:  # one backend failing must not lose the others' numbers; the error is reported
-            if isinstance(e, LdmExportError):  # a damaged bundle, a bad option: its one line, no traceback
-                log.error("backend %s failed: %s", name, e)
-            else:
-                log.exception("backend %s failed", name)
-            entry = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            entry = failed_entry(name, e)
         finally:  # a failed backend must not keep its device memory (the next backend's reading would be off)
             if b is not None:
                 b.close()
