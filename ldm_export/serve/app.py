@@ -30,11 +30,13 @@ logger = logging.getLogger(__name__)
 
 
 # -- the replicas -----------------------------------------------------------------------------------------
-def _png(image, parameters: str) -> bytes:
+def _png(image, parameters: str | None = None) -> bytes:
+    """``image`` as PNG bytes, with A1111's ``parameters`` text chunk when given."""
     from PIL import PngImagePlugin
 
     meta = PngImagePlugin.PngInfo()
-    meta.add_text("parameters", parameters)
+    if parameters is not None:
+        meta.add_text("parameters", parameters)
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=meta)
     return buf.getvalue()
@@ -108,11 +110,11 @@ def _edit_arguments(job: a1111.Job) -> dict:
     from PIL import Image, ImageOps
 
     init = _flatten(Image.open(io.BytesIO(job.init_image)))
-    out = {"init_image": _Sent(_png_bytes(init), "in the request"), "strength": job.strength}
+    out = {"init_image": _Sent(_png(init), "in the request"), "strength": job.strength}
     mask = None
     if job.mask is not None:
         mask = Image.open(io.BytesIO(job.mask))
-        if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+        if _has_alpha(mask):
             alpha = mask.convert("RGBA").getchannel("A")
             if alpha.getextrema()[0] < 255:  # A1111's create_binary_mask: the alpha, rounded at 128 by mask_round
                 mask = alpha.point(lambda x: 255 if x > 128 else 0) if job.round_mask else alpha
@@ -125,14 +127,12 @@ def _edit_arguments(job: a1111.Job) -> dict:
     elif job.whole_mask:  # an inpainting UNet without a mask repaints the whole image, as A1111 conditions it
         mask = Image.new("L", init.size, 255)
     if mask is not None:
-        out.update(mask_image=_Sent(_png_bytes(mask), "in the request"), mask_blur=job.mask_blur)
+        out.update(mask_image=_Sent(_png(mask), "in the request"), mask_blur=job.mask_blur)
     return out
 
 
-def _png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+def _has_alpha(image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
 def _flatten(image):
@@ -145,7 +145,7 @@ def _flatten(image):
         return image
     if image.mode in ("I", "I;16", "I;16B", "I;16L"):
         return Image.fromarray((np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8)).convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if _has_alpha(image):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
