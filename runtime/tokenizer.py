@@ -12,12 +12,12 @@ ftfy is a dependency of the base install (OpenAI's clean-up is defined by it).
 from __future__ import annotations
 
 import contextlib
-
 import html
 import json
 import logging
 import re
 import shutil
+import threading
 import unicodedata
 from importlib import resources
 from pathlib import Path
@@ -87,26 +87,28 @@ def prompt_start(prompt: str, words: int = 6, chars: int = 60) -> str:
     return repr(start[:chars] + (" ..." if cut else ""))
 
 
-_SHARED_WARNINGS: list[set] = []  # while `one_warning_per_prompt` runs: the cuts warned about so far
+_SHARED_WARNINGS = threading.local()  # while `one_warning_per_prompt` runs in a thread: the cuts warned about so far
 
 
 @contextlib.contextmanager
 def one_warning_per_prompt():
     """Within the block, a prompt cut the same way by several CLIP tokenizers (SDXL's and SD3's two) is warned about
-    once."""
-    _SHARED_WARNINGS.append(set())
+    once. Per thread: a server's replica encodes in worker threads."""
+    outer = getattr(_SHARED_WARNINGS, "cuts", None)
+    _SHARED_WARNINGS.cuts = set()
     try:
         yield
     finally:
-        _SHARED_WARNINGS.pop()
+        _SHARED_WARNINGS.cuts = outer
 
 
 def _first_warning(key) -> bool:
-    if not _SHARED_WARNINGS:
+    cuts = getattr(_SHARED_WARNINGS, "cuts", None)
+    if cuts is None:
         return True
-    if key in _SHARED_WARNINGS[-1]:
+    if key in cuts:
         return False
-    _SHARED_WARNINGS[-1].add(key)
+    cuts.add(key)
     return True
 
 
