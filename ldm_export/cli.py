@@ -347,12 +347,14 @@ def _check_refiner(pipe, refine, width, height) -> None:
         raise LdmExportError(f"the base {pipe.bundle.path} samples by {kinds[flow(pipe)]} but the refiner "
                              f"{refine.bundle.path} by {kinds[flow(refine)]}; their latents mid-schedule differ, so "
                              "hand over between models of one kind (sdxl and sdxl-refiner)")
+    from ldm_export.runtime.editing import is_inpainting_unet
+
     for p, role in ((refine, "refiner"), (pipe, "base")):
-        channels = p.engines[p.family.denoiser].spec.inputs[0].shape[1]
-        if channels == 2 * p.latent_channels + 1:
-            raise LdmExportError(f"the {role} {p.bundle.path} is an inpainting UNet ({channels} input channels: latents, "
-                                 "mask, masked-image latents); a base + refiner hand-off runs text-to-image UNets "
-                                 "(sdxl and sdxl-refiner)")
+        spec = p.engines[p.family.denoiser].spec
+        if is_inpainting_unet(spec, p.latent_channels):
+            raise LdmExportError(f"the {role} {p.bundle.path} is an inpainting UNet ({spec.inputs[0].shape[1]} input "
+                                 "channels: latents, mask, masked-image latents); a base + refiner hand-off runs "
+                                 "text-to-image UNets (sdxl and sdxl-refiner)")
     refine._size(*pipe._size(width, height))
 
 

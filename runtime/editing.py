@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 ALPHA_CLASSES = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler")
 
 
+def is_inpainting_unet(denoiser_spec, latent_channels: int) -> bool:
+    """Whether a denoiser (its ComponentSpec) is a 9-channel inpainting UNet: its sample input takes the latents, the
+    mask and the masked image's latents (2C + 1 channels)."""
+    shape = denoiser_spec.inputs[0].shape
+    return len(shape) == 4 and isinstance(shape[1], int) and shape[1] == 2 * int(latent_channels) + 1
+
+
 def check_strength(strength) -> float:
     if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) or not 0 < strength <= 1:
         raise LdmExportError(f"strength must be a number in (0, 1] (1 repaints everything), got {strength!r}")

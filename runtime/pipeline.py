@@ -427,10 +427,9 @@ class Pipeline:
 
     def _edit_inputs(self, init_image, strength, mask_image, mask_blur, width, height, denoising_start, check_size=None):
         """Load and check the init image and mask of an editing request; None for text to image."""
-        from .editing import EditInputs, check_strength
+        from .editing import EditInputs, check_strength, is_inpainting_unet
 
-        in_channels = self.engines[self.family.denoiser].spec.inputs[0].shape[1]
-        inpaint_unet = isinstance(in_channels, int) and in_channels == 2 * self.latent_channels + 1
+        inpaint_unet = is_inpainting_unet(self.engines[self.family.denoiser].spec, self.latent_channels)
         if init_image is None:
             if mask_image is not None:
                 raise LdmExportError("a mask needs an init image to inpaint: give --init-image too")

@@ -214,6 +214,7 @@ class Ingress:
 
     def __init__(self, generator, config: dict):
         from ldm_export.runtime.bundle import Bundle
+        from ldm_export.runtime.editing import is_inpainting_unet
         from ldm_export.runtime.schedulers import resolve_scheduler, sampler_names
         from ldm_export.runtime.schedulers import DEFAULTS
 
@@ -228,8 +229,7 @@ class Ingress:
         self.model_sha256 = next((f["sha256"] for f in bundle.manifest["files"].values()
                                   if f["sha256"].startswith(self.model_hash)), None)
         self.model_title = f"{self.model_name} [{self.model_hash}]"
-        denoiser = bundle.spec(bundle.family.denoiser).inputs[0].shape
-        self.inpainting_unet = len(denoiser) == 4 and denoiser[1] == 2 * int(bundle.model["latent_channels"]) + 1
+        self.inpainting_unet = is_inpainting_unet(bundle.spec(bundle.family.denoiser), bundle.model["latent_channels"])
         self.edits = bundle.family.encoder in bundle.components  # a VAE encoder: the bundle edits images
         self.family_edits = any(c.name == bundle.family.encoder for c in bundle.family.components)
         self.family_name = bundle.family.name
