@@ -18,8 +18,8 @@ import numpy as np
 
 from ldm_export.runtime.errors import LdmExportError
 
-from .run import (BenchConfig, Progress, _gpu_used_mb, _Skip, failed_entry, graphed, image_fidelity, profile_engines,
-                  stats, timed, write_reports)
+from .run import (BenchConfig, Progress, _gpu_used_mb, _Skip, failed_entry, fp32_components, graphed, image_fidelity,
+                  parse_backend, precision_label, profile_engines, stats, timed, write_reports)
 
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
@@ -61,15 +61,16 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def torch_engines(bundle, modules, device: str, half: bool, compile: bool) -> dict:
+def torch_engines(bundle, modules, device: str, half: bool, compile: bool, keep_fp32=()) -> dict:
+    """The bundle's components as wrapped torch modules, fp16 where ``half`` except ``keep_fp32``."""
     import torch
 
     from ldm_export.export import models as M
 
     family = bundle.family
-    dtype = torch.float16 if half else torch.float32
     engines = {}
     for c in bundle.components:
+        dtype = torch.float16 if half and c not in keep_fp32 else torch.float32
         wrapper = M.wrap(c, modules, family).to(device, dtype).eval()
         if compile:
             wrapper = torch.compile(wrapper)
@@ -186,6 +187,9 @@ def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None)
     del ref
     gc.collect()
     half = cfg.device == "cuda"
+    # the same work: a component the bundle keeps fp32 (the SD3/FLUX VAE decoder, by its force_upcast) runs fp32 in
+    # the PyTorch backends too (diffusers' own SD3 and FLUX pipelines decode in fp16: docs/dit.md)
+    keep_fp32 = fp32_components(bundle, bundle.components) if half else ()
     for name in cfg.backends:
         progress(f"{name}: loading")
         entry: dict = {}
@@ -195,14 +199,17 @@ def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None)
                 torch.cuda.reset_peak_memory_stats()
             base_mb = _gpu_used_mb() if cfg.device == "cuda" else None
             t0 = time.perf_counter()
-            if name in ("torch-eager", "torch-compile"):
-                engines = torch_engines(bundle, modules, cfg.device, half, name == "torch-compile")
-                entry["precision"] = "fp16" if half else "fp32"
-            elif name == "ort-nhwc":  # not a second, identical row of the same engine
+            base, own_options = parse_backend(name)
+            if own_options:
+                entry["cuda_options"] = own_options
+            if base in ("torch-eager", "torch-compile"):
+                engines = torch_engines(bundle, modules, cfg.device, half, base == "torch-compile", keep_fp32)
+                entry["precision"] = precision_label("fp16" if half else "fp32", keep_fp32)
+            elif base == "ort-nhwc":  # not a second, identical row of the same engine
                 raise _Skip("on DiT bundles, ort is the runtime's engine (on CUDA its VAE decoder runs channels-last "
                             "already); ort-nhwc is the U-Net bench's name for that")
-            elif name == "ort":
-                engines = ort_engines(bundle, cfg.device, cfg.threads, cfg.cuda_options)
+            elif base == "ort":
+                engines = ort_engines(bundle, cfg.device, cfg.threads, {**cfg.cuda_options, **own_options})
                 entry["precision"] = bundle.precision(bundle.family.denoiser)
             else:
                 raise _Skip(f"backend {name} is not built for DiT bundles (torch-eager, torch-compile, ort)")
@@ -210,9 +217,9 @@ def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None)
             pipe = Pipeline(bundle, engines)
             progress(f"{name}: components")
             entry["components"], first = time_components(pipe, cfg.repeats, cfg.warmup, cfg.guidance_scale, cfg.device)
-            if name == "torch-compile":
+            if base == "torch-compile":
                 entry["compile_s"] = first
-            if name.startswith("ort") and cfg.profile and cfg.device == "cuda":
+            if base.startswith("ort") and cfg.profile and cfg.device == "cuda":
                 progress(f"{name}: profile")
                 entry.update(_profile(engines, bundle.family.denoiser))
             progress(f"{name}: end to end")
@@ -220,12 +227,12 @@ def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None)
             runs = [end_to_end(pipe, latents, cfg.steps, cfg.guidance_scale, cfg.device) for _ in range(cfg.e2e_repeats)]
             entry["end_to_end"] = stats([s for _, s in runs])
             entry["fidelity"] = image_fidelity(runs[-1][0], ref_image)
-            if name.startswith("ort") and cfg.device == "cuda":
+            if base.startswith("ort") and cfg.device == "cuda":
                 entry["cuda_graphs"] = graphed(engines)
             if cfg.device == "cuda":
                 torch_mb = torch.cuda.max_memory_allocated() / 2**20
                 used = _gpu_used_mb()
-                entry["gpu_memory_peak_mb"] = torch_mb if name.startswith("torch") else \
+                entry["gpu_memory_peak_mb"] = torch_mb if base.startswith("torch") else \
                     (used - base_mb if used is not None and base_mb is not None else None)
         except _Skip as e:
             entry = {"skipped": str(e)}

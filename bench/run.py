@@ -25,7 +25,28 @@ from ldm_export.runtime.errors import LdmExportError
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch-eager", "torch-compile", "ort", "ort-nhwc", "ort-int8", "tensorrt")
+OPTION_BACKENDS = ("ort", "ort-nhwc", "ort-int8")  # ONNX Runtime CUDA engines: take per-backend provider options
 Progress = Callable[[str], None]
+
+
+def parse_backend(name: str) -> tuple[str, dict[str, str]]:
+    """``ort-nhwc:fuse_conv_bias=1:sdpa_kernel=1`` -> ("ort-nhwc", {"fuse_conv_bias": "1", "sdpa_kernel": "1"}): one
+    ONNX Runtime backend with its own CUDA provider options (over --cuda-option's), so that variants of the engine run
+    side by side in one bench; a plain name has none."""
+    base, *parts = [p.strip() for p in name.split(":")]
+    if base not in BACKENDS:
+        raise LdmExportError(f"unknown backend {base!r}; choose from {', '.join(BACKENDS)}")
+    if parts and base not in OPTION_BACKENDS:
+        raise LdmExportError(f"backend {name!r}: only {', '.join(OPTION_BACKENDS)} take CUDA provider options "
+                             "(NAME:KEY=VALUE[:KEY=VALUE])")
+    options = {}
+    for p in parts:
+        key, eq, value = p.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise LdmExportError(f"backend {name!r}: write its CUDA provider options as {base}:KEY=VALUE[:KEY=VALUE], "
+                                 f"e.g. {base}:fuse_conv_bias=1")
+        options[key.strip()] = value.strip()
+    return base, options
 
 
 @dataclass
@@ -161,7 +182,7 @@ def _components(family) -> list[str]:
 class TorchBackend(_Backend):
     """diffusers/transformers modules on ``device``; ``compile`` wraps each component in torch.compile (default mode)."""
 
-    def __init__(self, modules: dict, device: str, dtype: str, compile: bool = False, spec=None):
+    def __init__(self, modules: dict, device: str, dtype: str, compile: bool = False, spec=None, keep_fp32=()):
         import torch
 
         from ldm_export.export import models as M
@@ -169,16 +190,20 @@ class TorchBackend(_Backend):
         self.torch = torch
         self.device = torch.device(device)
         self.dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
-        self.precision = dtype
+        keep_fp32 = [c for c in keep_fp32 if dtype != "fp32"]
+        self.precision = precision_label(dtype, keep_fp32)
         self.name = "torch-compile" if compile else "torch-eager"
         self.family = spec.family_def
         self.denoiser = self.family.denoiser
         self.specs = spec.component_specs()
         self.configs = spec.configs
-        if dtype == "fp32" and self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-        self.w = {c: M.wrap(c, modules, self.family).to(self.device, self.dtype).eval() for c in _components(self.family)}
+        if self.device.type == "cuda":  # process-wide flags: each backend sets them for itself before it runs
+            # an fp32 backend is the fidelity reference: true fp32. An fp16 backend's fp32 components (keep_fp32) use
+            # TF32, as ONNX Runtime's CUDA provider does for the bundle's fp32 graphs (its use_tf32 default)
+            torch.backends.cuda.matmul.allow_tf32 = dtype != "fp32"
+            torch.backends.cudnn.allow_tf32 = dtype != "fp32"
+        self.dtypes = {c: torch.float32 if c in keep_fp32 else self.dtype for c in _components(self.family)}
+        self.w = {c: M.wrap(c, modules, self.family).to(self.device, self.dtypes[c]).eval() for c in _components(self.family)}
         self.compile_s = None
         if compile:
             self.w = {c: torch.compile(m) for c, m in self.w.items()}
@@ -191,21 +216,21 @@ class TorchBackend(_Backend):
     def _t(self, a, dtype=None):
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype or self.dtype)
 
-    def _input(self, tensor_spec, a):
+    def _input(self, tensor_spec, a, dtype):
         torch = self.torch
         if tensor_spec.dtype.startswith("int"):
             return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
         if tensor_spec.name == "timestep":  # fp32: fp16 cannot hold fractional timesteps near 1000
             return torch.tensor(float(np.asarray(a).reshape(-1)[0]), device=self.device, dtype=torch.float32)
-        cached = self._cache.get(tensor_spec.name)
+        cached = self._cache.get((tensor_spec.name, dtype))
         if cached is not None and cached[0] is a:  # conditioning stays on the device for one image
             return cached[1]
-        t = self._t(a)
-        self._cache[tensor_spec.name] = (a, t)
+        t = self._t(a, dtype)
+        self._cache[(tensor_spec.name, dtype)] = (a, t)
         return t
 
     def device_feeds(self, component: str, feeds: dict) -> list:
-        return [self._input(t, feeds[t.name]) for t in self.specs[component].inputs]
+        return [self._input(t, feeds[t.name], self.dtypes[component]) for t in self.specs[component].inputs]
 
     def run(self, component, feeds):
         with self.torch.inference_mode():
@@ -364,14 +389,34 @@ def profile_engines(engines, components, runs: int = 5) -> dict:
     return {c: profile_kernels(engines[c].replay, runs) for c in components}
 
 
+def fp32_components(bundle, components) -> tuple[str, ...]:
+    """The components ``bundle`` keeps in fp32 (SDXL's VAE decoder by its ``force_upcast``; a whole fp32 bundle): the
+    PyTorch backends run those in fp32 too on a GPU. Without a bundle, none."""
+    if bundle is None:
+        return ()
+    return tuple(c for c in components if c in bundle.components and bundle.precision(c) == "fp32")
+
+
+def precision_label(dtype: str, keep_fp32) -> str:
+    """"fp16", or "fp16 (vae_decoder fp32)" where some components run in fp32."""
+    return f"{dtype} ({', '.join(keep_fp32)} fp32)" if keep_fp32 and dtype != "fp32" else dtype
+
+
 def check_device_options(device: str, cuda_options, profile: bool, backends) -> None:
     """Options that mean nothing on this device or without an ort backend: refused before any work (the CLI calls
     this before it builds a bundle for the bench), instead of ignored."""
     if cuda_options and device != "cuda":
         raise LdmExportError("--cuda-option sets ONNX Runtime CUDA provider options; it needs --device cuda")
+    parsed = [parse_backend(b) for b in backends]
+    if device != "cuda" and any(opts for _, opts in parsed):
+        raise LdmExportError(f"backend {next(b for b, (_, o) in zip(backends, parsed) if o)!r} sets ONNX Runtime CUDA "
+                             "provider options; they need --device cuda")
+    names = [b for b, _ in parsed]
+    if len(set(backends)) != len(backends):
+        raise LdmExportError(f"--backends names {next(b for b in backends if list(backends).count(b) > 1)!r} twice")
     if profile and device != "cuda":
         raise LdmExportError("--profile records the GPU kernels of the ort backends; it needs --device cuda")
-    if profile and not any(b in ("ort", "ort-nhwc") for b in backends):
+    if profile and not any(b in ("ort", "ort-nhwc") for b in names):
         raise LdmExportError("--profile records the kernels of the ort backends: add ort (or ort-nhwc) to --backends")
 
 
@@ -475,7 +520,7 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
         from .dit import run_dit_bench
 
         return run_dit_bench(cfg, bundle, progress)
-    if "ort-int8" in cfg.backends:
+    if "ort-int8" in [parse_backend(b)[0] for b in cfg.backends]:
         _check_int8_bundle(cfg, bundle)
     spec = spec_of_bundle(bundle) if bundle else get_model(cfg.model)
     if "unet" not in spec.configs:
@@ -549,24 +594,31 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
     result["host_step_overhead_ms"] = host_step_overhead(scheduler_config, cfg.steps, latents, cond_ref, cfg.guidance_scale)
 
     half = "fp16" if cfg.device == "cuda" else "fp32"
+    # the same work: the PyTorch backends run a component in fp32 where the bundle keeps it fp32 (SDXL's VAE decoder,
+    # which diffusers' SDXL pipeline upcasts too), not in a cheaper precision than the engine they are compared with
+    keep_fp32 = fp32_components(bundle, _components(spec.family_def)) if half == "fp16" else ()
     for name in cfg.backends:
         progress(f"{name}: loading")
         entry: dict = {}
         b = None
         try:
-            if name in ("torch-eager", "torch-compile"):
-                b = TorchBackend(modules, cfg.device, half, compile=name == "torch-compile", spec=spec)
-            elif name in ("ort", "ort-nhwc"):
-                if name == "ort-nhwc" and cfg.device != "cuda":
+            base, own_options = parse_backend(name)
+            cuda_options = {**cfg.cuda_options, **own_options}
+            if own_options:
+                entry["cuda_options"] = own_options
+            if base in ("torch-eager", "torch-compile"):
+                b = TorchBackend(modules, cfg.device, half, compile=base == "torch-compile", spec=spec, keep_fp32=keep_fp32)
+            elif base in ("ort", "ort-nhwc"):
+                if base == "ort-nhwc" and cfg.device != "cuda":
                     raise _Skip("channels-last convolutions are a CUDA provider option")
-                b = OrtBackend(cfg.bundle, cfg.device, cfg.threads, prefer_nhwc=name == "ort-nhwc",
-                               cuda_options=cfg.cuda_options)
+                b = OrtBackend(cfg.bundle, cfg.device, cfg.threads, prefer_nhwc=base == "ort-nhwc",
+                               cuda_options=cuda_options)
                 entry["load_s"] = b.load_s
-            elif name == "ort-int8":
-                b = OrtBackend(cfg.int8_bundle, cfg.device, cfg.threads, cuda_options=cfg.cuda_options)
+            elif base == "ort-int8":
+                b = OrtBackend(cfg.int8_bundle, cfg.device, cfg.threads, cuda_options=cuda_options)
                 b.name = "ort-int8"
                 entry["load_s"] = b.load_s
-            elif name == "tensorrt":
+            elif base == "tensorrt":
                 if cfg.device != "cuda":
                     raise _Skip("TensorRT engines run on a CUDA GPU: use --device cuda")
                 if cfg.bundle is None:
@@ -599,9 +651,9 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
             entry["end_to_end_host_per_step_ms"] = float(np.median([(r["loop_s"] - r["unet_s"]) for r in runs])) / cfg.steps * 1e3
             entry["fidelity"] = image_fidelity(image, ref_image)
             entry["gpu_memory_peak_mb"] = b.memory_mb()
-            if name.startswith("ort") and cfg.device == "cuda":
+            if base.startswith("ort") and cfg.device == "cuda":
                 entry["cuda_graphs"] = graphed(b.engines)
-            if name.startswith("ort") and cfg.profile and cfg.device == "cuda":
+            if base.startswith("ort") and cfg.profile and cfg.device == "cuda":
                 progress(f"{name}: profile")
                 try:
                     entry["profile"] = b.profile()

@@ -19,7 +19,9 @@ from ldm_export.cli_common import _guard
               help="The weights a --bundle was built from, for the PyTorch backends (bundles keep no build-machine paths).")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
 @click.option("--backends", default="torch-eager,torch-compile,ort,tensorrt", show_default=True,
-              help="Comma-separated: torch-eager, torch-compile, ort, ort-nhwc, ort-int8 (needs --int8-bundle), tensorrt.")
+              help="Comma-separated: torch-eager, torch-compile, ort, ort-nhwc, ort-int8 (needs --int8-bundle), tensorrt. "
+                   "An ort backend may carry its own CUDA provider options, so that variants run side by side: "
+                   "ort-nhwc:fuse_conv_bias=1 or ort-nhwc:sdpa_kernel=1:fuse_conv_bias=1.")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="A LoRA the --bundle holds (build --lora / ldm-export lora), for the PyTorch backends and the "
                    "fidelity reference; repeat in the bundle's order (a bundle keeps only their names).")
@@ -42,14 +44,14 @@ def bench(model, bundle, loras, int8_bundle, weights, device, backends, steps, r
           threads, profile, cuda_options, out):
     """Time text encoder, UNet step, VAE decode and end to end on each backend; write JSON, markdown and a chart."""
     from ldm_export.cli_common import console, out_console
-    from ldm_export.bench.run import BACKENDS
+    from ldm_export.bench.run import parse_backend
     from ldm_export.runtime.errors import LdmExportError
 
     names = tuple(b.strip() for b in backends.split(",") if b.strip())
-    unknown = [b for b in names if b not in BACKENDS]
-    if unknown:
-        raise LdmExportError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
-    if int8_bundle is not None and "ort-int8" not in names:  # it would be ignored, and no int8 row come out
+    if not names:
+        raise LdmExportError("--backends names no backend; e.g. --backends torch-eager,ort")
+    bases = [parse_backend(b)[0] for b in names]  # an unknown name or a malformed option fails here, before any work
+    if int8_bundle is not None and "ort-int8" not in bases:  # it would be ignored, and no int8 row come out
         raise LdmExportError("--int8-bundle is timed by the ort-int8 backend: add it to --backends "
                              "(e.g. --backends ort,ort-int8), or leave --int8-bundle out")
     if steps < 1 or repeats < 1 or e2e_repeats < 1:

@@ -301,3 +301,94 @@ def test_bench_refuses_inpainting_and_names_a_damaged_bundle_on_one_line_with_a_
     assert "backend ort failed: LdmExportError: cannot load" in r.stderr and "the report holds the other backends" in r.stderr
     report = json.loads(next((tmp_path / "b").glob("*.json")).read_text())
     assert "components" in report["backends"]["torch-eager"] and "error" in report["backends"]["ort"]
+
+
+def test_backend_variants_carry_their_own_cuda_provider_options():
+    from ldm_export.bench.run import check_device_options, parse_backend
+
+    assert parse_backend("ort-nhwc") == ("ort-nhwc", {})
+    assert parse_backend("ort-nhwc:fuse_conv_bias=1:sdpa_kernel=1") == ("ort-nhwc", {"fuse_conv_bias": "1", "sdpa_kernel": "1"})
+    for bad, want in [("onnx:x=1", "unknown backend 'onnx'"), ("torch-eager:x=1", "only ort, ort-nhwc, ort-int8 take"),
+                      ("ort:fuse_conv_bias", "ort:KEY=VALUE"), ("ort:=1", "ort:KEY=VALUE"), ("ort:k=", "ort:KEY=VALUE")]:
+        with pytest.raises(LdmExportError, match=want):
+            parse_backend(bad)
+    with pytest.raises(LdmExportError, match="they need --device cuda"):
+        check_device_options("cpu", {}, False, ("torch-eager", "ort:fuse_conv_bias=1"))
+    with pytest.raises(LdmExportError, match="names 'ort' twice"):
+        check_device_options("cuda", {}, False, ("ort", "torch-eager", "ort"))
+    check_device_options("cuda", {}, True, ("ort-nhwc:fuse_conv_bias=1", "ort-nhwc"))  # variants side by side: fine
+
+
+def test_cli_refuses_bad_backend_variants_before_any_work(tmp_path):
+    for backends, want in [("torch-compile:mode=max-autotune", "only ort, ort-nhwc, ort-int8 take"),
+                           ("ort-nhwc:fuse_conv_bias", "ort-nhwc:KEY=VALUE"),
+                           ("ort,ort:fuse_conv_bias=1", "they need --device cuda"),
+                           (",", "names no backend")]:
+        r = run_cli("bench", "--model", "tiny", "--device", "cpu", "--backends", backends, "--out", str(tmp_path / "o"))
+        assert r.returncode == 2 and want in r.stderr and "Traceback" not in r.stderr, (backends, r.stderr)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch_available(), reason="needs torch and diffusers")
+def test_ort_variants_run_side_by_side_each_with_its_options(tiny_bundle, tmp_path, monkeypatch):
+    """Two rows of one ONNX Runtime backend in one run, each engine opened with the run's --cuda-option and its own
+    options over them (the provider options are recorded here: a CPU has no CUDA provider to take them)."""
+    import ldm_export.bench.run as R
+    from ldm_export.bench.run import BenchConfig, run_bench
+
+    opened = []
+
+    class Recording(R.OrtBackend):
+        def __init__(self, path, device, threads=None, prefer_nhwc=False, cuda_options=None, native_tensorrt=False):
+            opened.append(dict(cuda_options or {}))
+            super().__init__(path, device, threads, prefer_nhwc)
+
+    monkeypatch.setattr(R, "OrtBackend", Recording)
+    monkeypatch.setattr(R, "check_device_options", lambda *a: None)  # the CPU would refuse provider options
+    cfg = BenchConfig(model="tiny", bundle=tiny_bundle, device="cpu", backends=("ort", "ort:fuse_conv_bias=1:sdpa_kernel=8"),
+                      steps=1, repeats=1, e2e_repeats=1, warmup=0, threads=1, out=tmp_path,
+                      cuda_options={"fuse_conv_bias": "0", "tunable_op_enable": "1"})
+    result = run_bench(cfg)
+    assert opened == [{"fuse_conv_bias": "0", "tunable_op_enable": "1"},
+                      {"fuse_conv_bias": "1", "tunable_op_enable": "1", "sdpa_kernel": "8"}]
+    rows = result["backends"]
+    assert list(rows) == ["ort", "ort:fuse_conv_bias=1:sdpa_kernel=8"]
+    assert rows["ort:fuse_conv_bias=1:sdpa_kernel=8"]["cuda_options"] == {"fuse_conv_bias": "1", "sdpa_kernel": "8"}
+    assert "cuda_options" not in rows["ort"] and all("end_to_end" in e for e in rows.values())
+    assert "| ort:fuse_conv_bias=1:sdpa_kernel=8 | fp32 |" in (tmp_path / "bench_tiny_cpu.md").read_text()
+
+
+@pytest.mark.skipif(not torch_available(), reason="needs torch")
+def test_torch_backends_run_in_fp32_what_the_bundle_keeps_fp32(tiny_bundle):
+    """The same work: SDXL's bundle keeps its VAE decoder fp32 (force_upcast), so the fp16 PyTorch rows decode in fp32
+    too, as diffusers' SDXL pipeline does, instead of timing a cheaper decoder than the engine's."""
+    import torch
+
+    from ldm_export.bench.run import TorchBackend, fp32_components, precision_label
+    from ldm_export.export.weights import load_weights
+    from ldm_export.runtime.bundle import Bundle
+    from ldm_export.zoo import get_model
+
+    class Kept:  # a bundle whose decoder alone is fp32
+        components = ("text_encoder", "unet", "vae_decoder")
+
+        def precision(self, c):
+            return "fp32" if c == "vae_decoder" else "fp16"
+
+    comps = ["text_encoder", "unet", "vae_decoder"]
+    assert fp32_components(Kept(), comps) == ("vae_decoder",)
+    assert fp32_components(None, comps) == ()
+    assert fp32_components(Bundle.open(tiny_bundle), comps) == tuple(comps)  # an fp32 bundle: all of it
+    assert precision_label("fp16", ("vae_decoder",)) == "fp16 (vae_decoder fp32)"
+    assert precision_label("fp32", ("vae_decoder",)) == "fp32"
+
+    spec = get_model("tiny")
+    modules = load_weights(spec, None, random_weights=True, seed=0).modules
+    b = TorchBackend(modules, "cpu", "fp16", spec=spec, keep_fp32=("vae_decoder",))
+    assert b.precision == "fp16 (vae_decoder fp32)"
+    assert {p.dtype for p in b.w["vae_decoder"].parameters()} == {torch.float32}
+    assert {p.dtype for p in b.w["unet"].parameters()} == {torch.float16}
+    side, ch = spec.latent_side, spec.vae["latent_channels"]
+    image = b.vae(np.random.default_rng(0).standard_normal((1, ch, side, side)).astype(np.float32))
+    assert image.dtype == np.float32 and np.isfinite(image).all()

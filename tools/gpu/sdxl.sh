@@ -5,7 +5,9 @@
 #    /usr/bin/time -v, per-component precision, fused kernels and verification cosines from the manifest.
 # 2. bench: `ldm-export bench` with torch-eager, torch-compile and ort-nhwc (the runtime's CUDA engine: static
 #    shapes, CUDA graphs, channels-last, fused kernels) side by side in one run, 30 steps, Euler, CFG 7.5.
-#    Targets: UNet step <= 30 ms; end to end >= 1.4x torch-compile and >= 2x eager.
+#    Targets: UNet step <= 30 ms; end to end >= 1.4x torch-compile and >= 2x eager. Beside ort-nhwc, three variants of
+#    its CUDA provider options (BACKENDS= overrides the list; PROFILE=1 adds --profile). The PyTorch backends decode
+#    in fp32, as the bundle and diffusers' SDXL pipeline do.
 # Needs onnxruntime-gpu and diffusers importable (PYTHONPATH=/tmp/site, as tools/gpu/session.sh installs them). Writes build.log,
 # build_summary.json, bench.log and bench_sdxl_cuda.{json,md,png} to $OUT. Budget: about 12 minutes (on an H100 with 16
 # cores: build 7 min 16 s beside two other jobs, 52 GB peak RSS; bench 4.5 min, 155 s of it compiling); hard timeouts.
@@ -38,8 +40,13 @@ PY
 [ "${STAGE:-all}" = build ] && exit 0
 t1=$(date +%s)
 BA=""; BK=torch-eager,torch-compile
-[ -f $B/ldm_export.json ] && { BA="--bundle $B"; BK=${BACKENDS:-torch-eager,torch-compile,ort-nhwc}; }
+# the runtime's engine, then variants of its CUDA provider options side by side in the same run: cuDNN's conv+bias
+# runtime fusion (off by default for the first image's sake: docs/gpu.md) and ONNX Runtime's own flash attention in
+# place of cuDNN's (sdpa_kernel=1)
+V=ort-nhwc,ort-nhwc:fuse_conv_bias=1,ort-nhwc:sdpa_kernel=1,ort-nhwc:fuse_conv_bias=1:sdpa_kernel=1
+[ -f $B/ldm_export.json ] && { BA="--bundle $B"; BK=${BACKENDS:-torch-eager,torch-compile,$V}; }
+[ -n "${PROFILE:-}" ] && BA="$BA --profile"
 [ -z "$BA" ] && echo "no bundle (build failed or timed out): benching the PyTorch backends alone" | tee "$OUT/bench.log"
-timeout ${BENCH_TIMEOUT:-420} python3 -m ldm_export.cli bench $BA --model sdxl --device cuda --backends $BK --steps 30 \
+timeout ${BENCH_TIMEOUT:-560} python3 -m ldm_export.cli bench $BA --model sdxl --device cuda --backends $BK --steps 30 \
   --repeats ${REPEATS:-5} --e2e-repeats ${E2E_REPEATS:-1} --warmup 2 --out "$OUT" 2>&1 | grep --line-buffered -v Warning | tee -a "$OUT/bench.log"
 echo "bench exit ${PIPESTATUS[0]} after $(( $(date +%s) - t1 )) s; total $(( $(date +%s) - t0 )) s" | tee -a "$OUT/bench.log"

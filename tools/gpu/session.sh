@@ -5,7 +5,7 @@
 #   bash tools/gpu/session.sh status             print each step's state and log tail; copy every log to $OUT
 # Steps run the per-topic scripts of tools/gpu/ with OUT=/tmp/gpu/STEP and SD15_BUNDLE=/tmp/sd15-cuda-fp16.
 # Step names: sd15 (build the static fp16 cuda SD 1.5 bundle), first_image, tensorrt, int8 (int8_build, int8_probe),
-# serve, sdxl (sdxl_build, sdxl_bench), sd3 (sd3_build, sd3_bench), flux, flux_fused, dit_smoke (tiny DiTs on CUDA);
+# serve, sdxl (sdxl_build, sdxl_bench), gpu_tests (the GPU-only tests, light), sd3 (sd3_build, sd3_bench), flux, flux_fused, dit_smoke (tiny DiTs on CUDA);
 # "a+b" runs a and b at the same time (builds that load the CPU while the GPU is idle); "STEP@N" runs a step on
 # GPU N alone (CUDA_VISIBLE_DEVICES=N) on a machine with several GPUs.
 #   bash tools/gpu/session.sh chains "a@0 b@0" "c@1 d@1"   runs each quoted chain in order, the chains side by side
@@ -24,7 +24,7 @@ run_step() {
   # steps side by side share the host's cores: each gets its share of threads. Two SDXL/SD3 builds that each took
   # every core ran their CPU phases 3-8x slower than alone (CLIP-G export 139 s there against 16 s on a 2-core CPU).
   # a light step (dit_smoke: tiny models) takes 2 threads and leaves the rest to the heavy step beside it
-  if [ "$s" = dit_smoke ]; then export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
+  if [ "$s" = dit_smoke ] || [ "$s" = gpu_tests ]; then export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
   elif [ "${SESSION_PAR:-1}" -gt 1 ]; then
     local share=$(( ($(nproc) - 2 * ${SESSION_LIGHT:-0}) / SESSION_PAR )); export OMP_NUM_THREADS=$share MKL_NUM_THREADS=$share
   fi
@@ -58,7 +58,7 @@ case "$1" in
     ;;
   start)
     shift
-    setsid bash -c "for s in $*; do if [[ \$s == *+* ]]; then x=\${s//+/ }; set -- \$x; export SESSION_LIGHT=0; [[ +\$s+ == *+dit_smoke+* ]] && SESSION_LIGHT=1; export SESSION_PAR=\$(( \$# - SESSION_LIGHT )); for x in \${s//+/ }; do bash $0 one \$x & done; wait; else SESSION_PAR=1 bash $0 one \$s; fi; done; echo all-done > $G/ALL" \
+    setsid bash -c "for s in $*; do if [[ \$s == *+* ]]; then x=\${s//+/ }; set -- \$x; export SESSION_LIGHT=0; [[ +\$s+ == *+dit_smoke+* || +\$s+ == *+gpu_tests+* ]] && SESSION_LIGHT=1; export SESSION_PAR=\$(( \$# - SESSION_LIGHT )); for x in \${s//+/ }; do bash $0 one \$x & done; wait; else SESSION_PAR=1 bash $0 one \$s; fi; done; echo all-done > $G/ALL" \
       > $G/session.log 2>&1 < /dev/null &
     echo $! > /tmp/gpu-session.pid
     echo started "$@"
