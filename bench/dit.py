@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -90,17 +91,17 @@ def ort_engines(bundle, device: str, threads: int | None, cuda_options) -> dict:
 
 
 def time_components(pipe, repeats: int, warmup: int, guidance_scale: float, device: str) -> tuple[dict, float]:
-    """Text encoders (batch 2), one transformer step (the CFG batch), one decode; and the first-call seconds."""
+    """Text encoders (batch 2 with CFG: negative and prompt; else the prompt alone, as the pipeline encodes), one
+    transformer step (the CFG batch), one decode; and the first-call seconds."""
     family = pipe.family
-    prompts = ["", PROMPT]
+    cfg = family.uses_cfg(guidance_scale)
+    prompts = ["", PROMPT] if cfg else [PROMPT]
     lf = pipe.latent_format
     side = pipe.resolution // lf.vae_scale_factor
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, lf.channels, side, side)).astype(np.float32)
     cond = family.prepare(pipe.encode(prompts), width=pipe.resolution, height=pipe.resolution,
                           guidance_scale=guidance_scale)
-    if not family.uses_cfg(guidance_scale):
-        cond = cond.rows(1, 2)
     sample = np.concatenate([x] * cond.batch)
     t = np.full((cond.batch,), 500.0)
 
@@ -149,6 +150,8 @@ def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None)
     from ldm_export.zoo import spec_of_bundle
 
     spec = spec_of_bundle(bundle)
+    if cfg.guidance_scale is None:  # the model's own default: FLUX-schnell 0 (no CFG), FLUX-dev 3.5, SD3 7.0
+        cfg = replace(cfg, guidance_scale=float(bundle.defaults["guidance_scale"]))
     info = bundle.manifest["weights"]
     if info["source"] == "random":
         loaded = load_weights(spec, None, random_weights=True, seed=info.get("seed") or 0)
@@ -172,12 +175,13 @@ def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None)
                     "gpu": torch.cuda.get_device_name(0) if cfg.device == "cuda" else None,
                     "resolution": spec.resolution, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
                     "repeats": cfg.repeats, "e2e_repeats": cfg.e2e_repeats, "warmup": cfg.warmup,
+                    "denoiser": "transformer", "cfg": bundle.family.uses_cfg(cfg.guidance_scale),
                     "scheduler": bundle.scheduler_config.get("_class_name"), "bundle": str(cfg.bundle),
                     "bundle_target": bundle.manifest.get("target"),
                     "bundle_kernels": {c: bundle.manifest["components"][c].get("kernels") for c in bundle.components},
                     "torch": torch.__version__, "backends": {}, "notes": list(cfg.notes) + [
                         "DiT bundle: the 'UNet step' column is one transformer step (the CFG batch); the text encoder "
-                        "column runs every text encoder of the family on the negative and the prompt"],
+                        "column runs every text encoder of the family on the prompt (and the negative, with CFG)"],
                     "cuda_options": dict(cfg.cuda_options), "host_step_overhead_ms": None}  # not measured for DiTs
 
     progress("reference: PyTorch fp32 end to end")

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -59,7 +59,7 @@ class BenchConfig:
     repeats: int = 20  # per component
     e2e_repeats: int = 3
     warmup: int = 3
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: 7.5 for the U-Net bench (CFG batch 2); the bundle's default for DiTs
     seed: int = 0
     threads: int | None = None
     profile: bool = False  # GPU kernel profile of the UNet and VAE decoder (cuda: CUPTI via PyTorch's profiler)
@@ -520,6 +520,8 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
         from .dit import run_dit_bench
 
         return run_dit_bench(cfg, bundle, progress)
+    if cfg.guidance_scale is None:  # the U-Net bench times CFG's batch of 2 at every scale; 7.5 as diffusers' default
+        cfg = replace(cfg, guidance_scale=7.5)
     if "ort-int8" in [parse_backend(b)[0] for b in cfg.backends]:
         _check_int8_bundle(cfg, bundle)
     spec = spec_of_bundle(bundle) if bundle else get_model(cfg.model)
@@ -783,9 +785,13 @@ def markdown(result: dict) -> str:
 
     eager = result["backends"].get("torch-eager", {}).get("end_to_end", {}).get("median_ms")
     where = result["gpu"] or "CPU"
+    den = result.get("denoiser", "UNet")
+    guidance = (f"CFG {result['guidance_scale']:g} ({den} batch 2)" if result.get("cfg", True) else
+                f"guidance {result['guidance_scale']:g}, no CFG ({den} batch 1)")
+    warm = f"after {result['warmup']} warm-up runs" if result.get("warmup") else "without warm-up (first runs included)"
     lines = [f"**{result['model']}** ({result['weights']} weights), {result['resolution']}², {result['steps']} steps, "
-             f"CFG {result['guidance_scale']} (UNet batch 2), on {where}; median (p90) over {result['repeats']} runs "
-             f"per component, {result['e2e_repeats']} end to end, after warm-up.", "",
+             f"{guidance}, on {where}; median (p90) over {result['repeats']} runs "
+             f"per component, {result['e2e_repeats']} end to end, {warm}.", "",
              "| backend | precision | text encoder ms | UNet step ms | VAE decode ms | end to end s | vs eager | "
              "GPU mem peak MB | image cosine | image PSNR dB |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -145,6 +145,8 @@ def spec_from_folder(weights: Path | str) -> ModelSpec:
             configs["vae"]["force_upcast"] = reference.configs["vae"]["force_upcast"]
     if family == "flux" and configs["transformer"].get("guidance_embeds"):
         reference = get_model("flux-dev")  # the guidance-distilled variant: its defaults, shift and 512 T5 tokens
+    if family == "sd3":
+        reference = _sd3_reference(configs["transformer"], reference)
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = reference.scheduler
     if scheduler_path.is_file():
@@ -157,6 +159,20 @@ def spec_from_folder(weights: Path | str) -> ModelSpec:
                    **ModelSpec.config_fields(configs), scheduler=scheduler)
     return replace(spec, resolution=_resolution(spec, reference),
                    max_length=_max_length(spec, reference))
+
+
+# SD 3.5 large (and its turbo, which no config tells apart) publishes 28 steps at guidance 3.5 on its model card
+_SD35_LARGE_DEFAULTS = {"steps": 28, "guidance_scale": 3.5}
+
+
+def _sd3_reference(transformer: dict[str, Any], sd3: ModelSpec) -> ModelSpec:
+    """SD 3.5 is told by its RMS q/k norms: SD 3.5 medium also by its dual-attention blocks (40 steps, guidance 4.5),
+    SD 3.5 large without them (28 steps, 3.5); SD3's 7.0 overcooks either. Else SD3 medium's."""
+    if transformer.get("qk_norm") != "rms_norm":
+        return sd3
+    if transformer.get("dual_attention_layers"):
+        return get_model("sd35-medium")
+    return replace(sd3, defaults=dict(_SD35_LARGE_DEFAULTS))
 
 
 def _resolution(spec: ModelSpec, reference: ModelSpec) -> int:

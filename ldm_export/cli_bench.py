@@ -31,7 +31,9 @@ from ldm_export.cli_common import _guard
 @click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per component after warm-up.")
 @click.option("--e2e-repeats", type=int, default=3, show_default=True, help="Timed end-to-end runs after one warm-up.")
 @click.option("--warmup", type=int, default=3, show_default=True)
-@click.option("--guidance-scale", type=float, default=7.5, show_default=True)
+@click.option("--guidance-scale", type=float, default=None,
+              help="Guidance scale. Default: 7.5 for U-Net models (timed as CFG's batch of 2); a DiT bundle's own "
+                   "default (SD3 7.0, FLUX-dev 3.5, FLUX-schnell 0: no CFG).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads (cpu device).")
 @click.option("--profile", is_flag=True, help="Add a GPU kernel profile (device time by kind of kernel) of the UNet or DiT transformer and the VAE decoder (cuda, static-shape bundles).")

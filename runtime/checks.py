@@ -57,9 +57,11 @@ def check_text(prompts: Sequence[str], what: str) -> None:
                                  f"{p[e.start:e.end].encode('utf-8', 'surrogateescape')!r}); fix its encoding") from None
 
 
-def check_guidance(guidance_scale: float, guidance_rescale: float) -> tuple[float, float]:
-    """CFG scale from 0 to MAX_GUIDANCE (<= 1 runs the conditional pass alone) and rescale from 0 to 1."""
-    for name, v, hi, hint in (("guidance scale", guidance_scale, MAX_GUIDANCE, "7.5 is the usual value; <= 1 turns guidance off"),
+def check_guidance(guidance_scale: float, guidance_rescale: float, usual: float = 7.5) -> tuple[float, float]:
+    """CFG scale from 0 to MAX_GUIDANCE (<= 1 runs the conditional pass alone) and rescale from 0 to 1; ``usual``: the
+    model's default scale, for the message."""
+    for name, v, hi, hint in (("guidance scale", guidance_scale, MAX_GUIDANCE,
+                               f"{usual:g} is this model's default; <= 1 turns guidance off"),
                               ("guidance rescale", guidance_rescale, 1.0, "0.7 is the paper's value; 0 turns it off")):
         if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
             raise LdmExportError(f"{name} must be a finite number, got {v!r}")

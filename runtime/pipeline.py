@@ -241,7 +241,8 @@ class Pipeline:
             raise LdmExportError(f"num_images must be a positive integer, got {num_images!r}")
         if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= MAX_STEPS:
             raise LdmExportError(f"steps must be an integer from 1 to {MAX_STEPS}, got {num_inference_steps!r}")
-        guidance_scale, guidance_rescale = checks.check_guidance(guidance_scale, guidance_rescale)
+        guidance_scale, guidance_rescale = checks.check_guidance(guidance_scale, guidance_rescale,
+                                                                 self.bundle.defaults["guidance_scale"])
         if not self.family.uses_cfg(guidance_scale):
             why = (f"guidance scale {guidance_scale:g} (1 or less) runs no unconditional pass"
                    if self.family.uses_cfg(2.0) else f"the {self.family.name} family is guidance-distilled (no "
@@ -254,7 +255,7 @@ class Pipeline:
         denoiser_inputs = [x.name for x in self.engines[self.family.denoiser].spec.inputs]
         if guidance_scale != self.bundle.defaults["guidance_scale"] and not self.family.takes_guidance(denoiser_inputs):
             log.warning("the guidance scale has no effect: this %s model takes no guidance (timestep-distilled, as "
-                        "FLUX.1 [schnell]); leave --cfg out", self.family.name)
+                        "FLUX.1 [schnell]); leave it at the model's default", self.family.name)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
                                        or batch_size < 1):
             raise LdmExportError(f"batch_size must be a positive integer, got {batch_size!r}")

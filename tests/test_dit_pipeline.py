@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 
 from ldm_export.export.build import BuildConfig, build  # noqa: E402
 from ldm_export.runtime import Pipeline  # noqa: E402
+from ldm_export.runtime.bundle import Bundle  # noqa: E402
 from ldm_export.runtime.errors import LdmExportError  # noqa: E402
 from ldm_export.zoo import get_model  # noqa: E402
 from ldm_export.parity.pipelines import (CASES, PROMPT, PSNR_TARGET, TINY_SCHNELL, build_case,  # noqa: E402
@@ -174,6 +175,10 @@ def test_dit_bench_runs_every_backend_on_the_same_pipeline(built, tmp_path):
         assert entry["components"]["unet_step"]["median_ms"] > 0 and entry["fidelity"]["psnr_db"] > 40
     report = (tmp_path / "bench_tiny-flux_cpu.md").read_text()
     assert "nan" not in report.lower()  # a figure the DiT bench does not measure is left out, not printed as nan
+    # no --guidance-scale: the bundle's default (the tiny model's 7.5: FLUX-dev's distilled guidance input), and the
+    # header says FLUX runs no CFG
+    assert result["guidance_scale"] == Bundle.open(built["tiny-flux"][0]).defaults["guidance_scale"] == 7.5
+    assert result["cfg"] is False and "guidance 7.5, no CFG (transformer batch 1)" in report and "without warm-up" in report
     import json
 
     json.loads((tmp_path / "bench_tiny-flux_cpu.json").read_text(),  # (Infinity is an identical image's PSNR)

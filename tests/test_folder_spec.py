@@ -16,7 +16,8 @@ from ldm_export.runtime.errors import LdmExportError
 from ldm_export.zoo import get_model
 
 # a U-Net and a DiT family each, the SDXL base and refiner, FLUX with guidance, SD 2.x (pads with '!')
-ZOO = ["tiny", "tiny-sdxl", "tiny-sdxl-refiner", "tiny-sd3", "tiny-flux", "sd15", "sd21", "sdxl", "sd3-medium"]
+ZOO = ["tiny", "tiny-sdxl", "tiny-sdxl-refiner", "tiny-sd3", "tiny-flux", "sd15", "sd21", "sdxl", "sd3-medium",
+       "sd35-medium"]
 TRANSFORMERS_META = {"architectures": ["X"], "transformers_version": "4.57.0", "torch_dtype": "float32",
                      "model_type": "clip_text_model", "_name_or_path": "/somewhere/else"}
 
@@ -70,7 +71,7 @@ def test_a_folder_of_a_zoo_architecture_gives_that_models_spec(tmp_path, name):
     # what a folder cannot say (steps, guidance) is the family's published model's
     published = {"tiny": "sd15", "sd15": "sd15", "sd21": "sd21", "tiny-sdxl": "sdxl", "sdxl": "sdxl",
                  "tiny-sdxl-refiner": "sdxl-refiner", "tiny-sd3": "sd3-medium", "sd3-medium": "sd3-medium",
-                 "tiny-flux": "flux-dev"}[name]
+                 "sd35-medium": "sd35-medium", "tiny-flux": "flux-dev"}[name]
     assert spec.defaults == get_model(published).defaults
 
 
@@ -100,6 +101,15 @@ def test_sd2_is_told_by_the_text_encoder_width_without_tokenizer_files(tmp_path)
     for f in (folder / "tokenizer").iterdir():
         f.unlink()
     assert spec_from_folder(folder).family == "sd2"
+
+
+def test_sd35_large_like_folder_gets_sd35_sampling_defaults_not_sd3s(tmp_path):
+    """SD 3.5 large: RMS q/k norms without dual attention; its model card's 28 steps at guidance 3.5, not SD3's 7.0."""
+    zoo = get_model("tiny-sd3")
+    large = replace(zoo, extra_configs={**zoo.extra_configs,
+                                        "transformer": zoo.extra_configs["transformer"] | {"qk_norm": "rms_norm"}})
+    assert spec_from_folder(write_config_folder(large, tmp_path)).defaults == {"steps": 28, "guidance_scale": 3.5}
+    assert spec_from_folder(write_config_folder(zoo, tmp_path / "sd3")).defaults == get_model("sd3-medium").defaults
 
 
 def test_flux_without_guidance_embedding_is_schnell_like(tmp_path):
