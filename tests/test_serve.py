@@ -573,3 +573,16 @@ def test_loadtest_command_bounded(demo_bundle, tmp_path):
         assert r["ok"] == 4 and r["errors"] == {} and 0 < r["p50_s"] <= r["p99_s"] and r["requests_per_s"] > 0
         assert len(r["rss_before_mb"]) == 1 and len(r["rss_after_mb"]) == 1 and r["rss_before_mb"][0] > 50
     assert "p50 s" in proc.stdout and "replica RSS" in proc.stdout
+
+
+def test_guidance_the_model_does_not_use_is_listed_as_ignored():
+    """generate warns that a negative prompt without CFG, and a scale sent to FLUX.1 [schnell], change nothing; the
+    server says so in info.ldm_export.ignored instead of writing them into the infotext as if they had counted."""
+    body = {"negative_prompt": "dog", "cfg_scale": 5.0}
+    assert a1111.guidance_ignored(body, body, uses_cfg=True, takes_guidance=True) == {}
+    assert a1111.guidance_ignored(body, body, uses_cfg=False, takes_guidance=True) == {"negative_prompt": "dog"}  # FLUX-dev
+    assert a1111.guidance_ignored(body, body, uses_cfg=False, takes_guidance=False) == body  # FLUX-schnell
+    # A1111's default cfg_scale, not sent by the client, is not reported; an empty negative prompt is nothing to ignore
+    assert a1111.guidance_ignored({"negative_prompt": "", "cfg_scale": 7.0}, {}, uses_cfg=False, takes_guidance=False) == {}
+    assert a1111.guidance_ignored({"negative_prompt": "x", "cfg_scale": 1.0}, {"cfg_scale": 1.0}, uses_cfg=False,
+                                  takes_guidance=True) == {"negative_prompt": "x"}  # scale 1: no unconditional pass

@@ -134,6 +134,18 @@ def sampler_for(body: dict) -> tuple[str, dict]:
     return name, {"scheduler": scheduler}
 
 
+def guidance_ignored(body: dict, raw: dict, uses_cfg: bool, takes_guidance: bool) -> dict:
+    """What the model's guidance makes of the request, as generate warns it: a negative prompt without CFG (a scale of 1
+    or less, or a guidance-distilled FLUX model) and a cfg_scale the client sent to a model that takes none (FLUX.1
+    [schnell]) have no effect."""
+    out = {}
+    if body.get("negative_prompt") and not uses_cfg:
+        out["negative_prompt"] = body["negative_prompt"]
+    if "cfg_scale" in raw and not takes_guidance:
+        out["cfg_scale"] = body["cfg_scale"]
+    return out
+
+
 def ignored_fields(body: dict, sampler: str, model_titles: set[str], img2img: bool = False) -> dict:
     """The request's fields that change A1111's result but not ours (unsupported), with their values."""
     defaults = {name: default for name, _, default in (IMG2IMG_ALL if img2img else FIELDS)}

@@ -233,6 +233,8 @@ class Ingress:
         self.edits = bundle.family.encoder in bundle.components  # a VAE encoder: the bundle edits images
         self.family_edits = any(c.name == bundle.family.encoder for c in bundle.family.components)
         self.family_name = bundle.family.name
+        self.family = bundle.family
+        self.takes_guidance = bundle.family.takes_guidance([x.name for x in bundle.spec(bundle.family.denoiser).inputs])
         res = int(bundle.model["resolution"])
         self.max_size = tuple(self.cfg.max_size or (2 * res, 2 * res))
         base = bundle.scheduler_config
@@ -354,6 +356,8 @@ class Ingress:
             return _error(422, str(e))
         sampler, ignored = a1111.sampler_for(body)
         ignored.update(a1111.ignored_fields(body, sampler, {self.model_title, self.model_name}, img2img))
+        ignored.update(a1111.guidance_ignored(body, raw, self.family.uses_cfg(float(body["cfg_scale"])),
+                                              self.takes_guidance))
         edit = None
         if img2img:
             if not self.edits:
