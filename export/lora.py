@@ -66,11 +66,18 @@ def parse_lora(arg: str) -> LoraRef:
                              f"{head}:0.8")
     if not p.is_file():
         raise LdmExportError(f"LoRA file {p} does not exist; pass FILE[:SCALE] with a .safetensors file")
-    if p.suffix.lower() != ".safetensors":
+    if p.suffix.lower() != ".safetensors" and not _looks_like_safetensors(p):
         raise LdmExportError(f"LoRA file {p.name} is not .safetensors; convert it (pickle files run code when loaded)")
     if scale == 0:
         log.warning("LoRA %s has scale 0: it changes no weight", p.name)
     return LoraRef(p, scale)
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file by its content whatever its name ("v1.0:final"): an 8-byte header length, then JSON."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
 def _one_line(e: BaseException) -> str:
@@ -111,6 +118,21 @@ def read_lora(ref: LoraRef, modules: dict[str, Any]) -> tuple[dict, dict | None]
     bad = next((k for k, t in raw.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
     if bad is not None:
         raise LdmExportError(f"LoRA file {ref.path.name}: tensor '{bad}' holds NaN or infinite values; the file is damaged")
+    lycoris = next((k for k in raw if re.search(r"\.(hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|lokr_t2|"
+                                                r"b1\.weight|w_norm|diff(_b)?)$", k)), None)
+    if lycoris is not None:
+        raise LdmExportError(f"LoRA file {ref.path.name} is a LyCORIS file ('{lycoris}': LoHa, LoKr, (IA)^3 or a "
+                             "full diff), which diffusers' loaders do not read; ldm-export fuses kohya and "
+                             "diffusers/PEFT LoRA (lora_down/lora_up or lora_A/lora_B matrices)")
+    if not any(k.endswith(pair) for k in raw for pair in _PAIRS[0] + _PAIRS[1] + _PAIRS[2]):
+        raise LdmExportError(f"LoRA file {ref.path.name} holds no LoRA matrices (no '.lora_down/.lora_up', '.lora_A/"
+                             f".lora_B' keys; e.g. '{next(iter(raw))}'): it is not a LoRA (a textual-inversion "
+                             "embedding or a model checkpoint?)")
+    dora = next((k for k in raw if k.endswith(".dora_scale")), None)
+    if dora is not None:  # diffusers' kohya converter drops these (with a log line): the result would not be the DoRA
+        raise LdmExportError(f"LoRA file {ref.path.name} is a DoRA in kohya's layout ('{dora}'), whose magnitudes "
+                             "diffusers' converter drops, so fusing it would not give the trained weights; ldm-export "
+                             "fuses DoRA in the diffusers/PEFT layout (lora_magnitude_vector keys)")
     for key in raw:  # a matrix without its partner: name it here (diffusers' converter fails on it with less to go on)
         for down, up in _PAIRS:
             for have, want, what in ((down, up, "up"), (up, down, "down")):
@@ -125,7 +147,18 @@ def read_lora(ref: LoraRef, modules: dict[str, Any]) -> tuple[dict, dict | None]
     return state, alphas
 
 
-def _peft_parts(state: dict, prefix: str, is_unet: bool) -> dict:
+def is_dora(path: Path) -> str | None:
+    """The first DoRA key of a safetensors LoRA (PEFT's magnitude vectors, kohya's dora_scale), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return next((k for k in f.keys() if k.endswith((".lora_magnitude_vector", ".dora_scale"))), None)
+    except Exception:  # unreadable: read_lora names the problem
+        return None
+
+
+def _peft_parts(state: dict, prefix: str, is_unet: bool, file: str = "this LoRA") -> dict:
     """The keys one component receives, converted as diffusers converts them before PEFT injects them."""
     from diffusers.utils.state_dict_utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
                                                   convert_unet_state_dict_to_peft)
@@ -139,8 +172,8 @@ def _peft_parts(state: dict, prefix: str, is_unet: bool) -> dict:
         return convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
     except ValueError as e:  # "Could not automatically infer state dict type"
         first = next(iter(part))
-        raise LdmExportError(f"diffusers cannot convert the {prefix} keys of this LoRA (e.g. '{prefix}.{first}'): "
-                             f"{_one_line(e)}") from None
+        raise LdmExportError(f"LoRA file {file}: diffusers cannot convert its {prefix} keys (e.g. '{prefix}.{first}'): "
+                             f"{_one_line(e)}; the keys are not of a kohya or diffusers/PEFT LoRA for this model") from None
 
 
 def check_lora(ref: LoraRef, state: dict, modules: dict[str, Any], model: str) -> dict[str, int]:
@@ -155,7 +188,7 @@ def check_lora(ref: LoraRef, state: dict, modules: dict[str, Any], model: str) -
                              f"({', '.join(components)}); it is a LoRA for another architecture")
     counts = {}
     for component in components:
-        part = _peft_parts(state, component, component == "unet")
+        part = _peft_parts(state, component, component == "unet", ref.path.name)
         layers = dict(modules[component].named_modules())
         targets = sorted({_PEFT_SUFFIX.sub("", k) for k in part})
         for path in targets:
@@ -205,13 +238,17 @@ def apply_loras(modules: dict[str, Any], loras: Iterable[LoraRef], model: str) -
         mixin = _mixin(modules)
         adapter = f"ldm_export_{k}"
         targets = []
-        if counts.get("unet"):
-            mixin.load_lora_into_unet(state, alphas, unet=modules["unet"], adapter_name=adapter)
-            targets.append(("unet", modules["unet"]))
-        for te in TEXT_ENCODERS:
-            if counts.get(te):
-                mixin.load_lora_into_text_encoder(state, alphas, modules[te], prefix=te, adapter_name=adapter)
-                targets.append((te, modules[te]))
+        try:  # what check_lora does not see (a DoRA magnitude of another shape) fails in PEFT's loader
+            if counts.get("unet"):
+                mixin.load_lora_into_unet(state, alphas, unet=modules["unet"], adapter_name=adapter)
+                targets.append(("unet", modules["unet"]))
+            for te in TEXT_ENCODERS:
+                if counts.get(te):
+                    mixin.load_lora_into_text_encoder(state, alphas, modules[te], prefix=te, adapter_name=adapter)
+                    targets.append((te, modules[te]))
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise LdmExportError(f"LoRA file {ref.path.name} does not load into model '{model}': {_one_line(e)[:300]}; "
+                                 "it is damaged or for another architecture") from None
         for name, module in targets:
             merged = 0
             for layer in module.modules():
@@ -359,6 +396,12 @@ def lora_bundle(bundle_path: str | Path, loras: list[LoraRef], out: str | Path, 
 
     if not loras:
         raise LdmExportError("give at least one LoRA: ldm-export lora BUNDLE FILE[:SCALE] ... --out NEW")
+    for ref in loras:  # before any work: a DoRA's merge is not a delta that adds to the built weights
+        key = is_dora(ref.path)
+        if key is not None:
+            raise LdmExportError(f"LoRA file {ref.path.name} is a DoRA ('{key}'): its merge rescales each weight by that "
+                                 "weight's own norm, so it cannot be added to a built bundle; build with "
+                                 f"`ldm-export build ... --lora {ref.path.name}` instead")
     bundle = Bundle.open(bundle_path, verify=True)
     check_lora_model(bundle.manifest["model"]["name"], "unet" in bundle.manifest["components"])
     out = Path(out)

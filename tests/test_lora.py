@@ -187,14 +187,25 @@ def test_lora_input_errors_are_one_line_and_say_what_is_wrong(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert parse_lora(f"{f}:0").scale == 0
     assert "scale 0: it changes no weight" in caplog.text
-    # diffusers' own message spans lines (alpha keys alone, LyCORIS keys): the error stays one line
-    for name, state in (("alpha.safetensors", {"lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(4.0)}),
-                        ("loha.safetensors", {"lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": torch.zeros(16, 4),
-                                              "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(4.0)})):
+    # files that are no kohya/PEFT LoRA are named for what they are, on one line (diffusers' own messages span lines)
+    k = "lora_unet_mid_block_attentions_0_proj_in"
+    for name, state, want in (
+            ("alpha.safetensors", {f"{k}.alpha": torch.tensor(4.0)}, "holds no LoRA matrices"),
+            ("embedding.safetensors", {"emb_params": torch.zeros(2, 32)}, r"e\.g\. 'emb_params'\): it is not a LoRA"),
+            ("loha.safetensors", {f"{k}.hada_w1_a": torch.zeros(16, 4), f"{k}.alpha": torch.tensor(4.0)},
+             r"is a LyCORIS file \('lora_unet_mid_block_attentions_0_proj_in.hada_w1_a'"),
+            ("lokr.safetensors", {f"{k}.lokr_w1": torch.zeros(4, 4)}, "is a LyCORIS file"),
+            ("kohya_dora.safetensors", {f"{k}.lora_down.weight": torch.zeros(4, 16), f"{k}.lora_up.weight":
+                                        torch.zeros(16, 4), f"{k}.dora_scale": torch.ones(1, 16)},
+             r"is a DoRA in kohya's layout \('.*dora_scale'\), whose magnitudes diffusers' converter drops")):
         save_file(state, str(tmp_path / name))
-        with pytest.raises(LdmExportError, match="diffusers cannot read its keys") as e:
+        with pytest.raises(LdmExportError, match=want) as e:
             apply_loras(tiny_modules(), [LoraRef(tmp_path / name)], "tiny")
         assert "\n" not in str(e.value)
+    # a safetensors file is told by its content, whatever its name
+    named = tmp_path / "v1.0:final"
+    named.write_bytes(f.read_bytes())
+    assert parse_lora(str(named)) == LoraRef(named, 1.0) and parse_lora(f"{named}:0.5") == LoraRef(named, 0.5)
     # DiT models: refused before any work, not "diffusers cannot read its keys ('unet')"
     with pytest.raises(LdmExportError, match="model 'tiny-sd3' has no UNet"):
         validate(BuildConfig(model="tiny-sd3", random_weights=True, loras=(LoraRef(f),), out=tmp_path / "b"))
@@ -551,3 +562,28 @@ def test_lora_and_quantize_refuse_an_out_that_holds_or_lies_in_the_source_bundle
     r = run_cli("quantize", str(src), "--out", str(tmp_path / "nest"), "--force")
     assert r.returncode == 2 and "is the bundle being read, holds it or lies inside it" in r.stderr, r.stderr
     assert (src / "ldm_export.json").is_file()
+
+
+def test_dora_fuses_at_build_and_is_refused_by_the_bundle_patch(tmp_path, tiny_bundle):
+    """A DoRA's merge rescales each weight column by its own norm: `ldm-export lora` (a delta added to the built
+    weights, computed on a zero-weight copy) gave other weights than `build --lora`, silently. It is refused there;
+    at build time PEFT merges it, and each adapted weight's per-output-row norms are the magnitudes."""
+    g = torch.Generator().manual_seed(3)
+    _, _, module, fan_in, fan_out = LAYERS[0]
+    state = {f"unet.{module}.lora_A.weight": torch.randn(4, fan_in, generator=g) * 0.3,
+             f"unet.{module}.lora_B.weight": torch.randn(fan_out, 4, generator=g) * 0.3,
+             f"unet.{module}.lora_magnitude_vector": torch.full((fan_out,), 3.0)}
+    path = tmp_path / "dora.safetensors"
+    save_file(state, str(path))
+    modules = tiny_modules()
+    apply_loras(modules, [LoraRef(path)], "tiny")
+    w = modules["unet"].state_dict()[f"{module}.weight"]
+    torch.testing.assert_close(w.norm(dim=1), torch.full((fan_out,), 3.0), rtol=1e-5, atol=1e-5)
+    r = run_cli("lora", str(tiny_bundle), f"{path}:0.8", "--out", str(tmp_path / "patched"))
+    assert r.returncode == 2 and "is a DoRA ('unet." in r.stderr and "build with `ldm-export build ... --lora" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "patched").exists()
+    # a magnitude of another shape failed inside PEFT's loader with a traceback: one line now
+    save_file({**state, f"unet.{module}.lora_magnitude_vector": torch.ones(fan_out + 1)}, str(path))
+    with pytest.raises(LdmExportError, match="does not load into model 'tiny'") as e:
+        apply_loras(tiny_modules(), [LoraRef(path)], "tiny")
+    assert "\n" not in str(e.value)
