@@ -129,7 +129,7 @@ def spec_from_folder(weights: Path | str) -> ModelSpec:
     if not is_pipeline_folder(folder):
         raise LdmExportError(f"--model {AUTO_MODEL} reads the architecture from a diffusers pipeline folder (one with "
                              f"model_index.json), and {folder} is not one; for a single-file checkpoint pass the --model "
-                             "it belongs to (`ldm-export build --help` lists them)")
+                             "it belongs to (`ldm-export models` lists them)")
     index = _read(folder / "model_index.json", "pipeline")
     family = _family(folder, index)
     pipeline = index.get("_class_name", "pipeline")
@@ -279,7 +279,7 @@ def model_of_checkpoint(path: Path | str) -> str:
         raise LdmExportError(f"weights path {path} does not exist; pass a diffusers folder or a .safetensors file")
     if path.suffix.lower() != ".safetensors":
         raise LdmExportError(f"--model {AUTO_MODEL} tells a single file's model by its safetensors keys; for "
-                             f"{path.name} pass the --model it belongs to (`ldm-export build --help` lists them)")
+                             f"{path.name} pass the --model it belongs to (`ldm-export models` lists them)")
     shapes = read_safetensors_shapes(path)
     found = _describe(path, shapes)
     if found is None:

@@ -388,6 +388,18 @@ def samplers() -> None:
         out_console.print(name)
 
 
+@cli.command()
+def models() -> None:
+    """List the zoo's models `build --model` takes: name, family, default size, weights, what it is (tab-separated)."""
+    from ldm_export.zoo import DEFAULT_MODEL, MODELS
+
+    for name, spec in sorted(MODELS.items()):
+        weights = "embedded weights" if spec.embedded_weights is not None else "needs --weights or --random-weights"
+        default = " (the default)" if name == DEFAULT_MODEL else ""
+        click.echo(f"{name}{default}\t{spec.family}\t{spec.resolution} px\t{weights}\t{spec.description}")
+    click.echo("auto\t(any)\t-\t--weights PATH\tthe architecture a diffusers folder or a .safetensors file says")
+
+
 cli.add_command(bench)
 cli.add_command(engines)
 cli.add_command(serve)

@@ -44,6 +44,9 @@ class Bundle:
         """Open a bundle folder; with ``verify`` check every file's sha256 against the manifest."""
         path = Path(path)
         mpath = path / MANIFEST
+        if path.is_file():
+            raise LdmExportError(f"{path} is a file, not a bundle: a bundle is the folder `ldm-export build --out DIR` "
+                                 "writes")
         if not path.is_dir():
             raise LdmExportError(f"no bundle at {path}: build one with `ldm-export build --out {path}`")
         if not mpath.is_file():

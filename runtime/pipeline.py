@@ -457,7 +457,9 @@ class Pipeline:
             if len(sample_shape) == 4 and isinstance(sample_shape[2], int) and isinstance(sample_shape[3], int):
                 if (width, height) != (sample_shape[3] * f, sample_shape[2] * f):
                     raise LdmExportError(f"bundle {self.bundle.path} was built with static shapes for {sample_shape[3] * f}x"
-                                         f"{sample_shape[2] * f}; use that size or rebuild without --static-shape")
+                                         f"{sample_shape[2] * f}; use that size (--size {sample_shape[3] * f}x"
+                                         f"{sample_shape[2] * f} also resizes an init image to it) or rebuild without "
+                                         "--static-shape")
                 break
         configs = self.bundle.module_configs
         return checks.check_size(width, height, self.bundle.model, self.family.size_multiple(configs),

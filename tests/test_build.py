@@ -301,3 +301,14 @@ def test_default_build_is_the_embedded_demo_model(tmp_path):
     from ldm_export.demo import config
 
     assert m["model"]["latent_scale"] == pytest.approx(config.VAE["scaling_factor"])
+
+
+def test_models_lists_every_zoo_model_and_auto():
+    """Errors send users to `ldm-export models` for the names --model takes."""
+    from ldm_export.zoo import MODELS
+
+    r = run_cli("models")
+    assert r.returncode == 0, r.stderr
+    names = [line.split("\t")[0].split(" ")[0] for line in r.stdout.splitlines()]
+    assert sorted(names) == sorted([*MODELS, "auto"])
+    assert "sdxl\tsdxl\t1024 px\tneeds --weights or --random-weights" in r.stdout

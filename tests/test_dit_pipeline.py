@@ -128,7 +128,7 @@ def test_a_static_flux_bundle_refuses_another_size_before_any_work(tmp_path, mon
     build(BuildConfig(model="tiny-flux", precision="fp32", random_weights=True, out=static, static_shape=True))
     pipe = Pipeline.from_bundle(static)
     monkeypatch.setattr(Pipeline, "encode", lambda *a: pytest.fail("encoded before the size check"))
-    with pytest.raises(LdmExportError, match="built with static shapes for 64x64; use that size or rebuild"):
+    with pytest.raises(LdmExportError, match=r"built with static shapes for 64x64; use that size \(--size 64x64 also resizes an init image to it\) or rebuild"):
         pipe(PROMPT, num_inference_steps=1, width=80, height=80)
     with pytest.raises(LdmExportError, match="built with static shapes for 64x64"):
         pipe.iter_images(PROMPT, num_inference_steps=1, width=64, height=96)

@@ -433,3 +433,13 @@ def test_bench_without_a_bundle_builds_the_default_model(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "building demo" in r.stderr or "built demo" in r.stderr
     assert json.loads((tmp_path / "bench_demo_cpu.json").read_text())["backends"]["ort"]
+
+
+def test_a_file_given_as_a_bundle_is_called_a_file(tiny_bundle, tmp_path):
+    """`--refiner img/base.png` answered "build one with `ldm-export build --out img/base.png`"."""
+    image = tmp_path / "base.png"
+    image.write_bytes(b"\x89PNG")
+    for args in (["generate", str(image), "a"], ["generate", str(tiny_bundle), "a", "--refiner", str(image),
+                                                "--out", str(tmp_path / "o.png")]):
+        r = run_cli(*args)
+        assert r.returncode == 2 and f"{image} is a file, not a bundle" in r.stderr and "Traceback" not in r.stderr, r.stderr
