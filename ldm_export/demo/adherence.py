@@ -327,8 +327,9 @@ def diffusers_generate(folder: str | Path, device: str = "cpu") -> Generate:
     return generate
 
 
-def runtime_generate(bundle: str | Path, provider: str = "cpu") -> Generate:
-    """A ``generate`` callable over an exported bundle, through the numpy runtime (no torch)."""
+def runtime_generate(bundle: str | Path, provider: str = "cpu", sampler: str | None = None) -> Generate:
+    """A ``generate`` callable over an exported bundle, through the numpy runtime (no torch); ``sampler``: a name from
+    `ldm-export samplers` (default: the bundle's scheduler)."""
     from ldm_export.runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(bundle, provider=provider)
@@ -336,7 +337,7 @@ def runtime_generate(bundle: str | Path, provider: str = "cpu") -> Generate:
 
     def generate(prompts: Sequence[str], guidance_scale: float, steps: int, seed: int) -> list[Image.Image]:
         return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed,
-                    latents=initial_latents(len(prompts), seed, side))
+                    latents=initial_latents(len(prompts), seed, side), scheduler=sampler)
 
     return generate
 
@@ -356,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--bundle-only", action="store_true", help="measure the --bundle alone (a model with no "
                         "diffusers pipeline to compare with, such as the demo DiT)")
     parser.add_argument("--prefix", default="demo", help="file name prefix of the outputs (demo_dit for the DiT)")
+    parser.add_argument("--samplers", help="comma-separated sampler names: the --bundle's adherence with each, at the "
+                        "first --guidance, as one table (<prefix>_samplers.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
@@ -364,6 +367,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.ground_truth:
         result["checker_on_ground_truth"] = {"n": args.ground_truth, **ground_truth_accuracy(args.ground_truth)}
         print("checker on ground truth:", result["checker_on_ground_truth"])
+    if args.samplers:
+        if not args.bundle:
+            parser.error("--samplers needs --bundle")
+        from ldm_export.runtime.schedulers import sampler_names
+
+        names = [x.strip() for x in args.samplers.split(",") if x.strip()]
+        unknown = [n for n in names if n not in sampler_names()]
+        if unknown:
+            parser.error(f"unknown sampler {unknown[0]!r}; `ldm-export samplers` lists them")
+        rows = {}
+        print(f"| sampler | colour % | shape % | position % | all three % |  (guidance {args.guidance[0]:g}, "
+              f"{args.steps} steps)\n|---|---|---|---|---|")
+        for name in names:
+            row = evaluate(runtime_generate(args.bundle, sampler=name), args.guidance[:1], args.steps, args.seed)["rows"][0]
+            rows[name] = row
+            print(f"| {name} | {row['colour']:.1f} | {row['shape']:.1f} | {row['position']:.1f} | {row['all']:.1f} |")
+        (out / f"{args.prefix}_samplers.json").write_text(json.dumps({**result, "steps": args.steps,
+                                                                     "guidance_scale": args.guidance[0],
+                                                                     "samplers": rows}, indent=2) + "\n")
+        return
     if args.bundle_only:
         if not args.bundle:
             parser.error("--bundle-only needs --bundle")
