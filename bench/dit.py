@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ldm_export.runtime.errors import LdmExportError
+from ldm_export.runtime.tokenizer import one_warning_per_prompt
 
 from .run import (BenchConfig, Progress, _gpu_used_mb, _Skip, failed_entry, fp32_components, graphed, image_fidelity,
                   parse_backend, precision_label, profile_engines, stats, timed, write_reports)
@@ -143,6 +144,11 @@ def _profile(engines, denoiser: str, runs: int = 5) -> dict:
 
 def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None) -> dict:
     """The bench of a DiT bundle: same report files as the U-Net bench."""
+    with one_warning_per_prompt():  # every backend encodes the same prompt many times: a cut is warned about once
+        return _run_dit_bench(cfg, bundle, progress)
+
+
+def _run_dit_bench(cfg: BenchConfig, bundle, progress: Progress) -> dict:
     import torch
 
     from ldm_export.export.weights import load_weights
@@ -194,6 +200,16 @@ def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None)
     # the same work: a component the bundle keeps fp32 (the SD3/FLUX VAE decoder, by its force_upcast) runs fp32 in
     # the PyTorch backends too (diffusers' own SD3 and FLUX pipelines decode in fp16: docs/dit.md)
     keep_fp32 = fp32_components(bundle, bundle.components) if half else ()
+    _run_backends(cfg, bundle, modules, latents, ref_image, half, keep_fp32, result, progress)
+    write_reports(result, cfg.out)
+    return result
+
+
+def _run_backends(cfg, bundle, modules, latents, ref_image, half, keep_fp32, result, progress) -> None:
+    import torch
+
+    from ldm_export.runtime.pipeline import Pipeline
+
     for name in cfg.backends:
         progress(f"{name}: loading")
         entry: dict = {}
@@ -248,5 +264,3 @@ def run_dit_bench(cfg: BenchConfig, bundle, progress: Progress = lambda s: None)
         result["backends"][name] = entry
         write_reports(result, cfg.out)
         progress(f"{name}: done")
-    write_reports(result, cfg.out)
-    return result

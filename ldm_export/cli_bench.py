@@ -45,7 +45,7 @@ from ldm_export.cli_common import _guard
 def bench(model, bundle, loras, int8_bundle, weights, device, backends, steps, repeats, e2e_repeats, warmup, guidance_scale, seed,
           threads, profile, cuda_options, out):
     """Time text encoder, UNet step, VAE decode and end to end on each backend; write JSON, markdown and a chart."""
-    from ldm_export.cli_common import console, out_console
+    from ldm_export.cli_common import console
     from ldm_export.bench.run import parse_backend
     from ldm_export.runtime.errors import LdmExportError
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -185,7 +185,10 @@ class Pipeline:
                             _Edit(init_image, strength, mask_image, mask_blur, keep_unmasked, denoising_start,
                                   denoising_end))
         if latents is not None or return_latents:
-            return self._generate(req, range(len(req.prompts)), callback, latents, noise, return_latents)
+            from .tokenizer import one_warning_per_prompt
+
+            with one_warning_per_prompt(req.cuts):
+                return self._generate(req, range(len(req.prompts)), callback, latents, noise, return_latents)
         return [image for _, image in self._iter(req, callback, noise)]
 
     def iter_images(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
@@ -214,9 +217,13 @@ class Pipeline:
         return max(1, dim // halves)
 
     def _iter(self, req: "_Request", callback, noise):
+        from .tokenizer import one_warning_per_prompt
+
         for start in range(0, len(req.prompts), req.batch_size):
             ks = range(start, min(start + req.batch_size, len(req.prompts)))
-            for k, image in zip(ks, self._generate(req, ks, callback, None, noise, False)):
+            with one_warning_per_prompt(req.cuts):  # a cut prompt is warned about once a request, not once a batch
+                images = self._generate(req, ks, callback, None, noise, False)
+            for k, image in zip(ks, images):
                 yield k, image
 
     def _request(self, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, width, height, scheduler,
@@ -484,6 +491,7 @@ class _Request:
     negative_given: bool = True  # a negative prompt was given (SDXL encodes an absent one as zeros)
     edit: object | None = None  # editing.EditInputs of an image-to-image or inpainting request
     edit_args: "_Edit | None" = None
+    cuts: set = field(default_factory=set, compare=False)  # the prompt cuts warned about in this request's batches
 
 
 @dataclass(frozen=True)

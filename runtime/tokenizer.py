@@ -15,10 +15,8 @@ import contextlib
 import html
 import json
 import logging
-import re
 import shutil
 import threading
-import unicodedata
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -91,11 +89,16 @@ _SHARED_WARNINGS = threading.local()  # while `one_warning_per_prompt` runs in a
 
 
 @contextlib.contextmanager
-def one_warning_per_prompt():
+def one_warning_per_prompt(record: set | None = None):
     """Within the block, a prompt cut the same way by several CLIP tokenizers (SDXL's and SD3's two) is warned about
-    once. Per thread: a server's replica encodes in worker threads."""
+    once. Nested blocks share the outermost one's record (a whole ``Pipeline`` call or bench run warns once per
+    prompt, however often it encodes); ``record`` keeps the cuts across blocks (a request's batches). Per thread: a
+    server's replica encodes in worker threads."""
     outer = getattr(_SHARED_WARNINGS, "cuts", None)
-    _SHARED_WARNINGS.cuts = set()
+    if outer is not None:
+        yield
+        return
+    _SHARED_WARNINGS.cuts = record if record is not None else set()
     try:
         yield
     finally:

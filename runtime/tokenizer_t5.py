@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import LdmExportError
-from .tokenizer import cut_shown, prompt_start
+from .tokenizer import _first_warning, cut_shown, prompt_start
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class T5Tokenizer:
             if len(ids) > self.max_length:
                 body = ids[:-1] if ids[-1] == self.eos_id else ids  # the post-processor's </s> goes back on last
                 keep = self.max_length - 1
-                if prompt not in warned:  # once per prompt, named by its start (see ClipTokenizer)
+                if prompt not in warned and _first_warning((prompt, "t5", self.max_length)):  # once (see ClipTokenizer)
                     logger.warning("the prompt %s was truncated by %d tokens because T5 takes at most %d tokens here; "
                                    "the cut text: %s", prompt_start(prompt), len(body) - keep, self.max_length,
                                    cut_shown(self.decode(body[keep:])))

@@ -241,6 +241,15 @@ def test_a_cut_prompt_is_warned_about_once_and_unused_options_stay_out_of_the_me
         pipe.encode([" ".join(["a red circle on the left"] * 20)])
     assert sum("because CLIP can only handle" in r.getMessage() for r in caplog.records) == 1
     assert prompt_start("🔴" * 300) == repr("🔴" * 60 + " ...")
+    # once a request, not once a batch: three images one at a time warn as one image does (CLIP's cut and T5's)
+    long = " ".join(["a red circle on the left"] * 20)
+    counts = []
+    for n in (1, 3):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            pipe(long, num_inference_steps=1, seed=0, num_images=n, batch_size=1)
+        counts.append(sum("was truncated by" in r.getMessage() for r in caplog.records))
+    assert counts == [2, 2], counts
     flux = Pipeline.from_bundle(built["tiny-flux"][0])
     image = flux(PROMPT, num_inference_steps=1, seed=0, guidance_rescale=0.7)[0]
     assert "Rescale" not in image.info["parameters"]
@@ -255,6 +264,7 @@ def test_dit_bench_runs_ort_once_and_says_why_ort_nhwc_is_not_a_second_row(built
                 "ort,ort-nhwc", "--steps", "1", "--repeats", "1", "--e2e-repeats", "1", "--warmup", "0",
                 "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
+    assert r.stderr.count("was truncated by") == 1, r.stderr  # the bench prompt is cut by tiny T5: said once, not per run
     report = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert "components" in report["backends"]["ort"]
     assert report["backends"]["ort-nhwc"]["skipped"].startswith("on DiT bundles, ort is the runtime's engine")
