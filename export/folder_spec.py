@@ -112,6 +112,10 @@ def _config(folder: Path, index: dict[str, Any], name: str, reference: dict[str,
     path = _module_folder(folder, index, name) / "config.json"
     if not path.is_file():
         need = ", ".join(f"{m.name}/" for m in get_family(family).modules)
+        if index.get(name) in (None, [None, None]) and name in index:  # saved with the module set to None
+            raise LdmExportError(f"diffusers folder {folder} was saved without {name} ({pipeline}(..., {name}=None), "
+                                 f"model_index.json says null); ldm-export exports the whole pipeline ({need}): "
+                                 f"add {name}/ (and its tokenizer) from the original model")
         raise LdmExportError(f"diffusers folder {folder} has no {name}/config.json; a {pipeline} folder needs {need} "
                              "(each with config.json and weights): re-save the pipeline with save_pretrained")
     raw = _read(path, name)
@@ -292,9 +296,12 @@ def model_of_checkpoint(path: Path | str) -> str:
     fits = [name for name, spec in MODELS.items() if spec.family == family and _facts(spec) == facts]
     if not fits:
         said = ", ".join(f"{k} {v}" for k, v in facts.items())
+        inside = is_pipeline_folder(path.parent)
         raise LdmExportError(f"{path.name} is a {get_family(family).description.split(':')[0]} checkpoint ({said}) "
-                             "that no zoo model matches; save it as a diffusers folder (which says its own "
-                             "architecture) or pass the --model it belongs to")
+                             "that no zoo model matches; " + (
+                                 f"pass the diffusers folder it sits in (--weights {path.parent}), which says its own "
+                                 "architecture" if inside else "save it as a diffusers folder (which says its own "
+                                 "architecture) or pass the --model it belongs to"))
     if len(fits) > 1:
         raise LdmExportError(f"{path.name} fits the zoo models {', '.join(sorted(fits))} alike; pass the --model it "
                              "belongs to")

@@ -126,10 +126,15 @@ def test_flux_without_guidance_embedding_is_schnell_like(tmp_path):
     ("config", "has no transformer/config.json; a StableDiffusion3Pipeline folder needs"),
     ("json", "is not readable JSON"),
     ("not-a-folder", "tells a single file's model by its safetensors keys; for config.json pass the --model"),
+    ("no-t5", "was saved without text_encoder_3 (StableDiffusion3Pipeline(..., text_encoder_3=None), model_index.json "
+              "says null); ldm-export exports the whole pipeline"),
 ])
 def test_bad_folders_fail_on_one_line(tmp_path, case, match):
     spec = get_model("tiny-sd3")
-    folder = write_config_folder(spec, tmp_path, drop=("transformer",) if case == "config" else ())
+    folder = write_config_folder(spec, tmp_path, drop={"config": ("transformer",), "no-t5": ("text_encoder_3",)}.get(case, ()))
+    if case == "no-t5":  # diffusers' save_pretrained of a pipeline loaded with text_encoder_3=None
+        index = json.loads((folder / "model_index.json").read_text())
+        (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder_3": [None, None]}))
     if case == "pipeline":
         (folder / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
     if case == "json":
@@ -340,3 +345,7 @@ def test_single_files_no_zoo_model_fits_fail_on_one_line(tmp_path, case, match):
     with pytest.raises(LdmExportError, match=match) as e:
         validate(BuildConfig(model="auto", weights=path, out=tmp_path / "out"))
     one_line(e)
+    if case == "sizes":  # the same file inside a diffusers folder: the folder says its architecture
+        (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+        with pytest.raises(LdmExportError, match=r"pass the diffusers folder it sits in \(--weights "):
+            validate(BuildConfig(model="auto", weights=path, out=tmp_path / "out"))
