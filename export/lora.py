@@ -45,7 +45,21 @@ class LoraRef:
     scale: float = 1.0
 
     def to_json(self, sha256: str | None = None) -> dict:
-        return {"file": self.path.name, "scale": self.scale, "sha256": sha256}
+        return {"file": self.path.name, "scale": self.scale, "sha256": sha256, "addnet_sha256": addnet_hash(self.path)}
+
+
+def addnet_hash(path: Path) -> str | None:
+    """The sha256 of a safetensors file's tensor data (the bytes after its header): the hash A1111 writes as a LoRA's
+    short hash in "Lora hashes" (and civitai lists as AutoV3), unchanged when only the metadata changes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        f.seek(8 + int.from_bytes(head, "little"))
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def parse_lora(arg: str) -> LoraRef:

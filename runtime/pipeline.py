@@ -399,6 +399,9 @@ class Pipeline:
         from .image import format_parameters
 
         extra = {"CFG Rescale φ": req.guidance_rescale} if req.guidance_rescale else {}  # the A1111 extension's key
+        loras = self._lora_hashes()
+        if loras:
+            extra["Lora hashes"] = loras
         if req.edit is not None and req.edit.image is not None:
             extra["Denoising strength"] = req.edit.strength
             if req.edit.mask is not None and req.edit_args.mask_blur:
@@ -407,6 +410,14 @@ class Pipeline:
         return format_parameters(prompt, negative or None, req.steps, req.sampler_name, req.guidance_scale, seed,
                                  req.width, req.height, self.bundle.model_hash, model_name=self.bundle.model.get("name"),
                                  extra=extra)
+
+    def _lora_hashes(self) -> str | None:
+        """A1111's "Lora hashes" of the LoRAs fused into this bundle: "name: short hash" (the file's stem, the first 12
+        hex digits of its tensor data's sha256), or None."""
+        weights = self.bundle.manifest.get("weights") or {}
+        loras = weights.get("loras") or self.bundle.manifest.get("loras") or []
+        parts = [f"{Path(x['file']).stem}: {(x.get('addnet_sha256') or x.get('sha256') or '')[:12]}" for x in loras]
+        return ", ".join(parts) or None
 
     def _fused_attention(self) -> bool:
         kernels = self.bundle.manifest["components"].get(self.family.denoiser, {}).get("kernels") or []

@@ -156,6 +156,17 @@ def test_a_built_in_lora_and_a_later_negative_one_are_both_recorded_and_cancel(t
     assert [(x["file"], x["scale"]) for x in manifest["weights"]["loras"]] == [("style.safetensors", 0.8),
                                                                               ("style.safetensors", -0.8)]
     assert "loras" not in manifest
+    # A1111's infotext names them as it does ("Lora hashes": the stem and the first 12 hex digits of the sha256 of the
+    # tensor data after the safetensors header), so civitai and A1111 users see which LoRA made an image
+    import hashlib
+
+    from ldm_export.runtime import Pipeline
+
+    data = path.read_bytes()
+    short = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+    image = Pipeline.from_bundle(undone)("a cat", num_inference_steps=1, seed=0)[0]
+    assert f'Lora hashes: "style: {short}, style: {short}"' in image.info["parameters"], image.info["parameters"]
+    assert "Lora hashes" not in Pipeline.from_bundle(tiny_bundle)("a cat", num_inference_steps=1, seed=0)[0].info["parameters"]
     for component in ("unet", "text_encoder"):
         plain, _ = _initializers(tiny_bundle, component)
         styled, _ = _initializers(fresh, component)
