@@ -152,6 +152,9 @@ def validate(cfg: BuildConfig) -> ModelSpec:
     if cfg.weights is None and not cfg.random_weights and spec.embedded_weights is None:
         raise LdmExportError(f"model '{spec.name}' needs weights: pass --weights PATH (a diffusers folder or a .safetensors "
                              "checkpoint) or --random-weights for the real architecture with random weights")
+    from . import onnx_export
+
+    onnx_export.check_verify_provider(cfg.resolved_verify_provider())  # --target cuda on a machine without the provider
     check_out_dir(cfg.resolved_out(), cfg.force, cfg.weights)
     cfg.threads = cap_threads(cfg.threads)
     return spec

@@ -125,6 +125,18 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
             "ref_max_abs": float(np.abs(r).max())}
 
 
+def check_verify_provider(provider: str) -> None:
+    """Refuse, before any work, to verify on the CUDA provider where ONNX Runtime has none (onnxruntime without GPU
+    support): a --target cuda build would otherwise fail after its first component's export."""
+    if provider != "cuda":
+        return
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise LdmExportError("verifying a cuda-target graph needs onnxruntime-gpu (ONNX Runtime's fused GPU kernels "
+                             "in it have no CPU version, or none for fp16): build on a CUDA machine, or use --target cpu")
+
+
 def verify(onnx_path: Path, spec: ComponentSpec, feeds: Mapping[str, np.ndarray], reference: list[np.ndarray],
            precision: str, threads: int | None = None, provider: str = "cpu") -> Verification:
     """Run the exported graph in ONNX Runtime (``provider``: cpu or cuda) on ``feeds``; compare outputs with torch fp32."""
@@ -135,9 +147,7 @@ def verify(onnx_path: Path, spec: ComponentSpec, feeds: Mapping[str, np.ndarray]
     if threads:
         so.intra_op_num_threads = threads
     if provider == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise LdmExportError("verifying a cuda-target graph needs onnxruntime-gpu (ONNX Runtime's fused GPU kernels "
-                                 "in it have no CPU version, or none for fp16): build on a CUDA machine, or use --target cpu")
+        check_verify_provider(provider)
         providers = [("CUDAExecutionProvider", {"use_tf32": 0}), "CPUExecutionProvider"]  # true fp32, not TF32
     else:
         providers = ["CPUExecutionProvider"]

@@ -312,3 +312,14 @@ def test_models_lists_every_zoo_model_and_auto():
     names = [line.split("\t")[0].split(" ")[0] for line in r.stdout.splitlines()]
     assert sorted(names) == sorted([*MODELS, "auto"])
     assert "sdxl\tsdxl\t1024 px\tneeds --weights or --random-weights" in r.stdout
+
+
+def test_target_cuda_without_the_cuda_provider_is_refused_before_any_work(tmp_path):
+    """It failed after loading the weights and exporting the first component."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has ONNX Runtime's CUDA provider: the build would run")
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--target", "cuda", "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "needs onnxruntime-gpu" in r.stderr and "use --target cpu" in r.stderr, r.stderr
+    assert "export" not in r.stdout + r.stderr.replace("ldm-export", "") and not (tmp_path / "b").exists()
