@@ -70,6 +70,9 @@ def torch_engines(bundle, modules, device: str, half: bool, compile: bool, keep_
     from ldm_export.export import models as M
 
     family = bundle.family
+    if device == "cuda":  # as the U-Net bench's TorchBackend: true fp32 for the reference, TF32 beside fp16 (as ORT)
+        torch.backends.cuda.matmul.allow_tf32 = half
+        torch.backends.cudnn.allow_tf32 = half
     engines = {}
     for c in bundle.components:
         dtype = torch.float16 if half and c not in keep_fp32 else torch.float32
@@ -224,7 +227,7 @@ def _run_backends(cfg, bundle, modules, latents, ref_image, half, keep_fp32, res
                 entry["cuda_options"] = own_options
             if base in ("torch-eager", "torch-compile"):
                 engines = torch_engines(bundle, modules, cfg.device, half, base == "torch-compile", keep_fp32)
-                entry["precision"] = precision_label("fp16" if half else "fp32", keep_fp32)
+                entry["precision"] = precision_label("fp16" if half else "fp32", keep_fp32, bundle.components)
             elif base == "ort-nhwc":  # not a second, identical row of the same engine
                 raise _Skip("on DiT bundles, ort is the runtime's engine (on CUDA its VAE decoder runs channels-last "
                             "already); ort-nhwc is the U-Net bench's name for that")

@@ -45,6 +45,8 @@ def parse_backend(name: str) -> tuple[str, dict[str, str]]:
         if not eq or not key.strip() or not value.strip():
             raise LdmExportError(f"backend {name!r}: write its CUDA provider options as {base}:KEY=VALUE[:KEY=VALUE], "
                                  f"e.g. {base}:fuse_conv_bias=1")
+        if key.strip() in options:
+            raise LdmExportError(f"backend {name!r} sets {key.strip()} twice; give each option once")
         options[key.strip()] = value.strip()
     return base, options
 
@@ -191,7 +193,7 @@ class TorchBackend(_Backend):
         self.device = torch.device(device)
         self.dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
         keep_fp32 = [c for c in keep_fp32 if dtype != "fp32"]
-        self.precision = precision_label(dtype, keep_fp32)
+        self.precision = precision_label(dtype, keep_fp32, _components(spec.family_def))
         self.name = "torch-compile" if compile else "torch-eager"
         self.family = spec.family_def
         self.denoiser = self.family.denoiser
@@ -397,9 +399,12 @@ def fp32_components(bundle, components) -> tuple[str, ...]:
     return tuple(c for c in components if c in bundle.components and bundle.precision(c) == "fp32")
 
 
-def precision_label(dtype: str, keep_fp32) -> str:
-    """"fp16", or "fp16 (vae_decoder fp32)" where some components run in fp32."""
-    return f"{dtype} ({', '.join(keep_fp32)} fp32)" if keep_fp32 and dtype != "fp32" else dtype
+def precision_label(dtype: str, keep_fp32, components=()) -> str:
+    """"fp16", or "fp16 (vae_decoder fp32)" where some components run in fp32; "fp32" where all of ``components``
+    do."""
+    if dtype == "fp32" or (components and set(components) <= set(keep_fp32)):
+        return "fp32"
+    return f"{dtype} ({', '.join(keep_fp32)} fp32)" if keep_fp32 else dtype
 
 
 def check_device_options(device: str, cuda_options, profile: bool, backends) -> None:
@@ -412,8 +417,9 @@ def check_device_options(device: str, cuda_options, profile: bool, backends) -> 
         raise LdmExportError(f"backend {next(b for b, (_, o) in zip(backends, parsed) if o)!r} sets ONNX Runtime CUDA "
                              "provider options; they need --device cuda")
     names = [b for b, _ in parsed]
-    if len(set(backends)) != len(backends):
-        raise LdmExportError(f"--backends names {next(b for b in backends if list(backends).count(b) > 1)!r} twice")
+    keys = [(b, tuple(sorted(o.items()))) for b, o in parsed]  # "ort:a=1" and "ort: a=1" are one backend
+    if len(set(keys)) != len(keys):
+        raise LdmExportError(f"--backends names {next(b for b, k in zip(backends, keys) if keys.count(k) > 1)!r} twice")
     if profile and device != "cuda":
         raise LdmExportError("--profile records the GPU kernels of the ort backends; it needs --device cuda")
     if profile and not any(b in ("ort", "ort-nhwc") for b in names):
@@ -788,10 +794,11 @@ def markdown(result: dict) -> str:
     den = result.get("denoiser", "UNet")
     guidance = (f"CFG {result['guidance_scale']:g} ({den} batch 2)" if result.get("cfg", True) else
                 f"guidance {result['guidance_scale']:g}, no CFG ({den} batch 1)")
-    warm = f"after {result['warmup']} warm-up runs" if result.get("warmup") else "without warm-up (first runs included)"
+    warm = (f"after {result['warmup']} warm-up runs" if result.get("warmup") else
+            "without warm-up runs (the first included)")
     lines = [f"**{result['model']}** ({result['weights']} weights), {result['resolution']}², {result['steps']} steps, "
-             f"{guidance}, on {where}; median (p90) over {result['repeats']} runs "
-             f"per component, {result['e2e_repeats']} end to end, {warm}.", "",
+             f"{guidance}, on {where}; median (p90) over {result['repeats']} runs per component {warm}, "
+             f"{result['e2e_repeats']} end to end after one warm-up image.", "",
              "| backend | precision | text encoder ms | UNet step ms | VAE decode ms | end to end s | vs eager | "
              "GPU mem peak MB | image cosine | image PSNR dB |",
              "|---|---|---|---|---|---|---|---|---|---|"]

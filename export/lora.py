@@ -138,10 +138,9 @@ def read_lora(ref: LoraRef, modules: dict[str, Any]) -> tuple[dict, dict | None]
         raise LdmExportError(f"LoRA file {ref.path.name} is a LyCORIS file ('{lycoris}': LoHa, LoKr, (IA)^3 or a "
                              "full diff), which diffusers' loaders do not read; ldm-export fuses kohya and "
                              "diffusers/PEFT LoRA (lora_down/lora_up or lora_A/lora_B matrices)")
-    if not any(k.endswith(pair) for k in raw for pair in _PAIRS[0] + _PAIRS[1] + _PAIRS[2]):
-        raise LdmExportError(f"LoRA file {ref.path.name} holds no LoRA matrices (no '.lora_down/.lora_up', '.lora_A/"
-                             f".lora_B' keys; e.g. '{next(iter(raw))}'): it is not a LoRA (a textual-inversion "
-                             "embedding or a model checkpoint?)")
+    if not any("lora" in k.lower() for k in raw):  # diffusers' converter reads every LoRA layout it knows; this is none
+        raise LdmExportError(f"LoRA file {ref.path.name} holds no LoRA keys (e.g. '{next(iter(raw))}'): it is not a "
+                             "LoRA (a textual-inversion embedding or a model checkpoint?)")
     dora = next((k for k in raw if k.endswith(".dora_scale")), None)
     if dora is not None:  # diffusers' kohya converter drops these (with a log line): the result would not be the DoRA
         raise LdmExportError(f"LoRA file {ref.path.name} is a DoRA in kohya's layout ('{dora}'), whose magnitudes "
@@ -412,7 +411,7 @@ def lora_bundle(bundle_path: str | Path, loras: list[LoraRef], out: str | Path, 
         raise LdmExportError("give at least one LoRA: ldm-export lora BUNDLE FILE[:SCALE] ... --out NEW")
     for ref in loras:  # before any work: a DoRA's merge is not a delta that adds to the built weights
         key = is_dora(ref.path)
-        if key is not None:
+        if key is not None and key.endswith(".lora_magnitude_vector"):  # kohya's dora_scale: read_lora refuses it
             raise LdmExportError(f"LoRA file {ref.path.name} is a DoRA ('{key}'): its merge rescales each weight by that "
                                  "weight's own norm, so it cannot be added to a built bundle; build with "
                                  f"`ldm-export build ... --lora {ref.path.name}` instead")

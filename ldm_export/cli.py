@@ -395,8 +395,8 @@ def models() -> None:
 
     for name, spec in sorted(MODELS.items()):
         weights = "embedded weights" if spec.embedded_weights is not None else "needs --weights or --random-weights"
-        default = " (the default)" if name == DEFAULT_MODEL else ""
-        click.echo(f"{name}{default}\t{spec.family}\t{spec.resolution} px\t{weights}\t{spec.description}")
+        default = "(the default) " if name == DEFAULT_MODEL else ""
+        click.echo(f"{name}\t{spec.family}\t{spec.resolution} px\t{weights}\t{default}{spec.description}")
     click.echo("auto\t(any)\t-\t--weights PATH\tthe architecture a diffusers folder or a .safetensors file says")
 
 

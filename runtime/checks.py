@@ -94,13 +94,21 @@ def check_size(width, height, model: Mapping[str, Any], multiple: int, largest: 
     return int(width), int(height)
 
 
-def _heads(unet_config: Mapping[str, Any]) -> int:
-    heads = unet_config.get("attention_head_dim") or 8  # diffusers' SD 1.x configs store the head count here
-    return int(max(heads) if isinstance(heads, (list, tuple)) else heads)
+def _largest_scores(unet_config: Mapping[str, Any], tokens: int) -> int:
+    """Values of the largest attention score matrix of one latent (heads x tokens^2) over the U-Net's attention
+    levels: level i has tokens / 4^i latents and its own head count (SD 2.x: 5 heads at full size, 20 at 1/8;
+    SDXL: no attention at full size)."""
+    types = list(unet_config.get("down_block_types") or ["CrossAttnDownBlock2D"])
+    # diffusers' SD configs store the head count as attention_head_dim (num_attention_heads where it is set)
+    heads = unet_config.get("num_attention_heads") or unet_config.get("attention_head_dim") or 8
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(types)
+    return max((int(heads[min(i, len(heads) - 1)]) * (tokens // 4 ** i) ** 2
+                for i, kind in enumerate(types) if "CrossAttn" in str(kind)), default=0)
 
 
 # score matrices alive at once in unfused attention (MatMul, scale, Softmax, and ONNX Runtime's arena): the demo model at
-# 512x512 on a CPU peaked at 4.9 GB RSS (4.4 GB over its 256x256 run) against 1.0 GB for one score matrix of batch 2
+# 512x512 on a CPU peaked at 4.9 GB RSS (4.4 GB over its 256x256 run) against 1.0 GB for one score matrix of batch 2.
+# Measured on that U-Net; a DiT's unfused attention is the same chain of ops, so it gets the same factor.
 SCORE_COPIES = 4
 
 
@@ -119,8 +127,7 @@ def estimate_memory(model: Mapping[str, Any], configs: Mapping[str, Any], width:
         unet_peak = _dit_peak(model, configs["transformer"], tokens, batch, fused_attention)
     else:
         c0 = int((unet.get("block_out_channels") or [320])[0])
-        attn_first = "CrossAttn" in str((unet.get("down_block_types") or ["CrossAttnDownBlock2D"])[0])
-        scores = 0 if fused_attention or not attn_first else SCORE_COPIES * batch * _heads(unet) * tokens * tokens
+        scores = 0 if fused_attention else SCORE_COPIES * batch * _largest_scores(unet, tokens)
         unet_peak = scores + 6 * batch * c0 * tokens
     vae_c = int((vae.get("block_out_channels") or [128])[0])
     vae_peak = 4 * vae_c * height * width + tokens * tokens  # the mid-block attention is single-head over the latents

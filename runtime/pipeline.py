@@ -399,7 +399,7 @@ class Pipeline:
         from .image import format_parameters
 
         extra = {"CFG Rescale φ": req.guidance_rescale} if req.guidance_rescale else {}  # the A1111 extension's key
-        loras = self._lora_hashes()
+        loras = lora_hashes(self.bundle.manifest)
         if loras:
             extra["Lora hashes"] = loras
         if req.edit is not None and req.edit.image is not None:
@@ -410,14 +410,6 @@ class Pipeline:
         return format_parameters(prompt, negative or None, req.steps, req.sampler_name, req.guidance_scale, seed,
                                  req.width, req.height, self.bundle.model_hash, model_name=self.bundle.model.get("name"),
                                  extra=extra)
-
-    def _lora_hashes(self) -> str | None:
-        """A1111's "Lora hashes" of the LoRAs fused into this bundle: "name: short hash" (the file's stem, the first 12
-        hex digits of its tensor data's sha256), or None."""
-        weights = self.bundle.manifest.get("weights") or {}
-        loras = weights.get("loras") or self.bundle.manifest.get("loras") or []
-        parts = [f"{Path(x['file']).stem}: {(x.get('addnet_sha256') or x.get('sha256') or '')[:12]}" for x in loras]
-        return ", ".join(parts) or None
 
     def _fused_attention(self) -> bool:
         kernels = self.bundle.manifest["components"].get(self.family.denoiser, {}).get("kernels") or []
@@ -482,6 +474,17 @@ class Pipeline:
         configs = self.bundle.module_configs
         return checks.check_size(width, height, self.bundle.model, self.family.size_multiple(configs),
                                  self.family.largest_side(configs))
+
+
+def lora_hashes(manifest: Mapping) -> str | None:
+    """A1111's "Lora hashes" of the LoRAs fused into a bundle: "name: short hash" (the file's stem without ':' and
+    ',' as A1111 writes it, the first 12 hex digits of its tensor data's sha256), or None. Bundles built before the hash
+    was recorded have none (their whole-file sha256 is another value): nothing is written for them."""
+    loras = (manifest.get("weights") or {}).get("loras") or manifest.get("loras") or []
+    if not loras or not all(x.get("addnet_sha256") for x in loras):
+        return None
+    clean = str.maketrans("", "", ":,")
+    return ", ".join(f"{Path(x['file']).stem.translate(clean)}: {x['addnet_sha256'][:12]}" for x in loras)
 
 
 @dataclass(frozen=True)

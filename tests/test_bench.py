@@ -316,6 +316,10 @@ def test_backend_variants_carry_their_own_cuda_provider_options():
         check_device_options("cpu", {}, False, ("torch-eager", "ort:fuse_conv_bias=1"))
     with pytest.raises(LdmExportError, match="names 'ort' twice"):
         check_device_options("cuda", {}, False, ("ort", "torch-eager", "ort"))
+    with pytest.raises(LdmExportError, match="names 'ort:a=1' twice"):
+        check_device_options("cuda", {}, False, ("ort:a=1", "ort: a=1"))
+    with pytest.raises(LdmExportError, match="sets a twice"):
+        parse_backend("ort:a=1:a=2")
     check_device_options("cuda", {}, True, ("ort-nhwc:fuse_conv_bias=1", "ort-nhwc"))  # variants side by side: fine
 
 
@@ -382,6 +386,7 @@ def test_torch_backends_run_in_fp32_what_the_bundle_keeps_fp32(tiny_bundle):
     assert fp32_components(Bundle.open(tiny_bundle), comps) == tuple(comps)  # an fp32 bundle: all of it
     assert precision_label("fp16", ("vae_decoder",)) == "fp16 (vae_decoder fp32)"
     assert precision_label("fp32", ("vae_decoder",)) == "fp32"
+    assert precision_label("fp16", tuple(comps), comps) == "fp32"  # an fp32 bundle on a GPU: its PyTorch rows too
 
     spec = get_model("tiny")
     modules = load_weights(spec, None, random_weights=True, seed=0).modules

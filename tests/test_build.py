@@ -309,7 +309,7 @@ def test_models_lists_every_zoo_model_and_auto():
 
     r = run_cli("models")
     assert r.returncode == 0, r.stderr
-    names = [line.split("\t")[0].split(" ")[0] for line in r.stdout.splitlines()]
+    names = [line.split("\t")[0] for line in r.stdout.splitlines()]
     assert sorted(names) == sorted([*MODELS, "auto"])
     assert "sdxl\tsdxl\t1024 px\tneeds --weights or --random-weights" in r.stdout
 

@@ -178,7 +178,7 @@ def test_dit_bench_runs_every_backend_on_the_same_pipeline(built, tmp_path):
     # no --guidance-scale: the bundle's default (the tiny model's 7.5: FLUX-dev's distilled guidance input), and the
     # header says FLUX runs no CFG
     assert result["guidance_scale"] == Bundle.open(built["tiny-flux"][0]).defaults["guidance_scale"] == 7.5
-    assert result["cfg"] is False and "guidance 7.5, no CFG (transformer batch 1)" in report and "without warm-up" in report
+    assert result["cfg"] is False and "guidance 7.5, no CFG (transformer batch 1)" in report and "without warm-up runs" in report
     import json
 
     json.loads((tmp_path / "bench_tiny-flux_cpu.json").read_text(),  # (Infinity is an identical image's PSNR)

@@ -167,6 +167,13 @@ def test_a_built_in_lora_and_a_later_negative_one_are_both_recorded_and_cancel(t
     image = Pipeline.from_bundle(undone)("a cat", num_inference_steps=1, seed=0)[0]
     assert f'Lora hashes: "style: {short}, style: {short}"' in image.info["parameters"], image.info["parameters"]
     assert "Lora hashes" not in Pipeline.from_bundle(tiny_bundle)("a cat", num_inference_steps=1, seed=0)[0].info["parameters"]
+    from ldm_export.runtime.pipeline import lora_hashes
+
+    # A1111 drops ':' and ',' from names (its parser splits on them); a bundle recorded before the short hash (its
+    # whole-file sha256 is another value) writes none rather than a wrong one
+    assert lora_hashes({"weights": {"loras": [{"file": "style, v2: final.safetensors", "addnet_sha256": "ab" * 32}]}}) \
+        == "style v2 final: " + "ab" * 6
+    assert lora_hashes({"weights": {"loras": [{"file": "old.safetensors", "sha256": "cd" * 32}]}}) is None
     for component in ("unet", "text_encoder"):
         plain, _ = _initializers(tiny_bundle, component)
         styled, _ = _initializers(fresh, component)
@@ -201,8 +208,9 @@ def test_lora_input_errors_are_one_line_and_say_what_is_wrong(tmp_path, caplog):
     # files that are no kohya/PEFT LoRA are named for what they are, on one line (diffusers' own messages span lines)
     k = "lora_unet_mid_block_attentions_0_proj_in"
     for name, state, want in (
-            ("alpha.safetensors", {f"{k}.alpha": torch.tensor(4.0)}, "holds no LoRA matrices"),
-            ("embedding.safetensors", {"emb_params": torch.zeros(2, 32)}, r"e\.g\. 'emb_params'\): it is not a LoRA"),
+            ("alpha.safetensors", {f"{k}.alpha": torch.tensor(4.0)}, "diffusers cannot read its keys"),
+            ("embedding.safetensors", {"emb_params": torch.zeros(2, 32)},
+             r"holds no LoRA keys \(e\.g\. 'emb_params'\): it is not a LoRA"),
             ("loha.safetensors", {f"{k}.hada_w1_a": torch.zeros(16, 4), f"{k}.alpha": torch.tensor(4.0)},
              r"is a LyCORIS file \('lora_unet_mid_block_attentions_0_proj_in.hada_w1_a'"),
             ("lokr.safetensors", {f"{k}.lokr_w1": torch.zeros(4, 4)}, "is a LyCORIS file"),
@@ -574,6 +582,21 @@ def test_lora_and_quantize_refuse_an_out_that_holds_or_lies_in_the_source_bundle
     r = run_cli("quantize", str(src), "--out", str(tmp_path / "nest"), "--force")
     assert r.returncode == 2 and "is the bundle being read, holds it or lies inside it" in r.stderr, r.stderr
     assert (src / "ldm_export.json").is_file()
+
+
+def test_diffusers_attention_processor_lora_files_still_fuse(tmp_path):
+    """diffusers' older layouts (save_attn_procs: '...processor.to_q_lora.down.weight') are LoRAs its converter reads;
+    the check for LoRA keys must not call them "not a LoRA"."""
+    _, _, module, fan_in, fan_out = LAYERS[0]
+    proc = module.replace(".attn1.to_q", ".attn1.processor.to_q_lora")
+    g = torch.Generator().manual_seed(5)
+    down, up = torch.randn(4, fan_in, generator=g) * 0.2, torch.randn(fan_out, 4, generator=g) * 0.2
+    path = tmp_path / "procs.safetensors"
+    save_file({f"unet.{proc}.down.weight": down, f"unet.{proc}.up.weight": up}, str(path))
+    modules = tiny_modules()
+    before = modules["unet"].state_dict()[f"{module}.weight"].clone()
+    apply_loras(modules, [LoraRef(path)], "tiny")
+    torch.testing.assert_close(modules["unet"].state_dict()[f"{module}.weight"] - before, up @ down, rtol=1e-5, atol=1e-6)
 
 
 def test_dora_fuses_at_build_and_is_refused_by_the_bundle_patch(tmp_path, tiny_bundle):

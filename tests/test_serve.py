@@ -478,6 +478,9 @@ def test_unsupported_fields_are_accepted_and_reported_in_info(service):
     info = json.loads(body["info"])
     assert info["sampler_name"] == "DPM++ 2M Karras"
     assert info["ldm_export"]["ignored"] == {"restore_faces": True, "styles": ["s"], "controlnet_args": [1]}
+    # the model's guidance, through the server: CFG 1 runs no unconditional pass, so the negative prompt changes nothing
+    status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": 1, "cfg_scale": 1, "negative_prompt": "dog"})
+    assert status == 200 and json.loads(body["info"])["ldm_export"]["ignored"] == {"negative_prompt": "dog"}, body
 
 
 def test_past_max_queued_requests_get_503_with_retry_after(service):
