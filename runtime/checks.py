@@ -107,7 +107,8 @@ def _largest_scores(unet_config: Mapping[str, Any], tokens: int) -> int:
 
 
 # score matrices alive at once in unfused attention (MatMul, scale, Softmax, and ONNX Runtime's arena): the demo model at
-# 512x512 on a CPU peaked at 4.9 GB RSS (4.4 GB over its 256x256 run) against 1.0 GB for one score matrix of batch 2.
+# 512x512 on a CPU peaked at 4.66 GiB RSS (maxrss 4,885,028 KiB; 4.17 GiB over its 256x256 run) against 1.0 GiB for
+# one score matrix of batch 2 (`generate --size 512x512 --steps 2`, /usr/bin/time).
 # Measured on that U-Net; a DiT's unfused attention is the same chain of ops, so it gets the same factor.
 SCORE_COPIES = 4
 

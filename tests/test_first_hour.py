@@ -106,7 +106,7 @@ def test_memory_estimate_scales_and_fused_attention_drops_the_scores():
                "vae": {"block_out_channels": [128] * 4}}
     small = checks.estimate_memory(model, configs, 512, 512, 2, fused_attention=False)
     # 512x512 on SD 1.5: its attention scores are 1 GB of fp32 (2 x 8 heads x 4096^2), alive 4 times in unfused
-    # attention (measured on the demo model: 4.9 GB peak RSS at 512x512 against 1.0 GB for one score matrix)
+    # attention (measured on the demo model: 4.66 GiB peak RSS at 512x512 against 1.0 GiB for one score matrix)
     assert checks.SCORE_COPIES == 4 and 4 * 2**30 < small < 4.5 * 2**30
     assert checks.estimate_memory(model, configs, 4096, 4096, 2, False) > 1e12
     assert checks.estimate_memory(model, configs, 4096, 4096, 2, True) < checks.estimate_memory(model, configs, 4096, 4096, 2, False)
