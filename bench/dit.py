@@ -20,7 +20,7 @@ import numpy as np
 from ldm_export.runtime.errors import LdmExportError
 from ldm_export.runtime.tokenizer import one_warning_per_prompt
 
-from .run import (BenchConfig, Progress, _gpu_used_mb, _Skip, failed_entry, fp32_components, graphed, image_fidelity,
+from .run import (BenchConfig, Progress, _gpu_used_mb, _Skip, allow_tf32, failed_entry, fp32_components, graphed, image_fidelity,
                   parse_backend, precision_label, profile_engines, stats, timed, write_reports)
 
 
@@ -70,9 +70,8 @@ def torch_engines(bundle, modules, device: str, half: bool, compile: bool, keep_
     from ldm_export.export import models as M
 
     family = bundle.family
-    if device == "cuda":  # as the U-Net bench's TorchBackend: true fp32 for the reference, TF32 beside fp16 (as ORT)
-        torch.backends.cuda.matmul.allow_tf32 = half
-        torch.backends.cudnn.allow_tf32 = half
+    if device == "cuda":
+        allow_tf32(half)
     engines = {}
     for c in bundle.components:
         dtype = torch.float16 if half and c not in keep_fp32 else torch.float32

@@ -176,6 +176,16 @@ class _EncodeView:
         return self.backend.run(component, feeds)
 
 
+def allow_tf32(allowed: bool) -> None:
+    """PyTorch's process-wide TF32 flags, which each PyTorch backend sets for itself before it runs: off for the fp32
+    fidelity reference (true fp32); on beside fp16, where the components kept fp32 (keep_fp32) use TF32 as ONNX
+    Runtime's CUDA provider does for the bundle's fp32 graphs (its use_tf32 default)."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
+
+
 def _components(family) -> list[str]:
     """The components a bench runs: text encoders, the denoiser and the decoder."""
     return [*family.text_encoders, family.denoiser, family.decoder]
@@ -199,11 +209,8 @@ class TorchBackend(_Backend):
         self.denoiser = self.family.denoiser
         self.specs = spec.component_specs()
         self.configs = spec.configs
-        if self.device.type == "cuda":  # process-wide flags: each backend sets them for itself before it runs
-            # an fp32 backend is the fidelity reference: true fp32. An fp16 backend's fp32 components (keep_fp32) use
-            # TF32, as ONNX Runtime's CUDA provider does for the bundle's fp32 graphs (its use_tf32 default)
-            torch.backends.cuda.matmul.allow_tf32 = dtype != "fp32"
-            torch.backends.cudnn.allow_tf32 = dtype != "fp32"
+        if self.device.type == "cuda":
+            allow_tf32(dtype != "fp32")
         self.dtypes = {c: torch.float32 if c in keep_fp32 else self.dtype for c in _components(self.family)}
         self.w = {c: M.wrap(c, modules, self.family).to(self.device, self.dtypes[c]).eval() for c in _components(self.family)}
         self.compile_s = None

@@ -64,7 +64,10 @@ class BuildConfig:
     def components(self, spec) -> list[str]:
         """The components this build exports: the family's required ones, and the VAE encoder when asked for or when
         the UNet is an inpainting one (latents, mask, masked-image latents: it runs only on encoded images)."""
-        inpaint = (spec.unet or {}).get("in_channels") == 2 * spec.family_def.latent_format(spec.configs).channels + 1
+        from ldm_export.runtime.editing import is_inpainting_unet
+
+        family = spec.family_def
+        inpaint = is_inpainting_unet(spec.component_specs()[family.denoiser], family.latent_format(spec.configs).channels)
         return [c.name for c in spec.family_def.exported(("vae_encoder",) if self.vae_encoder or inpaint else ())]
 
     def resolved_verify_provider(self) -> str:

@@ -287,7 +287,9 @@ def model_of_checkpoint(path: Path | str) -> str:
     shapes = read_safetensors_shapes(path)
     found = _describe(path, shapes)
     if found is None:
-        if any(k.endswith((".lora_down.weight", ".lora_A.weight", ".lora.down.weight")) for k in shapes):
+        from .lora import LORA_PAIRS
+
+        if any(k.endswith(tuple(down for down, _ in LORA_PAIRS)) for k in shapes):
             raise LdmExportError(f"{path.name} holds a LoRA, not a model: pass it as --lora FILE[:SCALE] with the "
                                  "model's --weights (or --model), or to `ldm-export lora BUNDLE FILE`")
         raise LdmExportError(f"{path.name} is no checkpoint layout ldm-export reads (Stability's SD 1.x/2.x/SDXL/SD3, "

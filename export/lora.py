@@ -88,10 +88,14 @@ def parse_lora(arg: str) -> LoraRef:
 
 
 def _looks_like_safetensors(path: Path) -> bool:
-    """A safetensors file by its content whatever its name ("v1.0:final"): an 8-byte header length, then JSON."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
+    """A safetensors file by its content whatever its name ("v1.0:final"): a header that reads as one."""
+    from .folder_spec import read_safetensors_shapes
+
+    try:
+        read_safetensors_shapes(path)
+    except LdmExportError:
+        return False
+    return True
 
 
 def _one_line(e: BaseException) -> str:
@@ -115,8 +119,8 @@ def _mixin(modules: dict[str, Any]):
 
 
 # the down/up matrix names of kohya/A1111, diffusers/PEFT and diffusers' older attention-processor files
-_PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
-          (".lora.down.weight", ".lora.up.weight"))
+LORA_PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
+              (".lora.down.weight", ".lora.up.weight"))
 
 
 def read_lora(ref: LoraRef, modules: dict[str, Any]) -> tuple[dict, dict | None]:
@@ -147,7 +151,7 @@ def read_lora(ref: LoraRef, modules: dict[str, Any]) -> tuple[dict, dict | None]
                              "diffusers' converter drops, so fusing it would not give the trained weights; ldm-export "
                              "fuses DoRA in the diffusers/PEFT layout (lora_magnitude_vector keys)")
     for key in raw:  # a matrix without its partner: name it here (diffusers' converter fails on it with less to go on)
-        for down, up in _PAIRS:
+        for down, up in LORA_PAIRS:
             for have, want, what in ((down, up, "up"), (up, down, "down")):
                 if key.endswith(have) and key[:-len(have)] + want not in raw:
                     raise LdmExportError(f"LoRA file {ref.path.name}: '{key}' has no {what} matrix "

@@ -185,10 +185,7 @@ class Pipeline:
                             _Edit(init_image, strength, mask_image, mask_blur, keep_unmasked, denoising_start,
                                   denoising_end))
         if latents is not None or return_latents:
-            from .tokenizer import one_warning_per_prompt
-
-            with one_warning_per_prompt(req.cuts):
-                return self._generate(req, range(len(req.prompts)), callback, latents, noise, return_latents)
+            return self._generate(req, range(len(req.prompts)), callback, latents, noise, return_latents)
         return [image for _, image in self._iter(req, callback, noise)]
 
     def iter_images(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
@@ -217,13 +214,9 @@ class Pipeline:
         return max(1, dim // halves)
 
     def _iter(self, req: "_Request", callback, noise):
-        from .tokenizer import one_warning_per_prompt
-
         for start in range(0, len(req.prompts), req.batch_size):
             ks = range(start, min(start + req.batch_size, len(req.prompts)))
-            with one_warning_per_prompt(req.cuts):  # a cut prompt is warned about once a request, not once a batch
-                images = self._generate(req, ks, callback, None, noise, False)
-            for k, image in zip(ks, images):
+            for k, image in zip(ks, self._generate(req, ks, callback, None, noise, False)):
                 yield k, image
 
     def _request(self, prompt, negative_prompt, num_inference_steps, guidance_scale, seed, width, height, scheduler,
@@ -309,7 +302,14 @@ class Pipeline:
                         negative_prompt is not None, edit, edit_args)
 
     def _generate(self, req: "_Request", ks: Sequence[int], callback, latents, noise, return_latents):
-        """One batch: images ``ks`` of ``req`` through encode -> sampler with CFG -> decode."""
+        """One batch: images ``ks`` of ``req`` through encode -> sampler with CFG -> decode. A prompt cut by a
+        tokenizer is warned about once a request (``req.cuts``), not once a batch or once an encoder."""
+        from .tokenizer import one_warning_per_prompt
+
+        with one_warning_per_prompt(req.cuts):
+            return self._generate_batch(req, ks, callback, latents, noise, return_latents)
+
+    def _generate_batch(self, req: "_Request", ks: Sequence[int], callback, latents, noise, return_latents):
         from . import sample
         from .guidance import guided_denoiser
         from .image import latents_to_images
@@ -339,11 +339,8 @@ class Pipeline:
         cond = conditioning(prompts)
         uncond = None
         if do_cfg:
-            from .tokenizer import one_warning_per_prompt
-
-            with one_warning_per_prompt():
-                negative = family.encode_negative(self, negatives, cond, req.negative_given)
-            uncond = family.prepare_negative(negative, width=req.width, height=req.height, guidance_scale=guidance_scale)
+            uncond = family.prepare_negative(family.encode_negative(self, negatives, cond, req.negative_given),
+                                             width=req.width, height=req.height, guidance_scale=guidance_scale)
         edit, args = req.edit, req.edit_args
         if edit is not None and edit.unet_channels is not None:  # 9-channel inpainting UNet: mask + masked latents
             cond, uncond = (None if c is None else edit.with_unet_channels(c) for c in (cond, uncond))

@@ -232,7 +232,6 @@ class Ingress:
         self.inpainting_unet = is_inpainting_unet(bundle.spec(bundle.family.denoiser), bundle.model["latent_channels"])
         self.edits = bundle.family.encoder in bundle.components  # a VAE encoder: the bundle edits images
         self.family_edits = any(c.name == bundle.family.encoder for c in bundle.family.components)
-        self.family_name = bundle.family.name
         self.family = bundle.family
         self.takes_guidance = bundle.family.takes_guidance([x.name for x in bundle.spec(bundle.family.denoiser).inputs])
         res = int(bundle.model["resolution"])
@@ -362,7 +361,7 @@ class Ingress:
         if img2img:
             if not self.edits:
                 why = ("rebuild it with `ldm-export build ... --vae-encoder`" if self.family_edits else
-                       f"the {self.family_name} family does not edit images yet (img2img runs on SD 1.x/2.x and SDXL)")
+                       f"the {self.family.name} family does not edit images yet (img2img runs on SD 1.x/2.x and SDXL)")
                 return _error(422, f"this bundle ({self.model_name}) has no VAE encoder, so it does not edit images; "
                                    f"{why}")
             try:
