@@ -80,7 +80,12 @@ def torch_engines(bundle, modules, device: str, half: bool, compile: bool, keep_
             wrapper = torch.compile(wrapper)
         steps = family.step_inputs if c == family.denoiser else ()
         # the spec as exported but with float32 I/O: the pipeline casts to the spec's dtypes
-        engines[c] = TorchEngine(wrapper, bundle.spec(c).with_dtype("float32"), device, dtype, steps)
+        spec = bundle.spec(c).with_dtype("float32")
+        if c == family.denoiser and bundle.manifest.get("sequential_cfg"):
+            # a --sequential-cfg bundle's engine takes CFG as two batch-1 calls; PyTorch runs it at batch 2, as
+            # diffusers does: the same work, each side in its own fastest way
+            spec = spec.with_batch("batch", skip=family.unbatched_inputs)
+        engines[c] = TorchEngine(wrapper, spec, device, dtype, steps)
     return engines
 
 
@@ -184,6 +189,7 @@ def _run_dit_bench(cfg: BenchConfig, bundle, progress: Progress) -> dict:
                     "resolution": spec.resolution, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
                     "repeats": cfg.repeats, "e2e_repeats": cfg.e2e_repeats, "warmup": cfg.warmup,
                     "denoiser": "transformer", "cfg": bundle.family.uses_cfg(cfg.guidance_scale),
+                    **({"sequential_cfg": True} if bundle.manifest.get("sequential_cfg") else {}),
                     "scheduler": bundle.scheduler_config.get("_class_name"), "bundle": str(cfg.bundle),
                     "bundle_target": bundle.manifest.get("target"),
                     "bundle_kernels": {c: bundle.manifest["components"][c].get("kernels") for c in bundle.components},
@@ -244,6 +250,9 @@ def _run_backends(cfg, bundle, modules, latents, ref_image, half, keep_fp32, res
             if base.startswith("ort") and cfg.profile and cfg.device == "cuda":
                 progress(f"{name}: profile")
                 entry.update(_profile(engines, bundle.family.denoiser))
+                if bundle.manifest.get("sequential_cfg") and "profile" in entry:
+                    entry["profile_note"] = ("the denoiser's profile is one of the step's two batch-1 calls "
+                                             "(--sequential-cfg): a step is twice it")
             progress(f"{name}: end to end")
             end_to_end(pipe, latents, cfg.steps, cfg.guidance_scale, cfg.device)  # warm-up
             runs = [end_to_end(pipe, latents, cfg.steps, cfg.guidance_scale, cfg.device) for _ in range(cfg.e2e_repeats)]

@@ -799,7 +799,9 @@ def markdown(result: dict) -> str:
     eager = result["backends"].get("torch-eager", {}).get("end_to_end", {}).get("median_ms")
     where = result["gpu"] or "CPU"
     den = result.get("denoiser", "UNet")
-    guidance = (f"CFG {result['guidance_scale']:g} ({den} batch 2)" if result.get("cfg", True) else
+    cfg_calls = (f"{den} batch 2; the engine's {den} in two batch-1 calls, --sequential-cfg"
+                 if result.get("sequential_cfg") else f"{den} batch 2")
+    guidance = (f"CFG {result['guidance_scale']:g} ({cfg_calls})" if result.get("cfg", True) else
                 f"guidance {result['guidance_scale']:g}, no CFG ({den} batch 1)")
     warm = (f"after {result['warmup']} warm-up runs" if result.get("warmup") else
             "without warm-up runs (the first included)")
@@ -855,6 +857,8 @@ def markdown(result: dict) -> str:
             lines.append(f"{name}: CUDA graphs: {', '.join(e['cuda_graphs']) or 'none'}.")
         if "profile_skipped" in e:
             lines.append(f"{name}: no kernel profile: {e['profile_skipped']}")
+        if "profile_note" in e:
+            lines.append(f"{name}: {e['profile_note']}.")
         if "profile" in e:
             for comp, p in e["profile"].items():
                 if comp == "ort_unet_ops":

@@ -49,6 +49,7 @@ class BuildConfig:
     loras: tuple = ()  # LoraRef: fused into the weights before export (--lora FILE[:SCALE])
     vae_encoder: bool = False  # also export the VAE encoder (image-to-image, inpainting)
     fused_attention: bool = False  # cpu target: the UNet's attention as ONNX Runtime's MultiHeadAttention (low memory)
+    sequential_cfg: bool = False  # static shapes: the denoiser at batch 1, CFG as two calls (SD3 on cuda: fused AdaLN)
 
     def component_precision(self, component: str, vae_config: dict | None = None) -> str:
         """fp32 for int8 builds (exported and verified in fp32; calibration/ then quantises the int8 components),
@@ -139,6 +140,9 @@ def validate(cfg: BuildConfig) -> ModelSpec:
         raise LdmExportError("--fused-attention puts ONNX Runtime's CPU attention into a UNet's --target cpu graph; "
                              + ("--target cuda fuses attention already and tensorrt fuses its own" if cfg.target != "cpu"
                                 else f"{spec.name} has no UNet"))
+    if cfg.sequential_cfg and not cfg.static_shape:
+        raise LdmExportError("--sequential-cfg fixes the denoiser's batch at 1 in a --static-shape build; add "
+                             "--static-shape (a dynamic-shape bundle takes any batch: `generate --cfg-mode sequential`)")
     if cfg.vae_encoder and not any(c.name == "vae_encoder" for c in spec.family_def.components):
         raise LdmExportError(f"--vae-encoder adds the VAE encoder for image-to-image and inpainting, which the "
                              f"{spec.family_def.name} family of '{spec.name}' does not do yet; editing runs on the U-Net "
@@ -221,6 +225,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                     **({"loras": loras} if loras else {})},
         "target": cfg.target, "static_shape": cfg.static_shape, "verify_provider": cfg.resolved_verify_provider(),
         **({"fused_attention": True} if cfg.fused_attention else {}),
+        **({"sequential_cfg": True} if cfg.sequential_cfg else {}),
         "components": {}, "files": {},
         "tools": _tool_versions(),
     }
@@ -229,6 +234,9 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
         for component in components:
             cspec = specs[component]
             dims = static_dims(spec, component)
+            if cfg.sequential_cfg and component == family.denoiser:
+                dims["batch"] = 1  # CFG as two calls: the runtime splits a batch of 2 for a static batch-1 engine
+            batch = int(dims["batch"]) if cfg.static_shape else None
             if cfg.static_shape:
                 cspec = cspec.static(dims)
             folder = stage / component
@@ -247,9 +255,9 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                     "not export (run with --debug for the traceback)") from exc
             progress(component, "export", "")
             register_onnx_symbolics(X.OPSET)
-            with dit_export_patches(decl.kind), kernels.export_patches(wrapper, component, cfg.target):
+            with dit_export_patches(decl.kind), kernels.export_patches(wrapper, component, cfg.target, batch):
                 model = X.export_onnx(wrapper, cspec, stage, feeds, static=cfg.static_shape)
-            model = kernels.rewrite(model, component, cfg.target)
+            model = kernels.rewrite(model, component, cfg.target, batch)
             initializers = _initializer_map(component, modules, model)
             path = folder / "model.onnx"
             files = X.save_onnx(model, path)

@@ -26,7 +26,11 @@ transformer    SD3's joint attention as one MultiHeadAttention standard ONNX ops
                MultiHeadAttention each, rotary embeddings
                in standard ops before it (flux_attention.py);
                each feed-forward's bias + tanh GELU as one
-               FastGelu (fast_gelu.py)
+               FastGelu (fast_gelu.py); at a static batch of
+               1 (``build --sequential-cfg``), an SD3
+               transformer's AdaLN modulation, gated
+               residuals and biases in LayerNormalization /
+               SkipLayerNormalization (adaln.py)
 =============  =============================================  ==========================================
 
 Target ``tensorrt`` keeps standard ONNX ops only (TensorRT's parser reads no ONNX Runtime contrib op) and emits
@@ -34,7 +38,7 @@ attention in the unet and vae_decoder as the BMM1 -> Softmax -> BMM2 graph with 
 builder fuses itself (``mha_pattern``); GroupNorm stays InstanceNormalization and LayerNorm LayerNormalization,
 which TensorRT's parser maps onto its own normalisation layer.
 
-``LDM_EXPORT_DISABLE_KERNELS`` (comma-separated kinds: attention, groupnorm, geglu, gelu, residual) leaves kinds out
+``LDM_EXPORT_DISABLE_KERNELS`` (comma-separated kinds: attention, groupnorm, geglu, gelu, residual, adaln) leaves kinds out
 of a build, to bisect a numerical or speed problem to one kernel.
 """
 from __future__ import annotations
@@ -45,12 +49,12 @@ import os
 from collections import Counter
 
 from ldm_export.runtime.errors import LdmExportError
-from . import attention, fast_gelu, flux_attention, geglu, groupnorm, joint_attention, mha_pattern, residual
+from . import adaln, attention, fast_gelu, flux_attention, geglu, groupnorm, joint_attention, mha_pattern, residual
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("cpu", "cuda", "tensorrt")
-KINDS = ("attention", "groupnorm", "geglu", "gelu", "residual")
+KINDS = ("attention", "groupnorm", "geglu", "gelu", "residual", "adaln")
 FUSED_OPS = {(attention.DOMAIN, attention.OP), (groupnorm.DOMAIN, groupnorm.OP), (geglu.DOMAIN, geglu.OP),
              (fast_gelu.DOMAIN, fast_gelu.OP), (residual.DOMAIN, residual.SKIP_GROUP_NORM),
              (residual.DOMAIN, residual.SKIP_LAYER_NORM)}
@@ -94,8 +98,9 @@ def cpu_kernels(kinds: tuple[str, ...]):
         _cpu_kinds = saved
 
 
-def plan(component: str, target: str) -> tuple[str, ...]:
-    """The kernels applied to ``component`` for ``target``."""
+def plan(component: str, target: str, batch: int | None = None) -> tuple[str, ...]:
+    """The kernels applied to ``component`` for ``target``; ``batch``: the static batch of the graph (None: dynamic);
+    the transformer's fused AdaLN modulation needs batch 1."""
     _check_target(target)
     if target == "cpu":
         return tuple(k for k in _cpu_kinds if k not in disabled_kinds()) if component == "unet" else ()
@@ -103,15 +108,15 @@ def plan(component: str, target: str) -> tuple[str, ...]:
         return () if "attention" in disabled_kinds() or component not in ("unet", "vae_decoder") else ("attention",)
     kinds = {"unet": ("attention", "groupnorm", "geglu", "residual"),
              "vae_decoder": ("groupnorm",),
-             "transformer": ("attention", "gelu")}.get(component, ())  # SD3's joint / FLUX's attention, tanh GELUs
+             "transformer": ("attention", "gelu") + (("adaln",) if batch == 1 else ())}.get(component, ())
     off = disabled_kinds()
     return tuple(k for k in kinds if k not in off)
 
 
 @contextlib.contextmanager
-def export_patches(module, component: str, target: str):
+def export_patches(module, component: str, target: str, batch: int | None = None):
     """Route the component's attention / GroupNorm / GEGLU through ops that export as fused nodes for ``target``."""
-    kinds = plan(component, target)
+    kinds = plan(component, target, batch)
     undo = []
     try:
         if "attention" in kinds and component == "transformer":
@@ -129,21 +134,30 @@ def export_patches(module, component: str, target: str):
             undo.append((geglu.uninstall, geglu.install(module)))
         if "gelu" in kinds:
             undo.append((fast_gelu.uninstall, fast_gelu.install(module)))
+        if "adaln" in kinds:  # last: its forward replaces the whole transformer's (and calls the fused ops itself)
+            inner = next((m for m in module.modules() if type(m).__name__ == "SD3Transformer2DModel"), None)
+            why = adaln.coverable(inner) if inner is not None else "not an SD3 MMDiT"
+            if why is None:
+                undo.append((adaln.uninstall, adaln.install(inner)))
+            else:
+                log.info("%s: fused AdaLN modulation not applied: %s", component, why)
         yield
     finally:
         for fn, saved in reversed(undo):
             fn(saved)
 
 
-def rewrite(model, component: str, target: str):
+def rewrite(model, component: str, target: str, batch: int | None = None):
     """Graph passes after export (SiLU into GroupNorm, residual adds into the norms); records the fused-op
     counts for :func:`describe`."""
-    kinds = plan(component, target)
+    kinds = plan(component, target, batch)
     if target == "tensorrt":
         return _rewrite_tensorrt(model, component, kinds)
     silu = groupnorm.fuse_silu(model) if "groupnorm" in kinds else 0
     if "residual" in kinds:
         residual.fuse_residual_adds(model)
+    if "adaln" in kinds:
+        adaln.clear_unused_outputs(model)
     counts = count_fused(model)
     if silu:
         counts["GroupNorm+SiLU"] = silu

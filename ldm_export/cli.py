@@ -47,6 +47,9 @@ def cli(verbose: bool, debug: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder (default: MODEL-PRECISION).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--static-shape", is_flag=True, help="Fix batch and size to the model's defaults (faster on GPUs).")
+@click.option("--sequential-cfg", is_flag=True,
+              help="With --static-shape: the denoiser at batch 1, CFG as two calls a step (half its activation memory; "
+                   "an SD3 transformer on --target cuda then gets the fused AdaLN modulation).")
 @click.option("--fused-attention", is_flag=True,
               help="--target cpu: the UNet's attention as ONNX Runtime's MultiHeadAttention (no full score matrices: "
                    "the lowest memory with generate --low-memory; TensorRT cannot parse it).")
@@ -63,8 +66,8 @@ def cli(verbose: bool, debug: bool) -> None:
               help="Fuse a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) into the weights before export; repeatable.")
 @int8_options
 @_guard
-def build(model, precision, weights, random_weights, seed, out, force, static_shape, fused_attention, target, trust_pickle, threads,
-          no_half_vae, vae_encoder, loras, **int8):
+def build(model, precision, weights, random_weights, seed, out, force, static_shape, sequential_cfg, fused_attention, target,
+          trust_pickle, threads, no_half_vae, vae_encoder, loras, **int8):
     """Export a model's components to ONNX, verify each against PyTorch, and write a bundle."""
     from ldm_export.export.build import BuildConfig, build as run_build, validate
     from ldm_export.zoo import AUTO_MODEL, DEFAULT_MODEL
@@ -73,7 +76,7 @@ def build(model, precision, weights, random_weights, seed, out, force, static_sh
         model = AUTO_MODEL if weights is not None else DEFAULT_MODEL
     cfg = BuildConfig(model=model, precision=precision, weights=weights, random_weights=random_weights,
                       seed=seed, out=out, force=force, static_shape=static_shape, target=target,
-                      fused_attention=fused_attention,
+                      fused_attention=fused_attention, sequential_cfg=sequential_cfg,
                       trust_pickle=trust_pickle, threads=threads, no_half_vae=no_half_vae, int8=int8_config(**int8),
                       loras=tuple(_parse_loras(loras)), vae_encoder=vae_encoder)
     validate(cfg)  # fail fast, before torch is imported

@@ -84,6 +84,16 @@ class ComponentSpec:
             return TensorSpec(t.name, t.dtype, tuple(int(dims[d]) if isinstance(d, str) else d for d in t.shape))
         return ComponentSpec(self.name, tuple(map(fix, self.inputs)), tuple(map(fix, self.outputs)), {})
 
+    def with_batch(self, dim: Dim, skip: Sequence[str] = ()) -> "ComponentSpec":
+        """The same spec with axis 0 of every tensor (except those in ``skip``: inputs with no batch axis) set to
+        ``dim``: a symbolic name makes a static spec take any batch."""
+        def conv(t: TensorSpec) -> TensorSpec:
+            return t if t.name in skip or not t.shape else TensorSpec(t.name, t.dtype, (dim, *t.shape[1:]))
+        profile = dict(self.profile)
+        if isinstance(dim, str) and dim not in profile:
+            profile[dim] = (1, 2, 8)
+        return ComponentSpec(self.name, tuple(map(conv, self.inputs)), tuple(map(conv, self.outputs)), profile)
+
     def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
         """Refuse feeds whose names, dtypes or ranks/fixed sizes differ from the spec; say expected and got."""
         expected = set(self.input_names)

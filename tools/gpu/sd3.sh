@@ -15,14 +15,20 @@
 #                                 CUDA against torch: export time, peak host RSS and GPU memory, cosine
 #   bash tools/gpu/sd3.sh flux-fused  the same with fused attention (--target cuda: one MultiHeadAttention per
 #                                 attention, 57 in FLUX.1): flux_export_fused.json, to compare with flux's
+#   bash tools/gpu/sd3.sh probe   tools/gpu/sd3_adaln_probe.py: PROBE_LAYERS (6) of SD3-medium's blocks at full width,
+#                                 today's batch-2 graph against the fused AdaLN batch-1 graphs, with torch eager and
+#                                 torch.compile, in one run (about 3 minutes)
 #   bash tools/gpu/sd3.sh tests   the DiT test files on the GPU machine
+# SEQUENTIAL_CFG=1 builds with --sequential-cfg (the transformer at batch 1 with the fused AdaLN modulation, CFG as
+# two calls a step) into /tmp/sd3-medium-cuda-fp16-seq, and bench reads that bundle.
 # Needs onnxruntime-gpu and diffusers staged under /tmp/site (as for sd15.sh). Logs, JSON and tables go to $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-/tmp/site} HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/sd3-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -c "import ldm_export" || { echo "pip install -e . failed"; exit 1; }  # steps side by side race on the install
 python3 -c "import torch, onnxruntime as o, diffusers; print('torch', torch.__version__, 'ort', o.__version__, o.get_available_providers(), 'diffusers', diffusers.__version__)" | tee "$OUT/versions.log"
-B=${BUNDLE:-/tmp/sd3-medium-cuda-fp16}
+SEQ=""; [ -n "${SEQUENTIAL_CFG:-}" ] && SEQ="--sequential-cfg"
+B=${BUNDLE:-/tmp/sd3-medium-cuda-fp16${SEQ:+-seq}}
 if [ $# -eq 0 ]; then
   for phase in build bench flux; do echo "== $phase $(date +%T)"; bash "$0" $phase; done
   exit 0
@@ -30,7 +36,7 @@ fi
 case "$1" in
   build)
     /usr/bin/time -v timeout ${BUILD_TIMEOUT:-1500} python3 -m ldm_export.cli -v build --model sd3-medium --random-weights --precision fp16 \
-      --target cuda --static-shape --out $B --force 2>&1 | grep --line-buffered -v Warning | tee "$OUT/sd3_build.log"
+      --target cuda --static-shape $SEQ --out $B --force 2>&1 | grep --line-buffered -v Warning | tee "$OUT/sd3_build.log"
     [ -f $B/ldm_export.json ] && python3 -c "
 import json; m = json.load(open('$B/ldm_export.json'))
 rows = {c: {'precision': v['precision'], 'kernels': v['kernels'],
@@ -53,9 +59,13 @@ print(json.dumps(rows, indent=1))" | tee "$OUT/sd3_verification.json"
     /usr/bin/time -v timeout ${FLUX_TIMEOUT:-360} python3 tools/gpu/flux_export.py --fused --out "$OUT" --work /tmp/flux-dev-fused 2>&1 \
       | grep --line-buffered -v Warning | tee "$OUT/flux_export_fused.log"
     ;;
+  probe)
+    timeout ${PROBE_TIMEOUT:-540} python3 tools/gpu/sd3_adaln_probe.py --out "$OUT" --layers ${PROBE_LAYERS:-6} 2>&1 \
+      | grep --line-buffered -v Warning | tee "$OUT/sd3_adaln_probe.log"
+    ;;
   tests)
     timeout 500 python3 -m pytest -q -p no:cacheprovider tests/test_dit_export.py tests/test_dit_pipeline.py \
       tests/test_dit_runtime.py 2>&1 | tail -15 | tee "$OUT/dit_tests.log"
     ;;
-  *) echo "usage: bash tools/gpu/sd3.sh build|bench|flux|flux-fused|tests"; exit 2 ;;
+  *) echo "usage: bash tools/gpu/sd3.sh build|bench|probe|flux|flux-fused|tests"; exit 2 ;;
 esac

@@ -1,0 +1,207 @@
+"""SD3 transformer blocks, full width, three ONNX graphs side by side on ONNX Runtime CUDA: is the fused AdaLN worth it?
+
+    python tools/gpu/sd3_adaln_probe.py --out DIR [--layers 6] [--side 128] [--text 333] [--runs 20]
+
+Builds SD3-medium's transformer (width 1536, 24 heads, 1024²: 4096 image + 333 text tokens) with ``--layers`` of its
+24 blocks and random fp16 weights on the GPU, then exports it three ways (fp16, static shapes, opset 17) and times a
+CFG step of each, with CUDA graphs and I/O bound on the device, beside PyTorch eager and torch.compile of the same
+module at batch 2:
+- ``batch2``: what ``build --target cuda --static-shape`` exports today: one call at batch 2, joint attention as
+  MultiHeadAttention, FastGelu (kernels/joint_attention.py, fast_gelu.py);
+- ``adaln``: the fused batch-1 forward of kernels/adaln.py (modulated LayerNormalization, SkipLayerNormalization
+  across the residuals, q/k/v biases inside MultiHeadAttention): two batch-1 calls a step;
+- ``adaln-biased-qkv``: the same with the q/k/v biases left in the projections.
+Writes ``sd3_adaln_probe.json`` and ``.md`` to DIR: per variant the step's median and p90 (ms), the ONNX node
+counts, export seconds and, against torch on the same inputs, each output's cosine and max abs error.
+``--device cpu`` is a smoke run of this script (tiny-sd3, fp32, CPU provider, no CUDA graphs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--work", default="/tmp/sd3-adaln-probe")
+    p.add_argument("--model", default="sd3-medium")
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--side", type=int, default=128, help="latent side (128: 1024 px)")
+    p.add_argument("--text", type=int, default=333, help="text tokens (77 CLIP + 256 T5)")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args()
+
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from ldm_export import kernels
+    from ldm_export.export.dit_models import SD3TransformerWrapper, register_onnx_symbolics
+    from ldm_export.export.onnx_export import OPSET
+    from ldm_export.kernels import adaln
+    from ldm_export.zoo import get_model
+
+    out_dir, work = Path(args.out), Path(args.work)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    cuda = args.device == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    dev = torch.device(args.device)
+    cfg = dict(get_model(args.model).configs["transformer"])
+    cfg["num_layers"] = args.layers
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel.from_config(cfg).eval()
+    with torch.no_grad():
+        for prm in model.parameters():  # random weights everywhere (diffusers zero-initialises none, but be sure)
+            prm.normal_(0.0, 0.02)
+    model = model.to(dev, dtype)
+    wrapper = SD3TransformerWrapper(model)
+    n_params = sum(prm.numel() for prm in model.parameters())
+    g = torch.Generator().manual_seed(1)
+    side, text = args.side, args.text
+    feeds2 = {"hidden_states": torch.randn(2, cfg["in_channels"], side, side, generator=g),
+              "encoder_hidden_states": torch.randn(2, text, cfg["joint_attention_dim"], generator=g),
+              "pooled_projections": torch.randn(2, cfg["pooled_projection_dim"], generator=g),
+              "timestep": torch.tensor([700.0, 700.0])}
+    feeds2 = {k: v.to(dev, dtype if k != "timestep" else torch.float32) for k, v in feeds2.items()}
+    names = list(feeds2)
+    result: dict = {"model": args.model, "layers": args.layers, "parameters_m": round(n_params / 1e6, 1),
+                    "side": side, "text": text, "dtype": str(dtype), "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+                    "torch": torch.__version__, "onnxruntime": ort.__version__, "variants": {}}
+    torch.set_grad_enabled(False)
+    ref = wrapper(*feeds2.values()).float().cpu().numpy()  # (2, C, h, w)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(fn, runs):
+        for _ in range(3):
+            fn()
+        sync()
+        ts = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return float(np.median(ts)), float(np.percentile(ts, 90))
+
+    # PyTorch at batch 2
+    med, p90 = timed(lambda: wrapper(*feeds2.values()), args.runs)
+    result["variants"]["torch-eager"] = {"step_ms": med, "p90_ms": p90, "calls": 1}
+    print(f"torch-eager: {med:.2f} ms", flush=True)
+    if cuda and not args.no_compile:
+        compiled = torch.compile(wrapper)
+        t0 = time.perf_counter()
+        compiled(*feeds2.values())
+        sync()
+        ct = time.perf_counter() - t0
+        med, p90 = timed(lambda: compiled(*feeds2.values()), args.runs)
+        result["variants"]["torch-compile"] = {"step_ms": med, "p90_ms": p90, "calls": 1, "compile_s": round(ct, 1)}
+        print(f"torch-compile: {med:.2f} ms ({ct:.0f} s to compile)", flush=True)
+        del compiled
+        torch._dynamo.reset()
+
+    register_onnx_symbolics(OPSET)
+    variants = {"batch2": (2, None), "adaln": (1, True), "adaln-biased-qkv": (1, False)}
+    for name, (batch, bias_in_attention) in variants.items():
+        feeds = {k: v[:batch].contiguous() for k, v in feeds2.items()}
+        path = work / f"{name}.onnx"
+        t0 = time.perf_counter()
+        if batch == 2:
+            ctx = kernels.export_patches(wrapper, "transformer", "cuda")
+        else:
+            import contextlib
+
+            saved = adaln.install(model, bias_in_attention=bias_in_attention)
+            ctx = contextlib.nullcontext()
+        try:
+            with ctx:
+                torch.onnx.export(wrapper, tuple(feeds.values()), str(path), input_names=names,
+                                  output_names=["out_hidden_states"], opset_version=OPSET, dynamo=False)
+        finally:
+            if batch == 1:
+                adaln.uninstall(saved)
+        m = onnx.load(str(path))
+        adaln.clear_unused_outputs(m)
+        onnx.save(m, str(path))
+        export_s = time.perf_counter() - t0
+        ops = Counter(n.op_type for n in m.graph.node)
+        del m
+        prov = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"] if cuda \
+            else ["CPUExecutionProvider"]
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), so, providers=prov)
+        graph = cuda
+        # device buffers bound once (CUDA graphs need fixed addresses); each call copies one row of the CFG batch in
+        bufs = {k: torch.empty_like(v) for k, v in feeds.items()}
+        outb = torch.empty((batch, cfg["out_channels"], side, side), dtype=dtype, device=dev)
+        io = sess.io_binding()
+        np_t = {torch.float16: np.float16, torch.float32: np.float32}
+        for k, v in bufs.items():
+            io.bind_input(k, args.device, 0, np_t[v.dtype], list(v.shape), v.data_ptr())
+        io.bind_output("out_hidden_states", args.device, 0, np_t[outb.dtype], list(outb.shape), outb.data_ptr())
+        outs = torch.empty((2, cfg["out_channels"], side, side), dtype=dtype, device=dev)
+
+        def step():
+            for r in range(0, 2, batch):
+                for k, v in bufs.items():
+                    v.copy_(feeds2[k][r:r + batch])
+                sync()
+                sess.run_with_iobinding(io)
+                outs[r:r + batch].copy_(outb)
+
+        try:
+            step()
+        except Exception as e:  # a node the CUDA graph cannot capture: time it without the graph, and say so
+            if not cuda:
+                raise
+            print(f"{name}: no CUDA graph ({' '.join(str(e).split())[:200]})", flush=True)
+            sess = ort.InferenceSession(str(path), so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            io = sess.io_binding()
+            for k, v in bufs.items():
+                io.bind_input(k, args.device, 0, np_t[v.dtype], list(v.shape), v.data_ptr())
+            io.bind_output("out_hidden_states", args.device, 0, np_t[outb.dtype], list(outb.shape), outb.data_ptr())
+            graph = False
+            step()
+        got = outs.float().cpu().numpy()
+        a, b = got.reshape(2, -1).astype(np.float64), ref.reshape(2, -1).astype(np.float64)
+        cos = [float((a[i] @ b[i]) / (np.linalg.norm(a[i]) * np.linalg.norm(b[i]))) for i in range(2)]
+        med, p90 = timed(step, args.runs)
+        result["variants"][name] = {"step_ms": med, "p90_ms": p90, "calls": 2 // batch, "export_s": round(export_s, 1),
+                                    "cuda_graph": graph,
+                                    "cosine_vs_torch": min(cos), "max_abs_err": float(np.abs(a - b).max()),
+                                    "ops": dict(ops.most_common(16))}
+        print(f"{name}: {med:.2f} ms a step ({2 // batch} calls), cosine {min(cos):.6f}, export {export_s:.0f} s, "
+              f"ops {dict(ops.most_common(10))}", flush=True)
+        del sess, io
+        path.unlink()
+        for extra in work.glob(f"{name}.onnx*"):
+            extra.unlink()
+    (out_dir / "sd3_adaln_probe.json").write_text(json.dumps(result, indent=1))
+    base = result["variants"]["batch2"]["step_ms"]
+    lines = [f"SD3 ({args.model}) transformer, {args.layers} of its blocks at full width ({result['parameters_m']} M "
+             f"parameters), {side * 8}², {text} text tokens, CFG (batch 2 or two batch-1 calls), {result['dtype']}, "
+             f"on {result['device']}; median (p90) of {args.runs} steps after 3 warm-ups.", "",
+             "| variant | calls a step | step ms | vs batch2 graph | cosine vs torch |", "|---|---|---|---|---|"]
+    for name, v in result["variants"].items():
+        cos = f"{v['cosine_vs_torch']:.6f}" if "cosine_vs_torch" in v else "—"
+        lines.append(f"| {name} | {v['calls']} | {v['step_ms']:.2f} ({v['p90_ms']:.2f}) | {base / v['step_ms']:.2f}x | {cos} |")
+    (out_dir / "sd3_adaln_probe.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
