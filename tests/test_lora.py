@@ -381,8 +381,8 @@ def test_lora_on_a_cuda_bundle_equals_a_fresh_cuda_export(tmp_path, cuda_target_
     if packed:
         rewrite = kernels.rewrite
 
-        def rewrite_and_pack(model, component, target):
-            model = rewrite(model, component, target)
+        def rewrite_and_pack(model, component, target, batch=None):
+            model = rewrite(model, component, target, batch)
             if component == "unet":
                 assert pack_self_attention_qkv(model) == 4  # the tiny UNet's four self-attentions
             return model

@@ -4,8 +4,8 @@
 
 Builds SD3-medium's transformer (width 1536, 24 heads, 1024²: 4096 image + 333 text tokens) with ``--layers`` of its
 24 blocks and random fp16 weights on the GPU, then exports it three ways (fp16, static shapes, opset 17) and times a
-CFG step of each, with CUDA graphs and I/O bound on the device, beside PyTorch eager and torch.compile of the same
-module at batch 2:
+CFG step of each, with CUDA graphs and I/O bound on the device, beside PyTorch eager (first) and torch.compile (last,
+after the ONNX graphs) of the same module at batch 2:
 - ``batch2``: what ``build --target cuda --static-shape`` exports today: one call at batch 2, joint attention as
   MultiHeadAttention, FastGelu (kernels/joint_attention.py, fast_gelu.py);
 - ``adaln``: the fused batch-1 forward of kernels/adaln.py (modulated LayerNormalization, SkipLayerNormalization
@@ -101,18 +101,6 @@ def main() -> None:
     med, p90 = timed(lambda: wrapper(*feeds2.values()), args.runs)
     result["variants"]["torch-eager"] = {"step_ms": med, "p90_ms": p90, "calls": 1}
     print(f"torch-eager: {med:.2f} ms", flush=True)
-    if cuda and not args.no_compile:
-        compiled = torch.compile(wrapper)
-        t0 = time.perf_counter()
-        compiled(*feeds2.values())
-        sync()
-        ct = time.perf_counter() - t0
-        med, p90 = timed(lambda: compiled(*feeds2.values()), args.runs)
-        result["variants"]["torch-compile"] = {"step_ms": med, "p90_ms": p90, "calls": 1, "compile_s": round(ct, 1)}
-        print(f"torch-compile: {med:.2f} ms ({ct:.0f} s to compile)", flush=True)
-        del compiled
-        torch._dynamo.reset()
-
     register_onnx_symbolics(OPSET)
     variants = {"batch2": (2, None), "adaln": (1, True), "adaln-biased-qkv": (1, False)}
     for name, (batch, bias_in_attention) in variants.items():
@@ -186,10 +174,22 @@ def main() -> None:
                                     "ops": dict(ops.most_common(16))}
         print(f"{name}: {med:.2f} ms a step ({2 // batch} calls), cosine {min(cos):.6f}, export {export_s:.0f} s, "
               f"ops {dict(ops.most_common(10))}", flush=True)
+        (out_dir / "sd3_adaln_probe.json").write_text(json.dumps(result, indent=1))  # what ran so far survives a timeout
         del sess, io
         path.unlink()
         for extra in work.glob(f"{name}.onnx*"):
             extra.unlink()
+    if cuda and not args.no_compile:
+        compiled = torch.compile(wrapper)
+        t0 = time.perf_counter()
+        compiled(*feeds2.values())
+        sync()
+        ct = time.perf_counter() - t0
+        med, p90 = timed(lambda: compiled(*feeds2.values()), args.runs)
+        result["variants"]["torch-compile"] = {"step_ms": med, "p90_ms": p90, "calls": 1, "compile_s": round(ct, 1)}
+        print(f"torch-compile: {med:.2f} ms ({ct:.0f} s to compile)", flush=True)
+        del compiled
+        torch._dynamo.reset()
     (out_dir / "sd3_adaln_probe.json").write_text(json.dumps(result, indent=1))
     base = result["variants"]["batch2"]["step_ms"]
     lines = [f"SD3 ({args.model}) transformer, {args.layers} of its blocks at full width ({result['parameters_m']} M "
