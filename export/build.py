@@ -140,9 +140,18 @@ def validate(cfg: BuildConfig) -> ModelSpec:
         raise LdmExportError("--fused-attention puts ONNX Runtime's CPU attention into a UNet's --target cpu graph; "
                              + ("--target cuda fuses attention already and tensorrt fuses its own" if cfg.target != "cpu"
                                 else f"{spec.name} has no UNet"))
-    if cfg.sequential_cfg and not cfg.static_shape:
-        raise LdmExportError("--sequential-cfg fixes the denoiser's batch at 1 in a --static-shape build; add "
-                             "--static-shape (a dynamic-shape bundle takes any batch: `generate --cfg-mode sequential`)")
+    if cfg.sequential_cfg:
+        fam = spec.family_def
+        if fam.denoiser != "transformer":
+            raise LdmExportError(f"--sequential-cfg is for SD3-class transformers (their fused AdaLN modulation); "
+                                 f"'{spec.name}' is a U-Net, which a static bundle runs at CFG's batch 2: for half its "
+                                 "memory, build without --static-shape and run `generate --cfg-mode sequential` or --low-memory")
+        if fam.component(fam.denoiser).static_batch == 1:
+            raise LdmExportError(f"--sequential-cfg changes nothing for '{spec.name}': its transformer runs at batch 1 "
+                                 "already (no CFG batch); leave the flag out")
+        if not cfg.static_shape:
+            raise LdmExportError("--sequential-cfg fixes the denoiser's batch at 1 in a --static-shape build; add "
+                                 "--static-shape (a dynamic-shape bundle takes any batch: `generate --cfg-mode sequential`)")
     if cfg.vae_encoder and not any(c.name == "vae_encoder" for c in spec.family_def.components):
         raise LdmExportError(f"--vae-encoder adds the VAE encoder for image-to-image and inpainting, which the "
                              f"{spec.family_def.name} family of '{spec.name}' does not do yet; editing runs on the U-Net "

@@ -47,7 +47,7 @@ DIT_FP16_POLICY: dict[str, Fp16Policy] = {
 
 # RMS norms of the attention's queries and keys (SD3.5, FLUX): their sum of squares over 64-128 channels overflows
 # fp16 once the rms passes ~22, so their statistics stay fp32 like LayerNorm's
-_QK_NORM_SCOPES = ("/norm_q/", "/norm_k/")
+_QK_NORM_SCOPES = ("/norm_q/", "/norm_k/", "/norm_added_q/", "/norm_added_k/")  # image and text streams
 
 
 def component_fp16_policy(kind: str, component: str, target: str, configs, extra_scopes: tuple[str, ...] = ()) -> Fp16Policy:

@@ -39,7 +39,8 @@ builder fuses itself (``mha_pattern``); GroupNorm stays InstanceNormalization an
 which TensorRT's parser maps onto its own normalisation layer.
 
 ``LDM_EXPORT_DISABLE_KERNELS`` (comma-separated kinds: attention, groupnorm, geglu, gelu, residual, adaln) leaves kinds out
-of a build, to bisect a numerical or speed problem to one kernel.
+of a build, to bisect a numerical or speed problem to one kernel (adaln emits attention and FastGelu itself: leaving
+either out leaves it out too).
 """
 from __future__ import annotations
 
@@ -110,6 +111,8 @@ def plan(component: str, target: str, batch: int | None = None) -> tuple[str, ..
              "vae_decoder": ("groupnorm",),
              "transformer": ("attention", "gelu") + (("adaln",) if batch == 1 else ())}.get(component, ())
     off = disabled_kinds()
+    if off & {"attention", "gelu"}:  # the fused AdaLN forward emits both itself: bisecting either leaves it out too
+        off = off | {"adaln"}
     return tuple(k for k in kinds if k not in off)
 
 
@@ -136,11 +139,12 @@ def export_patches(module, component: str, target: str, batch: int | None = None
             undo.append((fast_gelu.uninstall, fast_gelu.install(module)))
         if "adaln" in kinds:  # last: its forward replaces the whole transformer's (and calls the fused ops itself)
             inner = next((m for m in module.modules() if type(m).__name__ == "SD3Transformer2DModel"), None)
-            why = adaln.coverable(inner) if inner is not None else "not an SD3 MMDiT"
-            if why is None:
+            why = adaln.coverable(inner) if inner is not None else None
+            if inner is not None and why is None:
                 undo.append((adaln.uninstall, adaln.install(inner)))
-            else:
-                log.info("%s: fused AdaLN modulation not applied: %s", component, why)
+            elif inner is not None:  # an SD3 transformer asked for at batch 1 that the fusion does not cover
+                log.warning("%s: the fused AdaLN modulation does not cover this transformer (%s): it is exported at "
+                            "batch 1 without it", component, why)
         yield
     finally:
         for fn, saved in reversed(undo):

@@ -22,7 +22,8 @@ What stays separate: the gate multiply on the sub-layer's output (one pass), the
 attention's output. The runtime runs CFG as two batch-1 calls (``run_batched`` splits a batch of 2 for a static
 batch-1 engine). Emitted at export time by replacing ``SD3Transformer2DModel.forward`` on the instance; the torch
 forward computes the same thing as diffusers' (to float rounding), so the build's torch reference and verification
-stand. Blocks with SD3.5-medium's dual attention are not covered: such a transformer keeps the batch-2 path.
+stand. Blocks with SD3.5-medium's dual attention are not covered: such a transformer is exported at batch 1 without
+the fusion (a warning says so).
 """
 from __future__ import annotations
 
@@ -282,8 +283,13 @@ def install(module, bias_in_attention: bool | None = None) -> list:
     if why is not None:
         raise NotImplementedError(f"fused AdaLN modulation: {why}")
     blocks = list(module.transformer_blocks)
+    qk_norms = any(getattr(b.attn, n, None) is not None for b in blocks
+                   for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"))
     if bias_in_attention is None:
-        bias_in_attention = all(b.attn.norm_q is None and b.attn.norm_k is None for b in blocks)
+        bias_in_attention = not qk_norms
+    elif bias_in_attention and qk_norms:
+        raise ValueError("the q/k/v biases cannot move into the attention of a transformer with q/k RMS norms: the "
+                         "norms need them first (leave bias_in_attention at None)")
     patched = [(module, _fused_forward)]
     for b in blocks:
         b._adaln_bias_in_attention = bool(bias_in_attention)
@@ -303,13 +309,14 @@ def uninstall(saved) -> None:
 
 
 def clear_unused_outputs(model) -> int:
-    """SkipLayerNormalization's mean and inverse-std outputs (1, 2) are emitted by the export but read by nothing:
-    name them '' (ONNX's omitted optional output) so no provider computes them. Returns how many nodes changed."""
+    """SkipLayerNormalization's optional outputs that nothing reads (mean and inverse std always; the residual sum
+    after the last norm of a stream): name them '' (ONNX's omitted optional output) so that no provider computes or
+    writes them. Returns how many outputs were cleared."""
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     changed = 0
     for n in model.graph.node:
         if n.domain == DOMAIN and n.op_type == SKIP_LAYER_NORM and len(n.output) == 4:
-            for k in (1, 2):
+            for k in (1, 2, 3):
                 if n.output[k] and n.output[k] not in used:
                     n.output[k] = ""
                     changed += 1

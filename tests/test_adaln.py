@@ -69,6 +69,9 @@ def test_fused_forward_refuses_batch_2_and_uncovered_models():
 
 def test_default_keeps_biases_in_projections_where_qk_norms_need_them():
     m = _tiny(qk_norm="rms_norm")
+    with pytest.raises(ValueError, match="q/k RMS norms"):  # moving them would skip the norms: refused
+        adaln.install(m, bias_in_attention=True)
+    assert not any("forward" in vars(mod) for mod in m.modules())
     saved = adaln.install(m)
     assert not m.transformer_blocks[0]._adaln_bias_in_attention
     x = _inputs(m)
@@ -107,8 +110,10 @@ def test_exported_graph_runs_the_fused_ops_and_matches_torch_on_cpu(tmp_path, bi
     # image stream: one after each attention, one entering each later block and norm_out; text: the same, less
     # the last (context_pre_only) block's two
     assert len(skip) == 4 * layers - 2
-    assert adaln.clear_unused_outputs(model) == 2 * len(skip)
-    assert all(n.output[1] == n.output[2] == "" and n.output[3] for n in skip)
+    # mean and inverse std of every node, and the residual sum of the last norm of each stream (norm_out's; the text
+    # stream's into the last block, which ends it)
+    assert adaln.clear_unused_outputs(model) == 2 * len(skip) + 2
+    assert all(n.output[1] == n.output[2] == "" for n in skip) and sum(not n.output[3] for n in skip) == 2
     assert adaln.clear_unused_outputs(model) == 0
     ln = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
     assert len(ln) == 2  # block 0's two modulated norms; every other norm is inside a SkipLayerNormalization
@@ -146,11 +151,26 @@ def test_sequential_cfg_build_and_image(tmp_path, monkeypatch):
     assert np.abs(images[0] - images[1]).max() <= 1
 
 
-def test_sequential_cfg_needs_static_shape(tmp_path):
+def test_sequential_cfg_is_refused_where_it_does_nothing_or_without_static_shape(tmp_path):
     from ldm_export.export.build import BuildConfig, validate
 
     with pytest.raises(LdmExportError, match="--static-shape"):
         validate(BuildConfig(model="tiny-sd3", random_weights=True, sequential_cfg=True, out=tmp_path / "b"))
+    with pytest.raises(LdmExportError, match="is a U-Net.*--cfg-mode sequential"):
+        validate(BuildConfig(model="tiny", random_weights=True, static_shape=True, sequential_cfg=True, out=tmp_path / "u"))
+    with pytest.raises(LdmExportError, match="batch 1 already"):
+        validate(BuildConfig(model="tiny-flux", random_weights=True, static_shape=True, sequential_cfg=True,
+                             out=tmp_path / "f"))
+
+
+def test_disabling_attention_or_gelu_leaves_the_fused_adaln_out(monkeypatch):
+    from ldm_export import kernels
+
+    assert kernels.plan("transformer", "cuda", 1) == ("attention", "gelu", "adaln")
+    assert kernels.plan("transformer", "cuda", 2) == ("attention", "gelu")
+    for off, left in (("attention", ("gelu",)), ("gelu", ("attention",)), ("adaln", ("attention", "gelu"))):
+        monkeypatch.setenv("LDM_EXPORT_DISABLE_KERNELS", off)
+        assert kernels.plan("transformer", "cuda", 1) == left
 
 
 def test_spec_with_batch_unfixes_axis_0_but_not_unbatched_inputs():
