@@ -417,9 +417,21 @@ def _check_t5_tokenizers(spec: ModelSpec, loaded) -> None:
 
     family = spec.family_def
     for folder, cls in zip(family.tokenizers, family.tokenizer_classes):
+        if cls != "T5TokenizerFast":
+            continue
         source = (getattr(loaded, "tokenizer_dirs", None) or {}).get(folder)
-        if cls != "T5TokenizerFast" or source is None or not (source / "tokenizer.json").is_file():
-            continue  # a missing file is named when it is copied
+        if source is None:
+            if loaded.source in ("random", "embedded"):
+                continue  # a stand-in tokenizer is written for random weights (its ids are not T5's, as the weights)
+            # real T5 weights with made-up ids would condition on garbage: refuse before any export
+            raise LdmExportError(f"these weights bring no T5 tokenizer ({folder}/); put the model's {folder}/ folder "
+                                 "(tokenizer.json, from the same release) beside the weights file, or pass the model's "
+                                 "diffusers folder")
+        if not (source / "tokenizer.json").is_file():
+            raise LdmExportError(
+                f"{source} has no tokenizer.json (the runtime reads T5's fast-tokenizer file); write it there with "
+                f"transformers: python -c \"from transformers import T5TokenizerFast as T; "
+                f"T.from_pretrained('{source}').save_pretrained('{source}')\"")
         tokens = T5Tokenizer(source).vocab_size  # a malformed file is refused here, in one line
         encoder = family.text_encoders[family.tokenizers.index(folder)]
         vocab = int(loaded.modules[family.component(encoder).module].config.vocab_size)

@@ -228,7 +228,12 @@ def _load_single_file(spec: ModelSpec, path: Path, trust_pickle: bool) -> Loaded
         if spec.family_def.module("transformer").class_name == "FluxTransformer2DModel":
             return _load_flux_single_file(spec, path, checkpoint, digest, trust_pickle)
         modules = _convert_single_file(spec, path, checkpoint)
-    return LoadedDiT(_finish(modules), "single-file", sha256=digest, files={path.name: digest})
+    # the file holds no tokenizer: T5's comes from the model's folder around it, where the release has one
+    family = spec.family_def
+    tokenizers = {name: path.parent / name for name, cls in zip(family.tokenizers, family.tokenizer_classes)
+                  if cls == "T5TokenizerFast" and (path.parent / name).is_dir()}
+    return LoadedDiT(_finish(modules), "single-file", sha256=digest, files={path.name: digest},
+                     tokenizer_dirs=tokenizers)
 
 
 def _load_flux_single_file(spec: ModelSpec, path: Path, checkpoint, digest: str, trust_pickle: bool) -> LoadedDiT:

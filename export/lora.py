@@ -474,7 +474,15 @@ def lora_bundle(bundle_path: str | Path, loras: list[LoraRef], out: str | Path, 
                 # in the initializer's own dtype: an fp16 bundle stays fp16 (rounded once, after every delta)
                 init = inits[init_name]
                 dtype = numpy_helper.to_array(init).dtype
-                init.CopyFrom(numpy_helper.from_array(values.astype(dtype), init_name))
+                with np.errstate(over="ignore"):
+                    cast = values.astype(dtype)
+                bad = int(np.count_nonzero(~np.isfinite(cast)))
+                if bad:  # refused before anything is written: a bundle that cannot run is no result
+                    scales = ", ".join(f"{f['file']} x{f['scale']:g}" for f in fused)
+                    raise LdmExportError(f"{component}: the LoRA ({scales}) pushes {bad} weights of {init_name} past "
+                                         f"{dtype}'s range" + (" (+-65504)" if dtype == np.float16 else "")
+                                         + "; lower the scale, or patch an fp32 bundle")
+                init.CopyFrom(numpy_helper.from_array(cast, init_name))
             for f in info["files"]:
                 (stage / f).unlink()
             files = save_onnx(model, path)

@@ -215,8 +215,8 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
 @click.option("--num-images", type=int, default=1, show_default=True,
               help="Images to make; each is saved as soon as its batch is done.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("image.png"), show_default=True,
-              help="Image path (.png, .jpg/.jpeg or .webp; A1111's parameters inside); with several images, -1, -2, ... "
-                   "are added before the extension.")
+              help="Image path (.png, .jpg/.jpeg or .webp; A1111's parameters inside), or a folder (image.png inside it); "
+                   "with several images, -1, -2, ... are added before the extension.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt", "nv-tensorrt-rtx", "tensorrt-native"]), default="cpu",
               show_default=True,
               help="ONNX Runtime on the CPU, CUDA, or its TensorRT / NvTensorRTRTX provider (caches in the bundle); "
@@ -262,11 +262,16 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
     if low_memory and cfg_mode == "batch2" and ctx.get_parameter_source("cfg_mode") is click.core.ParameterSource.COMMANDLINE:
         logging.getLogger("ldm_export").warning("--low-memory runs CFG as two batch-1 UNet calls: --cfg-mode batch2 is ignored")
     paths = output_paths(out, num_images)
-    check_writable(paths[0])  # before any work: a bad --out fails now, not after the images are made
+    for p in paths:  # before any work: a bad --out fails now, not after the images are made
+        check_writable(p)
     for option, source in (("--init-image", init_image), ("--mask", mask)):
         hit = next((p for p in paths if source is not None and Path(os.path.realpath(p)) == Path(os.path.realpath(source))), None)
         if hit is not None:  # writing the image would replace the input it is made from
             raise LdmExportError(f"--out would write {hit}, the {option} file itself; choose another --out")
+    existing = [p for p in paths if p.exists()]
+    if existing:  # --out names the files: they are replaced, as cp or curl -o would, and said so before any work
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        logging.getLogger("ldm_export").warning("replacing %s%s (an existing image at --out)", existing[0], more)
     if cudnn_search and provider != "cuda":
         raise LdmExportError("--cudnn-search applies to --provider cuda")
     t0 = time.perf_counter()
@@ -316,8 +321,8 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
                 times.append(time.perf_counter() - t1)
                 out_console.print(f"wrote {escape(str(paths[k]))}", soft_wrap=True)
     except KeyboardInterrupt:
-        done = f"{len(written)} of {len(paths)} images were written ({', '.join(map(str, written))})" if written else \
-            "no image was written"
+        names = ", ".join(map(str, written)) if len(written) <= 3 else f"{written[0]} ... {written[-1]}"
+        done = f"{len(written)} of {len(paths)} images were written ({names})" if written else "no image was written"
         raise LdmExportError(f"interrupted: {done}; each written image is complete", exit_code=130) from None
     out_console.print(escape(last.splitlines()[-1]), soft_wrap=True)  # "Refiner: NAME [HASH]" is no markup
     per_batch = pipe.images_per_batch(cfg)
@@ -367,15 +372,22 @@ def _refined(pipe, refine, prompt, seed, num_images, start, common):
     from ldm_export.runtime.checks import resolve_seed
 
     from ldm_export.runtime.image import format_parameters, parse_parameters
+    from ldm_export.runtime.pipeline import lora_hashes
 
     seed = resolve_seed(seed)
     for k in range(num_images):
-        latents = pipe(prompt, seed=seed + k, denoising_end=start, return_latents=True, **common)
-        image = refine(prompt, seed=seed + k, latents=latents, denoising_start=start, **common)[0]
+        s = (seed + k) % 2**32  # image k's seed wraps as Pipeline.iter_images wraps it
+        latents = pipe(prompt, seed=s, denoising_end=start, return_latents=True, **common)
+        image = refine(prompt, seed=s, latents=latents, denoising_start=start, **common)[0]
         # A1111's infotext of a refined image: the base as Model, then "Refiner: NAME [HASH], Refiner switch at: F"
         p = parse_parameters(image.info["parameters"])
-        extra = {**p.get("extra", {}), "Refiner": f"{refine.bundle.model.get('name')} [{refine.bundle.model_hash}]",
-                 "Refiner switch at": start}
+        extra = {k: v for k, v in p.get("extra", {}).items() if k != "Lora hashes"}  # the refiner's: said below
+        # the LoRAs of both models, the base's first (A1111 lists the LoRAs that made the image)
+        loras = ", ".join(h for h in (lora_hashes(pipe.bundle.manifest), lora_hashes(refine.bundle.manifest)) if h)
+        if loras:
+            extra["Lora hashes"] = loras
+        extra.update({"Refiner": f"{refine.bundle.model.get('name')} [{refine.bundle.model_hash}]",
+                      "Refiner switch at": start})
         image.info["parameters"] = format_parameters(
             p["prompt"], p["negative_prompt"], p["steps"], p["sampler"], p["cfg_scale"], p["seed"], p["width"],
             p["height"], pipe.bundle.model_hash, model_name=pipe.bundle.model.get("name"), extra=extra)

@@ -57,6 +57,11 @@ def edit_plan(scheduler_config: dict, num_inference_steps: int, strength: float)
         # the least steps, and the least strength (to 3 decimals), for which int(steps * strength) >= 1
         steps = math.ceil(1.0 / strength)
         steps += int(steps * strength) < 1
+        from .pipeline import MAX_STEPS
+
+        if steps > MAX_STEPS:  # no step count the runtime takes can run it
+            raise LdmExportError(f"strength {strength:g} runs no step even at {MAX_STEPS} steps (it runs int(steps x "
+                                 f"strength) of them); use a strength of at least {1 / MAX_STEPS:g}")
         least = math.ceil(1000 / num_inference_steps) / 1000
         least = min(1.0, least + 0.001 * (int(num_inference_steps * least) < 1))
         raise LdmExportError(f"strength {strength:g} with {num_inference_steps} step{'s' * (num_inference_steps > 1)} "
@@ -239,7 +244,9 @@ def fit_init_image(image, path, width: int | None, height: int | None, multiple:
 
     if image.mode != "RGB":
         what = {"L": "grayscale", "LA": "grayscale with alpha", "RGBA": "RGBA (with alpha)", "P": "a palette image",
-                "1": "black-and-white", "CMYK": "CMYK"}.get(image.mode, f"mode {image.mode}")
+                "1": "black-and-white", "CMYK": "CMYK", "I;16": "16-bit grayscale", "I;16B": "16-bit grayscale",
+                "I;16L": "16-bit grayscale", "I": "32-bit grayscale", "F": "floating-point grayscale",
+                "PA": "a palette image with alpha"}.get(image.mode, f"mode {image.mode}")
         raise LdmExportError(f"init image {path} is {what}; save it as an RGB image (flatten any alpha) and retry")
     if (width, height) != (None, None):
         w, h = width or image.width, height or image.height
@@ -266,14 +273,12 @@ def load_mask(path: str | Path, size: tuple[int, int], blur: float = 0.0,
     from PIL import Image
 
     image = _open(path, "mask")
-    if image.mode not in ("L", "1", "RGB", "I", "I;16", "I;16B", "I;16L"):
-        raise LdmExportError(f"mask {path} is mode {image.mode}; save it as a grayscale (L) image, white where to "
-                             "repaint")
-    gray = _grayscale(image)
+    gray = mask_grayscale(image)
     if gray.size != tuple(size) and image_size is not None and gray.size == tuple(image_size):
         log.warning("mask %s is %dx%d, the init image's size; resizing it with the image to %dx%d", path, gray.width,
                     gray.height, *size)
-        gray = gray.resize(tuple(size), Image.LANCZOS)
+        hard = set(np.unique(np.asarray(gray)).tolist()) <= {0, 255}  # a hard edge stays hard (no resampling ring)
+        gray = gray.resize(tuple(size), Image.NEAREST if hard else Image.LANCZOS)
     if gray.size != tuple(size):
         raise LdmExportError(f"mask {path} is {gray.width}x{gray.height} but the image is {size[0]}x{size[1]}; "
                              "give a mask of the image's size")
@@ -281,6 +286,21 @@ def load_mask(path: str | Path, size: tuple[int, int], blur: float = 0.0,
         raise LdmExportError(f"mask {path} has no pixel of 128 or more (white = repaint), so nothing would be "
                              "repainted; paint the region white (a mask of 0 and 1 must be saved as 0 and 255)")
     return mask_array(gray, blur)
+
+
+def has_alpha(image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+def mask_grayscale(image):
+    """A mask image as A1111 reads one, as mode L: by its alpha where it has transparency (opaque = repaint, as a
+    painted stroke), else by its grey levels (palette and colour images converted, 16-bit scaled)."""
+    if has_alpha(image):
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            return alpha
+        image = image.convert("RGBA").convert("RGB")  # fully opaque: the grey levels
+    return _grayscale(image)
 
 
 def _grayscale(image):

@@ -171,6 +171,9 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
+_JPEG_EXIF_MAX = 65533  # bytes of EXIF in a JPEG's APP1 segment (a 16-bit length, less its own 2 bytes)
+
+
 def save_image(image, path: str | Path, parameters: str) -> Path:
     """Save ``image`` in the format its extension names with A1111's ``parameters`` (PNG text chunk; EXIF
     UserComment for JPEG/WebP), atomically: a temporary file renamed into place, so an interrupted save leaves
@@ -191,6 +194,10 @@ def save_image(image, path: str | Path, parameters: str) -> Path:
         exif = Image.Exif()
         exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE_PREFIX + parameters.encode("utf-16-be")
         kwargs = {"exif": exif.tobytes(), "quality": QUALITY}
+        if fmt == "JPEG" and len(kwargs["exif"]) > _JPEG_EXIF_MAX:  # one APP1 segment: Pillow refuses more
+            logger.warning("%s: the generation parameters (%d characters) are too long for a JPEG's EXIF, so the "
+                           "image is saved without them; write a .png or .webp to keep them", path, len(parameters))
+            kwargs = {"quality": QUALITY}
     tmp = _partial(path)
     try:
         image.save(tmp, format=fmt, **kwargs)
@@ -229,8 +236,14 @@ def read_parameters(path: str | Path) -> str | None:
 
 
 def output_paths(out: str | Path, n: int) -> list[Path]:
-    """Where ``n`` images go: ``out`` for one; ``NAME-1.EXT``, ``NAME-2.EXT``, ... for several."""
+    """Where ``n`` images go: ``out`` for one; ``NAME-1.EXT``, ``NAME-2.EXT``, ... for several. A folder (one that
+    exists, or a name ending in a separator, ``.`` or ``..``) gets ``image.png`` inside it."""
+    text = str(out)
+    if not text.strip():
+        raise LdmExportError("--out is empty; give an image file name such as image.png, or a folder")
     out = Path(out)
+    if out.is_dir() or text.endswith(("/", os.sep)) or out.name in ("", ".", ".."):
+        out = out / "image.png"
     if not out.suffix:
         out = out.with_suffix(".png")
     return [out] if n == 1 else [out.with_name(f"{out.stem}-{k + 1}{out.suffix}") for k in range(n)]

@@ -1,6 +1,7 @@
 """Editing end to end: the demo model's img2img and inpainting read back by the adherence checker, the generate
 command's editing flags, a 9-channel inpainting UNet against diffusers, and every bad input as a one-line error."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,17 +306,22 @@ def test_generate_hands_over_to_a_refiner_image_by_image(tmp_path):
     base, refiner = tmp_path / "base", tmp_path / "refiner"
     build(BuildConfig(model="tiny-sdxl", random_weights=True, seed=0, out=base))
     build(BuildConfig(model="tiny-sdxl-refiner", random_weights=True, seed=1, out=refiner))
+    manifest = json.loads((base / "ldm_export.json").read_text())  # as `ldm-export lora` records a fused LoRA
+    manifest["weights"]["loras"] = [{"file": "style.safetensors", "scale": 0.8, "addnet_sha256": "ab" * 32}]
+    (base / "ldm_export.json").write_text(json.dumps(manifest))
     common = ("--refiner", str(refiner), "--refiner-start", "0.75", "--steps", "4", "--sampler", "Euler")
-    r = run_cli("generate", str(base), "a red circle", *common, "--seed", "3", "--num-images", "2",
+    # the last seed: image 2 wraps to seed 0, as without a refiner
+    r = run_cli("generate", str(base), "a red circle", *common, "--seed", "4294967295", "--num-images", "2",
                 "--out", str(tmp_path / "two.png"))
     assert r.returncode == 0, r.stderr
-    alone = run_cli("generate", str(base), "a red circle", *common, "--seed", "4", "--out", str(tmp_path / "one.png"))
+    alone = run_cli("generate", str(base), "a red circle", *common, "--seed", "0", "--out", str(tmp_path / "one.png"))
     assert alone.returncode == 0, alone.stderr
     second = Image.open(tmp_path / "two-2.png")
-    assert "Seed: 4" in second.info["parameters"]
-    # A1111's infotext: the base is the Model (it named the refiner), the refiner and the switch follow
+    assert "Seed: 0" in second.info["parameters"]
+    # A1111's infotext: the base is the Model (it named the refiner), its LoRAs, the refiner and the switch follow
     last = second.info["parameters"].splitlines()[-1]
-    assert ", Model: tiny-sdxl, Refiner: tiny-sdxl-refiner [" in last and last.endswith("Refiner switch at: 0.75"), last
+    assert ', Model: tiny-sdxl, Lora hashes: "style: abababababab", Refiner: tiny-sdxl-refiner [' in last, last
+    assert last.endswith("Refiner switch at: 0.75"), last
     assert last in alone.stdout  # printed as written: "[HASH]" is no console markup
     assert np.array_equal(np.asarray(second), np.asarray(Image.open(tmp_path / "one.png")))
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "two-1.png")), np.asarray(second))
@@ -386,3 +392,45 @@ def test_a_refiner_of_another_kind_or_an_inpainting_unet_is_refused(demo_edit, t
     build(BuildConfig(model="demo-dit", out=dit))
     err = _cli_error(str(dit), "a red circle", "--steps", "4", "--refiner", str(demo_edit))
     assert "samples by flow matching but the refiner" in err and "by noise prediction" in err
+
+
+def test_masks_with_transparency_or_a_palette_read_as_a1111_reads_them(tmp_path):
+    """An RGBA/LA mask with transparency is read by its alpha (opaque = repaint), a palette or opaque one by its grey
+    levels, as A1111 and `serve` read them; a hard mask resized with its image keeps a hard edge."""
+    from ldm_export.runtime.editing import load_mask
+
+    a = np.zeros((16, 16), np.uint8)
+    a[:, 8:] = 255
+    want = (a >= 128).astype(np.float32)
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    rgba.putalpha(Image.fromarray(a))
+    rgba.save(tmp_path / "rgba.png")
+    Image.fromarray(a).convert("P").save(tmp_path / "p.png")
+    Image.fromarray(a).convert("LA").save(tmp_path / "la.png")  # opaque: its grey levels
+    for name in ("rgba", "p", "la"):
+        assert np.array_equal(load_mask(tmp_path / f"{name}.png", (16, 16)), want), name
+    grown = load_mask(tmp_path / "p.png", (32, 32), image_size=(16, 16))
+    assert set(np.unique(grown).tolist()) == {0.0, 1.0}  # no ringing values at the edge
+
+
+def test_out_folder_and_image_paths(tmp_path):
+    from ldm_export.runtime.image import output_paths, read_parameters, save_image
+
+    (tmp_path / "results").mkdir()
+    assert output_paths(tmp_path / "results", 1) == [tmp_path / "results" / "image.png"]
+    assert output_paths(f"{tmp_path}/new/", 2) == [tmp_path / "new" / "image-1.png", tmp_path / "new" / "image-2.png"]
+    assert output_paths(".", 1) == [Path("image.png")] and output_paths("..", 1) == [Path("..") / "image.png"]
+    with pytest.raises(LdmExportError, match="--out is empty"):
+        output_paths("  ", 1)
+    # a JPEG's EXIF holds 64 KB: longer parameters leave the image without them (and a warning), not a traceback
+    save_image(Image.new("RGB", (8, 8)), tmp_path / "long.jpg", "x" * 40000)
+    assert (tmp_path / "long.jpg").exists() and read_parameters(tmp_path / "long.jpg") is None
+    save_image(Image.new("RGB", (8, 8)), tmp_path / "ok.jpg", "x" * 1000)
+    assert read_parameters(tmp_path / "ok.jpg") == "x" * 1000
+
+
+def test_strength_that_no_step_count_can_run_is_named_as_such():
+    from ldm_export.runtime.editing import edit_plan
+
+    with pytest.raises(LdmExportError, match=r"runs no step even at 1000 steps.*at least 0\.001"):
+        edit_plan({"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000}, 20, 1e-9)

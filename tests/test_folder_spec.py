@@ -303,12 +303,21 @@ def test_a_single_file_names_its_zoo_model_by_keys_and_shapes(tmp_path, name):
 def test_build_without_model_takes_a_single_files_model_and_names_the_bundle_after_it(tmp_path):
     from safetensors.torch import save_file
 
+    from ldm_export.export.t5_tokenizer import write_standin_t5_tokenizer
+
     path = tmp_path / "my-sd3-finetune.safetensors"
     save_file(_single_file_state("tiny-sd3", meta=False), str(path))
+    # real T5 weights without their tokenizer would condition on made-up ids: refused before any export
+    r = run_cli("build", "--weights", str(path), cwd=tmp_path)
+    assert r.returncode == 2 and "bring no T5 tokenizer (tokenizer_3/)" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "my-sd3-finetune-fp32").exists()
+    write_standin_t5_tokenizer(tmp_path / "tokenizer_3", vocab_size=200)  # as the model's release has it beside
     r = run_cli("build", "--weights", str(path), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    manifest = json.loads((tmp_path / "my-sd3-finetune-fp32" / "ldm_export.json").read_text())
+    out = tmp_path / "my-sd3-finetune-fp32"
+    manifest = json.loads((out / "ldm_export.json").read_text())
     assert manifest["model"]["name"] == "tiny-sd3" and manifest["weights"]["source"] == "single-file"
+    assert (out / "tokenizer_3" / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer_3" / "tokenizer.json").read_bytes()
 
 
 @needs_torch
@@ -349,3 +358,18 @@ def test_single_files_no_zoo_model_fits_fail_on_one_line(tmp_path, case, match):
         (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
         with pytest.raises(LdmExportError, match=r"pass the diffusers folder it sits in \(--weights "):
             validate(BuildConfig(model="auto", weights=path, out=tmp_path / "out"))
+
+
+@needs_torch
+def test_a_t5_tokenizer_folder_without_its_fast_file_is_refused_before_any_export(tmp_path):
+    """A tokenizer_3/ with T5's SentencePiece model only was named after every component had been exported (17
+    minutes for sd3-medium); it is refused first, with the command that writes the file."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "sd3.safetensors"
+    save_file(_single_file_state("tiny-sd3", meta=False), str(path))
+    (tmp_path / "tokenizer_3").mkdir()
+    (tmp_path / "tokenizer_3" / "spiece.model").write_bytes(b"\0")
+    r = run_cli("build", "--weights", str(path), "--out", str(tmp_path / "b"), cwd=tmp_path)
+    assert r.returncode == 2 and "has no tokenizer.json" in r.stderr and "save_pretrained" in r.stderr, r.stderr
+    assert "export" not in r.stdout.lower() and not (tmp_path / "b").exists()

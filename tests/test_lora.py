@@ -622,3 +622,17 @@ def test_dora_fuses_at_build_and_is_refused_by_the_bundle_patch(tmp_path, tiny_b
     with pytest.raises(LdmExportError, match="does not load into model 'tiny'") as e:
         apply_loras(tiny_modules(), [LoraRef(path)], "tiny")
     assert "\n" not in str(e.value)
+
+
+def test_lora_that_overflows_the_bundles_dtype_is_refused_and_writes_nothing(tmp_path):
+    """A scale that pushes fp16 weights past 65504 is refused on one line, naming the LoRA and its scale, before
+    anything is written (before: a bundle that could not run, reported with a tick)."""
+    from ldm_export.export.build import BuildConfig, build
+
+    build(BuildConfig(model="tiny", random_weights=True, precision="fp16", out=tmp_path / "fp16"))
+    path = tmp_path / "big.safetensors"
+    make_lora(path, "peft")
+    r = run_cli("lora", str(tmp_path / "fp16"), f"{path}:1e6", "--out", str(tmp_path / "new"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "RuntimeWarning" not in r.stderr, r.stderr
+    assert "big.safetensors x1e+06" in r.stderr and "past float16's range" in r.stderr and "lower the scale" in r.stderr
+    assert not (tmp_path / "new").exists()

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from ldm_export.runtime.editing import has_alpha, mask_grayscale
 from ldm_export.runtime.errors import LdmExportError
 
 from . import a1111
@@ -114,14 +115,10 @@ def _edit_arguments(job: a1111.Job) -> dict:
     mask = None
     if job.mask is not None:
         mask = Image.open(io.BytesIO(job.mask))
-        if _has_alpha(mask):
-            alpha = mask.convert("RGBA").getchannel("A")
-            if alpha.getextrema()[0] < 255:  # A1111's create_binary_mask: the alpha, rounded at 128 by mask_round
-                mask = alpha.point(lambda x: 255 if x > 128 else 0) if job.round_mask else alpha
-            else:
-                mask = mask.convert("L")
-        elif mask.mode not in ("L", "I", "I;16", "I;16B", "I;16L", "1"):
-            mask = mask.convert("L")
+        by_alpha = has_alpha(mask) and mask.convert("RGBA").getchannel("A").getextrema()[0] < 255
+        mask = mask_grayscale(mask)  # the alpha where it has transparency, else the grey levels (as generate reads it)
+        if by_alpha and job.round_mask:  # A1111's create_binary_mask: the alpha, rounded at 128 by mask_round
+            mask = mask.point(lambda x: 255 if x > 128 else 0)
         if job.invert_mask:
             mask = ImageOps.invert(mask.convert("L"))
     elif job.whole_mask:  # an inpainting UNet without a mask repaints the whole image, as A1111 conditions it
@@ -131,8 +128,6 @@ def _edit_arguments(job: a1111.Job) -> dict:
     return out
 
 
-def _has_alpha(image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
 def _flatten(image):
@@ -145,7 +140,7 @@ def _flatten(image):
         return image
     if image.mode in ("I", "I;16", "I;16B", "I;16L"):
         return Image.fromarray((np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8).astype(np.uint8)).convert("RGB")
-    if _has_alpha(image):
+    if has_alpha(image):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
