@@ -268,10 +268,6 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
         hit = next((p for p in paths if source is not None and Path(os.path.realpath(p)) == Path(os.path.realpath(source))), None)
         if hit is not None:  # writing the image would replace the input it is made from
             raise LdmExportError(f"--out would write {hit}, the {option} file itself; choose another --out")
-    existing = [p for p in paths if p.exists()]
-    if existing:  # --out names the files: they are replaced, as cp or curl -o would, and said so before any work
-        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-        logging.getLogger("ldm_export").warning("replacing %s%s (an existing image at --out)", existing[0], more)
     if cudnn_search and provider != "cuda":
         raise LdmExportError("--cudnn-search applies to --provider cuda")
     t0 = time.perf_counter()
@@ -315,17 +311,19 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
             t1 = time.perf_counter()
             for k, image in images:
                 last = image.info["parameters"]
+                replaced = paths[k].exists()  # --out names the file: replaced, as cp or curl -o would, and said so
                 with signals_deferred():  # an interrupt between the rename and the count would misreport
                     save_image(image, paths[k], last)
                     written.append(paths[k])
                 times.append(time.perf_counter() - t1)
-                out_console.print(f"wrote {escape(str(paths[k]))}", soft_wrap=True)
+                out_console.print(f"wrote {escape(str(paths[k]))}" + (" (replaced the file there)" if replaced else ""),
+                                  soft_wrap=True)
     except KeyboardInterrupt:
         names = ", ".join(map(str, written)) if len(written) <= 3 else f"{written[0]} ... {written[-1]}"
         done = f"{len(written)} of {len(paths)} images were written ({names})" if written else "no image was written"
         raise LdmExportError(f"interrupted: {done}; each written image is complete", exit_code=130) from None
     out_console.print(escape(last.splitlines()[-1]), soft_wrap=True)  # "Refiner: NAME [HASH]" is no markup
-    per_batch = pipe.images_per_batch(cfg)
+    per_batch = 1 if refiner is not None else min(pipe.images_per_batch(cfg), len(paths))  # a refiner: image by image
     if len(times) == 1:
         console.print(f"[dim]load {t_load:.2f} s, generate {times[0]:.2f} s[/dim]")
     elif per_batch > 1:

@@ -61,7 +61,7 @@ def check_guidance(guidance_scale: float, guidance_rescale: float, usual: float 
     """CFG scale from 0 to MAX_GUIDANCE (<= 1 runs the conditional pass alone) and rescale from 0 to 1; ``usual``: the
     model's default scale, for the message."""
     for name, v, hi, hint in (("guidance scale", guidance_scale, MAX_GUIDANCE,
-                               f"{usual:g} is this model's default; <= 1 turns guidance off"),
+                               f"{usual:g} is this model's default"),
                               ("guidance rescale", guidance_rescale, 1.0, "0.7 is the paper's value; 0 turns it off")):
         if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
             raise LdmExportError(f"{name} must be a finite number, got {v!r}")
@@ -111,6 +111,10 @@ def _largest_scores(unet_config: Mapping[str, Any], tokens: int) -> int:
 # one score matrix of batch 2 (`generate --size 512x512 --steps 2`, /usr/bin/time).
 # Measured on that U-Net; a DiT's unfused attention is the same chain of ops, so it gets the same factor.
 SCORE_COPIES = 4
+# The VAE decoder's mid-block attention (single-head over every latent, unfused on every target): tiny-flux (8-channel
+# VAE, so its feature maps are small) at 1536x1536 peaked at 12.2 GiB RSS (maxrss 12,811,984 KiB, `generate --size
+# 1536x1536 --steps 1`, /usr/bin/time, a 2-core CPU) against 5.1 GiB for one 36864^2 float32 score matrix: 2.4 of them.
+VAE_SCORE_COPIES = 2
 
 
 def estimate_memory(model: Mapping[str, Any], configs: Mapping[str, Any], width: int, height: int, batch: int,
@@ -120,6 +124,12 @@ def estimate_memory(model: Mapping[str, Any], configs: Mapping[str, Any], width:
     feature maps of the widest block at full latent size, and the decoder's last blocks at full image size.
     An order-of-magnitude floor, used to refuse sizes that cannot fit; real peaks are higher. ``configs``: the
     bundle's module configs (``Bundle.module_configs``)."""
+    return max(_peaks(model, configs, width, height, batch, fused_attention, bytes_per_value).values())
+
+
+def _peaks(model: Mapping[str, Any], configs: Mapping[str, Any], width: int, height: int, batch: int,
+           fused_attention: bool, bytes_per_value: int = 4) -> dict[str, int]:
+    """Bytes of :func:`estimate_memory` per part: {"transformer" or "UNet": one call, "VAE decoder": one decode}."""
     unet = configs.get("unet") or {}
     vae = configs.get("vae") or {}
     f = int(model["vae_scale_factor"])
@@ -131,8 +141,9 @@ def estimate_memory(model: Mapping[str, Any], configs: Mapping[str, Any], width:
         scores = 0 if fused_attention else SCORE_COPIES * batch * _largest_scores(unet, tokens)
         unet_peak = scores + 6 * batch * c0 * tokens
     vae_c = int((vae.get("block_out_channels") or [128])[0])
-    vae_peak = 4 * vae_c * height * width + tokens * tokens  # the mid-block attention is single-head over the latents
-    return int(max(unet_peak, vae_peak) * bytes_per_value)
+    vae_peak = 4 * vae_c * height * width + VAE_SCORE_COPIES * tokens * tokens  # single-head over the latents
+    denoiser = "transformer" if configs.get("transformer") else "UNet"
+    return {denoiser: int(unet_peak * bytes_per_value), "VAE decoder": int(vae_peak * bytes_per_value)}
 
 
 def _dit_peak(model: Mapping[str, Any], transformer: Mapping[str, Any], latents: int, batch: int,
@@ -170,10 +181,11 @@ def available_memory() -> int | None:
 def check_memory(model: Mapping[str, Any], configs: Mapping[str, Any], width: int, height: int, batch: int,
                  fused_attention: bool, available: int | None, where: str) -> None:
     """Refuse a request whose estimated activations exceed ``MEMORY_SHARE`` of ``available`` bytes."""
-    need = estimate_memory(model, configs, width, height, batch, fused_attention)
+    peaks = _peaks(model, configs, width, height, batch, fused_attention)
+    what, need = max(peaks.items(), key=lambda kv: kv[1])
     if available is not None and need > MEMORY_SHARE * available:
-        what = "transformer" if configs.get("transformer") else "UNet"
-        raise LdmExportError(f"{width}x{height} needs about {_gb(need)} of activations per {what} call ({batch} latents), "
+        per = f"per {what} call ({batch} latents)" if what != "VAE decoder" else "in the VAE decoder (its attention over every latent)"
+        raise LdmExportError(f"{width}x{height} needs about {_gb(need)} of activations {per}, "
                              f"more than the {_gb(available)} available {where}; use a smaller --size "
                              f"(the model's own is {model['resolution']} px)")
 

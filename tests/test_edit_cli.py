@@ -434,3 +434,15 @@ def test_strength_that_no_step_count_can_run_is_named_as_such():
 
     with pytest.raises(LdmExportError, match=r"runs no step even at 1000 steps.*at least 0\.001"):
         edit_plan({"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000}, 20, 1e-9)
+
+
+def test_generate_into_a_folder_and_over_an_existing_image(tiny_bundle, tmp_path):
+    """`--out FOLDER` writes image.png inside it (it wrote FOLDER.png beside it); an image written over says so."""
+    (tmp_path / "results").mkdir()
+    args = ("generate", str(tiny_bundle), "a cat", "--steps", "2", "--out", str(tmp_path / "results"))
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "results" / "image.png").is_file() and not (tmp_path / "results.png").exists()
+    assert "replaced" not in r.stdout
+    r = run_cli(*args)
+    assert r.returncode == 0 and f"wrote {tmp_path / 'results' / 'image.png'} (replaced the file there)" in r.stdout
