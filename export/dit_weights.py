@@ -176,10 +176,11 @@ def _load_folder(spec: ModelSpec, folder: Path, trust_pickle: bool, skip: tuple[
                 raise LdmExportError(f"diffusers folder {folder} has no {tok.name}/ (the tokenizer of {name}); copy it "
                                      "from the model's release")
             tokenizers[tokenizer] = tok
-    scale = modules["vae"].config.scaling_factor
-    if abs(float(scale) - float(spec.vae.get("scaling_factor", scale))) > 1e-6:
-        log.warning("%s/vae has scaling_factor %s, model %s %s; using the folder's", folder, scale, spec.name,
-                    spec.latent_scale)
+    if "vae" in modules:  # not when the caller took the VAE from a single file
+        scale = modules["vae"].config.scaling_factor
+        if abs(float(scale) - float(spec.vae.get("scaling_factor", scale))) > 1e-6:
+            log.warning("%s/vae has scaling_factor %s, model %s %s; using the folder's", folder, scale, spec.name,
+                        spec.latent_scale)
     return LoadedDiT(_finish(modules), "diffusers", files=files, tokenizer_dirs=tokenizers)
 
 
@@ -228,12 +229,23 @@ def _load_single_file(spec: ModelSpec, path: Path, trust_pickle: bool) -> Loaded
         if spec.family_def.module("transformer").class_name == "FluxTransformer2DModel":
             return _load_flux_single_file(spec, path, checkpoint, digest, trust_pickle)
         modules = _convert_single_file(spec, path, checkpoint)
-    # the file holds no tokenizer: T5's comes from the model's folder around it, where the release has one
     family = spec.family_def
+    missing = [m.name for m in family.modules if m.name not in modules]
+    files = {path.name: digest}
+    # the file holds no tokenizer: T5's comes from the model's folder around it, where the release has one
     tokenizers = {name: path.parent / name for name, cls in zip(family.tokenizers, family.tokenizer_classes)
                   if cls == "T5TokenizerFast" and (path.parent / name).is_dir()}
-    return LoadedDiT(_finish(modules), "single-file", sha256=digest, files={path.name: digest},
-                     tokenizer_dirs=tokenizers)
+    if missing:  # a release without its VAE or text encoders: they come from the diffusers folder around it
+        if not (path.parent / "model_index.json").is_file():
+            raise LdmExportError(f"{path.name} holds no {', '.join(missing)} weights (the transformer-only release); put "
+                                 "it in the model's diffusers folder beside model_index.json, or pass the single file "
+                                 "that includes the text encoders and VAE, or the diffusers folder itself")
+        rest = _load_folder(spec, path.parent, trust_pickle, skip=tuple(modules))
+        modules.update({name: rest.modules[name] for name in missing})
+        files.update(rest.files)
+        tokenizers = rest.tokenizer_dirs
+    return LoadedDiT(_finish({m.name: modules[m.name] for m in family.modules}), "single-file", sha256=digest,
+                     files=files, tokenizer_dirs=tokenizers)
 
 
 def _load_flux_single_file(spec: ModelSpec, path: Path, checkpoint, digest: str, trust_pickle: bool) -> LoadedDiT:
@@ -325,24 +337,21 @@ def _convert_single_file(spec: ModelSpec, path: Path, checkpoint) -> dict[str, n
     state = checkpoint.take((SD3_PREFIX,))
     converted = _convert("transformer", path, lambda: sfu.convert_sd3_transformer_checkpoint_to_diffusers(state))
     modules["transformer"] = _adopt(spec, "transformer", converted)
-    if not any(k.startswith(VAE_PREFIX) for k in keys):
-        raise LdmExportError(f"{path.name} has no VAE weights (no key starts with '{VAE_PREFIX}'); pass a diffusers "
-                             "folder, or the single file that includes them")
-    state = checkpoint.take((VAE_PREFIX,))
-    modules["vae"] = _adopt(spec, "vae", _convert("vae", path, lambda: sfu.convert_ldm_vae_checkpoint(state, spec.vae)))
+    if any(k.startswith(VAE_PREFIX) for k in keys):
+        state = checkpoint.take((VAE_PREFIX,))
+        modules["vae"] = _adopt(spec, "vae", _convert("vae", path,
+                                                      lambda: sfu.convert_ldm_vae_checkpoint(state, spec.vae)))
     roles = dict(zip(family.text_encoders, ("clip_l", "clip_g", "t5xxl")))
     for name, role in roles.items():
         prefix = SD3_TEXT_PREFIXES[role]
         if not any(k.startswith(prefix) for k in keys):
-            raise LdmExportError(f"{path.name} has no {role} weights (no key starts with '{prefix}'): it is the "
-                                 "transformer-only release; pass the single file that includes the text encoders "
-                                 "(sd3_medium_incl_clips_t5xxlfp16.safetensors) or a diffusers folder")
+            continue  # a release without its text encoders: they come from the folder around it (_load_single_file)
         state = checkpoint.take((prefix,))
         converted = {k[len(prefix):]: v for k, v in state.items()}
         if role == "t5xxl":
             converted.setdefault("encoder.embed_tokens.weight", converted.get("shared.weight"))
         modules[name] = _adopt(spec, name, {k: v for k, v in converted.items() if v is not None})
-    return {m.name: modules[m.name] for m in family.modules}
+    return modules  # the modules the file holds; the transformer always
 
 
 def _convert(name: str, path: Path, convert) -> dict[str, torch.Tensor]:

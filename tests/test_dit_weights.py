@@ -146,7 +146,31 @@ def test_transformer_only_single_file_says_what_is_missing(modules, tmp_path):
     save_file(to_sd3_single_file(modules, SPEC.configs["transformer"], SPEC.vae, text_encoders=()), str(path))
     with pytest.raises(LdmExportError) as e:
         load_dit_weights(SPEC, path)
-    assert "has no clip_l weights" in one_line(e)
+    assert ("holds no text_encoder, text_encoder_2, text_encoder_3 weights (the transformer-only release); put it in "
+            "the model's diffusers folder") in one_line(e)
+
+
+def test_transformer_only_single_file_in_its_folder_takes_the_rest_from_the_folder(modules, sd3_folder, tmp_path):
+    """A release's transformer-only file (SD3's sd3_medium.safetensors, SD 3.5's files) inside its diffusers folder:
+    the transformer (and VAE) from the file, the text encoders and T5's tokenizer from the folder around it."""
+    import shutil
+
+    import torch
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(sd3_folder, folder)
+    import copy
+
+    tuned = {**modules, "transformer": copy.deepcopy(modules["transformer"])}
+    with torch.no_grad():
+        next(tuned["transformer"].parameters()).add_(1.0)  # the file's transformer differs from the folder's
+    path = folder / "finetune.safetensors"
+    save_file(to_sd3_single_file(tuned, SPEC.configs["transformer"], SPEC.vae, text_encoders=()), str(path))
+    loaded = load_dit_weights(SPEC, path)
+    assert loaded.source == "single-file" and loaded.tokenizer_dirs["tokenizer_3"] == folder / "tokenizer_3"
+    for name in ("transformer", "text_encoder_3"):
+        got, want = loaded.modules[name].state_dict(), tuned[name].state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), name
 
 
 def test_flux_single_file_without_its_folder_says_what_to_do(tmp_path):
