@@ -177,8 +177,8 @@ def is_dora(path: Path) -> str | None:
 
 def _peft_parts(state: dict, prefix: str, is_unet: bool, file: str = "this LoRA") -> dict:
     """The keys one component receives, converted as diffusers converts them before PEFT injects them."""
-    from diffusers.utils.state_dict_utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
-                                                  convert_unet_state_dict_to_peft)
+    from diffusers.utils.state_dict_utils import (StateDictType, convert_state_dict_to_diffusers,
+                                                  convert_state_dict_to_peft, convert_unet_state_dict_to_peft)
 
     part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
     if not part:
@@ -186,7 +186,11 @@ def _peft_parts(state: dict, prefix: str, is_unet: bool, file: str = "this LoRA"
     try:
         if is_unet:
             return part if any("lora_A" in k for k in part) else convert_unet_state_dict_to_peft(part)
-        return convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+        # diffusers tells its old text-encoder layout (`to_q_lora.down.weight`, what its kohya converter writes) by an
+        # `out_proj` key alone, so a kohya LoRA of q/k/v without out_proj (A1111 reads it) failed "to infer the type"
+        old = any(re.search(r"\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$", k) for k in part)
+        return convert_state_dict_to_peft(convert_state_dict_to_diffusers(
+            part, original_type=StateDictType.DIFFUSERS_OLD if old else None))
     except ValueError as e:  # "Could not automatically infer state dict type"
         first = next(iter(part))
         raise LdmExportError(f"LoRA file {file}: diffusers cannot convert its {prefix} keys (e.g. '{prefix}.{first}'): "
@@ -261,7 +265,10 @@ def apply_loras(modules: dict[str, Any], loras: Iterable[LoraRef], model: str) -
                 targets.append(("unet", modules["unet"]))
             for te in TEXT_ENCODERS:
                 if counts.get(te):
-                    mixin.load_lora_into_text_encoder(state, alphas, modules[te], prefix=te, adapter_name=adapter)
+                    # in PEFT's layout already (_peft_parts tells diffusers' old layout without an out_proj key, which
+                    # the loader's own conversion cannot); the loader's conversions leave PEFT keys as they are
+                    part = {f"{te}.{k}": v for k, v in _peft_parts(state, te, False, ref.path.name).items()}
+                    mixin.load_lora_into_text_encoder(part, alphas, modules[te], prefix=te, adapter_name=adapter)
                     targets.append((te, modules[te]))
         except (RuntimeError, ValueError, KeyError) as e:
             raise LdmExportError(f"LoRA file {ref.path.name} does not load into model '{model}': {_one_line(e)[:300]}; "

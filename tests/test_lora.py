@@ -27,7 +27,8 @@ LAYERS = [
     ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", "unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 32, 16),
     ("lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_ff_net_2", "unet", "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2", 64, 16),
 ] + [
-    # kohya text-encoder LoRAs adapt q, k, v and out together (diffusers infers the layout from out_proj)
+    # kohya text-encoder LoRAs often adapt q, k, v and out together (diffusers infers its layout from out_proj: a file
+    # without it is tested below)
     (f"lora_te_text_model_encoder_layers_0_self_attn_{p}", "text_encoder", f"text_model.encoder.layers.0.self_attn.{p}", 32, 32)
     for p in ("q_proj", "k_proj", "v_proj", "out_proj")
 ] + [
@@ -636,3 +637,19 @@ def test_lora_that_overflows_the_bundles_dtype_is_refused_and_writes_nothing(tmp
     assert r.returncode == 2 and "Traceback" not in r.stderr and "RuntimeWarning" not in r.stderr, r.stderr
     assert "big.safetensors x1e+06" in r.stderr and "past float16's range" in r.stderr and "lower the scale" in r.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_kohya_text_encoder_lora_of_q_and_v_alone_fuses(tmp_path):
+    """A kohya text-encoder LoRA adapting q and v but not out_proj (A1111 reads it) was refused: diffusers tells its
+    old layout by an out_proj key. The deltas are the closed form's."""
+    layers = [(f"lora_te_text_model_encoder_layers_0_self_attn_{p}", "text_encoder",
+               f"text_model.encoder.layers.0.self_attn.{p}", 32, 32) for p in ("q_proj", "v_proj")]
+    path = tmp_path / "qv.safetensors"
+    expected = make_lora(path, "kohya", layers=layers)
+    base = tiny_modules()
+    before = {k: v.clone() for k, v in base["text_encoder"].state_dict().items()}
+    report = apply_loras(base, [LoraRef(path, 1.0)], "tiny")
+    assert report[0]["layers"]["text_encoder"] == 2 and not report[0]["layers"].get("unet")
+    for (component, module), delta in expected.items():
+        got = base[component].state_dict()[f"{module}.weight"] - before[f"{module}.weight"]
+        torch.testing.assert_close(got, delta, rtol=1e-5, atol=1e-6)
