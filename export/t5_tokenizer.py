@@ -1,5 +1,5 @@
-"""A stand-in T5 tokenizer (SentencePiece-style Unigram, T5's special tokens and post-processor) trained with HF
-``tokenizers`` on a small built-in corpus: for bundles built with random weights and for tests, where T5's own
+"""A stand-in T5 tokenizer (SentencePiece-style Unigram, T5's special tokens and post-processor) built with HF
+``tokenizers`` from a small built-in corpus: for bundles built with random weights and for tests, where T5's own
 ``tokenizer.json`` cannot be downloaded. A bundle built from real weights copies the model's own file instead.
 """
 from __future__ import annotations
@@ -28,18 +28,32 @@ def corpus() -> list[str]:
 
 
 def write_standin_t5_tokenizer(dest: str | Path, vocab_size: int = 1000) -> Path:
-    """Train and write tokenizer.json, tokenizer_config.json and special_tokens_map.json (T5TokenizerFast's files)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (T5TokenizerFast's files).
 
-    tok = Tokenizer(models.Unigram())
+    The Unigram vocabulary is built, not trained: T5's special tokens (ids 0-2), the corpus' words as whole pieces
+    scored by their log frequency, then every printable ASCII character (and the word-start mark) scored below any
+    word, so an unknown word splits into characters and no plain-English prompt meets <unk>. The same arguments give
+    the same file: ``tokenizers``' Unigram trainer does not (its result changes from run to run), which made two
+    builds of one seed draw different images."""
+    import math
+    import unicodedata
+    from collections import Counter
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    words = Counter(w for line in corpus() for w in unicodedata.normalize("NFKC", line).split())
+    total = sum(words.values())
+    alphabet = ["\u2581"] + [chr(c) for c in range(33, 127)]
+    n_words = max(0, int(vocab_size) - len(SPECIAL_TOKENS) - len(alphabet))
+    ranked = sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))[:n_words]
+    vocab = [(t, 0.0) for t in SPECIAL_TOKENS]
+    vocab += [("\u2581" + w, math.log(c / total)) for w, c in ranked]
+    floor = min((score for _, score in vocab[len(SPECIAL_TOKENS):]), default=0.0) - 10.0
+    vocab += [(ch, floor - 0.001 * i) for i, ch in enumerate(alphabet)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=SPECIAL_TOKENS.index("<unk>"), byte_fallback=False))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    # every printable ASCII character is a piece, so no plain-English prompt meets <unk>
-    alphabet = [chr(c) for c in range(33, 127)]
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), unk_token="<unk>",
-                                      initial_alphabet=alphabet, show_progress=False)
-    tok.train_from_iterator(corpus(), trainer)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", tok.token_to_id("</s>"))])
     dest = Path(dest)

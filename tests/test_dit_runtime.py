@@ -154,3 +154,17 @@ def test_t5_tokenizer_missing_file_is_one_line_error(tmp_path):
 
     with pytest.raises(LdmExportError, match="tokenizer.json is missing"):
         T5Tokenizer(tmp_path)
+
+
+def test_the_standin_t5_tokenizer_is_the_same_file_every_time(tmp_path):
+    """Two random-weights builds of one seed drew different images: the stand-in tokenizer was trained by
+    `tokenizers`' Unigram trainer, whose result changes from run to run. Its vocabulary is built now."""
+    from ldm_export.export.t5_tokenizer import write_standin_t5_tokenizer
+    from ldm_export.runtime.tokenizer_t5 import T5Tokenizer
+
+    a = write_standin_t5_tokenizer(tmp_path / "a", vocab_size=300)
+    b = write_standin_t5_tokenizer(tmp_path / "b", vocab_size=300)
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+    ids = T5Tokenizer(a, max_length=12)(["a red circle on the left", "zebra"])
+    assert ids[0, :7].tolist() == [*ids[0, :6].tolist(), 1] and 2 not in ids[0]  # six word pieces, then </s>
+    assert 2 not in ids[1] and (ids[1] > 0).sum() == 7  # an unknown word splits into the mark and its letters
