@@ -379,7 +379,7 @@ def _refined(pipe, refine, prompt, seed, num_images, start, common):
         image = refine(prompt, seed=s, latents=latents, denoising_start=start, **common)[0]
         # A1111's infotext of a refined image: the base as Model, then "Refiner: NAME [HASH], Refiner switch at: F"
         p = parse_parameters(image.info["parameters"])
-        extra = {k: v for k, v in p.get("extra", {}).items() if k != "Lora hashes"}  # the refiner's: said below
+        extra = {key: v for key, v in p.get("extra", {}).items() if key != "Lora hashes"}  # the refiner's: said below
         # the LoRAs of both models, the base's first (A1111 lists the LoRAs that made the image)
         loras = ", ".join(h for h in (lora_hashes(pipe.bundle.manifest), lora_hashes(refine.bundle.manifest)) if h)
         if loras:

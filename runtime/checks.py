@@ -184,7 +184,8 @@ def check_memory(model: Mapping[str, Any], configs: Mapping[str, Any], width: in
     peaks = _peaks(model, configs, width, height, batch, fused_attention)
     what, need = max(peaks.items(), key=lambda kv: kv[1])
     if available is not None and need > MEMORY_SHARE * available:
-        per = f"per {what} call ({batch} latents)" if what != "VAE decoder" else "in the VAE decoder (its attention over every latent)"
+        per = (f"per {what} call ({batch} latents)" if what != "VAE decoder"
+               else "in the VAE decoder (its attention over every latent)")
         raise LdmExportError(f"{width}x{height} needs about {_gb(need)} of activations {per}, "
                              f"more than the {_gb(available)} available {where}; use a smaller --size "
                              f"(the model's own is {model['resolution']} px)")
