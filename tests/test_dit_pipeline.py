@@ -259,8 +259,17 @@ def test_dit_bench_runs_ort_once_and_says_why_ort_nhwc_is_not_a_second_row(built
     """ort-nhwc ran the very engine ort runs and reported it as a second row."""
     from conftest import run_cli
 
+    import shutil
+
+    from ldm_export.export.t5_tokenizer import write_standin_t5_tokenizer
+
     bundle, folder, _, _ = built["tiny-sd3"]
-    r = run_cli("bench", "--bundle", str(bundle), "--weights", str(folder), "--device", "cpu", "--backends",
+    # a T5 vocabulary of characters alone, so that tiny T5's 16 tokens cut the bench prompt (whole-word pieces fit it)
+    cut = tmp_path / "bundle"
+    shutil.copytree(bundle, cut)
+    shutil.rmtree(cut / "tokenizer_3")
+    write_standin_t5_tokenizer(cut / "tokenizer_3", vocab_size=100)
+    r = run_cli("bench", "--bundle", str(cut), "--weights", str(folder), "--device", "cpu", "--backends",
                 "ort,ort-nhwc", "--steps", "1", "--repeats", "1", "--e2e-repeats", "1", "--warmup", "0",
                 "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
