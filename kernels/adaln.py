@@ -29,25 +29,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import types
 
-import numpy as np
-
-from .attention import DOMAIN, OP as MHA_OP
+from .attention import DOMAIN, OP as MHA_OP, multi_head_attention
 from .fast_gelu import fast_gelu
+from .joint_attention import attention_scale, joined_qkv
+from .residual import SKIP_LAYER_NORM
 
 log = logging.getLogger(__name__)
-
-SKIP_LAYER_NORM = "SkipLayerNormalization"
-
-
-def modulated_layer_norm_ref(x: np.ndarray, scale: np.ndarray, shift: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """numpy reference, float64: LN(x) * (1 + scale) + shift over the last axis (no affine of its own)."""
-    x = x.astype(np.float64)
-    y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
-    return y * (1.0 + scale.astype(np.float64)) + shift.astype(np.float64)
-
 
 @functools.cache  # the torch.autograd.Function classes, built once torch is imported
 def _functions():
@@ -159,31 +148,17 @@ def _joint_attention(attn, x_in, c_in, bias_in_attention: bool):
     import torch
     import torch.nn.functional as F
 
-    heads = attn.heads
     n = x_in.shape[1]
-    head_dim = attn.to_q.out_features // heads
-    scale = attn.scale if getattr(attn, "scale", None) is not None else 1.0 / math.sqrt(head_dim)
-    image = (attn.to_q, attn.to_k, attn.to_v)
-    text = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
     if bias_in_attention:
+        image = (attn.to_q, attn.to_k, attn.to_v)
+        text = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
         qkv = [F.linear(x_in, lin.weight) for lin in image]
         qkv_c = [F.linear(c_in, lt.weight, _bias(lt) - _bias(li)) for lt, li in zip(text, image)]
         joined = [torch.cat([a, b], dim=1) for a, b in zip(qkv, qkv_c)]
         bias = torch.cat([_bias(lin) for lin in image])
-        out = biased_attention(*joined, bias, heads, float(scale))
+        out = biased_attention(*joined, bias, attn.heads, attention_scale(attn))
     else:
-        from .attention import multi_head_attention
-
-        def project(x, lin, norm):
-            y = lin(x)
-            if norm is not None:
-                y = norm(y.view(1, -1, heads, y.shape[-1] // heads)).flatten(2)
-            return y
-
-        q = torch.cat([project(x_in, attn.to_q, attn.norm_q), project(c_in, attn.add_q_proj, attn.norm_added_q)], 1)
-        k = torch.cat([project(x_in, attn.to_k, attn.norm_k), project(c_in, attn.add_k_proj, attn.norm_added_k)], 1)
-        v = torch.cat([attn.to_v(x_in), attn.add_v_proj(c_in)], 1)
-        out = multi_head_attention(q, k, v, heads, float(scale))
+        out = multi_head_attention(*joined_qkv(attn, x_in, c_in), attn.heads, attention_scale(attn))
     out = out.to(x_in.dtype)
     ax = F.linear(out[:, :n], attn.to_out[0].weight)
     ac = None if attn.context_pre_only else F.linear(out[:, n:], attn.to_add_out.weight)

@@ -18,33 +18,45 @@ from .attention import multi_head_attention
 log = logging.getLogger(__name__)
 
 
+def joined_qkv(attn, hidden_states, encoder_hidden_states=None):
+    """(query, key, value) of diffusers' joint attention: the image tokens' projections (with their q/k norms), the
+    text tokens' appended on the sequence axis where ``encoder_hidden_states`` is given; each (B, S [+ L], D)."""
+    b, heads = hidden_states.shape[0], attn.heads
+
+    def project(x, to, norm):  # (B, S, D) -> (B, S, D), the per-head RMS norm applied on (B, S, H, hd)
+        y = to(x)
+        if norm is not None:
+            y = norm(y.view(b, -1, heads, y.shape[-1] // heads)).flatten(2)
+        return y
+
+    query = project(hidden_states, attn.to_q, attn.norm_q)
+    key = project(hidden_states, attn.to_k, attn.norm_k)
+    value = attn.to_v(hidden_states)
+    if encoder_hidden_states is not None:
+        import torch
+
+        query = torch.cat([query, project(encoder_hidden_states, attn.add_q_proj, attn.norm_added_q)], dim=1)
+        key = torch.cat([key, project(encoder_hidden_states, attn.add_k_proj, attn.norm_added_k)], dim=1)
+        value = torch.cat([value, attn.add_v_proj(encoder_hidden_states)], dim=1)
+    return query, key, value
+
+
+def attention_scale(attn) -> float:
+    """The softmax scale of ``attn``: its own, else 1 / sqrt(head size)."""
+    if getattr(attn, "scale", None) is not None:
+        return float(attn.scale)
+    return 1.0 / math.sqrt(attn.to_k.out_features // attn.heads)
+
+
 class FusedJointAttnProcessor:
     """diffusers ``JointAttnProcessor2_0`` with its attention core as one fused op (no masks)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if attention_mask is not None:
             raise NotImplementedError("fused joint attention with a mask is not built (SD3 passes none)")
-        b, n = hidden_states.shape[0], hidden_states.shape[1]
-        heads = attn.heads
-
-        def project(x, to, norm):  # (B, S, D) -> (B, S, D), the per-head RMS norm applied on (B, S, H, hd)
-            y = to(x)
-            if norm is not None:
-                y = norm(y.view(b, -1, heads, y.shape[-1] // heads)).flatten(2)
-            return y
-
-        query = project(hidden_states, attn.to_q, attn.norm_q)
-        key = project(hidden_states, attn.to_k, attn.norm_k)
-        value = attn.to_v(hidden_states)
-        if encoder_hidden_states is not None:
-            import torch
-
-            query = torch.cat([query, project(encoder_hidden_states, attn.add_q_proj, attn.norm_added_q)], dim=1)
-            key = torch.cat([key, project(encoder_hidden_states, attn.add_k_proj, attn.norm_added_k)], dim=1)
-            value = torch.cat([value, attn.add_v_proj(encoder_hidden_states)], dim=1)
-        head_dim = key.shape[-1] // heads
-        scale = attn.scale if getattr(attn, "scale", None) is not None else 1.0 / math.sqrt(head_dim)
-        out = multi_head_attention(query, key, value, heads, float(scale)).to(query.dtype)  # (B, S + L, D)
+        n = hidden_states.shape[1]
+        query, key, value = joined_qkv(attn, hidden_states, encoder_hidden_states)
+        out = multi_head_attention(query, key, value, attn.heads, attention_scale(attn)).to(query.dtype)  # (B, S + L, D)
         if encoder_hidden_states is not None:
             out, context = out[:, :n], out[:, n:]
             if not attn.context_pre_only:

@@ -292,13 +292,21 @@ def has_alpha(image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
+def transparency(image):
+    """The alpha channel (mode L) of an image that has transparent pixels, else None (no alpha, or all opaque)."""
+    if not has_alpha(image):
+        return None
+    alpha = image.convert("RGBA").getchannel("A")
+    return alpha if alpha.getextrema()[0] < 255 else None
+
+
 def mask_grayscale(image):
     """A mask image as A1111 reads one, as mode L: by its alpha where it has transparency (opaque = repaint, as a
     painted stroke), else by its grey levels (palette and colour images converted, 16-bit scaled)."""
+    alpha = transparency(image)
+    if alpha is not None:
+        return alpha
     if has_alpha(image):
-        alpha = image.convert("RGBA").getchannel("A")
-        if alpha.getextrema()[0] < 255:
-            return alpha
         image = image.convert("RGBA").convert("RGB")  # fully opaque: the grey levels
     return _grayscale(image)
 

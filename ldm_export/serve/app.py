@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from ldm_export.runtime.editing import has_alpha, mask_grayscale
+from ldm_export.runtime.editing import has_alpha, mask_grayscale, transparency
 from ldm_export.runtime.errors import LdmExportError
 
 from . import a1111
@@ -115,10 +115,11 @@ def _edit_arguments(job: a1111.Job) -> dict:
     mask = None
     if job.mask is not None:
         mask = Image.open(io.BytesIO(job.mask))
-        by_alpha = has_alpha(mask) and mask.convert("RGBA").getchannel("A").getextrema()[0] < 255
-        mask = mask_grayscale(mask)  # the alpha where it has transparency, else the grey levels (as generate reads it)
-        if by_alpha and job.round_mask:  # A1111's create_binary_mask: the alpha, rounded at 128 by mask_round
-            mask = mask.point(lambda x: 255 if x > 128 else 0)
+        alpha = transparency(mask)
+        if alpha is not None and job.round_mask:  # A1111's create_binary_mask: the alpha, rounded at 128 by mask_round
+            mask = alpha.point(lambda x: 255 if x > 128 else 0)
+        else:  # the alpha where it has transparency, else the grey levels (as generate reads it)
+            mask = mask_grayscale(mask)
         if job.invert_mask:
             mask = ImageOps.invert(mask.convert("L"))
     elif job.whole_mask:  # an inpainting UNet without a mask repaints the whole image, as A1111 conditions it
@@ -126,8 +127,6 @@ def _edit_arguments(job: a1111.Job) -> dict:
     if mask is not None:
         out.update(mask_image=_Sent(_png(mask), "in the request"), mask_blur=job.mask_blur)
     return out
-
-
 
 
 def _flatten(image):
