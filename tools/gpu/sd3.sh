@@ -60,7 +60,8 @@ print(json.dumps(rows, indent=1))" | tee "$OUT/sd3_verification.json"
       | grep --line-buffered -v Warning | tee "$OUT/flux_export_fused.log"
     ;;
   probe)
-    timeout ${PROBE_TIMEOUT:-540} python3 tools/gpu/sd3_adaln_probe.py --out "$OUT" --layers ${PROBE_LAYERS:-6} 2>&1 \
+    timeout ${PROBE_TIMEOUT:-540} python3 tools/gpu/sd3_adaln_probe.py --out "$OUT" --layers ${PROBE_LAYERS:-6} \
+      --variants ${PROBE_VARIANTS:-batch2,adaln,adaln-biased-qkv} 2>&1 \
       | grep --line-buffered -v Warning | tee "$OUT/sd3_adaln_probe.log"
     ;;
   tests)

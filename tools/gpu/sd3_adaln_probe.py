@@ -1,6 +1,6 @@
 """SD3 transformer blocks, full width, three ONNX graphs side by side on ONNX Runtime CUDA: is the fused AdaLN worth it?
 
-    python tools/gpu/sd3_adaln_probe.py --out DIR [--layers 6] [--side 128] [--text 333] [--runs 20]
+    python tools/gpu/sd3_adaln_probe.py --out DIR [--layers 6] [--side 128] [--text 333] [--runs 20] [--variants ...]
 
 Builds SD3-medium's transformer (width 1536, 24 heads, 1024²: 4096 image + 333 text tokens) with ``--layers`` of its
 24 blocks and random fp16 weights on the GPU, then exports it three ways (fp16, static shapes, opset 17) and times a
@@ -13,8 +13,10 @@ after the ONNX graphs) of the same module at batch 2:
 - ``adaln``: the fused batch-1 forward of kernels/adaln.py (modulated LayerNormalization, SkipLayerNormalization
   across the residuals, q/k/v biases inside MultiHeadAttention): two batch-1 calls a step;
 - ``adaln-biased-qkv``: the same with the q/k/v biases left in the projections.
-Writes ``sd3_adaln_probe.json`` and ``.md`` to DIR: per variant the step's median and p90 (ms), the ONNX node
-counts, export seconds and, against torch on the same inputs, each output's cosine and max abs error.
+``--layers 24`` is the whole transformer (each graph then goes over 2 GB and is written with external data);
+``--variants batch2,adaln`` times only those graphs. Writes ``sd3_adaln_probe.json`` and ``.md`` to DIR: per
+variant the step's median and p90 (ms), the ONNX node counts, export seconds and, against torch on the same
+inputs, each output's cosine and max abs error.
 ``--device cpu --model tiny-sd3 --layers 2 --side 16 --text 20`` is a smoke run of this script (fp32, CPU provider,
 no CUDA graphs).
 """
@@ -40,6 +42,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--variants", default="batch2,adaln,adaln-biased-qkv",
+                   help="which ONNX graphs to time, in order (torch.compile runs after them)")
     args = p.parse_args()
 
     import onnx
@@ -49,7 +53,7 @@ def main() -> None:
 
     from ldm_export import kernels
     from ldm_export.export.dit_models import SD3TransformerWrapper, register_onnx_symbolics
-    from ldm_export.export.onnx_export import OPSET
+    from ldm_export.export.onnx_export import OPSET, save_onnx
     from ldm_export.kernels import adaln
     from ldm_export.zoo import get_model
 
@@ -104,10 +108,19 @@ def main() -> None:
     print(f"torch-eager: {med:.2f} ms", flush=True)
     register_onnx_symbolics(OPSET)
     # adaln: the build's default (the q/k/v biases in the attention unless q/k norms need them first)
-    variants = {"batch2": (2, None), "adaln": (1, None), "adaln-biased-qkv": (1, False)}
-    for name, (batch, bias_in_attention) in variants.items():
+    known = {"batch2": (2, None), "adaln": (1, None), "adaln-biased-qkv": (1, False)}
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not wanted or any(v not in known for v in wanted):
+        p.error(f"--variants takes names from {', '.join(known)}")
+    import shutil
+
+    for name in wanted:
+        batch, bias_in_attention = known[name]
         feeds = {k: v[:batch].contiguous() for k, v in feeds2.items()}
-        path = work / f"{name}.onnx"
+        vdir = work / name  # a graph over 2 GB comes out of the exporter as one file per tensor: one folder a graph
+        shutil.rmtree(vdir, ignore_errors=True)
+        vdir.mkdir(parents=True)
+        path = vdir / "model.onnx"
         t0 = time.perf_counter()
         if batch == 2:
             ctx = kernels.export_patches(wrapper, "transformer", "cuda")
@@ -125,7 +138,9 @@ def main() -> None:
                 adaln.uninstall(saved)
         m = onnx.load(str(path))
         adaln.clear_unused_outputs(m)
-        onnx.save(m, str(path))
+        for f in vdir.iterdir():
+            f.unlink()
+        save_onnx(m, path)  # one model.onnx_data beside it when over 2 GB
         export_s = time.perf_counter() - t0
         ops = Counter(n.op_type for n in m.graph.node)
         del m
@@ -177,10 +192,8 @@ def main() -> None:
         print(f"{name}: {med:.2f} ms a step ({2 // batch} calls), cosine {min(cos):.6f}, export {export_s:.0f} s, "
               f"ops {dict(ops.most_common(10))}", flush=True)
         (out_dir / "sd3_adaln_probe.json").write_text(json.dumps(result, indent=1))  # what ran so far survives a timeout
-        del sess, io
-        path.unlink()
-        for extra in work.glob(f"{name}.onnx*"):
-            extra.unlink()
+        sess = io = None  # free the session before the next graph loads
+        shutil.rmtree(vdir, ignore_errors=True)
     if cuda and not args.no_compile:
         compiled = torch.compile(wrapper)
         t0 = time.perf_counter()
@@ -193,11 +206,12 @@ def main() -> None:
         del compiled
         torch._dynamo.reset()
     (out_dir / "sd3_adaln_probe.json").write_text(json.dumps(result, indent=1))
-    base = result["variants"]["batch2"]["step_ms"]
+    base_name = "batch2" if "batch2" in result["variants"] else wanted[0]
+    base = result["variants"][base_name]["step_ms"]
     lines = [f"SD3 ({args.model}) transformer, {args.layers} of its blocks at full width ({result['parameters_m']} M "
              f"parameters), {side * 8}², {text} text tokens, CFG (batch 2 or two batch-1 calls), {result['dtype']}, "
              f"on {result['device']}; median (p90) of {args.runs} steps after 3 warm-ups.", "",
-             "| variant | calls a step | step ms | vs batch2 graph | cosine vs torch |", "|---|---|---|---|---|"]
+             f"| variant | calls a step | step ms | vs {base_name} graph | cosine vs torch |", "|---|---|---|---|---|"]
     for name, v in result["variants"].items():
         cos = f"{v['cosine_vs_torch']:.6f}" if "cosine_vs_torch" in v else "—"
         lines.append(f"| {name} | {v['calls']} | {v['step_ms']:.2f} ({v['p90_ms']:.2f}) | {base / v['step_ms']:.2f}x | {cos} |")
