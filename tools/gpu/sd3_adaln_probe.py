@@ -14,7 +14,7 @@ after the ONNX graphs) of the same module at batch 2:
   across the residuals, q/k/v biases inside MultiHeadAttention): two batch-1 calls a step;
 - ``adaln-biased-qkv``: the same with the q/k/v biases left in the projections.
 ``--layers 24`` is the whole transformer (each graph then goes over 2 GB and is written with external data);
-``--variants batch2,adaln`` times only those graphs. Writes ``sd3_adaln_probe.json`` and ``.md`` to DIR: per
+``--variants batch2,adaln`` times only those graphs. ``--profile`` adds each graph's GPU kernels by kind. Writes ``sd3_adaln_probe.json`` and ``.md`` to DIR: per
 variant the step's median and p90 (ms), the ONNX node counts, export seconds and, against torch on the same
 inputs, each output's cosine and max abs error.
 ``--device cpu --model tiny-sd3 --layers 2 --side 16 --text 20`` is a smoke run of this script (fp32, CPU provider,
@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="also record each ONNX graph's GPU kernels by kind (CUPTI through PyTorch's profiler)")
     p.add_argument("--variants", default="batch2,adaln,adaln-biased-qkv",
                    help="which ONNX graphs to time, in order (torch.compile runs after them)")
     args = p.parse_args()
@@ -110,6 +112,7 @@ def main() -> None:
     # adaln: the build's default (the q/k/v biases in the attention unless q/k norms need them first)
     known = {"batch2": (2, None), "adaln": (1, None), "adaln-biased-qkv": (1, False)}
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    profiles: list[str] = []
     if not wanted or any(v not in known for v in wanted):
         p.error(f"--variants takes names from {', '.join(known)}")
     import shutil
@@ -191,6 +194,13 @@ def main() -> None:
                                     "ops": dict(ops.most_common(16))}
         print(f"{name}: {med:.2f} ms a step ({2 // batch} calls), cosine {min(cos):.6f}, export {export_s:.0f} s, "
               f"ops {dict(ops.most_common(10))}", flush=True)
+        if args.profile and cuda:
+            from ldm_export.bench.kernel_profile import format_profile, profile_kernels
+
+            prof = profile_kernels(step, runs=5)
+            result["variants"][name]["profile"] = prof
+            profiles.append(format_profile(prof, f"{name}: GPU kernels of one CFG step ({2 // batch} calls)"))
+            print(profiles[-1], flush=True)
         (out_dir / "sd3_adaln_probe.json").write_text(json.dumps(result, indent=1))  # what ran so far survives a timeout
         sess = io = None  # free the session before the next graph loads
         shutil.rmtree(vdir, ignore_errors=True)
@@ -215,7 +225,7 @@ def main() -> None:
     for name, v in result["variants"].items():
         cos = f"{v['cosine_vs_torch']:.6f}" if "cosine_vs_torch" in v else "—"
         lines.append(f"| {name} | {v['calls']} | {v['step_ms']:.2f} ({v['p90_ms']:.2f}) | {base / v['step_ms']:.2f}x | {cos} |")
-    (out_dir / "sd3_adaln_probe.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "sd3_adaln_probe.md").write_text("\n\n".join(["\n".join(lines), *profiles]) + "\n")
     print("\n".join(lines))
 
 
