@@ -5,6 +5,7 @@ import datetime as _dt
 import gc
 import json
 import logging
+import math
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,7 +179,6 @@ def validate(cfg: BuildConfig) -> ModelSpec:
 
 def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
     """Build the bundle described by ``cfg``; return its manifest. Leaves no bundle if anything fails."""
-    import onnx
     import torch
 
     from ldm_export import kernels
@@ -358,6 +358,16 @@ def _check(report: dict, component: str, precision: str) -> None:
         return
     worst = min(report["outputs"].items(), key=lambda kv: kv[1]["cosine"] if kv[1]["cosine"] == kv[1]["cosine"] else -2)
     name, r = worst
+    bad_ref = next((n for n, o in report["outputs"].items() if not math.isfinite(o["ref_max_abs"])), None)
+    if bad_ref is not None:
+        raise LdmExportError(f"{component}: the PyTorch model's own output '{bad_ref}' holds NaN/Inf on sample inputs; "
+                             "its weights are damaged or out of range: check the checkpoint, no bundle was written")
+    if r["cosine"] != r["cosine"]:  # the graph's output holds NaN/Inf where torch's is finite
+        if precision == "fp16":
+            flag = "--no-half-vae" if component == "vae_decoder" else "--precision fp32"
+            raise LdmExportError(
+                f"{component} overflows fp16 with these weights: its output '{name}' holds NaN/Inf where PyTorch's fp32 "
+                f"output is finite (largest value {r['ref_max_abs']:.3g}); build with {flag}, no bundle was written")
     raise LdmExportError(
         f"verification failed: {component} {precision} output '{name}' has cosine {r['cosine']:.6f} against torch "
         f"(threshold {report['cosine_threshold']}), max abs error {r['max_abs']:.3g}; the export is wrong, no bundle was written"

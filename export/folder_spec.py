@@ -132,8 +132,8 @@ def spec_from_folder(weights: Path | str) -> ModelSpec:
         raise LdmExportError(f"weights path {folder} does not exist; pass a diffusers pipeline folder")
     if not is_pipeline_folder(folder):
         raise LdmExportError(f"--model {AUTO_MODEL} reads the architecture from a diffusers pipeline folder (one with "
-                             f"model_index.json), and {folder} is not one; for a single-file checkpoint pass the --model "
-                             "it belongs to (`ldm-export models` lists them)")
+                             f"model_index.json) or a single-file .safetensors checkpoint, and {folder} is a folder without "
+                             "model_index.json: pass the pipeline's own folder, or the checkpoint file itself")
     index = _read(folder / "model_index.json", "pipeline")
     family = _family(folder, index)
     pipeline = index.get("_class_name", "pipeline")

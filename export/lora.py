@@ -78,6 +78,8 @@ def parse_lora(arg: str) -> LoraRef:
     if not p.is_file() and path == arg and sep and head and Path(head).expanduser().is_file():
         raise LdmExportError(f"LoRA scale '{tail}' in '{arg}' is not a number; pass FILE[:SCALE] with a number, e.g. "
                              f"{head}:0.8")
+    if p.is_dir():
+        raise LdmExportError(f"LoRA file {p} is a folder; pass FILE[:SCALE] with the .safetensors file in it")
     if not p.is_file():
         raise LdmExportError(f"LoRA file {p} does not exist; pass FILE[:SCALE] with a .safetensors file")
     if p.suffix.lower() != ".safetensors" and not _looks_like_safetensors(p):
@@ -488,7 +490,8 @@ def lora_bundle(bundle_path: str | Path, loras: list[LoraRef], out: str | Path, 
                     scales = ", ".join(f"{f['file']} x{f['scale']:g}" for f in fused)
                     raise LdmExportError(f"{component}: the LoRA ({scales}) pushes {bad} weights of {init_name} past "
                                          f"{dtype}'s range" + (" (+-65504)" if dtype == np.float16 else "")
-                                         + "; lower the scale, or patch an fp32 bundle")
+                                         + ("; lower the scale, or patch an fp32 bundle" if dtype == np.float16
+                                            else "; lower the scale"))
                 init.CopyFrom(numpy_helper.from_array(cast, init_name))
             for f in info["files"]:
                 (stage / f).unlink()

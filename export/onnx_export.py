@@ -119,8 +119,9 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     if g.shape != r.shape:
         raise LdmExportError(f"{name}: exported output has {got.shape}, torch gives {ref.shape}; re-export")
     finite = bool(np.isfinite(g).all())
-    denom = np.linalg.norm(g) * np.linalg.norm(r)
-    cos = float(g @ r / denom) if denom > 0 else float(np.array_equal(g, r))
+    with np.errstate(all="ignore"):  # non-finite outputs are reported below, not warned about by numpy
+        denom = np.linalg.norm(g) * np.linalg.norm(r)
+        cos = float(g @ r / denom) if denom > 0 else float(np.array_equal(g, r))
     return {"max_abs": float(np.abs(g - r).max()) if finite else float("inf"), "cosine": cos if finite else float("nan"),
             "ref_max_abs": float(np.abs(r).max())}
 

@@ -214,9 +214,10 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
               "an init image of another size is resized); the multiple it must be comes from the model's denoiser.")
 @click.option("--num-images", type=int, default=1, show_default=True,
               help="Images to make; each is saved as soon as its batch is done.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("image.png"), show_default=True,
-              help="Image path (.png, .jpg/.jpeg or .webp; A1111's parameters inside), or a folder (image.png inside it); "
-                   "with several images, -1, -2, ... are added before the extension.")
+@click.option("--out", type=click.Path(), default="image.png", show_default=True,  # text as typed: a trailing / means a folder
+              help="Image path (.png, .jpg/.jpeg or .webp; A1111's parameters inside; a name without an extension "
+                   "gets .png), or a folder (an existing one, or a name ending in /: image.png inside it); with several "
+                   "images, -1, -2, ... are added before the extension.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt", "nv-tensorrt-rtx", "tensorrt-native"]), default="cpu",
               show_default=True,
               help="ONNX Runtime on the CPU, CUDA, or its TensorRT / NvTensorRTRTX provider (caches in the bundle); "
@@ -236,7 +237,8 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
 @click.option("--strength", type=float, default=0.8, show_default=True,
               help="With --init-image: how much to repaint, in (0, 1]; it picks the first of --steps that runs.")
 @click.option("--mask", "mask", type=click.Path(path_type=Path), default=None,
-              help="Inpaint: white repaints, black keeps (pixels outside the mask stay exactly the original ones).")
+              help="Inpaint: white repaints, black keeps (black pixels stay exactly the original ones; grey ones are "
+                   "blended by their level, as in A1111).")
 @click.option("--mask-blur", type=float, default=0.0, show_default=True, help="Gaussian blur of the mask, in pixels.")
 @click.option("--refiner", type=click.Path(path_type=Path), default=None,
               help="An SDXL refiner bundle that finishes the last steps (see --refiner-start).")
@@ -305,8 +307,10 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
     times: list[float] = []
     last = None
     try:
+        # no bar where stderr is no terminal: rich ends a bar there with an empty line, before any error's one line
         with sigterm_as_interrupt(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                               TimeElapsedColumn(), console=console, transient=True) as bar:
+                                               TimeElapsedColumn(), console=console, transient=True,
+                                               disable=not console.is_terminal) as bar:
             task = bar.add_task("sampling", total=steps * runs)
             t1 = time.perf_counter()
             for k, image in images:

@@ -25,6 +25,22 @@ def _human(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+# Optional packages by the extra that installs them (pyproject.toml): a command that needs one says which to install
+_EXTRAS = {**dict.fromkeys(("torch", "diffusers", "transformers", "onnx", "onnxscript", "safetensors", "peft"), "export"),
+           **dict.fromkeys(("ray", "fastapi", "starlette", "uvicorn", "pydantic", "yaml", "psutil"), "serve"),
+           "polygraphy": "tensorrt"}
+
+
+def missing_extra(e: ModuleNotFoundError) -> str | None:
+    """The one-line message for an optional package that is not installed, or None for any other missing module."""
+    top = (e.name or "").split(".")[0]
+    extra = _EXTRAS.get(top)
+    if extra is None:
+        return None
+    return (f"this command needs the Python package '{top}', which the base install (the runtime) leaves out: "
+            f"pip install 'ldm-export[{extra}]'")
+
+
 def _guard(fn):
     """Turn user errors into one line and an exit code; tracebacks only with --debug / LDM_EXPORT_DEBUG=1."""
     @functools.wraps(fn)
@@ -45,6 +61,12 @@ def _guard(fn):
         except KeyboardInterrupt:  # commands that write say what they kept (LdmExportError, exit code 130)
             console.print("[yellow]interrupted[/yellow]: stopped", soft_wrap=True)
             sys.exit(130)
+        except ModuleNotFoundError as e:
+            message = missing_extra(e)
+            if debug or message is None:
+                raise
+            console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+            sys.exit(2)
         except MemoryError:
             console.print("[red]error:[/red] out of memory; close other programs or build a smaller model", soft_wrap=True)
             sys.exit(3)

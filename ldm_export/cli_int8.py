@@ -53,7 +53,7 @@ def quantize(bundle, out, force, threads, **int8):
     from rich.markup import escape
 
     from ldm_export.calibration.int8 import Int8Config, quantize_bundle
-    from ldm_export.cli import _print_int8, _print_summary
+    from ldm_export.cli import _print_summary
     from ldm_export.cli_common import console
 
     cfg = int8_config(**int8) or Int8Config()

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import LdmExportError, all_finite, overflow_fix
+from .errors import LdmExportError, all_finite, overflow_message
 from .spec import ComponentSpec
 
 log = logging.getLogger(__name__)
@@ -49,13 +49,15 @@ class CudaEngine:
     GroupNorm kernels); ``check_finite`` raises, naming the component, when an output holds NaN or Inf;
     ``provider_options`` adds or overrides CUDA provider options (e.g. ``{"sdpa_kernel": "8"}``: cuDNN attention);
     ``graph_fallback``: where ONNX Runtime refuses to capture the graph (nodes it keeps on the CPU, or a kernel that
-    cannot be captured), run without a CUDA graph instead of failing, with a warning.
+    cannot be captured), run without a CUDA graph instead of failing, with a warning. ``precision`` (the bundle's
+    for this graph) picks the fix a NaN/Inf refusal names.
     """
 
     def __init__(self, model_path: str | os.PathLike, spec: ComponentSpec, device_id: int = 0,
                  cuda_graph: bool | None = None, conv_algo_search: str = "EXHAUSTIVE", prefer_nhwc: bool = False,
                  check_finite: bool | None = None, session_options=None, profile_prefix: str | None = None,
-                 provider_options: Mapping[str, str] | None = None, graph_fallback: bool = False):
+                 provider_options: Mapping[str, str] | None = None, graph_fallback: bool = False,
+                 precision: str | None = None):
         import onnxruntime as ort
 
         own = sorted(set(provider_options or {}) & set(_OWN_OPTIONS))
@@ -77,6 +79,7 @@ class CudaEngine:
         self.cuda_graph = self.static if cuda_graph is None else bool(cuda_graph)
         self.graph_fallback = graph_fallback
         self.check_finite = (spec.name == "vae_decoder") if check_finite is None else check_finite
+        self.precision = precision  # the bundle's for this graph: which fix a NaN/Inf refusal names
         self._options = {"device_id": str(device_id), "cudnn_conv_algo_search": conv_algo_search,
                          "cudnn_conv_use_max_workspace": "1", "do_copy_in_default_stream": "1",
                          "prefer_nhwc": "1" if prefer_nhwc else "0",
@@ -223,8 +226,8 @@ class CudaEngine:
         for name, a in out.items():
             if not all_finite(a):
                 bad = int(a.size - np.isfinite(a).sum())
-                raise LdmExportError(f"{self.spec.name} produced {bad} NaN/Inf values in '{name}' (fp16 overflow?): "
-                                     + overflow_fix(self.spec.name))
+                raise LdmExportError(f"{self.spec.name} produced {bad} NaN/Inf values in '{name}': "
+                                     + overflow_message(self.spec.name, self.precision))
 
     def end_profiling(self) -> str:
         """Stop ONNX Runtime's profiler (``profile_prefix``) and return the JSON trace's path."""

@@ -6,9 +6,22 @@ from typing import Iterator
 import numpy as np
 
 
-def overflow_fix(component: str) -> str:
-    """What to do when ``component`` of an fp16 bundle produced NaN/Inf: the build flag that keeps it in fp32."""
+def overflow_fix(component: str, precision: str | None = None) -> str:
+    """What to do when ``component`` produced NaN/Inf. In an fp16 graph (or one of unknown precision) the build flag
+    that keeps it in fp32; in an fp32 graph no flag helps: its inputs or the model's weights are out of range."""
+    if precision == "fp32":
+        feeds = "the latents it decoded" if component == "vae_decoder" else "its inputs"
+        return (f"{component} already runs in fp32, so {feeds} or the model's weights are out of range (a damaged or "
+                "mismatched checkpoint, a LoRA fused at too large a scale, or a run that diverged): check the weights "
+                "and LoRA scales, or try a lower guidance scale")
     return "rebuild with --no-half-vae (the decoder in fp32)" if component == "vae_decoder" else "rebuild with --precision fp32"
+
+
+def overflow_message(component: str, precision: str | None = None) -> str:
+    """The reason part of a NaN/Inf refusal: an fp16 overflow where the graph is fp16, a value out of range otherwise."""
+    if precision == "fp32":
+        return "values out of range: " + overflow_fix(component, precision)
+    return "the graph overflows at this precision: " + overflow_fix(component, precision)
 
 
 def all_finite(a: np.ndarray) -> bool:

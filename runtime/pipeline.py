@@ -12,7 +12,7 @@ import numpy as np
 from . import checks
 from .bundle import Bundle
 from .engine import Engine, OrtEngine
-from .errors import LdmExportError, all_finite, overflow_fix
+from .errors import LdmExportError, all_finite, overflow_message
 from .families import Conditioning, get_family
 from .spec import ComponentSpec
 
@@ -51,12 +51,12 @@ def run_batched(engine: Engine, feeds: Mapping[str, np.ndarray], batched: Sequen
     return {k: np.concatenate([out[k][:m] for m, out in chunks]) for k in chunks[0][1]}
 
 
-def check_finite(component: str, outputs: Mapping[str, np.ndarray], where: str = "") -> None:
+def check_finite(component: str, outputs: Mapping[str, np.ndarray], where: str = "", precision: str | None = None) -> None:
+    """Refuse NaN/Inf in ``component``'s outputs, with the fix that fits its ``precision`` (the bundle's)."""
     for name, a in outputs.items():
         if not all_finite(a):
             bad = "NaN" if np.isnan(a).any() else "Inf"
-            raise LdmExportError(f"{component} produced {bad} in '{name}'{where}; the graph overflows at this precision: "
-                                 + overflow_fix(component))
+            raise LdmExportError(f"{component} produced {bad} in '{name}'{where}; " + overflow_message(component, precision))
 
 
 class Pipeline:
@@ -102,6 +102,10 @@ class Pipeline:
         return cls(bundle, engines, cfg_mode=cfg_mode)
 
     # -- stages ---------------------------------------------------------------------------------------
+    def _precision(self, component: str) -> str | None:
+        """The precision the bundle's manifest gives ``component`` (None where it says none)."""
+        return self.bundle.manifest.get("components", {}).get(component, {}).get("precision")
+
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         """CLIP token ids, (B, 77) int32."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
@@ -111,7 +115,7 @@ class Pipeline:
     def run_component(self, component: str, feeds: Mapping[str, np.ndarray], batched: Sequence[str]) -> dict:
         """Run one component (static-batch aware, see run_batched) and refuse NaN/Inf in what it returns."""
         out = run_batched(self.engines[component], feeds, batched)
-        check_finite(component, out)
+        check_finite(component, out, precision=self._precision(component))
         return out
 
     def encode(self, prompts: Sequence[str]) -> Conditioning:
@@ -313,6 +317,7 @@ class Pipeline:
         from . import sample
         from .guidance import guided_denoiser
         from .image import latents_to_images
+        from .tokenizer import prompt_role
 
         prompts = [req.prompts[k] for k in ks]
         negatives = [req.negatives[k] for k in ks]
@@ -339,8 +344,9 @@ class Pipeline:
         cond = conditioning(prompts)
         uncond = None
         if do_cfg:
-            uncond = family.prepare_negative(family.encode_negative(self, negatives, cond, req.negative_given),
-                                             width=req.width, height=req.height, guidance_scale=guidance_scale)
+            with prompt_role("negative prompt"):  # a cut negative prompt is warned about as one
+                negative = family.encode_negative(self, negatives, cond, req.negative_given)
+            uncond = family.prepare_negative(negative, width=req.width, height=req.height, guidance_scale=guidance_scale)
         edit, args = req.edit, req.edit_args
         if edit is not None and edit.unet_channels is not None:  # 9-channel inpainting UNet: mask + masked latents
             cond, uncond = (None if c is None else edit.with_unet_channels(c) for c in (cond, uncond))
@@ -351,7 +357,8 @@ class Pipeline:
         def unet_fn(sample_, timestep, c):
             out = self.denoise(sample_, timestep, c, bound=c is bound["cond"])
             bound["cond"] = c
-            check_finite(denoiser, {self.family.denoiser_output: out}, f" at step {step['i'] + 1} of {num_inference_steps}")
+            check_finite(denoiser, {self.family.denoiser_output: out}, f" at step {step['i'] + 1} of {num_inference_steps}",
+                         self._precision(denoiser))
             return out
 
         model = guided_denoiser(unet_fn, cond, uncond, guidance_scale if do_cfg else 1.0,
@@ -571,7 +578,7 @@ def cuda_engine(bundle: Bundle, component: str, tuned: bool = True, extra_option
     options = dict(extra_options or {})
     if "cudnn_conv_algo_search" in options:  # ONNX Runtime's name for it (bench --cuda-option) is accepted too
         cudnn_search = options.pop("cudnn_conv_algo_search")
-    return CudaEngine(bundle.model_path(component), spec, prefer_nhwc=tuned and conv,
+    return CudaEngine(bundle.model_path(component), spec, prefer_nhwc=tuned and conv, precision=bundle.precision(component),
                       cuda_graph=None if graph else False, graph_fallback=graph and not conv, provider_options=options,
                       conv_algo_search=resolve_cudnn_search(cudnn_search))
 

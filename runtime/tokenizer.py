@@ -12,6 +12,7 @@ ftfy is a dependency of the base install (OpenAI's clean-up is defined by it).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import html
 import json
 import logging
@@ -83,6 +84,24 @@ def prompt_start(prompt: str, words: int = 6, chars: int = 60) -> str:
     start = " ".join(head[:words])
     cut = len(head) > words or len(start) > chars
     return repr(start[:chars] + (" ..." if cut else ""))
+
+
+_ROLE = contextvars.ContextVar("ldm_export_prompt_role", default="prompt")
+
+
+@contextlib.contextmanager
+def prompt_role(role: str):
+    """Within the block, truncation warnings name the text they cut as ``role`` ("negative prompt")."""
+    token = _ROLE.set(role)
+    try:
+        yield
+    finally:
+        _ROLE.reset(token)
+
+
+def current_role() -> str:
+    """What a truncation warning calls the text it cut: "prompt", or the role `prompt_role` set."""
+    return _ROLE.get()
 
 
 _SHARED_WARNINGS = threading.local()  # while `one_warning_per_prompt` runs in a thread: the cuts warned about so far
@@ -177,6 +196,18 @@ class ClipTokenizer:
             raise LdmExportError(f"prompt must be a string, got {type(prompt).__name__}")
         return self._tokenizer.encode(clean_prompt(prompt), add_special_tokens=False).ids
 
+    def cut_text(self, prompt: str, keep: int) -> str:
+        """The text of ``prompt`` from its token ``keep`` on, as the user typed it: the words, digits and case of the
+        prompt after CLIP's whitespace clean-up (decoding the ids would space out digits and lower-case everything)."""
+        cleaned = clean_prompt(prompt)
+        offsets = self._tokenizer.encode(cleaned, add_special_tokens=False).offsets
+        if keep >= len(offsets):
+            return ""
+        start = offsets[keep][0]
+        spaced = " ".join(html.unescape(html.unescape(fix_text(prompt))).strip().split())
+        shown = spaced if len(spaced) == len(cleaned) and spaced.lower() == cleaned else cleaned
+        return shown[start:]
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` with ``</w>`` read as a space (OpenAI's ``SimpleTokenizer.decode``, stripped)."""
         tokens = [self._tokenizer.id_to_token(int(i)) for i in ids]
@@ -199,9 +230,9 @@ class ClipTokenizer:
                 # As diffusers' pipelines do: say how much was cut and show the cut text (once per prompt: a batch
                 # repeats it per image); named by its start, as negative prompts come through here too.
                 if prompt not in warned and _first_warning((prompt, self.max_length)):
-                    logger.warning("the prompt %s was truncated by %d tokens because CLIP can only handle sequences up "
-                                   "to %d tokens; the cut text: %s", prompt_start(prompt), len(ids) - n_body,
-                                   self.max_length, cut_shown(self.decode(ids[n_body:])))
+                    logger.warning("the %s %s was truncated by %d tokens because CLIP can only handle sequences up "
+                                   "to %d tokens; the cut text: %s", current_role(), prompt_start(prompt),
+                                   len(ids) - n_body, self.max_length, cut_shown(self.cut_text(prompt, n_body)))
                     warned.add(prompt)
                 ids = ids[:n_body]
             row = [self.bos_id, *ids, self.eos_id]

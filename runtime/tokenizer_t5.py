@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import LdmExportError
-from .tokenizer import _first_warning, cut_shown, prompt_start
+from .tokenizer import _first_warning, current_role, cut_shown, prompt_start
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,9 @@ class T5Tokenizer:
                 body = ids[:-1] if ids[-1] == self.eos_id else ids  # the post-processor's </s> goes back on last
                 keep = self.max_length - 1
                 if prompt not in warned and _first_warning((prompt, "t5", self.max_length)):  # once (see ClipTokenizer)
-                    logger.warning("the prompt %s was truncated by %d tokens because T5 takes at most %d tokens here; "
-                                   "the cut text: %s", prompt_start(prompt), len(body) - keep, self.max_length,
+                    logger.warning("the %s %s was truncated by %d tokens because T5 takes at most %d tokens here; "
+                                   "the cut text: %s", current_role(), prompt_start(prompt), len(body) - keep,
+                                   self.max_length,
                                    cut_shown(self.decode(body[keep:])))
                     warned.add(prompt)
                 ids = body[:keep] + [self.eos_id]

@@ -323,3 +323,28 @@ def test_target_cuda_without_the_cuda_provider_is_refused_before_any_work(tmp_pa
     r = run_cli("build", "--model", "tiny", "--random-weights", "--target", "cuda", "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and "needs onnxruntime-gpu" in r.stderr and "use --target cpu" in r.stderr, r.stderr
     assert "export" not in r.stdout + r.stderr.replace("ldm-export", "") and not (tmp_path / "b").exists()
+
+
+def test_verification_names_an_fp16_overflow_and_broken_weights():
+    import warnings
+
+    from ldm_export.export.build import _check
+
+    ref = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy RuntimeWarning on non-finite outputs
+        overflow = onnx_export.compare("out", np.array([1.0, np.inf, 3.0]), ref)
+        broken = onnx_export.compare("out", ref, np.array([1.0, np.nan, 3.0]))
+    report = {"passed": False, "cosine_threshold": 0.999, "outputs": {"out_hidden_states": overflow}}
+    with pytest.raises(LdmExportError) as e:
+        _check(report, "transformer", "fp16")
+    msg = str(e.value)
+    assert "transformer overflows fp16 with these weights" in msg and "build with --precision fp32" in msg
+    assert "the export is wrong" not in msg and "\n" not in msg
+    with pytest.raises(LdmExportError, match="build with --no-half-vae"):
+        _check(report, "vae_decoder", "fp16")
+    with pytest.raises(LdmExportError, match="the export is wrong"):  # fp32 graph, finite reference: a wrong graph
+        _check(report, "transformer", "fp32")
+    report["outputs"] = {"out_hidden_states": broken}
+    with pytest.raises(LdmExportError, match="the PyTorch model's own output 'out_hidden_states' holds NaN/Inf"):
+        _check(report, "transformer", "fp32")

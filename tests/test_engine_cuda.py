@@ -199,6 +199,9 @@ def test_cuda_engine_asks_a_graph_for_the_dit_transformer_only_with_fallback(mon
         def model_path(self, c):
             return c
 
+        def precision(self, c):
+            return "fp16"
+
     monkeypatch.setattr(EC, "CudaEngine", Recorder)
     for c in ("transformer", "vae_decoder", "text_encoder_3"):
         P.cuda_engine(FakeBundle(), c)

@@ -87,6 +87,9 @@ def test_parse_lora(tmp_path):
     (tmp_path / "b.ckpt").write_bytes(b"x")
     with pytest.raises(LdmExportError, match="not .safetensors"):
         parse_lora(str(tmp_path / "b.ckpt"))
+    (tmp_path / "loras").mkdir()  # a folder exists: it was reported as missing
+    with pytest.raises(LdmExportError, match="is a folder; pass FILE"):
+        parse_lora(f"{tmp_path / 'loras'}:0.5")
 
 
 def test_bad_lora_files_name_the_first_mismatch(tmp_path):
@@ -636,7 +639,13 @@ def test_lora_that_overflows_the_bundles_dtype_is_refused_and_writes_nothing(tmp
     r = run_cli("lora", str(tmp_path / "fp16"), f"{path}:1e6", "--out", str(tmp_path / "new"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "RuntimeWarning" not in r.stderr, r.stderr
     assert "big.safetensors x1e+06" in r.stderr and "past float16's range" in r.stderr and "lower the scale" in r.stderr
+    assert "patch an fp32 bundle" in r.stderr
     assert not (tmp_path / "new").exists()
+    # an fp32 bundle: lowering the scale is the one fix, so no other is offered
+    build(BuildConfig(model="tiny", random_weights=True, precision="fp32", out=tmp_path / "fp32"))
+    r = run_cli("lora", str(tmp_path / "fp32"), f"{path}:1e40", "--out", str(tmp_path / "new"))
+    assert r.returncode == 2 and "past float32's range; lower the scale" in r.stderr, r.stderr
+    assert "patch an fp32 bundle" not in r.stderr and not (tmp_path / "new").exists()
 
 
 def test_kohya_text_encoder_lora_of_q_and_v_alone_fuses(tmp_path):

@@ -34,3 +34,36 @@ def test_probe_detects_a_forbidden_import():
     proc = subprocess.run([sys.executable, "-c", PROBE, "pkgutil", "json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["loaded"] == ["json", "pkgutil"]
+
+
+# A runtime-only install, simulated: importing the export extras' packages fails as it would where they are absent
+BLOCKER = r"""
+import importlib.abc, sys
+BLOCK = {"torch", "onnx", "diffusers", "transformers", "safetensors", "onnxscript", "peft"}
+class _Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCK:
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return None
+sys.meta_path.insert(0, _Absent())
+"""
+
+
+def test_export_commands_on_a_runtime_only_install_say_what_to_install(tmp_path):
+    import os
+
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    for args in (["build", "--model", "tiny", "--random-weights", "--out", str(tmp_path / "b")],
+                 ["bench", "--model", "tiny", "--device", "cpu"]):
+        proc = subprocess.run([sys.executable, "-m", "ldm_export.cli", *args], capture_output=True, text=True,
+                              timeout=120, env=env)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in err and len(err.splitlines()) == 1, err
+        assert "pip install 'ldm-export[export]'" in err, err
+    assert not (tmp_path / "b").exists()
+    # the runtime's own commands still run there
+    proc = subprocess.run([sys.executable, "-m", "ldm_export.cli", "models"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0 and "tiny" in proc.stdout, proc.stderr

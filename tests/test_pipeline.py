@@ -176,8 +176,22 @@ def test_nan_from_engine_names_component_and_step(tiny_bundle):
             return out
 
     p.engines["unet"] = NanAfterTwo()
-    with pytest.raises(LdmExportError, match=r"unet produced NaN in 'out_sample' at step 3 of 5"):
+    with pytest.raises(LdmExportError, match=r"unet produced NaN in 'out_sample' at step 3 of 5") as e:
         p("x", num_inference_steps=5, seed=0, scheduler="Euler")
+    # an fp32 graph: no rebuild flag helps, so none is offered
+    assert p.bundle.precision("unet") == "fp32"
+    assert "already runs in fp32" in str(e.value) and "--precision" not in str(e.value)
+
+
+def test_overflow_fix_fits_the_precision():
+    from ldm_export.runtime.errors import overflow_fix, overflow_message
+
+    assert overflow_fix("vae_decoder", "fp16") == "rebuild with --no-half-vae (the decoder in fp32)"
+    assert overflow_fix("unet", "fp16") == "rebuild with --precision fp32"
+    assert overflow_fix("transformer") == "rebuild with --precision fp32"  # precision unknown: the fp16 advice
+    fp32 = overflow_message("vae_decoder", "fp32")
+    assert "the latents it decoded" in fp32 and "--no-half-vae" not in fp32 and "overflows at this precision" not in fp32
+    assert overflow_message("unet", "fp16").startswith("the graph overflows at this precision: rebuild with --precision fp32")
 
 
 def test_bundle_damage_is_refused(tiny_bundle, tmp_path):
@@ -268,18 +282,19 @@ def test_cuda_engine_choices_per_component(tiny_bundle, tmp_path, monkeypatch):
         cuda_engine(Bundle.open(b16), comp, extra_options={"sdpa_kernel": "8"})
     search = {"conv_algo_search": "HEURISTIC"}
     assert seen["unet"] == seen["vae_decoder"] == {"prefer_nhwc": True, "cuda_graph": None, "graph_fallback": False,
-                                                   **search, "provider_options": {"sdpa_kernel": "8"}}
+                                                   **search, "provider_options": {"sdpa_kernel": "8"},
+                                                   "precision": "fp16"}
     assert seen["text_encoder"] == {"prefer_nhwc": False, "cuda_graph": False, "graph_fallback": False, **search,
-                                    "provider_options": {"sdpa_kernel": "8"}}
+                                    "provider_options": {"sdpa_kernel": "8"}, "precision": "fp16"}
     # conv+bias fusion only when asked for (its kernels compile at first use); fp32 and dynamic bundles likewise
     cuda_engine(Bundle.open(b16), "unet", extra_options={"fuse_conv_bias": "1"})
     assert seen["unet"]["provider_options"] == {"fuse_conv_bias": "1"}
-    cuda_engine(Bundle.open(tiny_bundle), "unet")
+    cuda_engine(Bundle.open(tiny_bundle), "unet")  # (its precision picks the fix a NaN/Inf refusal names)
     assert seen["unet"] == {"prefer_nhwc": True, "cuda_graph": None, "graph_fallback": False, **search,
-                            "provider_options": {}}
+                            "provider_options": {}, "precision": "fp32"}
     cuda_engine(Bundle.open(b16), "unet", tuned=False)  # the bench's plain `ort` backend
     assert seen["unet"] == {"prefer_nhwc": False, "cuda_graph": None, "graph_fallback": False, **search,
-                            "provider_options": {}}
+                            "provider_options": {}, "precision": "fp16"}
     # cuDNN's search: an argument, ONNX Runtime's option name (bench --cuda-option), or the environment
     cuda_engine(Bundle.open(b16), "unet", cudnn_search="exhaustive")
     assert seen["unet"]["conv_algo_search"] == "EXHAUSTIVE"

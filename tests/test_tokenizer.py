@@ -346,4 +346,26 @@ def test_the_truncation_warning_shows_a_long_cut_text_by_its_start(caplog):
     (rec,) = caplog.records
     msg = rec.getMessage()
     assert len(msg) < 600 and "'... (" in msg and "more characters)" in msg
-    assert "word 5 2" in msg and "2 9 9 9" not in msg  # (CLIP's decode spaces out the digits it read one by one)
+    assert "word52 word53" in msg and "2999" not in msg  # the typed text, not CLIP's decode ("word 5 2")
+
+
+def test_the_cut_text_is_the_typed_text_and_a_negative_prompt_is_named(caplog):
+    """CLIP reads digits one by one and lower-cases: decoding the cut ids showed 'in 2 0 2 4 ... h 2 o'."""
+    import logging
+
+    from ldm_export.runtime import tokenizer as tokmod
+
+    tok = ClipTokenizer()
+    prompt = "a " * 75 + "in 2024 the  year 1999 we saw H2O"
+    with caplog.at_level(logging.WARNING, logger=tokmod.__name__):
+        tok([prompt])
+    (rec,) = caplog.records
+    assert rec.getMessage().endswith("the cut text: 'in 2024 the year 1999 we saw H2O'")  # CLIP's spaces, typed case
+    assert tok.cut_text(prompt, 200) == ""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=tokmod.__name__), tokmod.prompt_role("negative prompt"):
+        tok(["b " * 80 + "Zed"])
+    (rec,) = caplog.records
+    assert rec.getMessage().startswith("the negative prompt 'b b b b b b ...' was truncated by 6 tokens")
+    assert rec.getMessage().endswith("the cut text: 'b b b b b Zed'")
+    assert tokmod.current_role() == "prompt"
