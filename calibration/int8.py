@@ -189,7 +189,7 @@ Progress = Callable[[str, str, str], None]
 def quantize_stage(stage: Path, manifest: dict, cfg: Int8Config, progress: Progress, threads: int | None = None) -> None:
     """Quantise the staged fp32 bundle's UNet in place: capture, calibrate, QDQ, quality report; updates
     ``manifest`` (precision, files, ``int8`` section). Writes only inside ``stage`` (and the capture cache)."""
-    from ldm_export.runtime.bundle import MANIFEST, Bundle
+    from ldm_export.runtime.bundle import MANIFEST
     from ldm_export.runtime.engine import OrtEngine
     from ldm_export.runtime.pipeline import Pipeline
 

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from ldm_export.runtime.bundle import Bundle, sha256_file
 from ldm_export.runtime.engine_tensorrt import (
-    ANY_GPU, ENGINES_FORMAT, ENGINES_FORMAT_VERSION, ENGINES_JSON, EngineTarget, _first_line, builder_of, current_target,
+    ANY_GPU, ENGINES_FORMAT, ENGINES_FORMAT_VERSION, ENGINES_JSON, EngineTarget, _first_line, current_target,
     engines_root, polygraphy_logging, read_engines_json, require_tensorrt, trt_logger,
 )
 from ldm_export.runtime.errors import LdmExportError

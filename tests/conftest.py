@@ -27,16 +27,6 @@ def tiny_bundle(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def demo_bundle(tmp_path_factory) -> Path:
-    """The embedded demo model's fp32 bundle (the default build), built once per test session."""
-    from ldm_export.export.build import BuildConfig, build
-
-    out = tmp_path_factory.mktemp("bundles") / "demo-fp32"
-    build(BuildConfig(out=out))
-    return out
-
-
 def torch_available() -> bool:
     try:
         import torch  # noqa: F401

@@ -268,7 +268,6 @@ def test_nine_channel_weights_name_the_inpainting_models_and_sdxl_inpaints(tmp_p
 
 
 def test_nine_channel_inpainting_unet_matches_diffusers(inpaint_bundle, monkeypatch):
-    import sys
 
     import diffusers
     import torch

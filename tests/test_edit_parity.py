@@ -7,7 +7,6 @@ with its own ``retrieve_latents`` in ``argmax`` mode (the mean). The noise diffu
 given to the runtime as its ``latents``.
 """
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ diffusers = pytest.importorskip("diffusers")
 
 from ldm_export.export.build import BuildConfig, build  # noqa: E402
 from ldm_export.export.models import build_random  # noqa: E402
-from ldm_export.runtime.editing import paste_back, mask_array  # noqa: E402
 from ldm_export.runtime.pipeline import Pipeline  # noqa: E402
 from ldm_export.zoo import MODELS  # noqa: E402
 

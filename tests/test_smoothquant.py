@@ -1,7 +1,6 @@
 """SmoothQuant as graph glue: the scale formula and its guards, the float UNet unchanged by smoothing, alpha 1 making
 every smoothed channel's max 1, LayerNorm folding only where it is safe, the int8 build and report with it, and bad
 alphas refused in one line."""
-import json
 
 import numpy as np
 import onnx
