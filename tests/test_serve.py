@@ -589,3 +589,36 @@ def test_guidance_the_model_does_not_use_is_listed_as_ignored():
     assert a1111.guidance_ignored({"negative_prompt": "", "cfg_scale": 7.0}, {}, uses_cfg=False, takes_guidance=False) == {}
     assert a1111.guidance_ignored({"negative_prompt": "x", "cfg_scale": 1.0}, {"cfg_scale": 1.0}, uses_cfg=False,
                                   takes_guidance=True) == {"negative_prompt": "x"}  # scale 1: no unconditional pass
+
+
+def test_health_poll_survives_a_port_that_speaks_no_http():
+    """Ray's gRPC server once held the port the loadtest had picked: the health poll raised BadStatusLine (a
+    traceback) instead of waiting. A non-HTTP answer is 'not ready'; the port comes from outside Ray's ranges."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+
+    def answer_binary():
+        for _ in range(2):
+            conn, _ = srv.accept()
+            conn.recv(1024)
+            conn.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x05\x00\x00@\x00\r\n\r\n")  # an HTTP/2 frame
+            conn.close()
+
+    t = threading.Thread(target=answer_binary, daemon=True)
+    t.start()
+    try:
+        assert get(f"http://127.0.0.1:{port}/healthz", timeout=5) == (0, None)
+        status, payload, _ = post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", {"prompt": "x"}, timeout=5)
+        assert status == 0 and payload["error"]
+    finally:
+        t.join(timeout=10)
+        srv.close()
+    p = free_port()
+    assert 20000 <= p < 32000
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", p))  # free: it can be bound

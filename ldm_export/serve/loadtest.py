@@ -6,6 +6,7 @@ each model replica before and after (local services only: replicas are found amo
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import subprocess
@@ -56,8 +57,8 @@ def post(url: str, body: dict, auth: str | None = None, timeout: float = 600.0) 
         except ValueError:
             payload = {}
         return e.code, payload, dict(e.headers)
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-        return 0, {"error": str(e)}, {}
+    except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
+        return 0, {"error": str(e) or type(e).__name__}, {}
 
 
 def get(url: str, auth: str | None = None, timeout: float = 10.0) -> tuple[int, object]:
@@ -69,7 +70,8 @@ def get(url: str, auth: str | None = None, timeout: float = 10.0) -> tuple[int, 
             return r.status, json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
         return e.code, None
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+    # HTTPException: something that is not an HTTP server answered (another program's port): not ready, not a crash
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, http.client.HTTPException):
         return 0, None
 
 
@@ -165,9 +167,22 @@ def stop_server(proc: subprocess.Popen, timeout: float = 60.0) -> int:
     return proc.returncode
 
 
-def free_port() -> int:
+# Ray binds its worker ports in 10002-19999 and its other services on ports the kernel picks (32768 and up on Linux):
+# a port the kernel picked for the service could be taken by Ray while Serve starts (a gRPC server then answered the
+# health check). The service's port comes from between those ranges.
+SERVICE_PORTS = (20000, 32000)
+
+
+def free_port(low: int = SERVICE_PORTS[0], high: int = SERVICE_PORTS[1], tries: int = 200) -> int:
+    """A port in [low, high) that is free on 127.0.0.1 now, outside the ranges Ray takes its own ports from."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for port in random.sample(range(low, high), min(tries, high - low)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise LdmExportError(f"no free port between {low} and {high} on 127.0.0.1; stop other services or pass --url")
