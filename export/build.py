@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 from ldm_export import __version__
 from ldm_export.runtime.bundle import FORMAT, FORMAT_VERSION, GENERIC_DEFAULTS, MANIFEST, sha256_file
 from ldm_export.runtime.checks import cap_threads
-from ldm_export.runtime.errors import LdmExportError
+from ldm_export.runtime.errors import LdmExportError, overflow_fix
 from ldm_export.zoo import AUTO_MODEL, DEFAULT_MODEL, ModelSpec, get_model
 
 from .bundle_writer import check_out_dir, staging
@@ -362,12 +362,11 @@ def _check(report: dict, component: str, precision: str) -> None:
     if bad_ref is not None:
         raise LdmExportError(f"{component}: the PyTorch model's own output '{bad_ref}' holds NaN/Inf on sample inputs; "
                              "its weights are damaged or out of range: check the checkpoint, no bundle was written")
-    if r["cosine"] != r["cosine"]:  # the graph's output holds NaN/Inf where torch's is finite
-        if precision == "fp16":
-            flag = "--no-half-vae" if component == "vae_decoder" else "--precision fp32"
-            raise LdmExportError(
-                f"{component} overflows fp16 with these weights: its output '{name}' holds NaN/Inf where PyTorch's fp32 "
-                f"output is finite (largest value {r['ref_max_abs']:.3g}); build with {flag}, no bundle was written")
+    if precision == "fp16" and r["cosine"] != r["cosine"]:  # the graph's output holds NaN/Inf where torch's is finite
+        raise LdmExportError(
+            f"{component} overflows fp16 with these weights: its output '{name}' holds NaN/Inf where PyTorch's fp32 "
+            f"output is finite (largest value {r['ref_max_abs']:.3g}); {overflow_fix(component, precision)}, no bundle "
+            "was written")
     raise LdmExportError(
         f"verification failed: {component} {precision} output '{name}' has cosine {r['cosine']:.6f} against torch "
         f"(threshold {report['cosine_threshold']}), max abs error {r['max_abs']:.3g}; the export is wrong, no bundle was written"

@@ -37,10 +37,15 @@ MODEL_MAX_LENGTH = 77
 # It is compiled with IGNORECASE there; the text is lower-cased before it, so the flag is moot.
 CLIP_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
+def _clean_keeping_case(text: str) -> str:
+    """OpenAI CLIP's ``whitespace_clean(basic_clean(text))``: the prompt as CLIP reads it, before lower-casing."""
+    text = html.unescape(html.unescape(fix_text(text))).strip()
+    return " ".join(text.split())
+
+
 def clean_prompt(text: str) -> str:
     """OpenAI CLIP's clean-up: ``whitespace_clean(basic_clean(text)).lower()`` (clip/simple_tokenizer.py)."""
-    text = html.unescape(html.unescape(fix_text(text))).strip()
-    return " ".join(text.split()).lower()
+    return _clean_keeping_case(text).lower()
 
 
 def default_tokenizer_dir() -> Path:
@@ -199,14 +204,13 @@ class ClipTokenizer:
     def cut_text(self, prompt: str, keep: int) -> str:
         """The text of ``prompt`` from its token ``keep`` on, as the user typed it: the words, digits and case of the
         prompt after CLIP's whitespace clean-up (decoding the ids would space out digits and lower-case everything)."""
-        cleaned = clean_prompt(prompt)
+        spaced = _clean_keeping_case(prompt)
+        cleaned = spaced.lower()  # clean_prompt(prompt)
         offsets = self._tokenizer.encode(cleaned, add_special_tokens=False).offsets
         if keep >= len(offsets):
             return ""
-        start = offsets[keep][0]
-        spaced = " ".join(html.unescape(html.unescape(fix_text(prompt))).strip().split())
-        shown = spaced if len(spaced) == len(cleaned) and spaced.lower() == cleaned else cleaned
-        return shown[start:]
+        shown = spaced if len(spaced) == len(cleaned) else cleaned  # lower-casing can change a length ('İ')
+        return shown[offsets[keep][0]:]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` with ``</w>`` read as a space (OpenAI's ``SimpleTokenizer.decode``, stripped)."""
