@@ -3,6 +3,9 @@
 Same protocol as :class:`~ldm_export.runtime.engine.OrtEngine` (``run(feeds) -> dict``), plus
 :meth:`CudaEngine.run_partial`, the sampler loop's path: inputs that do not change between steps (the text
 embeddings) stay on the device, and only the ones given (latents, timestep: 64 KB) are copied in place.
+A static engine has up to :data:`MAX_SLOTS` slots, each its own set of device buffers and its own CUDA graph
+(ONNX Runtime's ``gpu_graph_id``): a batch-1 engine that runs CFG as two calls (``--sequential-cfg``) keeps the
+negative's embeddings in slot 0 and the prompt's in slot 1, so each step copies only the latents and timestep.
 """
 from __future__ import annotations
 
@@ -19,6 +22,21 @@ from .spec import ComponentSpec
 log = logging.getLogger(__name__)
 
 CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+MAX_SLOTS = 8  # device input sets (and CUDA graphs) a static engine keeps: CFG's two halves of up to 4 images
+
+
+class _Slot:
+    """One set of device buffers bound to one IOBinding, replayed as CUDA graph ``graph_id`` (0: ONNX Runtime's
+    default graph, set by no run option)."""
+
+    def __init__(self, session, run_options, graph_id: int):
+        self.binding = session.io_binding()
+        self.inputs: dict[str, object] = {}
+        self.outputs: dict[str, object] = {}
+        self.run_options = run_options
+        self.graph_id = graph_id
+        self.written: set[str] = set()  # inputs copied in at least once
+        self.ran = False
 
 
 def cuda_available() -> bool:
@@ -100,14 +118,33 @@ class CudaEngine:
         spec.check_graph(self.session, self.path)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs}
-        self._binding = self.session.io_binding()
-        self._inputs: dict[str, object] = {}
-        self._outputs: dict[str, object] = {}
-        self._run_options = ort.RunOptions()
-        self._ran = False
-        if self.static:
-            self._allocate({t.name: spec.concrete_shape(t) for t in spec.inputs},
-                           {t.name: (spec.concrete_shape(t), np.dtype(t.dtype)) for t in spec.outputs})
+        self.max_slots = MAX_SLOTS if self.static else 1
+        self._slots: list[_Slot] = []
+        self._slot(0)  # dynamic engines bind per call on slot 0; static ones get their buffers now
+        self._binding = self._slots[0].binding  # the dynamic path's binding
+
+    @property
+    def _ran(self) -> bool:
+        return any(s.ran for s in self._slots)
+
+    def _slot(self, index: int) -> _Slot:
+        """Slot ``index``, made (buffers allocated and bound) on first use."""
+        import onnxruntime as ort
+
+        if not 0 <= index < self.max_slots:
+            raise LdmExportError(f"{self.spec.name}: slot {index} out of range: this engine keeps {self.max_slots} "
+                                 "input set(s) on the device")
+        while len(self._slots) <= index:
+            k = len(self._slots)
+            options = ort.RunOptions()
+            if k:  # each slot replays its own CUDA graph; 0 is the default one
+                options.add_run_config_entry("gpu_graph_id", str(k))
+            slot = _Slot(self.session, options, k)
+            self._slots.append(slot)
+            if self.static:
+                self._allocate(slot, {t.name: self.spec.concrete_shape(t) for t in self.spec.inputs},
+                               {t.name: (self.spec.concrete_shape(t), np.dtype(t.dtype)) for t in self.spec.outputs})
+        return self._slots[index]
 
     def _open(self):
         import onnxruntime as ort
@@ -128,25 +165,27 @@ class CudaEngine:
         """The first run failed while capturing: a new session without the graph, bound to the same device buffers."""
         self._no_graph(why)
         self.session = self._open()
-        self._binding = self.session.io_binding()
-        for name, v in self._inputs.items():
-            self._binding.bind_ortvalue_input(name, v)
-        for name, v in self._outputs.items():
-            self._binding.bind_ortvalue_output(name, v)
+        for slot in self._slots:
+            slot.binding = self.session.io_binding()
+            for name, v in slot.inputs.items():
+                slot.binding.bind_ortvalue_input(name, v)
+            for name, v in slot.outputs.items():
+                slot.binding.bind_ortvalue_output(name, v)
+        self._binding = self._slots[0].binding
 
-    def _allocate(self, in_shapes: Mapping[str, tuple], out_shapes: Mapping[str, tuple]) -> None:
+    def _allocate(self, slot: _Slot, in_shapes: Mapping[str, tuple], out_shapes: Mapping[str, tuple]) -> None:
         import onnxruntime as ort
 
-        self._binding.clear_binding_inputs()
-        self._binding.clear_binding_outputs()
+        slot.binding.clear_binding_inputs()
+        slot.binding.clear_binding_outputs()
         for name, shape in in_shapes.items():
             v = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self._dtypes[name], "cuda", self.device_id)
-            self._inputs[name] = v
-            self._binding.bind_ortvalue_input(name, v)
+            slot.inputs[name] = v
+            slot.binding.bind_ortvalue_input(name, v)
         for name, (shape, dtype) in out_shapes.items():
             v = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", self.device_id)
-            self._outputs[name] = v
-            self._binding.bind_ortvalue_output(name, v)
+            slot.outputs[name] = v
+            slot.binding.bind_ortvalue_output(name, v)
 
     def _cast(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         # float32 feeds are accepted for float16 inputs (the sampler works in float32); other dtypes must match
@@ -166,41 +205,48 @@ class CudaEngine:
             return self._run_dynamic(feeds)
         return self.run_partial(feeds, _checked=True)
 
-    def run_partial(self, feeds: Mapping[str, np.ndarray], _checked: bool = False) -> dict[str, np.ndarray]:
-        """Copy only ``feeds`` into their device buffers (others keep their last value), run, return host outputs."""
+    def run_partial(self, feeds: Mapping[str, np.ndarray], _checked: bool = False, slot: int = 0) -> dict[str, np.ndarray]:
+        """Copy only ``feeds`` into the device buffers of ``slot`` (its other inputs keep the values last copied into
+        that slot), run (replaying that slot's CUDA graph), return host outputs."""
         if not self.static:
             raise LdmExportError(f"{self.spec.name}: run_partial needs a static-shape bundle; use run()")
+        s = self._slot(slot)
         if not _checked:
             feeds = self._cast(feeds)
-            unknown = set(feeds) - set(self._inputs)
+            unknown = set(feeds) - set(s.inputs)
             if unknown:
                 raise LdmExportError(f"{self.spec.name}: unknown inputs {sorted(unknown)}; expected {self.spec.input_names}")
+        unset = sorted(set(s.inputs) - s.written - set(feeds))
+        if unset:  # a device buffer never written holds whatever the allocator left there
+            raise LdmExportError(f"{self.spec.name}: {unset} never fed{f' to slot {slot}' if slot else ''}; feed "
+                                 "every input on the first run (run(), or run_partial with all of them)")
         for name, a in feeds.items():
-            buf = self._inputs[name]
+            buf = s.inputs[name]
             if tuple(a.shape) != tuple(buf.shape()):
                 raise LdmExportError(f"{self.spec.name}.{name}: expected shape {tuple(buf.shape())}, got {tuple(a.shape)}")
             buf.update_inplace(a)
+            s.written.add(name)
         try:
-            self._run()
+            self._run(s)
         except LdmExportError as e:
             if self._ran or not (self.cuda_graph and self.graph_fallback and _about_capture(e)):
                 raise
             self._reopen_without_graph(e)
-            self._run()
-        self._ran = True
-        out = {n: self._outputs[n].numpy() for n in self.output_names}
+            self._run(s)
+        s.ran = True
+        out = {n: s.outputs[n].numpy() for n in self.output_names}
         self._guard(out)
         return out
 
-    def replay(self) -> None:
-        """Run again on the inputs already bound, leaving the outputs on the device (timing and profiling)."""
-        if not self.static or not self._ran:
+    def replay(self, slot: int = 0) -> None:
+        """Run again on the inputs already bound to ``slot``, leaving the outputs on the device (timing, profiling)."""
+        if not self.static or slot >= len(self._slots) or not self._slots[slot].ran:
             raise LdmExportError(f"{self.spec.name}: replay needs a static-shape engine that has run once")
-        self._run()
+        self._run(self._slots[slot])
 
-    def _run(self) -> None:
+    def _run(self, slot: _Slot) -> None:
         try:
-            self.session.run_with_iobinding(self._binding, self._run_options)
+            self.session.run_with_iobinding(slot.binding, slot.run_options)
         except Exception as e:  # onnxruntime's own error types (cuDNN failures, out of memory, ...)
             msg = " ".join(str(e).split())
             raise LdmExportError(f"{self.spec.name}: ONNX Runtime failed on CUDA: {msg[:300]}") from e
@@ -214,7 +260,7 @@ class CudaEngine:
         for name in self.output_names:
             b.bind_output(name, "cuda", self.device_id)
         b.synchronize_inputs()
-        self._run()
+        self._run(self._slots[0])
         b.synchronize_outputs()
         out = dict(zip(self.output_names, b.copy_outputs_to_cpu()))
         self._guard(out)

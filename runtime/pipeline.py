@@ -51,6 +51,34 @@ def run_batched(engine: Engine, feeds: Mapping[str, np.ndarray], batched: Sequen
     return {k: np.concatenate([out[k][:m] for m, out in chunks]) for k in chunks[0][1]}
 
 
+def _run_in_slots(engine, feeds: Mapping[str, np.ndarray], batched: Sequence[str],
+                  step_inputs: Sequence[str] | None) -> dict[str, np.ndarray] | None:
+    """A static engine that keeps its inputs on the device (``run_partial``): each chunk of its static batch in a
+    slot of its own (chunk k in slot k), and with ``step_inputs`` (the engine holds this conditioning from the last
+    call) only those are cast and copied. So a batch-1 engine that runs CFG as two calls keeps the negative's and
+    the prompt's embeddings on the device, each in its slot, as a batch-2 engine keeps both in one. None where the
+    feeds' batch is not a whole number of the engine's chunks within its slots (then: ``run_batched``)."""
+    inputs = {t.name: t for t in engine.spec.inputs}
+    first = batched[0] if batched else None
+    fixed = inputs[first].shape[0] if first is not None else None
+    if not isinstance(fixed, int) or fixed < 1:
+        return None
+    n = np.shape(feeds[first])[0]
+    chunks, rest = divmod(n, fixed)
+    slots = getattr(engine, "max_slots", 1)
+    if rest or not 1 <= chunks <= slots:
+        return None
+    names = list(step_inputs) if step_inputs is not None else list(inputs)
+    typed = {k: np.asarray(feeds[k]).astype(inputs[k].dtype, copy=False) for k in names}
+    outs = []
+    for k in range(chunks):
+        part = {name: (a[k * fixed:(k + 1) * fixed] if name in batched else a) for name, a in typed.items()}
+        outs.append(engine.run_partial(part, slot=k) if k else engine.run_partial(part))
+    if chunks == 1:
+        return outs[0]
+    return {name: np.concatenate([o[name] for o in outs]) for name in outs[0]}
+
+
 def check_finite(component: str, outputs: Mapping[str, np.ndarray], where: str = "", precision: str | None = None) -> None:
     """Refuse NaN/Inf in ``component``'s outputs, with the fix that fits its ``precision`` (the bundle's)."""
     for name, a in outputs.items():
@@ -146,12 +174,11 @@ class Pipeline:
         scalar = [n for n, x in inputs.items() if not x.shape and n in feeds]  # a scalar timestep, as Optimum has it
         for n in scalar:
             feeds[n] = np.asarray(np.asarray(feeds[n]).reshape(-1)[0])
-        if bound and getattr(engine, "static", False) and hasattr(engine, "run_partial"):
-            latents_in = family.step_inputs[0]
-            if np.shape(feeds[latents_in])[0] == inputs[latents_in].shape[0]:  # the static batch
-                step = {n: np.asarray(feeds[n]).astype(inputs[n].dtype, copy=False) for n in family.step_inputs}
-                return family.prediction(engine.run_partial(step), sample).astype(np.float32)
         batched = [n for n, x in inputs.items() if n not in scalar and x.shape and n not in family.unbatched_inputs]
+        if getattr(engine, "static", False) and hasattr(engine, "run_partial"):
+            out = _run_in_slots(engine, feeds, batched, family.step_inputs if bound else None)
+            if out is not None:
+                return family.prediction(out, sample).astype(np.float32)
         return family.prediction(run_batched(engine, feeds, batched), sample).astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:

@@ -233,6 +233,29 @@ def test_engine_runs_and_partial_updates(tmp_path, graph):
 
 
 @needs_cuda
+@pytest.mark.parametrize("graph", [True, False])
+def test_slots_keep_their_own_inputs_and_graphs(tmp_path, graph):
+    """Two slots (two CUDA graphs, gpu_graph_id 0 and 1), each with its own embeddings: after one full run each, the
+    partial runs alternate and each slot computes with its own embeddings; a slot never fed is refused."""
+    spec = _model(tmp_path / "m.onnx")
+    e = CudaEngine(tmp_path / "m.onnx", spec, cuda_graph=graph)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    ehs = [rng.standard_normal((2, 4, 8, 8)).astype(np.float32) for _ in range(2)]
+    with pytest.raises(LdmExportError, match="never fed to slot 1"):
+        e.run_partial({"sample": x, "timestep": np.asarray(1.0, np.float32)}, slot=1)
+    for k in (0, 1):
+        e.run_partial({"sample": x, "timestep": np.asarray(1.0, np.float32), "encoder_hidden_states": ehs[k]}, slot=k)
+    for t in (2.0, 0.5, 3.0):
+        for k in (1, 0):
+            out = e.run_partial({"sample": x + t, "timestep": np.asarray(t, np.float32)}, slot=k)["out_sample"]
+            want = (x + t).astype(np.float16) * np.float16(t) + ehs[k].astype(np.float16)
+            np.testing.assert_allclose(out, want, rtol=2e-3, atol=2e-3)
+    with pytest.raises(LdmExportError, match="out of range"):
+        e.run_partial({"sample": x}, slot=8)
+
+
+@needs_cuda
 def test_engine_guards_vae_output_against_nan(tmp_path):
     spec = _model(tmp_path / "m.onnx", name="vae_decoder")
     e = CudaEngine(tmp_path / "m.onnx", spec)

@@ -131,6 +131,50 @@ def test_sampler_loop_binds_the_embeddings_once(tiny_bundle):
     np.testing.assert_array_equal(other, plain("a purple circle", num_inference_steps=4, seed=5, return_latents=True))
 
 
+class SlotEngine:
+    """A static batch-1 engine with device slots, like CudaEngine for a ``--sequential-cfg`` bundle: each slot keeps
+    the inputs last copied into it; ``run`` is slot 0 with every input."""
+
+    max_slots = 8
+
+    def __init__(self, engine):
+        self.engine, self.static, self.held, self.fed = engine, True, {}, []
+        self.spec = engine.spec.static({"batch": 1, "height": 8, "width": 8, "sequence": 77})
+
+    def run(self, feeds):
+        self.held.pop(0, None)
+        return self.run_partial(feeds)
+
+    def run_partial(self, feeds, slot=0):
+        self.fed.append((slot, sorted(feeds)))
+        held = self.held.setdefault(slot, {})
+        held.update({k: np.array(v) for k, v in feeds.items()})  # copies, as a device buffer would
+        assert sorted(held) == sorted(self.spec.input_names), f"slot {slot} run with inputs never fed"
+        return self.engine.run(held)
+
+
+def test_batch1_engine_keeps_each_cfg_half_in_its_own_slot(tiny_bundle):
+    """CFG on a static batch-1 engine: the negative's embeddings in slot 0, the prompt's in slot 1, bound on the
+    first step; later steps copy only the latents and timestep into each. Same image as the plain engine."""
+    plain = Pipeline.from_bundle(tiny_bundle)
+    dev = Pipeline.from_bundle(tiny_bundle)
+    dev.engines["unet"] = e = SlotEngine(dev.engines["unet"])
+    got = dev("a green triangle", num_inference_steps=4, seed=5, return_latents=True)
+    everything = ["encoder_hidden_states", "sample", "timestep"]
+    assert e.fed[:2] == [(0, everything), (1, everything)]
+    assert e.fed[2:] == [(0, ["sample", "timestep"]), (1, ["sample", "timestep"])] * ((len(e.fed) - 2) // 2)
+    assert len(e.fed) >= 8 and len(e.fed) % 2 == 0
+    np.testing.assert_allclose(got, plain("a green triangle", num_inference_steps=4, seed=5, return_latents=True),
+                               rtol=1e-5, atol=1e-6)
+    e.fed.clear()  # three images in one batch: six halves, one slot each
+    three = dev("a red circle", num_inference_steps=2, seed=1, num_images=3, batch_size=3, return_latents=True)
+    assert sorted({slot for slot, _ in e.fed}) == list(range(6))
+    e.fed.clear()  # five: ten halves, more than the engine's slots: every input copied each call, chunk by chunk
+    five = dev("a red circle", num_inference_steps=2, seed=1, num_images=5, batch_size=5, return_latents=True)
+    assert {slot for slot, _ in e.fed} == {0} and all(names == everything for _, names in e.fed)
+    np.testing.assert_allclose(three, five[:3], rtol=1e-5, atol=1e-6)
+
+
 def test_same_seed_same_image_and_metadata(pipe, tiny_bundle):
     x = pipe("a red circle", num_inference_steps=2, seed=7, scheduler="Euler a")[0]
     y = pipe("a red circle", num_inference_steps=2, seed=7, scheduler="Euler a")[0]
