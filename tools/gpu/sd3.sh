@@ -17,7 +17,8 @@
 #                                 attention, 57 in FLUX.1): flux_export_fused.json, to compare with flux's
 #   bash tools/gpu/sd3.sh probe   tools/gpu/sd3_adaln_probe.py: PROBE_LAYERS (6) of SD3-medium's blocks at full width,
 #                                 today's batch-2 graph against the fused AdaLN batch-1 graphs, with torch eager and
-#                                 torch.compile, in one run (about 3 minutes)
+#                                 torch.compile, in one run (about 3 minutes); PROBE_ARGS adds options (--loop 28: the
+#                                 runtime's sampler loop per variant, --profile: GPU kernels by kind)
 #   bash tools/gpu/sd3.sh tests   the DiT test files on the GPU machine
 # SEQUENTIAL_CFG=1 builds with --sequential-cfg (the transformer at batch 1 with the fused AdaLN modulation, CFG as
 # two calls a step) into /tmp/sd3-medium-cuda-fp16-seq, and bench reads that bundle.
@@ -61,7 +62,7 @@ print(json.dumps(rows, indent=1))" | tee "$OUT/sd3_verification.json"
     ;;
   probe)
     timeout ${PROBE_TIMEOUT:-540} python3 tools/gpu/sd3_adaln_probe.py --out "$OUT" --layers ${PROBE_LAYERS:-6} \
-      --variants ${PROBE_VARIANTS:-batch2,adaln,adaln-biased-qkv} 2>&1 \
+      --variants ${PROBE_VARIANTS:-batch2,adaln,adaln-biased-qkv} ${PROBE_ARGS:-} 2>&1 \
       | grep --line-buffered -v Warning | tee "$OUT/sd3_adaln_probe.log"
     ;;
   tests)

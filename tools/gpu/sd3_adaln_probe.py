@@ -14,7 +14,10 @@ after the ONNX graphs) of the same module at batch 2:
   across the residuals, q/k/v biases inside MultiHeadAttention): two batch-1 calls a step;
 - ``adaln-biased-qkv``: the same with the q/k/v biases left in the projections.
 ``--layers 24`` is the whole transformer (each graph then goes over 2 GB and is written with external data);
-``--variants batch2,adaln`` times only those graphs. ``--profile`` adds each graph's GPU kernels by kind. Writes ``sd3_adaln_probe.json`` and ``.md`` to DIR: per
+``--variants batch2,adaln`` times only those graphs. ``--profile`` adds each graph's GPU kernels by kind. ``--loop N``
+also runs each graph and torch.compile through the runtime's own sampler loop for N steps (Pipeline.denoise with
+CFG 7.0 and an Euler flow step, the CUDA engine with its slots, as ``generate`` runs a bundle; PyTorch through the
+bench's TorchEngine, conditioning kept on the device): the per-step cost with the host's work around the calls. Writes ``sd3_adaln_probe.json`` and ``.md`` to DIR: per
 variant the step's median and p90 (ms), the ONNX node counts, export seconds and, against torch on the same
 inputs, each output's cosine and max abs error.
 ``--device cpu --model tiny-sd3 --layers 2 --side 16 --text 20`` is a smoke run of this script (fp32, CPU provider,
@@ -44,6 +47,7 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--profile", action="store_true",
                    help="also record each ONNX graph's GPU kernels by kind (CUPTI through PyTorch's profiler)")
+    p.add_argument("--loop", type=int, default=0, help="also time N steps of the runtime's sampler loop per variant")
     p.add_argument("--variants", default="batch2,adaln,adaln-biased-qkv",
                    help="which ONNX graphs to time, in order (torch.compile runs after them)")
     args = p.parse_args()
@@ -104,10 +108,53 @@ def main() -> None:
             ts.append((time.perf_counter() - t0) * 1e3)
         return float(np.median(ts)), float(np.percentile(ts, 90))
 
+    def sampler_loop(engine, steps: int) -> float:
+        """ms a step of the runtime's loop: Pipeline.denoise through guided_denoiser (CFG 7.0), an Euler flow step."""
+        from ldm_export.runtime.families import Conditioning, get_family
+        from ldm_export.runtime.guidance import guided_denoiser
+        from ldm_export.runtime.pipeline import Pipeline
+
+        pipe = Pipeline.__new__(Pipeline)  # only what denoise() reads: the family and the engine
+        pipe.family, pipe.engines = get_family("sd3"), {"transformer": engine}
+        host = {k: v.float().cpu().numpy() for k, v in feeds2.items()}
+        halves = [Conditioning(host["encoder_hidden_states"][i:i + 1], host["pooled_projections"][i:i + 1])
+                  for i in range(2)]
+        last = {"cond": None}
+
+        def unet_fn(sample, t, c):
+            out = pipe.denoise(sample, t, c, bound=c is last["cond"])
+            last["cond"] = c
+            return out
+
+        model = guided_denoiser(unet_fn, halves[1], halves[0], 7.0)
+        sigmas = np.linspace(1.0, 0.0, steps + 1)
+        x = host["hidden_states"][:1].copy()
+        for _ in range(3):  # binds the conditioning; ONNX Runtime captures each slot's CUDA graph after warm-up runs
+            model(x, 1000.0)
+        sync()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            v = model(x, sigmas[i] * 1000.0)
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+        sync()
+        return (time.perf_counter() - t0) * 1e3 / steps
+
+    class TorchLoopEngine:  # the bench's TorchEngine on the probe's module (spec with float32 I/O, batch 2)
+        def __new__(cls, module):
+            from ldm_export.bench.dit import TorchEngine
+            from ldm_export.runtime.spec_dit import sd3_transformer_spec
+
+            spec = sd3_transformer_spec(cfg["in_channels"], cfg["out_channels"], cfg["joint_attention_dim"],
+                                        cfg["pooled_projection_dim"], (side, side, side), text, batch=(2, 2, 2))
+            return TorchEngine(module, spec, dev, dtype, ("hidden_states", "timestep"))
+
     # PyTorch at batch 2
     med, p90 = timed(lambda: wrapper(*feeds2.values()), args.runs)
     result["variants"]["torch-eager"] = {"step_ms": med, "p90_ms": p90, "calls": 1}
     print(f"torch-eager: {med:.2f} ms", flush=True)
+    if args.loop:
+        result["variants"]["torch-eager"]["loop_step_ms"] = sampler_loop(TorchLoopEngine(wrapper), args.loop)
+        print(f"torch-eager: sampler loop {result['variants']['torch-eager']['loop_step_ms']:.2f} ms a step", flush=True)
     register_onnx_symbolics(OPSET)
     # adaln: the build's default (the q/k/v biases in the attention unless q/k norms need them first)
     known = {"batch2": (2, None), "adaln": (1, None), "adaln-biased-qkv": (1, False)}
@@ -201,6 +248,28 @@ def main() -> None:
             result["variants"][name]["profile"] = prof
             profiles.append(format_profile(prof, f"{name}: GPU kernels of one CFG step ({2 // batch} calls)"))
             print(profiles[-1], flush=True)
+        if args.loop:
+            sess = io = None  # the runtime's engine opens the graph itself
+            from ldm_export.runtime.spec_dit import sd3_transformer_spec
+
+            spec = sd3_transformer_spec(cfg["in_channels"], cfg["out_channels"], cfg["joint_attention_dim"],
+                                        cfg["pooled_projection_dim"], (side, side, side), text,
+                                        batch=(batch, batch, batch))
+            spec = spec.static({"batch": batch, "height": side, "width": side, "text_sequence": text})
+            if cuda:  # exported straight in fp16: every float tensor of the graph but the fp32 timestep
+                spec = spec.with_dtype("float16", names=[n for n in (*spec.input_names, *spec.output_names)
+                                                         if n != "timestep"])
+            if cuda:
+                from ldm_export.runtime.engine_cuda import CudaEngine
+
+                eng = CudaEngine(path, spec, cuda_graph=True, graph_fallback=True)
+            else:
+                from ldm_export.runtime.engine import OrtEngine
+
+                eng = OrtEngine(path, spec, "cpu")
+            result["variants"][name]["loop_step_ms"] = sampler_loop(eng, args.loop)
+            print(f"{name}: sampler loop {result['variants'][name]['loop_step_ms']:.2f} ms a step", flush=True)
+            eng = None
         (out_dir / "sd3_adaln_probe.json").write_text(json.dumps(result, indent=1))  # what ran so far survives a timeout
         sess = io = None  # free the session before the next graph loads
         shutil.rmtree(vdir, ignore_errors=True)
@@ -213,6 +282,10 @@ def main() -> None:
         med, p90 = timed(lambda: compiled(*feeds2.values()), args.runs)
         result["variants"]["torch-compile"] = {"step_ms": med, "p90_ms": p90, "calls": 1, "compile_s": round(ct, 1)}
         print(f"torch-compile: {med:.2f} ms ({ct:.0f} s to compile)", flush=True)
+        if args.loop:
+            result["variants"]["torch-compile"]["loop_step_ms"] = sampler_loop(TorchLoopEngine(compiled), args.loop)
+            print(f"torch-compile: sampler loop {result['variants']['torch-compile']['loop_step_ms']:.2f} ms a step",
+                  flush=True)
         del compiled
         torch._dynamo.reset()
     (out_dir / "sd3_adaln_probe.json").write_text(json.dumps(result, indent=1))
@@ -221,10 +294,13 @@ def main() -> None:
     lines = [f"SD3 ({args.model}) transformer, {args.layers} of its blocks at full width ({result['parameters_m']} M "
              f"parameters), {side * 8}², {text} text tokens, CFG (batch 2 or two batch-1 calls), {result['dtype']}, "
              f"on {result['device']}; median (p90) of {args.runs} steps after 3 warm-ups.", "",
-             f"| variant | calls a step | step ms | vs {base_name} graph | cosine vs torch |", "|---|---|---|---|---|"]
+             f"| variant | calls a step | step ms | vs {base_name} graph | cosine vs torch | sampler loop ms a step |",
+             "|---|---|---|---|---|---|"]
     for name, v in result["variants"].items():
         cos = f"{v['cosine_vs_torch']:.6f}" if "cosine_vs_torch" in v else "—"
-        lines.append(f"| {name} | {v['calls']} | {v['step_ms']:.2f} ({v['p90_ms']:.2f}) | {base / v['step_ms']:.2f}x | {cos} |")
+        loop = f"{v['loop_step_ms']:.2f}" if "loop_step_ms" in v else "—"
+        lines.append(f"| {name} | {v['calls']} | {v['step_ms']:.2f} ({v['p90_ms']:.2f}) | {base / v['step_ms']:.2f}x | {cos} "
+                     f"| {loop} |")
     (out_dir / "sd3_adaln_probe.md").write_text("\n\n".join(["\n".join(lines), *profiles]) + "\n")
     print("\n".join(lines))
 
