@@ -14,7 +14,9 @@ after the ONNX graphs) of the same module at batch 2:
   across the residuals, q/k/v biases inside MultiHeadAttention): two batch-1 calls a step;
 - ``adaln-biased-qkv``: the same with the q/k/v biases left in the projections.
 ``--layers 24`` is the whole transformer (each graph then goes over 2 GB and is written with external data);
-``--variants batch2,adaln`` times only those graphs. ``--profile`` adds each graph's GPU kernels by kind. ``--loop N``
+``--variants batch2,adaln`` times only those graphs. ``--io fp32`` (the default) gives the ONNX graphs float32 latents in
+and out, cast inside the graph, as a build's fp16 policy does; ``--sdpa 1,8`` also times each graph with those
+values of the CUDA provider's ``sdpa_kernel`` option (which attention kernel MultiHeadAttention runs). ``--profile`` adds each graph's GPU kernels by kind. ``--loop N``
 also runs each graph and torch.compile through the runtime's own sampler loop for N steps (Pipeline.denoise with
 CFG 7.0 and an Euler flow step, the CUDA engine with its slots, as ``generate`` runs a bundle; PyTorch through the
 bench's TorchEngine, conditioning kept on the device): the per-step cost with the host's work around the calls. Writes ``sd3_adaln_probe.json`` and ``.md`` to DIR: per
@@ -47,6 +49,12 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--profile", action="store_true",
                    help="also record each ONNX graph's GPU kernels by kind (CUPTI through PyTorch's profiler)")
+    p.add_argument("--io", choices=("fp32", "fp16"), default="fp32",
+                   help="the ONNX graphs' latents in and out: fp32 as a build's fp16 policy keeps them (cast inside the "
+                        "graph), or fp16")
+    p.add_argument("--sdpa", default="",
+                   help="also time each graph with these values of the CUDA provider's sdpa_kernel option (comma "
+                        "separated; 1 flash, 2 memory-efficient, 8 cuDNN, 4|32 TensorRT's fused kernels; 0 the default)")
     p.add_argument("--loop", type=int, default=0, help="also time N steps of the runtime's sampler loop per variant")
     p.add_argument("--variants", default="batch2,adaln,adaln-biased-qkv",
                    help="which ONNX graphs to time, in order (torch.compile runs after them)")
@@ -77,6 +85,17 @@ def main() -> None:
     # wrong graph (a tiny init makes every attention nearly uniform and hides a missing q/k norm)
     model = SD3Transformer2DModel.from_config(cfg).eval().to(dev, dtype)
     wrapper = SD3TransformerWrapper(model)
+
+    class Fp32Latents(torch.nn.Module):  # the build's graph boundary: latents in and out float32, cast in the graph
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+            return self.inner(hidden_states.to(encoder_hidden_states.dtype), encoder_hidden_states, pooled_projections,
+                              timestep).float()
+
+    exported = Fp32Latents(wrapper) if args.io == "fp32" else wrapper
     n_params = sum(prm.numel() for prm in model.parameters())
     g = torch.Generator().manual_seed(1)
     side, text = args.side, args.text
@@ -88,7 +107,7 @@ def main() -> None:
     names = list(feeds2)
     result: dict = {"model": args.model, "layers": args.layers, "parameters_m": round(n_params / 1e6, 1),
                     "side": side, "text": text, "dtype": str(dtype), "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-                    "torch": torch.__version__, "onnxruntime": ort.__version__, "variants": {}}
+                    "torch": torch.__version__, "onnxruntime": ort.__version__, "io": args.io, "variants": {}}
     torch.set_grad_enabled(False)
     ref = wrapper(*feeds2.values()).float().cpu().numpy()  # (2, C, h, w)
 
@@ -164,9 +183,11 @@ def main() -> None:
         p.error(f"--variants takes names from {', '.join(known)}")
     import shutil
 
+    io_dtype = torch.float32 if exported is not wrapper else dtype  # the graphs' latents in and out
+    feeds2_io = {**feeds2, "hidden_states": feeds2["hidden_states"].to(io_dtype)}
     for name in wanted:
         batch, bias_in_attention = known[name]
-        feeds = {k: v[:batch].contiguous() for k, v in feeds2.items()}
+        feeds = {k: v[:batch].contiguous() for k, v in feeds2_io.items()}
         vdir = work / name  # a graph over 2 GB comes out of the exporter as one file per tensor: one folder a graph
         shutil.rmtree(vdir, ignore_errors=True)
         vdir.mkdir(parents=True)
@@ -181,7 +202,7 @@ def main() -> None:
             ctx = contextlib.nullcontext()
         try:
             with ctx:
-                torch.onnx.export(wrapper, tuple(feeds.values()), str(path), input_names=names,
+                torch.onnx.export(exported, tuple(feeds.values()), str(path), input_names=names,
                                   output_names=["out_hidden_states"], opset_version=OPSET, dynamo=False)
         finally:
             if batch == 1:
@@ -202,18 +223,18 @@ def main() -> None:
         graph = cuda
         # device buffers bound once (CUDA graphs need fixed addresses); each call copies one row of the CFG batch in
         bufs = {k: torch.empty_like(v) for k, v in feeds.items()}
-        outb = torch.empty((batch, cfg["out_channels"], side, side), dtype=dtype, device=dev)
+        outb = torch.empty((batch, cfg["out_channels"], side, side), dtype=io_dtype, device=dev)
         io = sess.io_binding()
         np_t = {torch.float16: np.float16, torch.float32: np.float32}
         for k, v in bufs.items():
             io.bind_input(k, args.device, 0, np_t[v.dtype], list(v.shape), v.data_ptr())
         io.bind_output("out_hidden_states", args.device, 0, np_t[outb.dtype], list(outb.shape), outb.data_ptr())
-        outs = torch.empty((2, cfg["out_channels"], side, side), dtype=dtype, device=dev)
+        outs = torch.empty((2, cfg["out_channels"], side, side), dtype=io_dtype, device=dev)
 
         def step():
             for r in range(0, 2, batch):
                 for k, v in bufs.items():
-                    v.copy_(feeds2[k][r:r + batch])
+                    v.copy_(feeds2_io[k][r:r + batch])
                 sync()
                 sess.run_with_iobinding(io)
                 outs[r:r + batch].copy_(outb)
@@ -241,6 +262,32 @@ def main() -> None:
                                     "ops": dict(ops.most_common(16))}
         print(f"{name}: {med:.2f} ms a step ({2 // batch} calls), cosine {min(cos):.6f}, export {export_s:.0f} s, "
               f"ops {dict(ops.most_common(10))}", flush=True)
+        for kernel in [k.strip() for k in args.sdpa.split(",") if k.strip()] if cuda else []:
+            sess = None
+            opts = {"enable_cuda_graph": "1", "sdpa_kernel": kernel}
+            sess = ort.InferenceSession(str(path), so, providers=[("CUDAExecutionProvider", opts), "CPUExecutionProvider"])
+            io = sess.io_binding()
+            for k, v in bufs.items():
+                io.bind_input(k, args.device, 0, np_t[v.dtype], list(v.shape), v.data_ptr())
+            io.bind_output("out_hidden_states", args.device, 0, np_t[outb.dtype], list(outb.shape), outb.data_ptr())
+            try:
+                step()
+                k_med, k_p90 = timed(step, args.runs)
+                got = outs.float().cpu().numpy().reshape(2, -1).astype(np.float64)
+                k_cos = min(float((got[i] @ b[i]) / (np.linalg.norm(got[i]) * np.linalg.norm(b[i]))) for i in range(2))
+                result["variants"][name].setdefault("sdpa_kernel", {})[kernel] = {"step_ms": k_med, "p90_ms": k_p90,
+                                                                                   "cosine_vs_torch": k_cos}
+                print(f"{name} sdpa_kernel={kernel}: {k_med:.2f} ms a step, cosine {k_cos:.6f}", flush=True)
+            except Exception as e:  # a backend that refuses these shapes
+                result["variants"][name].setdefault("sdpa_kernel", {})[kernel] = {"error": " ".join(str(e).split())[:200]}
+                print(f"{name} sdpa_kernel={kernel}: failed ({' '.join(str(e).split())[:200]})", flush=True)
+        if args.sdpa and cuda:  # back to the default session for the profile and loop
+            sess = ort.InferenceSession(str(path), so, providers=prov)
+            io = sess.io_binding()
+            for k, v in bufs.items():
+                io.bind_input(k, args.device, 0, np_t[v.dtype], list(v.shape), v.data_ptr())
+            io.bind_output("out_hidden_states", args.device, 0, np_t[outb.dtype], list(outb.shape), outb.data_ptr())
+            step()
         if args.profile and cuda:
             from ldm_export.bench.kernel_profile import format_profile, profile_kernels
 
@@ -256,9 +303,11 @@ def main() -> None:
                                         cfg["pooled_projection_dim"], (side, side, side), text,
                                         batch=(batch, batch, batch))
             spec = spec.static({"batch": batch, "height": side, "width": side, "text_sequence": text})
-            if cuda:  # exported straight in fp16: every float tensor of the graph but the fp32 timestep
+            if cuda:  # exported straight in fp16: every float tensor of the graph but the fp32 timestep (and with
+                # --io fp32, the latents in and out)
+                fp32 = {"timestep"} | ({"hidden_states", "out_hidden_states"} if io_dtype == torch.float32 else set())
                 spec = spec.with_dtype("float16", names=[n for n in (*spec.input_names, *spec.output_names)
-                                                         if n != "timestep"])
+                                                         if n not in fp32])
             if cuda:
                 from ldm_export.runtime.engine_cuda import CudaEngine
 
@@ -292,7 +341,8 @@ def main() -> None:
     base_name = "batch2" if "batch2" in result["variants"] else wanted[0]
     base = result["variants"][base_name]["step_ms"]
     lines = [f"SD3 ({args.model}) transformer, {args.layers} of its blocks at full width ({result['parameters_m']} M "
-             f"parameters), {side * 8}², {text} text tokens, CFG (batch 2 or two batch-1 calls), {result['dtype']}, "
+             f"parameters), {side * 8}², {text} text tokens, CFG (batch 2 or two batch-1 calls), {result['dtype']} "
+             f"(the ONNX graphs' latents in and out {args.io}), "
              f"on {result['device']}; median (p90) of {args.runs} steps after 3 warm-ups.", "",
              f"| variant | calls a step | step ms | vs {base_name} graph | cosine vs torch | sampler loop ms a step |",
              "|---|---|---|---|---|---|"]
