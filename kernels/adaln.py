@@ -152,8 +152,14 @@ def _joint_attention(attn, x_in, c_in, bias_in_attention: bool):
     if bias_in_attention:
         image = (attn.to_q, attn.to_k, attn.to_v)
         text = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-        qkv = [F.linear(x_in, lin.weight) for lin in image]
-        qkv_c = [F.linear(c_in, lt.weight, _bias(lt) - _bias(li)) for lt, li in zip(text, image)]
+        if getattr(attn, "_adaln_pack_qkv", False):  # one GEMM a stream for q, k and v, then split
+            d = image[0].out_features
+            qkv = F.linear(x_in, torch.cat([lin.weight for lin in image])).split(d, dim=-1)
+            qkv_c = F.linear(c_in, torch.cat([lt.weight for lt in text]),
+                             torch.cat([_bias(lt) - _bias(li) for lt, li in zip(text, image)])).split(d, dim=-1)
+        else:
+            qkv = [F.linear(x_in, lin.weight) for lin in image]
+            qkv_c = [F.linear(c_in, lt.weight, _bias(lt) - _bias(li)) for lt, li in zip(text, image)]
         joined = [torch.cat([a, b], dim=1) for a, b in zip(qkv, qkv_c)]
         bias = torch.cat([_bias(lin) for lin in image])
         out = biased_attention(*joined, bias, attn.heads, attention_scale(attn))
@@ -250,10 +256,12 @@ def coverable(module) -> str | None:
     return None
 
 
-def install(module, bias_in_attention: bool | None = None) -> list:
+def install(module, bias_in_attention: bool | None = None, pack_qkv: bool = False) -> list:
     """Patch ``module`` (an SD3Transformer2DModel): its forward, its blocks' and its AdaLN norms' (module docstring);
     returns what :func:`uninstall` takes. ``bias_in_attention``: the q/k/v biases in MultiHeadAttention (default:
-    where the attention has no q/k norms)."""
+    where the attention has no q/k norms). ``pack_qkv`` (with the biases in the attention): each stream's q, k and v
+    projections as one GEMM over the stacked weights, split after (fewer, larger GEMMs; an experiment of
+    tools/gpu/sd3_adaln_probe.py, not yet a build's default)."""
     why = coverable(module)
     if why is not None:
         raise NotImplementedError(f"fused AdaLN modulation: {why}")
@@ -268,6 +276,7 @@ def install(module, bias_in_attention: bool | None = None) -> list:
     patched = [(module, _fused_forward)]
     for b in blocks:
         b._adaln_bias_in_attention = bool(bias_in_attention)
+        b.attn._adaln_pack_qkv = bool(pack_qkv)
         patched += [(b, _block_forward), (b.norm1, _norm_forward), (b.norm1_context, _norm_forward)]
     patched.append((module.norm_out, _norm_forward))
     for m, fn in patched:
@@ -281,6 +290,8 @@ def uninstall(saved) -> None:
         del m.forward  # back to the class's forward
         if hasattr(m, "_adaln_bias_in_attention"):
             del m._adaln_bias_in_attention
+            if hasattr(m.attn, "_adaln_pack_qkv"):
+                del m.attn._adaln_pack_qkv
 
 
 def clear_unused_outputs(model) -> int:

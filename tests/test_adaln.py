@@ -182,3 +182,39 @@ def test_spec_with_batch_unfixes_axis_0_but_not_unbatched_inputs():
     assert [t.shape for t in dyn.inputs] == [("batch", 4, 8, 8), (16, 3)] and dyn.outputs[0].shape[0] == "batch"
     assert not dyn.is_static and spec.is_static
     assert dyn.profile == {"batch": (1, 2, 8)}  # a profile entry for the new symbolic dim
+
+
+def test_packed_qkv_is_one_gemm_a_stream_and_the_same_numbers(tmp_path):
+    """``pack_qkv`` (the probe's adaln-packed): each stream's q, k, v projections as one MatMul, 4 fewer a block;
+    the graph on ONNX Runtime's CPU provider equals torch as the unpacked one does."""
+    import onnx
+    import onnxruntime as ort
+
+    from ldm_export.export.dit_models import SD3TransformerWrapper, register_onnx_symbolics
+    from ldm_export.export.onnx_export import OPSET
+
+    layers = 3
+    m = _tiny(num_layers=layers)
+    w = SD3TransformerWrapper(m)
+    x = _inputs(m)
+    names = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
+    with torch.no_grad():
+        ref = w(*x).numpy()
+    register_onnx_symbolics(OPSET)
+    matmuls = {}
+    for pack in (False, True):
+        saved = adaln.install(m, pack_qkv=pack)
+        try:
+            with torch.no_grad():
+                assert float((w(*x) - torch.from_numpy(ref)).abs().max()) < 1e-4 * float(np.abs(ref).max())
+            torch.onnx.export(w, x, str(tmp_path / f"{pack}.onnx"), input_names=names,
+                              output_names=["out_hidden_states"], opset_version=OPSET, dynamo=False)
+        finally:
+            adaln.uninstall(saved)
+        assert not any("_adaln_pack_qkv" in vars(mod) for mod in m.modules())
+        model = onnx.load(str(tmp_path / f"{pack}.onnx"))
+        matmuls[pack] = sum(n.op_type == "MatMul" for n in model.graph.node)
+        got = ort.InferenceSession(str(tmp_path / f"{pack}.onnx"), providers=["CPUExecutionProvider"]).run(
+            None, dict(zip(names, (a.numpy() for a in x))))[0]
+        assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+    assert matmuls[False] - matmuls[True] == 4 * layers

@@ -12,7 +12,9 @@ after the ONNX graphs) of the same module at batch 2:
   to each other, not the build's absolute figures;
 - ``adaln``: the fused batch-1 forward of kernels/adaln.py (modulated LayerNormalization, SkipLayerNormalization
   across the residuals, q/k/v biases inside MultiHeadAttention): two batch-1 calls a step;
-- ``adaln-biased-qkv``: the same with the q/k/v biases left in the projections.
+- ``adaln-biased-qkv``: the same with the q/k/v biases left in the projections;
+- ``adaln-packed``: the fused graph with each stream's q, k and v projections as one GEMM (stacked weights), split
+  after.
 ``--layers 24`` is the whole transformer (each graph then goes over 2 GB and is written with external data);
 ``--variants batch2,adaln`` times only those graphs. ``--io fp32`` (the default) gives the ONNX graphs float32 latents in
 and out, cast inside the graph, as a build's fp16 policy does; ``--sdpa 1,8`` also times each graph with those
@@ -176,7 +178,7 @@ def main() -> None:
         print(f"torch-eager: sampler loop {result['variants']['torch-eager']['loop_step_ms']:.2f} ms a step", flush=True)
     register_onnx_symbolics(OPSET)
     # adaln: the build's default (the q/k/v biases in the attention unless q/k norms need them first)
-    known = {"batch2": (2, None), "adaln": (1, None), "adaln-biased-qkv": (1, False)}
+    known = {"batch2": (2, None), "adaln": (1, None), "adaln-biased-qkv": (1, False), "adaln-packed": (1, None)}
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     profiles: list[str] = []
     if not wanted or any(v not in known for v in wanted):
@@ -198,7 +200,7 @@ def main() -> None:
         else:
             import contextlib
 
-            saved = adaln.install(model, bias_in_attention=bias_in_attention)
+            saved = adaln.install(model, bias_in_attention=bias_in_attention, pack_qkv=name == "adaln-packed")
             ctx = contextlib.nullcontext()
         try:
             with ctx:
