@@ -73,6 +73,8 @@ def _run_in_slots(engine, feeds: Mapping[str, np.ndarray], batched: Sequence[str
     outs = []
     for k in range(chunks):
         part = {name: (a[k * fixed:(k + 1) * fixed] if name in batched else a) for name, a in typed.items()}
+        if step_inputs is None:  # every input: the checks engine.run makes (names, dtypes, shapes)
+            engine.spec.check_feeds(part)
         outs.append(engine.run_partial(part, slot=k) if k else engine.run_partial(part))
     if chunks == 1:
         return outs[0]
