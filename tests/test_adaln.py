@@ -218,3 +218,27 @@ def test_packed_qkv_is_one_gemm_a_stream_and_the_same_numbers(tmp_path):
             None, dict(zip(names, (a.numpy() for a in x))))[0]
         assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
     assert matmuls[False] - matmuls[True] == 4 * layers
+
+
+def test_fp16_sequential_cfg_build_verifies_and_draws_the_batch2_image(tmp_path, monkeypatch):
+    """An fp16 ``--sequential-cfg --target cuda`` build of tiny-sd3, verified on ONNX Runtime's CPU provider (it has
+    fp16 kernels for MultiHeadAttention, FastGelu and SkipLayerNormalization): the fp32 modulation linears feed the
+    fp16 fused norms, every graph passes, and its image is the fp16 batch-2 bundle's within a few 8-bit levels."""
+    from ldm_export.export.build import BuildConfig, build
+    from ldm_export.runtime.pipeline import Pipeline
+
+    monkeypatch.setenv("LDM_EXPORT_DISABLE_KERNELS", "groupnorm")  # the VAE's cuda GroupNorm has no CPU kernel
+    common = dict(model="tiny-sd3", random_weights=True, precision="fp16", target="cuda", verify_provider="cpu",
+                  static_shape=True)
+    seq = build(BuildConfig(**common, sequential_cfg=True, out=tmp_path / "seq"))
+    build(BuildConfig(**common, out=tmp_path / "plain"))
+    t = seq["components"]["transformer"]
+    assert seq["sequential_cfg"] is True and t["precision"] == "fp16"
+    assert any("SkipLayerNormalization" in k for k in t["kernels"]) and any("MultiHeadAttention" in k for k in t["kernels"])
+    assert t["verification"]["fp16"]["provider"] == "CPUExecutionProvider" and t["verification"]["fp16"]["passed"]
+    assert min(o["cosine"] for o in t["verification"]["fp16"]["outputs"].values()) > 0.999
+    images = []
+    for b in ("seq", "plain"):
+        pipe = Pipeline.from_bundle(tmp_path / b, provider="cpu")
+        images.append(np.asarray(pipe("a red circle", num_inference_steps=3, seed=5, guidance_scale=5.0)[0], np.int16))
+    assert np.abs(images[0] - images[1]).max() <= 4
