@@ -192,6 +192,10 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
     from .weights import load_weights
 
     spec = validate(cfg)
+    if cfg.weights is not None and cfg.model != AUTO_MODEL and Path(cfg.weights).expanduser().is_dir():
+        from .folder_spec import with_folder_scheduler
+
+        spec = with_folder_scheduler(spec, Path(cfg.weights).expanduser())  # its weights' prediction type, shift, ...
     out = cfg.resolved_out()
     progress("weights", "loading", str(cfg.weights or ("random" if cfg.random_weights else "embedded")))
     weights_path = cfg.weights

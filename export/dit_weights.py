@@ -26,7 +26,7 @@ from ldm_export.runtime.errors import LdmExportError
 from ldm_export.zoo import ModelSpec
 
 from .models import build_module
-from .weights import (_finish, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, _check_config, _check_loading_info, _compare_state_dicts,
+from .weights import (_finish, load_failure, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, _check_config, _check_loading_info, _compare_state_dicts,
                       _folder_weight_files, _one_line, _parameters_on_meta, _PickleCheckpoint, _read_json,
                       _SafetensorsCheckpoint, _sha256, _with_init_defaults)
 
@@ -165,7 +165,7 @@ def _load_folder(spec: ModelSpec, folder: Path, trust_pickle: bool, skip: tuple[
         except LdmExportError:
             raise
         except Exception as exc:
-            raise LdmExportError(f"could not load {sub}: {_one_line(exc)}") from exc
+            raise load_failure(sub, weight_files, exc) from exc
         _check_loading_info(sub, name, info)
         _check_structure(spec, name, module, "the folder's module")
         modules[name] = module

@@ -125,6 +125,44 @@ def _config(folder: Path, index: dict[str, Any], name: str, reference: dict[str,
     return {**{k: v for k, v in reference.items() if k not in config}, **config}
 
 
+# the scheduler keys that fix the noise schedule and what the denoiser predicts: the weights were trained with them
+SCHEDULE_KEYS = ("prediction_type", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
+                 "rescale_betas_zero_snr", "timestep_spacing", "steps_offset", "shift", "use_dynamic_shifting",
+                 "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+_SCHEDULE_DEFAULTS = {"prediction_type": "epsilon", "trained_betas": None, "rescale_betas_zero_snr": False,
+                      "steps_offset": 0, "shift": 1.0, "use_dynamic_shifting": False}  # diffusers' schedulers' own
+
+
+def folder_scheduler(folder: Path, reference: ModelSpec) -> dict | None:
+    """The folder's ``scheduler/scheduler_config.json`` (its class defaulting to ``reference``'s), or None."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return None
+    scheduler = {k: v for k, v in _read(path, "scheduler").items() if k != "_diffusers_version"}
+    if "_class_name" not in scheduler:
+        scheduler = {"_class_name": reference.scheduler["_class_name"], **scheduler}
+    return scheduler
+
+
+def with_folder_scheduler(spec: ModelSpec, folder: Path) -> ModelSpec:
+    """A named ``--model`` built from a diffusers folder samples as the folder's scheduler says (a v-prediction
+    fine-tune, another flow shift), as diffusers' ``from_pretrained`` does and ``--model auto`` does; one warning
+    names what differs from the named model's schedule."""
+    scheduler = folder_scheduler(folder, spec)
+    if scheduler is None:
+        return spec
+    def named(k):  # the named model's value, or diffusers' schedulers' default where its config leaves it out
+        return spec.scheduler.get(k, _SCHEDULE_DEFAULTS.get(k))
+
+    differ = [k for k in SCHEDULE_KEYS if k in scheduler and scheduler[k] != named(k)]
+    if differ:
+        k = differ[0]
+        more = f" (and {', '.join(differ[1:])})" if len(differ) > 1 else ""
+        log.warning("%s: its scheduler says %s %r where %s's says %r%s; the bundle samples as the folder's scheduler "
+                    "says, as diffusers does", folder.name, k, scheduler[k], spec.name, named(k), more)
+    return replace(spec, scheduler=scheduler)
+
+
 def spec_from_folder(weights: Path | str) -> ModelSpec:
     """The ModelSpec of the diffusers pipeline folder ``weights`` (see the module's docstring)."""
     folder = Path(weights).expanduser()
@@ -151,13 +189,7 @@ def spec_from_folder(weights: Path | str) -> ModelSpec:
         reference = get_model("flux-dev")  # the guidance-distilled variant: its defaults, shift and 512 T5 tokens
     if family == "sd3":
         reference = _sd3_reference(configs["transformer"], reference)
-    scheduler_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler = reference.scheduler
-    if scheduler_path.is_file():
-        raw = _read(scheduler_path, "scheduler")
-        scheduler = {k: v for k, v in raw.items() if k != "_diffusers_version"}
-        if "_class_name" not in scheduler:
-            scheduler = {"_class_name": reference.scheduler["_class_name"], **scheduler}
+    scheduler = folder_scheduler(folder, reference) or reference.scheduler
     spec = replace(reference, name=folder_model_name(folder), embedded_weights=None, params_m={},
                    description=f"{pipeline} from the folder '{folder_model_name(folder)}' ({fam.description})",
                    **ModelSpec.config_fields(configs), scheduler=scheduler)

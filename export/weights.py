@@ -185,7 +185,7 @@ def _load_diffusers_folder(spec: ModelSpec, folder: Path, trust_pickle: bool) ->
         except LdmExportError:
             raise
         except Exception as exc:  # from_pretrained raises OSError, ValueError, RuntimeError, SafetensorError...
-            raise LdmExportError(f"could not load {sub}: {_one_line(exc)}") from exc
+            raise load_failure(sub, weight_files, exc) from exc
         _check_loading_info(sub, name, info)
         _check_structure(name, module, spec)
         modules[name] = module
@@ -311,6 +311,23 @@ class _Checkpoint:
 
     def take(self, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+def load_failure(sub: Path, weight_files, exc: Exception) -> LdmExportError:
+    """Why a folder module's from_pretrained failed, on one line: the first of its weight files that is not readable
+    safetensors (truncated, empty, a bad header), named with what to do; else the loader's own message."""
+    from safetensors import safe_open
+
+    for f in weight_files:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as handle:
+                handle.keys()
+        except Exception as bad:  # SafetensorError: bad header, truncated file, not safetensors at all
+            return LdmExportError(f"{sub.name}/{f.name} is not a readable safetensors file ({_one_line(bad)}); check "
+                                  "that the download is complete")
+    return LdmExportError(f"could not load {sub}: {_one_line(exc)}")
 
 
 class _SafetensorsCheckpoint(_Checkpoint):

@@ -18,9 +18,9 @@ from torch import nn
 from ldm_export.runtime.errors import LdmExportError
 
 from .models import build_module, build_random
-from .weights import (_finish, LDM_UNET_EMA_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES,
+from .weights import (_finish, load_failure, LDM_UNET_EMA_PREFIX, LDM_UNET_PREFIX, LDM_VAE_PREFIX, PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES,
                       LoadedWeights, _Checkpoint, _check_config, _check_loading_info, _compare_state_dicts, _convert,
-                      _folder_weight_files, _one_line, _parameters_on_meta, _PickleCheckpoint, _read_json, _sha256,
+                      _folder_weight_files, _parameters_on_meta, _PickleCheckpoint, _read_json, _sha256,
                       _SafetensorsCheckpoint, _TEXT_ENCODER_ARCHITECTURE_KEYS, _with_init_defaults, refuse_dit_folder)
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _load_folder(spec, folder: Path, trust_pickle: bool) -> LoadedWeights:
         try:
             module, info = loaders[name](str(sub), **kwargs)
         except Exception as exc:
-            raise LdmExportError(f"could not load {sub}: {_one_line(exc)}") from exc
+            raise load_failure(sub, weight_files, exc) from exc
         _check_loading_info(sub, name, info)
         with _parameters_on_meta():
             reference = build_module(spec, name)

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -427,9 +428,44 @@ def test_single_file_conversion_at_full_size_on_meta(model, text_layout):
         assert got == {k: tuple(v.shape) for k, v in reference[name].state_dict().items()}, name
 
 
-def test_diffusers_folder_corrupt_weights(diffusers_folder, tmp_path):
+@pytest.mark.parametrize("damage", ["zeros", "truncated", "empty"])
+def test_diffusers_folder_corrupt_weights(diffusers_folder, tmp_path, damage):
+    """A damaged weights file inside a folder is named, with what to do (as a damaged single file is)."""
     folder = copy_folder(diffusers_folder, tmp_path / "pipe")
-    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 16)
-    with raises_one_line("could not load .*unet") as e:
+    f = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"zeros": b"\x00" * 16, "truncated": data[:len(data) // 2], "empty": b""}[damage])
+    with raises_one_line("unet/diffusion_pytorch_model.safetensors is not a readable safetensors file .*check that "
+                         "the download is complete") as e:
         load_modules(TINY, folder)
     one_line(e)
+
+
+def test_a_named_model_built_from_a_folder_samples_as_the_folders_scheduler_says(diffusers_folder, tmp_path, caplog):
+    """`build --model tiny --weights FOLDER` whose scheduler says v-prediction: the bundle samples with
+    v-prediction, as diffusers and `--model auto` do, and one warning names the difference."""
+    import logging
+
+    from ldm_export.export.build import BuildConfig, build
+    from ldm_export.runtime.pipeline import Pipeline
+
+    folder = copy_folder(diffusers_folder, tmp_path / "vpred")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {**TINY.scheduler, "prediction_type": "v_prediction", "_diffusers_version": "0.35.2"}))
+    with caplog.at_level(logging.WARNING):
+        build(BuildConfig(model="tiny", weights=folder, out=tmp_path / "named"))
+    warned = [r.getMessage() for r in caplog.records if "its scheduler says" in r.getMessage()]
+    assert len(warned) == 1 and "prediction_type 'v_prediction' where tiny's says 'epsilon'" in warned[0]
+    build(BuildConfig(model="auto", weights=folder, out=tmp_path / "auto"))
+    build(BuildConfig(model="tiny", weights=diffusers_folder, out=tmp_path / "plain"))
+
+    def prediction(b):
+        return json.loads((tmp_path / b / "scheduler" / "scheduler_config.json").read_text()).get("prediction_type",
+                                                                                                  "epsilon")
+
+    assert prediction("named") == prediction("auto") == "v_prediction" and prediction("plain") == "epsilon"
+    draw = {b: Pipeline.from_bundle(tmp_path / b)("a red circle", num_inference_steps=3, seed=2, return_latents=True)
+            for b in ("named", "auto", "plain")}
+    np.testing.assert_allclose(draw["named"], draw["auto"], rtol=1e-5, atol=1e-6)
+    assert np.abs(draw["named"] - draw["plain"]).max() > 1e-3
