@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ldm_export.cli_bench import bench
-from ldm_export.cli_common import _guard, _human, console, out_console, signals_deferred
+from ldm_export.cli_common import _guard, _human, console, interrupted_within, out_console, signals_deferred
 from ldm_export.cli_int8 import int8_config, int8_options, quantize
 from ldm_export.cli_lora import lora
 from ldm_export.cli_tensorrt import engines
@@ -97,6 +97,11 @@ def build(model, precision, weights, random_weights, seed, out, force, static_sh
                 progress(component, stage, detail)
                 status.update(escape(f"{component}: {stage} {detail}"))
             manifest = run_build(cfg, shown)
+    except Exception as e:  # a Ctrl-C that cut an import short surfaces as ImportError
+        if not interrupted_within(e):
+            raise
+        raise LdmExportError(f"interrupted: the build stopped; nothing was written to {cfg.resolved_out()}",
+                             exit_code=130) from None
     except KeyboardInterrupt:  # the staging folder is gone by now (bundle_writer.staging)
         raise LdmExportError(f"interrupted: the build stopped; nothing was written to {cfg.resolved_out()}",
                              exit_code=130) from None

@@ -41,6 +41,18 @@ def missing_extra(e: ModuleNotFoundError) -> str | None:
             f"pip install 'ldm-export[{extra}]'")
 
 
+def interrupted_within(exc: BaseException) -> bool:
+    """A Ctrl-C that surfaced as another exception: an import it cut short raises ImportError ('initialization
+    failed') from the KeyboardInterrupt."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _guard(fn):
     """Turn user errors into one line and an exit code; tracebacks only with --debug / LDM_EXPORT_DEBUG=1."""
     @functools.wraps(fn)
@@ -70,6 +82,11 @@ def _guard(fn):
         except MemoryError:
             console.print("[red]error:[/red] out of memory; close other programs or build a smaller model", soft_wrap=True)
             sys.exit(3)
+        except Exception as e:
+            if debug or not interrupted_within(e):
+                raise
+            console.print("[yellow]interrupted[/yellow]: stopped", soft_wrap=True)
+            sys.exit(130)
     return wrapper
 
 

@@ -461,3 +461,51 @@ def test_a_file_given_as_a_bundle_is_called_a_file(tiny_bundle, tmp_path):
                                                 "--out", str(tmp_path / "o.png")]):
         r = run_cli(*args)
         assert r.returncode == 2 and f"{image} is a file, not a bundle" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_ctrl_c_that_cut_an_import_short_is_an_interruption_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while onnxruntime initialises surfaces as ImportError('initialization failed') raised from the
+    KeyboardInterrupt: every command says 'interrupted' on one line and exits 130; a build also says nothing was
+    written. Other ImportErrors still propagate."""
+    import click
+    from click.testing import CliRunner
+
+    from ldm_export import cli
+    from ldm_export.cli_common import _guard, interrupted_within
+
+    def cut_import():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed")
+
+    try:
+        cut_import()
+    except ImportError as e:
+        assert interrupted_within(e)
+    assert not interrupted_within(ImportError("No module named x"))
+
+    @click.command()
+    @_guard
+    def command():
+        cut_import()
+
+    r = CliRunner().invoke(command, [])
+    assert r.exit_code == 130 and "interrupted" in r.output and len(r.output.strip().splitlines()) == 1
+
+    def build_cut_short(cfg, progress):
+        cut_import()
+
+    monkeypatch.setattr("ldm_export.export.build.build", build_cut_short)
+    r = CliRunner().invoke(cli.cli, ["build", "--model", "tiny", "--random-weights", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 130, r.output
+    assert "interrupted: the build stopped; nothing was written" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+    @click.command()
+    @_guard
+    def other():
+        raise ImportError("something else")
+
+    r = CliRunner().invoke(other, [])
+    assert r.exit_code == 1 and isinstance(r.exception, ImportError)
