@@ -32,6 +32,26 @@ def is_replaceable(out: Path) -> bool:
     return not any(out.iterdir())
 
 
+def foreign_files(out: Path) -> list[str]:
+    """Files inside a bundle folder that the bundle did not write: not in its manifest's file list, not the manifest,
+    not the engine caches ldm-export keeps in ``engines/`` (a user's notes, an image ``generate --out BUNDLE``
+    wrote). ``--force`` keeps its promise to delete nothing else by refusing where there are any."""
+    from ldm_export.runtime.engine_tensorrt import ENGINES_DIR
+
+    try:
+        listed = set(json.loads((out / MANIFEST).read_text()).get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        return []
+    found = []
+    for f in sorted(out.rglob("*")):
+        if f.is_dir() and not f.is_symlink():
+            continue
+        rel = f.relative_to(out).as_posix()
+        if rel != MANIFEST and rel not in listed and rel.split("/")[0] != ENGINES_DIR:
+            found.append(rel)
+    return found
+
+
 def check_out_dir(out: Path, force: bool, weights: Path | None = None, source: Path | None = None) -> None:
     """Refuse, before any work: ``out`` holding the weights being read or the current folder; ``out`` being the
     bundle ``source`` a command reads (``lora``, ``quantize``), holding it or inside it (a bundle stays as written);
@@ -58,6 +78,11 @@ def check_out_dir(out: Path, force: bool, weights: Path | None = None, source: P
     if out.exists() and not is_replaceable(out):
         raise LdmExportError(f"{out} is not an ldm-export bundle (no {MANIFEST}) and not empty; --force replaces only "
                              "bundles and empty folders, so choose another --out")
+    foreign = foreign_files(out) if out.exists() else []
+    if foreign:
+        more = f" and {len(foreign) - 2} more" if len(foreign) > 2 else ""
+        raise LdmExportError(f"{out} is a bundle but also holds files it did not write ({', '.join(foreign[:2])}{more}); "
+                             "--force replaces nothing else, so move them out or choose another --out")
     parent = out.parent
     blocking = next((a for a in (parent, *parent.parents) if a.exists() and not a.is_dir()), None)
     if blocking is not None:

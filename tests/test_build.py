@@ -182,6 +182,20 @@ def test_force_replaces_and_existing_out_is_refused(tmp_path):
     build(BuildConfig(model="tiny", random_weights=True, seed=1, out=out, force=True))  # and a bundle
     assert (out / "ldm_export.json").read_text() != first
     assert not list(tmp_path.glob(".o.*"))
+    # a bundle that also holds the user's files (generate --out BUNDLE writes image.png into it) is not replaced
+    (out / "image.png").write_bytes(b"png")
+    (out / "unet" / "notes.txt").write_text("mine")
+    (out / "engines").mkdir()
+    (out / "engines" / "plan.bin").write_bytes(b"cache")  # what ldm-export keeps in a bundle may go
+    second = (out / "ldm_export.json").read_text()
+    with pytest.raises(LdmExportError, match=r"holds files it did not write \(image.png, unet/notes.txt\); --force "
+                                             "replaces nothing else"):
+        build(BuildConfig(model="tiny", random_weights=True, seed=2, out=out, force=True))
+    assert (out / "image.png").read_bytes() == b"png" and (out / "ldm_export.json").read_text() == second
+    (out / "image.png").unlink()
+    (out / "unet" / "notes.txt").unlink()
+    build(BuildConfig(model="tiny", random_weights=True, seed=2, out=out, force=True))
+    assert not (out / "engines").exists()
 
 
 def test_killed_build_leftover_is_removed_by_next_build(tmp_path):
