@@ -418,10 +418,16 @@ class EditInputs:
             return cls(image, latents, strength)
         lmask = latent_mask(mask, pipe.vae_scale_factor)
         if not lmask.any():  # a blur only shrinks what stays at or above the latents' 0.5 threshold
-            log.warning("mask %s: its white region%s misses the latent grid (every %d px), so the model repaints nothing "
-                        "there; widen the region to %d px or more%s", mask_image,
-                        f" blurred by {mask_blur:g} px" if mask_blur else "", pipe.vae_scale_factor,
-                        pipe.vae_scale_factor, " or lower --mask-blur" if mask_blur else "")
+            sharp = mask_blur and latent_mask(load_mask(mask_image, image.size, 0.0, image_size=source.size),
+                                              pipe.vae_scale_factor).any()
+            if sharp:  # the region is wide enough: the blur alone keeps every latent pixel under half white
+                log.warning("mask %s: blurred by %g px, its white region is under half white at every point of the "
+                            "latent grid (every %d px), so the model repaints nothing there; lower --mask-blur",
+                            mask_image, mask_blur, pipe.vae_scale_factor)
+            else:
+                log.warning("mask %s: its white region misses the latent grid (every %d px), so the model repaints "
+                            "nothing there; widen the region to %d px or more", mask_image, pipe.vae_scale_factor,
+                            pipe.vae_scale_factor)
         if not inpaint_unet:
             return cls(image, latents, strength, mask, blend_mask=lmask)
         masked = pipe.encode_image(masked_image(pixels, mask))  # diffusers: the image with the masked region zeroed
