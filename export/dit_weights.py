@@ -81,8 +81,19 @@ def refuse_dit_for_unet(keys, path: Path) -> None:
     for marker, what in DIT_MARKERS.items():
         key = next((k for k in keys if k.startswith(marker)), None)
         if key is not None:
-            raise LdmExportError(f"{path.name} holds {what}, not a U-Net: its key '{key}' has no place in a U-Net "
-                                 "checkpoint; pass the --model it belongs to")
+            raise LdmExportError(f"{path.name} holds {what.split(' (')[0]}, not a U-Net: its key '{key}' has no place "
+                                 f"in a U-Net checkpoint; {_model_hint(path, what)}")
+
+
+def _model_hint(path: Path, what: str) -> str:
+    """Which --model to pass for a DiT single file: the zoo model its shapes say (as --model auto tells it), else
+    the family's published models."""
+    from .folder_spec import model_of_checkpoint
+
+    try:
+        return f"build it with --model {model_of_checkpoint(path)} (or --model auto)"
+    except LdmExportError:  # no zoo model fits it exactly
+        return f"pass the --model it belongs to{' (' + what.split(' (--model ')[1] if ' (--model ' in what else ''}"
 
 
 def load_dit_weights(spec: ModelSpec, weights: str | Path | None, random_weights: bool = False, seed: int = 0,
@@ -329,6 +340,12 @@ def _convert_single_file(spec: ModelSpec, path: Path, checkpoint) -> dict[str, n
                              f"FLUX.1 layouts; for '{spec.name}' pass a diffusers folder")
     marker = "model.diffusion_model.joint_blocks."
     if not any(k.startswith(marker) for k in keys):
+        diffusers = next((k for k in keys if k.startswith("transformer_blocks.")), None)
+        if diffusers is not None and "context_embedder.weight" in keys:  # an SD3Transformer2DModel's own state dict
+            raise LdmExportError(f"{path.name} holds an SD3 transformer in diffusers' key layout ('{diffusers}'), not "
+                                 f"Stability's single-file layout ('{marker}*'); put it in a diffusers folder "
+                                 "(transformer/diffusion_pytorch_model.safetensors beside its config.json, with the "
+                                 "text encoders and VAE) and pass the folder")
         other = next((f"'{k}' ({w})" for m, w in DIT_MARKERS.items() for k in keys if k.startswith(m)), None)
         first = other or (f"'{keys[0]}'" if keys else "no keys at all")
         raise LdmExportError(f"{path.name} is not an SD3 checkpoint: no key starts with '{marker}' (first key: "

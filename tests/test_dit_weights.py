@@ -117,6 +117,24 @@ def test_dit_single_file_for_unet_model_names_the_key(sd3_file):
             load_weights(model, sd3_file)
         msg = one_line(e)
         assert "SD3-class MMDiT" in msg and "'model.diffusion_model.joint_blocks." in msg and "not a U-Net" in msg
+        assert msg.endswith("build it with --model tiny-sd3 (or --model auto)")  # the model its shapes say
+
+
+def test_an_sd3_transformer_file_in_diffusers_key_layout_is_told_apart(tmp_path):
+    """A lone SD3Transformer2DModel state dict (diffusers' keys) is SD3 in another layout, not 'not an SD3 checkpoint'."""
+    from safetensors.torch import save_file
+
+    from ldm_export.export.dit_weights import load_dit_weights
+    from ldm_export.export.models import build_random
+
+    state = {k: v.contiguous() for k, v in build_random(SPEC)["transformer"].state_dict().items()}
+    path = tmp_path / "sd3_transformer_diffusers_keys.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(LdmExportError) as e:
+        load_dit_weights(SPEC, path)
+    msg = one_line(e)
+    assert "holds an SD3 transformer in diffusers' key layout ('transformer_blocks." in msg
+    assert msg.endswith("and pass the folder")
 
 
 def test_dit_folder_for_unet_model_is_refused(sd3_folder):
