@@ -12,7 +12,7 @@ from typing import Mapping, Protocol
 import numpy as np
 
 from .checks import cap_threads
-from .errors import LdmExportError
+from .errors import LdmExportError, load_error
 from .spec import ComponentSpec
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class OrtEngine:
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-            raise LdmExportError(f"cannot load {self.path}: {str(e).splitlines()[0]}") from e
+            raise load_error(self.path, e) from e
         spec.check_graph(self.session, self.path)
         self.output_names = [o.name for o in self.session.get_outputs()]
 

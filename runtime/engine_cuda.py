@@ -16,7 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .errors import LdmExportError, all_finite, overflow_message
+from .errors import LdmExportError, all_finite, load_error, overflow_message
 from .spec import ComponentSpec
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class CudaEngine:
             return ort.InferenceSession(str(self.path), sess_options=self._session_options,
                                         providers=[("CUDAExecutionProvider", options), "CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for unreadable models
-            raise LdmExportError(f"cannot load {self.path} on CUDA: {str(e).splitlines()[0]}") from e
+            raise load_error(self.path, e, " on CUDA") from e
 
     def _no_graph(self, why: Exception) -> None:
         log.warning("%s: running without a CUDA graph (ONNX Runtime could not capture this graph: %s)", self.spec.name,

@@ -59,3 +59,16 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def load_error(path, exc: Exception, where: str = "") -> "LdmExportError":
+    """ONNX Runtime could not open a bundle's graph: a damaged file (truncated, overwritten) is the bundle's fault,
+    named as such (exit 1, as for a missing or wrong graph); anything else keeps ONNX Runtime's first line."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    reasons = {"Protobuf parsing failed": "protobuf parsing failed: cut short or overwritten",
+               "INVALID_PROTOBUF": "not a protobuf", "NO_SUCHFILE": "missing"}
+    reason = next((r for marker, r in reasons.items() if marker in first), None)
+    if reason is not None:
+        return LdmExportError(f"{path} is not a readable ONNX graph ({reason}); the bundle is damaged, rebuild it "
+                              "(`generate --verify` checks every file against the manifest)", exit_code=1)
+    return LdmExportError(f"cannot load {path}{where}: {first}")

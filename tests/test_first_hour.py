@@ -509,3 +509,19 @@ def test_a_ctrl_c_that_cut_an_import_short_is_an_interruption_not_a_traceback(tm
 
     r = CliRunner().invoke(other, [])
     assert r.exit_code == 1 and isinstance(r.exception, ImportError)
+
+
+def test_a_truncated_graph_is_a_damaged_bundle(tiny_bundle, tmp_path):
+    """A graph file cut short: exit 1 and 'the bundle is damaged, rebuild it', as for a missing or wrong graph (it
+    printed ONNX Runtime's INVALID_PROTOBUF line and exited 2)."""
+    import shutil
+
+    damaged = shutil.copytree(tiny_bundle, tmp_path / "damaged")
+    with open(damaged / "unet" / "model.onnx", "r+b") as f:
+        f.truncate(1000)
+    r = run_cli("generate", str(damaged), "a red circle", "--steps", "1", "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 1, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]  # the manifest check warns first: the file changed
+    assert lines[-1].startswith("error:") and "Traceback" not in r.stderr, r.stderr
+    assert "unet/model.onnx is not a readable ONNX graph (protobuf parsing failed: cut short or overwritten)" in lines[-1]
+    assert "the bundle is damaged, rebuild it" in lines[-1]
