@@ -525,3 +525,13 @@ def test_a_truncated_graph_is_a_damaged_bundle(tiny_bundle, tmp_path):
     assert lines[-1].startswith("error:") and "Traceback" not in r.stderr, r.stderr
     assert "unet/model.onnx is not a readable ONNX graph (protobuf parsing failed: cut short or overwritten)" in lines[-1]
     assert "the bundle is damaged, rebuild it" in lines[-1]
+
+
+def test_an_image_path_under_a_file_is_named(tmp_path):
+    """--out a.png/x.png where a.png is a file: the file in the way is named (mkdir said only 'File exists')."""
+    from ldm_export.runtime.image import check_writable
+
+    (tmp_path / "a.png").write_bytes(b"png")
+    with pytest.raises(LdmExportError, match=r"lies under .*a\.png, which is a file, not a folder; choose another --out"):
+        check_writable(tmp_path / "a.png" / "sub" / "x.png")
+    assert check_writable(tmp_path / "new" / "x.png") == tmp_path / "new" / "x.png" and (tmp_path / "new").is_dir()
