@@ -46,19 +46,26 @@ class LdmExportError(Exception):
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Let SIGTERM unwind like Ctrl-C, so a command (a build's staging folder, generate's images) cleans up and says
-    what it kept."""
+    """Let SIGTERM, and SIGHUP (the terminal closed) where nothing else handles it (``nohup`` ignores it), unwind
+    like Ctrl-C, so a command (a build's staging folder, generate's images) cleans up and says what it kept."""
     def handler(signum, frame):
         raise KeyboardInterrupt
+    wanted = [signal.SIGTERM]
+    hup = getattr(signal, "SIGHUP", None)
+    if hup is not None and signal.getsignal(hup) == signal.SIG_DFL:
+        wanted.append(hup)
+    old = {}
     try:
-        old = signal.signal(signal.SIGTERM, handler)
+        for sig in wanted:
+            old[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 def load_error(path, exc: Exception, where: str = "") -> "LdmExportError":

@@ -535,3 +535,25 @@ def test_an_image_path_under_a_file_is_named(tmp_path):
     with pytest.raises(LdmExportError, match=r"lies under .*a\.png, which is a file, not a folder; choose another --out"):
         check_writable(tmp_path / "a.png" / "sub" / "x.png")
     assert check_writable(tmp_path / "new" / "x.png") == tmp_path / "new" / "x.png" and (tmp_path / "new").is_dir()
+
+
+def test_sighup_unwinds_like_ctrl_c_unless_ignored(monkeypatch):
+    """SIGHUP (the terminal closed) cleans up as Ctrl-C does (a build left its staging folder behind); where it is
+    ignored (nohup) it stays ignored."""
+    from ldm_export.runtime.errors import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with pytest.raises(KeyboardInterrupt):
+            with sigterm_as_interrupt():
+                os.kill(os.getpid(), signal.SIGHUP)
+                time.sleep(1)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with sigterm_as_interrupt():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)  # ignored: nothing happens
+            time.sleep(0.1)
+    finally:
+        signal.signal(signal.SIGHUP, before)
