@@ -32,10 +32,14 @@ def is_replaceable(out: Path) -> bool:
     return not any(out.iterdir())
 
 
+# what ldm-export itself writes into a bundle folder besides the files its manifest lists (and engines/)
+OWN_EXTRA_FILES = (MANIFEST, "serve.yaml")  # serve.yaml: `serve`'s deploy config (ldm_export/serve/service.py)
+
+
 def foreign_files(out: Path) -> list[str]:
     """Files inside a bundle folder that the bundle did not write: not in its manifest's file list, not the manifest,
-    not the engine caches ldm-export keeps in ``engines/`` (a user's notes, an image ``generate --out BUNDLE``
-    wrote). ``--force`` keeps its promise to delete nothing else by refusing where there are any."""
+    not what ldm-export itself keeps there (the engine caches in ``engines/``, ``serve``'s serve.yaml): a user's
+    notes, an image ``generate --out BUNDLE`` wrote. ``--force`` keeps its promise to delete nothing else by refusing where there are any."""
     from ldm_export.runtime.engine_tensorrt import ENGINES_DIR
 
     try:
@@ -47,7 +51,7 @@ def foreign_files(out: Path) -> list[str]:
         if f.is_dir() and not f.is_symlink():
             continue
         rel = f.relative_to(out).as_posix()
-        if rel != MANIFEST and rel not in listed and rel.split("/")[0] != ENGINES_DIR:
+        if rel not in listed and rel not in OWN_EXTRA_FILES and rel.split("/")[0] != ENGINES_DIR:
             found.append(rel)
     return found
 

@@ -187,6 +187,7 @@ def test_force_replaces_and_existing_out_is_refused(tmp_path):
     (out / "unet" / "notes.txt").write_text("mine")
     (out / "engines").mkdir()
     (out / "engines" / "plan.bin").write_bytes(b"cache")  # what ldm-export keeps in a bundle may go
+    (out / "serve.yaml").write_text("applications: []")
     second = (out / "ldm_export.json").read_text()
     with pytest.raises(LdmExportError, match=r"holds files it did not write \(image.png, unet/notes.txt\); --force "
                                              "replaces nothing else"):
@@ -195,7 +196,7 @@ def test_force_replaces_and_existing_out_is_refused(tmp_path):
     (out / "image.png").unlink()
     (out / "unet" / "notes.txt").unlink()
     build(BuildConfig(model="tiny", random_weights=True, seed=2, out=out, force=True))
-    assert not (out / "engines").exists()
+    assert not (out / "engines").exists() and not (out / "serve.yaml").exists()
 
 
 def test_killed_build_leftover_is_removed_by_next_build(tmp_path):

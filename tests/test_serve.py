@@ -296,7 +296,8 @@ def test_serve_refuses_what_cannot_work_with_one_line(demo_bundle, tmp_path):
     shutil.copytree(demo_bundle, broken)
     (broken / "unet" / "model.onnx").write_bytes(b"not onnx")
     proc = run_cli("serve", str(broken), timeout=120)
-    assert proc.returncode == 2 and "does not load" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "does not load" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "is not a readable ONNX graph" in proc.stderr and "the bundle is damaged, rebuild it" in proc.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
