@@ -29,6 +29,37 @@ def _tiny(seed=0, **overrides):
     return m
 
 
+NAMES = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
+
+
+def _fused_export(m, x, path, **install):
+    """``m``'s wrapped forward on ``x`` in torch (the reference), then exported with the fused AdaLN forward
+    installed (``install``: adaln.install's options) and uninstalled after; returns (reference, ONNX model)."""
+    import onnx
+
+    from ldm_export.export.dit_models import SD3TransformerWrapper, register_onnx_symbolics
+    from ldm_export.export.onnx_export import OPSET
+
+    w = SD3TransformerWrapper(m)
+    with torch.no_grad():
+        ref = w(*x).numpy()
+    register_onnx_symbolics(OPSET)
+    saved = adaln.install(m, **install)
+    try:
+        torch.onnx.export(w, x, str(path), input_names=NAMES, output_names=["out_hidden_states"],
+                          opset_version=OPSET, dynamo=False)
+    finally:
+        adaln.uninstall(saved)
+    return ref, onnx.load(str(path))
+
+
+def _run_on_cpu(path, x) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, dict(zip(NAMES, (a.numpy() for a in x))))[0]
+
+
 def _inputs(m, batch=1, side=16, text=9):
     g = torch.Generator().manual_seed(3)
     c = m.config
@@ -86,26 +117,11 @@ def test_default_keeps_biases_in_projections_where_qk_norms_need_them():
 @pytest.mark.parametrize("bias_in_attention", [True, False])
 def test_exported_graph_runs_the_fused_ops_and_matches_torch_on_cpu(tmp_path, bias_in_attention):
     import onnx
-    import onnxruntime as ort
-
-    from ldm_export.export.dit_models import SD3TransformerWrapper, register_onnx_symbolics
-    from ldm_export.export.onnx_export import OPSET
 
     layers = 3
     m = _tiny(num_layers=layers)
-    w = SD3TransformerWrapper(m)
     x = _inputs(m)
-    names = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
-    with torch.no_grad():
-        ref = w(*x).numpy()
-    register_onnx_symbolics(OPSET)
-    saved = adaln.install(m, bias_in_attention=bias_in_attention)
-    try:
-        torch.onnx.export(w, x, str(tmp_path / "t.onnx"), input_names=names, output_names=["out_hidden_states"],
-                          opset_version=OPSET, dynamo=False)
-    finally:
-        adaln.uninstall(saved)
-    model = onnx.load(str(tmp_path / "t.onnx"))
+    ref, model = _fused_export(m, x, tmp_path / "t.onnx", bias_in_attention=bias_in_attention)
     skip = [n for n in model.graph.node if n.op_type == adaln.SKIP_LAYER_NORM]
     # image stream: one after each attention, one entering each later block and norm_out; text: the same, less
     # the last (context_pre_only) block's two
@@ -122,8 +138,7 @@ def test_exported_graph_runs_the_fused_ops_and_matches_torch_on_cpu(tmp_path, bi
     mha = [n for n in model.graph.node if n.op_type == "MultiHeadAttention"]
     assert len(mha) == layers and all((len(n.input) == 4) == bias_in_attention for n in mha)
     onnx.save(model, str(tmp_path / "t.onnx"))
-    sess = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
-    got = sess.run(None, dict(zip(names, (a.numpy() for a in x))))[0]
+    got = _run_on_cpu(tmp_path / "t.onnx", x)
     assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
 
 
@@ -187,36 +202,25 @@ def test_spec_with_batch_unfixes_axis_0_but_not_unbatched_inputs():
 def test_packed_qkv_is_one_gemm_a_stream_and_the_same_numbers(tmp_path):
     """``pack_qkv`` (the probe's adaln-packed): each stream's q, k, v projections as one MatMul, 4 fewer a block;
     the graph on ONNX Runtime's CPU provider equals torch as the unpacked one does."""
-    import onnx
-    import onnxruntime as ort
-
-    from ldm_export.export.dit_models import SD3TransformerWrapper, register_onnx_symbolics
-    from ldm_export.export.onnx_export import OPSET
+    from ldm_export.export.dit_models import SD3TransformerWrapper
 
     layers = 3
     m = _tiny(num_layers=layers)
-    w = SD3TransformerWrapper(m)
     x = _inputs(m)
-    names = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
-    with torch.no_grad():
-        ref = w(*x).numpy()
-    register_onnx_symbolics(OPSET)
     matmuls = {}
     for pack in (False, True):
-        saved = adaln.install(m, pack_qkv=pack)
+        path = tmp_path / f"{pack}.onnx"
+        ref, model = _fused_export(m, x, path, pack_qkv=pack)
+        assert not any("_adaln_pack_qkv" in vars(mod) for mod in m.modules())
+        saved = adaln.install(m, pack_qkv=pack)  # the patched torch forward too
         try:
             with torch.no_grad():
-                assert float((w(*x) - torch.from_numpy(ref)).abs().max()) < 1e-4 * float(np.abs(ref).max())
-            torch.onnx.export(w, x, str(tmp_path / f"{pack}.onnx"), input_names=names,
-                              output_names=["out_hidden_states"], opset_version=OPSET, dynamo=False)
+                patched = SD3TransformerWrapper(m)(*x).numpy()
         finally:
             adaln.uninstall(saved)
-        assert not any("_adaln_pack_qkv" in vars(mod) for mod in m.modules())
-        model = onnx.load(str(tmp_path / f"{pack}.onnx"))
+        assert np.abs(patched - ref).max() < 1e-4 * np.abs(ref).max()
         matmuls[pack] = sum(n.op_type == "MatMul" for n in model.graph.node)
-        got = ort.InferenceSession(str(tmp_path / f"{pack}.onnx"), providers=["CPUExecutionProvider"]).run(
-            None, dict(zip(names, (a.numpy() for a in x))))[0]
-        assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+        assert np.abs(_run_on_cpu(path, x) - ref).max() < 1e-4 * np.abs(ref).max()
     assert matmuls[False] - matmuls[True] == 4 * layers
 
 
