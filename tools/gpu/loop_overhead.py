@@ -1,6 +1,6 @@
 """Host work of the runtime's sampler loop around the denoiser, with an engine that costs nothing: SD3 at 1024²
 (16x128x128 latents, 333x4096 text, CFG), 28 Euler flow steps through Pipeline.denoise and guided_denoiser. Prints ms a
-step and the top of a cProfile. ``--slots``: a static batch-1 engine with slots (as a --sequential-cfg bundle on CUDA)."""
+step and the top of a cProfile. ``--batch 1``: a static batch-1 engine with slots (as a --sequential-cfg bundle on CUDA)."""
 import argparse
 import cProfile
 import pstats
@@ -8,10 +8,9 @@ import time
 
 import numpy as np
 
-from ldm_export.runtime.families import Conditioning, get_family
-from ldm_export.runtime.guidance import guided_denoiser
-from ldm_export.runtime.pipeline import Pipeline
+from ldm_export.runtime.families import Conditioning
 from ldm_export.runtime.spec_dit import sd3_transformer_spec
+from sd3_adaln_probe import euler_flow, guided_model  # the probe's loop, over an engine that costs nothing here
 
 p = argparse.ArgumentParser()
 p.add_argument("--batch", type=int, default=2)
@@ -40,31 +39,16 @@ class Free:
         return {"out_hidden_states": self.out.copy()}
 
 
-pipe = Pipeline.__new__(Pipeline)
-pipe.family, pipe.engines = get_family("sd3"), {"transformer": Free()}
 rng = np.random.default_rng(0)
 halves = [Conditioning(rng.standard_normal((1, 333, 4096)).astype(np.float16), rng.standard_normal((1, 2048)).astype(np.float16))
           for _ in range(2)]
-last = {"c": None}
-
-
-def unet_fn(sample, t, c):
-    out = pipe.denoise(sample, t, c, bound=c is last["c"])
-    last["c"] = c
-    return out
-
-
-model = guided_denoiser(unet_fn, halves[1], halves[0], 7.0)
+model = guided_model(Free(), halves)
 x = rng.standard_normal((1, 16, 128, 128))
-sig = np.linspace(1, 0, a.steps + 1)
 model(x, 1000.0)
 
 
 def loop(x):
-    for i in range(a.steps):
-        v = np.asarray(model(x, np.float64(sig[i] * 1000)), dtype=np.float64)
-        x = x + (sig[i + 1] - sig[i]) * v
-    return x
+    return euler_flow(model, x, a.steps)
 
 
 t0 = time.perf_counter()

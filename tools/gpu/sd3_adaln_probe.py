@@ -38,6 +38,33 @@ from pathlib import Path
 import numpy as np
 
 
+def guided_model(engine, halves, guidance_scale: float = 7.0):
+    """``model(x, t)`` as ``generate`` runs an SD3 transformer engine: Pipeline.denoise (each image's conditioning
+    bound once, then only the latents and timestep copied) under guided_denoiser; ``halves``: the negative's and
+    the prompt's Conditioning (batch 1 each)."""
+    from ldm_export.runtime.families import get_family
+    from ldm_export.runtime.guidance import guided_denoiser
+    from ldm_export.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.__new__(Pipeline)  # only what denoise() reads: the family and the engine
+    pipe.family, pipe.engines = get_family("sd3"), {"transformer": engine}
+    last = {"cond": None}
+
+    def unet_fn(sample, t, c):
+        out = pipe.denoise(sample, t, c, bound=c is last["cond"])
+        last["cond"] = c
+        return out
+
+    return guided_denoiser(unet_fn, halves[1], halves[0], guidance_scale)
+
+
+def euler_flow(model, x: np.ndarray, steps: int) -> np.ndarray:
+    """``steps`` Euler steps of a flow-matching velocity ``model`` from sigma 1 to 0 (timesteps sigma * 1000)."""
+    sigmas = np.linspace(1.0, 0.0, steps + 1)
+    for i in range(steps):
+        x = x + (sigmas[i + 1] - sigmas[i]) * np.asarray(model(x, sigmas[i] * 1000.0), dtype=np.float64)
+    return x
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -131,32 +158,18 @@ def main() -> None:
 
     def sampler_loop(engine, steps: int) -> float:
         """ms a step of the runtime's loop: Pipeline.denoise through guided_denoiser (CFG 7.0), an Euler flow step."""
-        from ldm_export.runtime.families import Conditioning, get_family
-        from ldm_export.runtime.guidance import guided_denoiser
-        from ldm_export.runtime.pipeline import Pipeline
+        from ldm_export.runtime.families import Conditioning
 
-        pipe = Pipeline.__new__(Pipeline)  # only what denoise() reads: the family and the engine
-        pipe.family, pipe.engines = get_family("sd3"), {"transformer": engine}
         host = {k: v.float().cpu().numpy() for k, v in feeds2.items()}
         halves = [Conditioning(host["encoder_hidden_states"][i:i + 1], host["pooled_projections"][i:i + 1])
                   for i in range(2)]
-        last = {"cond": None}
-
-        def unet_fn(sample, t, c):
-            out = pipe.denoise(sample, t, c, bound=c is last["cond"])
-            last["cond"] = c
-            return out
-
-        model = guided_denoiser(unet_fn, halves[1], halves[0], 7.0)
-        sigmas = np.linspace(1.0, 0.0, steps + 1)
+        model = guided_model(engine, halves)
         x = host["hidden_states"][:1].copy()
         for _ in range(3):  # binds the conditioning; ONNX Runtime captures each slot's CUDA graph after warm-up runs
             model(x, 1000.0)
         sync()
         t0 = time.perf_counter()
-        for i in range(steps):
-            v = model(x, sigmas[i] * 1000.0)
-            x = x + (sigmas[i + 1] - sigmas[i]) * v
+        euler_flow(model, x, steps)
         sync()
         return (time.perf_counter() - t0) * 1e3 / steps
 
