@@ -43,9 +43,11 @@ FLUX_MARKER = "double_blocks."
 FLUX_CONVERTER_WIDTH = 3072
 # keys that say which kind of denoiser a checkpoint holds
 UNET_MARKER = "model.diffusion_model.input_blocks."
-DIT_MARKERS = {"model.diffusion_model.joint_blocks.": "an SD3-class MMDiT (--model sd3-medium or sd35-medium)",
-               "model.diffusion_model.double_blocks.": "a FLUX.1-class transformer (--model flux-dev or flux-schnell)",
-               "double_blocks.": "a FLUX.1-class transformer (--model flux-dev or flux-schnell)"}
+_DIT_MODELS = {"sd3": "sd3-medium or sd35-medium", "flux": "flux-dev or flux-schnell"}  # a family's published ones
+_DIT_FILES = {"model.diffusion_model.joint_blocks.": ("an SD3-class MMDiT", _DIT_MODELS["sd3"]),
+              "model.diffusion_model.double_blocks.": ("a FLUX.1-class transformer", _DIT_MODELS["flux"]),
+              "double_blocks.": ("a FLUX.1-class transformer", _DIT_MODELS["flux"])}
+DIT_MARKERS = {marker: f"{what} (--model {models})" for marker, (what, models) in _DIT_FILES.items()}
 # CLIPTextConfig / T5Config keys that decide weights and forward pass
 _CLIP_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "max_position_embeddings", "hidden_act", "layer_norm_eps")
@@ -78,22 +80,22 @@ class LoadedDiT:
 
 def refuse_dit_for_unet(keys, path: Path) -> None:
     """For the U-Net loaders: a DiT single file names itself by its keys; say which model it is."""
-    for marker, what in DIT_MARKERS.items():
+    for marker, (what, models) in _DIT_FILES.items():
         key = next((k for k in keys if k.startswith(marker)), None)
         if key is not None:
-            raise LdmExportError(f"{path.name} holds {what.split(' (')[0]}, not a U-Net: its key '{key}' has no place "
-                                 f"in a U-Net checkpoint; {_model_hint(path, what)}")
+            raise LdmExportError(f"{path.name} holds {what}, not a U-Net: its key '{key}' has no place in a U-Net "
+                                 f"checkpoint; {_model_hint(path, models)}")
 
 
-def _model_hint(path: Path, what: str) -> str:
+def _model_hint(path: Path, models: str) -> str:
     """Which --model to pass for a DiT single file: the zoo model its shapes say (as --model auto tells it), else
-    the family's published models."""
+    the family's published ``models``."""
     from .folder_spec import model_of_checkpoint
 
     try:
         return f"build it with --model {model_of_checkpoint(path)} (or --model auto)"
     except LdmExportError:  # no zoo model fits it exactly
-        return f"pass the --model it belongs to{' (' + what.split(' (--model ')[1] if ' (--model ' in what else ''}"
+        return f"pass the --model it belongs to ({models})"
 
 
 def load_dit_weights(spec: ModelSpec, weights: str | Path | None, random_weights: bool = False, seed: int = 0,
@@ -196,7 +198,6 @@ def _load_folder(spec: ModelSpec, folder: Path, trust_pickle: bool, skip: tuple[
 
 
 _DIT_KINDS = {"sd3": "sd3", "demo-dit": "sd3", "flux": "flux"}
-_DIT_MODELS = {"sd3": "sd3-medium or sd35-medium", "flux": "flux-dev or flux-schnell"}
 
 
 def _refuse_other_pipeline(spec: ModelSpec, folder: Path, index: dict) -> None:
