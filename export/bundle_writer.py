@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ldm_export.runtime.bundle import FORMAT, MANIFEST
+from ldm_export.runtime.checks import refuse_out_under_a_file
 from ldm_export.runtime.errors import LdmExportError, sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,8 @@ def check_out_dir(out: Path, force: bool, weights: Path | None = None, source: P
         more = f" and {len(foreign) - 2} more" if len(foreign) > 2 else ""
         raise LdmExportError(f"{out} is a bundle but also holds files it did not write ({', '.join(foreign[:2])}{more}); "
                              "--force replaces nothing else, so move them out or choose another --out")
+    refuse_out_under_a_file(out)
     parent = out.parent
-    blocking = next((a for a in (parent, *parent.parents) if a.exists() and not a.is_dir()), None)
-    if blocking is not None:
-        raise LdmExportError(f"--out {out} lies under {blocking}, which is a file, not a folder; choose another --out")
     if not parent.exists():
         try:
             parent.mkdir(parents=True)

@@ -97,12 +97,10 @@ def build(model, precision, weights, random_weights, seed, out, force, static_sh
                 progress(component, stage, detail)
                 status.update(escape(f"{component}: {stage} {detail}"))
             manifest = run_build(cfg, shown)
-    except Exception as e:  # a Ctrl-C that cut an import short surfaces as ImportError
+    except (KeyboardInterrupt, Exception) as e:  # Ctrl-C, or one that cut an import short (ImportError from it)
         if not interrupted_within(e):
             raise
-        raise LdmExportError(f"interrupted: the build stopped; nothing was written to {cfg.resolved_out()}",
-                             exit_code=130) from None
-    except KeyboardInterrupt:  # the staging folder is gone by now (bundle_writer.staging)
+        # the staging folder is gone by now (bundle_writer.staging)
         raise LdmExportError(f"interrupted: the build stopped; nothing was written to {cfg.resolved_out()}",
                              exit_code=130) from None
     _print_summary(cfg.resolved_out(), manifest, time.perf_counter() - t0)

@@ -33,6 +33,16 @@ def warn_once(key: str, message: str, *args) -> None:
         log.warning(message, *args)
 
 
+def refuse_out_under_a_file(out) -> None:
+    """Refuse an --out path with a file where one of its folders should be (mkdir would say only "File exists")."""
+    from pathlib import Path
+
+    parent = Path(out).parent
+    blocking = next((a for a in (parent, *parent.parents) if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise LdmExportError(f"--out {out} lies under {blocking}, which is a file, not a folder; choose another --out")
+
+
 def resolve_seed(seed: int | None) -> int:
     """A1111's seed rule: None or -1 draws a random seed; else an integer from 0 to 2**32 - 1."""
     if seed is None or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed == -1):

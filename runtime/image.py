@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .checks import refuse_out_under_a_file
 from .errors import LdmExportError, overflow_fix
 
 logger = logging.getLogger(__name__)
@@ -161,9 +162,7 @@ def check_writable(path: str | Path) -> Path:
     image_format(path)
     if path.is_dir():
         raise LdmExportError(f"{path} is a folder; give a file name such as {path / 'image.png'}")
-    blocking = next((a for a in (path.parent, *path.parent.parents) if a.exists() and not a.is_dir()), None)
-    if blocking is not None:  # mkdir would say only "File exists"
-        raise LdmExportError(f"--out {path} lies under {blocking}, which is a file, not a folder; choose another --out")
+    refuse_out_under_a_file(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = _partial(path)
