@@ -70,9 +70,6 @@ def _guard(fn):
                 raise
             console.print(f"[red]error:[/red] not built yet: {escape(str(e))}", soft_wrap=True)
             sys.exit(2)
-        except KeyboardInterrupt:  # commands that write say what they kept (LdmExportError, exit code 130)
-            console.print("[yellow]interrupted[/yellow]: stopped", soft_wrap=True)
-            sys.exit(130)
         except ModuleNotFoundError as e:
             message = missing_extra(e)
             if debug or message is None:
@@ -82,8 +79,9 @@ def _guard(fn):
         except MemoryError:
             console.print("[red]error:[/red] out of memory; close other programs or build a smaller model", soft_wrap=True)
             sys.exit(3)
-        except Exception as e:
-            if debug or not interrupted_within(e):
+        except (KeyboardInterrupt, Exception) as e:  # Ctrl-C, or one that cut an import short (ImportError from it);
+            # commands that write say what they kept (LdmExportError, exit code 130)
+            if not interrupted_within(e) or (debug and not isinstance(e, KeyboardInterrupt)):
                 raise
             console.print("[yellow]interrupted[/yellow]: stopped", soft_wrap=True)
             sys.exit(130)

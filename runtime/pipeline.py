@@ -27,12 +27,17 @@ DEFAULT_CUDNN_SEARCH = "HEURISTIC"
 GPU_MEMORY_CEILING = 192 * 2**30  # no GPU holds more (B200); ONNX Runtime does not say a device's memory
 
 
+def _static_batch(spec: ComponentSpec, batched: Sequence[str]) -> int | None:
+    """The batch size a static-shape spec fixes on its batched inputs (None where the batch is free)."""
+    return next((t.shape[0] for t in spec.inputs if t.name in batched and t.shape and isinstance(t.shape[0], int)), None)
+
+
 def run_batched(engine: Engine, feeds: Mapping[str, np.ndarray], batched: Sequence[str]) -> dict[str, np.ndarray]:
     """Run ``engine`` on ``feeds``, splitting/padding the inputs named in ``batched`` along axis 0 when the
     engine's spec fixes the batch size (static-shape builds); cast float feeds to the spec's dtypes."""
     spec = engine.spec
     typed = {t.name: np.asarray(feeds[t.name]).astype(t.dtype, copy=False) for t in spec.inputs}
-    fixed = next((t.shape[0] for t in spec.inputs if t.name in batched and t.shape and isinstance(t.shape[0], int)), None)
+    fixed = _static_batch(spec, batched)
     n = next(typed[b].shape[0] for b in batched)
     if fixed is None or fixed == n:
         return engine.run(typed)
@@ -59,11 +64,10 @@ def _run_in_slots(engine, feeds: Mapping[str, np.ndarray], batched: Sequence[str
     the prompt's embeddings on the device, each in its slot, as a batch-2 engine keeps both in one. None where the
     feeds' batch is not a whole number of the engine's chunks within its slots (then: ``run_batched``)."""
     inputs = {t.name: t for t in engine.spec.inputs}
-    first = batched[0] if batched else None
-    fixed = inputs[first].shape[0] if first is not None else None
-    if not isinstance(fixed, int) or fixed < 1:
+    fixed = _static_batch(engine.spec, batched)
+    if fixed is None or fixed < 1:
         return None
-    n = np.shape(feeds[first])[0]
+    n = np.shape(feeds[batched[0]])[0]
     chunks, rest = divmod(n, fixed)
     slots = getattr(engine, "max_slots", 1)
     if rest or not 1 <= chunks <= slots:
