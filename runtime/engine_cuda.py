@@ -26,15 +26,14 @@ MAX_SLOTS = 8  # device input sets (and CUDA graphs) a static engine keeps: CFG'
 
 
 class _Slot:
-    """One set of device buffers bound to one IOBinding, replayed as CUDA graph ``graph_id`` (0: ONNX Runtime's
-    default graph, set by no run option)."""
+    """One set of device buffers bound to one IOBinding; ``run_options`` name the CUDA graph it replays (slot k:
+    ``gpu_graph_id`` k; slot 0: ONNX Runtime's default graph, set by no run option)."""
 
-    def __init__(self, session, run_options, graph_id: int):
+    def __init__(self, session, run_options):
         self.binding = session.io_binding()
         self.inputs: dict[str, object] = {}
         self.outputs: dict[str, object] = {}
         self.run_options = run_options
-        self.graph_id = graph_id
         self.written: set[str] = set()  # inputs copied in at least once
         self.ran = False
 
@@ -121,7 +120,6 @@ class CudaEngine:
         self.max_slots = MAX_SLOTS if self.static else 1
         self._slots: list[_Slot] = []
         self._slot(0)  # dynamic engines bind per call on slot 0; static ones get their buffers now
-        self._binding = self._slots[0].binding  # the dynamic path's binding
 
     @property
     def _ran(self) -> bool:
@@ -139,7 +137,7 @@ class CudaEngine:
             options = ort.RunOptions()
             if k:  # each slot replays its own CUDA graph; 0 is the default one
                 options.add_run_config_entry("gpu_graph_id", str(k))
-            slot = _Slot(self.session, options, k)
+            slot = _Slot(self.session, options)
             self._slots.append(slot)
             if self.static:
                 self._allocate(slot, {t.name: self.spec.concrete_shape(t) for t in self.spec.inputs},
@@ -171,7 +169,6 @@ class CudaEngine:
                 slot.binding.bind_ortvalue_input(name, v)
             for name, v in slot.outputs.items():
                 slot.binding.bind_ortvalue_output(name, v)
-        self._binding = self._slots[0].binding
 
     def _allocate(self, slot: _Slot, in_shapes: Mapping[str, tuple], out_shapes: Mapping[str, tuple]) -> None:
         import onnxruntime as ort
@@ -252,7 +249,7 @@ class CudaEngine:
             raise LdmExportError(f"{self.spec.name}: ONNX Runtime failed on CUDA: {msg[:300]}") from e
 
     def _run_dynamic(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        b = self._binding
+        b = self._slots[0].binding  # a dynamic engine binds each call's arrays on slot 0
         b.clear_binding_inputs()
         b.clear_binding_outputs()
         for name, a in feeds.items():
