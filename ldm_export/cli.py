@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ldm_export.cli_bench import bench
-from ldm_export.cli_common import _guard, _human, console, interrupted_within, out_console, signals_deferred
+from ldm_export.cli_common import OneLineErrors, _guard, _human, console, interrupted_within, out_console, signals_deferred
 from ldm_export.cli_int8 import int8_config, int8_options, quantize
 from ldm_export.cli_lora import lora
 from ldm_export.cli_tensorrt import engines
@@ -22,7 +22,7 @@ from ldm_export.serve.cli import loadtest, serve
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log what each stage does.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="ldm-export")

@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import Iterator
 
+import click
 from rich.console import Console
 from rich.markup import escape
 
@@ -51,6 +52,32 @@ def interrupted_within(exc: BaseException) -> bool:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+class OneLineErrors(click.Group):
+    """click's usage errors (an unknown option, a value that is not a number, a missing argument) as one line that
+    names the help to read, like every other error of the tool, instead of click's four-line usage block."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:  # a bare `ldm-export` or command group: its help
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else (kwargs.get("prog_name") or self.name)
+            console.print(f"[red]error:[/red] {escape(e.format_message())} (see '{escape(where)} --help')",
+                          soft_wrap=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:  # Ctrl-C at one of click's own prompts
+            console.print("[yellow]interrupted[/yellow]: stopped", soft_wrap=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def _guard(fn):

@@ -557,3 +557,22 @@ def test_sighup_unwinds_like_ctrl_c_unless_ignored(monkeypatch):
             time.sleep(0.1)
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "b", "a cat", "--steps", "abc"], "Invalid value for '--steps': 'abc' is not a valid integer."),
+    (["build", "--model", "tiny", "--size", "512"], "No such option '--size'"),
+    (["generate"], "Missing argument 'BUNDLE'."),
+    (["frobnicate"], "No such command 'frobnicate'."),
+])
+def test_click_usage_errors_are_one_line_that_names_the_help(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert lines[0].startswith("error:") and "--help'" in lines[0] and "Usage:" not in r.stderr
+
+
+def test_a_bare_command_still_prints_its_help():
+    r = run_cli()
+    assert "Usage: ldm-export" in r.stdout + r.stderr and "Commands:" in r.stdout + r.stderr

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine, in the background (setsid), from a copy of the repository (a later call's sync of the working
 # tree cannot touch it): tools/gpu/seq_smoke.sh (the fp16 --sequential-cfg path on tiny-sd3, verified on CUDA), then
-# tools/gpu/sd3_adaln_probe.py on SD3-medium's whole transformer with PROBE_ARGS. State in /tmp/job/STATE, logs and
+# tools/gpu/sd3_adaln_probe.py on SD3-medium's whole transformer with PROBE_ARGS. TESTS=1 runs tools/gpu/gpu_tests.sh
+# (the GPU tests and a tiny bench) before the smoke. State in /tmp/job/STATE, logs and
 # results under /tmp/job. Poll with: cat /tmp/job/STATE; tail /tmp/job/probe.log
 #   bash tools/gpu/sd3_round.sh start   smoke, then the probe (about 8 minutes)
 #   bash tools/gpu/sd3_round.sh full    smoke, then the SD3-medium --sequential-cfg build and its bench against
@@ -13,7 +14,8 @@ copy() {  # the tree as it is now, installed from /tmp/repo
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e failed"; exit 1; }
   export PYTHONPATH=/tmp/site:/tmp/repo HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 }
-SMOKE="OUT=$J/smoke bash tools/gpu/seq_smoke.sh > $J/smoke.log 2>&1; echo smoke-done >> $J/STATE"
+TESTS_CMD=":"; [ "${TESTS:-0}" = 1 ] && TESTS_CMD="OUT=$J/tests bash tools/gpu/gpu_tests.sh > $J/tests.log 2>&1; echo tests-done >> $J/STATE"
+SMOKE="$TESTS_CMD; OUT=$J/smoke bash tools/gpu/seq_smoke.sh > $J/smoke.log 2>&1; echo smoke-done >> $J/STATE"
 case "${1:-}" in
   start)
     copy
