@@ -313,7 +313,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             gc.collect()
             progress(component, "done", "")
         progress("bundle", "writing", "")
-        _write_side_files(stage, spec, loaded)
+        _write_side_files(stage, spec, loaded, Path(cfg.weights).expanduser() if cfg.weights is not None else None)
         if cfg.precision == "int8":
             from ldm_export.calibration.int8 import quantize_stage
 
@@ -389,7 +389,7 @@ def _module_config(mod) -> dict:
     return {"_class_name": type(mod).__name__, **{k: v for k, v in dict(mod.config).items() if not k.startswith("_")}}
 
 
-def _write_side_files(stage: Path, spec: ModelSpec, loaded=None) -> None:
+def _write_side_files(stage: Path, spec: ModelSpec, loaded=None, weights: Path | None = None) -> None:
     from ldm_export.runtime.tokenizer import write_tokenizer_files
 
     family = spec.family_def
@@ -409,6 +409,29 @@ def _write_side_files(stage: Path, spec: ModelSpec, loaded=None) -> None:
                                 spec.configs[family.text_encoders[family.tokenizers.index(folder)]]["vocab_size"])
         else:
             write_tokenizer_files(stage / folder, pad_token=pad)
+            source = (getattr(loaded, "tokenizer_dirs", None) or {}).get(folder) or (
+                weights / folder if weights is not None and weights.is_dir() else None)
+            if source is not None and source.is_dir():
+                _copy_added_tokens(stage / folder, source,
+                                   spec.configs[family.text_encoders[family.tokenizers.index(folder)]])
+
+
+def _copy_added_tokens(dest: Path, source: Path, encoder_config: dict) -> None:
+    """A fine-tune's added CLIP tokens (textual inversion: ``<cat-toy>``), which the folder's text encoder embeds past
+    CLIP's vocabulary: into the bundle's tokenizer, so that prompts naming them get their ids, as in diffusers."""
+    from ldm_export.runtime.tokenizer import ADDED_TOKENS_FILE, ClipTokenizer, read_added_tokens
+
+    base = ClipTokenizer(dest).vocab_size
+    added = read_added_tokens(source, base)
+    if not added:
+        return
+    vocab = int(encoder_config.get("vocab_size", base))
+    if base + len(added) > vocab:
+        raise LdmExportError(f"{source} adds {len(added)} tokens ({', '.join(list(added)[:3])}) but the text encoder "
+                             f"embeds {vocab} ids, not {base + len(added)}: save the text encoder and its tokenizer "
+                             "from the same pipeline (after load_textual_inversion)")
+    _write_json(dest / ADDED_TOKENS_FILE, added)
+    log.info("%s/: %d added tokens kept (%s)", dest.name, len(added), ", ".join(list(added)[:5]))
 
 
 def _check_finite(modules: dict) -> None:

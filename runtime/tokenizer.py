@@ -16,6 +16,7 @@ import contextvars
 import html
 import json
 import logging
+import re
 import shutil
 import threading
 from importlib import resources
@@ -74,6 +75,47 @@ def _read_pad_token(folder: Path) -> str | None:
         if token is not None:
             return token
     return None
+
+
+ADDED_TOKENS_FILE = "added_tokens.json"
+
+
+def read_added_tokens(folder: Path, base_size: int) -> dict[str, int]:
+    """The tokens a fine-tune added past CLIP's ``base_size`` ids (textual inversion: ``<cat-toy>`` -> 49408), as a
+    transformers tokenizer folder stores them: ``added_tokens.json``, ``tokenizer_config.json``'s
+    ``added_tokens_decoder`` or ``tokenizer.json``'s ``added_tokens``. Their ids must follow the vocabulary without
+    a gap (as ``add_tokens`` assigns them)."""
+    found: dict[str, int] = {}
+
+    def load(name: str):
+        path = folder / name
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise LdmExportError(f"cannot read {path}: {e}; fix or delete the file") from e
+
+    data = load(ADDED_TOKENS_FILE)
+    if isinstance(data, dict):
+        found.update({t: i for t, i in data.items() if isinstance(t, str) and isinstance(i, int)})
+    data = load("tokenizer_config.json")
+    if isinstance(data, dict) and isinstance(data.get("added_tokens_decoder"), dict):
+        for i, tok in data["added_tokens_decoder"].items():
+            content = _token_content(tok)
+            if content is not None and str(i).isdigit():
+                found.setdefault(content, int(i))
+    data = load("tokenizer.json")
+    if isinstance(data, dict) and isinstance(data.get("added_tokens"), list):
+        for tok in data["added_tokens"]:
+            if isinstance(tok, dict) and isinstance(tok.get("id"), int) and _token_content(tok) is not None:
+                found.setdefault(_token_content(tok), tok["id"])
+    added = dict(sorted(((t, i) for t, i in found.items() if i >= base_size), key=lambda kv: kv[1]))
+    expected = list(range(base_size, base_size + len(added)))
+    if list(added.values()) != expected:
+        raise LdmExportError(f"{folder}: the added tokens' ids {list(added.values())[:8]} do not follow the "
+                             f"{base_size}-token vocabulary without a gap; save the tokenizer again with transformers")
+    return added
 
 
 def cut_shown(text: str, limit: int = 300) -> str:
@@ -173,13 +215,21 @@ class ClipTokenizer:
         tok.add_special_tokens([BOS_TOKEN, EOS_TOKEN])
         self._tokenizer = tok
 
+        self._base_size = tok.get_vocab_size()
+        # A fine-tune's added tokens (textual inversion), matched in the prompt as typed before CLIP's clean-up, the
+        # way transformers' CLIPTokenizer splits them out (case-sensitive, the longest first)
+        self.added = read_added_tokens(self.folder, self._base_size) if (self.folder / ADDED_TOKENS_FILE).is_file() else {}
+        self._added_by_id = {i: t for t, i in self.added.items()}
+        self._added_re = (re.compile("|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True)))
+                          if self.added else None)
+
         self.bos_id = self._required_id(BOS_TOKEN)
         self.eos_id = self._required_id(EOS_TOKEN)
         if pad_id is None:
             pad_token = _read_pad_token(self.folder)
             pad_id = self.eos_id if pad_token is None else self._required_id(pad_token)
-        if not 0 <= int(pad_id) < tok.get_vocab_size():
-            raise LdmExportError(f"pad_id {pad_id} is outside the vocabulary of {tok.get_vocab_size()} tokens")
+        if not 0 <= int(pad_id) < self.vocab_size:
+            raise LdmExportError(f"pad_id {pad_id} is outside the vocabulary of {self.vocab_size} tokens")
         self.pad_id = int(pad_id)
         if max_length < 2:
             raise LdmExportError(f"max_length must be at least 2 (bos + eos), got {max_length}")
@@ -193,17 +243,44 @@ class ClipTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self._tokenizer.get_vocab_size()
+        return self._base_size + len(self.added)
+
+    def _pieces(self, prompt: str) -> list[tuple[str, int | None]]:
+        """``prompt`` as (text, None) runs for CLIP's BPE and (token, id) for each added token in it."""
+        if self._added_re is None:
+            return [(prompt, None)]
+        pieces, at = [], 0
+        for m in self._added_re.finditer(prompt):
+            pieces += [(prompt[at:m.start()], None), (m.group(), self.added[m.group()])]
+            at = m.end()
+        return pieces + [(prompt[at:], None)]
 
     def encode(self, prompt: str) -> list[int]:
-        """Ids of ``prompt`` without bos/eos, untruncated (OpenAI's ``SimpleTokenizer.encode``)."""
+        """Ids of ``prompt`` without bos/eos, untruncated (OpenAI's ``SimpleTokenizer.encode``; added tokens as
+        transformers' CLIPTokenizer reads them)."""
         if not isinstance(prompt, str):
             raise LdmExportError(f"prompt must be a string, got {type(prompt).__name__}")
-        return self._tokenizer.encode(clean_prompt(prompt), add_special_tokens=False).ids
+        ids: list[int] = []
+        for text, added in self._pieces(prompt):
+            ids += [added] if added is not None else self._tokenizer.encode(clean_prompt(text), add_special_tokens=False).ids
+        return ids
 
     def cut_text(self, prompt: str, keep: int) -> str:
         """The text of ``prompt`` from its token ``keep`` on, as the user typed it: the words, digits and case of the
         prompt after CLIP's whitespace clean-up (decoding the ids would space out digits and lower-case everything)."""
+        if self._added_re is not None:
+            pieces = self._pieces(prompt)
+            for k, (text, added) in enumerate(pieces):
+                n = 1 if added is not None else len(self.encode(text))
+                if keep < n:
+                    rest = "".join(t for t, _ in pieces[k + 1:])
+                    return " ".join(x for x in ((text if added is not None else self._cut_run(text, keep)), rest.strip())
+                                    if x)
+                keep -= n
+            return ""
+        return self._cut_run(prompt, keep)
+
+    def _cut_run(self, prompt: str, keep: int) -> str:
         spaced = _clean_keeping_case(prompt)
         cleaned = spaced.lower()  # clean_prompt(prompt)
         offsets = self._tokenizer.encode(cleaned, add_special_tokens=False).offsets
@@ -214,7 +291,17 @@ class ClipTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` with ``</w>`` read as a space (OpenAI's ``SimpleTokenizer.decode``, stripped)."""
-        tokens = [self._tokenizer.id_to_token(int(i)) for i in ids]
+        words, run = [], []
+        for i in ids:
+            if int(i) in self._added_by_id:
+                words += [self._decode_run(run), self._added_by_id[int(i)]]
+                run = []
+            else:
+                run.append(int(i))
+        return " ".join(w for w in [*words, self._decode_run(run)] if w)
+
+    def _decode_run(self, ids: list[int]) -> str:
+        tokens = [self._tokenizer.id_to_token(i) for i in ids]
         if any(t is None for t in tokens):
             raise LdmExportError(f"ids outside the vocabulary of {self.vocab_size} tokens; decode ids this tokenizer made")
         return self._tokenizer.decoder.decode(tokens).replace("</w>", " ").strip()

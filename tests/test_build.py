@@ -363,3 +363,55 @@ def test_verification_names_an_fp16_overflow_and_broken_weights():
     report["outputs"] = {"out_hidden_states": broken}
     with pytest.raises(LdmExportError, match="the PyTorch model's own output 'out_hidden_states' holds NaN/Inf"):
         _check(report, "transformer", "fp32")
+
+
+def _textual_inversion_folder(root: Path, embeds: int) -> tuple[Path, object, object]:
+    """A tiny pipeline folder after diffusers' load_textual_inversion: two tokens added to the tokenizer, the text
+    encoder's embeddings resized to ``embeds`` ids."""
+    import transformers
+
+    from ldm_export.export.models import build_random
+    from ldm_export.runtime.tokenizer import write_tokenizer_files
+    from ldm_export.zoo import TINY
+
+    modules = build_random(TINY, seed=3)
+    tok = transformers.CLIPTokenizer.from_pretrained(str(write_tokenizer_files(root / "tokenizer")))
+    tok.add_tokens(["<cat-toy>", "<Dog>"])
+    tok.save_pretrained(str(root / "tokenizer"))
+    te = modules["text_encoder"]
+    te.resize_token_embeddings(embeds, mean_resizing=False)
+    with torch.no_grad():
+        te.get_input_embeddings().weight[49408:] = 3 * torch.randn(embeds - 49408, te.config.hidden_size)
+    for name, module in modules.items():
+        module.save_pretrained(str(root / name))
+    (root / "model_index.json").write_text(json.dumps(TINY.model_index()))
+    return root, tok, te
+
+
+def test_a_folders_added_tokens_reach_the_bundle_and_embed_as_in_transformers(tmp_path):
+    import onnxruntime as ort
+
+    from ldm_export.runtime.tokenizer import ClipTokenizer
+
+    folder, ref_tok, te = _textual_inversion_folder(tmp_path / "ti", embeds=49410)
+    build(BuildConfig(model="auto", weights=str(folder), out=tmp_path / "b"))
+    added = json.loads((tmp_path / "b" / "tokenizer" / "added_tokens.json").read_text())
+    assert added == {"<cat-toy>": 49408, "<Dog>": 49409}
+    bundle = Bundle.open(tmp_path / "b")
+    assert "tokenizer/added_tokens.json" in bundle.manifest["files"] and bundle.check_hashes() == []
+    prompt = "a <cat-toy> beside a <Dog> on the left"
+    ids = ClipTokenizer(tmp_path / "b" / "tokenizer")([prompt])
+    want_ids = ref_tok([prompt], padding="max_length", max_length=77).input_ids
+    assert ids.tolist() == want_ids and 49408 in want_ids[0] and 49409 in want_ids[0]
+    sess = ort.InferenceSession(str(tmp_path / "b" / "text_encoder" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: ids.astype(np.int32)})[0]
+    with torch.no_grad():
+        want = te(torch.tensor(want_ids)).last_hidden_state.numpy()
+    assert np.abs(got - want).max() < 1e-4
+
+
+def test_added_tokens_past_the_text_encoders_embeddings_are_refused(tmp_path):
+    folder, _, _ = _textual_inversion_folder(tmp_path / "ti", embeds=49409)  # one token short
+    r = run_cli("build", "--model", "auto", "--weights", str(folder), "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and "adds 2 tokens (<cat-toy>, <Dog>) but the text encoder embeds 49409 ids" in r.stderr
+    assert no_leftovers(tmp_path, "b") and "Traceback" not in r.stderr

@@ -369,3 +369,50 @@ def test_the_cut_text_is_the_typed_text_and_a_negative_prompt_is_named(caplog):
     assert rec.getMessage().startswith("the negative prompt 'b b b b b b ...' was truncated by 6 tokens")
     assert rec.getMessage().endswith("the cut text: 'b b b b b Zed'")
     assert tokmod.current_role() == "prompt"
+
+
+# --- A fine-tune's added tokens (textual inversion) -----------------------------------------------------------
+ADDED_PROMPTS = [
+    "a photo of <cat-toy>",
+    "<cat-toy> and <Dog> on the left",
+    "a <dog> is not <Dog>: the match is case-sensitive",
+    "<cat-toy><Dog>,<cat-toy>s and x<cat-toy>y",
+    "  <Dog>  ",
+    "<cat-toy-long> beats <cat-toy>",
+    " ".join(["<cat-toy> red"] * 40),  # truncated: the added ids count as one token each
+]
+
+
+@pytest.fixture(scope="module")
+def added_folder(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    folder = write_tokenizer_files(tmp_path_factory.mktemp("ti") / "tokenizer")
+    ref = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    ref.add_tokens(["<cat-toy>", "<Dog>", "<cat-toy-long>"])
+    ref.save_pretrained(str(folder))
+    return folder, transformers.CLIPTokenizer.from_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("prompt", ADDED_PROMPTS)
+def test_added_tokens_get_the_ids_transformers_gives(added_folder, prompt):
+    folder, ref = added_folder
+    ours = ClipTokenizer(folder)
+    assert ours.added == {"<cat-toy>": 49408, "<Dog>": 49409, "<cat-toy-long>": 49410} and ours.vocab_size == 49411
+    want = ref([prompt], padding="max_length", max_length=77, truncation=True).input_ids
+    assert ours([prompt]).tolist() == want
+    assert ours.decode(ours.encode("a <cat-toy> on the left")) == "a <cat-toy> on the left"
+
+
+def test_added_tokens_that_skip_ids_are_refused_in_one_line(tmp_path):
+    folder = write_tokenizer_files(tmp_path / "tokenizer")
+    (folder / "added_tokens.json").write_text(json.dumps({"<a>": 49408, "<b>": 49411}))
+    with pytest.raises(LdmExportError, match=r"do not follow the 49408-token vocabulary without a gap"):
+        ClipTokenizer(folder)
+
+
+def test_the_cut_text_of_a_prompt_with_added_tokens(added_folder, caplog):
+    ours = ClipTokenizer(added_folder[0])
+    assert ours.cut_text("red <cat-toy> blue <Dog> green", 1) == "<cat-toy> blue <Dog> green"
+    assert ours.cut_text("red <cat-toy> blue <Dog> green", 2) == "blue <Dog> green"
+    assert ours.cut_text("red <cat-toy> blue <Dog> green", 4) == "green"
+    assert ours.cut_text("red <cat-toy>", 2) == ""
