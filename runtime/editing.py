@@ -283,8 +283,11 @@ def load_mask(path: str | Path, size: tuple[int, int], blur: float = 0.0,
         raise LdmExportError(f"mask {path} is {gray.width}x{gray.height} but the image is {size[0]}x{size[1]}; "
                              "give a mask of the image's size")
     if not (np.asarray(gray) >= 128).any():  # diffusers binarises at 0.5
-        raise LdmExportError(f"mask {path} has no pixel of 128 or more (white = repaint), so nothing would be "
-                             "repainted; paint the region white (a mask of 0 and 1 must be saved as 0 and 255)")
+        top = 65535 if transparency(image) is None and gray is not image and image.mode.startswith("I") and (
+            image.mode.startswith("I;16") or np.asarray(image).max() > 255) else 255  # in the file's own levels
+        raise LdmExportError(f"mask {path} has no pixel of {(top + 1) // 2} or more of {top} (white = repaint), so "
+                             f"nothing would be repainted; paint the region white (a mask of 0 and 1 must be saved "
+                             f"as 0 and {top})")
     return mask_array(gray, blur)
 
 

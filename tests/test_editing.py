@@ -218,6 +218,12 @@ def test_16_bit_masks_keep_their_greys(tmp_path):
     np.testing.assert_allclose(m[0, 8:], round(20000 / 65535 * 255) / 255)
     assert m[0, 0] == 1.0 and m[8, 0] == 0.0
     assert E.latent_mask(m, 4)[0, 0, :, 2:].max() == 0  # PIL's own conversion made the grey white (repainted)
+    Image.fromarray(np.where(values > 0, 255, 0).astype(np.uint16)).save(tmp_path / "m16_8bit_levels.png")
+    with pytest.raises(LdmExportError, match=r"no pixel of 32768 or more of 65535 .* saved as 0 and 65535\)$"):
+        E.load_mask(tmp_path / "m16_8bit_levels.png", (16, 16))  # 0/255 in a 16-bit file: in that file's levels
+    Image.new("L", (16, 16), 100).save(tmp_path / "m8.png")
+    with pytest.raises(LdmExportError, match=r"no pixel of 128 or more of 255 .* saved as 0 and 255\)$"):
+        E.load_mask(tmp_path / "m8.png", (16, 16))
 
 
 def test_mask_of_the_init_images_size_is_resized_with_it_and_an_empty_mask_is_refused(tmp_path, caplog):

@@ -196,7 +196,7 @@ def test_img2img_and_inpainting_jobs_equal_generate(pipe):
     bad = a1111.Job("x", "", 1, 4, 7.5, "Euler", None, None, init_image=png(init), mask=png(Image.new("L", (64, 64))),
                     strength=1.0)
     (error,) = run_jobs(pipe, [bad])
-    assert error["error"].startswith("mask in the request has no pixel of 128 or more"), error
+    assert error["error"].startswith("mask in the request has no pixel of 128 or more of 255"), error
 
 
 def test_img2img_takes_what_a1111_takes(pipe, tmp_path):
