@@ -80,11 +80,12 @@ def check_guidance(guidance_scale: float, guidance_rescale: float, usual: float 
     return float(guidance_scale), float(guidance_rescale)
 
 
-def check_size(width, height, model: Mapping[str, Any], multiple: int, largest: int | None = None) -> tuple[int, int]:
+def check_size(width, height, model: Mapping[str, Any], multiple: int, largest: int | None = None,
+               warn: bool = True) -> tuple[int, int]:
     """Refuse sizes the denoiser cannot take (not a multiple of ``multiple`` px: the family's ``size_multiple``, the
-    VAE's factor times the UNet's downsampling; over ``largest`` px: the family's ``largest_side``); warn once for
-    sizes off the training size."""
-    resolution = int(model["resolution"])
+    VAE's factor times the UNet's downsampling; over ``largest`` px: the family's ``largest_side``); with ``warn``,
+    warn once for sizes off the training size (`warn_off_model`: callers with more checks to run call it after them,
+    so that a refused size gets its error alone)."""
     for name, v in (("width", width), ("height", height)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % multiple:
             near = max(multiple, int(round(v / multiple)) * multiple) if isinstance(v, (int, np.integer)) and v > 0 else multiple
@@ -96,12 +97,19 @@ def check_size(width, height, model: Mapping[str, Any], multiple: int, largest: 
         if largest and v > largest:
             raise LdmExportError(f"{name} must be at most {largest} px for this model (its transformer's position "
                                  f"embedding covers {largest} px a side), got {v}; try {largest} or less")
+    if warn:
+        warn_off_model(width, height, model)
+    return int(width), int(height)
+
+
+def warn_off_model(width: int, height: int, model: Mapping[str, Any]) -> None:
+    """Warn once for a size far from the model's training size."""
+    resolution = int(model["resolution"])
     lo, hi = resolution * OFF_MODEL_LOW, resolution * OFF_MODEL_HIGH
     if not (lo <= width <= hi and lo <= height <= hi):
         warn_once(f"off-model {width}x{height}",
                   "%dx%d is far from the %d px this model was trained at; expect repeated or broken subjects "
                   "(sizes from %d to %d px are on-model)", width, height, resolution, int(lo), int(hi))
-    return int(width), int(height)
 
 
 def _largest_scores(unet_config: Mapping[str, Any], tokens: int) -> int:

@@ -301,9 +301,10 @@ class Pipeline:
         cfg_batch = per_batch * (2 if self.family.uses_cfg(guidance_scale) and self.cfg_mode == "batch2" else 1)
 
         def sized(w, h) -> tuple[int, int]:
-            w, h = self._size(w, h)
+            w, h = self._size(w, h, warn=False)
             checks.check_memory(self.bundle.model, self.bundle.module_configs, w, h, cfg_batch, self._fused_attention(),
                                 *self._memory())
+            checks.warn_off_model(w, h, self.bundle.model)  # after the refusals: a refused size gets its error alone
             return w, h
 
         edit_args = edit_args or _Edit()
@@ -492,7 +493,7 @@ class Pipeline:
         return EditInputs.load(self, init_image, check_strength(strength), mask_image, mask_blur, width, height,
                                inpaint_unet, check_size)
 
-    def _size(self, width, height) -> tuple[int, int]:
+    def _size(self, width, height, warn: bool = True) -> tuple[int, int]:
         width = self.resolution if width is None else width
         height = self.resolution if height is None else height
         f = self.vae_scale_factor
@@ -510,7 +511,7 @@ class Pipeline:
                 break
         configs = self.bundle.module_configs
         return checks.check_size(width, height, self.bundle.model, self.family.size_multiple(configs),
-                                 self.family.largest_side(configs))
+                                 self.family.largest_side(configs), warn=warn)
 
 
 def lora_hashes(manifest: Mapping) -> str | None:

@@ -92,11 +92,13 @@ def test_valid_off_model_sizes_work_and_warn_once(demo_pipe, caplog):
 
 
 @pytest.mark.parametrize("size", [(4096, 4096), (100000, 100000)])
-def test_sizes_that_cannot_fit_are_refused_before_any_work(demo_pipe, size):
+def test_sizes_that_cannot_fit_are_refused_before_any_work(demo_pipe, size, caplog):
     t0 = time.perf_counter()
-    with pytest.raises(LdmExportError, match="activations per UNet call") as e:
+    checks._WARNED.clear()
+    with pytest.raises(LdmExportError, match="activations per UNet call") as e, caplog.at_level(logging.WARNING):
         _no_work(demo_pipe)("a red circle", width=size[0], height=size[1], num_inference_steps=1)
     assert time.perf_counter() - t0 < 2.0 and "smaller --size" in str(e.value)
+    assert "far from the 64 px" not in caplog.text  # the refusal comes alone, without the off-model warning
 
 
 def test_memory_estimate_scales_and_fused_attention_drops_the_scores():
