@@ -482,6 +482,13 @@ def test_unsupported_fields_are_accepted_and_reported_in_info(service):
     # the model's guidance, through the server: CFG 1 runs no unconditional pass, so the negative prompt changes nothing
     status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": 1, "cfg_scale": 1, "negative_prompt": "dog"})
     assert status == 200 and json.loads(body["info"])["ldm_export"]["ignored"] == {"negative_prompt": "dog"}, body
+    # a sampler this (noise-prediction) model cannot run runs as "Euler", reported; steps and CFG left out are the
+    # bundle's defaults, not A1111's 50 / 7.0
+    status, body, _ = txt2img(service, {"prompt": PROMPT, "sampler_name": "Euler (flow)", "width": 64, "height": 64})
+    info = json.loads(body["info"]) if status == 200 else body
+    assert status == 200 and info["ldm_export"]["ignored"] == {"sampler_name": "Euler (flow)"}, body
+    assert (info["sampler_name"], info["steps"], info["cfg_scale"]) == ("Euler", 20, 7.5)
+    assert "Steps: 20, Sampler: Euler, CFG scale: 7.5," in info["infotexts"][0]
 
 
 def test_past_max_queued_requests_get_503_with_retry_after(service):
@@ -623,3 +630,30 @@ def test_health_poll_survives_a_port_that_speaks_no_http():
     assert 20000 <= p < 32000
     with socket.socket() as s:
         s.bind(("127.0.0.1", p))  # free: it can be bound
+
+
+def test_a_sampler_the_model_cannot_run_becomes_its_own_and_is_reported():
+    """webuiapi sends A1111's "Euler a" unless told otherwise; a flow-matching SD3/FLUX model runs its own Euler
+    instead of refusing every such request (as Forge runs it), and says so in info.ldm_export.ignored."""
+    flow = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "num_train_timesteps": 1000}
+    assert a1111.fitting_sampler("Euler a", flow) == ("Euler", {"sampler_name": "Euler a"})
+    assert a1111.fitting_sampler("DPM++ 2M Karras", flow) == ("Euler", {"sampler_name": "DPM++ 2M Karras"})
+    assert a1111.fitting_sampler("Euler", flow) == ("Euler", {})
+    assert a1111.fitting_sampler("Nope", flow) == ("Nope", {})  # unknown: refused later with the known names
+    eps = {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+           "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "skip_prk_steps": True}
+    assert a1111.fitting_sampler("Euler a", eps) == ("Euler a", {})
+
+
+@pytest.mark.parametrize("raw,distilled,want,ignored", [
+    ({}, False, (4, 0.0), {}),  # FLUX-schnell's own 4 steps, not A1111's 50
+    ({"steps": 8, "cfg_scale": 2.0}, False, (8, 2.0), {}),
+    ({}, True, (4, 0.0), {}),
+    ({"cfg_scale": 1, "distilled_cfg_scale": 3.5}, True, (4, 3.5), {}),  # Forge's FLUX fields
+    ({"cfg_scale": 6, "distilled_cfg_scale": 2.5}, True, (4, 2.5), {"cfg_scale": 6}),  # true CFG: not run
+    ({"distilled_cfg_scale": 3.5}, False, (4, 0.0), {}),  # a model without a guidance input: reported elsewhere
+])
+def test_steps_and_guidance_the_client_left_out_are_the_bundles(raw, distilled, want, ignored):
+    body = a1111.request_model().model_validate({"prompt": "p", **raw}).model_dump()
+    got = a1111.sampling_defaults(body, raw, {"steps": 4, "guidance_scale": 0.0}, distilled)
+    assert (body["steps"], body["cfg_scale"]) == want and got == ignored

@@ -134,6 +134,39 @@ def sampler_for(body: dict) -> tuple[str, dict]:
     return name, {"scheduler": scheduler}
 
 
+def fitting_sampler(sampler: str, base_config: dict) -> tuple[str, dict]:
+    """A sampler the model cannot run (a noise-prediction sampler such as A1111's default "Euler a" on a flow-matching
+    SD3/FLUX model) becomes A1111's default "Euler" (which every model runs: on a flow-matching model its flow Euler),
+    as Forge runs such a request instead of failing it; the name asked for is reported as ignored. An unknown name
+    stays as it is (refused with the known names)."""
+    from ldm_export.runtime.schedulers import resolve_scheduler
+
+    try:
+        resolve_scheduler(sampler, base_config)
+    except LdmExportError as e:
+        if "does not fit" not in str(e):
+            return sampler, {}
+        return "Euler", {"sampler_name": sampler}
+    return sampler, {}
+
+
+def sampling_defaults(body: dict, raw: dict, defaults: dict, distilled_guidance: bool) -> dict:
+    """Steps and cfg_scale the client left out are the bundle's (its model's published settings, as `generate` takes
+    them: FLUX-schnell 4 steps without guidance, FLUX-dev 28 at 3.5), not A1111's form defaults (50, 7.0). A
+    guidance-distilled model (FLUX-dev) takes Forge's ``distilled_cfg_scale`` as its guidance; a ``cfg_scale`` other
+    than 1 beside it asks for true CFG, which it does not run: returned as ignored."""
+    ignored = {}
+    if raw.get("steps") is None:
+        body["steps"] = int(defaults["steps"])
+    if distilled_guidance and raw.get("distilled_cfg_scale") is not None:
+        if raw.get("cfg_scale") not in (None, 1, 1.0):
+            ignored["cfg_scale"] = raw["cfg_scale"]
+        body["cfg_scale"] = float(raw["distilled_cfg_scale"])
+    elif raw.get("cfg_scale") is None:
+        body["cfg_scale"] = float(defaults["guidance_scale"])
+    return ignored
+
+
 def guidance_ignored(body: dict, raw: dict, uses_cfg: bool, takes_guidance: bool) -> dict:
     """What the model's guidance makes of the request, as generate warns it: a negative prompt without CFG (a scale of 1
     or less, or a guidance-distilled FLUX model) and a cfg_scale the client sent to a model that takes none (FLUX.1

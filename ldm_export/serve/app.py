@@ -230,7 +230,8 @@ class Ingress:
         self.takes_guidance = bundle.family.takes_guidance([x.name for x in bundle.spec(bundle.family.denoiser).inputs])
         res = int(bundle.model["resolution"])
         self.max_size = tuple(self.cfg.max_size or (2 * res, 2 * res))
-        base = bundle.scheduler_config
+        base = self.scheduler_config = bundle.scheduler_config
+        self.defaults = bundle.defaults
         self.sampler_list = []
         for name in sampler_names():
             if name in DEFAULTS:
@@ -347,8 +348,15 @@ class Ingress:
             a1111.check_limits(body, self.cfg.max_images, self.max_size)
         except LdmExportError as e:
             return _error(422, str(e))
+        distilled = self.takes_guidance and not self.family.uses_cfg(7.0)  # guidance as an input: FLUX-dev
+        defaults_ignored = a1111.sampling_defaults(body, raw, self.defaults, distilled)
         sampler, ignored = a1111.sampler_for(body)
+        sampler, unfit = a1111.fitting_sampler(sampler, self.scheduler_config)
         ignored.update(a1111.ignored_fields(body, sampler, {self.model_title, self.model_name}, img2img))
+        if distilled and raw.get("distilled_cfg_scale") is not None:
+            ignored.pop("distilled_cfg_scale", None)  # honoured: the guidance
+        ignored.update(unfit)
+        ignored.update(defaults_ignored)
         ignored.update(a1111.guidance_ignored(body, raw, self.family.uses_cfg(float(body["cfg_scale"])),
                                               self.takes_guidance))
         edit = None
