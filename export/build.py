@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ldm_export import __version__
 from ldm_export.runtime.bundle import FORMAT, FORMAT_VERSION, GENERIC_DEFAULTS, MANIFEST, sha256_file
-from ldm_export.runtime.checks import cap_threads
+from ldm_export.runtime.checks import cap_threads, resolve_seed
 from ldm_export.runtime.errors import LdmExportError, overflow_fix
 from ldm_export.zoo import AUTO_MODEL, DEFAULT_MODEL, ModelSpec, get_model
 
@@ -174,6 +174,14 @@ def validate(cfg: BuildConfig) -> ModelSpec:
     onnx_export.check_verify_provider(cfg.resolved_verify_provider())  # --target cuda on a machine without the provider
     check_out_dir(cfg.resolved_out(), cfg.force, cfg.weights)
     cfg.threads = cap_threads(cfg.threads)
+    if cfg.seed == -1:  # as generate takes it: a random seed, recorded in the manifest (the bundle can be made again)
+        cfg.seed = resolve_seed(-1)
+        log.warning("--seed -1: building with seed %d", cfg.seed)
+    else:
+        try:
+            cfg.seed = resolve_seed(cfg.seed)
+        except LdmExportError as e:
+            raise LdmExportError(f"--{e}") from None
     return spec
 
 
@@ -197,6 +205,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
 
         spec = with_folder_scheduler(spec, Path(cfg.weights).expanduser())  # its weights' prediction type, shift, ...
     out = cfg.resolved_out()
+    _check_host_memory(spec)
     progress("weights", "loading", str(cfg.weights or ("random" if cfg.random_weights else "embedded")))
     weights_path = cfg.weights
     embedded = weights_path is None and not cfg.random_weights
@@ -387,6 +396,31 @@ def _module_config(mod) -> dict:
     if hasattr(mod.config, "to_dict"):
         return {k: v for k, v in mod.config.to_dict().items() if k != "_name_or_path"}
     return {"_class_name": type(mod).__name__, **{k: v for k, v in dict(mod.config).items() if not k.startswith("_")}}
+
+
+def _check_host_memory(spec: ModelSpec) -> None:
+    """Refuse, before minutes of loading, a model whose fp32 weights alone (what the build holds while it traces; it
+    peaks higher) exceed the memory and swap this machine has free: the build could only end killed."""
+    import torch
+
+    from ldm_export.runtime.checks import available_memory
+
+    available = available_memory()
+    if available is None:
+        return
+    try:
+        with open("/proc/meminfo") as f:
+            available += next((int(line.split()[1]) * 1024 for line in f if line.startswith("SwapFree:")), 0)
+    except OSError:
+        pass
+    with torch.device("meta"):
+        from .models import build_module
+
+        params = sum(p.numel() for m in spec.family_def.modules for p in build_module(spec, m.name).parameters())
+    if 4 * params > available:
+        raise LdmExportError(f"{spec.name} has {params / 1e9:.2f} B parameters: {4 * params / 1e9:.1f} GB as the fp32 "
+                             f"weights the build holds (it peaks higher), more than the {available / 1e9:.1f} GB of "
+                             "memory and swap free here; build on a machine with more memory", exit_code=3)
 
 
 def _write_side_files(stage: Path, spec: ModelSpec, loaded=None, weights: Path | None = None) -> None:

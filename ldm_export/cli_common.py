@@ -54,6 +54,22 @@ def interrupted_within(exc: BaseException) -> bool:
     return False
 
 
+def out_of_memory(exc: BaseException) -> str | None:
+    """What an allocation failure that is not a MemoryError asked for (torch's CPU allocator: "can't allocate memory:
+    you tried to allocate 3221225472 bytes", CUDA's "out of memory"), as text; None for any other error."""
+    import re
+
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or not any(k in text for k in ("can't allocate memory", "out of memory",
+                                                                         "OutOfMemory")):
+        return None
+    m = re.search(r"allocate (\d+) bytes", text)
+    if m:
+        return f"{int(m.group(1)) / 1e9:.1f} GB more"
+    m = re.search(r"allocate ([\d.]+ [KMGT]i?B)", text)
+    return f"{m.group(1)} more" if m else "the memory it asked for"
+
+
 class OneLineErrors(click.Group):
     """click's usage errors (an unknown option, a value that is not a number, a missing argument) as one line that
     names the help to read, like every other error of the tool, instead of click's four-line usage block."""
@@ -108,6 +124,11 @@ def _guard(fn):
             sys.exit(3)
         except (KeyboardInterrupt, Exception) as e:  # Ctrl-C, or one that cut an import short (ImportError from it);
             # commands that write say what they kept (LdmExportError, exit code 130)
+            if out_of_memory(e) and not debug:  # torch's allocators raise RuntimeError, not MemoryError
+                console.print("[red]error:[/red] out of memory (the allocator could not get "
+                              f"{escape(out_of_memory(e))}); close other programs or use a machine with more memory",
+                              soft_wrap=True)
+                sys.exit(3)
             if not interrupted_within(e) or (debug and not isinstance(e, KeyboardInterrupt)):
                 raise
             console.print("[yellow]interrupted[/yellow]: stopped", soft_wrap=True)

@@ -254,6 +254,8 @@ def _pickle_file(tmp_path):
     (["--model", "sd15"], "pass --weights PATH"),
     (["--model", "tiny", "--weights", "/nonexistent/w.safetensors"], "/nonexistent/w.safetensors"),
     (["--model", "tiny", "--random-weights", "--precision", "int4"], "Invalid value for '--precision'"),
+    (["--model", "tiny", "--random-weights", "--seed", "-5"], "--seed must be an integer from 0 to 4294967295"),
+    (["--model", "tiny-sd3", "--random-weights", "--seed", str(2**70)], "--seed must be an integer from 0 to"),
 ])
 def test_bad_input_one_line_error(tmp_path, args, message):
     r = run_cli("build", *args, "--out", str(tmp_path / "x"))
@@ -415,3 +417,10 @@ def test_added_tokens_past_the_text_encoders_embeddings_are_refused(tmp_path):
     r = run_cli("build", "--model", "auto", "--weights", str(folder), "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and "adds 2 tokens (<cat-toy>, <Dog>) but the text encoder embeds 49409 ids" in r.stderr
     assert no_leftovers(tmp_path, "b") and "Traceback" not in r.stderr
+
+
+def test_seed_minus_one_builds_with_a_random_seed_it_records(tmp_path):
+    r = run_cli("build", "--model", "tiny", "--random-weights", "--seed", "-1", "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    seed = Bundle.open(tmp_path / "b").manifest["weights"]["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**32 and f"--seed -1: building with seed {seed}" in r.stderr

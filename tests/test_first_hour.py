@@ -578,3 +578,51 @@ def test_click_usage_errors_are_one_line_that_names_the_help(args, message):
 def test_a_bare_command_still_prints_its_help():
     r = run_cli()
     assert "Usage: ldm-export" in r.stdout + r.stderr and "Commands:" in r.stdout + r.stderr
+
+
+def test_a_model_whose_weights_alone_exceed_the_memory_is_refused_before_loading(tmp_path, monkeypatch):
+    from ldm_export.export.build import BuildConfig, build
+    from ldm_export.runtime import checks as runtime_checks
+
+    monkeypatch.setattr(runtime_checks, "available_memory", lambda: 2_000_000)  # 2 MB free
+    monkeypatch.setattr("builtins.open", _no_swap(open))
+    with pytest.raises(LdmExportError, match=r"tiny has 0\.\d\d B parameters: .* more than the 0\.0 GB of memory "
+                                             r"and swap free here; build on a machine with more memory") as e:
+        build(BuildConfig(model="tiny", random_weights=True, out=tmp_path / "b"))
+    assert e.value.exit_code == 3 and not list(tmp_path.iterdir())
+
+
+def _no_swap(real_open):
+    def fake(path, *args, **kwargs):
+        if str(path) == "/proc/meminfo":
+            import io
+            return io.StringIO("SwapFree:        0 kB\n")
+        return real_open(path, *args, **kwargs)
+    return fake
+
+
+@pytest.mark.parametrize("message,shown", [
+    ("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+     "3221225472 bytes. Error code 12 (Cannot allocate memory)", "3.2 GB more"),
+    ("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.10 GiB total capacity)", "2.00 GiB more"),
+])
+def test_torchs_allocation_failures_are_one_line_out_of_memory(monkeypatch, capsys, message, shown):
+    from ldm_export.cli_common import _guard
+
+    monkeypatch.delenv("LDM_EXPORT_DEBUG", raising=False)
+
+    @_guard
+    def command():
+        raise RuntimeError(message)
+
+    with pytest.raises(SystemExit) as e:
+        command()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 3 and len(err.splitlines()) == 1 and f"could not get {shown})" in err, err
+
+    @_guard
+    def other():
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is not called memory
+        other()
