@@ -200,10 +200,6 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
     from .weights import load_weights
 
     spec = validate(cfg)
-    if cfg.weights is not None and cfg.model != AUTO_MODEL and Path(cfg.weights).expanduser().is_dir():
-        from .folder_spec import with_folder_scheduler
-
-        spec = with_folder_scheduler(spec, Path(cfg.weights).expanduser())  # its weights' prediction type, shift, ...
     out = cfg.resolved_out()
     _check_host_memory(spec)
     progress("weights", "loading", str(cfg.weights or ("random" if cfg.random_weights else "embedded")))
@@ -216,6 +212,12 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                                  "and install them (docs/dit.md), or pass --weights PATH or --random-weights")
     loaded = load_weights(spec, weights_path, random_weights=cfg.random_weights, seed=cfg.seed,
                           trust_pickle=cfg.trust_pickle)
+    if cfg.weights is not None and cfg.model != AUTO_MODEL and Path(cfg.weights).expanduser().is_dir():
+        from .folder_spec import with_folder_scheduler
+
+        # its weights' prediction type, shift, ...: once the folder loaded as this model (a folder of another pipeline
+        # is refused first, without a warning about its scheduler)
+        spec = with_folder_scheduler(spec, Path(cfg.weights).expanduser())
     _check_t5_tokenizers(spec, loaded)  # before the exports: a bad file would otherwise fail at the first generate
     if loaded.source != "random":
         _check_finite(loaded.modules)

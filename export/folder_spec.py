@@ -130,7 +130,11 @@ SCHEDULE_KEYS = ("prediction_type", "num_train_timesteps", "beta_schedule", "bet
                  "rescale_betas_zero_snr", "timestep_spacing", "steps_offset", "shift", "use_dynamic_shifting",
                  "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
 _SCHEDULE_DEFAULTS = {"prediction_type": "epsilon", "trained_betas": None, "rescale_betas_zero_snr": False,
-                      "steps_offset": 0, "shift": 1.0, "use_dynamic_shifting": False}  # diffusers' schedulers' own
+                      "steps_offset": 0, "shift": 1.0, "use_dynamic_shifting": False,  # diffusers' schedulers' own
+                      "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}
+# act only with use_dynamic_shifting (FLUX's resolution-dependent shift); save_pretrained writes them in every
+# FlowMatchEulerDiscreteScheduler config, SD3's too
+_DYNAMIC_SHIFT_KEYS = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
 
 
 def folder_scheduler(folder: Path, reference: ModelSpec) -> dict | None:
@@ -154,7 +158,9 @@ def with_folder_scheduler(spec: ModelSpec, folder: Path) -> ModelSpec:
     def named(k):  # the named model's value, or diffusers' schedulers' default where its config leaves it out
         return spec.scheduler.get(k, _SCHEDULE_DEFAULTS.get(k))
 
-    differ = [k for k in SCHEDULE_KEYS if k in scheduler and scheduler[k] != named(k)]
+    dynamic = bool(scheduler.get("use_dynamic_shifting") or named("use_dynamic_shifting"))
+    differ = [k for k in SCHEDULE_KEYS if k in scheduler and scheduler[k] != named(k)
+              and (dynamic or k not in _DYNAMIC_SHIFT_KEYS)]
     if differ:
         k = differ[0]
         more = f" (and {', '.join(differ[1:])})" if len(differ) > 1 else ""

@@ -346,3 +346,43 @@ def test_folder_damage_is_named_before_any_export(sd3_folder, modules, tmp_path,
         build(BuildConfig(model="tiny-sd3", weights=folder, out=tmp_path / "b"))
     one_line(e)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_saved_sd3_scheduler_warns_only_about_what_takes_effect(tmp_path, caplog):
+    """save_pretrained writes FlowMatchEulerDiscreteScheduler's dynamic-shift keys (base_shift, max_shift, ...) into
+    every config, SD3's too; they act only with use_dynamic_shifting, so a folder that differs only in them gets no
+    warning, and one whose dynamic shifting is on names it."""
+    import logging
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ldm_export.export.folder_spec import with_folder_scheduler
+
+    def folder_with(**config):
+        folder = tmp_path / f"f{len(list(tmp_path.iterdir()))}"
+        FlowMatchEulerDiscreteScheduler(**{k: v for k, v in SPEC.scheduler.items() if not k.startswith("_")},
+                                        **config).save_pretrained(str(folder / "scheduler"))
+        return folder
+
+    with caplog.at_level(logging.WARNING):
+        spec = with_folder_scheduler(SPEC, folder_with())
+    assert spec.scheduler["base_shift"] == 0.5 and "its scheduler says" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        with_folder_scheduler(SPEC, folder_with(use_dynamic_shifting=True))
+    assert "its scheduler says use_dynamic_shifting True where tiny-sd3's says False" in caplog.text
+
+
+def test_a_folder_of_another_pipeline_is_refused_without_a_scheduler_warning(sd3_folder, tmp_path, caplog):
+    import logging
+
+    from ldm_export.export.build import BuildConfig, build
+
+    import shutil
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    folder = shutil.copytree(sd3_folder, tmp_path / "sd3")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(str(folder / "scheduler"))  # differs from tiny's DDIM
+    with caplog.at_level(logging.WARNING), pytest.raises(LdmExportError, match="holds a DiT pipeline"):
+        build(BuildConfig(model="tiny", weights=folder, out=tmp_path / "b"))
+    assert "its scheduler says" not in caplog.text and not (tmp_path / "b").exists()
