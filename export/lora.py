@@ -21,6 +21,7 @@ the same comparison on the CUDA provider.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ def parse_lora(arg: str) -> LoraRef:
     """``FILE[:SCALE]`` -> LoraRef; the scale defaults to 1."""
     path, scale = arg, 1.0
     head, sep, tail = arg.rpartition(":")
-    if sep and head:
+    if sep and head and not Path(arg).expanduser().is_file():  # a file named "style.safetensors:0.5" is that file
         try:
             scale = float(tail)
             path = head
@@ -166,6 +167,32 @@ def read_lora(ref: LoraRef, modules: dict[str, Any]) -> tuple[dict, dict | None]
     return state, alphas
 
 
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' save_lora_weights: each adapter's LoraConfig
+
+
+def read_lora_metadata(path: Path) -> dict | None:
+    """The PEFT adapter configs a diffusers file keeps in its header (``unet.r``, ``unet.lora_alpha``,
+    ``unet.alpha_pattern``, ...; diffusers' ``save_lora_weights`` writes them), which set each layer's alpha / rank
+    as diffusers' loaders read them; None when the file has none."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
+    except Exception:  # unreadable: read_lora names it
+        return None
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise LdmExportError(f"LoRA file {path.name}: its header's {LORA_ADAPTER_METADATA_KEY} is not a JSON object; "
+                             "save the LoRA again with diffusers' save_lora_weights")
+    return meta
+
+
 def is_dora(path: Path) -> str | None:
     """The first DoRA key of a safetensors LoRA (PEFT's magnitude vectors, kohya's dora_scale), or None."""
     from safetensors import safe_open
@@ -257,20 +284,32 @@ def apply_loras(modules: dict[str, Any], loras: Iterable[LoraRef], model: str) -
     report = []
     for k, ref in enumerate(loras):
         state, alphas = read_lora(ref, modules)
+        metadata = None if alphas else read_lora_metadata(ref.path)  # kohya's alphas are in the tensors
+
+        def config_of(prefix: str) -> dict:  # the adapter config of one model, as diffusers passes it (or nothing)
+            own = {k: v for k, v in (metadata or {}).items() if k.startswith(f"{prefix}.")}
+            if not own:
+                return {}
+            for key in ("rank_pattern", "alpha_pattern"):  # LoraConfig's, which diffusers' reader indexes
+                own.setdefault(f"{prefix}.{key}", {})
+            return {"metadata": own}
+
         counts = check_lora(ref, state, modules, model)
         mixin = _mixin(modules)
         adapter = f"ldm_export_{k}"
         targets = []
         try:  # what check_lora does not see (a DoRA magnitude of another shape) fails in PEFT's loader
             if counts.get("unet"):
-                mixin.load_lora_into_unet(state, alphas, unet=modules["unet"], adapter_name=adapter)
+                mixin.load_lora_into_unet(state, alphas, unet=modules["unet"], adapter_name=adapter,
+                                          **config_of("unet"))
                 targets.append(("unet", modules["unet"]))
             for te in TEXT_ENCODERS:
                 if counts.get(te):
                     # in PEFT's layout already (_peft_parts tells diffusers' old layout without an out_proj key, which
                     # the loader's own conversion cannot); the loader's conversions leave PEFT keys as they are
                     part = {f"{te}.{k}": v for k, v in _peft_parts(state, te, False, ref.path.name).items()}
-                    mixin.load_lora_into_text_encoder(part, alphas, modules[te], prefix=te, adapter_name=adapter)
+                    mixin.load_lora_into_text_encoder(part, alphas, modules[te], prefix=te, adapter_name=adapter,
+                                                      **config_of(te))
                     targets.append((te, modules[te]))
         except (RuntimeError, ValueError, KeyError) as e:
             raise LdmExportError(f"LoRA file {ref.path.name} does not load into model '{model}': {_one_line(e)[:300]}; "

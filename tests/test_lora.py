@@ -90,6 +90,9 @@ def test_parse_lora(tmp_path):
     (tmp_path / "loras").mkdir()  # a folder exists: it was reported as missing
     with pytest.raises(LdmExportError, match="is a folder; pass FILE"):
         parse_lora(f"{tmp_path / 'loras'}:0.5")
+    odd = tmp_path / "style.safetensors:0.5"  # a file whose name ends in ':NUMBER' is that file, at scale 1
+    save_file({"x.lora_A.weight": torch.zeros(1)}, str(odd))
+    assert parse_lora(str(odd)) == LoraRef(odd, 1.0) and parse_lora(f"{odd}:0.8") == LoraRef(odd, 0.8)
 
 
 def test_bad_lora_files_name_the_first_mismatch(tmp_path):
@@ -662,3 +665,35 @@ def test_kohya_text_encoder_lora_of_q_and_v_alone_fuses(tmp_path):
     for (component, module), delta in expected.items():
         got = base[component].state_dict()[f"{module}.weight"] - before[f"{module}.weight"]
         torch.testing.assert_close(got, delta, rtol=1e-5, atol=1e-6)
+
+
+def test_a_peft_files_adapter_metadata_sets_its_alpha_as_diffusers_reads_it(tmp_path):
+    """diffusers' save_lora_weights keeps each adapter's LoraConfig in the header (lora_adapter_metadata: r,
+    lora_alpha, alpha_pattern, ...); diffusers scales by lora_alpha / r from it, and so must the fuse."""
+    import json
+
+    from safetensors.torch import load_file
+
+    plain = tmp_path / "plain.safetensors"
+    expected = make_lora(plain, "peft")
+    unet_layers = [m for (c, m) in expected if c == "unet"]
+    meta = {"unet.r": 4, "unet.lora_alpha": 16, "unet.target_modules": ["to_q", "to_k", "net.2"], "unet.rank_pattern": {},
+            "unet.alpha_pattern": {unet_layers[-1]: 2},  # one layer's own alpha: 2 / 4
+            "text_encoder.r": 4, "text_encoder.lora_alpha": 8, "text_encoder.target_modules": ["q_proj", "k_proj",
+                                                                                                 "v_proj", "out_proj", "fc1"]}
+    # (text_encoder's rank_pattern and alpha_pattern left out: LoraConfig's defaults, {})
+    with_meta = tmp_path / "meta.safetensors"
+    save_file(load_file(str(plain)), str(with_meta), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    base = tiny_modules()
+    before = {c: {k: v.clone() for k, v in base[c].state_dict().items()} for c in ("unet", "text_encoder")}
+    apply_loras(base, [LoraRef(with_meta, 0.5)], "tiny")
+    for (component, module), delta in expected.items():
+        factor = {"unet": 16 / 4, "text_encoder": 8 / 4}[component] if module != unet_layers[-1] else 2 / 4
+        got = base[component].state_dict()[f"{module}.weight"] - before[component][f"{module}.weight"]
+        torch.testing.assert_close(got, 0.5 * factor * delta, rtol=1e-5, atol=1e-6)
+    # diffusers' own pipeline loader reads the same file the same way (its alpha / rank from the header)
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    _, _, read = StableDiffusionLoraLoaderMixin.lora_state_dict(str(tmp_path), weight_name=with_meta.name,
+                                                                return_lora_metadata=True)
+    assert read["unet.lora_alpha"] == 16 and read["text_encoder.lora_alpha"] == 8
