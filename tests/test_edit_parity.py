@@ -131,6 +131,15 @@ def test_tiny_sdxl_text_to_image_matches_diffusers(sdxl):
                           latents=noise.numpy())[0])
     value = PARITY["tiny-sdxl text-to-image, negative prompt"] = psnr(got, to_uint8(theirs)[0])
     assert value >= PSNR_MIN
+    # an empty negative prompt is zeros, as A1111 makes it (and as diffusers makes an absent one): the image of "" is
+    # the image of no negative prompt, which is what its parameters say and what A1111's API asks with ""
+    absent = np.asarray(ours("a red cube", num_inference_steps=4, guidance_scale=5.0, latents=noise.numpy())[0])
+    for empty in ("", "  "):
+        assert np.array_equal(np.asarray(ours("a red cube", negative_prompt=empty, num_inference_steps=4,
+                                              guidance_scale=5.0, latents=noise.numpy())[0]), absent)
+    encoded = np.asarray(ours(["a red cube"] * 2, negative_prompt=["", "blurry"], num_inference_steps=4, guidance_scale=5.0,
+                              latents=np.concatenate([noise.numpy()] * 2))[0])  # a batch with a real negative: encoded
+    assert not np.array_equal(encoded, absent)
 
 
 @pytest.mark.parametrize("strength", [0.6, 1.0])

@@ -2,9 +2,10 @@
 
 As diffusers' ``StableDiffusionXLPipeline.encode_prompt``: each text encoder's penultimate hidden state, concatenated
 along features (CLIP-L 768 + OpenCLIP bigG 1280 = 2048), and the pooled, projected output of the last one
-(``text_embeds``); an absent negative prompt gives zeros (``force_zeros_for_empty_prompt``). The UNet also takes
-``time_ids``: original size, crop top-left and target size (the base), or original size, crop and an aesthetic
-score (the refiner: 6 for the prompt, 2.5 for the negative), each embedded sinusoidally inside the UNet.
+(``text_embeds``); an absent or empty negative prompt gives zeros (``force_zeros_for_empty_prompt``; diffusers zeros
+an absent one, A1111 an empty one too). The UNet also takes ``time_ids``: original size, crop top-left and target
+size (the base), or original size, crop and an aesthetic score (the refiner: 6 for the prompt, 2.5 for the negative),
+each embedded sinusoidally inside the UNet.
 """
 from __future__ import annotations
 
@@ -69,7 +70,9 @@ class StableDiffusionXL(UNetFamily):
                             np.asarray(pooled, dtype=np.float32))  # (B, 1280)
 
     def encode_negative(self, pipe, prompts: Sequence[str], cond: Conditioning, given: bool) -> Conditioning:
-        if not given and self.force_zeros_for_empty_prompt:
+        # diffusers zeros an absent negative prompt; A1111 (sd_models_xl.py) any empty one: an image's parameters
+        # cannot tell "" from none, and A1111's API sends "" for none, so both are zeros here
+        if self.force_zeros_for_empty_prompt and (not given or not any(p.strip() for p in prompts)):
             return Conditioning(np.zeros_like(cond.context), np.zeros_like(cond.pooled))
         return self.encode(pipe, prompts)
 
