@@ -116,8 +116,14 @@ def _config(folder: Path, index: dict[str, Any], name: str, reference: dict[str,
             raise LdmExportError(f"diffusers folder {folder} was saved without {name} ({pipeline}(..., {name}=None), "
                                  f"model_index.json says null); ldm-export exports the whole pipeline ({need}): "
                                  f"add {name}/ (and its tokenizer) from the original model")
-        raise LdmExportError(f"diffusers folder {folder} has no {name}/config.json; a {pipeline} folder needs {need} "
-                             "(each with config.json and weights): re-save the pipeline with save_pretrained")
+        from .dit_weights import _ROLES
+
+        role = _ROLES.get(get_family(family).module(name).class_name)
+        missing = not path.parent.exists()  # the whole module folder, which no re-save brings back
+        what = (f"{name}/" if missing else f"{name}/config.json") + (f" (the {role})" if role else "")
+        fix = f"copy {name}/ from the model's release" if missing else "re-save the pipeline with save_pretrained"
+        raise LdmExportError(f"diffusers folder {folder} has no {what}; a {pipeline} folder needs {need} "
+                             f"(each with config.json and weights): {fix}")
     raw = _read(path, name)
     config = {k: v for k, v in raw.items() if not k.startswith("_") and k not in _METADATA}
     # keys the reference config has and an older config.json lacks: the reference's value (SD 1.5's VAE predates

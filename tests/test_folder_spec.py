@@ -123,7 +123,11 @@ def test_flux_without_guidance_embedding_is_schnell_like(tmp_path):
 
 @pytest.mark.parametrize("case,match", [
     ("pipeline", "names the pipeline 'PixArtAlphaPipeline', which ldm-export does not export"),
-    ("config", "has no transformer/config.json; a StableDiffusion3Pipeline folder needs"),
+    ("config", "has no transformer/; a StableDiffusion3Pipeline folder needs"),
+    ("no-t5-folder", "has no text_encoder_3/ (the T5 encoder); a StableDiffusion3Pipeline folder needs text_encoder/, "
+                     "text_encoder_2/, text_encoder_3/, transformer/, vae/ (each with config.json and weights): copy "
+                     "text_encoder_3/ from the model's release"),
+    ("config-only", "has no vae/config.json; a StableDiffusion3Pipeline folder needs"),
     ("json", "is not readable JSON"),
     ("not-a-folder", "tells a single file's model by its safetensors keys; for config.json pass the --model"),
     ("no-t5", "was saved without text_encoder_3 (StableDiffusion3Pipeline(..., text_encoder_3=None), model_index.json "
@@ -131,7 +135,10 @@ def test_flux_without_guidance_embedding_is_schnell_like(tmp_path):
 ])
 def test_bad_folders_fail_on_one_line(tmp_path, case, match):
     spec = get_model("tiny-sd3")
-    folder = write_config_folder(spec, tmp_path, drop={"config": ("transformer",), "no-t5": ("text_encoder_3",)}.get(case, ()))
+    folder = write_config_folder(spec, tmp_path, drop={"config": ("transformer",), "no-t5": ("text_encoder_3",),
+                                                       "no-t5-folder": ("text_encoder_3",)}.get(case, ()))
+    if case == "config-only":  # the folder is there, its config.json is not: a re-save writes it
+        (folder / "vae" / "config.json").unlink()
     if case == "no-t5":  # diffusers' save_pretrained of a pipeline loaded with text_encoder_3=None
         index = json.loads((folder / "model_index.json").read_text())
         (folder / "model_index.json").write_text(json.dumps({**index, "text_encoder_3": [None, None]}))

@@ -146,6 +146,20 @@ def test_diffusers_folder_missing_component(diffusers_folder, tmp_path, componen
     one_line(e)
 
 
+def test_a_release_folder_whose_weights_are_one_file_beside_points_at_that_file(diffusers_folder, tmp_path):
+    """FLUX's and SD3's releases ship transformer/config.json without weights and the weights as one file beside
+    model_index.json: the folder is not the thing to pass, the file is."""
+    folder = copy_folder(diffusers_folder, tmp_path / "release")
+    for f in (folder / "unet").glob("*.safetensors"):
+        f.unlink()
+    with raises_one_line(r"unet has no weights \(no .safetensors file\); re-save it with save_pretrained$"):
+        load_modules(TINY, folder)
+    save_file({"x": torch.zeros(1)}, str(folder / "tiny-release.safetensors"))
+    with raises_one_line(r"and release/ holds tiny-release.safetensors: pass that file as --weights") as e:
+        load_modules(TINY, folder)
+    one_line(e)
+
+
 @pytest.mark.parametrize("component,key,value", [
     ("unet", "cross_attention_dim", 48),
     ("unet", "block_out_channels", [16, 48]),
