@@ -5,6 +5,7 @@
 # (the GPU tests and a tiny bench) before the smoke. State in /tmp/job/STATE, logs and
 # results under /tmp/job. Poll with: cat /tmp/job/STATE; tail /tmp/job/probe.log
 #   bash tools/gpu/sd3_round.sh start   smoke, then the probe (about 8 minutes)
+#   bash tools/gpu/sd3_round.sh quick   the GPU tests (tools/gpu/gpu_tests.sh), then the smoke (about 6 minutes)
 #   bash tools/gpu/sd3_round.sh full    smoke, then the SD3-medium --sequential-cfg build and its bench against
 #                                       torch.compile and eager (tools/gpu/sd3.sh; about 25 minutes)
 set -u
@@ -23,6 +24,12 @@ case "${1:-}" in
       python3 tools/gpu/sd3_adaln_probe.py --out $J/probe ${PROBE_ARGS:---layers 24 --variants adaln,adaln-packed,batch2 --loop 28 --sdpa 1,32} \
         > $J/probe.log 2>&1; echo \"probe-done \$?\" >> $J/STATE" > /dev/null 2>&1 < /dev/null &
     echo started ;;
+  quick)  # the GPU tests, then the smoke (about 6 minutes)
+    copy
+    TESTS_CMD="OUT=$J/tests bash tools/gpu/gpu_tests.sh > $J/tests.log 2>&1; echo tests-done >> $J/STATE"
+    setsid nohup bash -c "$TESTS_CMD; OUT=$J/smoke bash tools/gpu/seq_smoke.sh > $J/smoke.log 2>&1; echo smoke-done >> $J/STATE" \
+      > /dev/null 2>&1 < /dev/null &
+    echo started ;;
   full)
     copy
     setsid nohup bash -c "$SMOKE; export SEQUENTIAL_CFG=1 OUT=$J/sd3;
@@ -30,5 +37,5 @@ case "${1:-}" in
       BACKENDS=${BACKENDS:-ort,torch-compile,torch-eager} bash tools/gpu/sd3.sh bench > $J/bench.log 2>&1;
       echo \"bench-done \$?\" >> $J/STATE" > /dev/null 2>&1 < /dev/null &
     echo started ;;
-  *) echo "usage: bash tools/gpu/sd3_round.sh start|full"; exit 2 ;;
+  *) echo "usage: bash tools/gpu/sd3_round.sh start|quick|full"; exit 2 ;;
 esac
