@@ -43,7 +43,7 @@ def cli(verbose: bool, debug: bool) -> None:
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="A local diffusers folder or a single-file .safetensors checkpoint.")
 @click.option("--random-weights", is_flag=True, help="The real architecture with random weights (exports, benchmarks).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-weights and verification inputs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-weights and verification inputs (-1: a random one, recorded in the manifest).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder (default: MODEL-PRECISION).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--static-shape", is_flag=True, help="Fix batch and size to the model's defaults (faster on GPUs).")

@@ -30,7 +30,7 @@ from ldm_export.cli_common import _guard
 @click.option("--steps", type=int, default=50, show_default=True, help="Sampler steps end to end.")
 @click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per component after warm-up.")
 @click.option("--e2e-repeats", type=int, default=3, show_default=True, help="Timed end-to-end runs after one warm-up.")
-@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed runs per component before timing.")
 @click.option("--guidance-scale", type=float, default=None,
               help="Guidance scale. Default: 7.5 for U-Net models (timed as CFG's batch of 2); a DiT bundle's own "
                    "default (SD3 7.0, FLUX-dev 3.5, FLUX-schnell 0: no CFG).")
@@ -58,6 +58,8 @@ def bench(model, bundle, loras, int8_bundle, weights, device, backends, steps, r
                              "(e.g. --backends ort,ort-int8), or leave --int8-bundle out")
     if steps < 1 or repeats < 1 or e2e_repeats < 1:
         raise LdmExportError("--steps, --repeats and --e2e-repeats must be at least 1")
+    if warmup < 0:
+        raise LdmExportError(f"--warmup must be 0 or more runs, got {warmup}")
     bad = [o for o in cuda_options if "=" not in o or not o.split("=", 1)[0].strip()]
     if bad:
         raise LdmExportError(f"--cuda-option takes KEY=VALUE (an ONNX Runtime CUDA provider option), got {bad[0]!r}")

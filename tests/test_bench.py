@@ -96,6 +96,8 @@ def test_reports_table_and_files(tmp_path):
 def test_cli_refuses_unknown_backend():
     r = run_cli("bench", "--backends", "torch-eager,onnx")
     assert r.returncode == 2 and "unknown backend 'onnx'" in r.stderr
+    r = run_cli("bench", "--warmup", "-1")
+    assert r.returncode == 2 and "--warmup must be 0 or more runs, got -1" in r.stderr
 
 
 @pytest.mark.slow

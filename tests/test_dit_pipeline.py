@@ -231,6 +231,16 @@ def test_sizes_past_the_sd3_position_table_are_refused_in_one_line(built):
     assert pipe("a cat", num_inference_steps=1, width=256, height=64, seed=0)[0].size == (256, 64)
 
 
+def test_serve_refuses_a_max_size_past_the_position_table_in_one_line(built):
+    from conftest import run_cli
+
+    r = run_cli("serve", str(built["tiny-sd3"][0]), "--dry-run", "--max-size", "512x256",
+                "--serve-config", str(built["tiny-sd3"][0].parent / "serve.yaml"))
+    assert r.returncode == 2 and r.stderr.strip() == ("error: --max-size 512x256 is past the 256 px a side this model's "
+                                                      "transformer takes (its position embedding); use --max-size "
+                                                      "256x256 or less"), r.stderr
+
+
 def test_a_cut_prompt_is_warned_about_once_and_unused_options_stay_out_of_the_metadata(built, caplog):
     """SD3's two CLIP tokenizers each warned about the same cut; a prompt without spaces (emoji) was quoted whole in
     the warning; FLUX's image metadata recorded a guidance rescale it had just said has no effect."""

@@ -229,7 +229,8 @@ class Ingress:
         self.family = bundle.family
         self.takes_guidance = bundle.family.takes_guidance([x.name for x in bundle.spec(bundle.family.denoiser).inputs])
         res = int(bundle.model["resolution"])
-        self.max_size = tuple(self.cfg.max_size or (2 * res, 2 * res))
+        largest = bundle.family.largest_side(bundle.module_configs) or 2 * res  # a DiT's position table
+        self.max_size = tuple(self.cfg.max_size or (min(2 * res, largest), min(2 * res, largest)))
         base = self.scheduler_config = bundle.scheduler_config
         self.defaults = bundle.defaults
         self.sampler_list = []

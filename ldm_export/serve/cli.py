@@ -85,7 +85,7 @@ def serve(bundle, replicas, host, port, provider, max_batch, batch_wait_ms, max_
                       grace_s=grace, gpus_per_replica=1.0 if provider == "cuda" else 0.0)
     temp = make_temp_dir(temp_dir)  # before anything imports ONNX Runtime or Ray
     try:
-        check_bundle(bundle, provider)
+        check_bundle(bundle, provider, cfg.max_size)
         try:
             config_path = write_config(cfg, host, port, serve_config or bundle / "serve.yaml")
             console.print(f"[dim]serve deploy config: {escape(str(config_path))}[/dim]", soft_wrap=True)

@@ -52,14 +52,15 @@ def check_cluster(address: str) -> None:
                              "`ray start --head` there, or check --address") from None
 
 
-def check_bundle(bundle: Path, provider: str) -> None:
+def check_bundle(bundle: Path, provider: str, max_size: tuple[int, int] | None = None) -> None:
     """Refuse a bundle that does not load, before Ray starts: open it and, on the CPU, create its engines once
-    (a GPU's engines are created by the replicas alone: the driver keeps no GPU memory)."""
+    (a GPU's engines are created by the replicas alone: the driver keeps no GPU memory); and a --max-size past the
+    largest side its denoiser takes (a DiT's position table), which would refuse every request that used it."""
     from ldm_export.runtime.bundle import Bundle
     from ldm_export.runtime.pipeline import Pipeline
 
     try:
-        Bundle.open(bundle)
+        opened = Bundle.open(bundle)
         if provider == "cpu":
             Pipeline.from_bundle(bundle, provider=provider, threads=1)
     except LdmExportError as e:
@@ -67,6 +68,11 @@ def check_bundle(bundle: Path, provider: str) -> None:
     except Exception as e:  # ONNX Runtime refusing a damaged graph, a missing file
         raise LdmExportError(f"the bundle {bundle} does not load ({type(e).__name__}: {str(e).splitlines()[0]}); "
                              "rebuild it with `ldm-export build`") from None
+    largest = opened.family.largest_side(opened.module_configs)
+    if max_size is not None and largest and max(max_size) > largest:
+        raise LdmExportError(f"--max-size {max_size[0]}x{max_size[1]} is past the {largest} px a side this model's "
+                             f"transformer takes (its position embedding); use --max-size "
+                             f"{min(max_size[0], largest)}x{min(max_size[1], largest)} or less")
 
 
 def deploy_config(cfg: ServeConfig, host: str, port: int) -> dict:
