@@ -205,7 +205,9 @@ def _folder_weight_files(sub: Path, trust_pickle: bool) -> tuple[list[Path], str
         return [f for f in safetensors if f.name.split(".")[1].split("-")[0] == variant], variant, True
     pickles = sorted(f for f in sub.iterdir() if f.suffix in PICKLE_SUFFIXES)
     if not pickles:
-        beside = sorted(sub.parent.glob("*.safetensors"))  # a release folder: one file holds the weights
+        # a release folder: one file beside model_index.json holds the weights (FLUX's beside its ae.safetensors: the
+        # largest is the model)
+        beside = sorted(sub.parent.glob("*.safetensors"), key=lambda f: f.stat().st_size, reverse=True)
         if beside:
             raise LdmExportError(f"{sub} has no weights (no .safetensors file), and {sub.parent.name}/ holds "
                                  f"{beside[0].name}: pass that file as --weights (the rest is read from its folder)")

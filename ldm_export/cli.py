@@ -43,7 +43,7 @@ def cli(verbose: bool, debug: bool) -> None:
 @click.option("--weights", type=click.Path(path_type=Path), default=None,
               help="A local diffusers folder or a single-file .safetensors checkpoint.")
 @click.option("--random-weights", is_flag=True, help="The real architecture with random weights (exports, benchmarks).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-weights and verification inputs (-1: a random one, recorded in the manifest).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random-weights and verification inputs (-1: a random one, printed; with --random-weights recorded in the manifest).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Bundle folder (default: MODEL-PRECISION).")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--static-shape", is_flag=True, help="Fix batch and size to the model's defaults (faster on GPUs).")
@@ -368,7 +368,7 @@ def _check_refiner(pipe, refine, width, height) -> None:
             raise LdmExportError(f"the {role} {p.bundle.path} is an inpainting UNet ({spec.inputs[0].shape[1]} input "
                                  "channels: latents, mask, masked-image latents); a base + refiner hand-off runs "
                                  "text-to-image UNets (sdxl and sdxl-refiner)")
-    refine._size(*pipe._size(width, height))
+    refine._size(*pipe._size(width, height, warn=False), warn=False)  # the off-model warning comes with the image
 
 
 def _refined(pipe, refine, prompt, seed, num_images, start, common):

@@ -70,6 +70,10 @@ def out_of_memory(exc: BaseException) -> str | None:
     return f"{m.group(1)} more" if m else "the memory it asked for"
 
 
+# click 8.2's: a group or command run without arguments shows its help (click 8.1 shows it without raising)
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class OneLineErrors(click.Group):
     """click's usage errors (an unknown option, a value that is not a number, a missing argument) as one line that
     names the help to read, like every other error of the tool, instead of click's four-line usage block."""
@@ -79,11 +83,11 @@ class OneLineErrors(click.Group):
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
             rv = super().main(*args, standalone_mode=False, **kwargs)
-        except click.exceptions.NoArgsIsHelpError as e:  # a bare `ldm-export` or command group: its help
+        except _NO_ARGS_IS_HELP as e:  # a bare `ldm-export` or command group: its help (click 8.2+)
             e.show()
             sys.exit(e.exit_code)
         except click.UsageError as e:
-            where = e.ctx.command_path if e.ctx is not None else (kwargs.get("prog_name") or self.name)
+            where = e.ctx.command_path if e.ctx is not None else self._command_named(args, kwargs)
             console.print(f"[red]error:[/red] {escape(e.format_message())} (see '{escape(where)} --help')",
                           soft_wrap=True)
             sys.exit(e.exit_code)
@@ -94,6 +98,14 @@ class OneLineErrors(click.Group):
             console.print("[yellow]interrupted[/yellow]: stopped", soft_wrap=True)
             sys.exit(130)
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    def _command_named(self, args: tuple, kwargs: dict) -> str:
+        """``PROG COMMAND`` from the command line, for an error click raised without its context (an option missing
+        its value)."""
+        prog = kwargs.get("prog_name") or self.name
+        argv = kwargs.get("args") or (args[0] if args else None) or sys.argv[1:]
+        sub = next((a for a in argv if a in self.commands), None)
+        return f"{prog} {sub}" if sub else prog
 
 
 def _guard(fn):

@@ -181,19 +181,74 @@ def _dit_peak(model: Mapping[str, Any], transformer: Mapping[str, Any], latents:
     return scores + 10 * batch * inner * tokens
 
 
-def available_memory() -> int | None:
-    """Bytes of host memory available now (Linux /proc/meminfo's MemAvailable, else sysconf), None when unknown."""
+MEMINFO, PROC_CGROUP, CGROUP_ROOT = "/proc/meminfo", "/proc/self/cgroup", "/sys/fs/cgroup"  # (tests point them elsewhere)
+
+
+def _meminfo(key: str) -> int | None:
     try:
-        with open("/proc/meminfo") as f:
+        with open(MEMINFO) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+_V1_NAMES = {"memory.max": "memory.limit_in_bytes", "memory.current": "memory.usage_in_bytes"}
+
+
+def _cgroup_value(name: str) -> int | None:
+    """A memory value of this process's cgroup (v2's ``memory.max``, ``memory.current``, ``memory.swap.max``, ...;
+    under cgroup v1 the first two as ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``), or None where there is no
+    such file or no limit."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        with open(PROC_CGROUP) as f:
+            lines = [line.strip().split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
         return None
+    places = []
+    for _, controllers, rel in lines:
+        if controllers == "":  # v2's unified hierarchy
+            places += [f"{CGROUP_ROOT}{rel.rstrip('/')}/{name}", f"{CGROUP_ROOT}/{name}"]
+        elif "memory" in controllers.split(",") and name in _V1_NAMES:
+            places += [f"{CGROUP_ROOT}/memory{rel.rstrip('/')}/{_V1_NAMES[name]}",
+                       f"{CGROUP_ROOT}/memory/{_V1_NAMES[name]}"]
+    for place in places:
+        try:
+            with open(place) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if not text.isdigit():
+            return None  # "max": no limit
+        value = int(text)
+        return None if value >= 1 << 60 else value  # v1's "no limit" is a page-rounded 2**63
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take: the host's MemAvailable (/proc/meminfo, else sysconf), less where
+    a container's cgroup limit leaves less (``memory.max`` - ``memory.current``); None when unknown."""
+    free = _meminfo("MemAvailable")
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            free = None
+    limit, used = _cgroup_value("memory.max"), _cgroup_value("memory.current")
+    if limit is not None and used is not None:
+        free = max(0, limit - used) if free is None else min(free, max(0, limit - used))
+    return free
+
+
+def available_swap() -> int:
+    """Bytes of swap this process can still use: the host's SwapFree, within a cgroup's ``memory.swap.max``."""
+    free = _meminfo("SwapFree") or 0
+    limit, used = _cgroup_value("memory.swap.max"), _cgroup_value("memory.swap.current")
+    if limit is not None:
+        free = min(free, max(0, limit - (used or 0)))
+    return free
 
 
 def check_memory(model: Mapping[str, Any], configs: Mapping[str, Any], width: int, height: int, batch: int,

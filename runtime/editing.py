@@ -283,8 +283,7 @@ def load_mask(path: str | Path, size: tuple[int, int], blur: float = 0.0,
         raise LdmExportError(f"mask {path} is {gray.width}x{gray.height} but the image is {size[0]}x{size[1]}; "
                              "give a mask of the image's size")
     if not (np.asarray(gray) >= 128).any():  # diffusers binarises at 0.5
-        top = 65535 if transparency(image) is None and gray is not image and image.mode.startswith("I") and (
-            image.mode.startswith("I;16") or np.asarray(image).max() > 255) else 255  # in the file's own levels
+        top = 255 if transparency(image) is not None else _white_level(image)  # in the file's own levels
         raise LdmExportError(f"mask {path} has no pixel of {(top + 1) // 2} or more of {top} (white = repaint), so "
                              f"nothing would be repainted; paint the region white (a mask of 0 and 1 must be saved "
                              f"as 0 and {top})")
@@ -321,9 +320,16 @@ def _grayscale(image):
 
     if image.mode.startswith("I"):
         a = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0  # I: 8-bit values kept as int32
-        return Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+        return Image.fromarray(np.clip(np.rint(a * (255.0 / _white_level(image))), 0, 255).astype(np.uint8), "L")
     return image.convert("L")
+
+
+def _white_level(image) -> int:
+    """White in a grey image's own levels: 65535 for 16-bit (PNG I;16, or mode I holding values past 255), else 255
+    (mode I keeps 8-bit values as int32)."""
+    if image.mode.startswith("I") and (image.mode.startswith("I;16") or np.asarray(image).max() > 255):
+        return 65535
+    return 255
 
 
 def mask_array(mask_image, blur: float = 0.0) -> np.ndarray:

@@ -565,6 +565,7 @@ def test_sighup_unwinds_like_ctrl_c_unless_ignored(monkeypatch):
     (["generate", "b", "a cat", "--steps", "abc"], "Invalid value for '--steps': 'abc' is not a valid integer."),
     (["build", "--model", "tiny", "--size", "512"], "No such option '--size'"),
     (["generate"], "Missing argument 'BUNDLE'."),
+    (["generate", "b", "a cat", "--steps"], "Option '--steps' requires an argument."),  # click gives no context here
     (["frobnicate"], "No such command 'frobnicate'."),
 ])
 def test_click_usage_errors_are_one_line_that_names_the_help(args, message):
@@ -572,7 +573,9 @@ def test_click_usage_errors_are_one_line_that_names_the_help(args, message):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
-    assert lines[0].startswith("error:") and "--help'" in lines[0] and "Usage:" not in r.stderr
+    assert lines[0].startswith("error:") and "Usage:" not in r.stderr
+    assert lines[0].endswith(f"(see 'ldm-export {args[0]} --help')" if args[0] in ("generate", "build") else
+                             "(see 'ldm-export --help')")
 
 
 def test_a_bare_command_still_prints_its_help():
@@ -585,20 +588,44 @@ def test_a_model_whose_weights_alone_exceed_the_memory_is_refused_before_loading
     from ldm_export.runtime import checks as runtime_checks
 
     monkeypatch.setattr(runtime_checks, "available_memory", lambda: 2_000_000)  # 2 MB free
-    monkeypatch.setattr("builtins.open", _no_swap(open))
+    monkeypatch.setattr(runtime_checks, "available_swap", lambda: 0)
     with pytest.raises(LdmExportError, match=r"tiny has 0\.\d\d B parameters: .* more than the 0\.0 GB of memory "
                                              r"and swap free here; build on a machine with more memory") as e:
         build(BuildConfig(model="tiny", random_weights=True, out=tmp_path / "b"))
     assert e.value.exit_code == 3 and not list(tmp_path.iterdir())
+    monkeypatch.setenv("LDM_EXPORT_NO_MEMORY_CHECK", "1")  # the way out the message names
+    build(BuildConfig(model="tiny", random_weights=True, out=tmp_path / "b"))
+    assert (tmp_path / "b" / "ldm_export.json").is_file()
 
 
-def _no_swap(real_open):
-    def fake(path, *args, **kwargs):
-        if str(path) == "/proc/meminfo":
-            import io
-            return io.StringIO("SwapFree:        0 kB\n")
-        return real_open(path, *args, **kwargs)
-    return fake
+@pytest.mark.parametrize("layout", ["v1", "v2", "v2-swapless", "none"])
+def test_free_memory_is_the_containers_where_its_cgroup_limits_it(tmp_path, monkeypatch, layout):
+    from ldm_export.runtime import checks as runtime_checks
+
+    gb = 1 << 30
+    (tmp_path / "meminfo").write_text(f"MemTotal: {64 * gb // 1024} kB\nMemAvailable: {40 * gb // 1024} kB\n"
+                                      f"SwapFree: {8 * gb // 1024} kB\n")
+    cg = tmp_path / "cgroup"
+    if layout == "v1":
+        (tmp_path / "self").write_text("4:memory:/docker/abc\n0::/\n")
+        (cg / "memory" / "docker" / "abc").mkdir(parents=True)
+        (cg / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text(str(16 * gb))
+        (cg / "memory" / "docker" / "abc" / "memory.usage_in_bytes").write_text(str(6 * gb))
+    elif layout.startswith("v2"):
+        (tmp_path / "self").write_text("0::/kubepods/pod1\n")
+        (cg / "kubepods" / "pod1").mkdir(parents=True)
+        (cg / "kubepods" / "pod1" / "memory.max").write_text(str(16 * gb))
+        (cg / "kubepods" / "pod1" / "memory.current").write_text(str(6 * gb))
+        (cg / "kubepods" / "pod1" / "memory.swap.max").write_text("0" if layout == "v2-swapless" else "max")
+    else:
+        (tmp_path / "self").write_text("0::/\n")
+        cg.mkdir()
+        (cg / "memory.max").write_text("max")
+    monkeypatch.setattr(runtime_checks, "MEMINFO", str(tmp_path / "meminfo"))
+    monkeypatch.setattr(runtime_checks, "PROC_CGROUP", str(tmp_path / "self"))
+    monkeypatch.setattr(runtime_checks, "CGROUP_ROOT", str(cg))
+    assert runtime_checks.available_memory() == (40 if layout == "none" else 10) * gb
+    assert runtime_checks.available_swap() == (0 if layout == "v2-swapless" else 8) * gb
 
 
 @pytest.mark.parametrize("message,shown", [

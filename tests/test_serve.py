@@ -652,8 +652,16 @@ def test_a_sampler_the_model_cannot_run_becomes_its_own_and_is_reported():
     ({"cfg_scale": 1, "distilled_cfg_scale": 3.5}, True, (4, 3.5), {}),  # Forge's FLUX fields
     ({"cfg_scale": 6, "distilled_cfg_scale": 2.5}, True, (4, 2.5), {"cfg_scale": 6}),  # true CFG: not run
     ({"distilled_cfg_scale": 3.5}, False, (4, 0.0), {}),  # a model without a guidance input: reported elsewhere
+    ({"cfg_scale": "1", "distilled_cfg_scale": "2.5"}, True, (4, 2.5), {}),  # strings as pydantic reads them
 ])
 def test_steps_and_guidance_the_client_left_out_are_the_bundles(raw, distilled, want, ignored):
     body = a1111.request_model().model_validate({"prompt": "p", **raw}).model_dump()
     got = a1111.sampling_defaults(body, raw, {"steps": 4, "guidance_scale": 0.0}, distilled)
     assert (body["steps"], body["cfg_scale"]) == want and got == ignored
+
+
+def test_a_distilled_cfg_scale_that_is_not_a_number_is_refused_in_one_line():
+    body = a1111.request_model().model_validate({"prompt": "p"}).model_dump()
+    for value in ("abc", [1]):
+        with pytest.raises(LdmExportError, match=r"^distilled_cfg_scale must be a number, got "):
+            a1111.sampling_defaults(body, {"distilled_cfg_scale": value}, {"steps": 4, "guidance_scale": 3.5}, True)

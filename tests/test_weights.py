@@ -154,7 +154,8 @@ def test_a_release_folder_whose_weights_are_one_file_beside_points_at_that_file(
         f.unlink()
     with raises_one_line(r"unet has no weights \(no .safetensors file\); re-save it with save_pretrained$"):
         load_modules(TINY, folder)
-    save_file({"x": torch.zeros(1)}, str(folder / "tiny-release.safetensors"))
+    save_file({"x": torch.zeros(1000)}, str(folder / "tiny-release.safetensors"))
+    save_file({"x": torch.zeros(1)}, str(folder / "ae.safetensors"))  # FLUX's VAE beside it: not the one to name
     with raises_one_line(r"and release/ holds tiny-release.safetensors: pass that file as --weights") as e:
         load_modules(TINY, folder)
     one_line(e)

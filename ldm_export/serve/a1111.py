@@ -159,9 +159,14 @@ def sampling_defaults(body: dict, raw: dict, defaults: dict, distilled_guidance:
     if raw.get("steps") is None:
         body["steps"] = int(defaults["steps"])
     if distilled_guidance and raw.get("distilled_cfg_scale") is not None:
-        if raw.get("cfg_scale") not in (None, 1, 1.0):
+        value = raw["distilled_cfg_scale"]
+        try:  # an extra field (Forge's), which the request model does not type
+            guidance = float(value)
+        except (TypeError, ValueError):
+            raise LdmExportError(f"distilled_cfg_scale must be a number, got {value!r}") from None
+        if raw.get("cfg_scale") is not None and body["cfg_scale"] != 1.0:
             ignored["cfg_scale"] = raw["cfg_scale"]
-        body["cfg_scale"] = float(raw["distilled_cfg_scale"])
+        body["cfg_scale"] = guidance
     elif raw.get("cfg_scale") is None:
         body["cfg_scale"] = float(defaults["guidance_scale"])
     return ignored

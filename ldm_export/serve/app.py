@@ -350,7 +350,10 @@ class Ingress:
         except LdmExportError as e:
             return _error(422, str(e))
         distilled = self.takes_guidance and not self.family.uses_cfg(7.0)  # guidance as an input: FLUX-dev
-        defaults_ignored = a1111.sampling_defaults(body, raw, self.defaults, distilled)
+        try:
+            defaults_ignored = a1111.sampling_defaults(body, raw, self.defaults, distilled)
+        except LdmExportError as e:
+            return _error(422, str(e), "distilled_cfg_scale")
         sampler, ignored = a1111.sampler_for(body)
         sampler, unfit = a1111.fitting_sampler(sampler, self.scheduler_config)
         ignored.update(a1111.ignored_fields(body, sampler, {self.model_title, self.model_name}, img2img))

@@ -55,7 +55,7 @@ def _check_auth(api_auth: str | None) -> None:
               help="Images waiting for a replica past which requests get 503 + Retry-After.")
 @click.option("--max-images", type=click.IntRange(min=1), default=8, show_default=True,
               help="Most images (batch_size x n_iter) in one request.")
-@click.option("--max-size", default=None, help="Largest WIDTHxHEIGHT a request may ask (default: twice the model's resolution).")
+@click.option("--max-size", default=None, help="Largest WIDTHxHEIGHT a request may ask (default: twice the model's resolution, within a DiT's position table).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime CPU threads per replica.")
 @click.option("--api-auth", default=None, help="USER:PASS[,USER:PASS]: HTTP basic auth on every route but /healthz.")
 @click.option("--address", default=None, help="A Ray cluster to run on (e.g. auto or HOST:6379; `ray start --head` makes one).")

@@ -2,8 +2,8 @@
 
 As diffusers' ``StableDiffusionXLPipeline.encode_prompt``: each text encoder's penultimate hidden state, concatenated
 along features (CLIP-L 768 + OpenCLIP bigG 1280 = 2048), and the pooled, projected output of the last one
-(``text_embeds``); an absent or empty negative prompt gives zeros (``force_zeros_for_empty_prompt``; diffusers zeros
-an absent one, A1111 an empty one too). The UNet also takes ``time_ids``: original size, crop top-left and target
+(``text_embeds``); the base's absent or empty negative prompt gives zeros (``force_zeros_for_empty_prompt``; diffusers
+zeros an absent one, A1111 an empty one too). The UNet also takes ``time_ids``: original size, crop top-left and target
 size (the base), or original size, crop and an aesthetic score (the refiner: 6 for the prompt, 2.5 for the negative),
 each embedded sinusoidally inside the UNet.
 """
@@ -70,11 +70,18 @@ class StableDiffusionXL(UNetFamily):
                             np.asarray(pooled, dtype=np.float32))  # (B, 1280)
 
     def encode_negative(self, pipe, prompts: Sequence[str], cond: Conditioning, given: bool) -> Conditioning:
-        # diffusers zeros an absent negative prompt; A1111 (sd_models_xl.py) any empty one: an image's parameters
-        # cannot tell "" from none, and A1111's API sends "" for none, so both are zeros here
-        if self.force_zeros_for_empty_prompt and (not given or not any(p.strip() for p in prompts)):
+        # diffusers zeros an absent negative prompt; A1111 (sd_models_xl.py) an empty one too: an image's parameters
+        # cannot tell "" from none, and A1111's API sends "" for none. Each image's own: an image does not depend on
+        # the negative prompts it is batched with (A1111 zeros a batch only when all of it is empty)
+        if not self.force_zeros_for_empty_prompt:
+            return self.encode(pipe, prompts)
+        empty = np.array([not given or p == "" for p in prompts])
+        if empty.all():
             return Conditioning(np.zeros_like(cond.context), np.zeros_like(cond.pooled))
-        return self.encode(pipe, prompts)
+        negative = self.encode(pipe, prompts)
+        negative.context[empty] = 0.0
+        negative.pooled[empty] = 0.0
+        return negative
 
     def time_ids(self, width: int, height: int, negative: bool = False) -> np.ndarray:
         """diffusers' ``_get_add_time_ids`` with original and target size the image's and no crop."""
