@@ -245,24 +245,31 @@ class ClipTokenizer:
     def vocab_size(self) -> int:
         return self._base_size + len(self.added)
 
-    def _pieces(self, prompt: str) -> list[tuple[str, int | None]]:
-        """``prompt`` as (text, None) runs for CLIP's BPE and (token, id) for each added token in it."""
+    def _pieces(self, prompt: str) -> list[tuple[str, list[int] | None]]:
+        """``prompt`` as (text, None) runs for CLIP's BPE and (token, ids) for each added token in it. A multi-vector
+        embedding's token ``<t>`` also brings ``<t>_1``, ``<t>_2``, ... where the tokenizer has them, as diffusers'
+        ``maybe_convert_prompt`` writes them into the prompt."""
         if self._added_re is None:
             return [(prompt, None)]
         pieces, at = [], 0
         for m in self._added_re.finditer(prompt):
-            pieces += [(prompt[at:m.start()], None), (m.group(), self.added[m.group()])]
+            token = m.group()
+            ids, k = [self.added[token]], 1
+            while f"{token}_{k}" in self.added:
+                ids.append(self.added[f"{token}_{k}"])
+                k += 1
+            pieces += [(prompt[at:m.start()], None), (token, ids)]
             at = m.end()
         return pieces + [(prompt[at:], None)]
 
     def encode(self, prompt: str) -> list[int]:
         """Ids of ``prompt`` without bos/eos, untruncated (OpenAI's ``SimpleTokenizer.encode``; added tokens as
-        transformers' CLIPTokenizer reads them)."""
+        diffusers' pipelines read them through transformers' CLIPTokenizer)."""
         if not isinstance(prompt, str):
             raise LdmExportError(f"prompt must be a string, got {type(prompt).__name__}")
         ids: list[int] = []
         for text, added in self._pieces(prompt):
-            ids += [added] if added is not None else self._tokenizer.encode(clean_prompt(text), add_special_tokens=False).ids
+            ids += added if added is not None else self._tokenizer.encode(clean_prompt(text), add_special_tokens=False).ids
         return ids
 
     def cut_text(self, prompt: str, keep: int) -> str:
@@ -271,7 +278,7 @@ class ClipTokenizer:
         if self._added_re is not None:
             pieces = self._pieces(prompt)
             for k, (text, added) in enumerate(pieces):
-                n = 1 if added is not None else len(self.encode(text))
+                n = len(added) if added is not None else len(self.encode(text))
                 if keep < n:
                     rest = "".join(t for t, _ in pieces[k + 1:])
                     return " ".join(x for x in ((text if added is not None else self._cut_run(text, keep)), rest.strip())

@@ -697,3 +697,45 @@ def test_a_peft_files_adapter_metadata_sets_its_alpha_as_diffusers_reads_it(tmp_
     _, _, read = StableDiffusionLoraLoaderMixin.lora_state_dict(str(tmp_path), weight_name=with_meta.name,
                                                                 return_lora_metadata=True)
     assert read["unet.lora_alpha"] == 16 and read["text_encoder.lora_alpha"] == 8
+
+
+def test_a_lora_diffusers_saved_with_its_adapter_config_fuses_as_diffusers_fuses_it(tmp_path):
+    """A LoRA trained with PEFT (lora_alpha 16 over rank 4, one layer's own alpha by alpha_pattern) and saved by
+    diffusers' save_lora_weights with its adapter metadata: the weights fused at build equal diffusers'
+    load_lora_weights + fuse_lora on the same modules."""
+    import diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from ldm_export.runtime.tokenizer import write_tokenizer_files
+
+    trained = tiny_modules()
+    unet_config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                             alpha_pattern={"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 2},
+                             init_lora_weights=False)
+    te_config = LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    trained["unet"].add_adapter(unet_config)
+    trained["text_encoder"].add_adapter(te_config)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(trained["unet"]),
+        text_encoder_lora_layers=get_peft_model_state_dict(trained["text_encoder"]),
+        unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=te_config.to_dict(),
+        weight_name="trained.safetensors")
+    ours = tiny_modules()
+    apply_loras(ours, [LoraRef(tmp_path / "trained.safetensors", 0.5)], "tiny")
+    m = tiny_modules()
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=m["vae"], text_encoder=m["text_encoder"], unet=m["unet"], scheduler=diffusers.PNDMScheduler(),
+        tokenizer=__import__("transformers").CLIPTokenizer.from_pretrained(str(write_tokenizer_files(tmp_path / "tok"))),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(tmp_path), weight_name="trained.safetensors")
+    pipe.fuse_lora(lora_scale=0.5)
+    pipe.unload_lora_weights()
+    plain = tiny_modules()
+    for name in ("unet", "text_encoder"):
+        want, got, base = pipe.components[name].state_dict(), ours[name].state_dict(), plain[name].state_dict()
+        changed = [k for k in base if not torch.equal(want[k], base[k])]
+        assert changed and [k for k in base if not torch.equal(got[k], base[k])] == changed, name
+        for k in changed:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)

@@ -416,3 +416,25 @@ def test_the_cut_text_of_a_prompt_with_added_tokens(added_folder, caplog):
     assert ours.cut_text("red <cat-toy> blue <Dog> green", 2) == "blue <Dog> green"
     assert ours.cut_text("red <cat-toy> blue <Dog> green", 4) == "green"
     assert ours.cut_text("red <cat-toy>", 2) == ""
+
+
+def test_a_multi_vector_embeddings_tokens_expand_as_diffusers_writes_them(tmp_path):
+    """diffusers' load_textual_inversion adds '<t>', '<t>_1', '<t>_2' for a 3-vector embedding and its pipelines
+    rewrite '<t>' in a prompt as '<t> <t>_1 <t>_2' (maybe_convert_prompt) before tokenizing."""
+    transformers = pytest.importorskip("transformers")
+    loaders = pytest.importorskip("diffusers.loaders")
+    folder = write_tokenizer_files(tmp_path / "tokenizer")
+    ref = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    ref.add_tokens(["<cat-toy>", "<cat-toy>_1", "<cat-toy>_2", "<dog>"])
+    ref.save_pretrained(str(folder))
+
+    class Pipe(loaders.TextualInversionLoaderMixin):
+        pass
+
+    ours = ClipTokenizer(folder)
+    for prompt in ("a photo of <cat-toy>", "<cat-toy> and <dog>, <cat-toy> again", "no token here",
+                   " ".join(["<cat-toy> red"] * 30)):
+        converted = Pipe().maybe_convert_prompt(prompt, ref)
+        want = ref([converted], padding="max_length", max_length=77, truncation=True).input_ids
+        assert ours([prompt]).tolist() == want, prompt
+    assert ours.encode("a <cat-toy>")[-3:] == [49408, 49409, 49410]
