@@ -205,6 +205,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
     _check_host_memory(spec)
     progress("weights", "loading", str(cfg.weights or ("random" if cfg.random_weights else "embedded")))
     weights_path = cfg.weights
+    given = Path(cfg.weights).expanduser() if cfg.weights is not None else None  # the user's --weights
     embedded = weights_path is None and not cfg.random_weights
     if embedded:
         weights_path = embedded_weights_path(spec)
@@ -213,12 +214,12 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
                                  "and install them (docs/dit.md), or pass --weights PATH or --random-weights")
     loaded = load_weights(spec, weights_path, random_weights=cfg.random_weights, seed=cfg.seed,
                           trust_pickle=cfg.trust_pickle)
-    if cfg.weights is not None and cfg.model != AUTO_MODEL and Path(cfg.weights).expanduser().is_dir():
+    if given is not None and cfg.model != AUTO_MODEL and given.is_dir():
         from .folder_spec import with_folder_scheduler
 
         # its weights' prediction type, shift, ...: once the folder loaded as this model (a folder of another pipeline
         # is refused first, without a warning about its scheduler)
-        spec = with_folder_scheduler(spec, Path(cfg.weights).expanduser())
+        spec = with_folder_scheduler(spec, given)
     _check_t5_tokenizers(spec, loaded)  # before the exports: a bad file would otherwise fail at the first generate
     if loaded.source != "random":
         _check_finite(loaded.modules)
@@ -325,7 +326,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
             gc.collect()
             progress(component, "done", "")
         progress("bundle", "writing", "")
-        _write_side_files(stage, spec, loaded, Path(cfg.weights).expanduser() if cfg.weights is not None else None)
+        _write_side_files(stage, spec, loaded, given)
         if cfg.precision == "int8":
             from ldm_export.calibration.int8 import quantize_stage
 
