@@ -142,6 +142,21 @@ _EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
 _UNICODE_PREFIX = b"UNICODE\0"
 
 
+def user_comment_exif(comment: bytes) -> bytes:
+    """EXIF holding only ``comment`` as the Exif IFD's UserComment, typed UNDEFINED as the EXIF standard and piexif
+    (A1111's writer and reader) type it: Pillow types raw bytes as BYTE, which piexif reads back as a tuple of ints
+    that A1111's "PNG info" cannot decode. Big-endian TIFF, as piexif.dump writes: IFD0 with one pointer to the Exif
+    IFD, whose one entry points at the comment."""
+    import struct
+
+    exif_ifd = 8 + 2 + 12 + 4  # after the header and IFD0's one entry
+    data = exif_ifd + 2 + 12 + 4
+    tiff = (b"MM\x00\x2a" + struct.pack(">I", 8)
+            + struct.pack(">H", 1) + struct.pack(">HHII", _EXIF_IFD, 4, 1, exif_ifd) + struct.pack(">I", 0)
+            + struct.pack(">H", 1) + struct.pack(">HHII", _USER_COMMENT, 7, len(comment), data) + struct.pack(">I", 0))
+    return b"Exif\x00\x00" + tiff + comment
+
+
 def image_format(path: str | Path) -> str:
     """The format ``path``'s extension names (PNG, JPEG or WEBP); refuse any other extension."""
     ext = Path(path).suffix.lower()
@@ -193,9 +208,7 @@ def save_image(image, path: str | Path, parameters: str) -> Path:
         info.add_text("parameters", parameters)
         kwargs = {"pnginfo": info}
     else:
-        exif = Image.Exif()
-        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE_PREFIX + parameters.encode("utf-16-be")
-        kwargs = {"exif": exif.tobytes(), "quality": QUALITY}
+        kwargs = {"exif": user_comment_exif(_UNICODE_PREFIX + parameters.encode("utf-16-be")), "quality": QUALITY}
         if fmt == "JPEG" and len(kwargs["exif"]) > _JPEG_EXIF_MAX:  # one APP1 segment: Pillow refuses more
             logger.warning("%s: the generation parameters (%d characters) are too long for a JPEG's EXIF, so the "
                            "image is saved without them; write a .png or .webp to keep them", path, len(parameters))
