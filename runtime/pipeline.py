@@ -18,7 +18,9 @@ from .spec import ComponentSpec
 
 log = logging.getLogger(__name__)
 
-MAX_STEPS = 1000  # no scheduler here has more training timesteps than this
+# half of SD's 1000 training timesteps: past it some samplers index beyond the table (DDIM, DDPM and PLMS with SD's
+# steps_offset at 1000 steps, as diffusers' do) or divide by zero (DPM++ 2M, UniPC); A1111's own slider stops at 150
+MAX_STEPS = 500
 CFG_MODES = ("batch2", "sequential")
 DYNAMIC_BATCH = 4  # images per batch on a dynamic-shape bundle: memory stays bounded for any --num-images
 # cuDNN's convolution algorithm search on the CUDA engines; the first-image measurement on an H200

@@ -193,8 +193,8 @@ def test_num_images_and_empty_prompt(pipe):
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"prompt": 42}, "prompt must be a string"),
-    ({"prompt": "x", "num_inference_steps": 0}, "steps must be an integer from 1 to 1000"),
-    ({"prompt": "x", "num_inference_steps": 100000}, "steps must be an integer from 1 to 1000"),
+    ({"prompt": "x", "num_inference_steps": 0}, "steps must be an integer from 1 to 500"),
+    ({"prompt": "x", "num_inference_steps": 100000}, "steps must be an integer from 1 to 500"),
     ({"prompt": "x", "width": 60}, "width must be a positive multiple of 16 px"),
     ({"prompt": "x", "scheduler": "Warp drive"}, "Warp drive"),
     ({"prompt": "x", "latents": np.zeros((1, 4, 4, 4))}, "latents must have shape (1, 4, 8, 8)"),
