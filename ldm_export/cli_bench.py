@@ -60,16 +60,36 @@ def bench(model, bundle, loras, int8_bundle, weights, device, backends, steps, r
         raise LdmExportError("--steps, --repeats and --e2e-repeats must be at least 1")
     if warmup < 0:
         raise LdmExportError(f"--warmup must be 0 or more runs, got {warmup}")
+    if threads is not None and threads < 1:
+        raise LdmExportError(f"--threads must be a positive integer, got {threads}")
+    if bundle is not None and model is not None:  # one would be ignored
+        raise LdmExportError("--model names the zoo model to build for a bench without --bundle; with --bundle the "
+                             "bundle's own model is timed: pass one of them")
+    from ldm_export.runtime.checks import refuse_out_under_a_file
+
+    refuse_out_under_a_file(out)  # before any timing: the reports are written at the end
+    if out.exists() and not out.is_dir():
+        raise LdmExportError(f"--out {out} is a file; the bench writes its reports into a folder: pass a folder")
+    if bundle is None and loras:  # before the build: a bundle made here holds none
+        raise LdmExportError("--lora names the LoRAs a --bundle holds; build one with `ldm-export build --lora ...` "
+                             "and pass --bundle DIR")
     bad = [o for o in cuda_options if "=" not in o or not o.split("=", 1)[0].strip()]
     if bad:
         raise LdmExportError(f"--cuda-option takes KEY=VALUE (an ONNX Runtime CUDA provider option), got {bad[0]!r}")
     from ldm_export.bench.run import check_device_options
 
     check_device_options(device, cuda_options, profile, names)  # before any bundle is built for the bench
+    if bundle is None and device == "cuda":  # the default: its bundle would be a cuda-target build
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise LdmExportError("bench runs on --device cuda by default, and this machine has no CUDA provider "
+                                 "(a GPU with onnxruntime-gpu): pass --device cpu")
+    try:  # after every refusal (a refused run leaves nothing), before any timing (the reports come at the end)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LdmExportError(f"cannot write the reports into --out {out}: {e.strerror or e}; pass a writable folder") from None
     if bundle is None:
-        if loras:  # before the build: a bundle made here holds none
-            raise LdmExportError("--lora names the LoRAs a --bundle holds; build one with `ldm-export build --lora ...` "
-                                 "and pass --bundle DIR")
         with tempfile.TemporaryDirectory(prefix="ldm-export-bench-") as tmp:
             bundle = _build_for_bench(model, device, seed, Path(tmp) / "bundle", console)
             _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale, seed,

@@ -55,8 +55,10 @@ class Bundle:
             manifest = json.loads(mpath.read_text())
         except (OSError, ValueError) as e:
             raise LdmExportError(f"cannot read {mpath}: {e}; rebuild the bundle", exit_code=DAMAGED) from None
-        if manifest.get("format") != FORMAT:
-            raise LdmExportError(f"{mpath} is not an ldm-export manifest (format {manifest.get('format')!r})")
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            what = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+            raise LdmExportError(f"{mpath} is not an ldm-export manifest (format {what!r}); rebuild the bundle with "
+                                 "`ldm-export build`", exit_code=DAMAGED)
         version = manifest.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise LdmExportError(

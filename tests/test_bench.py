@@ -93,11 +93,35 @@ def test_reports_table_and_files(tmp_path):
     assert (tmp_path / "bench_sd15_cuda.png").stat().st_size > 1000
 
 
+def cuda_provider_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 def test_cli_refuses_unknown_backend():
     r = run_cli("bench", "--backends", "torch-eager,onnx")
     assert r.returncode == 2 and "unknown backend 'onnx'" in r.stderr
     r = run_cli("bench", "--warmup", "-1")
     assert r.returncode == 2 and "--warmup must be 0 or more runs, got -1" in r.stderr
+
+
+def test_bench_options_that_cannot_work_are_refused_before_any_timing(tiny_bundle, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    common = ("bench", "--device", "cpu", "--bundle", str(tiny_bundle), "--backends", "ort", "--steps", "1",
+              "--repeats", "1", "--e2e-repeats", "1", "--warmup", "0")
+    for extra, message in (
+            (("--out", str(tmp_path / "afile")), "is a file; the bench writes its reports into a folder"),
+            (("--out", str(tmp_path / "afile" / "x")), "which is a file, not a folder"),
+            (("--model", "tiny"), "with --bundle the bundle's own model is timed: pass one of them"),
+            (("--threads", "0"), "--threads must be a positive integer, got 0"),
+            (("--guidance-scale", "1"), "--guidance-scale must be above 1 and at most 100, got 1"),
+            (("--guidance-scale", "nan"), "--guidance-scale must be above 1 and at most 100, got nan")):
+        r = run_cli(*common, *extra)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (extra, r.stderr)
+    if not cuda_provider_available():
+        r = run_cli("bench")  # the default device is cuda; its bundle would be a cuda build
+        assert r.returncode == 2 and "this machine has no CUDA provider" in r.stderr and "--device cpu" in r.stderr
 
 
 @pytest.mark.slow

@@ -271,6 +271,10 @@ def test_inspect_prints_the_weights_table_and_a_damaged_bundle_exits_1(tiny_bund
     shutil.copytree(tiny_bundle, b)
     (b / "tokenizer" / "merges.txt").unlink()
     _one_line_error(run_cli("inspect", str(b)), 1, "missing tokenizer/merges.txt")
+    for text, kind in (("[]", "'list'"), ("{}", "None")):  # JSON, but no manifest
+        (b / "ldm_export.json").write_text(text)
+        _one_line_error(run_cli("inspect", str(b)), 1, f"is not an ldm-export manifest (format {kind}); rebuild the "
+                                                       "bundle with `ldm-export build`")
 
 
 # --- build --force, races, paths ----------------------------------------------------------------------
