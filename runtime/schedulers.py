@@ -421,6 +421,10 @@ _A1111 = {
     "LCM": ("LCMScheduler", {}),
     "Euler (flow)": ("FlowMatchEulerDiscreteScheduler", {}),
 }
+# A1111's "Exponential" schedule (its names since 1.6: "DPM++ 2M SDE Exponential"; 1.9's scheduler field for the
+# others) for the samplers whose exponential sigmas match diffusers' (tests/test_samplers.py)
+_A1111.update({f"{name} Exponential": (_A1111[name][0], {**_A1111[name][1], "use_exponential_sigmas": True})
+               for name in ("Euler", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2S", "LMS")})
 
 
 def a1111_name(config: dict) -> str:

@@ -33,7 +33,7 @@ def demo_pipe(demo_bundle):
 
 
 def test_every_applicable_sampler_is_tested():
-    assert len(SAMPLERS) == 24 and "Euler (flow)" not in SAMPLERS and {"DDIM", "DDPM", "PLMS", "LCM"} <= set(SAMPLERS)
+    assert len(SAMPLERS) == 32 and "Euler (flow)" not in SAMPLERS and {"DDIM", "DDPM", "PLMS", "LCM"} <= set(SAMPLERS)
 
 
 @pytest.mark.parametrize("name", SAMPLERS)

@@ -79,7 +79,8 @@ _HANDLED = {"prompt", "negative_prompt", "seed", "sampler_name", "sampler_index"
             "override_settings", "refiner_switch_at"}
 _HIRES = {"hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name",
           "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt", "denoising_strength"}
-_SCHEDULER_SUFFIX = {"karras": " Karras"}  # A1111 1.9's separate scheduler field, as our combined names spell it
+_SCHEDULER_SUFFIX = {"karras": " Karras", "exponential": " Exponential"}  # A1111 1.9's separate scheduler field, as
+# our combined names spell it
 
 
 def request_model(img2img: bool = False):
