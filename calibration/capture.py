@@ -235,7 +235,10 @@ def load_capture(folder: str | Path, expect_model: dict | None = None, expect_sh
                                      "--calib-cache folder or delete it")
     shapes = info.get("shapes", {})
     actual = {k: list(arrays[k].shape[1:]) for k in ("sample", "encoder_hidden_states")}
-    if any(shapes.get(k) != v for k, v in actual.items()):
+    calls = {len(arrays[k]) for k in ("sample", "timestep", "step", "prompt")} | {info.get("calls", len(arrays["sample"]))}
+    if any(shapes.get(k) != v for k, v in actual.items()) or len(calls) != 1 or (
+            len(arrays["encoder_hidden_states"]) != len(info.get("prompts", arrays["encoder_hidden_states"]))) or (
+            len(arrays["prompt"]) and int(arrays["prompt"].max()) >= len(arrays["encoder_hidden_states"])):
         raise LdmExportError(f"calibration cache {folder} is damaged: its arrays do not match its manifest; delete it")
     if expect_shapes is not None:
         for k, want in expect_shapes.items():

@@ -167,6 +167,15 @@ def test_capture_cache_round_trip_and_refusals(tiny_capture, tmp_path):
         C.load_capture(tmp_path / "cache", {**ident, "weights": "0" * 16})
     with pytest.raises(LdmExportError, match=r"holds sample of shape \[2, 4, 8, 8\], this build feeds \[2, 4, 16, 16\]"):
         C.load_capture(tmp_path / "cache", ident, {"sample": [2, 4, 16, 16]})
+    # arrays cut by hand to fewer calls than the manifest records (a valid .npz): damaged, not an IndexError later
+    with np.load(tmp_path / "cache" / C._ARRAYS) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(tmp_path / "cache" / C._ARRAYS, **{**arrays, "sample": arrays["sample"][:1]})
+    with pytest.raises(LdmExportError, match="is damaged: its arrays do not match its manifest; delete it"):
+        C.load_capture(tmp_path / "cache", ident)
+    np.savez(tmp_path / "cache" / C._ARRAYS, **{**arrays, "prompt": arrays["prompt"] + 99})  # past the prompts
+    with pytest.raises(LdmExportError, match="is damaged: its arrays do not match its manifest; delete it"):
+        C.load_capture(tmp_path / "cache", ident)
 
 
 # ---------------------------------------------------------------- per-step ranges
