@@ -85,18 +85,27 @@ def bench(model, bundle, loras, int8_bundle, weights, device, backends, steps, r
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise LdmExportError("bench runs on --device cuda by default, and this machine has no CUDA provider "
                                  "(a GPU with onnxruntime-gpu): pass --device cpu")
-    try:  # after every refusal (a refused run leaves nothing), before any timing (the reports come at the end)
+    made = [p for p in (out, *out.parents) if not p.exists()]  # what mkdir adds: removed again if the run fails
+    try:  # before any timing: the reports come at the end
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LdmExportError(f"cannot write the reports into --out {out}: {e.strerror or e}; pass a writable folder") from None
-    if bundle is None:
-        with tempfile.TemporaryDirectory(prefix="ldm-export-bench-") as tmp:
-            bundle = _build_for_bench(model, device, seed, Path(tmp) / "bundle", console)
-            _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale, seed,
-                 threads, profile, cuda_options, out, loras)
-        return
-    _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale, seed,
-         threads, profile, cuda_options, out, loras)
+    try:
+        if bundle is None:
+            with tempfile.TemporaryDirectory(prefix="ldm-export-bench-") as tmp:
+                bundle = _build_for_bench(model, device, seed, Path(tmp) / "bundle", console)
+                _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e_repeats, warmup,
+                     guidance_scale, seed, threads, profile, cuda_options, out, loras)
+            return
+        _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e_repeats, warmup, guidance_scale,
+             seed, threads, profile, cuda_options, out, loras)
+    except BaseException:  # a refused or failed run leaves no empty folder behind
+        for p in made:
+            try:
+                p.rmdir()  # only while empty
+            except OSError:
+                break
+        raise
 
 
 def _build_for_bench(model, device, seed, out: Path, console) -> Path:

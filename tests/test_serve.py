@@ -526,7 +526,8 @@ def test_a_dead_replica_fails_its_request_clearly_and_is_replaced(service):
     out = {}
 
     def client():
-        out["r"] = txt2img(service, {"prompt": PROMPT, "steps": 1000, "seed": 1}, timeout=120)
+        # a long request (4 rows of the most steps), so that the replica dies in the middle of it
+        out["r"] = txt2img(service, {"prompt": PROMPT, "steps": 500, "n_iter": 4, "seed": 1}, timeout=120)
 
     t = threading.Thread(target=client)
     t.start()
