@@ -454,9 +454,9 @@ def _write_side_files(stage: Path, spec: ModelSpec, loaded=None, weights: Path |
 def _copy_added_tokens(dest: Path, source: Path, encoder_config: dict) -> None:
     """A fine-tune's added CLIP tokens (textual inversion: ``<cat-toy>``), which the folder's text encoder embeds past
     CLIP's vocabulary: into the bundle's tokenizer, so that prompts naming them get their ids, as in diffusers."""
-    from ldm_export.runtime.tokenizer import ADDED_TOKENS_FILE, ClipTokenizer, read_added_tokens
+    from ldm_export.runtime.tokenizer import ADDED_TOKENS_FILE, read_added_tokens
 
-    base = ClipTokenizer(dest).vocab_size
+    base = len(json.loads((dest / "vocab.json").read_text(encoding="utf-8")))  # CLIP's own ids, before any added
     added = read_added_tokens(source, base)
     if not added:
         return

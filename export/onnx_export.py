@@ -129,11 +129,9 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 def check_verify_provider(provider: str) -> None:
     """Refuse, before any work, to verify on the CUDA provider where ONNX Runtime has none (onnxruntime without GPU
     support): a --target cuda build would otherwise fail after its first component's export."""
-    if provider != "cuda":
-        return
-    import onnxruntime as ort
+    from ldm_export.runtime.engine_cuda import cuda_available
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    if provider == "cuda" and not cuda_available():
         raise LdmExportError("verifying a cuda-target graph needs onnxruntime-gpu (ONNX Runtime's fused GPU kernels "
                              "in it have no CPU version, or none for fp16): build on a CUDA machine, or use --target cpu")
 

@@ -80,9 +80,9 @@ def bench(model, bundle, loras, int8_bundle, weights, device, backends, steps, r
 
     check_device_options(device, cuda_options, profile, names)  # before any bundle is built for the bench
     if bundle is None and device == "cuda":  # the default: its bundle would be a cuda-target build
-        import onnxruntime as ort
+        from ldm_export.runtime.engine_cuda import cuda_available
 
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
+        if not cuda_available():
             raise LdmExportError("bench runs on --device cuda by default, and this machine has no CUDA provider "
                                  "(a GPU with onnxruntime-gpu): pass --device cpu")
     made = [p for p in (out, *out.parents) if not p.exists()]  # what mkdir adds: removed again if the run fails
