@@ -128,23 +128,37 @@ LORA_PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lor
 
 def read_lora(ref: LoraRef, modules: dict[str, Any]) -> tuple[dict, dict | None]:
     """The LoRA's state dict in diffusers' layout (keys prefixed ``unet.`` / ``text_encoder[_2].``) and alphas."""
+    import torch
     from safetensors.torch import load_file
 
     try:
         raw = load_file(str(ref.path))
     except Exception as e:  # SafetensorError: truncated or not safetensors
-        raise LdmExportError(f"LoRA file {ref.path.name} is not a readable safetensors file ({e})") from None
+        with open(ref.path, "rb") as f:
+            head = f.read(9)
+        # a zip archive (torch.save) or a bare pickle (protocol 2-5), renamed; a safetensors header starts at byte 8
+        if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):
+            raise LdmExportError(f"LoRA file {ref.path.name} is a pickle (a .pt/.ckpt file renamed), which ldm-export "
+                                 "never unpickles: convert it to .safetensors with the tool that trained it") from None
+        raise LdmExportError(f"LoRA file {ref.path.name} is not a readable safetensors file ({e}): it is incomplete or "
+                             "damaged; download or save it again") from None
     if not raw:
         raise LdmExportError(f"LoRA file {ref.path.name} holds no tensors")
     bad = next((k for k, t in raw.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
     if bad is not None:
         raise LdmExportError(f"LoRA file {ref.path.name}: tensor '{bad}' holds NaN or infinite values; the file is damaged")
     lycoris = next((k for k in raw if re.search(r"\.(hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|lokr_t2|"
-                                                r"b1\.weight|w_norm|diff(_b)?)$", k)), None)
+                                                r"b1\.weight|w_norm|diff(_b)?|lora_mid\.weight)$", k)), None)
     if lycoris is not None:
-        raise LdmExportError(f"LoRA file {ref.path.name} is a LyCORIS file ('{lycoris}': LoHa, LoKr, (IA)^3 or a "
-                             "full diff), which diffusers' loaders do not read; ldm-export fuses kohya and "
-                             "diffusers/PEFT LoRA (lora_down/lora_up or lora_A/lora_B matrices)")
+        raise LdmExportError(f"LoRA file {ref.path.name} is a LyCORIS file ('{lycoris}': LoHa, LoKr, (IA)^3, a "
+                             "full diff or a LoCon with a Tucker core, lora_mid), which diffusers' loaders do not read; "
+                             "ldm-export fuses kohya and diffusers/PEFT LoRA (lora_down/lora_up or lora_A/lora_B "
+                             "matrices): merge it into the checkpoint with the tool that trained it, then build")
+    raw_peft = next((k for k in raw if k.startswith("base_model.model.")), None)
+    if raw_peft is not None:  # PEFT's own save_pretrained of a wrapped model: the component is not named
+        raise LdmExportError(f"LoRA file {ref.path.name} holds PEFT's raw keys ('{raw_peft}'), which do not say which "
+                             "model they adapt: save it with diffusers' save_lora_weights, or rename the prefix "
+                             "'base_model.model.' to 'unet.' (or 'text_encoder.')")
     if not any("lora" in k.lower() for k in raw):  # diffusers' converter reads every LoRA layout it knows; this is none
         raise LdmExportError(f"LoRA file {ref.path.name} holds no LoRA keys (e.g. '{next(iter(raw))}'): it is not a "
                              "LoRA (a textual-inversion embedding or a model checkpoint?)")
@@ -159,6 +173,13 @@ def read_lora(ref: LoraRef, modules: dict[str, Any]) -> tuple[dict, dict | None]
                 if key.endswith(have) and key[:-len(have)] + want not in raw:
                     raise LdmExportError(f"LoRA file {ref.path.name}: '{key}' has no {what} matrix "
                                          f"('{key[:-len(have)] + want}'); the file is incomplete")
+    if any(k.endswith(".alpha") for k in raw):
+        # a kohya layer without its alpha has scale 1 (alpha = rank), as A1111 and kohya's scripts read it; diffusers
+        # gives it the file's most common alpha instead, so name each one's own
+        for key in [k for k in raw if k.endswith(".lora_down.weight")]:
+            alpha = key[:-len(".lora_down.weight")] + ".alpha"
+            if alpha not in raw:
+                raw[alpha] = torch.tensor(float(raw[key].shape[0]))
     try:
         state, alphas = _mixin(modules).lora_state_dict(raw, unet_config=modules["unet"].config)
     except (KeyError, ValueError, RuntimeError, IndexError) as e:
@@ -212,9 +233,11 @@ def _peft_parts(state: dict, prefix: str, is_unet: bool, file: str = "this LoRA"
     part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
     if not part:
         return part
+    if any(".lora_A." in k for k in part):  # PEFT's layout already (diffusers' files, and its kohya converter's UNet)
+        return part
     try:
         if is_unet:
-            return part if any("lora_A" in k for k in part) else convert_unet_state_dict_to_peft(part)
+            return convert_unet_state_dict_to_peft(part)
         # diffusers tells its old text-encoder layout (`to_q_lora.down.weight`, what its kohya converter writes) by an
         # `out_proj` key alone, so a kohya LoRA of q/k/v without out_proj (A1111 reads it) failed "to infer the type"
         old = any(re.search(r"\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$", k) for k in part)
@@ -226,6 +249,12 @@ def _peft_parts(state: dict, prefix: str, is_unet: bool, file: str = "this LoRA"
                              f"{_one_line(e)}; the keys are not of a kohya or diffusers/PEFT LoRA for this model") from None
 
 
+def _diffusers_layout(key: str) -> str:
+    """A PEFT-layout key (``fc1.lora_A.weight``) in diffusers' layout (``fc1.lora_linear_layer.down.weight``)."""
+    return re.sub(r"\.lora_([AB])\.weight$", lambda m: f".lora_linear_layer.{'down' if m[1] == 'A' else 'up'}.weight",
+                  key)
+
+
 def check_lora(ref: LoraRef, state: dict, modules: dict[str, Any], model: str) -> dict[str, int]:
     """Refuse a LoRA for another architecture, naming the first key that has no layer or another shape; return
     the number of layers it adapts per component."""
@@ -234,7 +263,8 @@ def check_lora(ref: LoraRef, state: dict, modules: dict[str, Any], model: str) -
     components = [c for c in ("unet", *TEXT_ENCODERS) if c in modules]
     stray = next((k for k in state if not k.startswith(tuple(c + "." for c in components))), None)
     if stray is not None:
-        raise LdmExportError(f"LoRA file {ref.path.name}: key '{stray}' is for no component of model '{model}' "
+        kohya = " (kohya's lora_te2_ keys: a LoRA for SDXL)" if stray.startswith("text_encoder_2.") else ""
+        raise LdmExportError(f"LoRA file {ref.path.name}: key '{stray}'{kohya} is for no component of model '{model}' "
                              f"({', '.join(components)}); it is a LoRA for another architecture")
     counts = {}
     for component in components:
@@ -307,7 +337,10 @@ def apply_loras(modules: dict[str, Any], loras: Iterable[LoraRef], model: str) -
                 if counts.get(te):
                     # in PEFT's layout already (_peft_parts tells diffusers' old layout without an out_proj key, which
                     # the loader's own conversion cannot); the loader's conversions leave PEFT keys as they are
-                    part = {f"{te}.{k}": v for k, v in _peft_parts(state, te, False, ref.path.name).items()}
+                    # in diffusers' layout, which the loader's two conversions read for any layer (from PEFT's
+                    # layout they rename q/k/v/out_proj alone, so a LoRA of the MLP only failed to "infer its type")
+                    part = {f"{te}.{_diffusers_layout(k)}": v
+                            for k, v in _peft_parts(state, te, False, ref.path.name).items()}
                     mixin.load_lora_into_text_encoder(part, alphas, modules[te], prefix=te, adapter_name=adapter,
                                                       **config_of(te))
                     targets.append((te, modules[te]))

@@ -377,7 +377,7 @@ def _refined(pipe, refine, prompt, seed, num_images, start, common):
     from ldm_export.runtime.checks import resolve_seed
 
     from ldm_export.runtime.image import format_parameters, parse_parameters
-    from ldm_export.runtime.pipeline import lora_hashes
+    from ldm_export.runtime.pipeline import lora_hashes, lora_prompt
 
     seed = resolve_seed(seed)
     for k in range(num_images):
@@ -393,8 +393,9 @@ def _refined(pipe, refine, prompt, seed, num_images, start, common):
             extra["Lora hashes"] = loras
         extra.update({"Refiner": f"{refine.bundle.model.get('name')} [{refine.bundle.model_hash}]",
                       "Refiner switch at": start})
+        text = lora_prompt(lora_prompt(prompt, pipe.bundle.manifest), refine.bundle.manifest)  # both models' scales
         image.info["parameters"] = format_parameters(
-            p["prompt"], p["negative_prompt"], p["steps"], p["sampler"], p["cfg_scale"], p["seed"], p["width"],
+            text, p["negative_prompt"], p["steps"], p["sampler"], p["cfg_scale"], p["seed"], p["width"],
             p["height"], pipe.bundle.model_hash, model_name=pipe.bundle.model.get("name"), extra=extra)
         yield k, image
 

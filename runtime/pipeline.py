@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -335,11 +337,13 @@ class Pipeline:
             raise LdmExportError(f"the {self.family.name} family does not hand latents between models "
                                  "(denoising_start / denoising_end, --refiner): its sampler takes arguments from the "
                                  "image (FLUX's size-dependent shift); run the model alone")
-        prompts = [p for p in prompts for _ in range(num_images)]
-        negatives = [p for p in negatives for _ in range(num_images)]
+        texts = [p for p in prompts for _ in range(num_images)]
+        negative_texts = [p for p in negatives for _ in range(num_images)]
+        stripped = strip_extra_networks(texts + negative_texts, self.bundle.manifest)  # one warning a request
+        prompts, negatives = stripped[:len(texts)], stripped[len(texts):]
         return _Request(prompts, negatives, checks.image_seeds(seed, len(prompts)), int(num_inference_steps),
                         guidance_scale, guidance_rescale, width, height, sched_cfg, sampler_name, per_batch,
-                        negative_prompt is not None, edit, edit_args)
+                        negative_prompt is not None, edit, edit_args, texts=texts, negative_texts=negative_texts)
 
     def _generate(self, req: "_Request", ks: Sequence[int], callback, latents, noise, return_latents):
         """One batch: images ``ks`` of ``req`` through encode -> sampler with CFG -> decode. A prompt cut by a
@@ -431,8 +435,8 @@ class Pipeline:
             from .editing import paste_back
 
             images = [paste_back(edit.image, img, edit.mask) for img in images]
-        for img, prompt, negative, seed in zip(images, prompts, negatives, seeds):
-            img.info["parameters"] = self._parameters(req, prompt, negative, seed)
+        for img, k, seed in zip(images, ks, seeds):  # the prompts as given, tags and all, as A1111 writes them
+            img.info["parameters"] = self._parameters(req, req.texts[k], req.negative_texts[k], seed)
         return images
 
     def _parameters(self, req: "_Request", prompt: str, negative: str, seed: int) -> str:
@@ -447,7 +451,8 @@ class Pipeline:
             if req.edit.mask is not None and req.edit_args.mask_blur:
                 extra["Mask blur"] = req.edit_args.mask_blur
         extra = extra or None
-        return format_parameters(prompt, negative or None, req.steps, req.sampler_name, req.guidance_scale, seed,
+        return format_parameters(lora_prompt(prompt, self.bundle.manifest), negative or None, req.steps,
+                                 req.sampler_name, req.guidance_scale, seed,
                                  req.width, req.height, self.bundle.model_hash, model_name=self.bundle.model.get("name"),
                                  extra=extra)
 
@@ -516,6 +521,67 @@ class Pipeline:
                                  self.family.largest_side(configs), warn=warn)
 
 
+# AUTOMATIC1111's extra-network tags in a prompt (modules/extra_networks.py): <lora:NAME:SCALE>, <hypernet:...>, ...
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+def fused_loras(manifest: Mapping) -> dict[str, float]:
+    """The LoRAs fused into a bundle by A1111's name for them (the file's stem without ':' and ','), each with its
+    total scale (a file fused twice adds up)."""
+    loras = (manifest.get("weights") or {}).get("loras") or manifest.get("loras") or []
+    clean = str.maketrans("", "", ":,")
+    total: dict[str, float] = {}
+    for x in loras:
+        name = Path(x["file"]).stem.translate(clean)
+        total[name] = total.get(name, 0.0) + float(x.get("scale", 1.0))
+    return total
+
+
+def _tag_scale(args: str) -> tuple[str, float | None]:
+    """A ``<lora:...>`` tag's name and scale (A1111: NAME[:TE[:UNET]], or te=/unet= by name; 1 when absent);
+    scale None when the text encoder's and the UNet's differ or one is not a number."""
+    name, *rest = args.split(":")
+    named = {k.strip(): v for k, _, v in (r.partition("=") for r in rest if "=" in r)}
+    plain = [r for r in rest if "=" not in r]
+    try:
+        te = float(named.get("te", plain[0] if plain else 1.0))
+        unet = float(named.get("unet", plain[1] if len(plain) > 1 else te))
+    except ValueError:
+        return name.strip(), None
+    return name.strip(), te if math.isclose(te, unet) else None
+
+
+def strip_extra_networks(texts: Sequence[str], manifest: Mapping) -> list[str]:
+    """``texts`` without A1111's extra-network tags, which A1111 takes out of a prompt before encoding it (they would
+    be encoded as words here). A ``<lora:NAME:SCALE>`` of a LoRA fused into this bundle at that scale says what the
+    bundle is; any other tag is warned about once: LoRAs are fused into a bundle, not applied per prompt."""
+    fused = fused_loras(manifest)
+    ignored = []
+    for text in texts:
+        for m in EXTRA_NETWORK.finditer(text):
+            if m[1] == "lora":
+                name, scale = _tag_scale(m[2])
+                if name in fused and scale is not None and math.isclose(scale, fused[name], abs_tol=1e-6):
+                    continue
+            if m[0] not in ignored:
+                ignored.append(m[0])
+    if ignored:
+        have = ", ".join(f"<lora:{n}:{v:g}>" for n, v in fused.items()) or "none"
+        log.warning("prompt tag%s %s ignored: this bundle's LoRAs are fused into it (%s); fuse others with "
+                    "`ldm-export lora BUNDLE FILE:SCALE --out NEW` or `build --lora FILE:SCALE`",
+                    "s" if len(ignored) > 1 else "", " ".join(ignored), have)
+    return [" ".join(EXTRA_NETWORK.sub("", t).split()) if EXTRA_NETWORK.search(t) else t for t in texts]
+
+
+def lora_prompt(prompt: str, manifest: Mapping) -> str:
+    """``prompt`` as A1111's infotext writes it for the LoRAs fused into the bundle: with a ``<lora:NAME:SCALE>`` tag
+    for each that the prompt does not already name, so that the image's parameters say the scale too."""
+    named = {_tag_scale(m[2])[0] for m in EXTRA_NETWORK.finditer(prompt) if m[1] == "lora"}
+    tags = [f"<lora:{name}:{scale:g}>" for name, scale in fused_loras(manifest).items()
+            if name not in named and not math.isclose(scale, 0.0, abs_tol=1e-9)]
+    return " ".join([prompt, *tags]) if tags else prompt
+
+
 def lora_hashes(manifest: Mapping) -> str | None:
     """A1111's "Lora hashes" of the LoRAs fused into a bundle: "name: short hash" (the file's stem without ':' and
     ',' as A1111 writes it, the first 12 hex digits of its tensor data's sha256), or None. Bundles built before the hash
@@ -546,6 +612,8 @@ class _Request:
     edit: object | None = None  # editing.EditInputs of an image-to-image or inpainting request
     edit_args: "_Edit | None" = None
     cuts: set = field(default_factory=set, compare=False)  # the prompt cuts warned about in this request's batches
+    texts: list[str] = field(default_factory=list)  # the prompts as given (A1111's extra-network tags kept)
+    negative_texts: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -319,6 +319,7 @@ def test_generate_hands_over_to_a_refiner_image_by_image(tmp_path):
     assert alone.returncode == 0, alone.stderr
     second = Image.open(tmp_path / "two-2.png")
     assert "Seed: 0" in second.info["parameters"]
+    assert second.info["parameters"].startswith("a red circle <lora:style:0.8>\n")  # the LoRA's scale, as A1111 writes it
     # A1111's infotext: the base is the Model (it named the refiner), its LoRAs, the refiner and the switch follow
     last = second.info["parameters"].splitlines()[-1]
     assert ', Model: tiny-sdxl, Lora hashes: "style: abababababab", Refiner: tiny-sdxl-refiner [' in last, last

@@ -189,6 +189,44 @@ def test_a_built_in_lora_and_a_later_negative_one_are_both_recorded_and_cancel(t
         assert max(float(np.abs(back[k] - plain[k]).max()) for k in plain) < 1e-5
 
 
+def test_a1111_lora_tags_in_prompts_are_taken_out_and_the_infotext_names_the_fused_scales(tmp_path, tiny_bundle, caplog):
+    """A1111 takes its extra-network tags (<lora:NAME:SCALE>) out of a prompt before encoding; here they were encoded
+    as words, so a prompt pasted from A1111 drew another image. A fused LoRA's scale was written nowhere in the image:
+    the infotext's prompt now carries its tag, as A1111's does, and reading it back draws the same image."""
+    from ldm_export.runtime import Pipeline
+    from ldm_export.runtime.pipeline import fused_loras, lora_prompt, strip_extra_networks
+
+    path = tmp_path / "style.safetensors"
+    make_lora(path, "kohya")
+    styled = tmp_path / "styled"
+    lora_bundle(tiny_bundle, [LoraRef(path, 0.7)], styled)
+    pipe = Pipeline.from_bundle(styled)
+
+    def draw(prompt, negative=None):
+        image = pipe(prompt, negative_prompt=negative, num_inference_steps=2, seed=3)[0]
+        return np.asarray(image), image.info["parameters"]
+
+    plain, text = draw("a red circle")
+    assert text.startswith("a red circle <lora:style:0.7>\n"), text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        same, again = draw("a red circle <lora:style:0.7>")  # the infotext's own prompt, pasted back
+    assert np.array_equal(same, plain) and again == text and "ignored" not in caplog.text
+    with caplog.at_level("WARNING"):
+        other, text = draw("a red <lora:style:0.2>  circle <hypernet:x:1>", negative="<lora:neg:1> blurry")
+    assert "prompt tags <lora:style:0.2> <hypernet:x:1> <lora:neg:1> ignored" in caplog.text, caplog.text
+    assert "this bundle's LoRAs are fused into it (<lora:style:0.7>)" in caplog.text
+    assert np.array_equal(other, draw("a red circle", negative="blurry")[0])
+    assert text.startswith("a red <lora:style:0.2>  circle <hypernet:x:1>\nNegative prompt: <lora:neg:1> blurry\n"), text
+    # a file fused twice adds up; A1111's other tag forms (te / unet multipliers) read as it reads them
+    manifest = {"weights": {"loras": [{"file": "a, b.safetensors", "scale": 0.5}, {"file": "a, b.safetensors", "scale": 0.25}]}}
+    assert fused_loras(manifest) == {"a b": 0.75}
+    assert lora_prompt("x", manifest) == "x <lora:a b:0.75>" and lora_prompt("x <lora:a b:1>", manifest) == "x <lora:a b:1>"
+    assert strip_extra_networks(["x <lora:a b:0.75:0.75>", "<lora:a b:te=0.75:unet=0.75>y"], manifest) == ["x", "y"]
+    assert lora_prompt("x", {"weights": {"loras": [{"file": "a.safetensors", "scale": 1}, {"file": "a.safetensors",
+                                                                                        "scale": -1}]}}) == "x"
+
+
 def test_lora_cli_refuses_to_overwrite_and_names_bad_input(tmp_path, tiny_bundle):
     path = tmp_path / "l.safetensors"
     make_lora(path, "peft")
@@ -223,10 +261,26 @@ def test_lora_input_errors_are_one_line_and_say_what_is_wrong(tmp_path, caplog):
             ("lokr.safetensors", {f"{k}.lokr_w1": torch.zeros(4, 4)}, "is a LyCORIS file"),
             ("kohya_dora.safetensors", {f"{k}.lora_down.weight": torch.zeros(4, 16), f"{k}.lora_up.weight":
                                         torch.zeros(16, 4), f"{k}.dora_scale": torch.ones(1, 16)},
-             r"is a DoRA in kohya's layout \('.*dora_scale'\), whose magnitudes diffusers' converter drops")):
+             r"is a DoRA in kohya's layout \('.*dora_scale'\), whose magnitudes diffusers' converter drops"),
+            ("tucker.safetensors", {f"{k}.lora_down.weight": torch.zeros(4, 16, 1, 1), f"{k}.lora_up.weight":
+                                    torch.zeros(16, 4, 1, 1), f"{k}.lora_mid.weight": torch.zeros(4, 4, 1, 1)},
+             r"is a LyCORIS file \('.*lora_mid.weight': .*a LoCon with a Tucker core"),
+            ("raw_peft.safetensors", {"base_model.model.mid_block.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 16),
+                                      "base_model.model.mid_block.attentions.0.proj_in.lora_B.weight": torch.zeros(16, 4)},
+             r"holds PEFT's raw keys \('base_model\.model\..*'\), .* rename the prefix 'base_model.model.' to 'unet.'")):
         save_file(state, str(tmp_path / name))
         with pytest.raises(LdmExportError, match=want) as e:
             apply_loras(tiny_modules(), [LoraRef(tmp_path / name)], "tiny")
+        assert "\n" not in str(e.value)
+    # a pickle renamed to .safetensors is named as one (never unpickled); a cut-off file is damaged, not a pickle
+    pickled = tmp_path / "pickled.safetensors"
+    torch.save({f"{k}.lora_down.weight": torch.zeros(4, 16)}, str(pickled))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(f.read_bytes()[:200])
+    for path, want in ((pickled, r"is a pickle \(a \.pt/\.ckpt file renamed\), which ldm-export never unpickles"),
+                       (cut, r"is not a readable safetensors file \(.*\): it is incomplete or damaged; download")):
+        with pytest.raises(LdmExportError, match=want) as e:
+            apply_loras(tiny_modules(), [LoraRef(path)], "tiny")
         assert "\n" not in str(e.value)
     # a safetensors file is told by its content, whatever its name
     named = tmp_path / "v1.0:final"
@@ -664,6 +718,44 @@ def test_kohya_text_encoder_lora_of_q_and_v_alone_fuses(tmp_path):
     assert report[0]["layers"]["text_encoder"] == 2 and not report[0]["layers"].get("unet")
     for (component, module), delta in expected.items():
         got = base[component].state_dict()[f"{module}.weight"] - before[f"{module}.weight"]
+        torch.testing.assert_close(got, delta, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_a_text_encoder_lora_of_the_mlp_alone_fuses(tmp_path, layout):
+    """A LoRA adapting the text encoder's fc1/fc2 and no attention layer was refused as damaged: diffusers' loader
+    renames only q/k/v/out_proj between PEFT's layout and its own, then could not infer the keys' type (diffusers'
+    own loader fails on the PEFT file too). The deltas are the closed form's."""
+    layers = [LAYERS[0], ("lora_te_text_model_encoder_layers_1_mlp_fc1", "text_encoder",
+                          "text_model.encoder.layers.1.mlp.fc1", 32, 64),
+              ("lora_te_text_model_encoder_layers_0_mlp_fc2", "text_encoder", "text_model.encoder.layers.0.mlp.fc2", 64, 32)]
+    path = tmp_path / "mlp.safetensors"
+    expected = make_lora(path, layout, layers=layers)
+    base = tiny_modules()
+    before = {c: {k: v.clone() for k, v in base[c].state_dict().items()} for c in ("unet", "text_encoder")}
+    report = apply_loras(base, [LoraRef(path, 0.5)], "tiny")
+    assert report[0]["layers"] == {"unet": 1, "text_encoder": 2}
+    for (component, module), delta in expected.items():
+        got = base[component].state_dict()[f"{module}.weight"] - before[component][f"{module}.weight"]
+        torch.testing.assert_close(got, 0.5 * delta, rtol=1e-5, atol=1e-6)
+
+
+def test_kohya_layers_without_an_alpha_have_scale_one_beside_layers_with_one(tmp_path):
+    """A kohya file whose layers carry .alpha except some (merged or converted files): A1111 and kohya's scripts
+    scale a layer without alpha by 1 (alpha = rank); diffusers gave it the file's most common alpha (here 1 / 4)."""
+    from safetensors.torch import load_file
+
+    with_alpha, without = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    expected = make_lora(with_alpha, "kohya", rank=4, alpha=1.0, layers=LAYERS[:2])
+    plain = make_lora(without, "kohya", rank=2, alpha=2.0, seed=1, layers=LAYERS[2:3] + LAYERS[-1:])
+    state = load_file(str(with_alpha)) | {k: v for k, v in load_file(str(without)).items() if not k.endswith(".alpha")}
+    mixed = tmp_path / "mixed.safetensors"
+    save_file(state, str(mixed))
+    base = tiny_modules()
+    before = {c: {k: v.clone() for k, v in base[c].state_dict().items()} for c in ("unet", "text_encoder")}
+    apply_loras(base, [LoraRef(mixed)], "tiny")
+    for (component, module), delta in (expected | plain).items():  # alpha 2 / rank 2: scale 1, as for no alpha
+        got = base[component].state_dict()[f"{module}.weight"] - before[component][f"{module}.weight"]
         torch.testing.assert_close(got, delta, rtol=1e-5, atol=1e-6)
 
 

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -235,6 +236,56 @@ def test_img2img_takes_what_a1111_takes(pipe, tmp_path):
     alone = tiny("x", num_inference_steps=4, guidance_scale=7.5, seed=3, scheduler="Euler", init_image=square,
                  strength=0.8, mask_image=Image.new("L", (64, 64), 255))[0]
     assert np.array_equal(pixels(Image.open(io.BytesIO(r["png"]))), pixels(alone))
+
+
+def test_img2img_reads_images_and_masks_as_a1111s_api_reads_them(pipe, tmp_path):
+    """A cut-off JPEG passed the ingress (verify() reads no JPEG data) and failed in the replica: a 500 with a Ray
+    traceback. A phone's JPEG (EXIF orientation) was edited sideways, as `generate` does not. A mask of another size
+    was refused where A1111 resizes it to the image. Messages named command-line options a client cannot pass."""
+    from PIL import Image
+
+    from ldm_export.serve.app import run_jobs
+
+    init, mask = _edit_images()
+    buf = io.BytesIO()
+    init.save(buf, "JPEG", quality=95)
+    for field, body in (("init_images[0]", {"init_images": [base64.b64encode(buf.getvalue()[:600]).decode()]}),
+                        ("mask", {"init_images": [_b64_png(init)], "mask": base64.b64encode(buf.getvalue()[:600]).decode()})):
+        with pytest.raises(LdmExportError, match=rf"^{re.escape(field)} is not a base64-encoded image PIL can read "
+                                                 r"\(OSError: .*\); send a whole PNG"):
+            a1111.edit_fields(body)
+    # stored sideways (64 wide, 32 high) with Orientation 6: shown, and read by generate, as 32 wide and 64 high
+    tall = init.crop((16, 0, 48, 64))
+    stored = tall.transpose(Image.Transpose.ROTATE_90)
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    phone = tmp_path / "phone.jpg"
+    stored.save(phone, "JPEG", quality=95, exif=exif)
+    upright_mask = mask.crop((16, 0, 48, 64))
+    body = {"init_images": [base64.b64encode(phone.read_bytes()).decode()], "mask": _b64_png(upright_mask),
+            "denoising_strength": 0.6, "mask_blur": 4}
+    edit = a1111.edit_fields(body)
+    (row,) = a1111.jobs_for({"prompt": "a blue circle", "steps": 4, "cfg_scale": 7.5}, "Euler", 3, edit)
+    (r,) = run_jobs(pipe, row)
+    assert (r["width"], r["height"]) == (32, 64), r
+    alone = pipe("a blue circle", num_inference_steps=4, guidance_scale=7.5, seed=3, scheduler="Euler",
+                 init_image=phone, strength=0.6, mask_image=upright_mask, mask_blur=4.0)[0]
+    assert np.array_equal(pixels(Image.open(io.BytesIO(r["png"]))), pixels(alone))
+    # a half-size mask: resized to the image as A1111 resizes it (LANCZOS), not refused
+    half = mask.resize((32, 32), Image.NEAREST)
+    png = lambda im: base64.b64decode(_b64_png(im))  # noqa: E731
+    job = a1111.Job("x", "", 2, 4, 7.5, "Euler", None, None, init_image=png(init), mask=png(half), strength=1.0)
+    (r,) = run_jobs(pipe, [job])
+    assert "png" in r, r
+    alone = pipe("x", num_inference_steps=4, guidance_scale=7.5, seed=2, scheduler="Euler", init_image=init,
+                 strength=1.0, mask_image=half.resize((64, 64), Image.LANCZOS))[0]
+    assert np.array_equal(pixels(Image.open(io.BytesIO(r["png"]))), pixels(alone))
+    # the runtime's messages name the request's fields
+    job = a1111.Job("x", "", 2, 4, 7.5, "Euler", None, None, init_image=png(init), strength=0.05)
+    (r,) = run_jobs(pipe, [job])
+    assert "use steps 20 or more, or a denoising_strength of at least 0.25" in r["error"] and "--" not in r["error"], r
+    assert a1111.api_message("use that size (--size 64x96 also resizes), or pass --size; --mask-blur 2, --mask m") == \
+        "use that size (width 64 and height 96 also resizes), or send width and height; mask_blur 2, mask m"
 
 
 def test_a_batched_image_equals_the_same_image_drawn_alone(pipe):

@@ -268,11 +268,40 @@ def decode_image(data: str, field: str) -> bytes:
     try:
         raw = base64.b64decode(data, validate=False)
         with Image.open(io.BytesIO(raw)) as image:
-            image.verify()
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise LdmExportError(f"{field} is not a base64-encoded image PIL can read ({type(e).__name__}); send a PNG, "
-                             "JPEG or WebP") from None
+            image.load()  # decoded whole: verify() reads no JPEG data, and a cut-off JPEG then failed in the worker
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
+        why = " ".join(str(e).split())[:80]
+        raise LdmExportError(f"{field} is not a base64-encoded image PIL can read ({type(e).__name__}"
+                             f"{': ' + why if why else ''}); send a whole PNG, JPEG or WebP") from None
     return raw
+
+
+def open_upright(raw: bytes):
+    """A request's image as A1111's API reads one (``images.read``: turned upright by its EXIF orientation, as a
+    phone's JPEG is shown)."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    return ImageOps.exif_transpose(Image.open(io.BytesIO(raw)))
+
+
+# the command line's options, named in Pipeline's messages, as the API fields that set the same thing
+_API_FIELDS = ((r"--size (\d+)x(\d+)", r"width \1 and height \2"), (r"pass --size\b", "send width and height"),
+               (r"--size\b", "width and height"), (r"--steps\b", "steps"), (r"\ba strength of", "a denoising_strength of"),
+               (r"--strength\b", "denoising_strength"), (r"--mask-blur\b", "mask_blur"), (r"--guidance\b", "cfg_scale"),
+               (r"--num-images\b", "n_iter"), (r"--sampler\b", "sampler_name"), (r"--negative-prompt\b", "negative_prompt"),
+               (r"--init-image\b", "init_images"), (r"--mask\b", "mask"), (r"--seed\b", "seed"))
+
+
+def api_message(message: str) -> str:
+    """A message of the runtime as an API client reads it: the command-line options it names are the request's
+    fields ("use --steps 20 or more" -> "use steps 20 or more"), which a client can change."""
+    import re
+
+    for pattern, field in _API_FIELDS:
+        message = re.sub(pattern, field, message)
+    return message
 
 
 def edit_fields(body: dict, whole_mask: bool = False) -> dict:

@@ -54,14 +54,18 @@ def run_group(pipe, jobs: list[a1111.Job]) -> list[dict]:
 
     from ldm_export.runtime.checks import resolve_seed
     from ldm_export.runtime.image import format_parameters
+    from ldm_export.runtime.pipeline import lora_hashes, lora_prompt
 
     def done(job, image, batch):
         w, h = image.size
         if job.init_image is not None:  # the edit's own infotext (denoising strength, mask blur), drawn alone
             text = image.info["parameters"]
-        else:
-            text = format_parameters(job.prompt, job.negative_prompt or None, job.steps, job.sampler, job.cfg_scale,
-                                     job.seed, w, h, pipe.bundle.model_hash, model_name=pipe.bundle.model.get("name"))
+        else:  # a batched image's own seed, which Pipeline's infotext (the batch's first seed + k) does not know
+            loras = lora_hashes(pipe.bundle.manifest)
+            text = format_parameters(lora_prompt(job.prompt, pipe.bundle.manifest), job.negative_prompt or None,
+                                     job.steps, job.sampler, job.cfg_scale, job.seed, w, h, pipe.bundle.model_hash,
+                                     model_name=pipe.bundle.model.get("name"),
+                                     extra={"Lora hashes": loras} if loras else None)
         return {"png": _png(image, text), "infotext": text, "width": w, "height": h, "unet_batch": batch}
 
     def call(js, **kw):
@@ -74,7 +78,7 @@ def run_group(pipe, jobs: list[a1111.Job]) -> list[dict]:
         try:
             return [done(jobs[0], call(jobs, seed=jobs[0].seed)[0], 1)]
         except (LdmExportError, ValueError) as e:  # ValueError: numpy refusing a seed Pipeline passed on
-            return [{"error": str(e)}]
+            return [{"error": a1111.api_message(str(e))}]
     try:
         f = pipe.vae_scale_factor
         w, h = jobs[0].width or pipe.resolution, jobs[0].height or pipe.resolution
@@ -110,11 +114,11 @@ def _edit_arguments(job: a1111.Job) -> dict:
         return {}
     from PIL import Image, ImageOps
 
-    init = _flatten(Image.open(io.BytesIO(job.init_image)))
+    init = _flatten(a1111.open_upright(job.init_image))
     out = {"init_image": _Sent(_png(init), "in the request"), "strength": job.strength}
     mask = None
     if job.mask is not None:
-        mask = Image.open(io.BytesIO(job.mask))
+        mask = a1111.open_upright(job.mask)
         alpha = transparency(mask)
         if alpha is not None and job.round_mask:  # A1111's create_binary_mask: the alpha, rounded at 128 by mask_round
             mask = alpha.point(lambda x: 255 if x > 128 else 0)
@@ -124,6 +128,8 @@ def _edit_arguments(job: a1111.Job) -> dict:
             mask = ImageOps.invert(mask.convert("L"))
     elif job.whole_mask:  # an inpainting UNet without a mask repaints the whole image, as A1111 conditions it
         mask = Image.new("L", init.size, 255)
+    if mask is not None and mask.size != init.size:  # A1111 resizes the mask to the image's size (resize_image)
+        mask = mask.convert("L").resize(init.size, Image.LANCZOS)
     if mask is not None:
         out.update(mask_image=_Sent(_png(mask), "in the request"), mask_blur=job.mask_blur)
     return out
@@ -373,10 +379,8 @@ class Ingress:
             try:
                 edit = a1111.edit_fields(body, whole_mask=self.inpainting_unet)
                 if body.get("width") is None or body.get("height") is None:  # the image's own size: the same limits
-                    from PIL import Image
-
                     for k, data in enumerate(edit["init_images"]):
-                        w, h = Image.open(io.BytesIO(data)).size
+                        w, h = a1111.open_upright(data).size
                         a1111.check_limits({"width": body.get("width") or w, "height": body.get("height") or h},
                                            self.cfg.max_images, self.max_size, f"init_images[{k}] ")
             except LdmExportError as e:
