@@ -355,13 +355,16 @@ def masked_image(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def paste_back(original, generated, mask: np.ndarray):
-    """Keep the original pixels where the (blurred) mask is 0 exactly and blend by it elsewhere (A1111's overlay)."""
+    """Keep the original pixels where the (blurred) mask is 0 exactly and blend elsewhere as A1111's overlay does:
+    by twice the mask's level (its ``mask_for_overlay`` is ``clip(2 * mask)``), so a level of 0.5 or more is wholly
+    the generated pixel and the original does not bleed into the repainted side of a blurred edge."""
     from PIL import Image
 
     orig = np.asarray(original.convert("RGB"), dtype=np.float32)
     gen = np.asarray(generated.convert("RGB"), dtype=np.float32)
     m = mask[..., None]
-    out = np.where(m == 0, orig, np.clip(np.rint(orig * (1.0 - m) + gen * m), 0, 255)).astype(np.uint8)
+    m2 = np.clip(2.0 * m, 0.0, 1.0)
+    out = np.where(m == 0, orig, np.clip(np.rint(orig * (1.0 - m2) + gen * m2), 0, 255)).astype(np.uint8)
     result = Image.fromarray(out)
     result.info.update(generated.info)
     return result

@@ -442,7 +442,9 @@ class Pipeline:
     def _parameters(self, req: "_Request", prompt: str, negative: str, seed: int) -> str:
         from .image import format_parameters
 
-        extra = {"CFG Rescale φ": req.guidance_rescale} if req.guidance_rescale else {}  # the A1111 extension's key
+        cfg, negative, extra = self.recorded_guidance(req.guidance_scale, negative)
+        if req.guidance_rescale:
+            extra["CFG Rescale φ"] = req.guidance_rescale  # the A1111 extension's key
         loras = lora_hashes(self.bundle.manifest)
         if loras:
             extra["Lora hashes"] = loras
@@ -452,9 +454,23 @@ class Pipeline:
                 extra["Mask blur"] = req.edit_args.mask_blur
         extra = extra or None
         return format_parameters(lora_prompt(prompt, self.bundle.manifest), negative or None, req.steps,
-                                 req.sampler_name, req.guidance_scale, seed,
+                                 req.sampler_name, cfg, seed,
                                  req.width, req.height, self.bundle.model_hash, model_name=self.bundle.model.get("name"),
                                  extra=extra)
+
+    def recorded_guidance(self, guidance_scale: float, negative: str) -> tuple[float, str, dict]:
+        """The CFG scale, negative prompt and extra fields an image's parameters record, as what drew it: without an
+        unconditional pass the negative prompt had no effect (left out); a model that takes no guidance (FLUX.1
+        [schnell]) drew the same at any scale (1: no CFG); a distilled guidance input (FLUX.1 [dev]) is Forge's
+        ``Distilled CFG Scale`` beside a CFG scale of 1."""
+        extra = {}
+        if not self.family.uses_cfg(guidance_scale):
+            negative = ""
+        if not self.family.takes_guidance([x.name for x in self.engines[self.family.denoiser].spec.inputs]):
+            guidance_scale = 1.0
+        elif not self.family.uses_cfg(7.0):  # guidance is an input of the model, not CFG
+            guidance_scale, extra["Distilled CFG Scale"] = 1.0, guidance_scale
+        return guidance_scale, negative, extra
 
     def _fused_attention(self) -> bool:
         kernels = self.bundle.manifest["components"].get(self.family.denoiser, {}).get("kernels") or []

@@ -431,6 +431,9 @@ def a1111_name(config: dict) -> str:
     """The A1111 sampler name of a scheduler_config (for PNG metadata), or its class name when none fits."""
     cls = config.get("_class_name", "?")
     defaults = DEFAULTS.get(cls, {})
+    if cls == "FlowMatchEulerDiscreteScheduler":  # A1111/Forge call flow Euler "Euler" (with its sigma schedule)
+        return "Euler" + (" Karras" if config.get("use_karras_sigmas") else
+                          " Exponential" if config.get("use_exponential_sigmas") else "")
     fits = [(len(over), name) for name, (c, over) in _A1111.items()
             if c == cls and all(config.get(k, defaults.get(k)) == v for k, v in over.items())
             and not (config.get("use_karras_sigmas") and "use_karras_sigmas" not in over)]
@@ -488,7 +491,9 @@ def resolve_scheduler(name: str, base_config: dict) -> dict:
         raise LdmExportError(f"unknown sampler {name!r}; known: {', '.join(sampler_names())}")
     base_is_flow = base_config.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
     if base_is_flow != (class_name == "FlowMatchEulerDiscreteScheduler"):
-        if base_is_flow and class_name == "EulerDiscreteScheduler" and not overrides:
+        # Euler, Euler Karras and Euler Exponential are flow Euler on a flow model, with diffusers' sigma options
+        if base_is_flow and class_name == "EulerDiscreteScheduler" and set(overrides) <= {"use_karras_sigmas",
+                                                                                          "use_exponential_sigmas"}:
             class_name = "FlowMatchEulerDiscreteScheduler"
         else:
             kind = "a flow-matching" if base_is_flow else "a noise-prediction"

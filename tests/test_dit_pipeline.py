@@ -265,6 +265,28 @@ def test_a_cut_prompt_is_warned_about_once_and_unused_options_stay_out_of_the_me
     assert "Rescale" not in image.info["parameters"]
 
 
+def test_the_metadata_records_the_guidance_that_drew_the_image(built):
+    """Forge's infotext of FLUX: a distilled guidance input is "Distilled CFG Scale" beside "CFG scale: 1"; schnell
+    drew the same at any scale and SD3 at scale 1 had no unconditional pass, yet the parameters recorded the scale and
+    a negative prompt with no effect, which A1111's "send to txt2img" would then run as real CFG."""
+    from ldm_export.runtime.image import parse_parameters
+
+    def params(name, **kw):
+        image = Pipeline.from_bundle(built[name][0])(PROMPT, num_inference_steps=1, seed=0, **kw)[0]
+        return image, parse_parameters(image.info["parameters"])
+
+    _, dev = params("tiny-flux", guidance_scale=4.5, negative_prompt="blurry")
+    assert (dev["cfg_scale"], dev["extra"]["Distilled CFG Scale"], dev["negative_prompt"]) == (1.0, "4.5", None), dev
+    a, schnell = params("tiny-flux-schnell", guidance_scale=3.5)
+    b, default = params("tiny-flux-schnell")
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and schnell == default and schnell["cfg_scale"] == 1.0
+    assert "Distilled CFG Scale" not in schnell.get("extra", {})
+    _, sd3 = params("tiny-sd3", guidance_scale=1.0, negative_prompt="blurry")
+    assert sd3["cfg_scale"] == 1.0 and sd3["negative_prompt"] is None
+    _, sd3 = params("tiny-sd3", guidance_scale=4.0, negative_prompt="blurry")
+    assert sd3["cfg_scale"] == 4.0 and sd3["negative_prompt"] == "blurry" and "Distilled CFG Scale" not in sd3.get("extra", {})
+
+
 def test_dit_bench_runs_ort_once_and_says_why_ort_nhwc_is_not_a_second_row(built, tmp_path):
     """ort-nhwc ran the very engine ort runs and reported it as a second row."""
     from conftest import run_cli

@@ -424,6 +424,25 @@ def test_resolve_flow_models():
         resolve_scheduler("Euler (flow)", SD15_BASE)
 
 
+@pytest.mark.parametrize("name,key", [("Euler Karras", "use_karras_sigmas"), ("Euler Exponential", "use_exponential_sigmas")])
+def test_flow_models_take_euler_karras_and_exponential_as_diffusers_flow_scheduler_options(name, key):
+    """Forge and ComfyUI run Karras and exponential schedules on SD3/FLUX; diffusers' FlowMatchEulerDiscreteScheduler
+    has them as options. The runtime's plan had them, but no sampler name reached them ("use Euler"), and the
+    metadata named flow Euler "Euler (flow)", which no A1111 or Forge knows."""
+    diffusers = pytest.importorskip("diffusers")
+    from ldm_export.runtime.schedulers import a1111_name, build_plan
+
+    config = resolve_scheduler(name, FLOW_BASE)
+    assert config["_class_name"] == "FlowMatchEulerDiscreteScheduler" and config[key] and config["shift"] == 3.0
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, **{key: True})
+    ref.set_timesteps(12)
+    np.testing.assert_allclose(build_plan(config, 12).levels, ref.sigmas.numpy(), rtol=1e-6, atol=1e-7)
+    assert a1111_name(config) == name and a1111_name(resolve_scheduler("Euler", FLOW_BASE)) == "Euler"
+    assert a1111_name(resolve_scheduler("Euler (flow)", FLOW_BASE)) == "Euler"  # the old name is still taken
+    with pytest.raises(LdmExportError, match="flow-matching"):
+        resolve_scheduler("Euler a", FLOW_BASE)
+
+
 @pytest.mark.parametrize("name", ["Euler", "Euler a", "DPM++ 2M Karras", "DPM++ 2M SDE", "PLMS", "DDIM", "LMS Karras",
                                   "UniPC", "DPM++ 2S a"])
 def test_a1111_name_inverts_resolve_scheduler(name):

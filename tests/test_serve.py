@@ -701,6 +701,8 @@ def test_a_sampler_the_model_cannot_run_becomes_its_own_and_is_reported():
     ({}, False, (4, 0.0), {}),  # FLUX-schnell's own 4 steps, not A1111's 50
     ({"steps": 8, "cfg_scale": 2.0}, False, (8, 2.0), {}),
     ({}, True, (4, 0.0), {}),
+    ({"cfg_scale": 7.0}, True, (4, 0.0), {"cfg_scale": 7.0}),  # webuiapi's default: Forge's true CFG, not run
+    ({"cfg_scale": 1}, True, (4, 0.0), {}),  # Forge's FLUX setting without distilled_cfg_scale: the bundle's guidance
     ({"cfg_scale": 1, "distilled_cfg_scale": 3.5}, True, (4, 3.5), {}),  # Forge's FLUX fields
     ({"cfg_scale": 6, "distilled_cfg_scale": 2.5}, True, (4, 2.5), {"cfg_scale": 6}),  # true CFG: not run
     ({"distilled_cfg_scale": 3.5}, False, (4, 0.0), {}),  # a model without a guidance input: reported elsewhere

@@ -154,15 +154,16 @@ def fitting_sampler(sampler: str, base_config: dict) -> tuple[str, dict]:
 def sampling_defaults(body: dict, raw: dict, defaults: dict, distilled_guidance: bool) -> dict:
     """Steps and cfg_scale the client left out are the bundle's (its model's published settings, as `generate` takes
     them: FLUX-schnell 4 steps without guidance, FLUX-dev 28 at 3.5), not A1111's form defaults (50, 7.0). A
-    guidance-distilled model (FLUX-dev) takes Forge's ``distilled_cfg_scale`` as its guidance; a ``cfg_scale`` other
-    than 1 beside it asks for true CFG, which it does not run: returned as ignored."""
+    guidance-distilled model (FLUX-dev) takes Forge's ``distilled_cfg_scale`` as its guidance (the bundle's when left
+    out, as Forge's 3.5); its ``cfg_scale`` is true CFG in Forge, which it does not run: one other than 1 is returned
+    as ignored (webuiapi always sends 7.0, which ran the distilled guidance at twice the model's)."""
     ignored = {}
     if raw.get("steps") is None:
         body["steps"] = int(defaults["steps"])
-    if distilled_guidance and raw.get("distilled_cfg_scale") is not None:
-        value = raw["distilled_cfg_scale"]
+    if distilled_guidance:
+        value = raw.get("distilled_cfg_scale")
         try:  # an extra field (Forge's), which the request model does not type
-            guidance = float(value)
+            guidance = float(defaults["guidance_scale"] if value is None else value)
         except (TypeError, ValueError):
             raise LdmExportError(f"distilled_cfg_scale must be a number, got {value!r}") from None
         if raw.get("cfg_scale") is not None and body["cfg_scale"] != 1.0:

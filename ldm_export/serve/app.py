@@ -61,11 +61,12 @@ def run_group(pipe, jobs: list[a1111.Job]) -> list[dict]:
         if job.init_image is not None:  # the edit's own infotext (denoising strength, mask blur), drawn alone
             text = image.info["parameters"]
         else:  # a batched image's own seed, which Pipeline's infotext (the batch's first seed + k) does not know
-            loras = lora_hashes(pipe.bundle.manifest)
-            text = format_parameters(lora_prompt(job.prompt, pipe.bundle.manifest), job.negative_prompt or None,
-                                     job.steps, job.sampler, job.cfg_scale, job.seed, w, h, pipe.bundle.model_hash,
-                                     model_name=pipe.bundle.model.get("name"),
-                                     extra={"Lora hashes": loras} if loras else None)
+            cfg, negative, extra = pipe.recorded_guidance(job.cfg_scale, job.negative_prompt)
+            if loras := lora_hashes(pipe.bundle.manifest):
+                extra["Lora hashes"] = loras
+            text = format_parameters(lora_prompt(job.prompt, pipe.bundle.manifest), negative or None, job.steps,
+                                     job.sampler, cfg, job.seed, w, h, pipe.bundle.model_hash,
+                                     model_name=pipe.bundle.model.get("name"), extra=extra or None)
         return {"png": _png(image, text), "infotext": text, "width": w, "height": h, "unet_batch": batch}
 
     def call(js, **kw):
