@@ -103,6 +103,8 @@ def plan_range(scheduler_config: dict, num_inference_steps: int, start: int = 0,
             options["euler_at_final"] = False
     if plan.class_name == "UniPCMultistepScheduler" and cut_end:
         options["lower_order_final"] = False
+    if plan.class_name == "LCMScheduler" and cut_end:  # diffusers noises every step but the whole schedule's last
+        options["renoise_last"] = True
     if plan.class_name == "HeunDiscreteScheduler" and cut_end:  # its last step's second evaluation would be past the cut
         options["euler_at_cut"] = True
     return dataclasses.replace(plan, levels=plan.levels[start:stop + 1], timesteps=plan.timesteps[start:stop],

@@ -539,8 +539,11 @@ def sample_plms(denoiser, x, alphas_cumprod, timesteps, *, noise=None, callback=
     return x
 
 
-def sample_lcm(denoiser, x, alphas_cumprod, timesteps, *, noise=None, callback=None, timestep_scaling=10.0):
-    """Latent consistency model multistep sampling, Luo et al. (2023) Algorithm 1 (diffusers LCMScheduler)."""
+def sample_lcm(denoiser, x, alphas_cumprod, timesteps, *, noise=None, callback=None, timestep_scaling=10.0,
+               renoise_last=False):
+    """Latent consistency model multistep sampling, Luo et al. (2023) Algorithm 1 (diffusers LCMScheduler).
+    ``renoise_last``: the steps are the first part of a longer schedule (a base handing off to a refiner), so the last
+    one noises its estimate to the next timestep, as diffusers' scheduler does for every step but the schedule's last."""
     noise = noise or default_noise()
     n = len(timesteps)
     sigma_data = 0.5
@@ -550,7 +553,7 @@ def sample_lcm(denoiser, x, alphas_cumprod, timesteps, *, noise=None, callback=N
         c_skip = sigma_data ** 2 / (scaled_t ** 2 + sigma_data ** 2)
         c_out = scaled_t / math.sqrt(scaled_t ** 2 + sigma_data ** 2)
         denoised = c_out * pred.denoised + c_skip * x
-        if i < n - 1:
+        if i < n - 1 or renoise_last:
             a_prev = alphas_cumprod[i + 1]
             x = math.sqrt(a_prev) * denoised + math.sqrt(1 - a_prev) * noise(x.shape)
         else:
