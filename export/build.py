@@ -202,7 +202,7 @@ def build(cfg: BuildConfig, progress: Progress = _noop) -> dict:
 
     spec = validate(cfg)
     out = cfg.resolved_out()
-    _check_host_memory(spec)
+    _check_host_memory(spec, cfg.weights)
     progress("weights", "loading", str(cfg.weights or ("random" if cfg.random_weights else "embedded")))
     weights_path = cfg.weights
     given = Path(cfg.weights).expanduser() if cfg.weights is not None else None  # the user's --weights
@@ -402,21 +402,40 @@ def _module_config(mod) -> dict:
     return {"_class_name": type(mod).__name__, **{k: v for k, v in dict(mod.config).items() if not k.startswith("_")}}
 
 
-def _check_host_memory(spec: ModelSpec) -> None:
-    """Refuse, before minutes of loading, a model whose fp32 weights alone (what the build holds while it traces; it
-    peaks higher) exceed the memory and swap this machine has free: the build could only end killed."""
+def _parameter_count(spec: ModelSpec) -> int:
     import torch
 
+    with torch.device("meta"):
+        from .models import build_module
+
+        return sum(p.numel() for m in spec.family_def.modules for p in build_module(spec, m.name).parameters())
+
+
+def _check_host_memory(spec: ModelSpec, weights: str | Path | None = None) -> None:
+    """Refuse, before minutes of loading, a model whose fp32 weights alone (what the build holds while it traces; it
+    peaks higher) exceed the memory and swap this machine has free: the build could only end killed. Where the
+    ``weights`` folder's own configs describe a model that would fit, the named ``--model`` is the mistake: said so."""
     from ldm_export.runtime.checks import available_memory, available_swap
 
     available = available_memory()
     if available is None or os.environ.get("LDM_EXPORT_NO_MEMORY_CHECK") == "1":
         return
     available += available_swap()
-    with torch.device("meta"):
-        from .models import build_module
+    params = _parameter_count(spec)
+    if 4 * params > available and weights is not None and spec.name != AUTO_MODEL:
+        from .folder_spec import is_pipeline_folder, spec_from_folder
 
-        params = sum(p.numel() for m in spec.family_def.modules for p in build_module(spec, m.name).parameters())
+        folder = Path(weights).expanduser()
+        try:
+            own = spec_from_folder(folder) if is_pipeline_folder(folder) else None
+            own_params = _parameter_count(own) if own is not None else None
+        except Exception:  # a folder --model auto cannot read: the loader names what is wrong with it later
+            own_params = None
+        if own_params is not None and own_params != params and 4 * own_params <= available:
+            raise LdmExportError(f"--model {spec.name} ({params / 1e9:.2f} B parameters) is not the model in {folder}, "
+                                 f"whose configs describe {own_params / 1e9:.3g} B parameters ({own.family_def.name} "
+                                 "family): pass the --model these weights belong to, or --model auto to build the "
+                                 "folder's own architecture")
     if 4 * params > available:
         raise LdmExportError(f"{spec.name} has {params / 1e9:.2f} B parameters: {4 * params / 1e9:.1f} GB as the fp32 "
                              f"weights the build holds (it peaks higher), more than the {available / 1e9:.1f} GB of "

@@ -484,3 +484,22 @@ def test_a_named_model_built_from_a_folder_samples_as_the_folders_scheduler_says
             for b in ("named", "auto", "plain")}
     np.testing.assert_allclose(draw["named"], draw["auto"], rtol=1e-5, atol=1e-6)
     assert np.abs(draw["named"] - draw["plain"]).max() > 1e-3
+
+
+def test_a_named_model_that_is_not_the_folders_is_said_before_the_memory_refusal(diffusers_folder, tmp_path,
+                                                                                  monkeypatch):
+    """`build --model sd15 --weights TINY_FOLDER` on a small machine was refused for memory (sd15's 1.07 B
+    parameters), which sent the user to a bigger machine; the folder's own configs say the named model is the
+    mistake. A folder that is the named model still gets the memory refusal."""
+    from ldm_export.export.build import BuildConfig, build
+    from ldm_export.runtime import checks as runtime_checks
+
+    monkeypatch.setattr(runtime_checks, "available_memory", lambda: 200_000_000)  # 200 MB: tiny fits, sd15 not
+    monkeypatch.setattr(runtime_checks, "available_swap", lambda: 0)
+    with raises_one_line(r"--model sd15 \(1\.07 B parameters\) is not the model in .*tiny, whose configs describe "
+                         r"0\.\d+ B parameters \(sd1 family\): pass the --model these weights belong to, or --model auto"):
+        build(BuildConfig(model="sd15", weights=diffusers_folder, out=tmp_path / "b"))
+    monkeypatch.setattr(runtime_checks, "available_memory", lambda: 2_000_000)  # 2 MB: the folder's model does not fit
+    with raises_one_line(r"sd15 has 1\.07 B parameters: .* build on a machine with more memory"):
+        build(BuildConfig(model="sd15", weights=diffusers_folder, out=tmp_path / "b"))
+    assert not (tmp_path / "b").exists()
