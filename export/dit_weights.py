@@ -249,9 +249,12 @@ def _load_single_file(spec: ModelSpec, path: Path, trust_pickle: bool) -> Loaded
                   if cls == "T5TokenizerFast" and (path.parent / name).is_dir()}
     if missing:  # a release without its VAE or text encoders: they come from the diffusers folder around it
         if not (path.parent / "model_index.json").is_file():
-            raise LdmExportError(f"{path.name} holds no {', '.join(missing)} weights (the transformer-only release); put "
-                                 "it in the model's diffusers folder beside model_index.json, or pass the single file "
-                                 "that includes the text encoders and VAE, or the diffusers folder itself")
+            what = ("the transformer-only release" if not any(m.startswith("text_encoder") for m in modules) else
+                    f"it holds {', '.join(sorted(modules))}: a release without T5, which ldm-export does not build"
+                    if missing == ["text_encoder_3"] else f"it holds {', '.join(sorted(modules))}")
+            raise LdmExportError(f"{path.name} holds no {', '.join(missing)} weights ({what}); put it in the model's "
+                                 "diffusers folder beside model_index.json, or pass the single file that includes the "
+                                 "text encoders and VAE, or the diffusers folder itself")
         rest = _load_folder(spec, path.parent, trust_pickle, skip=tuple(modules))
         modules.update({name: rest.modules[name] for name in missing})
         files.update(rest.files)

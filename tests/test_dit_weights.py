@@ -166,6 +166,14 @@ def test_transformer_only_single_file_says_what_is_missing(modules, tmp_path):
         load_dit_weights(SPEC, path)
     assert ("holds no text_encoder, text_encoder_2, text_encoder_3 weights (the transformer-only release); put it in "
             "the model's diffusers folder") in one_line(e)
+    # Stability's sd3_medium_incl_clips.safetensors (both CLIPs and the VAE, no T5) was called transformer-only too
+    clips = tmp_path / "incl_clips.safetensors"
+    save_file(to_sd3_single_file(modules, SPEC.configs["transformer"], SPEC.vae,
+                                 text_encoders=("text_encoder", "text_encoder_2")), str(clips))
+    with pytest.raises(LdmExportError) as e:
+        load_dit_weights(SPEC, clips)
+    assert ("holds no text_encoder_3 weights (it holds text_encoder, text_encoder_2, transformer, vae: a release "
+            "without T5, which ldm-export does not build); put it in the model's diffusers folder") in one_line(e)
 
 
 def test_transformer_only_single_file_in_its_folder_takes_the_rest_from_the_folder(modules, sd3_folder, tmp_path):
