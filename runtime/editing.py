@@ -138,11 +138,17 @@ def from_sampler_space(plan, x: np.ndarray, index: int = -1) -> np.ndarray:
     return x / math.sqrt(1.0 + plan.levels[index] ** 2) if plan.vp_io else x
 
 
-def run_plan(model, x: np.ndarray, plan, noise: S.NoiseFn | None = None, on_step=None) -> np.ndarray:
-    """Run ``plan``'s sampler from ``x`` (sampler space); ``on_step(i, n, x)`` may return a replacement for x."""
+def run_plan(model, x: np.ndarray, plan, noise: S.NoiseFn | None = None, on_step=None, half_step=None) -> np.ndarray:
+    """Run ``plan``'s sampler from ``x`` (sampler space); ``on_step(i, n, x)`` may return a replacement for x;
+    ``half_step(i, x)`` for the intermediate sample of a two-evaluation step (Heun, DPM2), where the sampler has one."""
     denoiser = S.FlowDenoiser(model, **plan.denoiser_kwargs) if plan.flow else S.Denoiser(model, **plan.denoiser_kwargs)
+    extra = {"half_step": half_step} if half_step is not None and plan.class_name in TWO_EVALUATIONS else {}
     return plan.sampler(denoiser, x, plan.levels, plan.timesteps, noise=noise or S.default_noise(0), callback=on_step,
-                        **plan.options)
+                        **plan.options, **extra)
+
+
+# the samplers whose steps take two model calls, which diffusers' loop sees (and an inpainting blend follows) one by one
+TWO_EVALUATIONS = ("HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
 
 
 def sample_range(model, latents: np.ndarray, scheduler_config: dict, num_inference_steps: int, start: int = 0,
@@ -226,8 +232,11 @@ def sample_edit(model, image_latents: np.ndarray, noise_latents: np.ndarray, sch
             callback(i, n, from_sampler_space(plan, x_k, first + i + 1))
         return x_k
 
+    def half_step(i: int, x_2: np.ndarray):  # diffusers blends after the first call too, to the same next level
+        return (1.0 - latent_mask) * noised(plan, first + i + 1, x0, eps) + latent_mask * x_2
+
     log.debug("edit: %s from step %d of %d (strength %s)", plan.class_name, t_start, num_inference_steps, strength)
-    x = run_plan(model, x, plan, noise, on_step)
+    x = run_plan(model, x, plan, noise, on_step, half_step if latent_mask is not None else None)
     return from_sampler_space(plan, x, -1)
 
 

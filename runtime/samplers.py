@@ -207,11 +207,17 @@ def sample_euler_ancestral(denoiser, x, sigmas, timesteps, *, noise=None, callba
     return x
 
 
-def sample_heun(denoiser, x, sigmas, timesteps, *, noise=None, callback=None, euler_at_cut=False):
+def _half(half_step, i: int, x_2):
+    """``half_step(i, x_2)``'s replacement for a two-evaluation step's intermediate sample (an inpainting blend, which
+    diffusers' loop applies after each of its scheduler's half steps), or ``x_2``."""
+    return x_2 if half_step is None else half_step(i, x_2)
+
+
+def sample_heun(denoiser, x, sigmas, timesteps, *, noise=None, callback=None, euler_at_cut=False, half_step=None):
     """Heun's 2nd-order method, Algorithm 1 of Karras et al. (2022) (diffusers HeunDiscreteScheduler).
     ``euler_at_cut``: the schedule is cut before its end (a base model's ``denoising_end``), and its last step is the
     first-order half alone, as diffusers' loop, which keeps the timesteps at or above the cut, ends it (the second
-    evaluation would fall below the cut; the refiner takes over from there)."""
+    evaluation would fall below the cut; the refiner takes over from there). ``half_step``: see :func:`_half`."""
     n = len(timesteps)
     for i in range(n):
         denoised = denoiser(x, sigmas[i], timesteps[i]).denoised
@@ -220,7 +226,7 @@ def sample_heun(denoiser, x, sigmas, timesteps, *, noise=None, callback=None, eu
         if sigmas[i + 1] == 0 or (euler_at_cut and i == n - 1):
             x = x + d * dt
         else:
-            x_2 = x + d * dt
+            x_2 = _half(half_step, i, x + d * dt)
             denoised_2 = denoiser(x_2, sigmas[i + 1], timesteps[i + 1]).denoised
             x = x + (d + to_d(x_2, sigmas[i + 1], denoised_2)) / 2 * dt
         x = _notify(callback, i, n, x)
@@ -231,8 +237,9 @@ def _geometric_mid(sigma_a: float, sigma_b: float) -> float:
     return math.exp(0.5 * (math.log(sigma_a) + math.log(sigma_b)))
 
 
-def sample_dpm_2(denoiser, x, sigmas, timesteps, *, noise=None, callback=None):
-    """DPM-Solver-2 midpoint steps in log-sigma (k-diffusion sample_dpm_2; diffusers KDPM2DiscreteScheduler)."""
+def sample_dpm_2(denoiser, x, sigmas, timesteps, *, noise=None, callback=None, half_step=None):
+    """DPM-Solver-2 midpoint steps in log-sigma (k-diffusion sample_dpm_2; diffusers KDPM2DiscreteScheduler).
+    ``half_step``: see :func:`_half`."""
     n = len(timesteps)
     for i in range(n):
         denoised = denoiser(x, sigmas[i], timesteps[i]).denoised
@@ -241,15 +248,16 @@ def sample_dpm_2(denoiser, x, sigmas, timesteps, *, noise=None, callback=None):
             x = x + d * (sigmas[i + 1] - sigmas[i])
         else:
             sigma_mid = _geometric_mid(sigmas[i], sigmas[i + 1])
-            x_2 = x + d * (sigma_mid - sigmas[i])
+            x_2 = _half(half_step, i, x + d * (sigma_mid - sigmas[i]))
             denoised_2 = denoiser(x_2, sigma_mid, denoiser.sigma_to_t(sigma_mid)).denoised
             x = x + to_d(x_2, sigma_mid, denoised_2) * (sigmas[i + 1] - sigmas[i])
         x = _notify(callback, i, n, x)
     return x
 
 
-def sample_dpm_2_ancestral(denoiser, x, sigmas, timesteps, *, noise=None, callback=None):
-    """Ancestral DPM-Solver-2 (k-diffusion sample_dpm_2_ancestral; diffusers KDPM2AncestralDiscreteScheduler)."""
+def sample_dpm_2_ancestral(denoiser, x, sigmas, timesteps, *, noise=None, callback=None, half_step=None):
+    """Ancestral DPM-Solver-2 (k-diffusion sample_dpm_2_ancestral; diffusers KDPM2AncestralDiscreteScheduler).
+    ``half_step``: see :func:`_half`."""
     noise = noise or default_noise()
     n = len(timesteps)
     for i in range(n):
@@ -260,7 +268,7 @@ def sample_dpm_2_ancestral(denoiser, x, sigmas, timesteps, *, noise=None, callba
         else:
             sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1])
             sigma_mid = _geometric_mid(sigmas[i], sigma_down)
-            x_2 = x + d * (sigma_mid - sigmas[i])
+            x_2 = _half(half_step, i, x + d * (sigma_mid - sigmas[i]))
             denoised_2 = denoiser(x_2, sigma_mid, denoiser.sigma_to_t(sigma_mid)).denoised
             x = x + to_d(x_2, sigma_mid, denoised_2) * (sigma_down - sigmas[i])
             x = x + noise(x.shape) * sigma_up

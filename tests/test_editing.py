@@ -53,9 +53,20 @@ def diffusers_edit(config, steps, strength, model, x0, eps, noise, mask=None, pu
     return x.numpy()
 
 
+def mixing_model(x: np.ndarray, t) -> np.ndarray:
+    """The stand-in model plus a term that mixes neighbouring pixels, as a UNet's convolutions do: with a pointwise
+    model the kept latents never reach the repainted ones, so an inpainting blend at the wrong moment cannot show."""
+    from ldm_export.parity.samplers import stand_in_model
+
+    return stand_in_model(x, t) + 0.3 * np.tanh(np.roll(x, 1, axis=-1) + np.roll(x, -1, axis=-1))
+
+
 def run_both(name, steps, strength, mask=None, pure_noise=False, seed=0):
     pytest.importorskip("diffusers")
     from ldm_export.parity.samplers import SD15_BASE, NoiseSequence, max_relative_error, stand_in_model
+
+    if mask is not None:
+        stand_in_model = mixing_model  # noqa: F811
 
     config = resolve_scheduler(name, SD15_BASE)
     rng = np.random.default_rng(seed)
@@ -75,9 +86,9 @@ def test_img2img_matches_diffusers_for_every_sampler(name, steps, strength):
     assert run_both(name, steps, strength) < TOL
 
 
-# Heun and DPM2 take two model calls a step; diffusers blends after each half step, the runtime after each step.
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("Heun", "DPM2", "DPM2 a")])
-@pytest.mark.parametrize("strength", [0.7, 1.0])
+# Heun and DPM2 take two model calls a step; diffusers blends after each of them (it blended once a step: 24-45 dB)
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("strength", [0.3, 0.7, 1.0])
 def test_inpaint_latent_blend_matches_diffusers(name, strength):
     mask = np.zeros((1, 1, 8, 8))
     mask[..., 4:] = 1.0
