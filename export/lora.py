@@ -335,10 +335,10 @@ def apply_loras(modules: dict[str, Any], loras: Iterable[LoraRef], model: str) -
                 targets.append(("unet", modules["unet"]))
             for te in TEXT_ENCODERS:
                 if counts.get(te):
-                    # in PEFT's layout already (_peft_parts tells diffusers' old layout without an out_proj key, which
-                    # the loader's own conversion cannot); the loader's conversions leave PEFT keys as they are
-                    # in diffusers' layout, which the loader's two conversions read for any layer (from PEFT's
-                    # layout they rename q/k/v/out_proj alone, so a LoRA of the MLP only failed to "infer its type")
+                    # _peft_parts converts the keys (it tells diffusers' old layout without an out_proj key, which
+                    # the loader's own conversion cannot); they go in in diffusers' layout, which the loader's two
+                    # conversions read for any layer (from PEFT's layout they rename q/k/v/out_proj alone, so a LoRA
+                    # of the MLP only failed to "infer its type")
                     part = {f"{te}.{_diffusers_layout(k)}": v
                             for k, v in _peft_parts(state, te, False, ref.path.name).items()}
                     mixin.load_lora_into_text_encoder(part, alphas, modules[te], prefix=te, adapter_name=adapter,

@@ -375,28 +375,29 @@ def _refined(pipe, refine, prompt, seed, num_images, start, common):
     """SDXL base then refiner, one image at a time (image k: seed + k): the base runs the first ``start`` of the
     schedule and hands its latents over (diffusers' denoising_end / denoising_start)."""
     from ldm_export.runtime.checks import resolve_seed
-
-    from ldm_export.runtime.image import format_parameters, parse_parameters
-    from ldm_export.runtime.pipeline import lora_hashes, lora_prompt
+    from ldm_export.runtime.image import parse_parameters
+    from ldm_export.runtime.pipeline import strip_extra_networks
 
     seed = resolve_seed(seed)
+    # A1111's extra-network tags, checked once against the LoRAs of both models (each call alone warned, per image,
+    # about the other model's LoRAs)
+    negative = common.get("negative_prompt")
+    prompt, stripped = strip_extra_networks([prompt, negative or ""], pipe.bundle.manifest, refine.bundle.manifest)
+    if negative is not None:  # an absent negative prompt stays absent (SDXL encodes it as zeros)
+        common = {**common, "negative_prompt": stripped}
     for k in range(num_images):
         s = (seed + k) % 2**32  # image k's seed wraps as Pipeline.iter_images wraps it
         latents = pipe(prompt, seed=s, denoising_end=start, return_latents=True, **common)
         image = refine(prompt, seed=s, latents=latents, denoising_start=start, **common)[0]
-        # A1111's infotext of a refined image: the base as Model, then "Refiner: NAME [HASH], Refiner switch at: F"
+        # A1111's infotext of a refined image: the base as Model, the LoRAs of both (the base's first), then
+        # "Refiner: NAME [HASH], Refiner switch at: F"
         p = parse_parameters(image.info["parameters"])
-        extra = {key: v for key, v in p.get("extra", {}).items() if key != "Lora hashes"}  # the refiner's: said below
-        # the LoRAs of both models, the base's first (A1111 lists the LoRAs that made the image)
-        loras = ", ".join(h for h in (lora_hashes(pipe.bundle.manifest), lora_hashes(refine.bundle.manifest)) if h)
-        if loras:
-            extra["Lora hashes"] = loras
+        extra = {key: v for key, v in p.get("extra", {}).items() if key != "Lora hashes"}
         extra.update({"Refiner": f"{refine.bundle.model.get('name')} [{refine.bundle.model_hash}]",
                       "Refiner switch at": start})
-        text = lora_prompt(lora_prompt(prompt, pipe.bundle.manifest), refine.bundle.manifest)  # both models' scales
-        image.info["parameters"] = format_parameters(
-            text, p["negative_prompt"], p["steps"], p["sampler"], p["cfg_scale"], p["seed"], p["width"],
-            p["height"], pipe.bundle.model_hash, model_name=pipe.bundle.model.get("name"), extra=extra)
+        image.info["parameters"] = pipe.infotext(prompt, p.get("negative_prompt"), steps=p["steps"], sampler=p["sampler"],
+                                                 guidance_scale=p["cfg_scale"], seed=p["seed"], width=p["width"],
+                                                 height=p["height"], extra=extra, also=(refine,))
         yield k, image
 
 

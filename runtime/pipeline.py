@@ -264,7 +264,7 @@ class Pipeline:
                  num_images, guidance_rescale, latents, batch_size, edit_args: "_Edit | None" = None) -> "_Request":
         """Check everything a request asks before any work (checks.py); expand prompts x num_images; load and check
         the init image and mask of an edit."""
-        from .schedulers import a1111_name, canonical_sampler, resolve_scheduler
+        from .schedulers import a1111_name, a1111_names, canonical_sampler, resolve_scheduler
 
         if num_inference_steps is None:
             num_inference_steps = self.bundle.defaults["steps"]
@@ -327,6 +327,8 @@ class Pipeline:
             sched_cfg, sampler_name = base, a1111_name(base)
         elif isinstance(scheduler, str):
             sched_cfg, sampler_name = resolve_scheduler(scheduler, base), canonical_sampler(scheduler)
+            if sampler_name not in a1111_names() or sched_cfg["_class_name"] == "FlowMatchEulerDiscreteScheduler":
+                sampler_name = a1111_name(sched_cfg)  # a class name, or "Euler (flow)": what A1111 calls it
         else:
             sched_cfg = dict(scheduler)
             sampler_name = a1111_name(sched_cfg)
@@ -337,13 +339,13 @@ class Pipeline:
             raise LdmExportError(f"the {self.family.name} family does not hand latents between models "
                                  "(denoising_start / denoising_end, --refiner): its sampler takes arguments from the "
                                  "image (FLUX's size-dependent shift); run the model alone")
-        texts = [p for p in prompts for _ in range(num_images)]
-        negative_texts = [p for p in negatives for _ in range(num_images)]
-        stripped = strip_extra_networks(texts + negative_texts, self.bundle.manifest)  # one warning a request
-        prompts, negatives = stripped[:len(texts)], stripped[len(texts):]
+        prompts = [p for p in prompts for _ in range(num_images)]
+        negatives = [p for p in negatives for _ in range(num_images)]
+        stripped = strip_extra_networks(prompts + negatives, self.bundle.manifest)  # one warning a request
+        prompts, negatives = stripped[:len(prompts)], stripped[len(prompts):]
         return _Request(prompts, negatives, checks.image_seeds(seed, len(prompts)), int(num_inference_steps),
                         guidance_scale, guidance_rescale, width, height, sched_cfg, sampler_name, per_batch,
-                        negative_prompt is not None, edit, edit_args, texts=texts, negative_texts=negative_texts)
+                        negative_prompt is not None, edit, edit_args)
 
     def _generate(self, req: "_Request", ks: Sequence[int], callback, latents, noise, return_latents):
         """One batch: images ``ks`` of ``req`` through encode -> sampler with CFG -> decode. A prompt cut by a
@@ -435,42 +437,45 @@ class Pipeline:
             from .editing import paste_back
 
             images = [paste_back(edit.image, img, edit.mask) for img in images]
-        for img, k, seed in zip(images, ks, seeds):  # the prompts as given, tags and all, as A1111 writes them
-            img.info["parameters"] = self._parameters(req, req.texts[k], req.negative_texts[k], seed)
+        for img, prompt, negative, seed in zip(images, prompts, negatives, seeds):
+            img.info["parameters"] = self._parameters(req, prompt, negative, seed)
         return images
 
     def _parameters(self, req: "_Request", prompt: str, negative: str, seed: int) -> str:
-        from .image import format_parameters
-
-        cfg, negative, extra = self.recorded_guidance(req.guidance_scale, negative)
-        if req.guidance_rescale:
-            extra["CFG Rescale φ"] = req.guidance_rescale  # the A1111 extension's key
-        loras = lora_hashes(self.bundle.manifest)
-        if loras:
-            extra["Lora hashes"] = loras
+        extra = {}
         if req.edit is not None and req.edit.image is not None:
             extra["Denoising strength"] = req.edit.strength
             if req.edit.mask is not None and req.edit_args.mask_blur:
                 extra["Mask blur"] = req.edit_args.mask_blur
-        extra = extra or None
-        return format_parameters(lora_prompt(prompt, self.bundle.manifest), negative or None, req.steps,
-                                 req.sampler_name, cfg, seed,
-                                 req.width, req.height, self.bundle.model_hash, model_name=self.bundle.model.get("name"),
-                                 extra=extra)
+        return self.infotext(prompt, negative, steps=req.steps, sampler=req.sampler_name,
+                             guidance_scale=req.guidance_scale, seed=seed, width=req.width, height=req.height,
+                             guidance_rescale=req.guidance_rescale, extra=extra)
+
+    def infotext(self, prompt: str, negative: str | None, *, steps: int, sampler: str, guidance_scale: float,
+                 seed: int, width: int, height: int, guidance_rescale: float = 0.0, extra: Mapping | None = None,
+                 also: Sequence["Pipeline"] = ()) -> str:
+        """A1111's ``parameters`` of an image this pipeline drew (``generate``, ``serve`` and a refiner's hand-off
+        write them all here): the guidance that drew it (:meth:`recorded_guidance`), the fused LoRAs as prompt tags
+        and "Lora hashes" (also those of the pipelines ``also``: a refiner), then ``extra``. Extra-network tags that
+        did not act are left out of both prompts."""
+        from .image import format_parameters
+
+        cfg, negative, fields = self.recorded_guidance(guidance_scale, _without_tags(negative or ""))
+        if guidance_rescale:
+            fields["CFG Rescale φ"] = guidance_rescale  # the A1111 extension's key
+        manifests = [self.bundle.manifest, *(p.bundle.manifest for p in also)]
+        if loras := lora_hashes(*manifests):
+            fields["Lora hashes"] = loras
+        fields.update(extra or {})
+        return format_parameters(lora_prompt(prompt, *manifests), negative or None, steps, sampler, cfg, seed,
+                                 width, height, self.bundle.model_hash, model_name=self.bundle.model.get("name"),
+                                 extra=fields or None)
 
     def recorded_guidance(self, guidance_scale: float, negative: str) -> tuple[float, str, dict]:
-        """The CFG scale, negative prompt and extra fields an image's parameters record, as what drew it: without an
-        unconditional pass the negative prompt had no effect (left out); a model that takes no guidance (FLUX.1
-        [schnell]) drew the same at any scale (1: no CFG); a distilled guidance input (FLUX.1 [dev]) is Forge's
-        ``Distilled CFG Scale`` beside a CFG scale of 1."""
-        extra = {}
-        if not self.family.uses_cfg(guidance_scale):
-            negative = ""
-        if not self.family.takes_guidance([x.name for x in self.engines[self.family.denoiser].spec.inputs]):
-            guidance_scale = 1.0
-        elif not self.family.uses_cfg(7.0):  # guidance is an input of the model, not CFG
-            guidance_scale, extra["Distilled CFG Scale"] = 1.0, guidance_scale
-        return guidance_scale, negative, extra
+        """The CFG scale, negative prompt and extra fields an image's parameters record, as what drew it
+        (``Family.recorded_guidance``)."""
+        inputs = [x.name for x in self.engines[self.family.denoiser].spec.inputs]
+        return self.family.recorded_guidance(guidance_scale, negative, inputs)
 
     def _fused_attention(self) -> bool:
         kernels = self.bundle.manifest["components"].get(self.family.denoiser, {}).get("kernels") or []
@@ -541,15 +546,20 @@ class Pipeline:
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 
 
-def fused_loras(manifest: Mapping) -> dict[str, float]:
-    """The LoRAs fused into a bundle by A1111's name for them (the file's stem without ':' and ','), each with its
-    total scale (a file fused twice adds up)."""
+def _loras(manifest: Mapping) -> list[tuple[str, Mapping]]:
+    """The LoRAs fused into a bundle as (A1111's name for it: the file's stem without ':' and ',', its record)."""
     loras = (manifest.get("weights") or {}).get("loras") or manifest.get("loras") or []
     clean = str.maketrans("", "", ":,")
+    return [(Path(x["file"]).stem.translate(clean), x) for x in loras]
+
+
+def fused_loras(*manifests: Mapping) -> dict[str, float]:
+    """The LoRAs fused into the bundles of ``manifests`` by A1111's name, each with its total scale (a file fused
+    twice adds up)."""
     total: dict[str, float] = {}
-    for x in loras:
-        name = Path(x["file"]).stem.translate(clean)
-        total[name] = total.get(name, 0.0) + float(x.get("scale", 1.0))
+    for manifest in manifests:
+        for name, x in _loras(manifest):
+            total[name] = total.get(name, 0.0) + float(x.get("scale", 1.0))
     return total
 
 
@@ -567,11 +577,16 @@ def _tag_scale(args: str) -> tuple[str, float | None]:
     return name.strip(), te if math.isclose(te, unet) else None
 
 
-def strip_extra_networks(texts: Sequence[str], manifest: Mapping) -> list[str]:
+def _without_tags(text: str) -> str:
+    return " ".join(EXTRA_NETWORK.sub("", text).split()) if EXTRA_NETWORK.search(text) else text
+
+
+def strip_extra_networks(texts: Sequence[str], *manifests: Mapping) -> list[str]:
     """``texts`` without A1111's extra-network tags, which A1111 takes out of a prompt before encoding it (they would
-    be encoded as words here). A ``<lora:NAME:SCALE>`` of a LoRA fused into this bundle at that scale says what the
-    bundle is; any other tag is warned about once: LoRAs are fused into a bundle, not applied per prompt."""
-    fused = fused_loras(manifest)
+    be encoded as words here). A ``<lora:NAME:SCALE>`` of a LoRA fused into the bundle(s) of ``manifests`` at that
+    scale says what the bundle is; any other tag is warned about once: LoRAs are fused into a bundle, not applied per
+    prompt."""
+    fused = fused_loras(*manifests)
     ignored = []
     for text in texts:
         for m in EXTRA_NETWORK.finditer(text):
@@ -586,27 +601,28 @@ def strip_extra_networks(texts: Sequence[str], manifest: Mapping) -> list[str]:
         log.warning("prompt tag%s %s ignored: this bundle's LoRAs are fused into it (%s); fuse others with "
                     "`ldm-export lora BUNDLE FILE:SCALE --out NEW` or `build --lora FILE:SCALE`",
                     "s" if len(ignored) > 1 else "", " ".join(ignored), have)
-    return [" ".join(EXTRA_NETWORK.sub("", t).split()) if EXTRA_NETWORK.search(t) else t for t in texts]
+    return [_without_tags(t) for t in texts]
 
 
-def lora_prompt(prompt: str, manifest: Mapping) -> str:
-    """``prompt`` as A1111's infotext writes it for the LoRAs fused into the bundle: with a ``<lora:NAME:SCALE>`` tag
-    for each that the prompt does not already name, so that the image's parameters say the scale too."""
-    named = {_tag_scale(m[2])[0] for m in EXTRA_NETWORK.finditer(prompt) if m[1] == "lora"}
-    tags = [f"<lora:{name}:{scale:g}>" for name, scale in fused_loras(manifest).items()
-            if name not in named and not math.isclose(scale, 0.0, abs_tol=1e-9)]
-    return " ".join([prompt, *tags]) if tags else prompt
+def lora_prompt(prompt: str, *manifests: Mapping) -> str:
+    """``prompt`` as A1111's infotext writes it for what drew the image: the extra-network tags that did not act taken
+    out, and a ``<lora:NAME:SCALE>`` tag for each LoRA fused into the bundle(s) of ``manifests``, at its fused scale,
+    so that the parameters say the scale and A1111's "send to txt2img" redraws it on the base model."""
+    tags = [f"<lora:{name}:{scale:g}>" for name, scale in fused_loras(*manifests).items()
+            if not math.isclose(scale, 0.0, abs_tol=1e-9)]
+    return " ".join([_without_tags(prompt), *tags]) if tags else _without_tags(prompt)
 
 
-def lora_hashes(manifest: Mapping) -> str | None:
-    """A1111's "Lora hashes" of the LoRAs fused into a bundle: "name: short hash" (the file's stem without ':' and
-    ',' as A1111 writes it, the first 12 hex digits of its tensor data's sha256), or None. Bundles built before the hash
-    was recorded have none (their whole-file sha256 is another value): nothing is written for them."""
-    loras = (manifest.get("weights") or {}).get("loras") or manifest.get("loras") or []
-    if not loras or not all(x.get("addnet_sha256") for x in loras):
-        return None
-    clean = str.maketrans("", "", ":,")
-    return ", ".join(f"{Path(x['file']).stem.translate(clean)}: {x['addnet_sha256'][:12]}" for x in loras)
+def lora_hashes(*manifests: Mapping) -> str | None:
+    """A1111's "Lora hashes" of the LoRAs fused into the bundle(s) of ``manifests``: "name: short hash" (A1111's name,
+    the first 12 hex digits of its tensor data's sha256), or None. Bundles built before the hash was recorded have none
+    (their whole-file sha256 is another value): nothing is written for them."""
+    hashes = []
+    for manifest in manifests:
+        loras = _loras(manifest)
+        if loras and all(x.get("addnet_sha256") for _, x in loras):
+            hashes += [f"{name}: {x['addnet_sha256'][:12]}" for name, x in loras]
+    return ", ".join(hashes) or None
 
 
 @dataclass(frozen=True)
@@ -628,8 +644,6 @@ class _Request:
     edit: object | None = None  # editing.EditInputs of an image-to-image or inpainting request
     edit_args: "_Edit | None" = None
     cuts: set = field(default_factory=set, compare=False)  # the prompt cuts warned about in this request's batches
-    texts: list[str] = field(default_factory=list)  # the prompts as given (A1111's extra-network tags kept)
-    negative_texts: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

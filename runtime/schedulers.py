@@ -457,6 +457,11 @@ def _warn_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
+def a1111_names() -> list[str]:
+    """The A1111 sampler names resolve_scheduler accepts (sampler_names without the class names)."""
+    return list(_A1111)
+
+
 def sampler_names() -> list[str]:
     """Every name resolve_scheduler accepts: A1111 names, then scheduler class names."""
     return list(_A1111) + sorted(DEFAULTS)

@@ -283,6 +283,22 @@ def test_the_metadata_records_the_guidance_that_drew_the_image(built):
     assert "Distilled CFG Scale" not in schnell.get("extra", {})
     _, sd3 = params("tiny-sd3", guidance_scale=1.0, negative_prompt="blurry")
     assert sd3["cfg_scale"] == 1.0 and sd3["negative_prompt"] is None
+    # flow Euler is "Euler" in the parameters whichever name asked for it
+    _, named = params("tiny-sd3", scheduler="Euler (flow)")
+    _, by_class = params("tiny-sd3", scheduler="FlowMatchEulerDiscreteScheduler")
+    assert named["sampler"] == by_class["sampler"] == "Euler"
+    # serve: the response's info says what the parameters say (FLUX-dev: CFG 1 beside its distilled guidance)
+    import json
+
+    from ldm_export.serve import a1111
+    from ldm_export.serve.app import run_jobs
+
+    job = a1111.Job(PROMPT, "blurry", 0, 1, 4.5, "Euler", 32, 32)
+    (r,) = run_jobs(Pipeline.from_bundle(built["tiny-flux"][0]), [job])
+    assert r["recorded"] == {"cfg_scale": 1.0, "negative_prompt": "", "extra": {"Distilled CFG Scale": "4.5"}}, r
+    info = json.loads(a1111.info_json({}, [job], [r["infotext"]], "m", "h", 32, 32, {}, recorded=r["recorded"]))
+    assert (info["cfg_scale"], info["negative_prompt"], info["extra_generation_params"]) == \
+        (1.0, "", {"Distilled CFG Scale": "4.5"})
     _, sd3 = params("tiny-sd3", guidance_scale=4.0, negative_prompt="blurry")
     assert sd3["cfg_scale"] == 4.0 and sd3["negative_prompt"] == "blurry" and "Distilled CFG Scale" not in sd3.get("extra", {})
 

@@ -312,9 +312,12 @@ def test_generate_hands_over_to_a_refiner_image_by_image(tmp_path):
     (base / "ldm_export.json").write_text(json.dumps(manifest))
     common = ("--refiner", str(refiner), "--refiner-start", "0.75", "--steps", "4", "--sampler", "Euler")
     # the last seed: image 2 wraps to seed 0, as without a refiner
-    r = run_cli("generate", str(base), "a red circle", *common, "--seed", "4294967295", "--num-images", "2",
-                "--out", str(tmp_path / "two.png"))
+    # the prompt the base's own parameters write: its LoRA's tag, checked once against both models' LoRAs (the
+    # refiner alone warned, once per image, that it was ignored)
+    r = run_cli("generate", str(base), "a red circle <lora:style:0.8>", *common, "--seed", "4294967295",
+                "--num-images", "2", "--out", str(tmp_path / "two.png"))
     assert r.returncode == 0, r.stderr
+    assert "ignored" not in r.stderr, r.stderr
     alone = run_cli("generate", str(base), "a red circle", *common, "--seed", "0", "--out", str(tmp_path / "one.png"))
     assert alone.returncode == 0, alone.stderr
     second = Image.open(tmp_path / "two-2.png")

@@ -217,11 +217,14 @@ def test_a1111_lora_tags_in_prompts_are_taken_out_and_the_infotext_names_the_fus
     assert "prompt tags <lora:style:0.2> <hypernet:x:1> <lora:neg:1> ignored" in caplog.text, caplog.text
     assert "this bundle's LoRAs are fused into it (<lora:style:0.7>)" in caplog.text
     assert np.array_equal(other, draw("a red circle", negative="blurry")[0])
-    assert text.startswith("a red <lora:style:0.2>  circle <hypernet:x:1>\nNegative prompt: <lora:neg:1> blurry\n"), text
+    # the parameters say what drew the image: the fused scale, not the tag's; tags that did not act left out
+    assert text.startswith("a red circle <lora:style:0.7>\nNegative prompt: blurry\n"), text
     # a file fused twice adds up; A1111's other tag forms (te / unet multipliers) read as it reads them
     manifest = {"weights": {"loras": [{"file": "a, b.safetensors", "scale": 0.5}, {"file": "a, b.safetensors", "scale": 0.25}]}}
     assert fused_loras(manifest) == {"a b": 0.75}
-    assert lora_prompt("x", manifest) == "x <lora:a b:0.75>" and lora_prompt("x <lora:a b:1>", manifest) == "x <lora:a b:1>"
+    assert lora_prompt("x", manifest) == "x <lora:a b:0.75>" and lora_prompt("x <lora:a b:1>", manifest) == "x <lora:a b:0.75>"
+    assert lora_prompt("x <lora:other:1> y", manifest, {"loras": [{"file": "c.safetensors", "scale": 2}]}) == \
+        "x y <lora:a b:0.75> <lora:c:2>"  # a refiner's LoRAs after the base's
     assert strip_extra_networks(["x <lora:a b:0.75:0.75>", "<lora:a b:te=0.75:unet=0.75>y"], manifest) == ["x", "y"]
     assert lora_prompt("x", {"weights": {"loras": [{"file": "a.safetensors", "scale": 1}, {"file": "a.safetensors",
                                                                                         "scale": -1}]}}) == "x"

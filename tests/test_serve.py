@@ -284,6 +284,17 @@ def test_img2img_reads_images_and_masks_as_a1111s_api_reads_them(pipe, tmp_path)
     job = a1111.Job("x", "", 2, 4, 7.5, "Euler", None, None, init_image=png(init), strength=0.05)
     (r,) = run_jobs(pipe, [job])
     assert "use steps 20 or more, or a denoising_strength of at least 0.25" in r["error"] and "--" not in r["error"], r
+    # an image past four times --max-size's pixels is refused from its header, before its pixels are decoded
+    big = Image.new("RGB", (640, 480))
+    buf = io.BytesIO()
+    big.save(buf, "PNG")
+    with pytest.raises(LdmExportError, match=r"^init_images\[0\] is 640x480, more pixels than this server takes "
+                                             r"\(262144: four times its --max-size\); send a smaller image$"):
+        a1111.edit_fields({"init_images": [base64.b64encode(buf.getvalue()).decode()]}, max_pixels=4 * 256 * 256)
+    assert a1111.upright_size(Image.open(phone)) == (32, 64)  # from the EXIF tag, without decoding
+    with pytest.raises(LdmExportError, match=r"^mask is not a base64-encoded image PIL can read "
+                                             r"\(UnidentifiedImageError\); send a whole PNG"):  # no object address
+        a1111.edit_fields({"init_images": [_b64_png(init)], "mask": base64.b64encode(b"not an image").decode()})
     assert a1111.api_message("use that size (--size 64x96 also resizes), or pass --size; --mask-blur 2, --mask m") == \
         "use that size (width 64 and height 96 also resizes), or send width and height; mask_blur 2, mask m"
 
@@ -716,6 +727,8 @@ def test_steps_and_guidance_the_client_left_out_are_the_bundles(raw, distilled, 
 
 def test_a_distilled_cfg_scale_that_is_not_a_number_is_refused_in_one_line():
     body = a1111.request_model().model_validate({"prompt": "p"}).model_dump()
-    for value in ("abc", [1]):
-        with pytest.raises(LdmExportError, match=r"^distilled_cfg_scale must be a number, got "):
+    # out of range, NaN and booleans too: they reached the replica, whose message named no field
+    for value in ("abc", [1], 500, float("nan"), -1, True):
+        with pytest.raises(LdmExportError, match=r"^distilled_cfg_scale must be a number from 0 to 100, got .* "
+                                                 r"\(3\.5 is this model's default\)$"):
             a1111.sampling_defaults(body, {"distilled_cfg_scale": value}, {"steps": 4, "guidance_scale": 3.5}, True)

@@ -161,11 +161,16 @@ def sampling_defaults(body: dict, raw: dict, defaults: dict, distilled_guidance:
     if raw.get("steps") is None:
         body["steps"] = int(defaults["steps"])
     if distilled_guidance:
+        from ldm_export.runtime.checks import MAX_GUIDANCE
+
         value = raw.get("distilled_cfg_scale")
         try:  # an extra field (Forge's), which the request model does not type
             guidance = float(defaults["guidance_scale"] if value is None else value)
         except (TypeError, ValueError):
-            raise LdmExportError(f"distilled_cfg_scale must be a number, got {value!r}") from None
+            guidance = None
+        if guidance is None or isinstance(value, bool) or not 0 <= guidance <= MAX_GUIDANCE:  # NaN fails too
+            raise LdmExportError(f"distilled_cfg_scale must be a number from 0 to {MAX_GUIDANCE:g}, got {value!r} "
+                                 f"({float(defaults['guidance_scale']):g} is this model's default)")
         if raw.get("cfg_scale") is not None and body["cfg_scale"] != 1.0:
             ignored["cfg_scale"] = raw["cfg_scale"]
         body["cfg_scale"] = guidance
@@ -253,9 +258,20 @@ def jobs_for(body: dict, sampler: str, seed, edit: dict | None = None) -> list[l
              for _ in range(batch)] for _ in range(n_iter)]
 
 
-def decode_image(data: str, field: str) -> bytes:
+def upright_size(image) -> tuple[int, int]:
+    """An opened image's (width, height) as shown, by its EXIF orientation (5-8 turn it a quarter), not decoding it."""
+    w, h = image.size
+    try:
+        turned = image.getexif().get(0x0112) in (5, 6, 7, 8)
+    except Exception:  # damaged EXIF: PIL shows it as stored
+        turned = False
+    return (h, w) if turned else (w, h)
+
+
+def decode_image(data: str, field: str, max_pixels: int | None = None) -> bytes:
     """An image field of a request (base64, optionally a ``data:image/...;base64,`` URL) as the file's bytes; a
-    one-line error naming the field when it is not base64 of an image PIL reads."""
+    one-line error naming the field when it is not base64 of an image PIL reads, or (``max_pixels``) when it is
+    larger than that: refused from its header, before its pixels are decoded."""
     import base64
     import binascii
     import io
@@ -269,9 +285,13 @@ def decode_image(data: str, field: str) -> bytes:
     try:
         raw = base64.b64decode(data, validate=False)
         with Image.open(io.BytesIO(raw)) as image:
+            w, h = upright_size(image)
+            if max_pixels is not None and w * h > max_pixels:
+                raise LdmExportError(f"{field} is {w}x{h}, more pixels than this server takes ({max_pixels}: four "
+                                     "times its --max-size); send a smaller image")
             image.load()  # decoded whole: verify() reads no JPEG data, and a cut-off JPEG then failed in the worker
     except (binascii.Error, ValueError, UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-        why = " ".join(str(e).split())[:80]
+        why = "" if isinstance(e, UnidentifiedImageError) else " ".join(str(e).split())[:80]  # its text: an address
         raise LdmExportError(f"{field} is not a base64-encoded image PIL can read ({type(e).__name__}"
                              f"{': ' + why if why else ''}); send a whole PNG, JPEG or WebP") from None
     return raw
@@ -305,15 +325,15 @@ def api_message(message: str) -> str:
     return message
 
 
-def edit_fields(body: dict, whole_mask: bool = False) -> dict:
+def edit_fields(body: dict, whole_mask: bool = False, max_pixels: int | None = None) -> dict:
     """img2img's inputs as ``Job`` fields: the init images and mask decoded, the strength, the mask blur (A1111's
     ``mask_blur`` sets both axes; ours is one radius, the larger), the inversion and rounding; ``whole_mask``: the
     bundle's UNet is an inpainting one, which repaints the whole image when no mask is sent."""
     inits = body.get("init_images") or []
     if not inits:
         raise LdmExportError("init_images must hold at least one base64-encoded image")
-    images = [decode_image(x, f"init_images[{k}]") for k, x in enumerate(inits)]
-    mask = decode_image(body["mask"], "mask") if body.get("mask") else None
+    images = [decode_image(x, f"init_images[{k}]", max_pixels) for k, x in enumerate(inits)]
+    mask = decode_image(body["mask"], "mask", max_pixels) if body.get("mask") else None
     strength = body.get("denoising_strength")
     strength = 0.75 if strength is None else float(strength)
     if not 0.0 < strength <= 1.0:  # NaN fails too
@@ -344,22 +364,26 @@ def check_limits(body: dict, max_images: int, max_side: tuple[int, int], what: s
 
 
 def info_json(body: dict, jobs: list[Job], infotexts: list[str], model_name: str, model_hash: str,
-              width: int, height: int, extra: dict, inpainting: bool = False) -> str:
-    """The response's ``info``: ``Processed.js()`` of stable-diffusion-webui (``modules/processing.py``)."""
+              width: int, height: int, extra: dict, inpainting: bool = False, recorded: dict | None = None) -> str:
+    """The response's ``info``: ``Processed.js()`` of stable-diffusion-webui (``modules/processing.py``).
+    ``recorded``: the CFG scale, negative prompt and extra fields that the first image's parameters say drew it
+    (FLUX-dev: CFG 1 and its Distilled CFG Scale; no negative prompt where none acted)."""
     first = jobs[0]
+    recorded = recorded or {}
     subseed = fixed_seed(body.get("subseed"))
     obj = {
         "prompt": first.prompt, "all_prompts": [j.prompt for j in jobs],
-        "negative_prompt": first.negative_prompt, "all_negative_prompts": [j.negative_prompt for j in jobs],
+        "negative_prompt": recorded.get("negative_prompt", first.negative_prompt),
+        "all_negative_prompts": [recorded.get("negative_prompt", j.negative_prompt) for j in jobs],
         "seed": first.seed, "all_seeds": [j.seed for j in jobs],
         "subseed": subseed, "all_subseeds": [subseed + k for k in range(len(jobs))],
         "subseed_strength": body.get("subseed_strength") or 0, "width": width, "height": height,
-        "sampler_name": first.sampler, "cfg_scale": first.cfg_scale, "steps": first.steps,
+        "sampler_name": first.sampler, "cfg_scale": recorded.get("cfg_scale", first.cfg_scale), "steps": first.steps,
         "batch_size": body.get("batch_size") or 1, "restore_faces": body.get("restore_faces"),
         "face_restoration_model": None, "sd_model_name": model_name, "sd_model_hash": model_hash,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": body.get("seed_resize_from_w", -1),
         "seed_resize_from_h": body.get("seed_resize_from_h", -1), "denoising_strength": body.get("denoising_strength"),
-        "extra_generation_params": {}, "index_of_first_image": 0, "infotexts": infotexts,
+        "extra_generation_params": recorded.get("extra", {}), "index_of_first_image": 0, "infotexts": infotexts,
         "styles": body.get("styles") or [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
         "is_using_inpainting_conditioning": inpainting, "version": "ldm-export",
         "ldm_export": extra,

@@ -53,21 +53,20 @@ def run_group(pipe, jobs: list[a1111.Job]) -> list[dict]:
     import numpy as np
 
     from ldm_export.runtime.checks import resolve_seed
-    from ldm_export.runtime.image import format_parameters
-    from ldm_export.runtime.pipeline import lora_hashes, lora_prompt
+    from ldm_export.runtime.image import parse_parameters
 
     def done(job, image, batch):
         w, h = image.size
         if job.init_image is not None:  # the edit's own infotext (denoising strength, mask blur), drawn alone
             text = image.info["parameters"]
         else:  # a batched image's own seed, which Pipeline's infotext (the batch's first seed + k) does not know
-            cfg, negative, extra = pipe.recorded_guidance(job.cfg_scale, job.negative_prompt)
-            if loras := lora_hashes(pipe.bundle.manifest):
-                extra["Lora hashes"] = loras
-            text = format_parameters(lora_prompt(job.prompt, pipe.bundle.manifest), negative or None, job.steps,
-                                     job.sampler, cfg, job.seed, w, h, pipe.bundle.model_hash,
-                                     model_name=pipe.bundle.model.get("name"), extra=extra or None)
-        return {"png": _png(image, text), "infotext": text, "width": w, "height": h, "unet_batch": batch}
+            text = pipe.infotext(job.prompt, job.negative_prompt, steps=job.steps, sampler=job.sampler, guidance_scale=job.cfg_scale,
+                                 seed=job.seed, width=w, height=h)
+        p = parse_parameters(text)  # what the image's parameters say drew it, for the response's info
+        recorded = {"cfg_scale": p["cfg_scale"], "negative_prompt": p.get("negative_prompt") or "",
+                    "extra": p.get("extra", {})}
+        return {"png": _png(image, text), "infotext": text, "width": w, "height": h, "unet_batch": batch,
+                "recorded": recorded}
 
     def call(js, **kw):
         j = js[0]
@@ -378,10 +377,13 @@ class Ingress:
                 return _error(422, f"this bundle ({self.model_name}) has no VAE encoder, so it does not edit images; "
                                    f"{why}")
             try:
-                edit = a1111.edit_fields(body, whole_mask=self.inpainting_unet)
+                edit = a1111.edit_fields(body, whole_mask=self.inpainting_unet,
+                                         max_pixels=4 * self.max_size[0] * self.max_size[1])
                 if body.get("width") is None or body.get("height") is None:  # the image's own size: the same limits
+                    from PIL import Image
+
                     for k, data in enumerate(edit["init_images"]):
-                        w, h = a1111.open_upright(data).size
+                        w, h = a1111.upright_size(Image.open(io.BytesIO(data)))
                         a1111.check_limits({"width": body.get("width") or w, "height": body.get("height") or h},
                                            self.cfg.max_images, self.max_size, f"init_images[{k}] ")
             except LdmExportError as e:
@@ -406,7 +408,8 @@ class Ingress:
         infotexts = [r["infotext"] for r in results]
         extra = {"ignored": ignored, "unet_batch": [r["unet_batch"] for r in results]}
         info = a1111.info_json(body, jobs, infotexts, self.model_name, self.model_hash, results[0]["width"],
-                               results[0]["height"], extra, inpainting=img2img and self.inpainting_unet)
+                               results[0]["height"], extra, inpainting=img2img and self.inpainting_unet,
+                               recorded=results[0].get("recorded"))
         images = [base64.b64encode(r["png"]).decode("ascii") for r in results] if body.get("send_images", True) else []
         if img2img and not body.get("include_init_images"):  # A1111 answers without the images it was sent
             body = {**body, "init_images": None, "mask": None}

@@ -224,6 +224,25 @@ class Family:
         model only where its denoiser has a guidance input (FLUX-dev's ``guidance``; FLUX-schnell has none)."""
         return True
 
+    def guidance_is_input(self) -> bool:
+        """Whether the guidance scale is an input of the model (a guidance-distilled FLUX.1 [dev]), not CFG."""
+        return not self.uses_cfg(7.0)
+
+    def recorded_guidance(self, guidance_scale: float, negative: str,
+                          denoiser_inputs: Sequence[str]) -> tuple[float, str, dict]:
+        """The CFG scale, negative prompt and extra fields an image's parameters record, as what drew it: without an
+        unconditional pass the negative prompt had no effect (left out); a model that takes no guidance (FLUX.1
+        [schnell]) drew the same at any scale (1: no CFG); a distilled guidance input (FLUX.1 [dev]) is Forge's
+        ``Distilled CFG Scale`` beside a CFG scale of 1."""
+        extra = {}
+        if not self.uses_cfg(guidance_scale):
+            negative = ""
+        if not self.takes_guidance(denoiser_inputs):
+            guidance_scale = 1.0
+        elif self.guidance_is_input():
+            guidance_scale, extra["Distilled CFG Scale"] = 1.0, guidance_scale
+        return guidance_scale, negative, extra
+
     def scheduler_config(self, config: Mapping[str, Any], *, width: int, height: int) -> dict[str, Any]:
         """The scheduler config for one request (FLUX's resolution-dependent shift is resolved here)."""
         return dict(config)
