@@ -355,7 +355,7 @@ class Ingress:
             a1111.check_limits(body, self.cfg.max_images, self.max_size)
         except LdmExportError as e:
             return _error(422, str(e))
-        distilled = self.takes_guidance and not self.family.uses_cfg(7.0)  # guidance as an input: FLUX-dev
+        distilled = self.takes_guidance and self.family.guidance_is_input()  # FLUX-dev
         try:
             defaults_ignored = a1111.sampling_defaults(body, raw, self.defaults, distilled)
         except LdmExportError as e:
