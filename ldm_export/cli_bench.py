@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ldm_export.cli_common import _guard
+from ldm_export.runtime.errors import sigterm_as_interrupt
 
 
 @click.command()
@@ -91,8 +92,8 @@ def bench(model, bundle, loras, int8_bundle, weights, device, backends, steps, r
     except OSError as e:
         raise LdmExportError(f"cannot write the reports into --out {out}: {e.strerror or e}; pass a writable folder") from None
     try:
-        if bundle is None:
-            with tempfile.TemporaryDirectory(prefix="ldm-export-bench-") as tmp:
+        if bundle is None:  # SIGTERM unwinds as Ctrl-C does: the temporary bundle goes with the folder
+            with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="ldm-export-bench-") as tmp:
                 bundle = _build_for_bench(model, device, seed, Path(tmp) / "bundle", console)
                 _run(model, bundle, int8_bundle, weights, device, names, steps, repeats, e2e_repeats, warmup,
                      guidance_scale, seed, threads, profile, cuda_options, out, loras)

@@ -172,17 +172,22 @@ def _partial(path: Path) -> Path:
 
 def check_writable(path: str | Path) -> Path:
     """Check before any work that an image can be written at ``path`` (format, folder, permission) by creating and
-    removing its temporary file; create a missing parent folder."""
+    removing its temporary file; a missing parent folder is not made here (a command that then fails would leave it
+    behind) but its nearest existing folder must be writable: :func:`save_image` makes it."""
     path = Path(path)
     image_format(path)
     if path.is_dir():
         raise LdmExportError(f"{path} is a folder; give a file name such as {path / 'image.png'}")
     refuse_out_under_a_file(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = _partial(path)
-        probe.touch()
-        probe.unlink()
+        if path.parent.is_dir():
+            probe = _partial(path)
+            probe.touch()
+            probe.unlink()
+        else:
+            existing = next(p for p in path.parent.parents if p.exists())
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
     except OSError as e:
         raise LdmExportError(f"cannot write {path}: {e.strerror or e}; choose another --out") from None
     return path
@@ -215,6 +220,7 @@ def save_image(image, path: str | Path, parameters: str) -> Path:
             kwargs = {"quality": QUALITY}
     tmp = _partial(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # check_writable checked it can be made
         image.save(tmp, format=fmt, **kwargs)
         os.replace(tmp, path)
     except OSError as e:

@@ -424,3 +424,27 @@ def test_torch_backends_run_in_fp32_what_the_bundle_keeps_fp32(tiny_bundle):
     side, ch = spec.latent_side, spec.vae["latent_channels"]
     image = b.vae(np.random.default_rng(0).standard_normal((1, ch, side, side)).astype(np.float32))
     assert image.dtype == np.float32 and np.isfinite(image).all()
+
+
+def test_a_bench_stopped_by_sigterm_leaves_no_temporary_bundle(tmp_path):
+    """`bench` without --bundle builds one in a temporary folder; SIGTERM (a service manager's stop) left it behind
+    (40 MB for the demo model), where Ctrl-C removed it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "ldm_export.cli", "bench", "--model", "tiny", "--device", "cpu",
+                             "--backends", "ort", "--steps", "2", "--repeats", "200", "--e2e-repeats", "50",
+                             "--out", str(tmp_path / "out")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(tmp_path.glob("ldm-export-bench-*/bundle/ldm_export.json")):
+        time.sleep(0.2)  # the bundle is built: the bench is timing in it
+    assert list(tmp_path.glob("ldm-export-bench-*/bundle/ldm_export.json")), proc.communicate(timeout=60)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err, err
+    assert not list(tmp_path.glob("ldm-export-bench-*")) and not (tmp_path / "out").exists()

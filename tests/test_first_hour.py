@@ -545,7 +545,19 @@ def test_an_image_path_under_a_file_is_named(tmp_path):
     (tmp_path / "a.png").write_bytes(b"png")
     with pytest.raises(LdmExportError, match=r"lies under .*a\.png, which is a file, not a folder; choose another --out"):
         check_writable(tmp_path / "a.png" / "sub" / "x.png")
-    assert check_writable(tmp_path / "new" / "x.png") == tmp_path / "new" / "x.png" and (tmp_path / "new").is_dir()
+    # a missing folder is made by the first save, not by the check: a command that fails before it leaves none
+    assert check_writable(tmp_path / "new" / "x.png") == tmp_path / "new" / "x.png" and not (tmp_path / "new").exists()
+
+
+def test_a_generate_that_fails_leaves_no_folder_it_made(tmp_path, demo_bundle):
+    """`generate --out new/a/b.png` with a refused request (an unknown sampler, a size the model cannot take) left the
+    empty folders `new/a/` behind."""
+    for args in (("--sampler", "Euler z"), ("--size", "100x100")):
+        r = run_cli("generate", str(demo_bundle), "a red circle", *args, "--out", str(tmp_path / "new" / "a" / "b.png"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "new").exists()
+    r = run_cli("generate", str(demo_bundle), "a red circle", "--steps", "2", "--out", str(tmp_path / "new" / "a" / "b.png"))
+    assert r.returncode == 0 and (tmp_path / "new" / "a" / "b.png").is_file(), r.stderr
 
 
 def test_sighup_unwinds_like_ctrl_c_unless_ignored(monkeypatch):

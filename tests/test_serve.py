@@ -106,6 +106,10 @@ def test_sampler_and_scheduler_fields_map_to_our_sampler_names():
     assert a1111.sampler_for({"sampler_name": "euler a"}) == ("Euler a", {})  # any case, and A1111's k_ aliases
     assert a1111.sampler_for({"sampler_name": "k_dpmpp_2m", "scheduler": "Karras"}) == ("DPM++ 2M Karras", {})
     assert a1111.sampler_for({"sampler_name": "Euler", "scheduler": "SGM Uniform"}) == ("Euler", {"scheduler": "SGM Uniform"})
+    # a schedule the sampler does not take here (diffusers' ancestral Euler has no Karras sigmas) is reported, not a 422
+    assert a1111.sampler_for({"sampler_name": "Euler a", "scheduler": "Karras"}) == ("Euler a", {"scheduler": "Karras"})
+    assert a1111.api_message("unknown sampler 'DPM++ SDE'; known: Euler, Euler a, " + "x, " * 1000) == \
+        "unknown sampler_name 'DPM++ SDE'; GET /sdapi/v1/samplers lists the names this server runs"
 
 
 def test_seeds_batches_and_limits_follow_a1111():
@@ -459,6 +463,31 @@ def test_an_unchanged_a1111_client_gets_images_with_a1111_metadata(service, pipe
     assert [m["title"] for m in api.get_sd_models()] == [f"demo [{info['sd_model_hash']}]"]
     names = [s["name"] for s in api.get_samplers()]
     assert {"Euler", "Euler a", "DPM++ 2M Karras", "DDIM", "UniPC"} <= set(names)
+
+
+def test_a1111_clients_find_the_model_options_and_progress_they_poll(service):
+    """webuiapi's util_wait_for_ready (GET /progress), util_get_current_model and util_set_model (GET/POST /options)
+    crashed on 404s, and util_set_model printed "model changed" for a 404; other routes A1111 has and this server
+    does not answer one line naming those it has."""
+    webuiapi = pytest.importorskip("webuiapi")
+    user, password = AUTH.split(":")
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=int(service.url.rsplit(":", 1)[1]), username=user, password=password)
+    title = api.get_sd_models()[0]["title"]
+    assert api.util_get_current_model() == title
+    api.util_wait_for_ready(check_interval=0.1)  # returns once job_count is 0 (it raised KeyError on the 404)
+    assert get(service.url + "/sdapi/v1/progress", auth=AUTH)[1]["state"]["job_count"] == 0
+    status, body, _ = post(service.url + "/sdapi/v1/options", {"sd_model_checkpoint": title, "CLIP_stop_at_last_layers": 2},
+                           auth=AUTH)
+    assert status == 200 and body == {"ignored": {"CLIP_stop_at_last_layers": 2}}, body
+    status, body, _ = post(service.url + "/sdapi/v1/options", {"sd_model_checkpoint": "sdxl.safetensors"}, auth=AUTH)
+    assert status == 422 and body["error"] == (f"this server serves one model, {title}; start another `ldm-export "
+                                               "serve` for 'sdxl.safetensors'"), body
+    assert [x["label"] for x in get(service.url + "/sdapi/v1/schedulers", auth=AUTH)[1]] == ["Automatic", "Karras",
+                                                                                             "Exponential"]
+    assert get(service.url + "/sdapi/v1/options")[0] == 401
+    status, body, _ = post(service.url + "/sdapi/v1/interrupt", {}, auth=AUTH)
+    assert status == 404 and body["error"].startswith("/sdapi/v1/interrupt is not served here; this server answers "
+                                                      "/sdapi/v1/txt2img, img2img, options, progress"), body
 
 
 def test_concurrent_requests_of_one_size_run_as_one_unet_batch(service):

@@ -129,9 +129,13 @@ def sampler_for(body: dict) -> tuple[str, dict]:
     scheduler = body.get("scheduler")
     if scheduler is None or str(scheduler).lower() in ("", "automatic"):
         return name, {}
+    from ldm_export.runtime.schedulers import sampler_names
+
     suffix = _SCHEDULER_SUFFIX.get(str(scheduler).lower())
-    if suffix is not None:
+    if suffix is not None and (name.endswith(suffix) or name + suffix in sampler_names()):
         return (name if name.endswith(suffix) else name + suffix), {}
+    # a schedule this sampler does not take here ("Euler a" with Karras: diffusers' ancestral Euler has no Karras
+    # sigmas): the plain sampler runs, the schedule reported, as for a schedule we have none of
     return name, {"scheduler": scheduler}
 
 
@@ -322,7 +326,9 @@ def api_message(message: str) -> str:
 
     for pattern, field in _API_FIELDS:
         message = re.sub(pattern, field, message)
-    return message
+    # the runtime lists every name it knows (thousands of characters); the API has a route for them
+    return re.sub(r"^unknown sampler ('.*?'); known: .*$", r"unknown sampler_name \1; GET /sdapi/v1/samplers lists the "
+                  "names this server runs", message)
 
 
 def edit_fields(body: dict, whole_mask: bool = False, max_pixels: int | None = None) -> dict:

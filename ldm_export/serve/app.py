@@ -303,6 +303,52 @@ class Ingress:
             return _unauthorized()
         return {"txt2img": [], "img2img": []}  # no scripts; clients probe this for extensions
 
+    @api.get("/sdapi/v1/options")
+    async def options(self, request: Request):
+        """A1111's settings as far as this server has them: the one model it serves (clients read
+        ``sd_model_checkpoint`` to know it) and its hash."""
+        if not self._authorized(request):
+            return _unauthorized()
+        return {"sd_model_checkpoint": self.model_title, "sd_checkpoint_hash": self.model_sha256,
+                "samples_format": "png", "CLIP_stop_at_last_layers": 1}
+
+    @api.post("/sdapi/v1/options")
+    async def set_options(self, request: Request):
+        """Settings A1111 clients send: the model this server serves is accepted (webuiapi's util_set_model), another
+        one is a 422 naming this one; any other setting changes nothing here and is listed under ``ignored``."""
+        if not self._authorized(request):
+            return _unauthorized()
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return _error(422, "the request body must be a JSON object of A1111 settings")
+        wanted = body.get("sd_model_checkpoint")
+        if wanted is not None and str(wanted) not in (self.model_title, self.model_name, self.model_hash):
+            return _error(422, f"this server serves one model, {self.model_title}; start another `ldm-export serve` "
+                               f"for {wanted!r}", "sd_model_checkpoint")
+        return {"ignored": {k: v for k, v in body.items() if k != "sd_model_checkpoint"}}
+
+    @api.get("/sdapi/v1/progress")
+    async def progress(self, request: Request):
+        """A1111's progress, as far as this server follows it: the requests in flight (``state.job_count``; clients
+        such as webuiapi's util_wait_for_ready wait for 0), no per-step progress and no preview image."""
+        if not self._authorized(request):
+            return _unauthorized()
+        return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+                "state": {"skipped": False, "interrupted": False, "job": "", "job_count": self.inflight,
+                          "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}}
+
+    @api.get("/sdapi/v1/schedulers")
+    async def schedulers(self, request: Request):
+        """A1111 1.9's schedulers that this server applies (``scheduler`` of a request): Automatic (the sampler's own),
+        Karras and Exponential, for the samplers that have them."""
+        if not self._authorized(request):
+            return _unauthorized()
+        return [{"name": n.lower(), "label": n, "aliases": None, "default_rho": -1, "need_inner_model": False}
+                for n in ("Automatic", "Karras", "Exponential")]
+
     async def drain(self, timeout_s: float) -> int:
         """Refuse new txt2img requests (503) and wait up to ``timeout_s`` for those in flight; how many are left.
 
@@ -322,6 +368,15 @@ class Ingress:
         """A1111's img2img: init_images with denoising_strength (image to image), and a mask (white, or opaque, =
         repaint; inpainting_mask_invert) with mask_blur for inpainting, as `generate --init-image/--mask` runs them."""
         return await self._answer(request, img2img=True)
+
+    @api.api_route("/sdapi/v1/{route:path}", methods=["GET", "POST"])
+    async def unknown(self, route: str, request: Request):
+        """A route of A1111's API this server does not have: one line naming the ones it has (registered last, so the
+        routes above match first)."""
+        if not self._authorized(request):
+            return _unauthorized()
+        return _error(404, f"/sdapi/v1/{route} is not served here; this server answers /sdapi/v1/txt2img, img2img, "
+                           "options, progress, samplers, schedulers, sd-models and scripts")
 
     async def _answer(self, request: Request, img2img: bool):
         if not self._authorized(request):
