@@ -320,6 +320,7 @@ def generate(bundle, prompt, negative, steps, cfg, sampler, seed, size, num_imag
                 last = image.info["parameters"]
                 replaced = paths[k].exists()  # --out names the file: replaced, as cp or curl -o would, and said so
                 with signals_deferred():  # an interrupt between the rename and the count would misreport
+                    paths[k].parent.mkdir(parents=True, exist_ok=True)  # made now: a refused run leaves no folder
                     save_image(image, paths[k], last)
                     written.append(paths[k])
                 times.append(time.perf_counter() - t1)

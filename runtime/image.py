@@ -173,7 +173,7 @@ def _partial(path: Path) -> Path:
 def check_writable(path: str | Path) -> Path:
     """Check before any work that an image can be written at ``path`` (format, folder, permission) by creating and
     removing its temporary file; a missing parent folder is not made here (a command that then fails would leave it
-    behind) but its nearest existing folder must be writable: :func:`save_image` makes it."""
+    behind) but its nearest existing folder must be writable: the caller makes it before its first save."""
     path = Path(path)
     image_format(path)
     if path.is_dir():
@@ -220,7 +220,6 @@ def save_image(image, path: str | Path, parameters: str) -> Path:
             kwargs = {"quality": QUALITY}
     tmp = _partial(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)  # check_writable checked it can be made
         image.save(tmp, format=fmt, **kwargs)
         os.replace(tmp, path)
     except OSError as e:
