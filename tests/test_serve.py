@@ -518,7 +518,10 @@ def test_bad_bodies_get_422_naming_the_field_or_generates_message(service, pipe)
     status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": 2, "seed": 2**33})
     assert status == 422 and body["error"] == pipeline_error(pipe, num_inference_steps=2, seed=2**33)
     status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": 2, "sampler_name": "Nope"})
-    assert status == 422 and body["detail"] == pipeline_error(pipe, num_inference_steps=2, scheduler="Nope")
+    # the runtime's message, with the API's field and route in place of its list of every name
+    assert status == 422 and body["detail"] == a1111.api_message(pipeline_error(pipe, num_inference_steps=2,
+                                                                                 scheduler="Nope"))
+    assert body["detail"] == "unknown sampler_name 'Nope'; GET /sdapi/v1/samplers lists the names this server runs"
     status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": 2, "batch_size": 3, "n_iter": 2})
     assert status == 422 and "--max-images 4" in body["detail"]
     status, body, _ = txt2img(service, {"prompt": PROMPT, "steps": 2, "width": 1024, "height": 64})
