@@ -535,9 +535,11 @@ def run_bench(cfg: BenchConfig, progress: Progress = lambda s: None) -> dict:
         return run_dit_bench(cfg, bundle, progress)
     if cfg.guidance_scale is None:  # the U-Net bench times CFG's batch of 2 at every scale; 7.5 as diffusers' default
         cfg = replace(cfg, guidance_scale=7.5)
-    if not (math.isfinite(cfg.guidance_scale) and 1 < cfg.guidance_scale <= 100):
+    from ldm_export.runtime.checks import MAX_GUIDANCE
+
+    if not (math.isfinite(cfg.guidance_scale) and 1 < cfg.guidance_scale <= MAX_GUIDANCE):
         raise LdmExportError(f"the U-Net bench times classifier-free guidance (the UNet at batch 2), so --guidance-scale "
-                             f"must be above 1 and at most 100, got {cfg.guidance_scale:g}")
+                             f"must be above 1 and at most {MAX_GUIDANCE:g}, got {cfg.guidance_scale:g}")
     if "ort-int8" in [parse_backend(b)[0] for b in cfg.backends]:
         _check_int8_bundle(cfg, bundle)
     spec = spec_of_bundle(bundle) if bundle else get_model(cfg.model)

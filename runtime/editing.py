@@ -223,17 +223,19 @@ def sample_edit(model, image_latents: np.ndarray, noise_latents: np.ndarray, sch
         x = noised(plan, plan.options.get("start", 0), x0, eps)
     first = plan.options.get("start", 0)  # LMS keeps the whole schedule and starts inside it
 
+    def blend(x_k: np.ndarray, known: np.ndarray) -> np.ndarray:  # the known latents outside the mask
+        return (1.0 - latent_mask) * known + latent_mask * x_k
+
     def on_step(i: int, n: int, x_k: np.ndarray):
         if latent_mask is not None:
             # diffusers: the image latents noised to the next timestep; after the last step, the latents themselves
-            known = x0 if i == n - 1 else noised(plan, first + i + 1, x0, eps)
-            x_k = (1.0 - latent_mask) * known + latent_mask * x_k
+            x_k = blend(x_k, x0 if i == n - 1 else noised(plan, first + i + 1, x0, eps))
         if callback is not None:
             callback(i, n, from_sampler_space(plan, x_k, first + i + 1))
         return x_k
 
     def half_step(i: int, x_2: np.ndarray):  # diffusers blends after the first call too, to the same next level
-        return (1.0 - latent_mask) * noised(plan, first + i + 1, x0, eps) + latent_mask * x_2
+        return blend(x_2, noised(plan, first + i + 1, x0, eps))
 
     log.debug("edit: %s from step %d of %d (strength %s)", plan.class_name, t_start, num_inference_steps, strength)
     x = run_plan(model, x, plan, noise, on_step, half_step if latent_mask is not None else None)

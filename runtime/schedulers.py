@@ -464,7 +464,7 @@ def a1111_names() -> list[str]:
 
 def sampler_names() -> list[str]:
     """Every name resolve_scheduler accepts: A1111 names, then scheduler class names."""
-    return list(_A1111) + sorted(DEFAULTS)
+    return a1111_names() + sorted(DEFAULTS)
 
 
 # A1111's own aliases for its k-diffusion samplers (what older API clients and scripts send)

@@ -60,8 +60,8 @@ def run_group(pipe, jobs: list[a1111.Job]) -> list[dict]:
         if job.init_image is not None:  # the edit's own infotext (denoising strength, mask blur), drawn alone
             text = image.info["parameters"]
         else:  # a batched image's own seed, which Pipeline's infotext (the batch's first seed + k) does not know
-            text = pipe.infotext(job.prompt, job.negative_prompt, steps=job.steps, sampler=job.sampler, guidance_scale=job.cfg_scale,
-                                 seed=job.seed, width=w, height=h)
+            text = pipe.infotext(job.prompt, job.negative_prompt, steps=job.steps, sampler=job.sampler,
+                                 guidance_scale=job.cfg_scale, seed=job.seed, width=w, height=h)
         p = parse_parameters(text)  # what the image's parameters say drew it, for the response's info
         recorded = {"cfg_scale": p["cfg_scale"], "negative_prompt": p.get("negative_prompt") or "",
                     "extra": p.get("extra", {})}
